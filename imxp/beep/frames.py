@@ -1,0 +1,291 @@
+"""Sans-IO BEEP frame codec: RFC 3080 §2.2.1 data frames and RFC 3081 §3.1.3 SEQ frames.
+
+The parser is incremental: bytes may arrive split anywhere. It enforces the
+syntactic rules of §2.2.1.1 (keyword, parameters and their ranges, single
+spaces, CRLF) and §2.2.1.3 (the trailer), a NUL frame's shape, and a maximum
+payload size so that a hostile header cannot make us buffer without bound.
+The rules that need session state (channel exists, msgno bookkeeping, seqno
+continuity, windows) are the session's, see :mod:`imxp.beep.session`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ANS",
+    "ERR",
+    "MSG",
+    "NUL",
+    "RPY",
+    "SEQ",
+    "Frame",
+    "FrameError",
+    "FrameParser",
+    "SeqFrame",
+    "serialize_frame",
+    "serialize_seq",
+]
+
+MSG = b"MSG"
+RPY = b"RPY"
+ERR = b"ERR"
+ANS = b"ANS"
+NUL = b"NUL"
+SEQ = b"SEQ"
+
+MAX_31 = 2147483647
+MAX_32 = 4294967295
+TRAILER = b"END\r\n"
+
+# The longest legal header: "ANS" + 5 numbers of at most 10 digits + more + 6 spaces.
+# Anything longer without a CRLF cannot be a header, so we give up early.
+_MAX_HEADER = 3 + 1 + 10 + 1 + 10 + 1 + 1 + 1 + 10 + 1 + 10 + 1 + 10 + 2
+
+
+class FrameError(Exception):
+    """A poorly formed frame (RFC 3080 §2.2.1.1): the session must end without a reply."""
+
+
+class Frame:
+    """One data frame. ``more`` is True for an intermediate frame (``*``)."""
+
+    __slots__ = ("ansno", "channel", "kind", "more", "msgno", "payload", "seqno")
+
+    def __init__(
+        self,
+        kind: bytes,
+        channel: int,
+        msgno: int,
+        more: bool,
+        seqno: int,
+        payload: bytes,
+        ansno: int | None = None,
+    ) -> None:
+        self.kind = kind
+        self.channel = channel
+        self.msgno = msgno
+        self.more = more
+        self.seqno = seqno
+        self.payload = payload
+        self.ansno = ansno
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (
+            self.kind,
+            self.channel,
+            self.msgno,
+            self.more,
+            self.seqno,
+            self.payload,
+            self.ansno,
+        ) == (
+            other.kind,
+            other.channel,
+            other.msgno,
+            other.more,
+            other.seqno,
+            other.payload,
+            other.ansno,
+        )
+
+    def __repr__(self) -> str:
+        ans = "" if self.ansno is None else f" ansno={self.ansno}"
+        return (
+            f"<Frame {self.kind.decode()} ch={self.channel} msgno={self.msgno}"
+            f" {'*' if self.more else '.'} seq={self.seqno} size={len(self.payload)}{ans}>"
+        )
+
+    def serialize(self) -> bytes:
+        return serialize_frame(
+            self.kind, self.channel, self.msgno, self.more, self.seqno, self.payload, self.ansno
+        )
+
+
+class SeqFrame:
+    """A SEQ frame (RFC 3081 §3.1.3): the peer may send octets ackno .. ackno+window-1."""
+
+    __slots__ = ("ackno", "channel", "window")
+
+    def __init__(self, channel: int, ackno: int, window: int) -> None:
+        self.channel = channel
+        self.ackno = ackno
+        self.window = window
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SeqFrame):
+            return NotImplemented
+        return (self.channel, self.ackno, self.window) == (other.channel, other.ackno, other.window)
+
+    def __repr__(self) -> str:
+        return f"<SeqFrame ch={self.channel} ackno={self.ackno} window={self.window}>"
+
+    def serialize(self) -> bytes:
+        return serialize_seq(self.channel, self.ackno, self.window)
+
+
+def serialize_frame(
+    kind: bytes,
+    channel: int,
+    msgno: int,
+    more: bool,
+    seqno: int,
+    payload: bytes,
+    ansno: int | None = None,
+) -> bytes:
+    """Serialise a data frame; the caller guarantees the numbers are in range."""
+    if ansno is None:
+        header = b"%s %d %d %s %d %d\r\n" % (
+            kind,
+            channel,
+            msgno,
+            b"*" if more else b".",
+            seqno,
+            len(payload),
+        )
+    else:
+        header = b"%s %d %d %s %d %d %d\r\n" % (
+            kind,
+            channel,
+            msgno,
+            b"*" if more else b".",
+            seqno,
+            len(payload),
+            ansno,
+        )
+    return b"".join((header, payload, TRAILER))
+
+
+def serialize_seq(channel: int, ackno: int, window: int) -> bytes:
+    return b"SEQ %d %d %d\r\n" % (channel, ackno, window)
+
+
+def _number(field: bytes, maximum: int, name: str) -> int:
+    # bytes.isdigit() is ASCII-only, which rules out the signs, blanks and
+    # underscores that int() would otherwise accept.
+    if not field.isdigit() or len(field) > 10:
+        raise FrameError(f"{name} {field[:16]!r} is not a decimal number")
+    value = int(field)
+    if value > maximum:
+        raise FrameError(f"{name} {value} out of range 0..{maximum}")
+    return value
+
+
+class FrameParser:
+    """Incremental parser. :meth:`feed` returns the frames completed by the new bytes.
+
+    ``max_payload`` bounds a single frame's payload (the session passes the
+    largest window it ever advertises, since RFC 3081 forbids a larger frame).
+    Once a :class:`FrameError` has been raised the parser is unusable: the
+    session is over.
+    """
+
+    __slots__ = ("_buffer", "_pending", "_pending_size", "_need", "max_payload")
+
+    def __init__(self, max_payload: int = MAX_31) -> None:
+        self.max_payload = max_payload
+        self._buffer = b""
+        # While a large frame trickles in, its chunks are kept in a list and
+        # joined once, rather than re-copying a growing buffer per chunk.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._need = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer) + self._pending_size
+
+    def feed(self, data: bytes) -> list[Frame | SeqFrame]:
+        if self._need:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if len(self._buffer) + self._pending_size < self._need:
+                return []
+            data = b"".join(self._pending)
+            self._pending = []
+            self._pending_size = 0
+            self._need = 0
+        buf = self._buffer + data if self._buffer else data
+        frames: list[Frame | SeqFrame] = []
+        pos = 0
+        end = len(buf)
+        find = buf.find
+        while pos < end:
+            eol = find(b"\r\n", pos, pos + _MAX_HEADER)
+            if eol < 0:
+                if end - pos >= _MAX_HEADER:
+                    self._buffer = b""
+                    raise FrameError("header too long or not terminated by CRLF")
+                # A bare LF inside a would-be header can never become valid.
+                if find(b"\n", pos) >= 0:
+                    self._buffer = b""
+                    raise FrameError("header not terminated by CRLF")
+                break
+            header = buf[pos:eol]
+            fields = header.split(b" ")
+            kind = fields[0]
+            if kind == SEQ:
+                frames.append(self._seq(fields))
+                pos = eol + 2
+                continue
+            frame, size = self._header(kind, fields)
+            start = eol + 2
+            stop = start + size
+            if stop + 5 > end:
+                self._need = stop + 5 - pos
+                break
+            if buf[stop : stop + 5] != TRAILER:
+                self._buffer = b""
+                raise FrameError("payload not followed by the END trailer")
+            frame.payload = buf[start:stop]
+            frames.append(frame)
+            pos = stop + 5
+        self._buffer = buf[pos:] if pos < end else b""
+        return frames
+
+    def _seq(self, fields: list[bytes]) -> SeqFrame:
+        if len(fields) != 4:
+            self._buffer = b""
+            raise FrameError("SEQ frame needs channel, ackno and window")
+        try:
+            return SeqFrame(
+                _number(fields[1], MAX_31, "channel"),
+                _number(fields[2], MAX_32, "ackno"),
+                _number(fields[3], MAX_31, "window"),
+            )
+        except FrameError:
+            self._buffer = b""
+            raise
+
+    def _header(self, kind: bytes, fields: list[bytes]) -> tuple[Frame, int]:
+        try:
+            if kind == ANS:
+                if len(fields) != 7:
+                    raise FrameError("ANS header needs 6 parameters")
+                ansno: int | None = _number(fields[6], MAX_31, "ansno")
+            elif kind in (MSG, RPY, ERR, NUL):
+                if len(fields) != 6:
+                    raise FrameError(f"{kind.decode()} header needs 5 parameters")
+                ansno = None
+            else:
+                raise FrameError(f"unknown frame keyword {kind[:8]!r}")
+            channel = _number(fields[1], MAX_31, "channel")
+            msgno = _number(fields[2], MAX_31, "msgno")
+            more_field = fields[3]
+            if more_field == b".":
+                more = False
+            elif more_field == b"*":
+                more = True
+            else:
+                raise FrameError(f"continuation indicator {more_field[:8]!r} is not '.' or '*'")
+            seqno = _number(fields[4], MAX_32, "seqno")
+            size = _number(fields[5], MAX_31, "size")
+            if size > self.max_payload:
+                raise FrameError(f"frame size {size} exceeds the limit of {self.max_payload}")
+            if kind == NUL and (more or size):
+                raise FrameError("NUL frame must be final and empty")
+        except FrameError:
+            self._buffer = b""
+            raise
+        return Frame(kind, channel, msgno, more, seqno, b"", ansno), size

@@ -1,0 +1,104 @@
+"""BEEP message payloads as MIME entities (RFC 3080 §2.2).
+
+A payload is optional entity headers, a blank line, then the body. Missing
+headers take the RFC's defaults: ``Content-Type: application/octet-stream``
+and ``Content-Transfer-Encoding: binary``. Bodies are bytes and are never
+re-encoded here: a profile that receives a base64 body decodes it itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["DEFAULT_CONTENT_TYPE", "DEFAULT_TRANSFER_ENCODING", "Message", "MessageError"]
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+DEFAULT_TRANSFER_ENCODING = "binary"
+_MAX_HEADER_BLOCK = 16384
+
+
+class MessageError(ValueError):
+    """The payload's entity headers are poorly formed."""
+
+
+class Message:
+    """A MIME entity: ordered ``(name, value)`` headers and a body of bytes."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(
+        self,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        self.body = body
+        self.headers: list[tuple[str, str]] = list(headers)
+        if content_type is not None:
+            self.set_header("Content-Type", content_type)
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        lowered = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lowered:
+                return value
+        return default
+
+    def set_header(self, name: str, value: str) -> None:
+        if "\r" in value or "\n" in value:
+            raise MessageError(f"header {name} may not contain CR or LF")
+        lowered = name.lower()
+        self.headers = [(k, v) for k, v in self.headers if k.lower() != lowered]
+        self.headers.append((name, value))
+
+    @property
+    def content_type(self) -> str:
+        """The media type without parameters, lower-cased, with the RFC 3080 §2.2 default."""
+        raw = self.header("Content-Type")
+        if raw is None:
+            return DEFAULT_CONTENT_TYPE
+        return raw.split(";", 1)[0].strip().lower()
+
+    @property
+    def transfer_encoding(self) -> str:
+        raw = self.header("Content-Transfer-Encoding")
+        return DEFAULT_TRANSFER_ENCODING if raw is None else raw.strip().lower()
+
+    def to_payload(self) -> bytes:
+        if not self.headers:
+            return b"\r\n" + self.body
+        block = "".join(f"{k}: {v}\r\n" for k, v in self.headers).encode("utf-8")
+        return b"".join((block, b"\r\n", self.body))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Message:
+        if payload.startswith(b"\r\n"):
+            return cls(payload[2:])
+        end = payload.find(b"\r\n\r\n", 0, _MAX_HEADER_BLOCK)
+        if end < 0:
+            raise MessageError("payload has no blank line ending its entity headers")
+        headers: list[tuple[str, str]] = []
+        try:
+            block = payload[:end].decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageError("entity headers are not UTF-8") from None
+        for line in block.split("\r\n"):
+            if line[:1] in (" ", "\t"):
+                if not headers:
+                    raise MessageError("continuation line before any header")
+                name, value = headers[-1]
+                headers[-1] = (name, f"{value} {line.strip()}")
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip() or not name.isprintable():
+                raise MessageError(f"poorly formed header line {line[:40]!r}")
+            headers.append((name, value.strip()))
+        return cls(payload[end + 4 :], headers=headers)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self.body == other.body and self.headers == other.headers
+
+    def __repr__(self) -> str:
+        return f"<Message {self.content_type} {len(self.body)} octets>"

@@ -1,0 +1,1346 @@
+"""A BEEP session over TCP (RFC 3080 §2.3-§2.7, RFC 3081).
+
+:class:`Session` is a Twisted protocol wrapped around the sans-IO
+:class:`~imxp.beep.frames.FrameParser`. It owns channel zero (greetings,
+``start``, ``close``), numbers channels by role, keeps each channel's msgno
+and seqno books, returns replies in the order their MSGs arrived, reassembles
+and fragments messages, and runs RFC 3081 flow control in both directions.
+
+Profiles plug in by URI through :class:`Profile`; each open channel is served
+by a :class:`ChannelHandler`. Sending a MSG returns a Deferred of the reply.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, interfaces
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imxp.beep import mgmt
+from imxp.beep.frames import (
+    ANS,
+    ERR,
+    MAX_31,
+    MSG,
+    NUL,
+    RPY,
+    Frame,
+    FrameError,
+    FrameParser,
+    SeqFrame,
+    serialize_frame,
+    serialize_seq,
+)
+from imxp.beep.message import Message, MessageError
+
+__all__ = [
+    "BEEPError",
+    "Channel",
+    "ChannelHandler",
+    "Profile",
+    "Request",
+    "Role",
+    "Session",
+    "SessionClosed",
+    "SessionConfig",
+    "SessionFactory",
+    "StartReply",
+]
+
+_MOD = 1 << 32
+_HALF = 1 << 31
+# Channel-zero traffic is small XML (a profile's init content is <= 4K, §2.3.1.2).
+_MAX_MGMT_MESSAGE = 65536
+
+
+def _mgmt(element: Any) -> Message:
+    return Message(element.to_xml().encode("utf-8"), mgmt.BEEP_XML)
+
+
+class Role(enum.Enum):
+    """§2.1: who opened the TCP connection."""
+
+    INITIATOR = "initiator"
+    LISTENER = "listener"
+
+
+class BEEPError(Exception):
+    """A negative reply: a reply code of RFC 3080 §8 and a diagnostic."""
+
+    def __init__(self, code: int, text: str = "", message: Message | None = None) -> None:
+        super().__init__(f"{code} {text}".strip())
+        self.code = code
+        self.text = text
+        self.message = message
+
+    @classmethod
+    def from_message(cls, message: Message) -> BEEPError:
+        element = mgmt.parse_error(message.body) if message.content_type == mgmt.BEEP_XML else None
+        if element is None:
+            return cls(550, message.body[:200].decode("utf-8", "replace"), message)
+        return cls(element.code, element.text, message)
+
+
+class SessionClosed(Exception):
+    """The session ended (or was tuned anew) before the exchange completed."""
+
+
+@dataclass
+class SessionConfig:
+    """Limits and timeouts of one session. Every value can be set by the deployment."""
+
+    #: RFC 3081 §3.1.1: the receive window we offer on each channel.
+    window: int = 4096
+    #: Largest payload we put in one frame (further bounded by the peer's window).
+    frame_size: int = 16384
+    #: Largest reassembled message we accept; larger ones get a pre-emptive ERR 554.
+    max_message_size: int = 1 << 20
+    #: Channels (besides zero) open at once; §2.3 asks for at least 257.
+    max_channels: int = 257
+    #: MSGs received on one channel and not yet answered.
+    max_pending_requests: int = 1024
+    #: Seconds to wait for the peer's greeting.
+    greeting_timeout: float = 30.0
+    #: Seconds without any frame before an idle session is closed (None: never).
+    idle_timeout: float | None = 600.0
+    #: Bytes queued on a channel before its registered producer is paused.
+    send_high_water: int = 256 * 1024
+    features: tuple[str, ...] = ()
+    localize: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.window < 4096:
+            # RFC 3081 §3.1.1: a peer unable to offer 4096 octets must decline the channel.
+            raise ValueError("window must be at least 4096 octets")
+        if self.frame_size < 1:
+            raise ValueError("frame_size must be positive")
+
+
+@dataclass(frozen=True)
+class StartReply:
+    """What :meth:`Profile.start` may return: the piggybacked content, and an action
+    to run once the reply carrying it has been written (a tuning profile switches
+    the transport then, RFC 3080 §3.1.3.2)."""
+
+    content: bytes | None
+    after_sent: Callable[[], None] | None = None
+
+
+class ChannelHandler:
+    """Serves one channel. The default refuses every MSG, as §2.7 allows."""
+
+    def channel_opened(self, channel: Channel) -> None:
+        """Called once the channel exists (before any of its frames arrive)."""
+
+    def message_received(self, request: Request) -> Message | defer.Deferred[Message] | None:
+        """Answer ``request``: return a reply (or a Deferred of one) for RPY, raise
+        :class:`BEEPError` for ERR, or return None and use the request's methods
+        (``answer``/``done`` for a one-to-many exchange)."""
+        raise BEEPError(500, "this channel accepts no messages")
+
+    def close_requested(self, code: int) -> None:
+        """The peer asks to close the channel; raise BEEPError to decline (§2.3.1.3)."""
+
+    def channel_closed(self, reason: Failure | None) -> None:
+        """The channel is gone: closed (reason None) or lost with the session."""
+
+    def error_message(self, code: int, text: str) -> Message:
+        """The payload of an ERR this profile sends. Defaults to §2.3.1.5's element."""
+        return _mgmt(mgmt.Error(code, text))
+
+
+class Profile:
+    """A profile, registered on a session factory by its URI."""
+
+    uri: str = ""
+
+    def offered(self, session: Session) -> bool:
+        """Whether the greeting lists this profile now (tuning profiles vanish once used)."""
+        return True
+
+    def start(
+        self, session: Session, channel: Channel, init: bytes | None
+    ) -> bytes | StartReply | defer.Deferred[Any] | None:
+        """The peer asks for a channel with this profile. Set ``channel.handler``
+        and return the content piggybacked in the reply (§2.3.1.2) - bytes, a
+        :class:`StartReply`, or a Deferred of either - or raise :class:`BEEPError`
+        to refuse."""
+        raise NotImplementedError
+
+
+class Request:
+    """One MSG received on a channel, answered through this object in order (§2.6.1)."""
+
+    __slots__ = (
+        "_answers",
+        "_buffer",
+        "_dead",
+        "_finished",
+        "channel",
+        "cost",
+        "message",
+        "msgno",
+        "on_sent",
+    )
+
+    def __init__(self, channel: Channel, msgno: int, message: Message, cost: int) -> None:
+        self.channel = channel
+        self.msgno = msgno
+        self.message = message
+        self.cost = cost
+        #: Run once the final frame of the reply has been written.
+        self.on_sent: Callable[[], None] | None = None
+        self._answers = 0
+        self._finished = False
+        # Set when the channel is gone: late replies are dropped, not errors.
+        self._dead = False
+        self._buffer: list[tuple[bytes, bytes, int | None]] = []
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def reply(self, message: Message) -> None:
+        """A positive reply (RPY)."""
+        self._final(RPY, message.to_payload())
+
+    def error(self, code: int, text: str = "", message: Message | None = None) -> None:
+        """A negative reply (ERR), by default the channel profile's error element."""
+        if message is None:
+            handler = self.channel.handler
+            message = handler.error_message(code, text)
+        self._final(ERR, message.to_payload())
+
+    def answer(self, message: Message) -> int:
+        """One ANS of a one-to-many exchange (§2.1.1); returns its ansno."""
+        if self._dead:
+            return -1
+        if self._finished:
+            raise RuntimeError("reply already complete")
+        ansno = self._answers
+        self._answers += 1
+        self.channel._reply(self, ANS, message.to_payload(), ansno)
+        return ansno
+
+    def done(self) -> None:
+        """The NUL ending a one-to-many exchange."""
+        self._final(NUL, b"")
+
+    def _final(self, kind: bytes, payload: bytes) -> None:
+        if self._dead:
+            return
+        if self._finished:
+            raise RuntimeError("reply already complete")
+        if kind != NUL and self._answers:
+            raise RuntimeError("a one-to-many exchange ends with done()")
+        self._finished = True
+        self.channel._reply(self, kind, payload, None)
+
+
+class _Outstanding:
+    """A MSG we sent, waiting for its reply."""
+
+    __slots__ = ("answers", "deferred", "kind", "on_answer", "parts", "partial", "size", "toobig")
+
+    def __init__(
+        self, deferred: defer.Deferred[Any], on_answer: Callable[[Message, int], None] | None
+    ) -> None:
+        self.deferred = deferred
+        self.on_answer = on_answer
+        self.kind: bytes | None = None
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.toobig = False
+        self.answers: list[Message] = []
+        # ansno -> frames of an answer still being reassembled
+        self.partial: dict[int, list[bytes]] = {}
+
+
+class _OutMessage:
+    """A message queued for sending, cut into frames as the peer's window allows."""
+
+    __slots__ = ("ansno", "data", "kind", "msgno", "offset", "on_sent")
+
+    def __init__(
+        self,
+        kind: bytes,
+        msgno: int,
+        data: bytes,
+        ansno: int | None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.msgno = msgno
+        self.data = data
+        self.ansno = ansno
+        self.offset = 0
+        self.on_sent = on_sent
+
+
+class Channel:
+    """One channel of a session: its profile, its handler, and both directions' books."""
+
+    def __init__(
+        self, session: Session, number: int, profile: str, handler: ChannelHandler
+    ) -> None:
+        self.session = session
+        self.number = number
+        self.profile = profile
+        self.handler = handler
+        #: Content the peer piggybacked on the reply to our ``start`` (§2.3.1.2).
+        self.start_reply: bytes | None = None
+        # Sending. RFC 3081 §3.1.1: the peer's window starts at 4096 whatever it offers.
+        self._send_seqno = 0
+        self._send_limit = 4096
+        self._queue: deque[_OutMessage] = deque()
+        self._queued_bytes = 0
+        self._in_ready = False
+        self._next_msgno = 1 if number == 0 else 0
+        self._outstanding: dict[int, _Outstanding] = {}
+        # Receiving.
+        self._window = session.config.window
+        self._recv_seqno = 0
+        self._recv_limit = 4096
+        self._last_more = False
+        self._last_msgno = -1
+        self._in_msgno: int | None = None
+        self._in_parts: list[bytes] = []
+        self._in_size = 0
+        self._in_discard = False
+        self._requests: deque[Request] = deque()
+        self._request_msgnos: set[int] = set()
+        # Octets of received MSGs still being processed, charged against the window.
+        self._held = 0
+        self._closing = False
+        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._producer: interfaces.IPushProducer | None = None
+        self._producer_paused = False
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.number} {self.profile}>"
+
+    # -- sending ---------------------------------------------------------
+
+    def send(
+        self, message: Message, on_answer: Callable[[Message, int], None] | None = None
+    ) -> defer.Deferred[Any]:
+        """Send a MSG.
+
+        The Deferred fires with the RPY's :class:`Message`; for a one-to-many
+        reply, with the list of ANS messages once NUL arrives (when ``on_answer``
+        is given each answer goes there as it completes and the list is empty).
+        A negative reply fails it with :class:`BEEPError`; a lost session with
+        :class:`SessionClosed`.
+        """
+        if self.session._gone:
+            return defer.fail(SessionClosed("session is closed"))
+        if self._closing:
+            return defer.fail(BEEPError(550, "channel is closing"))
+        outstanding = self._outstanding
+        msgno = self._next_msgno
+        # §2.2.1.1: a msgno differs from every MSG still awaiting its reply.
+        while msgno in outstanding:
+            msgno = (msgno + 1) & MAX_31
+        self._next_msgno = (msgno + 1) & MAX_31
+        d: defer.Deferred[Any] = defer.Deferred()
+        outstanding[msgno] = _Outstanding(d, on_answer)
+        self._enqueue(_OutMessage(MSG, msgno, message.to_payload(), None))
+        return d
+
+    def close(self, code: int = 200, text: str = "") -> defer.Deferred[None]:
+        """Close this channel (§2.3.1.3) once it is idle."""
+        return self.session._close_channel(self, code, text)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes accepted for sending but not yet written to the transport."""
+        return self._queued_bytes
+
+    def register_producer(self, producer: interfaces.IPushProducer) -> None:
+        """Pause ``producer`` while more than ``send_high_water`` bytes wait to be sent."""
+        self._producer = producer
+        self._check_producer()
+
+    def unregister_producer(self) -> None:
+        self._producer = None
+
+    def _check_producer(self) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        high = self.session.config.send_high_water
+        if not self._producer_paused and self._queued_bytes > high:
+            self._producer_paused = True
+            producer.pauseProducing()
+        elif self._producer_paused and self._queued_bytes <= high // 2:
+            self._producer_paused = False
+            producer.resumeProducing()
+
+    def _enqueue(self, out: _OutMessage) -> None:
+        self._queue.append(out)
+        self._queued_bytes += len(out.data)
+        self.session._ready_channel(self)
+        if self._producer is not None:
+            self._check_producer()
+
+    def _next_frame(self, frame_size: int) -> bytes | None:
+        """The next frame of the head message within the peer's window, or None."""
+        out = self._queue[0]
+        avail = (self._send_limit - self._send_seqno) % _MOD
+        if avail >= _HALF:
+            avail = 0
+        remaining = len(out.data) - out.offset
+        n = min(remaining, avail, frame_size)
+        if n == 0 and remaining:
+            return None
+        offset = out.offset
+        chunk = out.data if (offset == 0 and n == remaining) else out.data[offset : offset + n]
+        more = n < remaining
+        frame = serialize_frame(
+            out.kind, self.number, out.msgno, more, self._send_seqno, chunk, out.ansno
+        )
+        self._send_seqno = (self._send_seqno + n) % _MOD
+        out.offset = offset + n
+        self._queued_bytes -= n
+        if not more:
+            self._queue.popleft()
+            if out.on_sent is not None:
+                self.session._after_write.append(out.on_sent)
+        return frame
+
+    def _reply_arrived_early(self, msgno: int) -> None:
+        """§2.6.3: a reply came before our MSG was fully sent; end it with an empty
+        final frame. A reply to a MSG of which no frame was sent is poorly formed."""
+        for out in self._queue:
+            if out.kind == MSG and out.msgno == msgno:
+                if out.offset == 0:
+                    raise FrameError(f"reply to msgno {msgno}, which was never sent")
+                self._queued_bytes -= len(out.data) - out.offset
+                out.data = out.data[: out.offset]
+                return
+
+    # -- replies to the peer's MSGs --------------------------------------
+
+    def _reply(self, request: Request, kind: bytes, payload: bytes, ansno: int | None) -> None:
+        requests = self._requests
+        if requests and requests[0] is request:
+            on_sent = request.on_sent if kind != ANS else None
+            self._enqueue(_OutMessage(kind, request.msgno, payload, ansno, on_sent))
+            if kind != ANS:
+                self._request_done()
+        else:
+            # §2.6.1: replies go out in the order the MSGs arrived.
+            request._buffer.append((kind, payload, ansno))
+
+    def _request_done(self) -> None:
+        requests = self._requests
+        while requests and requests[0]._finished:
+            done = requests.popleft()
+            self._request_msgnos.discard(done.msgno)
+            self._held -= done.cost
+            if requests:
+                head = requests[0]
+                buffered, head._buffer = head._buffer, []
+                for kind, payload, ansno in buffered:
+                    on_sent = head.on_sent if kind != ANS else None
+                    self._enqueue(_OutMessage(kind, head.msgno, payload, ansno, on_sent))
+        self.session._update_window(self)
+        self._maybe_idle()
+
+    # -- dispatch to the profile -------------------------------------------
+
+    def _dispatch(self, request: Request) -> None:
+        try:
+            result = self.handler.message_received(request)
+        except Exception:
+            self._dispatch_failed(request, Failure())
+            return
+        if result is None:
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(
+                lambda message: None if request.finished else request.reply(message),
+                lambda f: self._dispatch_failed(request, f),
+            )
+        else:
+            request.reply(result)
+
+    def _dispatch_failed(self, request: Request, failure: Failure) -> None:
+        if request.finished:
+            return
+        if failure.check(BEEPError):
+            e = failure.value
+            request.error(e.code, e.text, e.message)
+            return
+        self.session.log.failure(
+            "profile {profile} failed on a MSG from {peer}",
+            failure=failure,
+            profile=self.profile,
+            peer=self.session.peer,
+            event="beep.profile-failure",
+        )
+        request.error(451, "local error in processing")
+
+    # -- idleness, for close ---------------------------------------------
+
+    def _idle(self) -> bool:
+        return not (
+            self._queue or self._outstanding or self._requests or self._in_msgno is not None
+        )
+
+    def _when_idle(self) -> defer.Deferred[None]:
+        if self._idle():
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _maybe_idle(self) -> None:
+        if self._idle_waiters and self._idle():
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+
+class _ManagementHandler(ChannelHandler):
+    """Channel zero's profile (§2.3; registration in §6.1)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def message_received(self, request: Request) -> defer.Deferred[Message]:
+        message = request.message
+        if message.content_type != mgmt.BEEP_XML:
+            raise BEEPError(500, f"channel zero carries {mgmt.BEEP_XML} only")
+        try:
+            element = mgmt.parse(message.body)
+        except mgmt.MgmtError as e:
+            raise BEEPError(e.code, e.text) from None
+        if isinstance(element, mgmt.Start):
+            return self.session._start_requested(element, request)
+        if isinstance(element, mgmt.Close):
+            return self.session._close_requested(element, request)
+        raise BEEPError(501, f"unexpected {type(element).__name__.lower()} element in a MSG")
+
+
+@implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
+class Session(Protocol):
+    """One BEEP session (RFC 3080) over TCP (RFC 3081)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        role: Role,
+        profiles: Iterable[Profile] = (),
+        config: SessionConfig | None = None,
+        clock: interfaces.IReactorTime | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.role = role
+        self.config = config or SessionConfig()
+        self.clock = clock
+        self.profiles: dict[str, Profile] = {p.uri: p for p in profiles}
+        #: The authorised identity from SASL (RFC 3080 §4), None until then.
+        self.authenticated_identity: str | None = None
+        self.authenticated_mechanism: str | None = None
+        #: The peer's certificate (cryptography x509) once TLS is active.
+        self.peer_certificate: Any = None
+        self.tls_active = False
+        #: The first successful start's serverName (§2.3.1.2).
+        self.server_name: str | None = None
+        #: The peer's greeting, None until it arrives (again after each tuning reset).
+        self.peer_greeting: mgmt.Greeting | None = None
+        #: Decides whether we operate as a requested serverName (§2.3.1.2).
+        self.accept_server_name: Callable[[str], bool] = lambda name: True
+        #: Set by the factory for a listener that must refuse the session with 421 (§2.4).
+        self.unavailable: str | None = None
+        #: Called once when the connection is gone (the factory counts sessions).
+        self.on_lost: Callable[[Session], None] | None = None
+        self.peer = "?"
+        self._gone = False
+        self._closed_waiters: list[defer.Deferred[None]] = []
+        self._greeting_waiters: list[defer.Deferred[mgmt.Greeting]] = []
+        self._after_write: list[Callable[[], None]] = []
+        self._pending_seq: list[bytes] = []
+        self._in_receive = False
+        self._paused = False
+        self._tuning = False
+        self._peer_silent = False
+        self._generation = 0
+        self._greeting_timer: interfaces.IDelayedCall | None = None
+        self._idle_timer: interfaces.IDelayedCall | None = None
+        self._last_activity = 0.0
+        self._reset_channels()
+
+    # -- public API --------------------------------------------------------
+
+    @property
+    def channels(self) -> dict[int, Channel]:
+        return self._channels
+
+    def greeted(self) -> defer.Deferred[mgmt.Greeting]:
+        """Fires with the peer's greeting (the new one, after a tuning reset)."""
+        if self.peer_greeting is not None:
+            return defer.succeed(self.peer_greeting)
+        if self._gone:
+            return defer.fail(SessionClosed("session is closed"))
+        d: defer.Deferred[mgmt.Greeting] = defer.Deferred()
+        self._greeting_waiters.append(d)
+        return d
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """Fires when the connection is gone."""
+        if self._gone and self.transport is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters.append(d)
+        return d
+
+    def start_channel(
+        self,
+        profiles: Sequence[str | mgmt.ProfileElement],
+        handler: ChannelHandler | None = None,
+        server_name: str | None = None,
+    ) -> defer.Deferred[Channel]:
+        """Ask the peer for a channel with one of ``profiles`` (§2.3.1.2).
+
+        Fires with the new :class:`Channel`; the profile the peer chose is
+        ``channel.profile`` and any piggybacked reply is ``channel.start_reply``.
+        Fails with :class:`BEEPError` when the peer declines.
+        """
+        return defer.ensureDeferred(self._start_channel(profiles, handler, server_name))
+
+    async def _start_channel(
+        self,
+        profiles: Sequence[str | mgmt.ProfileElement],
+        handler: ChannelHandler | None,
+        server_name: str | None,
+    ) -> Channel:
+        await self.greeted()
+        candidates = tuple(
+            p if isinstance(p, mgmt.ProfileElement) else mgmt.ProfileElement(p) for p in profiles
+        )
+        number = self._free_channel_number()
+        # Hold the number until the reply arrives so a concurrent start cannot take it.
+        self._reserved.add(number)
+        generation = self._generation
+        try:
+            reply = await self._channels[0].send(_mgmt(mgmt.Start(number, candidates, server_name)))
+        finally:
+            self._reserved.discard(number)
+        if reply.content_type != mgmt.BEEP_XML:
+            raise BEEPError(500, "reply to start is not application/beep+xml")
+        try:
+            element = mgmt.parse(reply.body)
+        except mgmt.MgmtError as e:
+            raise BEEPError(e.code, e.text) from None
+        if not isinstance(element, mgmt.ProfileElement) or element.uri not in {
+            c.uri for c in candidates
+        }:
+            raise BEEPError(501, "reply to start names a profile we did not offer")
+        if self._gone or generation != self._generation:
+            raise SessionClosed("session closed while starting a channel")
+        if server_name is not None and self.server_name is None:
+            self.server_name = server_name
+        channel = Channel(self, number, element.uri, handler or ChannelHandler())
+        channel.start_reply = element.content
+        self._channels[number] = channel
+        channel.handler.channel_opened(channel)
+        self._update_window(channel)
+        return channel
+
+    def close(self, code: int = 200, text: str = "") -> defer.Deferred[None]:
+        """Release the session (§2.4) once every channel is idle, then disconnect."""
+        return self._close_channel(self._channels[0], code, text)
+
+    def abort(self, reason: str) -> None:
+        """Terminate without a reply, as §2.2.1.1 requires for poorly formed frames."""
+        if self._gone:
+            return
+        self.log.warn(
+            "terminating BEEP session with {peer}: {reason}",
+            peer=self.peer,
+            reason=reason,
+            event="beep.session-terminated",
+        )
+        self._gone = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    # -- tuning (RFC 3080 §3 and §4.1) -------------------------------------
+
+    def begin_tuning(self) -> None:
+        """We are sending a tuning request (e.g. TLS ``ready``): nothing but channel
+        zero may be sent until its reply (§3.1.3.1)."""
+        self._tuning = True
+
+    def end_tuning(self) -> None:
+        """Our tuning request was declined; traffic flows again."""
+        self._tuning = False
+        self._flush()
+
+    def expect_silence(self) -> None:
+        """We accepted a peer's tuning request: it may send nothing more until the
+        transport is switched (§3.1.3.2); anything else ends the session."""
+        self._peer_silent = True
+
+    def tuning_reset(self, switch: Callable[[], None]) -> None:
+        """Close every channel, including zero, switch the transport, greet afresh.
+
+        ``switch`` changes the transport (``transport.startTLS``); what is
+        written after it - the new greeting - travels over the tuned transport
+        (§3, §4.1).
+        """
+        if self._parser.buffered:
+            self.abort("data received after a tuning request")
+            return
+        self._close_all_channels(Failure(SessionClosed("channels closed by a tuning reset")))
+        if self._greeting_timer is not None and self._greeting_timer.active():
+            self._greeting_timer.cancel()
+        self._tuning = False
+        self._peer_silent = False
+        self._generation += 1
+        self._reset_channels()
+        switch()
+        self._send_greeting()
+        self._start_greeting_timer()
+
+    def _reset_channels(self) -> None:
+        self._parser = FrameParser(self.config.window)
+        zero = Channel(self, 0, "", _ManagementHandler(self))
+        # §2.2.1.1: the peer's greeting is a reply to a msgno 0 that is never sent.
+        greeting = _Outstanding(defer.Deferred(), None)
+        greeting.deferred.addCallbacks(self._got_greeting, self._greeting_refused)
+        zero._outstanding[0] = greeting
+        self._channels: dict[int, Channel] = {0: zero}
+        self._reserved: set[int] = set()
+        self._ready: deque[Channel] = deque()
+        self._pending_seq = []
+        self.peer_greeting = None
+
+    # -- Twisted protocol --------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        peer = transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        try:
+            transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            pass
+        transport.registerProducer(self, True)
+        self._last_activity = self.clock.seconds()
+        if self.unavailable is not None and self.role is Role.LISTENER:
+            self.log.warn(
+                "refusing BEEP session from {peer}: {reason}",
+                peer=self.peer,
+                reason=self.unavailable,
+                event="beep.session-refused",
+            )
+            refusal = _mgmt(mgmt.Error(421, self.unavailable)).to_payload()
+            transport.write(serialize_frame(ERR, 0, 0, False, 0, refusal))
+            self._gone = True
+            transport.loseConnection()
+            return
+        self._send_greeting()
+        self._update_window(self._channels[0])
+        self._start_greeting_timer()
+        if self.config.idle_timeout is not None:
+            self._idle_timer = self.clock.callLater(self.config.idle_timeout, self._check_idle)
+
+    def handshakeCompleted(self) -> None:
+        from imxp.beep.tlsctx import peer_certificate
+
+        self.peer_certificate = peer_certificate(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._gone:
+            return
+        self._last_activity = self.clock.seconds()
+        try:
+            frames = self._parser.feed(data)
+        except FrameError as e:
+            self.abort(f"poorly formed frame: {e}")
+            return
+        generation = self._generation
+        self._in_receive = True
+        try:
+            for frame in frames:
+                if self._gone:
+                    return
+                if self._peer_silent or generation != self._generation:
+                    # §3.1.3: nothing may follow a tuning request but the new transport.
+                    self.abort("data received after a tuning request")
+                    return
+                if type(frame) is SeqFrame:
+                    self._seq_received(frame)
+                else:
+                    self._frame_received(frame)  # type: ignore[arg-type]
+        except FrameError as e:
+            self.abort(f"poorly formed frame: {e}")
+            return
+        finally:
+            self._in_receive = False
+        self._flush()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        for timer in (self._greeting_timer, self._idle_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        lost = Failure(SessionClosed(f"session lost: {reason.getErrorMessage()}"))
+        self._close_all_channels(lost)
+        waiting, self._greeting_waiters = self._greeting_waiters, []
+        for d in waiting:
+            d.errback(lost)
+        if self.on_lost is not None:
+            self.on_lost(self)
+        self.transport = None
+        closed, self._closed_waiters = self._closed_waiters, []
+        for d in closed:
+            d.callback(None)
+
+    # IPushProducer: the transport says when its buffer is full or drained.
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # -- frames in ---------------------------------------------------------
+
+    def _seq_received(self, seq: SeqFrame) -> None:
+        channel = self._channels.get(seq.channel)
+        if channel is None:
+            # A SEQ can cross our ok to the close of its channel: nothing to update.
+            return
+        if (channel._send_seqno - seq.ackno) % _MOD >= _HALF:
+            raise FrameError(f"SEQ acknowledges octets never sent on channel {seq.channel}")
+        channel._send_limit = (seq.ackno + seq.window) % _MOD
+        if channel._queue:
+            self._ready_channel(channel)
+
+    def _frame_received(self, frame: Frame) -> None:
+        channel = self._channels.get(frame.channel)
+        if channel is None:
+            raise FrameError(f"channel {frame.channel} does not exist")
+        size = len(frame.payload)
+        if frame.seqno != channel._recv_seqno:
+            raise FrameError(
+                f"seqno {frame.seqno} on channel {frame.channel}, expected {channel._recv_seqno}"
+            )
+        # RFC 3081 §3.1.2: never beyond the window we advertised.
+        if size > (channel._recv_limit - channel._recv_seqno) % _MOD:
+            raise FrameError(f"{size} octets overrun the window of channel {frame.channel}")
+        if channel._last_more and frame.msgno != channel._last_msgno:
+            raise FrameError("frame interleaved into an incomplete message")
+        channel._recv_seqno = (channel._recv_seqno + size) % _MOD
+        channel._last_more = frame.more
+        channel._last_msgno = frame.msgno
+        if frame.kind == MSG:
+            self._msg_frame(channel, frame)
+        else:
+            self._reply_frame(channel, frame)
+        self._update_window(channel)
+
+    def _msg_frame(self, channel: Channel, frame: Frame) -> None:
+        msgno = frame.msgno
+        if channel._in_msgno is None:
+            if msgno in channel._request_msgnos:
+                raise FrameError(f"msgno {msgno} reused before its reply was sent")
+            if len(channel._requests) >= self.config.max_pending_requests:
+                raise FrameError(f"more than {self.config.max_pending_requests} unanswered MSGs")
+            channel._in_msgno = msgno
+            channel._in_parts = []
+            channel._in_size = 0
+            channel._in_discard = False
+        limit = self._message_limit(channel)
+        if not channel._in_discard:
+            channel._in_size += len(frame.payload)
+            if channel._in_size > limit:
+                # §2.6.3: a pre-emptive negative reply; the rest of the MSG is ignored.
+                channel._in_discard = True
+                channel._in_parts = []
+                self.log.warn(
+                    "refusing a message over {limit} octets on channel {channel} from {peer}",
+                    limit=limit,
+                    channel=channel.number,
+                    peer=self.peer,
+                    event="beep.message-too-large",
+                )
+                self._new_request(channel, msgno, None, 0).error(
+                    554, f"message exceeds the limit of {limit} octets"
+                )
+            else:
+                channel._in_parts.append(frame.payload)
+        if frame.more:
+            return
+        channel._in_msgno = None
+        if channel._in_discard:
+            return
+        parts, channel._in_parts = channel._in_parts, []
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        cost = min(len(payload), channel._window) + 1
+        try:
+            message = Message.from_payload(payload)
+        except MessageError as e:
+            self._new_request(channel, msgno, None, cost).error(500, str(e))
+            return
+        channel._dispatch(self._new_request(channel, msgno, message, cost))
+
+    def _new_request(
+        self, channel: Channel, msgno: int, message: Message | None, cost: int
+    ) -> Request:
+        request = Request(channel, msgno, message or Message(), cost)
+        channel._requests.append(request)
+        channel._request_msgnos.add(msgno)
+        channel._held += cost
+        return request
+
+    def _reply_frame(self, channel: Channel, frame: Frame) -> None:
+        msgno = frame.msgno
+        outstanding = channel._outstanding.get(msgno)
+        kind = frame.kind
+        if outstanding is None:
+            raise FrameError(f"{kind.decode()} for msgno {msgno}, which awaits no reply")
+        previous = outstanding.kind
+        greeting = channel.number == 0 and msgno == 0
+        if greeting:
+            if kind not in (RPY, ERR) or (kind == ERR and self.role is Role.LISTENER):
+                raise FrameError("session must begin with a greeting")
+        elif previous is None:
+            channel._reply_arrived_early(msgno)
+        if previous is not None:
+            if kind == NUL:
+                if previous != ANS:
+                    raise FrameError("NUL after a reply that is not ANS")
+                if outstanding.partial:
+                    raise FrameError("NUL while an answer is incomplete")
+            elif kind != previous:
+                raise FrameError(f"{kind.decode()} continues a {previous.decode()} reply")
+        outstanding.kind = kind
+        if kind == ANS:
+            self._answer_frame(channel, outstanding, frame)
+            return
+        if kind == NUL:
+            del channel._outstanding[msgno]
+            outstanding.deferred.callback(outstanding.answers)
+            channel._maybe_idle()
+            return
+        limit = self._message_limit(channel)
+        if not outstanding.toobig:
+            outstanding.size += len(frame.payload)
+            if outstanding.size > limit:
+                outstanding.toobig = True
+                outstanding.parts = []
+            else:
+                outstanding.parts.append(frame.payload)
+        if frame.more:
+            return
+        del channel._outstanding[msgno]
+        if outstanding.toobig:
+            self.log.warn(
+                "discarding a reply over {limit} octets on channel {channel} from {peer}",
+                limit=limit,
+                channel=channel.number,
+                peer=self.peer,
+                event="beep.message-too-large",
+            )
+            outstanding.deferred.errback(
+                BEEPError(554, f"reply exceeds the limit of {limit} octets")
+            )
+        else:
+            parts = outstanding.parts
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            try:
+                message = Message.from_payload(payload)
+            except MessageError as e:
+                outstanding.deferred.errback(BEEPError(500, f"poorly formed reply: {e}"))
+            else:
+                if kind == RPY:
+                    outstanding.deferred.callback(message)
+                else:
+                    outstanding.deferred.errback(BEEPError.from_message(message))
+        channel._maybe_idle()
+
+    def _answer_frame(self, channel: Channel, outstanding: _Outstanding, frame: Frame) -> None:
+        ansno = frame.ansno
+        assert ansno is not None
+        parts = outstanding.partial.setdefault(ansno, [])
+        parts.append(frame.payload)
+        limit = self._message_limit(channel)
+        if sum(len(p) for p in parts) > limit:
+            raise FrameError(f"answer exceeds the limit of {limit} octets")
+        if frame.more:
+            return
+        del outstanding.partial[ansno]
+        try:
+            message = Message.from_payload(b"".join(parts))
+        except MessageError as e:
+            raise FrameError(f"poorly formed answer: {e}") from None
+        if outstanding.on_answer is not None:
+            outstanding.on_answer(message, ansno)
+        else:
+            outstanding.answers.append(message)
+
+    def _message_limit(self, channel: Channel) -> int:
+        return _MAX_MGMT_MESSAGE if channel.number == 0 else self.config.max_message_size
+
+    # -- flow control out: SEQ (RFC 3081 §3.1.4) ---------------------------
+
+    def _update_window(self, channel: Channel) -> None:
+        """Advertise more window once at least half of it has been consumed.
+
+        Octets of complete MSGs still being processed stay charged against the
+        window, so a slow profile throttles its peer rather than letting
+        requests pile up in memory. The right edge never moves left
+        (RFC 1122 §4.2.2.16, as RFC 3081 §3.1.4 asks).
+        """
+        window = channel._window
+        offer = window - channel._held
+        if offer <= 0 or self._gone:
+            return
+        new_limit = (channel._recv_seqno + offer) % _MOD
+        gain = (new_limit - channel._recv_limit) % _MOD
+        if gain >= _HALF or gain < window // 2:
+            return
+        channel._recv_limit = new_limit
+        self._pending_seq.append(serialize_seq(channel.number, channel._recv_seqno, offer))
+        if not self._in_receive:
+            self._flush()
+
+    # -- frames out ---------------------------------------------------------
+
+    def _ready_channel(self, channel: Channel) -> None:
+        if not channel._in_ready:
+            channel._in_ready = True
+            self._ready.append(channel)
+        if not self._in_receive:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write what the peer's windows allow, a frame per ready channel in turn
+        (RFC 3081 §3.1.4), SEQ frames first."""
+        if self._gone or self.transport is None:
+            return
+        parts: list[bytes] = []
+        if self._pending_seq and not self._tuning:
+            parts, self._pending_seq = self._pending_seq, []
+        if not self._paused:
+            ready = self._ready
+            frame_size = self.config.frame_size
+            tuning = self._tuning
+            while ready:
+                channel = ready.popleft()
+                if not channel._queue or channel.session is not self or (tuning and channel.number):
+                    channel._in_ready = False
+                    continue
+                frame = channel._next_frame(frame_size)
+                if frame is None:
+                    channel._in_ready = False
+                    continue
+                parts.append(frame)
+                if channel._queue:
+                    ready.append(channel)
+                else:
+                    channel._in_ready = False
+                    channel._maybe_idle()
+                if channel._producer is not None:
+                    channel._check_producer()
+        if parts:
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        if self._after_write:
+            hooks, self._after_write = self._after_write, []
+            for hook in hooks:
+                hook()
+
+    # -- channel management -------------------------------------------------
+
+    def _send_greeting(self) -> None:
+        profiles = tuple(uri for uri, p in self.profiles.items() if p.offered(self))
+        greeting = mgmt.Greeting(profiles, self.config.features, self.config.localize)
+        self._channels[0]._enqueue(_OutMessage(RPY, 0, _mgmt(greeting).to_payload(), None))
+
+    def _start_greeting_timer(self) -> None:
+        self._greeting_timer = self.clock.callLater(
+            self.config.greeting_timeout, self.abort, "no greeting within the greeting timeout"
+        )
+
+    def _got_greeting(self, message: Message) -> None:
+        if self._greeting_timer is not None and self._greeting_timer.active():
+            self._greeting_timer.cancel()
+        try:
+            if message.content_type != mgmt.BEEP_XML:
+                raise mgmt.MgmtError(500, "greeting is not application/beep+xml")
+            greeting = mgmt.parse(message.body)
+            if not isinstance(greeting, mgmt.Greeting):
+                raise mgmt.MgmtError(501, "first reply is not a greeting")
+        except mgmt.MgmtError as e:
+            self.abort(f"bad greeting: {e.text}")
+            return
+        self.peer_greeting = greeting
+        waiting, self._greeting_waiters = self._greeting_waiters, []
+        for d in waiting:
+            d.callback(greeting)
+
+    def _greeting_refused(self, failure: Failure) -> None:
+        if self._greeting_timer is not None and self._greeting_timer.active():
+            self._greeting_timer.cancel()
+        if failure.check(BEEPError):
+            e = failure.value
+            self.log.warn(
+                "BEEP peer {peer} refused the session: {code} {text}",
+                peer=self.peer,
+                code=e.code,
+                text=e.text,
+                event="beep.session-refused-by-peer",
+            )
+            self._gone = True
+            if self.transport is not None:
+                self.transport.loseConnection()
+        waiting, self._greeting_waiters = self._greeting_waiters, []
+        for d in waiting:
+            d.errback(failure)
+
+    def _free_channel_number(self) -> int:
+        # §2.3.1.2: initiators use odd numbers, listeners even.
+        number = 1 if self.role is Role.INITIATOR else 2
+        while number in self._channels or number in self._reserved:
+            number += 2
+        if number > MAX_31:
+            raise BEEPError(550, "no channel numbers left")
+        return number
+
+    def _start_requested(self, start: mgmt.Start, request: Request) -> defer.Deferred[Message]:
+        number = start.number
+        peer_odd = self.role is Role.LISTENER
+        if (number % 2 == 1) != peer_odd:
+            parity = "odd" if peer_odd else "even"
+            raise BEEPError(501, f"number attribute in <start> element must be {parity}-valued")
+        if number in self._channels or number in self._reserved:
+            raise BEEPError(550, f"channel {number} is already in use")
+        if len(self._channels) - 1 + len(self._reserved) >= self.config.max_channels:
+            raise BEEPError(550, f"no more than {self.config.max_channels} channels")
+        if start.server_name is not None and self.server_name is None:
+            if not self.accept_server_name(start.server_name):
+                raise BEEPError(550, f"will not act as {start.server_name}")
+        for candidate in start.profiles:
+            profile = self.profiles.get(candidate.uri)
+            if profile is not None and profile.offered(self):
+                return self._start_profile(start, profile, candidate, request)
+        self.log.info(
+            "declined start of channel {channel} from {peer}: no acceptable profile in {uris}",
+            channel=number,
+            peer=self.peer,
+            uris=[c.uri for c in start.profiles],
+            event="beep.start-declined",
+        )
+        raise BEEPError(550, "all requested profiles are unsupported")
+
+    def _start_profile(
+        self,
+        start: mgmt.Start,
+        profile: Profile,
+        candidate: mgmt.ProfileElement,
+        request: Request,
+    ) -> defer.Deferred[Message]:
+        number = start.number
+        channel = Channel(self, number, profile.uri, ChannelHandler())
+        self._reserved.add(number)
+        generation = self._generation
+
+        def started(result: bytes | StartReply | None) -> Message:
+            self._reserved.discard(number)
+            if self._gone or generation != self._generation:
+                raise SessionClosed("session closed during start")
+            reply = result if isinstance(result, StartReply) else StartReply(result)
+            if start.server_name is not None and self.server_name is None:
+                self.server_name = start.server_name
+            self._channels[number] = channel
+            request.on_sent = reply.after_sent
+            channel.handler.channel_opened(channel)
+            self._update_window(channel)
+            return _mgmt(mgmt.ProfileElement(profile.uri, reply.content))
+
+        def failed(f: Failure) -> Failure:
+            self._reserved.discard(number)
+            return f
+
+        d = defer.maybeDeferred(profile.start, self, channel, candidate.content)
+        return d.addCallbacks(started, failed)
+
+    def _close_requested(self, close: mgmt.Close, request: Request) -> defer.Deferred[Message]:
+        if close.number == 0:
+            return self._release_requested(close, request)
+        channel = self._channels.get(close.number)
+        if channel is None:
+            raise BEEPError(553, f"channel {close.number} is not open")
+        channel.handler.close_requested(close.code)
+        channel._closing = True
+
+        def idle(_: None) -> Message:
+            self._remove_channel(channel, None)
+            return _mgmt(mgmt.OK())
+
+        return channel._when_idle().addCallback(idle)
+
+    def _release_requested(self, close: mgmt.Close, request: Request) -> defer.Deferred[Message]:
+        others = list(self._channels.values())[1:]
+        for channel in others:
+            channel.handler.close_requested(close.code)
+        for channel in others:
+            channel._closing = True
+
+        def idle(_: object) -> Message:
+            # §2.4: ok, then both peers close the connection.
+            request.on_sent = self._hang_up
+            return _mgmt(mgmt.OK())
+
+        return defer.gatherResults([c._when_idle() for c in others]).addCallback(idle)
+
+    def _hang_up(self) -> None:
+        self._gone = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _close_channel(self, channel: Channel, code: int, text: str) -> defer.Deferred[None]:
+        if self._gone:
+            return defer.fail(SessionClosed("session is closed"))
+        if self._channels.get(channel.number) is not channel:
+            return defer.fail(BEEPError(553, "channel is not open"))
+
+        async def closing() -> None:
+            if channel.number == 0:
+                for other in list(self._channels.values())[1:]:
+                    await other._when_idle()
+            else:
+                # §2.3.1.3: only once every MSG we sent on it is answered.
+                await channel._when_idle()
+                channel._closing = True
+            try:
+                await self._channels[0].send(_mgmt(mgmt.Close(channel.number, code, text)))
+            except BEEPError:
+                channel._closing = False
+                raise
+            if channel.number == 0:
+                self._hang_up()
+            else:
+                self._remove_channel(channel, None)
+
+        return defer.ensureDeferred(closing())
+
+    def _remove_channel(self, channel: Channel, reason: Failure | None) -> None:
+        if self._channels.get(channel.number) is channel:
+            del self._channels[channel.number]
+        channel._closing = True
+        self._fail_channel(channel, reason or Failure(SessionClosed("channel closed")))
+        try:
+            channel.handler.channel_closed(reason)
+        except Exception:
+            self.log.failure(
+                "channel_closed of profile {profile} failed",
+                profile=channel.profile,
+                event="beep.profile-failure",
+            )
+
+    def _fail_channel(self, channel: Channel, reason: Failure) -> None:
+        outstanding, channel._outstanding = channel._outstanding, {}
+        channel._queue.clear()
+        channel._queued_bytes = 0
+        for request in channel._requests:
+            request._dead = True
+        channel._requests.clear()
+        channel._request_msgnos.clear()
+        channel._held = 0
+        for pending in outstanding.values():
+            if not pending.deferred.called:
+                pending.deferred.errback(reason)
+        waiters, channel._idle_waiters = channel._idle_waiters, []
+        for d in waiters:
+            d.errback(reason)
+
+    def _close_all_channels(self, reason: Failure) -> None:
+        channels = list(self._channels.values())
+        for channel in channels[1:]:
+            self._remove_channel(channel, reason)
+        # Failing channel zero also fails a greeting still awaited, and its waiters.
+        self._fail_channel(channels[0], reason)
+
+    # -- timers ----------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        timeout = self.config.idle_timeout
+        if timeout is None or self._gone:
+            return
+        quiet = self.clock.seconds() - self._last_activity
+        busy = any(not c._idle() for c in list(self._channels.values())[1:])
+        if quiet >= timeout and not busy:
+            self.log.info(
+                "closing BEEP session with {peer} after {seconds:.0f}s idle",
+                peer=self.peer,
+                seconds=quiet,
+                event="beep.idle-timeout",
+            )
+            self._hang_up()
+            return
+        delay = timeout - quiet if quiet < timeout else timeout
+        self._idle_timer = self.clock.callLater(delay, self._check_idle)
+
+
+class SessionFactory(Factory):
+    """Builds sessions of one role with a set of profiles, counting sessions per peer."""
+
+    def __init__(
+        self,
+        role: Role,
+        profiles: Sequence[Profile] = (),
+        config: SessionConfig | None = None,
+        clock: interfaces.IReactorTime | None = None,
+        max_sessions_per_peer: int | None = 32,
+        on_session: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.role = role
+        self.profiles = list(profiles)
+        self.config = config or SessionConfig()
+        self.clock = clock
+        #: Sessions at once from one peer address (listeners only; None: unlimited).
+        self.max_sessions_per_peer = max_sessions_per_peer
+        self.on_session = on_session
+        self._per_peer: dict[str, int] = {}
+
+    def buildProtocol(self, addr: Any) -> Session:
+        session = Session(self.role, self.profiles, self.config, self.clock)
+        session.factory = self
+        host = str(getattr(addr, "host", "?"))
+        count = self._per_peer.get(host, 0) + 1
+        self._per_peer[host] = count
+        limit = self.max_sessions_per_peer
+        if self.role is Role.LISTENER and limit is not None and count > limit:
+            session.unavailable = f"too many sessions from {host}"
+
+        def lost(_: Session) -> None:
+            remaining = self._per_peer.get(host, 1) - 1
+            if remaining:
+                self._per_peer[host] = remaining
+            else:
+                self._per_peer.pop(host, None)
+
+        session.on_lost = lost
+        if self.on_session is not None:
+            self.on_session(session)
+        return session

@@ -1,0 +1,64 @@
+"""A hardened XML parser for protocol elements.
+
+Protocol payloads never need a DTD, so any document type declaration is
+refused outright: that rules out entity expansion ("billion laughs"),
+external entities and external DTD fetches in one rule. Size and nesting
+depth are bounded too. The result is an :class:`xml.etree.ElementTree.Element`.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+from xml.etree.ElementTree import Element, TreeBuilder
+from xml.parsers import expat
+
+__all__ = ["XMLError", "parse"]
+
+DEFAULT_MAX_SIZE = 65536
+DEFAULT_MAX_DEPTH = 32
+
+
+class XMLError(ValueError):
+    """The payload is not acceptable XML (poorly formed, too big, too deep, or has a DTD)."""
+
+
+def parse(
+    data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH
+) -> Element:
+    if len(data) > max_size:
+        raise XMLError(f"XML of {len(data)} octets exceeds the limit of {max_size}")
+    parser = expat.ParserCreate()
+    builder = TreeBuilder()
+    depth = 0
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        nonlocal depth
+        depth += 1
+        if depth > max_depth:
+            raise XMLError(f"XML nested deeper than {max_depth}")
+        builder.start(tag, attrs)
+
+    def end(tag: str) -> None:
+        nonlocal depth
+        depth -= 1
+        builder.end(tag)
+
+    def refuse(*_args: object) -> NoReturn:
+        raise XMLError("document type declarations and entities are not allowed")
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = builder.data
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.UnparsedEntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    parser.buffer_text = True
+    try:
+        parser.Parse(data, True)
+        return builder.close()
+    except expat.ExpatError as e:
+        raise XMLError(f"poorly formed XML: {e}") from None
+    except (AssertionError, IndexError):
+        # TreeBuilder.close() asserts on an empty document.
+        raise XMLError("poorly formed XML: no root element") from None
