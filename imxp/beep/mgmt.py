@@ -62,7 +62,9 @@ class ProfileElement:
             text = self.content.decode("utf-8")
         except UnicodeDecodeError:
             text = None
-        if text is not None and "]]>" not in text and _xml_chars_ok(text):
+        # CDATA only when the parser gives back the very same octets: it strips the
+        # content and XML line-end handling turns CR into LF (XML 1.0 §2.11).
+        if text is not None and "]]>" not in text and text == text.strip() and _xml_chars_ok(text):
             return f"<profile uri={quoteattr(self.uri)}><![CDATA[{text}]]></profile>"
         encoded = base64.b64encode(self.content).decode("ascii")
         return f"<profile uri={quoteattr(self.uri)} encoding='base64'>{encoded}</profile>"
@@ -151,8 +153,9 @@ Element_ = Greeting | Start | ProfileElement | Close | OK | Error
 
 
 def _xml_chars_ok(text: str) -> bool:
-    # Control characters other than TAB/LF/CR cannot appear in XML 1.0 at all.
-    return not any(ord(c) < 32 and c not in "\t\n\r" for c in text)
+    # Control characters other than TAB/LF/CR, U+FFFE and U+FFFF cannot appear in XML 1.0
+    # at all (§2.2 Char); CR can but does not survive line-end normalisation.
+    return not any((ord(c) < 32 and c not in "\t\n") or c in "\ufffe\uffff" for c in text)
 
 
 def encode_error(code: int, text: str = "") -> bytes:
@@ -173,7 +176,8 @@ def _channel_number(raw: str | None, default: int | None = None) -> int:
         if default is None:
             raise MgmtError(501, "number attribute is required")
         return default
-    if not raw.isdigit() or len(raw) > 10 or int(raw) > 2147483647:
+    # str.isdigit() accepts non-ASCII digits ('\u0661', and '\u00b2' which int() rejects).
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > 2147483647:
         raise MgmtError(501, f"number attribute {raw[:12]!r} is not a channel number")
     return int(raw)
 

@@ -57,8 +57,15 @@ def parse(
     try:
         parser.Parse(data, True)
         return builder.close()
+    except XMLError:
+        raise
     except expat.ExpatError as e:
         raise XMLError(f"poorly formed XML: {e}") from None
+    except (LookupError, ValueError):
+        # An XML declaration naming an encoding that Python does not know, or
+        # one that is not a single-byte text codec ('rot13', 'utf-7', 'idna'):
+        # pyexpat's unknown-encoding hook lets the codec's exception escape.
+        raise XMLError("poorly formed XML: unsupported encoding") from None
     except (AssertionError, IndexError):
         # TreeBuilder.close() asserts on an empty document.
         raise XMLError("poorly formed XML: no root element") from None
