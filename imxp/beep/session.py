@@ -303,6 +303,9 @@ class Channel:
         self._queue: deque[_OutMessage] = deque()
         self._queued_bytes = 0
         self._in_ready = False
+        # False while the reply to the peer's start is unwritten: the peer doesn't know
+        # the channel yet, and a frame on it would be poorly formed (§2.2.1.1).
+        self._announced = True
         self._next_msgno = 1 if number == 0 else 0
         self._outstanding: dict[int, _Outstanding] = {}
         # Receiving.
@@ -311,6 +314,7 @@ class Channel:
         self._recv_limit = 4096
         self._last_more = False
         self._last_msgno = -1
+        self._last_kind = b""
         self._in_msgno: int | None = None
         self._in_parts: list[bytes] = []
         self._in_size = 0
@@ -663,6 +667,19 @@ class Session(Protocol):
         """Release the session (§2.4) once every channel is idle, then disconnect."""
         return self._close_channel(self._channels[0], code, text)
 
+    def disconnect(self) -> None:
+        """Close the connection now, without the release handshake of §2.4.
+
+        Use this rather than ``transport.loseConnection()``: the session is the
+        transport's producer, and a TLS transport waits for its producer to go
+        before it closes.
+        """
+        self._gone = True
+        transport = self.transport
+        if transport is not None:
+            transport.unregisterProducer()
+            transport.loseConnection()
+
     def abort(self, reason: str) -> None:
         """Terminate without a reply, as §2.2.1.1 requires for poorly formed frames."""
         if self._gone:
@@ -750,8 +767,7 @@ class Session(Protocol):
             )
             refusal = _mgmt(mgmt.Error(421, self.unavailable)).to_payload()
             transport.write(serialize_frame(ERR, 0, 0, False, 0, refusal))
-            self._gone = True
-            transport.loseConnection()
+            self.disconnect()
             return
         self._send_greeting()
         self._update_window(self._channels[0])
@@ -796,6 +812,8 @@ class Session(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
+        # Callbacks run below may call disconnect(); the transport is already gone.
+        self.transport = None
         for timer in (self._greeting_timer, self._idle_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -806,7 +824,6 @@ class Session(Protocol):
             d.errback(lost)
         if self.on_lost is not None:
             self.on_lost(self)
-        self.transport = None
         closed, self._closed_waiters = self._closed_waiters, []
         for d in closed:
             d.callback(None)
@@ -836,6 +853,11 @@ class Session(Protocol):
             self._ready_channel(channel)
 
     def _frame_received(self, frame: Frame) -> None:
+        if self.peer_greeting is None and (
+            frame.channel != 0 or frame.msgno != 0 or frame.kind == MSG
+        ):
+            # §2.4: each peer begins with its greeting (RPY, or a listener's ERR, 0 0).
+            raise FrameError("session must begin with a greeting")
         channel = self._channels.get(frame.channel)
         if channel is None:
             raise FrameError(f"channel {frame.channel} does not exist")
@@ -847,11 +869,16 @@ class Session(Protocol):
         # RFC 3081 §3.1.2: never beyond the window we advertised.
         if size > (channel._recv_limit - channel._recv_seqno) % _MOD:
             raise FrameError(f"{size} octets overrun the window of channel {frame.channel}")
-        if channel._last_more and frame.msgno != channel._last_msgno:
+        # §2.2.1.1: after a '*' frame only the same message may follow on this channel,
+        # with the same keyword (MSG 0 then RPY 0 are two messages).
+        if channel._last_more and (
+            frame.msgno != channel._last_msgno or frame.kind != channel._last_kind
+        ):
             raise FrameError("frame interleaved into an incomplete message")
         channel._recv_seqno = (channel._recv_seqno + size) % _MOD
         channel._last_more = frame.more
         channel._last_msgno = frame.msgno
+        channel._last_kind = frame.kind
         if frame.kind == MSG:
             self._msg_frame(channel, frame)
         else:
@@ -1047,7 +1074,12 @@ class Session(Protocol):
             tuning = self._tuning
             while ready:
                 channel = ready.popleft()
-                if not channel._queue or channel.session is not self or (tuning and channel.number):
+                if (
+                    not channel._queue
+                    or channel.session is not self
+                    or not channel._announced
+                    or (tuning and channel.number)
+                ):
                     channel._in_ready = False
                     continue
                 frame = channel._next_frame(frame_size)
@@ -1110,9 +1142,7 @@ class Session(Protocol):
                 text=e.text,
                 event="beep.session-refused-by-peer",
             )
-            self._gone = True
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self.disconnect()
         waiting, self._greeting_waiters = self._greeting_waiters, []
         for d in waiting:
             d.errback(failure)
@@ -1161,6 +1191,7 @@ class Session(Protocol):
     ) -> defer.Deferred[Message]:
         number = start.number
         channel = Channel(self, number, profile.uri, ChannelHandler())
+        channel._announced = False
         self._reserved.add(number)
         generation = self._generation
 
@@ -1172,9 +1203,22 @@ class Session(Protocol):
             if start.server_name is not None and self.server_name is None:
                 self.server_name = start.server_name
             self._channels[number] = channel
-            request.on_sent = reply.after_sent
+            after_sent = reply.after_sent
+
+            def sent() -> None:
+                if after_sent is not None:
+                    after_sent()
+                # A SEQ for the channel goes after the reply creating it: before, the
+                # peer doesn't know the channel, drops the SEQ, and a window larger
+                # than 4096 is never learnt (RFC 3081 §3.1.1, §3.1.3).
+                if self._channels.get(number) is channel and generation == self._generation:
+                    channel._announced = True
+                    self._update_window(channel)
+                    if channel._queue:
+                        self._ready_channel(channel)
+
+            request.on_sent = sent
             channel.handler.channel_opened(channel)
-            self._update_window(channel)
             return _mgmt(mgmt.ProfileElement(profile.uri, reply.content))
 
         def failed(f: Failure) -> Failure:
@@ -1208,15 +1252,10 @@ class Session(Protocol):
 
         def idle(_: object) -> Message:
             # §2.4: ok, then both peers close the connection.
-            request.on_sent = self._hang_up
+            request.on_sent = self.disconnect
             return _mgmt(mgmt.OK())
 
         return defer.gatherResults([c._when_idle() for c in others]).addCallback(idle)
-
-    def _hang_up(self) -> None:
-        self._gone = True
-        if self.transport is not None:
-            self.transport.loseConnection()
 
     def _close_channel(self, channel: Channel, code: int, text: str) -> defer.Deferred[None]:
         if self._gone:
@@ -1238,15 +1277,17 @@ class Session(Protocol):
                 channel._closing = False
                 raise
             if channel.number == 0:
-                self._hang_up()
+                self.disconnect()
             else:
                 self._remove_channel(channel, None)
 
         return defer.ensureDeferred(closing())
 
     def _remove_channel(self, channel: Channel, reason: Failure | None) -> None:
-        if self._channels.get(channel.number) is channel:
-            del self._channels[channel.number]
+        if self._channels.get(channel.number) is not channel:
+            # Already gone: both peers closed it at once, each answering the other's close.
+            return
+        del self._channels[channel.number]
         channel._closing = True
         self._fail_channel(channel, reason or Failure(SessionClosed("channel closed")))
         try:
@@ -1296,7 +1337,7 @@ class Session(Protocol):
                 seconds=quiet,
                 event="beep.idle-timeout",
             )
-            self._hang_up()
+            self.disconnect()
             return
         delay = timeout - quiet if quiet < timeout else timeout
         self._idle_timer = self.clock.callLater(delay, self._check_idle)
