@@ -1,0 +1,477 @@
+"""The SASL user store, twisted.cred checkers and the failed-login throttle.
+
+:class:`UserStore` keeps one SCRAM-SHA-256 verifier per user in a text file, never the
+password. The line format is the RFC 5803 style PostgreSQL uses::
+
+    username:SCRAM-SHA-256$<iterations>:<b64 salt>$<b64 StoredKey>:<b64 ServerKey>
+
+One record serves both mechanisms: SCRAM reads the keys (:class:`ISCRAMKeyStore`), and a
+PLAIN password is checked by deriving StoredKey from it with the stored salt and iteration
+count (RFC 5802 §3) and comparing in constant time.
+
+Username and password preparation: both are prepared with SASLprep (RFC 4013) as
+implemented by ``scramp.utils.saslprep``, which is exactly what a SCRAM client does to the
+password before hashing (RFC 5802 §2.2), so a PLAIN login and a SCRAM login of the same user
+agree. It treats strings as "stored" strings (RFC 3454 §7: unassigned code points refused);
+a presented string that fails simply matches nobody, as RFC 4616 §2 requires.
+
+Lines starting with ``#`` are comments, except one: ``#decoy-secret:<b64>`` holds the
+per-store secret from which the decoy salts for unknown users are derived (RFC 5802 §9),
+kept in the file so the decoys, like real salts, survive restarts. It is written with the
+first change made through this class, unless the deployment configures ``decoy_secret``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+from scramp import ScramException
+from scramp.utils import saslprep
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imxp.beep.saslmech import (
+    IExternalIdentity,
+    ISCRAMCredentials,
+    ISCRAMKeyStore,
+    StoredKeys,
+)
+
+__all__ = [
+    "DEFAULT_ITERATIONS",
+    "MAX_USERNAME_OCTETS",
+    "MIN_ITERATIONS",
+    "ExternalChecker",
+    "FailureThrottle",
+    "UserStore",
+    "UserStoreError",
+    "derive_keys",
+    "prepare_username",
+]
+
+log = Logger(namespace="imxp.beep.users")
+
+#: RFC 7677 §4: at least 4096 iterations for SCRAM-SHA-256.
+MIN_ITERATIONS = 4096
+DEFAULT_ITERATIONS = 4096
+#: scramp refuses more (a denial-of-service guard on the client side).
+MAX_ITERATIONS = 10_000_000
+SALT_OCTETS = 16
+MAX_USERNAME_OCTETS = 255
+_KEY_OCTETS = hashlib.sha256().digest_size
+
+_B64 = r"[A-Za-z0-9+/]+={0,2}"
+_RECORD = re.compile(rf"SCRAM-SHA-256\$([1-9][0-9]{{0,9}}):({_B64})\$({_B64}):({_B64})")
+_SECRET_PREFIX = "#decoy-secret:"
+
+
+class UserStoreError(ValueError):
+    """The user file is malformed, or a username or password is unacceptable."""
+
+
+def prepare_username(username: str) -> str:
+    """SASLprep ``username`` and check it can be stored (UserStoreError if not).
+
+    Refused: empty, longer than 255 octets (RFC 4616 §2's minimum), containing ':' (the
+    field separator), a leading '#' (a comment), or anything SASLprep prohibits (which
+    covers NUL, CR, LF and the other control characters).
+    """
+    try:
+        prepared = saslprep(username)
+    except ScramException as e:
+        raise UserStoreError(f"username fails SASLprep: {e}") from None
+    if not prepared:
+        raise UserStoreError("username is empty")
+    if len(prepared.encode("utf-8")) > MAX_USERNAME_OCTETS:
+        raise UserStoreError(f"username longer than {MAX_USERNAME_OCTETS} octets")
+    if ":" in prepared or prepared.startswith("#"):
+        raise UserStoreError("username may not contain ':' or start with '#'")
+    return prepared
+
+
+def _prepare_password(password: str) -> bytes:
+    try:
+        prepared = saslprep(password)
+    except ScramException as e:
+        raise UserStoreError(f"password fails SASLprep: {e}") from None
+    if not prepared:
+        raise UserStoreError("password is empty")
+    return prepared.encode("utf-8")
+
+
+def _keys_from_salted(salted_password: bytes) -> tuple[bytes, bytes]:
+    # RFC 5802 §3: ClientKey := HMAC(SaltedPassword, "Client Key"); StoredKey := H(ClientKey);
+    # ServerKey := HMAC(SaltedPassword, "Server Key").
+    client_key = hmac.digest(salted_password, b"Client Key", "sha256")
+    server_key = hmac.digest(salted_password, b"Server Key", "sha256")
+    return hashlib.sha256(client_key).digest(), server_key
+
+
+def derive_keys(password: str, salt: bytes, iterations: int) -> StoredKeys:
+    """RFC 5802 §3: SaltedPassword := Hi(Normalize(password), salt, i), and the keys from it."""
+    salted = hashlib.pbkdf2_hmac("sha256", _prepare_password(password), salt, iterations)
+    stored_key, server_key = _keys_from_salted(salted)
+    return StoredKeys(salt, iterations, stored_key, server_key)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+@implementer(ICredentialsChecker, ISCRAMKeyStore)
+class UserStore:
+    """A file of SCRAM-SHA-256 verifiers; a cred checker for PLAIN and SCRAM credentials.
+
+    Changes re-read the file first and replace it atomically (temporary file in the same
+    directory, fsync, ``os.replace``), mode 0600, so a running relay and the ``imxp`` command
+    can share it: the relay picks changes up with :meth:`reload`. Two writers at the same
+    instant can still lose one change; administration is expected to be serial.
+
+    Checking a PLAIN password costs one PBKDF2 run (``iterations`` rounds, a few ms at the
+    default) in the calling thread; unknown users cost the same so that timing does not
+    reveal who exists.
+    """
+
+    credentialInterfaces = (IUsernamePassword, ISCRAMCredentials)
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        iterations: int = DEFAULT_ITERATIONS,
+        decoy_secret: bytes | None = None,
+    ) -> None:
+        if not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
+            raise ValueError(f"iterations must be in {MIN_ITERATIONS}..{MAX_ITERATIONS}")
+        self.path = Path(path)
+        self.iterations = iterations
+        self._fixed_secret = decoy_secret
+        self._users: dict[str, StoredKeys] = {}
+        # The secret line the file carries (or will carry from the next write).
+        self._file_secret: bytes | None = None
+        self.reload()
+
+    @property
+    def _secret(self) -> bytes:
+        if self._fixed_secret is not None:
+            return self._fixed_secret
+        if self._file_secret is None:
+            self._file_secret = secrets.token_bytes(32)
+        return self._file_secret
+
+    def _take_secret(self, secret: bytes | None) -> None:
+        if secret is not None:
+            self._file_secret = secret
+        elif self._file_secret is None and self._fixed_secret is None:
+            self._file_secret = secrets.token_bytes(32)
+
+    # -- file ------------------------------------------------------------------------------
+
+    def _read(self) -> tuple[dict[str, StoredKeys], bytes | None]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}, None
+        except UnicodeDecodeError as e:
+            raise UserStoreError(f"{self.path}: not UTF-8: {e}") from None
+        users: dict[str, StoredKeys] = {}
+        secret = None
+        for lineno, line in enumerate(text.splitlines(), 1):
+            where = f"{self.path}:{lineno}"
+            if line.startswith(_SECRET_PREFIX):
+                try:
+                    secret = _unb64(line[len(_SECRET_PREFIX) :].strip())
+                except binascii.Error:
+                    raise UserStoreError(f"{where}: bad decoy secret") from None
+                continue
+            if not line.strip() or line.startswith("#"):
+                continue
+            name, _, record = line.partition(":")
+            match = _RECORD.fullmatch(record)
+            if match is None:
+                raise UserStoreError(f"{where}: not a SCRAM-SHA-256 record")
+            try:
+                if prepare_username(name) != name:
+                    raise UserStoreError("username is not in SASLprep form")
+                salt, stored_key, server_key = (_unb64(match[n]) for n in (2, 3, 4))
+            except (binascii.Error, UserStoreError) as e:
+                raise UserStoreError(f"{where}: {e}") from None
+            iterations = int(match[1])
+            if not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
+                raise UserStoreError(f"{where}: iteration count {iterations} out of range")
+            if len(stored_key) != _KEY_OCTETS or len(server_key) != _KEY_OCTETS:
+                raise UserStoreError(f"{where}: keys are not SHA-256 sized")
+            if len(salt) < 12:  # scramp, like most SCRAM code, refuses shorter salts
+                raise UserStoreError(f"{where}: salt shorter than 12 octets")
+            if name in users:
+                raise UserStoreError(f"{where}: duplicate user {name!r}")
+            users[name] = StoredKeys(salt, iterations, stored_key, server_key)
+        return users, secret
+
+    def reload(self) -> None:
+        """Re-read the file. On a malformed file, raise UserStoreError and keep the old data."""
+        users, secret = self._read()
+        try:
+            mode = self.path.stat().st_mode
+        except FileNotFoundError:
+            mode = 0
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warn("user file {path} is accessible to others", path=str(self.path))
+        self._users = users
+        self._take_secret(secret)
+
+    def _write(self) -> None:
+        lines = []
+        if self._file_secret is not None:
+            lines.append(f"{_SECRET_PREFIX}{_b64(self._file_secret)}")
+        for name in sorted(self._users):
+            k = self._users[name]
+            lines.append(
+                f"{name}:SCRAM-SHA-256${k.iterations}:{_b64(k.salt)}"
+                f"${_b64(k.stored_key)}:{_b64(k.server_key)}"
+            )
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        directory = self.path.parent
+        # mkstemp creates the file 0600, so no moment exists when others could read it.
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+    def _change(self, apply: Callable[[dict[str, StoredKeys]], None]) -> None:
+        # Start from the file as it is now, so an older in-memory copy cannot undo changes
+        # another process made.
+        users, secret = self._read()
+        self._take_secret(secret)
+        apply(users)
+        self._users = users
+        self._write()
+
+    # -- administration --------------------------------------------------------------------
+
+    def _new_keys(self, password: str, salt: bytes | None) -> StoredKeys:
+        if salt is None:
+            salt = secrets.token_bytes(SALT_OCTETS)
+        elif len(salt) < 12:
+            raise UserStoreError("salt shorter than 12 octets")
+        return derive_keys(password, salt, self.iterations)
+
+    def add(self, username: str, password: str, *, salt: bytes | None = None) -> None:
+        """Add a user (UserStoreError if present). ``salt`` is for imports and tests."""
+        name = prepare_username(username)
+        keys = self._new_keys(password, salt)
+
+        def apply(users: dict[str, StoredKeys]) -> None:
+            if name in users:
+                raise UserStoreError(f"user {name!r} exists")
+            users[name] = keys
+
+        self._change(apply)
+
+    def set_password(self, username: str, password: str, *, salt: bytes | None = None) -> None:
+        """Give an existing user a new password, salt and the current iteration count."""
+        name = prepare_username(username)
+        keys = self._new_keys(password, salt)
+
+        def apply(users: dict[str, StoredKeys]) -> None:
+            if name not in users:
+                raise KeyError(name)
+            users[name] = keys
+
+        self._change(apply)
+
+    def remove(self, username: str) -> None:
+        """Remove a user; KeyError if there is none."""
+        name = prepare_username(username)
+
+        def apply(users: dict[str, StoredKeys]) -> None:
+            del users[name]
+
+        self._change(apply)
+
+    def usernames(self) -> list[str]:
+        """The stored usernames, sorted."""
+        return sorted(self._users)
+
+    def __contains__(self, username: object) -> bool:
+        return isinstance(username, str) and self._lookup(username) is not None
+
+    def _lookup(self, username: str) -> StoredKeys | None:
+        try:
+            return self._users.get(prepare_username(username))
+        except UserStoreError:
+            return None
+
+    # -- ISCRAMKeyStore --------------------------------------------------------------------
+
+    def scram_keys(self, username: str) -> Deferred[StoredKeys | None]:
+        return succeed(self._lookup(username))
+
+    def decoy_keys(self, username: str) -> StoredKeys:
+        """Deterministic per (secret, username), shaped like a real record (RFC 5802 §9)."""
+        name = username.encode("utf-8")
+
+        def derive(label: bytes) -> bytes:
+            return hmac.digest(self._secret, label + b"\x00" + name, "sha256")
+
+        return StoredKeys(
+            derive(b"salt")[:SALT_OCTETS], self.iterations, derive(b"stored"), derive(b"server")
+        )
+
+    # -- ICredentialsChecker ---------------------------------------------------------------
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+        """The prepared username when the password or SCRAM proof is right."""
+        if ISCRAMCredentials.providedBy(credentials):
+            keys = self._lookup(credentials.username)
+            if keys is not None and credentials.check_stored_key(keys.stored_key):
+                return succeed(prepare_username(credentials.username))
+            return fail(UnauthorizedLogin("bad SCRAM proof"))
+        if IUsernamePassword.providedBy(credentials):
+            return self._check_password(credentials.username, credentials.password)
+        return fail(UnauthorizedLogin("unsupported credentials"))
+
+    def _check_password(self, username: str | bytes, password: str | bytes) -> Deferred[str]:
+        try:
+            name = username.decode("utf-8") if isinstance(username, bytes) else username
+            secret = password.decode("utf-8") if isinstance(password, bytes) else password
+            name = prepare_username(name)
+            keys = self._users.get(name)
+            # Unknown users get the same PBKDF2 work as known ones.
+            reference = keys if keys is not None else self.decoy_keys(name)
+            candidate = derive_keys(secret, reference.salt, reference.iterations)
+        except (UnicodeDecodeError, UserStoreError):
+            return fail(UnauthorizedLogin("unusable username or password"))
+        if keys is not None and hmac.compare_digest(candidate.stored_key, keys.stored_key):
+            return succeed(name)
+        return fail(UnauthorizedLogin("bad username or password"))
+
+
+@implementer(ICredentialsChecker)
+class ExternalChecker:
+    """Accepts identities the TLS layer proved (RFC 4422 Appendix A, RFC 3080 §4.1.3).
+
+    The certificate was already verified against the trust store; this checker only
+    applies local policy: ``allowed`` may be None (anyone with a valid certificate), a
+    collection of identities, or a predicate.
+    """
+
+    credentialInterfaces = (IExternalIdentity,)
+
+    def __init__(self, allowed: Collection[str] | Callable[[str], bool] | None = None) -> None:
+        self._allowed = allowed
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+        identity = credentials.identity
+        allowed = self._allowed
+        if not identity:
+            return fail(UnauthorizedLogin("no identity"))
+        if allowed is None:
+            ok = True
+        elif callable(allowed):
+            ok = bool(allowed(identity))
+        else:
+            ok = identity in allowed
+        if ok:
+            return succeed(identity)
+        return fail(UnauthorizedLogin(f"identity {identity!r} not allowed"))
+
+
+class FailureThrottle:
+    """Slows down repeated authentication failures from one peer address.
+
+    ``delay_for(address)`` is 0 without recent failures, else ``base * 2**(n-1)`` capped at
+    ``cap`` for n failures, each within ``forget_after`` seconds of the one before. The glue
+    calls :meth:`failed` and then delays the failure reply by :meth:`delay_for`. Memory is
+    bounded: at most ``max_addresses`` are tracked, the longest-quiet evicted first. Pass
+    the host alone, not host and port, or each connection counts as a new peer.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        base: float = 1.0,
+        cap: float = 30.0,
+        forget_after: float = 600.0,
+        max_addresses: int = 10_000,
+    ) -> None:
+        if base < 0 or cap < 0 or forget_after <= 0 or max_addresses < 1:
+            raise ValueError("bad throttle parameters")
+        self._clock = clock
+        self.base = base
+        self.cap = cap
+        self.forget_after = forget_after
+        self.max_addresses = max_addresses
+        # address -> (failures, time of the last one); ordered oldest last failure first.
+        self._entries: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            address, (_, last) = next(iter(self._entries.items()))
+            if now - last < self.forget_after:
+                break
+            del self._entries[address]
+
+    def delay_for(self, address: str) -> float:
+        now = self._clock.seconds()
+        self._expire(now)
+        entry = self._entries.get(address)
+        if entry is None:
+            return 0.0
+        # The exponent is bounded in failed(), so this cannot overflow.
+        return min(self.cap, self.base * 2.0 ** (entry[0] - 1))
+
+    def failed(self, address: str) -> None:
+        now = self._clock.seconds()
+        self._expire(now)
+        count = self._entries.pop(address, (0, now))[0]
+        self._entries[address] = (min(count + 1, 64), now)
+        while len(self._entries) > self.max_addresses:
+            self._entries.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        self._entries.pop(address, None)

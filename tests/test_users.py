@@ -1,0 +1,388 @@
+"""The user store, the cred checkers and the failure throttle."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from scramp import ScramMechanism
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure as TwistedFailure
+
+from imxp.beep.saslmech import ExternalIdentity, SCRAMCredentials
+from imxp.beep.users import (
+    ExternalChecker,
+    FailureThrottle,
+    UserStore,
+    UserStoreError,
+    derive_keys,
+    prepare_username,
+)
+
+PASSWORD = "correct horse battery"
+LINE = re.compile(
+    r"[^:\n]+:SCRAM-SHA-256\$\d+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]{44}:[A-Za-z0-9+/=]{44}"
+)
+
+
+def outcome(d: Deferred) -> object:
+    out: list[object] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+def avatar(store, username, password) -> object:
+    return outcome(store.requestAvatarId(UsernamePassword(username, password)))
+
+
+def refused(value: object) -> bool:
+    return isinstance(value, TwistedFailure) and value.check(UnauthorizedLogin) is not None
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "users"
+
+
+# ----------------------------------------------------------------------------------- file
+
+
+def test_round_trip(path):
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    store.add("bob", "hunter2")
+    again = UserStore(path)
+    assert again.usernames() == ["alice", "bob"]
+    assert avatar(again, b"alice", PASSWORD.encode()) == "alice"
+    assert avatar(again, "bob", "hunter2") == "bob"
+    assert refused(avatar(again, "bob", PASSWORD))
+    assert outcome(again.scram_keys("alice")) == outcome(store.scram_keys("alice"))
+
+
+def test_file_format_and_no_cleartext(path):
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    data = path.read_bytes()
+    assert PASSWORD.encode() not in data
+    assert base64.b64encode(PASSWORD.encode()) not in data
+    users = [line for line in data.decode().splitlines() if not line.startswith("#")]
+    assert len(users) == 1 and LINE.fullmatch(users[0])
+    assert users[0].startswith("alice:SCRAM-SHA-256$4096:")
+
+
+def test_mode_0600_after_every_change(path):
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    os.chmod(path, 0o644)
+    store.set_password("alice", "new password")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    store.remove("alice")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["users"]  # no temporary files left
+
+
+def test_rfc7677_keys_match_scramp(path):
+    salt = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+    store = UserStore(path)
+    store.add("user", "pencil", salt=salt)
+    keys = outcome(store.scram_keys("user"))
+    ref_salt, stored_key, server_key, iterations = ScramMechanism().make_auth_info(
+        "pencil", iteration_count=4096, salt=salt
+    )
+    assert (keys.salt, keys.stored_key, keys.server_key, keys.iterations) == (
+        ref_salt,
+        stored_key,
+        server_key,
+        iterations,
+    )
+
+
+def test_iterations_configurable_with_minimum(path):
+    with pytest.raises(ValueError):
+        UserStore(path, iterations=4095)
+    store = UserStore(path, iterations=5000)
+    store.add("alice", PASSWORD)
+    assert "$5000:" in path.read_text()
+    assert outcome(store.scram_keys("alice")).iterations == 5000
+    assert avatar(store, "alice", PASSWORD) == "alice"
+
+
+def test_remove_and_list(path):
+    store = UserStore(path)
+    for name in ("carol", "alice", "bob"):
+        store.add(name, PASSWORD)
+    store.remove("bob")
+    assert store.usernames() == ["alice", "carol"]
+    assert UserStore(path).usernames() == ["alice", "carol"]
+    assert "bob" not in store and "alice" in store
+    with pytest.raises(KeyError):
+        store.remove("bob")
+    assert refused(avatar(store, "bob", PASSWORD))
+
+
+def test_add_existing_and_set_password_missing(path):
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    with pytest.raises(UserStoreError):
+        store.add("alice", "other")
+    with pytest.raises(KeyError):
+        store.set_password("bob", "other")
+    assert avatar(store, "alice", PASSWORD) == "alice"
+
+
+def test_set_password(path):
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    old_salt = outcome(store.scram_keys("alice")).salt
+    store.set_password("alice", "new password")
+    assert refused(avatar(store, "alice", PASSWORD))
+    assert avatar(store, "alice", "new password") == "alice"
+    assert outcome(store.scram_keys("alice")).salt != old_salt
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a:b", "a\nb", "a\x00b", "a\rb", "#alice", "x" * 256, "\u00ad", "a\u0007"]
+)
+def test_bad_usernames(path, name):
+    with pytest.raises(UserStoreError):
+        prepare_username(name)
+    with pytest.raises(UserStoreError):
+        UserStore(path).add(name, PASSWORD)
+    assert not path.exists()
+
+
+def test_empty_or_prohibited_password(path):
+    store = UserStore(path)
+    for password in ("", "\u00ad", "bell\x07"):
+        with pytest.raises(UserStoreError):
+            store.add("alice", password)
+    assert store.usernames() == []
+
+
+def test_saslprep_normalisation(path):
+    """RFC 4013 §3 examples: soft hyphen maps to nothing; U+2168 is NFKC "IX"."""
+    store = UserStore(path)
+    store.add("I\u00adX", "I\u00adX")
+    assert store.usernames() == ["IX"]
+    assert avatar(store, "IX", "IX") == "IX"
+    assert avatar(store, "\u2168", "\u2168") == "IX"
+    # A SCRAM client prepares the password the same way.
+    keys = outcome(store.scram_keys("IX"))
+    assert derive_keys("\u2168", keys.salt, keys.iterations) == keys
+
+
+def test_plain_checks_refuse_garbage(path):
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    assert refused(avatar(store, b"\xff", PASSWORD))
+    assert refused(avatar(store, "alice", b"\xff"))
+    assert refused(avatar(store, "alice", ""))
+    assert refused(avatar(store, "mallory", PASSWORD))
+    assert refused(outcome(store.requestAvatarId(ExternalIdentity("alice"))))
+
+
+def test_scram_credentials_against_store(path):
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    assert refused(outcome(store.requestAvatarId(SCRAMCredentials("alice", b"m", bytes(32)))))
+    assert refused(outcome(store.requestAvatarId(SCRAMCredentials("nobody", b"m", bytes(32)))))
+
+
+SALT = "QUFBQUFBQUFBQUFBQUFBQQ=="
+KEY = "A" * 43 + "="
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "alice\n",
+        "alice:SCRAM-SHA-256$4096:c2FsdA==$AAAA:AAAA\n",
+        f"alice:SCRAM-SHA-256$100:{SALT}${KEY}:{KEY}\n",
+        f"alice:SCRAM-SHA-1$4096:{SALT}${KEY}:{KEY}\n",
+        "#decoy-secret:!!!\n",
+        f"I\u00adX:SCRAM-SHA-256$4096:{SALT}${KEY}:{KEY}\n",
+        f"alice:SCRAM-SHA-256$4096:c2FsdA==${KEY}:{KEY}\n",
+        f"alice:SCRAM-SHA-256$4096:{SALT}$AAAA:{KEY}\n",
+    ],
+)
+def test_malformed_file(path, content):
+    path.write_text(f"alice:SCRAM-SHA-256$4096:{SALT}${KEY}:{KEY}\n")
+    assert UserStore(path).usernames() == ["alice"]  # the well-formed line the cases bend
+    path.write_text(content)
+    with pytest.raises(UserStoreError):
+        UserStore(path)
+
+
+def test_duplicate_user_in_file(path):
+    UserStore(path).add("alice", PASSWORD)
+    line = next(ln for ln in path.read_text().splitlines() if ln.startswith("alice:"))
+    path.write_text(f"{line}\n{line}\n")
+    with pytest.raises(UserStoreError):
+        UserStore(path)
+
+
+def test_comments_and_blank_lines_ignored(path):
+    UserStore(path).add("alice", PASSWORD)
+    path.write_text("# users of a.test\n\n" + path.read_text())
+    assert UserStore(path).usernames() == ["alice"]
+
+
+def test_reload_and_malformed_reload_keeps_old_data(path):
+    relay = UserStore(path)
+    UserStore(path).add("alice", PASSWORD)
+    assert relay.usernames() == []
+    relay.reload()
+    assert relay.usernames() == ["alice"]
+    good = path.read_text()
+    path.write_text("garbage\n")
+    with pytest.raises(UserStoreError):
+        relay.reload()
+    assert relay.usernames() == ["alice"]
+    path.write_text(good)
+
+
+def test_changes_start_from_the_file(path):
+    """A long-lived store must not undo what another process wrote meanwhile."""
+    relay = UserStore(path)
+    UserStore(path).add("alice", PASSWORD)
+    UserStore(path).add("carol", PASSWORD)
+    relay.add("bob", PASSWORD)
+    assert UserStore(path).usernames() == ["alice", "bob", "carol"]
+    UserStore(path).remove("carol")
+    relay.remove("bob")
+    assert UserStore(path).usernames() == ["alice"]
+    assert relay.usernames() == ["alice"]
+
+
+# ---------------------------------------------------------------------------------- decoys
+
+
+def test_decoys(path):
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    decoy = store.decoy_keys("mallory")
+    assert decoy == store.decoy_keys("mallory")
+    assert decoy.salt != store.decoy_keys("trudy").salt
+    real = outcome(store.scram_keys("alice"))
+    assert len(decoy.salt) == len(real.salt) and decoy.iterations == real.iterations
+    # The secret is kept with the file, so a restart keeps the decoys.
+    assert UserStore(path).decoy_keys("mallory") == decoy
+    # A different store has a different secret.
+    other = UserStore(path.parent / "other")
+    assert other.decoy_keys("mallory").salt != decoy.salt
+
+
+def test_configured_decoy_secret(path):
+    a = UserStore(path, decoy_secret=b"k" * 32)
+    b = UserStore(path.parent / "b", decoy_secret=b"k" * 32)
+    assert a.decoy_keys("mallory") == b.decoy_keys("mallory")
+    a.add("alice", PASSWORD)
+    assert base64.b64encode(b"k" * 32).decode() not in path.read_text()
+
+
+# ------------------------------------------------------------------------- ExternalChecker
+
+
+def test_external_checker_policies():
+    assert outcome(ExternalChecker().requestAvatarId(ExternalIdentity("a.test"))) == "a.test"
+    allowed = ExternalChecker({"a.test"})
+    assert outcome(allowed.requestAvatarId(ExternalIdentity("a.test"))) == "a.test"
+    assert refused(outcome(allowed.requestAvatarId(ExternalIdentity("b.test"))))
+    policy = ExternalChecker(lambda identity: identity.endswith(".test"))
+    assert outcome(policy.requestAvatarId(ExternalIdentity("b.test"))) == "b.test"
+    assert refused(outcome(policy.requestAvatarId(ExternalIdentity("b.example"))))
+    assert refused(outcome(ExternalChecker().requestAvatarId(ExternalIdentity(""))))
+
+
+# -------------------------------------------------------------------------------- throttle
+
+
+def test_throttle_growth_and_cap():
+    clock = Clock()
+    throttle = FailureThrottle(clock, base=1.0, cap=30.0)
+    assert throttle.delay_for("192.0.2.1") == 0.0
+    delays = []
+    for _ in range(8):
+        throttle.failed("192.0.2.1")
+        delays.append(throttle.delay_for("192.0.2.1"))
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert throttle.delay_for("192.0.2.2") == 0.0
+
+
+def test_throttle_many_failures_do_not_overflow():
+    throttle = FailureThrottle(Clock(), cap=30.0)
+    for _ in range(5000):
+        throttle.failed("192.0.2.1")
+    assert throttle.delay_for("192.0.2.1") == 30.0
+
+
+def test_throttle_success_resets():
+    throttle = FailureThrottle(Clock())
+    throttle.failed("192.0.2.1")
+    throttle.failed("192.0.2.1")
+    throttle.succeeded("192.0.2.1")
+    assert throttle.delay_for("192.0.2.1") == 0.0
+    throttle.failed("192.0.2.1")
+    assert throttle.delay_for("192.0.2.1") == 1.0
+    throttle.succeeded("192.0.2.99")  # unknown addresses are fine
+
+
+def test_throttle_forgets_after_quiet_period():
+    clock = Clock()
+    throttle = FailureThrottle(clock, forget_after=600)
+    throttle.failed("192.0.2.1")
+    throttle.failed("192.0.2.1")
+    clock.advance(599)
+    assert throttle.delay_for("192.0.2.1") == 2.0
+    throttle.failed("192.0.2.1")  # the window restarts at each failure
+    clock.advance(599)
+    assert throttle.delay_for("192.0.2.1") == 4.0
+    clock.advance(1)
+    assert throttle.delay_for("192.0.2.1") == 0.0
+    assert len(throttle) == 0
+    throttle.failed("192.0.2.1")
+    assert throttle.delay_for("192.0.2.1") == 1.0
+
+
+def test_throttle_memory_is_bounded():
+    clock = Clock()
+    throttle = FailureThrottle(clock, max_addresses=3)
+    for i in range(1, 6):
+        throttle.failed(f"192.0.2.{i}")
+        clock.advance(1)
+    assert len(throttle) == 3
+    assert throttle.delay_for("192.0.2.1") == 0.0  # the oldest were evicted
+    assert throttle.delay_for("192.0.2.2") == 0.0
+    assert throttle.delay_for("192.0.2.5") == 1.0
+    # A repeat offender counts as recent again and survives eviction.
+    throttle.failed("192.0.2.3")
+    throttle.failed("192.0.2.6")
+    assert throttle.delay_for("192.0.2.3") == 2.0
+    assert throttle.delay_for("192.0.2.4") == 0.0
+    assert len(throttle) == 3
+
+
+def test_throttle_expiry_frees_memory():
+    clock = Clock()
+    throttle = FailureThrottle(clock, forget_after=10)
+    for i in range(100):
+        throttle.failed(f"198.51.100.{i}")
+    clock.advance(10)
+    throttle.failed("203.0.113.1")
+    assert len(throttle) == 1
+
+
+def test_throttle_rejects_bad_parameters():
+    with pytest.raises(ValueError):
+        FailureThrottle(Clock(), max_addresses=0)
+    with pytest.raises(ValueError):
+        FailureThrottle(Clock(), forget_after=0)
