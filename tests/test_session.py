@@ -889,3 +889,42 @@ def test_slow_profile_throttles_the_sender():
         pair.flush()
     assert [result(d).body for d in replies] == [b"done %d" % i for i in range(100)]
     assert channel.queued_bytes == 0
+
+
+def test_failing_on_answer_callback_does_not_end_the_session():
+    """An exception in the application's on_answer is logged; the session goes on."""
+    pair = Pair([EchoProfile()])
+    channel = pair.start(ECHO)
+
+    def broken(message: Message, ansno: int) -> None:
+        raise RuntimeError("application bug")
+
+    with capturedLogs() as events:
+        d = channel.send(Message(b"many"), on_answer=broken)
+        pair.flush()
+    assert result(d) == []
+    failures = [e for e in events if e.get("event") == "beep.application-failure"]
+    assert len(failures) == 3
+    reply = channel.send(Message(b"ping"))
+    pair.flush()
+    assert result(reply).body == b"ping"
+
+
+def test_tiny_messages_to_a_slow_profile_are_throttled_not_aborted():
+    """Requests cost at least window/max_pending_requests, so the window closes
+    before a well-behaved peer reaches the pending-request limit."""
+    profile = EchoProfile()
+    pair = Pair([profile])
+    channel = pair.start(ECHO)
+    replies = [channel.send(Message(b"slow")) for _ in range(3000)]
+    pair.flush()
+    handler = profile.handlers[0]
+    held = len(handler.pending)
+    assert 0 < held < SessionConfig().max_pending_requests
+    assert not pair.closed["L"] and not pair.closed["I"]
+    while handler.pending:
+        for d in handler.pending[:]:
+            handler.pending.remove(d)
+            d.callback(Message(b"done"))
+        pair.flush()
+    assert all(result(r).body == b"done" for r in replies)

@@ -10,6 +10,8 @@ continuity, windows) are the session's, see :mod:`imxp.beep.session`.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ANS",
     "ERR",
@@ -39,6 +41,14 @@ TRAILER = b"END\r\n"
 # The longest legal header: "ANS" + 5 numbers of at most 10 digits + more + 6 spaces.
 # Anything longer without a CRLF cannot be a header, so we give up early.
 _MAX_HEADER = 3 + 1 + 10 + 1 + 10 + 1 + 1 + 1 + 10 + 1 + 10 + 1 + 10 + 2
+
+
+# The common case in one match; anything it rejects goes through the careful,
+# field-by-field checks that say exactly what is wrong.
+_DATA_HEADER = re.compile(
+    rb"(MSG|RPY|ERR|ANS|NUL) ([0-9]{1,10}) ([0-9]{1,10}) ([.*]) ([0-9]{1,10}) ([0-9]{1,10})"
+    rb"(?: ([0-9]{1,10}))?"
+)
 
 
 class FrameError(Exception):
@@ -211,6 +221,7 @@ class FrameParser:
         pos = 0
         end = len(buf)
         find = buf.find
+        match = _DATA_HEADER.fullmatch
         while pos < end:
             eol = find(b"\r\n", pos, pos + _MAX_HEADER)
             if eol < 0:
@@ -222,14 +233,32 @@ class FrameParser:
                     self._buffer = b""
                     raise FrameError("header not terminated by CRLF")
                 break
-            header = buf[pos:eol]
-            fields = header.split(b" ")
-            kind = fields[0]
-            if kind == SEQ:
-                frames.append(self._seq(fields))
-                pos = eol + 2
-                continue
-            frame, size = self._header(kind, fields)
+            m = match(buf, pos, eol)
+            if m is not None:
+                kind, f_channel, f_msgno, f_more, f_seqno, f_size, f_ansno = m.groups()
+                size = int(f_size)
+                frame = Frame(kind, int(f_channel), int(f_msgno), f_more == b"*", int(f_seqno), b"")
+                if f_ansno is not None:
+                    frame.ansno = int(f_ansno)
+                if (
+                    size > self.max_payload
+                    or frame.channel > MAX_31
+                    or frame.msgno > MAX_31
+                    or frame.seqno > MAX_32
+                    or (kind == ANS) != (f_ansno is not None)
+                    or (kind == NUL and (frame.more or size))
+                    or (f_ansno is not None and frame.ansno > MAX_31)  # type: ignore[operator]
+                ):
+                    # The careful path below names what is wrong.
+                    m = None
+            if m is None:
+                fields = buf[pos:eol].split(b" ")
+                kind = fields[0]
+                if kind == SEQ:
+                    frames.append(self._seq(fields))
+                    pos = eol + 2
+                    continue
+                frame, size = self._header(kind, fields)
             start = eol + 2
             stop = start + size
             if stop + 5 > end:

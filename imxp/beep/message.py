@@ -15,6 +15,13 @@ __all__ = ["DEFAULT_CONTENT_TYPE", "DEFAULT_TRANSFER_ENCODING", "Message", "Mess
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_TRANSFER_ENCODING = "binary"
 _MAX_HEADER_BLOCK = 16384
+# Most payloads of a session carry the same few header blocks; parsing and
+# serialising each once saves a measurable share of a round trip. Bounded, and
+# only for short blocks, so a peer cannot grow it.
+_CACHE_LIMIT = 256
+_CACHEABLE = 512
+_parsed: dict[bytes, tuple[tuple[str, str], ...]] = {}
+_serialised: dict[tuple[tuple[str, str], ...], bytes] = {}
 
 
 class MessageError(ValueError):
@@ -35,7 +42,11 @@ class Message:
         self.body = body
         self.headers: list[tuple[str, str]] = list(headers)
         if content_type is not None:
-            self.set_header("Content-Type", content_type)
+            if self.headers:
+                self.set_header("Content-Type", content_type)
+            else:
+                _check_value("Content-Type", content_type)
+                self.headers.append(("Content-Type", content_type))
 
     def header(self, name: str, default: str | None = None) -> str | None:
         lowered = name.lower()
@@ -45,8 +56,7 @@ class Message:
         return default
 
     def set_header(self, name: str, value: str) -> None:
-        if "\r" in value or "\n" in value:
-            raise MessageError(f"header {name} may not contain CR or LF")
+        _check_value(name, value)
         lowered = name.lower()
         self.headers = [(k, v) for k, v in self.headers if k.lower() != lowered]
         self.headers.append((name, value))
@@ -67,8 +77,15 @@ class Message:
     def to_payload(self) -> bytes:
         if not self.headers:
             return b"\r\n" + self.body
-        block = "".join(f"{k}: {v}\r\n" for k, v in self.headers).encode("utf-8")
-        return b"".join((block, b"\r\n", self.body))
+        key = tuple(self.headers)
+        block = _serialised.get(key)
+        if block is None:
+            block = "".join(f"{k}: {v}\r\n" for k, v in key).encode("utf-8") + b"\r\n"
+            if len(block) <= _CACHEABLE:
+                if len(_serialised) >= _CACHE_LIMIT:
+                    _serialised.clear()
+                _serialised[key] = block
+        return block + self.body
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Message:
@@ -77,23 +94,18 @@ class Message:
         end = payload.find(b"\r\n\r\n", 0, _MAX_HEADER_BLOCK)
         if end < 0:
             raise MessageError("payload has no blank line ending its entity headers")
-        headers: list[tuple[str, str]] = []
-        try:
-            block = payload[:end].decode("utf-8")
-        except UnicodeDecodeError:
-            raise MessageError("entity headers are not UTF-8") from None
-        for line in block.split("\r\n"):
-            if line[:1] in (" ", "\t"):
-                if not headers:
-                    raise MessageError("continuation line before any header")
-                name, value = headers[-1]
-                headers[-1] = (name, f"{value} {line.strip()}")
-                continue
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip() or not name.isprintable():
-                raise MessageError(f"poorly formed header line {line[:40]!r}")
-            headers.append((name, value.strip()))
-        return cls(payload[end + 4 :], headers=headers)
+        raw = payload[:end]
+        headers = _parsed.get(raw)
+        if headers is None:
+            headers = _parse_headers(raw)
+            if end <= _CACHEABLE:
+                if len(_parsed) >= _CACHE_LIMIT:
+                    _parsed.clear()
+                _parsed[raw] = headers
+        message = cls.__new__(cls)
+        message.body = payload[end + 4 :]
+        message.headers = list(headers)
+        return message
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
@@ -102,3 +114,28 @@ class Message:
 
     def __repr__(self) -> str:
         return f"<Message {self.content_type} {len(self.body)} octets>"
+
+
+def _check_value(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value:
+        raise MessageError(f"header {name} may not contain CR or LF")
+
+
+def _parse_headers(raw: bytes) -> tuple[tuple[str, str], ...]:
+    try:
+        block = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError("entity headers are not UTF-8") from None
+    headers: list[tuple[str, str]] = []
+    for line in block.split("\r\n"):
+        if line[:1] in (" ", "\t"):
+            if not headers:
+                raise MessageError("continuation line before any header")
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {line.strip()}")
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or not name.isprintable():
+            raise MessageError(f"poorly formed header line {line[:40]!r}")
+        headers.append((name, value.strip()))
+    return tuple(headers)

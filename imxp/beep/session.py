@@ -248,7 +248,17 @@ class Request:
 class _Outstanding:
     """A MSG we sent, waiting for its reply."""
 
-    __slots__ = ("answers", "deferred", "kind", "on_answer", "parts", "partial", "size", "toobig")
+    __slots__ = (
+        "answers",
+        "deferred",
+        "kind",
+        "on_answer",
+        "parts",
+        "partial",
+        "sending",
+        "size",
+        "toobig",
+    )
 
     def __init__(
         self, deferred: defer.Deferred[Any], on_answer: Callable[[Message, int], None] | None
@@ -262,12 +272,14 @@ class _Outstanding:
         self.answers: list[Message] = []
         # ansno -> frames of an answer still being reassembled
         self.partial: dict[int, list[bytes]] = {}
+        # The MSG itself while it is not completely written (for §2.6.3).
+        self.sending: _OutMessage | None = None
 
 
 class _OutMessage:
     """A message queued for sending, cut into frames as the peer's window allows."""
 
-    __slots__ = ("ansno", "data", "kind", "msgno", "offset", "on_sent")
+    __slots__ = ("ansno", "data", "kind", "msgno", "offset", "on_sent", "outstanding")
 
     def __init__(
         self,
@@ -283,6 +295,7 @@ class _OutMessage:
         self.ansno = ansno
         self.offset = 0
         self.on_sent = on_sent
+        self.outstanding: _Outstanding | None = None
 
 
 class Channel:
@@ -306,6 +319,7 @@ class Channel:
         # False while the reply to the peer's start is unwritten: the peer doesn't know
         # the channel yet, and a frame on it would be poorly formed (§2.2.1.1).
         self._announced = True
+        self._window_dirty = False
         self._next_msgno = 1 if number == 0 else 0
         self._outstanding: dict[int, _Outstanding] = {}
         # Receiving.
@@ -355,8 +369,10 @@ class Channel:
             msgno = (msgno + 1) & MAX_31
         self._next_msgno = (msgno + 1) & MAX_31
         d: defer.Deferred[Any] = defer.Deferred()
-        outstanding[msgno] = _Outstanding(d, on_answer)
-        self._enqueue(_OutMessage(MSG, msgno, message.to_payload(), None))
+        pending = outstanding[msgno] = _Outstanding(d, on_answer)
+        out = pending.sending = _OutMessage(MSG, msgno, message.to_payload(), None)
+        out.outstanding = pending
+        self._enqueue(out)
         return d
 
     def close(self, code: int = 200, text: str = "") -> defer.Deferred[None]:
@@ -416,20 +432,19 @@ class Channel:
         self._queued_bytes -= n
         if not more:
             self._queue.popleft()
+            if out.outstanding is not None:
+                out.outstanding.sending = None
             if out.on_sent is not None:
                 self.session._after_write.append(out.on_sent)
         return frame
 
-    def _reply_arrived_early(self, msgno: int) -> None:
+    def _reply_arrived_early(self, out: _OutMessage) -> None:
         """§2.6.3: a reply came before our MSG was fully sent; end it with an empty
         final frame. A reply to a MSG of which no frame was sent is poorly formed."""
-        for out in self._queue:
-            if out.kind == MSG and out.msgno == msgno:
-                if out.offset == 0:
-                    raise FrameError(f"reply to msgno {msgno}, which was never sent")
-                self._queued_bytes -= len(out.data) - out.offset
-                out.data = out.data[: out.offset]
-                return
+        if out.offset == 0:
+            raise FrameError(f"reply to msgno {out.msgno}, which was never sent")
+        self._queued_bytes -= len(out.data) - out.offset
+        out.data = out.data[: out.offset]
 
     # -- replies to the peer's MSGs --------------------------------------
 
@@ -581,6 +596,7 @@ class Session(Protocol):
         self._tuning = False
         self._peer_silent = False
         self._generation = 0
+        self._request_overhead = -(-self.config.window // self.config.max_pending_requests)
         self._greeting_timer: interfaces.IDelayedCall | None = None
         self._idle_timer: interfaces.IDelayedCall | None = None
         self._last_activity = 0.0
@@ -743,6 +759,7 @@ class Session(Protocol):
         self._reserved: set[int] = set()
         self._ready: deque[Channel] = deque()
         self._pending_seq = []
+        self._dirty_windows: list[Channel] = []
         self.peer_greeting = None
 
     # -- Twisted protocol --------------------------------------------------
@@ -892,11 +909,17 @@ class Session(Protocol):
                 raise FrameError(f"msgno {msgno} reused before its reply was sent")
             if len(channel._requests) >= self.config.max_pending_requests:
                 raise FrameError(f"more than {self.config.max_pending_requests} unanswered MSGs")
+            limit = self._message_limit(channel)
+            if not frame.more and len(frame.payload) <= limit:
+                # The common case: a whole message in one frame.
+                self._msg_complete(channel, msgno, frame.payload)
+                return
             channel._in_msgno = msgno
             channel._in_parts = []
             channel._in_size = 0
             channel._in_discard = False
-        limit = self._message_limit(channel)
+        else:
+            limit = self._message_limit(channel)
         if not channel._in_discard:
             channel._in_size += len(frame.payload)
             if channel._in_size > limit:
@@ -921,8 +944,12 @@ class Session(Protocol):
         if channel._in_discard:
             return
         parts, channel._in_parts = channel._in_parts, []
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        cost = min(len(payload), channel._window) + 1
+        self._msg_complete(channel, msgno, parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _msg_complete(self, channel: Channel, msgno: int, payload: bytes) -> None:
+        # Each request is charged at least window/max_pending_requests, so the
+        # window closes before a well-behaved peer can reach that limit.
+        cost = min(len(payload), channel._window) + self._request_overhead
         try:
             message = Message.from_payload(payload)
         except MessageError as e:
@@ -950,8 +977,8 @@ class Session(Protocol):
         if greeting:
             if kind not in (RPY, ERR) or (kind == ERR and self.role is Role.LISTENER):
                 raise FrameError("session must begin with a greeting")
-        elif previous is None:
-            channel._reply_arrived_early(msgno)
+        elif previous is None and outstanding.sending is not None:
+            channel._reply_arrived_early(outstanding.sending)
         if previous is not None:
             if kind == NUL:
                 if previous != ANS:
@@ -1021,7 +1048,15 @@ class Session(Protocol):
         except MessageError as e:
             raise FrameError(f"poorly formed answer: {e}") from None
         if outstanding.on_answer is not None:
-            outstanding.on_answer(message, ansno)
+            try:
+                outstanding.on_answer(message, ansno)
+            except Exception:
+                # The application's bug must not end the session for everyone on it.
+                self.log.failure(
+                    "on_answer callback failed on channel {channel}",
+                    channel=channel.number,
+                    event="beep.application-failure",
+                )
         else:
             outstanding.answers.append(message)
 
@@ -1031,25 +1066,42 @@ class Session(Protocol):
     # -- flow control out: SEQ (RFC 3081 §3.1.4) ---------------------------
 
     def _update_window(self, channel: Channel) -> None:
-        """Advertise more window once at least half of it has been consumed.
+        """Offer the peer more window (RFC 3081 §3.1.4).
 
-        Octets of complete MSGs still being processed stay charged against the
-        window, so a slow profile throttles its peer rather than letting
-        requests pile up in memory. The right edge never moves left
-        (RFC 1122 §4.2.2.16, as RFC 3081 §3.1.4 asks).
+        While a batch of frames from the transport is being processed, the
+        channel is only noted; one consolidating SEQ per channel goes out with
+        the replies when the batch is done.
         """
+        if self._in_receive:
+            if not channel._window_dirty:
+                channel._window_dirty = True
+                self._dirty_windows.append(channel)
+            return
+        seq = self._seq_for(channel)
+        if seq is not None:
+            self._pending_seq.append(seq)
+            self._flush()
+
+    def _seq_for(self, channel: Channel) -> bytes | None:
+        """The SEQ to send for ``channel`` now, if any.
+
+        §3.1.4: a SEQ goes out whenever the window it would advertise is at
+        least half the channel's buffer. Octets of complete MSGs still being
+        processed stay charged against the window, so a slow profile throttles
+        its peer rather than letting requests pile up in memory. The right edge
+        never moves left (RFC 1122 §4.2.2.16, as §3.1.4 asks).
+        """
+        channel._window_dirty = False
         window = channel._window
         offer = window - channel._held
-        if offer <= 0 or self._gone:
-            return
+        if offer < window // 2 or self._gone or not channel._announced:
+            return None
         new_limit = (channel._recv_seqno + offer) % _MOD
         gain = (new_limit - channel._recv_limit) % _MOD
-        if gain >= _HALF or gain < window // 2:
-            return
+        if gain == 0 or gain >= _HALF:
+            return None
         channel._recv_limit = new_limit
-        self._pending_seq.append(serialize_seq(channel.number, channel._recv_seqno, offer))
-        if not self._in_receive:
-            self._flush()
+        return serialize_seq(channel.number, channel._recv_seqno, offer)
 
     # -- frames out ---------------------------------------------------------
 
@@ -1066,6 +1118,13 @@ class Session(Protocol):
         if self._gone or self.transport is None:
             return
         parts: list[bytes] = []
+        if self._dirty_windows:
+            dirty, self._dirty_windows = self._dirty_windows, []
+            for channel in dirty:
+                if self._channels.get(channel.number) is channel:
+                    seq = self._seq_for(channel)
+                    if seq is not None:
+                        self._pending_seq.append(seq)
         if self._pending_seq and not self._tuning:
             parts, self._pending_seq = self._pending_seq, []
         if not self._paused:
