@@ -596,6 +596,7 @@ class Session(Protocol):
         self._tuning = False
         self._peer_silent = False
         self._generation = 0
+        self._greet_on_handshake = False
         self._request_overhead = -(-self.config.window // self.config.max_pending_requests)
         self._greeting_timer: interfaces.IDelayedCall | None = None
         self._idle_timer: interfaces.IDelayedCall | None = None
@@ -727,12 +728,16 @@ class Session(Protocol):
         transport is switched (§3.1.3.2); anything else ends the session."""
         self._peer_silent = True
 
-    def tuning_reset(self, switch: Callable[[], None]) -> None:
+    def tuning_reset(
+        self, switch: Callable[[], None], *, greet_after_handshake: bool = False
+    ) -> None:
         """Close every channel, including zero, switch the transport, greet afresh.
 
         ``switch`` changes the transport (``transport.startTLS``); what is
         written after it - the new greeting - travels over the tuned transport
-        (§3, §4.1).
+        (§3, §4.1). A listener may greet only once the TLS handshake is done
+        (``greet_after_handshake``), so that its greeting can depend on the
+        client certificate (SASL EXTERNAL is offered only with one).
         """
         if self._parser.buffered:
             self.abort("data received after a tuning request")
@@ -745,7 +750,9 @@ class Session(Protocol):
         self._generation += 1
         self._reset_channels()
         switch()
-        self._send_greeting()
+        self._greet_on_handshake = greet_after_handshake
+        if not greet_after_handshake:
+            self._send_greeting()
         self._start_greeting_timer()
 
     def _reset_channels(self) -> None:
@@ -796,6 +803,9 @@ class Session(Protocol):
         from imxp.beep.tlsctx import peer_certificate
 
         self.peer_certificate = peer_certificate(self.transport)
+        if self._greet_on_handshake:
+            self._greet_on_handshake = False
+            self._send_greeting()
 
     def dataReceived(self, data: bytes) -> None:
         if self._gone:

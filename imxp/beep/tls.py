@@ -115,7 +115,7 @@ class TLSProfile(Profile):
                 session.tls_active = True
                 session.transport.startTLS(options)  # type: ignore[union-attr]
 
-            return lambda: session.tuning_reset(switch)
+            return lambda: session.tuning_reset(switch, greet_after_handshake=True)
 
         return waits.addCallback(ready)
 
@@ -159,5 +159,5 @@ async def start_tls(
         session.tls_active = True
         session.transport.startTLS(options)  # type: ignore[union-attr]
 
-    session.tuning_reset(switch)
+    session.tuning_reset(switch, greet_after_handshake=True)
     return await session.greeted()

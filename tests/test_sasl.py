@@ -1,0 +1,582 @@
+"""The SASL family of profiles (RFC 3080 §4.1): listener glue, initiator, throttle.
+
+Most tests run two sessions in memory (twisted.test.iosim) on a task.Clock; the last ones
+run TLS and then SASL over real loopback TCP with certificates the test makes.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from beepnet import connect, listen, shutdown
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure as TwistedFailure
+from twisted.test import iosim
+
+from imxp.beep import mgmt
+from imxp.beep.message import Message
+from imxp.beep.sasl import SASLProfile, authenticate, sasl_profiles
+from imxp.beep.saslmech import (
+    AnonymousClient,
+    ClientMechanism,
+    ExternalClient,
+    PeerRealm,
+    PlainClient,
+    SASLClientError,
+    ScramSHA256Client,
+    make_portal,
+    profile_uri,
+)
+from imxp.beep.session import BEEPError, Channel, Profile, Role, Session
+from imxp.beep.tls import TLSProfile, start_tls
+from imxp.beep.tlsctx import client_options, server_options
+from imxp.beep.users import ExternalChecker, FailureThrottle, UserStore
+from imxp.certs import Issued, issue_client
+
+PASSWORD = "correct horse battery"
+SCRAM = "SCRAM-SHA-256"
+ALL = (SCRAM, "PLAIN", "ANONYMOUS", "EXTERNAL")
+HOST = "192.0.2.7"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> UserStore:
+    users = UserStore(tmp_path / "users")
+    users.add("alice", PASSWORD)
+    return users
+
+
+@pytest.fixture
+def fred(test_ca: Issued) -> Issued:
+    return issue_client(test_ca, "fred@a.test")
+
+
+def portal_for(store: UserStore, realm: PeerRealm | None = None) -> Any:
+    return make_portal([store, ExternalChecker(), AllowAnonymousAccess()], realm)
+
+
+class Pair:
+    """A listener and an initiator connected in memory; the listener sees ``host``."""
+
+    def __init__(
+        self,
+        profiles: Sequence[Profile],
+        *,
+        clock: task.Clock | None = None,
+        host: str = HOST,
+        certificate: Issued | None = None,
+        tls: bool = False,
+    ) -> None:
+        self.clock = clock or task.Clock()
+        self.L = Session(Role.LISTENER, profiles, clock=self.clock)
+        # What a TLS handshake would have set (Session.handshakeCompleted).
+        self.L.peer_certificate = certificate.certificate if certificate else None
+        self.L.tls_active = tls
+        self.I = Session(Role.INITIATOR, (), clock=self.clock)
+        peer = IPv4Address("TCP", host, 40000)
+        _, _, self.pump = iosim.connectedServerAndClient(
+            lambda: self.L,
+            lambda: self.I,
+            serverTransportFactory=lambda p: iosim.FakeTransport(p, True, peerAddress=peer),
+            greet=False,
+        )
+        self.flush()
+
+    def flush(self) -> None:
+        for _ in range(10_000):
+            if not self.pump.pump(advanceClock=False):
+                return
+        raise AssertionError("the sessions never went quiet")
+
+    def run(self, coroutine: Coroutine[Any, Any, Any]) -> defer.Deferred[Any]:
+        d = defer.ensureDeferred(coroutine)
+        self.flush()
+        return d
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.flush()
+
+    def start(self, mechanism: str, content: bytes | None = None) -> Channel:
+        """Start a SASL channel by hand, with ``content`` piggybacked as is."""
+        d = self.I.start_channel([mgmt.ProfileElement(profile_uri(mechanism), content)])
+        self.flush()
+        return result(d)
+
+    def send(self, channel: Channel, body: bytes, content_type: str = mgmt.BEEP_XML) -> Any:
+        d = channel.send(Message(body, content_type))
+        self.flush()
+        return d
+
+
+def result(d: defer.Deferred[Any]) -> Any:
+    box: list[object] = []
+    d.addBoth(box.append)
+    assert box, "Deferred has not fired"
+    if isinstance(box[0], TwistedFailure):
+        box[0].raiseException()
+    return box[0]
+
+
+def failure(d: defer.Deferred[Any], kind: type[Exception] = BEEPError) -> Any:
+    box: list[object] = []
+    d.addBoth(box.append)
+    assert box, "Deferred has not fired"
+    assert isinstance(box[0], TwistedFailure), box[0]
+    assert box[0].check(kind), box[0]
+    return box[0].value
+
+
+def error_of(content: bytes | None) -> tuple[int, str]:
+    parsed = mgmt.parse_error(content or b"")
+    assert parsed is not None, content
+    return parsed.code, parsed.text
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+class WithoutInitial:
+    """A client mechanism that sends no initial response, leaving the first move to the
+    server's (empty) challenge, as RFC 4422 §5 allows."""
+
+    def __init__(self, inner: ClientMechanism) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def initial(self) -> bytes | None:
+        return None
+
+    def step(self, challenge: bytes) -> bytes:
+        return self.inner.step(challenge)
+
+    def verify_final(self, data: bytes | None) -> None:
+        self.inner.verify_final(data)
+
+
+def sasl_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("event") == "beep.sasl-failure"]
+
+
+# -- offering (§4, §4.1.3) -------------------------------------------------------------
+
+
+def test_greeting_offers_what_can_work(store, fred):
+    portal = portal_for(store)
+    pair = Pair(sasl_profiles(ALL, portal, scram_store=store))
+    # PLAIN is offered before TLS (its exchange then says 538); EXTERNAL needs a certificate.
+    assert pair.I.peer_greeting.profiles == tuple(map(profile_uri, ALL[:3]))
+    pair = Pair(sasl_profiles(ALL, portal, scram_store=store), certificate=fred)
+    assert pair.I.peer_greeting.profiles == tuple(map(profile_uri, ALL))
+    pair = Pair(sasl_profiles(ALL, portal))
+    assert profile_uri(SCRAM) not in pair.I.peer_greeting.profiles
+
+
+def test_unknown_mechanism_is_a_configuration_error(store):
+    with pytest.raises(ValueError):
+        SASLProfile("DIGEST-MD6", portal_for(store))
+
+
+# -- each mechanism succeeds ------------------------------------------------------------
+
+
+def test_scram_succeeds_and_closes_its_channel(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", PASSWORD), identity="alice"))
+    assert result(d) == "alice"
+    assert pair.L.authenticated_identity == "alice"
+    assert pair.L.authenticated_mechanism == SCRAM
+    assert pair.I.authenticated_identity == "alice"
+    assert pair.I.authenticated_mechanism == SCRAM
+    # The SASL channel was closed once the exchange was over.
+    assert list(pair.L.channels) == [0] and list(pair.I.channels) == [0]
+
+
+def test_plain_over_tls_succeeds(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store), tls=True)
+    d = pair.run(authenticate(pair.I, PlainClient("alice", PASSWORD, tls_active=True)))
+    # Without identity= the initiator does not claim to know who it is to the peer.
+    assert result(d) == ""
+    assert pair.I.authenticated_identity is None
+    assert pair.I.authenticated_mechanism == "PLAIN"
+    assert pair.L.authenticated_identity == "alice"
+
+
+def test_anonymous_succeeds(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    result(pair.run(authenticate(pair.I, AnonymousClient("trace@example.com"))))
+    assert pair.L.authenticated_identity == "anonymous"
+    assert pair.L.authenticated_mechanism == "ANONYMOUS"
+
+
+def test_external_succeeds_with_the_certificate_identity(store, fred):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store), certificate=fred)
+    result(pair.run(authenticate(pair.I, ExternalClient())))
+    assert pair.L.authenticated_identity == "fred@a.test"
+    assert pair.L.authenticated_mechanism == "EXTERNAL"
+
+
+def test_external_with_matching_authzid_succeeds(store, fred):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store), certificate=fred)
+    result(pair.run(authenticate(pair.I, ExternalClient("fred@a.test"))))
+    assert pair.L.authenticated_identity == "fred@a.test"
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        lambda: ScramSHA256Client("alice", PASSWORD),
+        lambda: PlainClient("alice", PASSWORD, tls_active=True),
+        lambda: AnonymousClient(),
+    ],
+)
+def test_without_initial_response_the_server_challenges_first(store, client):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store), tls=True)
+    channel = pair.start("ANONYMOUS")
+    # §4.1.1 (the CRAM-MD5 example) and RFC 4422 §5: an empty challenge in the start reply.
+    assert channel.start_reply == b"<blob status='continue' />"
+    result(pair.run(authenticate(pair.I, WithoutInitial(client()))))
+    assert pair.L.authenticated_identity in ("alice", "anonymous")
+
+
+# -- failures --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        lambda: ScramSHA256Client("alice", "wrong password"),
+        lambda: PlainClient("alice", "wrong password", tls_active=True),
+        lambda: ScramSHA256Client("nobody", PASSWORD),
+        lambda: PlainClient("nobody", PASSWORD, tls_active=True),
+    ],
+    ids=["scram-password", "plain-password", "scram-unknown-user", "plain-unknown-user"],
+)
+def test_bad_credentials_get_535(store, client):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store), tls=True)
+    with capturedLogs() as events:
+        error = failure(pair.run(authenticate(pair.I, client())))
+    assert (error.code, error.text) == (535, "authentication failure")
+    assert pair.L.authenticated_identity is None
+    assert pair.I.authenticated_mechanism is None
+    # Logged once, by mechanism and host, and never with the password.
+    [event] = sasl_events(events)
+    assert (event["mechanism"], event["peer"], event["code"]) == (client().name, HOST, 535)
+    assert PASSWORD not in repr(events) and "wrong password" not in repr(events)
+    # The session goes on: a good attempt on a new channel succeeds.
+    result(pair.run(authenticate(pair.I, PlainClient("alice", PASSWORD, tls_active=True))))
+    assert pair.L.authenticated_identity == "alice"
+
+
+def test_scram_failure_is_an_err_on_the_channel(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    client = ScramSHA256Client("alice", "wrong password")
+    channel = pair.start(SCRAM, b"<blob>" + b64(client.initial() or b"") + b"</blob>")
+    status_blob = channel.start_reply or b""
+    assert status_blob.startswith(b"<blob status='continue'>")
+    challenge = base64.b64decode(status_blob[len(b"<blob status='continue'>") : -len(b"</blob>")])
+    final = client.step(challenge)
+    # §4.1.1's last example: ERR with <error code='535'> on the SASL channel.
+    error = failure(pair.send(channel, b"<blob>" + b64(final) + b"</blob>"))
+    assert error.code == 535
+
+
+def test_plain_without_tls_gets_538_and_the_channel_is_created(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    channel = pair.start("PLAIN")
+    # §4.1.1: a positive reply to start, with the error inside it.
+    assert error_of(channel.start_reply)[0] == 538
+    assert channel.number in pair.L.channels
+    # A client that believes TLS is on is told the same, whatever it sent.
+    client = PlainClient("alice", PASSWORD, tls_active=True)
+    assert failure(pair.run(authenticate(pair.I, client))).code == 538
+    assert pair.L.authenticated_identity is None
+
+
+def test_plain_client_will_not_send_a_password_without_tls(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    failure(
+        pair.run(authenticate(pair.I, PlainClient("alice", PASSWORD, tls_active=False))),
+        SASLClientError,
+    )
+    assert list(pair.I.channels) == [0]
+    # Waiting for the server's first move, it hears 538 before it would send the password.
+    careful = WithoutInitial(PlainClient("alice", PASSWORD, tls_active=False))
+    assert failure(pair.run(authenticate(pair.I, careful))).code == 538
+
+
+def test_external_without_certificate_is_not_offered(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store), tls=True)
+    error = failure(pair.run(authenticate(pair.I, ExternalClient())))
+    assert error.code == 550
+    assert list(pair.L.channels) == [0]
+
+
+def test_external_authzid_mismatch_gets_537(store, fred):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store), certificate=fred)
+    error = failure(pair.run(authenticate(pair.I, ExternalClient("barney@a.test"))))
+    assert error.code == 537
+    assert pair.L.authenticated_identity is None
+
+
+def test_external_identity_refused_by_policy_gets_535(store, fred):
+    portal = make_portal([ExternalChecker(allowed={"wilma@a.test"})])
+    pair = Pair(sasl_profiles(["EXTERNAL"], portal), certificate=fred)
+    assert failure(pair.run(authenticate(pair.I, ExternalClient()))).code == 535
+
+
+def test_anonymous_without_a_checker_gets_534(store):
+    pair = Pair(sasl_profiles(["ANONYMOUS"], make_portal([store])))
+    assert failure(pair.run(authenticate(pair.I, AnonymousClient()))).code == 534
+
+
+def test_client_abort_by_hand(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    channel = pair.start(SCRAM)
+    assert channel.start_reply == b"<blob status='continue' />"
+    # §4.1.3: a client aborts with status='abort'; RFC 4422 §3.5: the outcome is failure.
+    error = failure(pair.send(channel, b"<blob status='abort' />"))
+    assert error.code == 535
+    # The exchange is over on this channel.
+    assert failure(pair.send(channel, b"<blob />")).code == 550
+    assert pair.L.authenticated_identity is None
+
+
+def test_client_aborts_when_the_server_asks_too_much(store):
+    throttle = FailureThrottle(task.Clock(), base=1.0)
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store, throttle=throttle))
+    client = ScramSHA256Client("alice", PASSWORD, max_iterations=1000)
+    with capturedLogs() as events:
+        failure(pair.run(authenticate(pair.I, client)), SASLClientError)
+    [event] = sasl_events(events)
+    assert event["code"] == 535 and "abort" in event["text"]
+    assert pair.L.authenticated_identity is None
+    assert list(pair.L.channels) == [0]
+    # An abort is no guess at a password: not throttled.
+    assert throttle.delay_for(HOST) == 0
+
+
+class LyingProfile(Profile):
+    """Claims SCRAM success without the server signature."""
+
+    uri = profile_uri(SCRAM)
+
+    def start(self, session: Session, channel: Channel, init: bytes | None) -> bytes:
+        return b"<blob status='complete'>" + b64(b"v=bm90IGEgc2lnbmF0dXJl") + b"</blob>"
+
+
+def test_unproven_server_success_ends_the_session():
+    pair = Pair([LyingProfile()])
+    d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", PASSWORD), identity="alice"))
+    failure(d, SASLClientError)
+    assert pair.I.authenticated_identity is None
+    assert pair.I.transport is None and pair.L.transport is None
+
+
+@pytest.mark.parametrize(
+    "content,code",
+    [
+        (b"<blob", 500),
+        (b"<!DOCTYPE blob [<!ENTITY a 'b'>]><blob>&a;</blob>", 500),
+        (b"<response>AAAA</response>", 501),
+        (b"<blob><x /></blob>", 501),
+        (b"<blob status='done' />", 501),
+        (b"<blob status='complete' />", 501),
+        (b"<blob>@@@@</blob>", 501),
+        (b"<blob>QUJD=</blob>", 501),
+    ],
+)
+def test_malformed_blob_piggybacked_or_sent(store, content, code):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    with capturedLogs() as events:
+        channel = pair.start(SCRAM, content)
+        assert error_of(channel.start_reply)[0] == code
+        channel = pair.start(SCRAM)
+        assert failure(pair.send(channel, content)).code == code
+    assert not any(e.get("log_failure") for e in events)
+    assert [e["code"] for e in sasl_events(events)] == [code, code]
+    # Nothing escaped: the session is fine and a proper attempt succeeds.
+    result(pair.run(authenticate(pair.I, ScramSHA256Client("alice", PASSWORD))))
+    assert pair.L.authenticated_identity == "alice"
+
+
+def test_oversized_or_mistyped_blob(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    channel = pair.start(SCRAM)
+    assert failure(pair.send(channel, b"<blob />", "text/plain")).code == 500
+    assert failure(pair.send(channel, b"<blob>" + b"QUJD" * 3000 + b"</blob>")).code == 501
+
+
+# -- one authentication per session (§4) -----------------------------------------------
+
+
+def test_second_authentication_is_refused(store):
+    profiles = sasl_profiles(ALL, portal_for(store), scram_store=store)
+    pair = Pair(profiles, tls=True)
+    result(pair.run(authenticate(pair.I, AnonymousClient())))
+    assert not any(p.offered(pair.L) for p in profiles)
+    error = failure(pair.run(authenticate(pair.I, PlainClient("alice", PASSWORD, tls_active=True))))
+    assert error.code == 550
+    assert pair.L.authenticated_identity == "anonymous"
+
+
+def test_blob_after_success_on_the_same_channel_is_refused(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    channel = pair.start("ANONYMOUS", b"<blob />")
+    assert channel.start_reply == b"<blob status='complete' />"
+    assert failure(pair.send(channel, b"<blob />")).code == 550
+
+
+def test_concurrent_exchanges_only_one_wins(store):
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store))
+    first, second = pair.start("ANONYMOUS"), pair.start("ANONYMOUS")
+    d1 = first.send(Message(b"<blob />", mgmt.BEEP_XML))
+    d2 = second.send(Message(b"<blob />", mgmt.BEEP_XML))
+    pair.flush()
+    assert result(d1).body == b"<blob status='complete' />"
+    assert failure(d2).code == 550
+
+
+# -- throttle and logout ---------------------------------------------------------------
+
+
+def test_failures_are_delayed_and_success_resets(store):
+    clock = task.Clock()
+    throttle = FailureThrottle(clock, base=1.0, cap=30.0)
+    profiles = sasl_profiles(
+        ALL, portal_for(store), scram_store=store, throttle=throttle, clock=clock
+    )
+    pair = Pair(profiles, clock=clock)
+    # The ERR to a wrong SCRAM proof waits base seconds after the first failure...
+    d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", "wrong password")))
+    assert not d.called
+    pair.advance(0.999)
+    assert not d.called
+    pair.advance(0.001)
+    assert failure(d).code == 535
+    # ...and twice as long after the second.
+    d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", "wrong password")))
+    pair.advance(1.999)
+    assert not d.called
+    pair.advance(0.001)
+    assert failure(d).code == 535
+    # Success is not delayed and forgets the address's failures.
+    result(pair.run(authenticate(pair.I, ScramSHA256Client("alice", PASSWORD))))
+    assert throttle.delay_for(HOST) == 0
+    # A new connection from the same host starts from the base delay again.
+    again = Pair(profiles, clock=clock)
+    d = again.run(authenticate(again.I, ScramSHA256Client("alice", "wrong password")))
+    again.advance(0.999)
+    assert not d.called
+    again.advance(0.001)
+    assert failure(d).code == 535
+
+
+def test_piggybacked_failure_is_delayed_per_host(store):
+    clock = task.Clock()
+    throttle = FailureThrottle(clock, base=1.0, cap=30.0)
+    profiles = sasl_profiles(
+        ALL, portal_for(store), scram_store=store, throttle=throttle, clock=clock
+    )
+    for _ in range(3):
+        throttle.failed("198.51.100.1")
+    pair = Pair(profiles, clock=clock, tls=True)
+    d = pair.run(authenticate(pair.I, PlainClient("alice", "wrong", tls_active=True)))
+    # Another host's failures do not count here: only this host's first delay.
+    assert not d.called
+    pair.advance(1.0)
+    assert failure(d).code == 535
+
+
+class RecordingRealm(PeerRealm):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logouts: list[str] = []
+
+    def requestAvatar(self, avatarId: object, mind: object, *interfaces: Any) -> Any:
+        iface, peer, _ = super().requestAvatar(avatarId, mind, *interfaces)
+        return iface, peer, lambda: self.logouts.append(peer.identity)
+
+
+def test_logout_runs_when_the_session_ends_and_the_factory_hook_stays(store):
+    realm = RecordingRealm()
+    pair = Pair(sasl_profiles(ALL, portal_for(store, realm), scram_store=store))
+    calls: list[str] = []
+    pair.L.on_lost = lambda session: calls.append("factory")
+    result(pair.run(authenticate(pair.I, ScramSHA256Client("alice", PASSWORD))))
+    assert realm.logouts == []
+    pair.I.disconnect()
+    pair.flush()
+    assert calls == ["factory"]
+    assert realm.logouts == ["alice"]
+
+
+# -- over real loopback TCP, after TLS ----------------------------------------------------
+
+
+async def tls_pair(test_ca, server_cert, store, client: Issued | None = None):
+    throttle = FailureThrottle(reactor, base=0.01, cap=0.05)
+    tls = TLSProfile(server_options(server_cert("relay.a.test"), [test_ca.certificate]))
+    sasl = sasl_profiles(ALL, portal_for(store), scram_store=store, throttle=throttle)
+    listener = await listen([tls, *sasl])
+    session = await connect(listener)
+    return listener, session, client_options("relay.a.test", [test_ca.certificate], client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_scram_failure_then_success(test_ca, server_cert, store):
+    listener, session, options = await tls_pair(test_ca, server_cert, store)
+    await start_tls(session, options)
+    with pytest.raises(BEEPError) as refused:
+        await authenticate(session, ScramSHA256Client("alice", "wrong password"))
+    assert refused.value.code == 535
+    scram = ScramSHA256Client("alice", PASSWORD)
+    assert await authenticate(session, scram, identity="alice") == "alice"
+    assert listener.sessions[0].authenticated_identity == "alice"
+    await shutdown(listener, session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_plain_refused_before_tls_then_accepted(test_ca, server_cert, store):
+    listener, session, options = await tls_pair(test_ca, server_cert, store)
+    careful = WithoutInitial(PlainClient("alice", PASSWORD, tls_active=session.tls_active))
+    with pytest.raises(BEEPError) as refused:
+        await authenticate(session, careful)
+    assert refused.value.code == 538
+    await start_tls(session, options)
+    await authenticate(session, PlainClient("alice", PASSWORD, tls_active=session.tls_active))
+    assert listener.sessions[0].authenticated_identity == "alice"
+    assert listener.sessions[0].authenticated_mechanism == "PLAIN"
+    await shutdown(listener, session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_external_with_client_certificate(test_ca, server_cert, store, fred):
+    listener, session, options = await tls_pair(test_ca, server_cert, store, client=fred)
+    greeting = await start_tls(session, options)
+    # The listener greets after the handshake, so it knows the certificate by then.
+    assert profile_uri("EXTERNAL") in greeting.profiles
+    await authenticate(session, ExternalClient())
+    assert listener.sessions[0].authenticated_identity == "fred@a.test"
+    await shutdown(listener, session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_external_without_client_certificate(test_ca, server_cert, store):
+    listener, session, options = await tls_pair(test_ca, server_cert, store)
+    greeting = await start_tls(session, options)
+    assert profile_uri("EXTERNAL") not in greeting.profiles
+    with pytest.raises(BEEPError) as refused:
+        await authenticate(session, ExternalClient())
+    assert refused.value.code == 550
+    assert listener.sessions[0].authenticated_identity is None
+    await shutdown(listener, session)
