@@ -159,5 +159,5 @@ async def start_tls(
         session.tls_active = True
         session.transport.startTLS(options)  # type: ignore[union-attr]
 
-    session.tuning_reset(switch, greet_after_handshake=True)
+    session.tuning_reset(switch)
     return await session.greeted()
