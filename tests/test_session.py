@@ -748,6 +748,9 @@ def test_sessions_per_peer_limit_refuses_with_421():
     error = failure(second.greeted)
     assert error.code == 421
     assert second.closed == {"L": True, "I": True}
+    # An application that asks only now still learns why (§2.4).
+    assert failure(second.I.greeted()).code == 421
+    assert failure(second.I.start_channel([ECHO])).code == 421
     assert second.to_I.frames == [(ERR, 0, 0, False, second.to_I.frames[0][4], None)]
     kinds = {e.get("event") for e in events}
     assert {"beep.session-refused", "beep.session-refused-by-peer"} <= kinds
@@ -928,3 +931,34 @@ def test_tiny_messages_to_a_slow_profile_are_throttled_not_aborted():
             d.callback(Message(b"done"))
         pair.flush()
     assert all(result(r).body == b"done" for r in replies)
+
+
+class BigAnswers(Handler):
+    """Answers ``answers please`` with a small, a too-big and another small answer."""
+
+    def message_received(self, request: Request) -> Message | defer.Deferred[Message] | None:
+        if request.message.body != b"answers please":
+            return super().message_received(request)
+        request.answer(Message(b"first"))
+        request.answer(Message(b"x" * 20_000))
+        request.answer(Message(b"last"))
+        request.done()
+        return None
+
+
+def test_an_oversized_answer_fails_its_exchange_not_the_session():
+    """Like an oversized RPY: 554 for that exchange, the session carries on."""
+    pair = Pair(
+        [EchoProfile(handler=BigAnswers)],
+        initiator_config=SessionConfig(max_message_size=8192),
+    )
+    channel = pair.start(ECHO)
+    with capturedLogs() as events:
+        d = channel.send(Message(b"answers please"))
+        pair.flush()
+    assert failure(d).code == 554
+    assert "beep.message-too-large" in {e.get("event") for e in events}
+    assert not pair.closed["I"] and not pair.closed["L"]
+    again = channel.send(Message(b"ping"))
+    pair.flush()
+    assert result(again).body == b"ping"

@@ -245,6 +245,10 @@ class Request:
         self.channel._reply(self, kind, payload, None)
 
 
+# Marks an answer whose remaining frames are dropped because it grew too big.
+_DISCARDED: list[bytes] = []
+
+
 class _Outstanding:
     """A MSG we sent, waiting for its reply."""
 
@@ -255,6 +259,7 @@ class _Outstanding:
         "on_answer",
         "parts",
         "partial",
+        "partial_size",
         "sending",
         "size",
         "toobig",
@@ -270,8 +275,9 @@ class _Outstanding:
         self.size = 0
         self.toobig = False
         self.answers: list[Message] = []
-        # ansno -> frames of an answer still being reassembled
+        # ansno -> frames (and their total size) of an answer being reassembled
         self.partial: dict[int, list[bytes]] = {}
+        self.partial_size: dict[int, int] = {}
         # The MSG itself while it is not completely written (for §2.6.3).
         self.sending: _OutMessage | None = None
 
@@ -597,6 +603,7 @@ class Session(Protocol):
         self._peer_silent = False
         self._generation = 0
         self._greet_on_handshake = False
+        self._refusal: Failure | None = None
         self._request_overhead = -(-self.config.window // self.config.max_pending_requests)
         self._greeting_timer: interfaces.IDelayedCall | None = None
         self._idle_timer: interfaces.IDelayedCall | None = None
@@ -613,6 +620,9 @@ class Session(Protocol):
         """Fires with the peer's greeting (the new one, after a tuning reset)."""
         if self.peer_greeting is not None:
             return defer.succeed(self.peer_greeting)
+        if self._refusal is not None:
+            # §2.4: the listener's reason (e.g. 421) outlives the connection.
+            return defer.fail(self._refusal)
         if self._gone:
             return defer.fail(SessionClosed("session is closed"))
         d: defer.Deferred[mgmt.Greeting] = defer.Deferred()
@@ -1003,7 +1013,13 @@ class Session(Protocol):
             return
         if kind == NUL:
             del channel._outstanding[msgno]
-            outstanding.deferred.callback(outstanding.answers)
+            if outstanding.toobig:
+                limit = self._message_limit(channel)
+                outstanding.deferred.errback(
+                    BEEPError(554, f"an answer exceeded the limit of {limit} octets")
+                )
+            else:
+                outstanding.deferred.callback(outstanding.answers)
             channel._maybe_idle()
             return
         limit = self._message_limit(channel)
@@ -1046,13 +1062,34 @@ class Session(Protocol):
         ansno = frame.ansno
         assert ansno is not None
         parts = outstanding.partial.setdefault(ansno, [])
+        if parts is _DISCARDED:
+            if not frame.more:
+                del outstanding.partial[ansno]
+            return
         parts.append(frame.payload)
+        size = outstanding.partial_size.get(ansno, 0) + len(frame.payload)
         limit = self._message_limit(channel)
-        if sum(len(p) for p in parts) > limit:
-            raise FrameError(f"answer exceeds the limit of {limit} octets")
+        if size > limit:
+            # As for an oversized RPY: this exchange fails (554 at NUL), not the session.
+            self.log.warn(
+                "discarding an answer over {limit} octets on channel {channel} from {peer}",
+                limit=limit,
+                channel=channel.number,
+                peer=self.peer,
+                event="beep.message-too-large",
+            )
+            outstanding.toobig = True
+            outstanding.partial_size.pop(ansno, None)
+            if frame.more:
+                outstanding.partial[ansno] = _DISCARDED
+            else:
+                del outstanding.partial[ansno]
+            return
         if frame.more:
+            outstanding.partial_size[ansno] = size
             return
         del outstanding.partial[ansno]
+        outstanding.partial_size.pop(ansno, None)
         try:
             message = Message.from_payload(b"".join(parts))
         except MessageError as e:
@@ -1211,6 +1248,7 @@ class Session(Protocol):
                 text=e.text,
                 event="beep.session-refused-by-peer",
             )
+            self._refusal = failure
             self.disconnect()
         waiting, self._greeting_waiters = self._greeting_waiters, []
         for d in waiting:
