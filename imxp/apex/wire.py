@@ -1,0 +1,943 @@
+"""APEX elements as plain objects, and the two BEEP payload forms that carry them.
+
+RFC 3340 §4.1: a payload is either an ``application/beep+xml`` control
+document alone, or a ``multipart/related`` whose start part is the control
+document and whose other part is the data's content, referenced from the
+``data`` element by a ``cid:`` URL. Content that is itself XML may instead sit
+inside the control document as a ``data-content`` element referenced as
+``#Name``.
+
+Relays never modify content (§4.4.4.1), so content is kept as the exact
+octets received: the ``data-content`` element as it appeared in the control
+document (its byte range is taken from expat's ``CurrentByteIndex``), or the
+MIME body part as it appeared between the boundaries. Re-encoding a ``data``
+element with other recipients or options writes a fresh control document and
+splices those octets back in verbatim.
+
+Decoding validates against the core DTD (§9.1) and the rules of §4.4 and
+raises :class:`APEXError` carrying the reply code of §10 that a relay should
+answer: 500 for a payload that cannot be parsed, 501 for one that is not valid,
+553 for an invalid parameter (a bad endpoint, too many of something), 504 for
+a transfer encoding we do not implement. Encoding objects that could never be
+valid raises :class:`ValueError`: that is a bug in the caller, not the peer.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.utils
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, NoReturn
+from urllib.parse import quote, unquote
+from xml.etree.ElementTree import Element, TreeBuilder
+from xml.parsers import expat
+from xml.sax.saxutils import escape, quoteattr
+
+from imxp.apex.address import AddressError, Endpoint, normalise_domain, report_endpoint
+from imxp.beep.message import Message, MessageError
+
+__all__ = [
+    "APEX_URI",
+    "BEEP_XML",
+    "MULTIPART_RELATED",
+    "APEXError",
+    "Option",
+    "Attach",
+    "Bind",
+    "Terminate",
+    "Originator",
+    "Recipient",
+    "Content",
+    "Data",
+    "OK",
+    "Error",
+    "APEXElement",
+    "StatusResponse",
+    "decode",
+    "encode",
+    "encode_status_response",
+    "decode_status_response",
+    "status_response_data",
+]
+
+APEX_URI = "http://iana.org/beep/APEX"
+BEEP_XML = "application/beep+xml"
+MULTIPART_RELATED = "multipart/related"
+
+# Bounds a peer cannot exceed; each refusal names the code a relay answers.
+MAX_XML = 1 << 20  # control document, including any inline data-content
+MAX_DEPTH = 64
+MAX_PARTS = 8
+MAX_RECIPIENTS = 1000
+MAX_OPTIONS = 64  # per containing element
+MAX_TRANS_ID = 2147483647  # UNIQID / UNIZID of the §9.1 DTD
+
+# Transfer encodings that leave the octets as they are (RFC 2045 §6.1); §4.1
+# says transformative ones should not be used, and we do not decode them.
+_IDENTITY_ENCODINGS = frozenset({"binary", "8bit", "7bit"})
+_CODE = re.compile(r"[1-5][0-9][0-9]\Z")
+_NMTOKEN = re.compile(r"[\w.:-]+\Z")
+_NAME = re.compile(r"[^\W\d][\w.-]*\Z")  # an XML Name without ':' (data-content's ID)
+_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S*\Z")  # RFC 3986 §4.3, loosely
+# RFC 2046 §5.1.1 boundary := 0*69<bchars> bcharsnospace
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]\Z")
+# A start or end tag that expat has already found well formed: attribute values
+# may contain '>' but never their own quote character.
+_TAG = re.compile(rb"<[^>\"']*(?:(?:\"[^\"]*\"|'[^']*')[^>\"']*)*>")
+# Characters XML 1.0 cannot carry at all (§2.2 Char), replaced in diagnostics.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# Elements whose inner octets are kept verbatim: option content is ANY and is
+# forwarded to the next relay as it came; data-content is the data's content.
+_VERBATIM = frozenset({"option", "data-content"})
+_TARGET_HOPS = ("this", "final", "all")
+# XML's white space (XML 1.0 §2.3 S); str.strip() would also take U+00A0 and friends.
+_S = " \t\r\n"
+
+
+class APEXError(Exception):
+    """A payload a relay must refuse, with the §10 reply ``code`` and diagnostic ``text``."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+# --------------------------------------------------------------------------- elements
+
+
+@dataclass
+class Option:
+    """An ``option`` element (§5).
+
+    ``name`` is the ``internal`` attribute (an IANA-registered NMTOKEN) or,
+    when ``external`` is true, the ``external`` attribute (an absolute URI).
+    ``trans_id`` 0 means the attribute is absent: the DTD requires it, yet
+    RFC 3342 §3 shows ``<option internal='hold4Endpoint' />``. ``body`` is the
+    option's content exactly as received (outer whitespace stripped): options
+    a relay does not understand are forwarded unchanged.
+    """
+
+    name: str
+    external: bool = False
+    target_hop: str = "final"
+    must_understand: bool = False
+    trans_id: int = 0
+    localize: str | None = None
+    body: str = ""
+
+
+@dataclass
+class Attach:
+    """§4.4.1: attach as ``endpoint``."""
+
+    endpoint: str
+    trans_id: int
+    options: list[Option] = field(default_factory=list)
+
+
+@dataclass
+class Bind:
+    """§4.4.2: serve as a relay for the administrative domain ``relay``."""
+
+    relay: str
+    trans_id: int
+    options: list[Option] = field(default_factory=list)
+
+
+@dataclass
+class Terminate:
+    """§4.4.3: release the attachment or binding ``trans_id`` (0: all of them)."""
+
+    trans_id: int = 0
+    code: int = 250
+    text: str = ""
+    lang: str | None = None
+
+
+@dataclass
+class Originator:
+    """§4.4.4: the sending endpoint and its per-originator options."""
+
+    identity: str
+    options: list[Option] = field(default_factory=list)
+
+
+@dataclass
+class Recipient:
+    """§4.4.4: one destination endpoint and its per-recipient options."""
+
+    identity: str
+    options: list[Option] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """The content of a ``data`` element, as the exact octets that carry it (§4.1, §4.4.4.1).
+
+    ``kind`` is ``"inline"``: ``raw`` is the whole ``data-content`` element as
+    it appeared in the control document and ``name`` its ``Name``; or
+    ``"part"``: ``raw`` is a MIME body part (headers, blank line, body) as it
+    appeared between two boundaries and ``name`` its Content-ID without the
+    angle brackets. ``boundary`` remembers the delimiter of the multipart a
+    part arrived in: it is known not to occur in ``raw``, so re-encoding can
+    reuse it. Content referenced by an absolute URI outside the payload is
+    not carried at all (:attr:`Data.content` is None).
+    """
+
+    kind: Literal["inline", "part"]
+    raw: bytes = field(repr=False)
+    name: str
+    boundary: bytes | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_bytes(
+        cls,
+        body: bytes,
+        media_type: str,
+        headers: Iterable[tuple[str, str]] = (),
+        content_id: str | None = None,
+    ) -> Content:
+        """New content for an originator: a body part with ``Content-Type: media_type``.
+
+        A globally unique Content-ID is made unless given (RFC 2045 §7 requires
+        uniqueness); ``headers`` adds further part headers. The transfer encoding
+        defaults to ``binary``: BEEP is 8-bit clean and §4.1 advises against
+        transformative encodings.
+        """
+        cid = content_id or f"{secrets.token_hex(16)}@apex.invalid"
+        extra = list(headers)
+        names = {name.lower() for name, _ in extra}
+        if names & {"content-type", "content-id"}:
+            raise ValueError("Content-Type and Content-ID are set from media_type and content_id")
+        lines = [("Content-Type", media_type), ("Content-ID", f"<{cid}>"), *extra]
+        if "content-transfer-encoding" not in names:
+            lines.append(("Content-Transfer-Encoding", "binary"))
+        for name, value in lines:
+            if not name or not name.isprintable() or ":" in name or " " in name:
+                raise ValueError(f"invalid header name {name!r}")
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"header {name} may not contain CR or LF")
+        if "<" in cid or ">" in cid or " " in cid:
+            raise ValueError(f"invalid Content-ID {cid!r}")
+        return cls("part", Message(body, headers=lines).to_payload(), cid)
+
+    @classmethod
+    def inline_xml(cls, xml_text: str, name: str = "Content") -> Content:
+        """New inline content: ``xml_text`` inside ``<data-content Name='name'>`` (§4.1)."""
+        if not _NAME.match(name):
+            raise ValueError(f"data-content Name {name!r} is not an XML name")
+        raw = f"<data-content Name={quoteattr(name)}>{xml_text}</data-content>".encode()
+        try:
+            _parse(raw)
+        except APEXError as e:
+            raise ValueError(f"inline content is not well-formed XML: {e.text}") from None
+        return cls("inline", raw, name)
+
+    @property
+    def ref(self) -> str:
+        """The URI-reference a ``data`` element's ``content`` attribute uses for this (§4.1)."""
+        if self.kind == "inline":
+            return f"#{self.name}"
+        # RFC 2392: a cid URL is the Content-ID with URL-reserved characters escaped.
+        return "cid:" + quote(self.name, safe="@!$&'()*+,;=:.-_~")
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """A part's MIME headers; inline content has none."""
+        if self.kind == "inline":
+            return []
+        return Message.from_payload(self.raw).headers
+
+    @property
+    def media_type(self) -> str:
+        """The content's media type, lower-cased, without parameters.
+
+        A part without Content-Type is ``text/plain`` (RFC 2045 §5.2). Inline
+        content is an element in the XML vocabulary of the control document,
+        so it is reported as ``application/beep+xml``.
+        """
+        if self.kind == "inline":
+            return BEEP_XML
+        part = Message.from_payload(self.raw)
+        return part.content_type if part.header("Content-Type") is not None else "text/plain"
+
+    @property
+    def body(self) -> bytes:
+        """What the application reads: a part's body after its headers (not transfer-decoded),
+        or the octets inside the ``data-content`` element."""
+        if self.kind == "part":
+            return Message.from_payload(self.raw).body
+        start_tag = _TAG.match(self.raw)
+        assert start_tag is not None  # raw was parsed when the Content was made
+        if start_tag.end() == len(self.raw):  # <data-content Name='x' />
+            return b""
+        return self.raw[start_tag.end() : self.raw.rfind(b"</")]
+
+
+@dataclass
+class Data:
+    """§4.4.4: a datagram from ``originator`` to ``recipients``.
+
+    ``content_ref`` is the ``content`` attribute as received; when left empty
+    it is taken from ``content`` (:attr:`Content.ref`). ``content`` is None only
+    when the reference is an absolute URI outside the payload.
+    """
+
+    originator: Originator
+    recipients: list[Recipient]
+    options: list[Option] = field(default_factory=list)
+    content_ref: str = ""
+    content: Content | None = None
+
+    def __post_init__(self) -> None:
+        if not self.content_ref and self.content is not None:
+            self.content_ref = self.content.ref
+
+
+@dataclass(frozen=True)
+class OK:
+    """The positive reply (§9.1)."""
+
+
+@dataclass(frozen=True)
+class Error:
+    """The negative reply: a §10 code and an optional diagnostic."""
+
+    code: int
+    text: str = ""
+    lang: str | None = None
+
+
+@dataclass
+class StatusResponse:
+    """The report service's ``statusResponse`` (§6.2, DTD §9.2).
+
+    ``destinations`` are ``(identity, code, text)``: one recipient reported on
+    and the code and diagnostic of its ``reply`` element.
+    """
+
+    trans_id: int
+    destinations: list[tuple[str, int, str]]
+
+
+APEXElement = Attach | Bind | Terminate | Data | OK | Error
+
+
+# --------------------------------------------------------------------------- XML parsing
+
+_Spans = dict[Element, tuple[int, int, int, int]]
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The body parts other than the control document, by Content-ID."""
+
+    by_id: dict[str, bytes]
+    boundary: bytes | None
+
+
+_NO_PARTS = _Parts({}, None)
+
+
+def _refuse_dtd(*_args: object) -> NoReturn:
+    raise APEXError(500, "document type declarations and entities are not allowed")
+
+
+def _parse(xml: bytes) -> tuple[Element, _Spans]:
+    """Parse a control document the way :mod:`imxp.beep.xmlsafe` does, also noting where
+    each ``option`` and ``data-content`` element lies in ``xml``.
+
+    A span is (start of the start tag, end of the start tag, start of the end
+    tag, end of the end tag); an empty-element tag has the last three equal.
+    """
+    if len(xml) > MAX_XML:
+        raise APEXError(500, f"control document of {len(xml)} octets exceeds {MAX_XML}")
+    # Forcing UTF-8 (§4.1: the XML is UTF-8) also keeps expat from looking up
+    # whatever codec a hostile XML declaration names.
+    parser = expat.ParserCreate("UTF-8")
+    builder = TreeBuilder()
+    spans: _Spans = {}
+    # One entry per open element: where its start tag lies, if it is kept verbatim.
+    stack: list[tuple[int, int] | None] = []
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        if len(stack) >= MAX_DEPTH:
+            raise APEXError(500, f"XML nested deeper than {MAX_DEPTH}")
+        builder.start(tag, attrs)
+        if tag in _VERBATIM:
+            at = parser.CurrentByteIndex
+            tag_match = _TAG.match(xml, at)
+            assert tag_match is not None  # expat has just accepted this tag
+            stack.append((at, tag_match.end()))
+        else:
+            stack.append(None)
+
+    def end(tag: str) -> None:
+        element = builder.end(tag)
+        opened = stack.pop()
+        if opened is None:
+            return
+        at, inner = opened
+        if xml[inner - 2 : inner] == b"/>":
+            spans[element] = (at, inner, inner, inner)
+        else:
+            close = parser.CurrentByteIndex
+            spans[element] = (at, inner, close, xml.index(b">", close) + 1)
+
+    def declaration(_version: str, encoding: str | None, _standalone: int) -> None:
+        if encoding is not None and encoding.lower() != "utf-8":
+            raise APEXError(500, f"the XML must be UTF-8, not {encoding[:32]}")
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = builder.data
+    parser.XmlDeclHandler = declaration
+    parser.StartDoctypeDeclHandler = _refuse_dtd
+    parser.EntityDeclHandler = _refuse_dtd
+    parser.UnparsedEntityDeclHandler = _refuse_dtd
+    parser.ExternalEntityRefHandler = _refuse_dtd
+    parser.buffer_text = True
+    try:
+        parser.Parse(xml, True)
+        return builder.close(), spans
+    except expat.ExpatError as e:
+        raise APEXError(500, f"poorly formed XML: {e}") from None
+    except (AssertionError, IndexError):
+        # TreeBuilder.close() asserts on an empty document.
+        raise APEXError(500, "poorly formed XML: no root element") from None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _required(element: Element, name: str) -> str:
+    value = element.get(name)
+    if value is None:
+        raise APEXError(501, f"{element.tag} element needs a {name} attribute")
+    return value
+
+
+def _trans_id(element: Element, *, default: int | None = None, zero: bool = False) -> int:
+    """A UNIQID (1..2147483647) or, with ``zero``, a UNIZID (0..2147483647) of §9.1."""
+    raw = element.get("transID")
+    if raw is None:
+        if default is None:
+            raise APEXError(501, f"{element.tag} element needs a transID attribute")
+        return default
+    # str.isdigit() alone accepts non-ASCII digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10:
+        raise APEXError(501, f"transID {raw[:16]!r} of {element.tag} is not a number")
+    value = int(raw)
+    if value > MAX_TRANS_ID or (value == 0 and not zero):
+        raise APEXError(501, f"transID {value} of {element.tag} is out of range")
+    return value
+
+
+def _code(element: Element, default: int | None = None) -> int:
+    raw = element.get("code")
+    if raw is None:
+        if default is None:
+            raise APEXError(501, f"{element.tag} element needs a code attribute")
+        return default
+    if not _CODE.match(raw):
+        raise APEXError(501, f"code {raw[:8]!r} of {element.tag} is not a three-digit code")
+    return int(raw)
+
+
+def _identity(element: Element, name: str = "identity") -> str:
+    """An ENDPOINT attribute, kept as written once it parses (§2.2); 553 if it does not."""
+    value = _required(element, name)
+    try:
+        Endpoint.parse(value)
+    except AddressError as e:
+        raise APEXError(553, f"{element.tag} {name}: {e}") from None
+    return value
+
+
+def _text(element: Element) -> str:
+    """The diagnostic content of terminate, error or reply: text only (#PCDATA)."""
+    if len(element):
+        raise APEXError(501, f"{element.tag} element may not contain elements")
+    return (element.text or "").strip(_S)
+
+
+def _no_text(element: Element) -> None:
+    """Element-only content (§9.1) may have whitespace between its elements but no text."""
+    if (element.text or "").strip(_S) or any((child.tail or "").strip(_S) for child in element):
+        raise APEXError(501, f"{element.tag} element may not contain text")
+
+
+def _option(element: Element, xml: bytes, spans: _Spans) -> Option:
+    internal = element.get("internal") or None  # the DTD's default is ""
+    external = element.get("external") or None
+    if (internal is None) == (external is None):
+        raise APEXError(501, "an option has exactly one of internal and external (§5)")
+    if internal is not None and not _NMTOKEN.match(internal):
+        raise APEXError(501, f"option internal {internal[:32]!r} is not an NMTOKEN")
+    if external is not None and not _ABSOLUTE_URI.match(external):
+        raise APEXError(501, f"option external {external[:32]!r} is not an absolute URI")
+    target_hop = element.get("targetHop", "final")
+    if target_hop not in _TARGET_HOPS:
+        raise APEXError(501, f"option targetHop {target_hop[:16]!r} is not this|final|all")
+    must = element.get("mustUnderstand", "false")
+    if must not in ("true", "false"):
+        raise APEXError(501, f"option mustUnderstand {must[:16]!r} is not true|false")
+    _at, inner, close, _end = spans[element]
+    return Option(
+        name=internal or external or "",
+        external=external is not None,
+        target_hop=target_hop,
+        must_understand=must == "true",
+        trans_id=_trans_id(element, default=0),
+        localize=element.get("localize"),
+        body=xml[inner:close].decode("utf-8").strip(_S),
+    )
+
+
+def _options(elements: list[Element], xml: bytes, spans: _Spans, where: str) -> list[Option]:
+    if len(elements) > MAX_OPTIONS:
+        raise APEXError(553, f"more than {MAX_OPTIONS} options in {where}")
+    return [_option(e, xml, spans) for e in elements]
+
+
+def _only_options(element: Element, xml: bytes, spans: _Spans) -> list[Option]:
+    """The content model ``(option*)`` of attach, bind, originator and recipient."""
+    _no_text(element)
+    for child in element:
+        if child.tag != "option":
+            raise APEXError(501, f"unexpected {child.tag[:32]} element in {element.tag}")
+    return _options(list(element), xml, spans, element.tag)
+
+
+def _data(root: Element, xml: bytes, spans: _Spans, parts: _Parts) -> Data:
+    ref = _required(root, "content")
+    _no_text(root)
+    originators: list[Element] = []
+    recipients: list[Element] = []
+    options: list[Element] = []
+    contents: list[Element] = []
+    by_tag = {
+        "originator": originators,
+        "recipient": recipients,
+        "option": options,
+        "data-content": contents,
+    }
+    for child in root:
+        bucket = by_tag.get(child.tag)
+        if bucket is None:
+            raise APEXError(501, f"unexpected {child.tag[:32]} element in data")
+        bucket.append(child)
+        if len(recipients) > MAX_RECIPIENTS:
+            raise APEXError(553, f"more than {MAX_RECIPIENTS} recipients")
+    # (originator, recipient+, option*, data-content?) of §9.1; the order is not
+    # enforced, since it carries no meaning and we re-serialise in DTD order.
+    if len(originators) != 1:
+        raise APEXError(501, "data needs exactly one originator")
+    if not recipients:
+        raise APEXError(501, "data needs at least one recipient")
+    if len(contents) > 1:
+        raise APEXError(501, "data has at most one data-content")
+    originator = originators[0]
+    return Data(
+        originator=Originator(_identity(originator), _only_options(originator, xml, spans)),
+        recipients=[Recipient(_identity(r), _only_options(r, xml, spans)) for r in recipients],
+        options=_options(options, xml, spans, "data"),
+        content_ref=ref,
+        content=_content(ref, contents[0] if contents else None, xml, spans, parts),
+    )
+
+
+def _content(
+    ref: str, inline: Element | None, xml: bytes, spans: _Spans, parts: _Parts
+) -> Content | None:
+    """Resolve the ``content`` URI-reference of §4.1 to the octets it names."""
+    if ref.startswith("#"):
+        name = ref[1:]
+        if inline is None or inline.get("Name") != name:
+            raise APEXError(501, f"content {ref[:64]!r} names no data-content element")
+        if not _NAME.match(name):
+            raise APEXError(501, f"data-content Name {name[:32]!r} is not an XML name")
+        at, _inner, _close, end = spans[inline]
+        return Content("inline", xml[at:end], name)
+    if inline is not None:
+        raise APEXError(501, "data-content is present but content does not reference it")
+    if ref[:4].lower() == "cid:":
+        # RFC 2392: the URL is the %-escaped Content-ID; a fragment is not part of it.
+        cid = unquote(ref[4:].partition("#")[0])
+        raw = parts.by_id.get(cid)
+        if raw is None:
+            raise APEXError(501, f"content {ref[:64]!r} matches no body part")
+        return Content("part", raw, cid, parts.boundary)
+    if not _ABSOLUTE_URI.match(ref):
+        # §4.1: an absolute URI, or a relative one consisting only of a fragment.
+        raise APEXError(501, f"content {ref[:64]!r} is neither absolute nor a fragment")
+    return None
+
+
+def _element(xml: bytes, parts: _Parts) -> APEXElement:
+    root, spans = _parse(xml)
+    tag = root.tag
+    if tag == "data":
+        return _data(root, xml, spans, parts)
+    if tag == "attach":
+        endpoint = _identity(root, "endpoint")
+        return Attach(endpoint, _trans_id(root), _only_options(root, xml, spans))
+    if tag == "bind":
+        relay = _required(root, "relay")
+        try:
+            normalise_domain(relay)
+        except AddressError as e:
+            raise APEXError(553, f"bind relay: {e}") from None
+        return Bind(relay, _trans_id(root), _only_options(root, xml, spans))
+    if tag == "terminate":
+        return Terminate(
+            _trans_id(root, default=0, zero=True),
+            _code(root, 250),
+            _text(root),
+            root.get("xml:lang"),
+        )
+    if tag == "ok":
+        if len(root) or (root.text or "").strip(_S):
+            raise APEXError(501, "ok element must be empty")
+        return OK()
+    if tag == "error":
+        return Error(_code(root), _text(root), root.get("xml:lang"))
+    raise APEXError(501, f"unexpected {tag[:32]} element in APEX")
+
+
+# --------------------------------------------------------------------------- multipart
+
+
+def _content_id(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value[1:-1] if value.startswith("<") and value.endswith(">") else value
+
+
+def _content_type_params(value: str) -> dict[str, str]:
+    header = email.message.Message()
+    header["Content-Type"] = value
+    params = {}
+    for name in ("boundary", "start", "type"):
+        param = header.get_param(name)
+        if param is not None:
+            params[name] = email.utils.collapse_rfc2231_value(param)
+    return params
+
+
+def _split(body: bytes, boundary: bytes) -> list[bytes]:
+    """The body parts of a multipart body (RFC 2046 §5.1.1), exactly as they lie in ``body``.
+
+    Each delimiter is CRLF "--" boundary (the very first may start the body),
+    then optional padding and CRLF; the close delimiter adds "--". A line that
+    starts with the delimiter but goes on with other characters is refused
+    rather than guessed at.
+    """
+    delimiter = b"--" + boundary
+    if body.startswith(delimiter):
+        at = 0
+    else:
+        at = body.find(b"\r\n" + delimiter)
+        if at < 0:
+            raise APEXError(500, "multipart body has no boundary delimiter")
+        at += 2
+    parts: list[bytes] = []
+    while True:
+        at += len(delimiter)
+        if body.startswith(b"--", at):
+            if not parts:
+                raise APEXError(500, "multipart body has no parts")
+            return parts
+        eol = body.find(b"\r\n", at)
+        if eol < 0 or body[at:eol].strip(b" \t"):
+            raise APEXError(500, "malformed multipart boundary line")
+        start = eol + 2
+        end = body.find(b"\r\n" + delimiter, start)
+        if end < 0:
+            raise APEXError(500, "multipart body has no closing delimiter")
+        parts.append(body[start:end])
+        if len(parts) > MAX_PARTS:
+            raise APEXError(553, f"multipart body has more than {MAX_PARTS} parts")
+        at = end + 2
+
+
+def _multipart(message: Message) -> APEXElement:
+    params = _content_type_params(message.header("Content-Type") or "")
+    boundary = params.get("boundary", "")
+    if not _BOUNDARY.match(boundary):
+        raise APEXError(500, f"multipart/related boundary {boundary[:80]!r} is not valid")
+    if params.get("type", BEEP_XML).lower() != BEEP_XML:
+        raise APEXError(500, f"multipart/related type must be {BEEP_XML}")
+    raws = _split(message.body, boundary.encode("ascii"))
+    try:
+        heads = [Message.from_payload(raw) for raw in raws]
+    except MessageError as e:
+        raise APEXError(500, f"body part: {e}") from None
+    by_id: dict[str, int] = {}
+    for index, head in enumerate(heads):
+        cid = _content_id(head.header("Content-ID"))
+        if cid is not None:
+            if cid in by_id:
+                raise APEXError(501, f"two body parts have Content-ID {cid[:64]!r}")
+            by_id[cid] = index
+    # RFC 2387 §3.2: the start parameter names the root part, else it is the first.
+    start = 0
+    if "start" in params:
+        found = by_id.get(_content_id(params["start"]) or "")
+        if found is None:
+            raise APEXError(501, "multipart/related start matches no body part")
+        start = found
+    control = heads[start]
+    if control.header("Content-Type") is None or control.content_type != BEEP_XML:
+        raise APEXError(500, f"the control part of multipart/related must be {BEEP_XML}")
+    if control.transfer_encoding not in _IDENTITY_ENCODINGS:
+        raise APEXError(504, f"transfer encoding {control.transfer_encoding[:32]} not supported")
+    others = {cid: raws[i] for cid, i in by_id.items() if i != start}
+    element = _element(control.body, _Parts(others, boundary.encode("ascii")))
+    content = element.content if isinstance(element, Data) else None
+    referenced = 1 if content is not None and content.kind == "part" else 0
+    # Only one part can be referenced; forwarding would silently drop any other.
+    if len(raws) != 1 + referenced:
+        raise APEXError(501, "multipart/related has body parts that nothing references")
+    return element
+
+
+def _choose_boundary(parts: Iterable[bytes], reuse: bytes | None) -> bytes:
+    """A boundary whose delimiter occurs in none of ``parts`` (RFC 2046 §5.1.1)."""
+    parts = list(parts)
+    candidate = reuse if reuse is not None else b"apex-" + secrets.token_hex(16).encode()
+    while any(p.startswith(b"--" + candidate) or b"\r\n--" + candidate in p for p in parts):
+        candidate = b"apex-" + secrets.token_hex(16).encode()
+    return candidate
+
+
+# --------------------------------------------------------------------------- decode / encode
+
+
+def decode(message: Message) -> APEXElement:
+    """The APEX element in a BEEP payload of either §4.1 form; raises :class:`APEXError`."""
+    if message.transfer_encoding not in _IDENTITY_ENCODINGS:
+        raise APEXError(504, f"transfer encoding {message.transfer_encoding[:32]} not supported")
+    content_type = message.content_type
+    if content_type == BEEP_XML:
+        return _element(message.body, _NO_PARTS)
+    if content_type == MULTIPART_RELATED:
+        return _multipart(message)
+    raise APEXError(500, f"an APEX payload is {BEEP_XML} or {MULTIPART_RELATED}")
+
+
+def encode(element: APEXElement) -> Message:
+    """The BEEP payload for ``element``: ``application/beep+xml``, or ``multipart/related``
+    when a ``data`` element's content is a body part (§4.1)."""
+    if isinstance(element, Data):
+        return _encode_data(element)
+    return Message(_xml(element).encode("utf-8"), BEEP_XML)
+
+
+def _diagnostic(text: str) -> str:
+    # A literal CR would come back as LF (XML 1.0 §2.11); a reference survives.
+    return escape(_NOT_XML.sub("\ufffd", text), {"\r": "&#13;"})
+
+
+def _check_option(option: Option) -> None:
+    if option.external:
+        if not _ABSOLUTE_URI.match(option.name):
+            raise ValueError(f"external option {option.name!r} is not an absolute URI")
+    elif not _NMTOKEN.match(option.name):
+        raise ValueError(f"internal option {option.name!r} is not an NMTOKEN")
+    if option.target_hop not in _TARGET_HOPS:
+        raise ValueError(f"targetHop {option.target_hop!r} is not this|final|all")
+    if not 0 <= option.trans_id <= MAX_TRANS_ID:
+        raise ValueError(f"option transID {option.trans_id} is out of range")
+    if option.body:
+        try:
+            _parse(f"<option>{option.body}</option>".encode())
+        except APEXError as e:
+            raise ValueError(f"option body is not well-formed XML: {e.text}") from None
+
+
+def _options_xml(options: list[Option]) -> str:
+    out = []
+    for option in options:
+        _check_option(option)
+        attrs = (
+            f"{'external' if option.external else 'internal'}={quoteattr(option.name)}"
+            f" targetHop='{option.target_hop}'"
+            f" mustUnderstand='{'true' if option.must_understand else 'false'}'"
+        )
+        if option.trans_id:
+            attrs += f" transID='{option.trans_id}'"
+        if option.localize is not None:
+            attrs += f" localize={quoteattr(option.localize)}"
+        if option.body:
+            out.append(f"<option {attrs}>{option.body}</option>")
+        else:
+            out.append(f"<option {attrs} />")
+    return "".join(out)
+
+
+def _check_trans_id(value: int, *, zero: bool = False) -> None:
+    if not (0 if zero else 1) <= value <= MAX_TRANS_ID:
+        raise ValueError(f"transID {value} is out of range")
+
+
+def _check_code(code: int) -> None:
+    if not 100 <= code <= 599:
+        raise ValueError(f"reply code {code} is not three digits")
+
+
+def _with_text(tag: str, attrs: str, text: str, lang: str | None) -> str:
+    if lang is not None:
+        attrs += f" xml:lang={quoteattr(lang)}"
+    if not text:
+        return f"<{tag}{attrs} />"
+    return f"<{tag}{attrs}>{_diagnostic(text)}</{tag}>"
+
+
+def _party(tag: str, party: Originator | Recipient) -> str:
+    Endpoint.parse(party.identity)
+    if not party.options:
+        return f"<{tag} identity={quoteattr(party.identity)} />"
+    return f"<{tag} identity={quoteattr(party.identity)}>{_options_xml(party.options)}</{tag}>"
+
+
+def _xml(element: Attach | Bind | Terminate | OK | Error) -> str:
+    if isinstance(element, Attach):
+        Endpoint.parse(element.endpoint)
+        _check_trans_id(element.trans_id)
+        attrs = f"endpoint={quoteattr(element.endpoint)} transID='{element.trans_id}'"
+        return _container("attach", attrs, element.options)
+    if isinstance(element, Bind):
+        normalise_domain(element.relay)
+        _check_trans_id(element.trans_id)
+        attrs = f"relay={quoteattr(element.relay)} transID='{element.trans_id}'"
+        return _container("bind", attrs, element.options)
+    if isinstance(element, Terminate):
+        _check_trans_id(element.trans_id, zero=True)
+        _check_code(element.code)
+        attrs = f" transID='{element.trans_id}' code='{element.code}'"
+        return _with_text("terminate", attrs, element.text, element.lang)
+    if isinstance(element, OK):
+        return "<ok />"
+    if isinstance(element, Error):
+        _check_code(element.code)
+        return _with_text("error", f" code='{element.code}'", element.text, element.lang)
+    raise TypeError(f"not an APEX element: {element!r}")
+
+
+def _container(tag: str, attrs: str, options: list[Option]) -> str:
+    if not options:
+        return f"<{tag} {attrs} />"
+    return f"<{tag} {attrs}>{_options_xml(options)}</{tag}>"
+
+
+def _encode_data(data: Data) -> Message:
+    if not data.recipients:
+        raise ValueError("data needs at least one recipient")
+    content = data.content
+    ref = data.content_ref
+    if content is None:
+        if ref.startswith("#") or ref[:4].lower() == "cid:" or not _ABSOLUTE_URI.match(ref):
+            raise ValueError(f"content {ref!r} refers to content the data does not carry")
+    elif content.kind == "inline":
+        if ref != content.ref:
+            raise ValueError(f"content {ref!r} does not reference the inline content")
+    elif ref[:4].lower() != "cid:" or unquote(ref[4:].partition("#")[0]) != content.name:
+        raise ValueError(f"content {ref!r} does not reference body part <{content.name}>")
+    head = (
+        f"<data content={quoteattr(ref)}>"
+        + _party("originator", data.originator)
+        + "".join(_party("recipient", r) for r in data.recipients)
+        + _options_xml(data.options)
+    ).encode("utf-8")
+    if content is None or content.kind == "inline":
+        inline = content.raw if content is not None else b""
+        return Message(head + inline + b"</data>", BEEP_XML)
+    control_id = f"{secrets.token_hex(16)}@apex.invalid"
+    control = (
+        f"Content-Type: {BEEP_XML}\r\nContent-ID: <{control_id}>\r\n\r\n".encode("ascii")
+        + head
+        + b"</data>"
+    )
+    boundary = _choose_boundary((control, content.raw), content.boundary)
+    delimiter = b"--" + boundary
+    body = b"".join(
+        (delimiter, b"\r\n", control, b"\r\n", delimiter, b"\r\n", content.raw, b"\r\n")
+    )
+    body += delimiter + b"--"
+    content_type = (
+        f'{MULTIPART_RELATED}; boundary="{boundary.decode("ascii")}";'
+        f' start="<{control_id}>"; type="{BEEP_XML}"'
+    )
+    return Message(body, content_type)
+
+
+# --------------------------------------------------------------------------- report service
+
+
+def encode_status_response(response: StatusResponse) -> str:
+    """The ``statusResponse`` element of §6.2 (DTD §9.2).
+
+    Each ``reply`` carries the response's transID, which the §9.1 DTD makes
+    required even though the §5.1 examples leave it out.
+    """
+    _check_trans_id(response.trans_id)
+    if not response.destinations:
+        raise ValueError("a statusResponse needs at least one destination")
+    out = [f"<statusResponse transID='{response.trans_id}'>"]
+    for identity, code, text in response.destinations:
+        Endpoint.parse(identity)
+        _check_code(code)
+        reply = _with_text("reply", f" code='{code}' transID='{response.trans_id}'", text, None)
+        out.append(f"<destination identity={quoteattr(identity)}>{reply}</destination>")
+    out.append("</statusResponse>")
+    return "".join(out)
+
+
+def decode_status_response(xml: bytes | str) -> StatusResponse:
+    """Parse a ``statusResponse`` element (§6.2), e.g. :attr:`Content.body` of a report.
+
+    A ``reply`` without transID is accepted, as in the §5.1 examples.
+    """
+    root, _spans = _parse(xml.encode("utf-8") if isinstance(xml, str) else xml)
+    if root.tag != "statusResponse":
+        raise APEXError(501, f"unexpected {root.tag[:32]} element, not statusResponse")
+    trans_id = _trans_id(root)
+    _no_text(root)
+    if not len(root):
+        raise APEXError(501, "statusResponse needs at least one destination")
+    if len(root) > MAX_RECIPIENTS:
+        raise APEXError(553, f"more than {MAX_RECIPIENTS} destinations")
+    destinations = []
+    for destination in root:
+        if destination.tag != "destination":
+            raise APEXError(501, f"unexpected {destination.tag[:32]} element in statusResponse")
+        identity = _identity(destination)
+        _no_text(destination)
+        if len(destination) != 1 or destination[0].tag != "reply":
+            raise APEXError(501, "destination contains exactly one reply")
+        reply = destination[0]
+        _trans_id(reply, default=0)  # validated only: the response's transID is what counts
+        destinations.append((identity, _code(reply), _text(reply)))
+    return StatusResponse(trans_id, destinations)
+
+
+def status_response_data(report: str | Endpoint, to: str, response: StatusResponse) -> Data:
+    """The data a report service sends (§5.1, §6.2): from ``report`` (an identity, or
+    a domain whose ``apex=report`` endpoint is meant) to ``to``, with the
+    statusResponse inline as ``#Content``. It carries no statusRequest (§5.1).
+    """
+    if isinstance(report, Endpoint):
+        sender = str(report)
+    else:
+        sender = report if "@" in report else str(report_endpoint(report))
+    return Data(
+        originator=Originator(sender),
+        recipients=[Recipient(to)],
+        content=Content.inline_xml(encode_status_response(response)),
+    )

@@ -1,0 +1,1020 @@
+"""APEX elements and payloads (RFC 3340 §4.1, §4.4, §5.1, §6.2, DTDs §9; RFC 3342 §4)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from xml.sax.saxutils import escape, quoteattr
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from imxp.apex import wire
+from imxp.apex.wire import (
+    APEX_URI,
+    BEEP_XML,
+    MAX_PARTS,
+    MAX_RECIPIENTS,
+    OK,
+    APEXError,
+    Attach,
+    Bind,
+    Content,
+    Data,
+    Error,
+    Option,
+    Originator,
+    Recipient,
+    StatusResponse,
+    Terminate,
+    decode,
+    decode_status_response,
+    encode,
+    encode_status_response,
+    status_response_data,
+)
+from imxp.beep.message import Message, MessageError
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def xml(text: str) -> Message:
+    return Message(text.encode("utf-8"), BEEP_XML)
+
+
+def crlf(text: str) -> bytes:
+    """An example printed in the RFC, one line per line, as the CRLF-delimited octets it means."""
+    return "\r\n".join(text.split("\n")).encode("utf-8")
+
+
+def multipart(control: str, *parts: bytes, boundary: str = "boundary") -> Message:
+    """``control`` as the start part of a multipart/related, followed by ``parts``."""
+    body = b"--" + boundary.encode() + b"\r\n"
+    body += b"Content-Type: application/beep+xml\r\nContent-ID: <0@example.com>\r\n\r\n"
+    body += control.encode()
+    for part in parts:
+        body += b"\r\n--" + boundary.encode() + b"\r\n" + part
+    body += b"\r\n--" + boundary.encode() + b"--\r\n"
+    return Message(
+        body,
+        f'multipart/related; boundary="{boundary}"; start="<0@example.com>";'
+        f' type="application/beep+xml"',
+    )
+
+
+GIF = b"GIF89a\x01\x00\x01\x00\x00\xff\x00,\r\n--boundar\r\n\x00;"
+PART_1 = b"Content-Type: image/gif\r\nContent-ID: <1@example.com>\r\n\r\n" + GIF
+
+
+def expect(code: int, message: Message) -> APEXError:
+    with pytest.raises(APEXError) as info:
+        decode(message)
+    assert info.value.code == code, info.value.text
+    return info.value
+
+
+# --------------------------------------------------------------------------- §4.1 payload forms
+
+
+def test_profile_uri() -> None:
+    assert APEX_URI == "http://iana.org/beep/APEX"  # §4.2
+
+
+def test_xml_only_payload() -> None:
+    """§4.1, the first example (its frame header's size, 39, is not this payload's)."""
+    payload = b"Content-Type: application/beep+xml\r\n\r\n<terminate transID='1' />"
+    assert decode(Message.from_payload(payload)) == Terminate(1)
+
+
+RFC_4_1_MULTIPART = """\
+Content-Type: multipart/related; boundary="boundary";
+              start="<1@example.com>";
+              type="application/beep+xml"
+
+--boundary
+Content-Type: application/beep+xml
+Content-ID: <1@example.com>
+
+<data content='cid:2@example.com'>
+    <originator identity='fred@example.com' />
+    <recipient identity='barney@example.com' />
+</data>
+--boundary
+Content-Type: image/gif
+Content-Transfer-Encoding: binary
+Content-ID: <2@example.com>
+
+...
+--boundary--
+"""
+
+
+def rfc_multipart() -> Message:
+    return Message.from_payload(crlf(RFC_4_1_MULTIPART))
+
+
+def test_multipart_payload() -> None:
+    """§4.1, the second example, with the CRLFs the RFC means."""
+    data = decode(rfc_multipart())
+    assert isinstance(data, Data)
+    assert data.originator == Originator("fred@example.com")
+    assert data.recipients == [Recipient("barney@example.com")]
+    assert data.options == []
+    assert data.content_ref == "cid:2@example.com"
+    content = data.content
+    assert content is not None
+    assert content.kind == "part"
+    assert content.name == "2@example.com"
+    assert content.media_type == "image/gif"
+    assert content.body == b"..."
+    assert content.raw == (
+        b"Content-Type: image/gif\r\nContent-Transfer-Encoding: binary\r\n"
+        b"Content-ID: <2@example.com>\r\n\r\n..."
+    )
+    assert ("Content-Transfer-Encoding", "binary") in content.headers
+    assert content.boundary == b"boundary"
+    assert content.ref == "cid:2@example.com"
+
+
+def test_multipart_without_start_uses_first_part() -> None:
+    payload = crlf(RFC_4_1_MULTIPART).replace(b'\r\n              start="<1@example.com>";', b"")
+    data = decode(Message.from_payload(payload))
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.body == b"..."
+
+
+def test_multipart_start_need_not_be_first() -> None:
+    message = Message(
+        b"--xyz\r\n" + PART_1 + b"\r\n--xyz\r\nContent-Type: application/beep+xml\r\n"
+        b"Content-ID: <0@x>\r\n\r\n<data content='cid:1@example.com'>"
+        b"<originator identity='a@example.com'/><recipient identity='b@example.com'/></data>"
+        b"\r\n--xyz--",
+        'multipart/related; boundary=xyz; start="<0@x>"; type="application/beep+xml"',
+    )
+    data = decode(message)
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.body == GIF
+
+
+def test_content_id_matches_with_or_without_brackets() -> None:
+    part = b"Content-Type: image/gif\r\nContent-ID: 1@example.com\r\n\r\nxyz"
+    data = decode(multipart(DATA_CID, part))
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.body == b"xyz"
+
+
+def test_cid_url_is_unescaped() -> None:
+    """RFC 2392: cid:foo4%25foo1@bar.net names Content-ID <foo4%foo1@bar.net>."""
+    part = b"Content-Type: text/plain\r\nContent-ID: <foo4%foo1@bar.net>\r\n\r\nhi"
+    control = DATA_CID.replace("cid:1@example.com", "cid:foo4%25foo1@bar.net")
+    data = decode(multipart(control, part))
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.name == "foo4%foo1@bar.net"
+    again = decode(encode(data))
+    assert isinstance(again, Data) and again.content == data.content
+
+
+def test_part_without_content_type_is_text_plain() -> None:
+    part = b"Content-ID: <1@example.com>\r\n\r\nhello"
+    data = decode(multipart(DATA_CID, part))
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.media_type == "text/plain"
+
+
+RFC_4_1_INLINE = """\
+<data content='#Content'>
+    <originator identity='fred@example.com' />
+    <recipient identity='barney@example.com' />
+    <data-content Name='Content'>
+        <statusResponse transID='86'>
+            <destination identity='barney@example.com'>
+                <reply code='250' />
+            </destination>
+        </statusResponse>
+    </data-content>
+</data>"""
+
+
+def test_inline_payload() -> None:
+    """§4.1, the third example: content nested as a data-content element."""
+    payload = b"Content-Type: application/beep+xml\r\n\r\n" + crlf(RFC_4_1_INLINE)
+    data = decode(Message.from_payload(payload))
+    assert isinstance(data, Data)
+    assert data.content_ref == "#Content"
+    content = data.content
+    assert content is not None
+    assert content.kind == "inline"
+    assert content.name == "Content"
+    assert content.media_type == BEEP_XML
+    assert content.headers == []
+    assert content.raw.startswith(b"<data-content Name='Content'>\r\n        <statusResponse")
+    assert content.raw.endswith(b"</statusResponse>\r\n    </data-content>")
+    assert content.body.strip().startswith(b"<statusResponse transID='86'>")
+    assert decode_status_response(content.body) == StatusResponse(
+        86, [("barney@example.com", 250, "")]
+    )
+
+
+def test_inline_content_empty_element() -> None:
+    data = decode(
+        xml(
+            "<data content='#C'><originator identity='a@b.example'/>"
+            "<recipient identity='c@d.example'/><data-content Name='C' a='x>y' /></data>"
+        )
+    )
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.raw == b"<data-content Name='C' a='x>y' />"
+    assert data.content.body == b""
+
+
+def test_external_content() -> None:
+    """§4.1: the content may be an absolute URI outside the payload; nothing is carried."""
+    data = decode(
+        xml(
+            "<data content='http://example.com/x#y'><originator identity='a@example.com'/>"
+            "<recipient identity='b@example.com'/></data>"
+        )
+    )
+    assert isinstance(data, Data)
+    assert data.content is None
+    assert data.content_ref == "http://example.com/x#y"
+    assert decode(encode(data)) == data
+
+
+# --------------------------------------------------------------------------- §4.2, §4.4 elements
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # §4.2, piggybacked in the start element's CDATA.
+        (
+            "<attach endpoint='fred@example.com'\n                 transID='1' />",
+            Attach("fred@example.com", 1),
+        ),
+        ("<bind relay='example.com'\n               transID='1' />", Bind("example.com", 1)),
+        # §4.4.1
+        ("<attach endpoint='fred@example.com' transID='1' />", Attach("fred@example.com", 1)),
+        ("<attach endpoint='wilma@example.com' transID='2' />", Attach("wilma@example.com", 2)),
+        ("<ok />", OK()),
+        ("<error code='537'>access denied</error>", Error(537, "access denied")),
+        # §4.4.2
+        ("<bind relay='example.com' transID='1' />", Bind("example.com", 1)),
+        ("<bind relay='rubble.com' transID='2' />", Bind("rubble.com", 2)),
+        # §4.4.3
+        ("<terminate transID='1' />", Terminate(1)),
+        ("<terminate transID='13' />", Terminate(13)),
+        (
+            "<error code='550'>unknown transaction-identifier</error>",
+            Error(550, "unknown transaction-identifier"),
+        ),
+        # DTD §9.1 defaults and optional attributes.
+        ("<terminate />", Terminate(0, 250)),
+        (
+            "<terminate transID='0' code='421' xml:lang='en'>shutting\ndown</terminate>",
+            Terminate(0, 421, "shutting\ndown", "en"),
+        ),
+        ("<error code='500' xml:lang='de' />", Error(500, "", "de")),
+        ("<bind relay='[10.0.0.1]' transID='7' />", Bind("[10.0.0.1]", 7)),
+    ],
+)
+def test_rfc_elements(text: str, expected: wire.APEXElement) -> None:
+    assert decode(xml(text)) == expected
+    assert decode(encode(expected)) == expected
+
+
+DATA_CID = """\
+<data content='cid:1@example.com'>
+    <originator identity='fred@example.com' />
+    <recipient identity='barney@example.com' />
+</data>"""
+
+
+def test_rfc_data_element() -> None:
+    """§4.4.4: the data element, its content a body part."""
+    data = decode(multipart(DATA_CID, PART_1))
+    assert isinstance(data, Data)
+    assert data.originator.identity == "fred@example.com"
+    assert [r.identity for r in data.recipients] == ["barney@example.com"]
+    assert data.content is not None and data.content.body == GIF
+
+
+def test_options_on_every_container() -> None:
+    """§5: options may be in attach, data, originator and recipient."""
+    attach = decode(
+        xml(
+            "<attach endpoint='fred@example.com' transID='1'>"
+            "<option internal='attachOverride' transID='3' /></attach>"
+        )
+    )
+    assert attach == Attach(
+        "fred@example.com", 1, [Option("attachOverride", trans_id=3)]
+    )  # RFC 3342 §1
+    data = decode(
+        multipart(
+            "<data content='cid:1@example.com'>"
+            "<originator identity='fred@example.com'><option internal='o' /></originator>"
+            "<recipient identity='a@example.com'><option internal='r1' /></recipient>"
+            "<recipient identity='b@example.com'><option external='http://x.example/o#1'"
+            " targetHop='this' localize='en fr' /></recipient>"
+            "<option internal='hold4Endpoint' /></data>",
+            PART_1,
+        )
+    )
+    assert isinstance(data, Data)
+    assert data.originator.options == [Option("o")]
+    assert data.recipients[0].options == [Option("r1")]
+    assert data.recipients[1].options == [
+        Option("http://x.example/o#1", external=True, target_hop="this", localize="en fr")
+    ]
+    assert data.options == [Option("hold4Endpoint")]
+
+
+STATUS_REQUEST_DATA = """\
+<data content='cid:1@example.com'>
+       <originator identity='fred@example.com' />
+       <recipient identity='barney@rubble.com' />
+       <option internal='statusRequest' targetHop='final'
+               mustUnderstand='true' transID='86' />
+   </data>"""
+
+
+def test_status_request_example() -> None:
+    """§5.1: data with a statusRequest option."""
+    data = decode(multipart(STATUS_REQUEST_DATA, PART_1))
+    assert isinstance(data, Data)
+    assert data.options == [
+        Option("statusRequest", target_hop="final", must_understand=True, trans_id=86)
+    ]
+
+
+STATUS_RESPONSE_550 = """\
+<data content='#Content'>
+       <originator identity='apex=report@example.com' />
+       <recipient identity='fred@example.com' />
+       <data-content Name='Content'>
+           <statusResponse transID='86'>
+               <destination identity='barney@example.com'>
+                   <reply code='550'>unknown endpoint
+                                     identity</reply>
+               </destination>
+           </statusResponse>
+       </data-content>
+   </data>"""
+
+
+def test_status_response_examples() -> None:
+    """§5.1: the report service's data, and the statusResponse in it (§6.2)."""
+    data = decode(xml(STATUS_RESPONSE_550))
+    assert isinstance(data, Data)
+    assert data.originator.identity == "apex=report@example.com"
+    assert data.content is not None
+    response = decode_status_response(data.content.body)
+    assert response.trans_id == 86
+    [(identity, code, text)] = response.destinations
+    assert (identity, code) == ("barney@example.com", 550)
+    assert text.split() == ["unknown", "endpoint", "identity"]
+
+
+DATA_HOPPING = """\
+<data content='cid:1@example.com'>
+       <originator identity='appl=pubsub/topic=fred@example.com' />
+       <recipient identity='barney@example.com' />
+       <option internal='dataHopping' targetHop='all'
+               mustUnderstand='true' transID='86'>
+           <dataHopping noMoreThan='2' reportErrors='true' />
+       </option>
+   </data>"""
+
+
+def test_data_hopping_example() -> None:
+    """RFC 3342 §4: the option's content is kept as the octets received."""
+    data = decode(multipart(DATA_HOPPING, PART_1))
+    assert isinstance(data, Data)
+    assert data.options == [
+        Option(
+            "dataHopping",
+            target_hop="all",
+            must_understand=True,
+            trans_id=86,
+            body="<dataHopping noMoreThan='2' reportErrors='true' />",
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- report service
+
+
+def test_status_response_round_trip() -> None:
+    response = StatusResponse(
+        86,
+        [("barney@example.com", 250, ""), ("wilma@example.com", 550, "unknown endpoint <x>")],
+    )
+    text = encode_status_response(response)
+    assert "<reply code='250' transID='86' />" in text  # §9.1: reply's transID is required
+    assert decode_status_response(text) == response
+    assert decode_status_response(text.encode()) == response
+
+
+def test_status_response_data() -> None:
+    """§5.1: from apex=report@domain to the originator, the statusResponse inline."""
+    response = StatusResponse(86, [("barney@rubble.com", 250, "")])
+    for report in ("apex=report@rubble.com", "rubble.com"):
+        data = status_response_data(report, "fred@example.com", response)
+        assert data.originator == Originator("apex=report@rubble.com")
+        assert data.recipients == [Recipient("fred@example.com")]
+        assert data.options == []
+        assert data.content_ref == "#Content"
+        message = encode(data)
+        assert message.content_type == BEEP_XML
+        again = decode(message)
+        assert isinstance(again, Data) and again.content is not None
+        assert again.content == data.content
+        assert decode_status_response(again.content.body) == response
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("<statusResponse transID='1' />", 501),
+        ("<statusResponse><destination identity='a@b.example'><reply code='250'/>"
+         "</destination></statusResponse>", 501),
+        ("<statusResponse transID='1'><destination identity='a@b.example' />"
+         "</statusResponse>", 501),
+        ("<statusResponse transID='1'><destination identity='a@b.example'><reply code='250'/>"
+         "<reply code='250'/></destination></statusResponse>", 501),
+        ("<statusResponse transID='1'><destination identity='a@b.example'><reply/>"
+         "</destination></statusResponse>", 501),
+        ("<statusResponse transID='1'><destination identity='a@b.example'>"
+         "<reply code='250' transID='0'/></destination></statusResponse>", 501),
+        ("<statusResponse transID='1'><destination identity='nobody'><reply code='250'/>"
+         "</destination></statusResponse>", 553),
+        ("<statusResponse transID='1'><x/></statusResponse>", 501),
+        ("<statusResponse transID='1'>text<destination identity='a@b.example'>"
+         "<reply code='250'/></destination></statusResponse>", 501),
+        ("<reply code='250' />", 501),
+        ("<statusResponse", 500),
+        ("", 500),
+    ],
+)  # fmt: skip
+def test_bad_status_responses(text: str, code: int) -> None:
+    with pytest.raises(APEXError) as info:
+        decode_status_response(text)
+    assert info.value.code == code
+
+
+# --------------------------------------------------------------------------- content preserved
+
+
+def test_content_preserved_when_envelope_changes() -> None:
+    """§4.4.4.1: relays never modify content, however the data element changes."""
+    original = decode(rfc_multipart())
+    assert isinstance(original, Data) and original.content is not None
+    changed = dataclasses.replace(
+        original,
+        recipients=[Recipient("wilma@example.com", [Option("r", body="<x>\r\n</x>")])],
+        options=[Option("statusRequest", must_understand=True, trans_id=9)],
+    )
+    message = encode(changed)
+    assert message.content_type == "multipart/related"
+    assert 'boundary="boundary"' in (message.header("Content-Type") or "")  # reused
+    again = decode(Message.from_payload(message.to_payload()))
+    assert isinstance(again, Data) and again.content is not None
+    assert again.content.raw == original.content.raw
+    assert again.recipients == changed.recipients
+    assert again.options == changed.options
+
+
+def test_inline_content_preserved_when_envelope_changes() -> None:
+    original = decode(xml(RFC_4_1_INLINE.replace("\n", "\r\n")))
+    assert isinstance(original, Data) and original.content is not None
+    changed = dataclasses.replace(original, recipients=[Recipient("wilma@example.com")])
+    message = encode(changed)
+    assert original.content.raw in message.body  # spliced in verbatim
+    again = decode(message)
+    assert isinstance(again, Data) and again.content is not None
+    assert again.content.raw == original.content.raw
+    assert b"\r\n" in again.content.raw  # no line-end normalisation of content
+
+
+def test_received_boundary_not_reused_when_control_part_contains_it() -> None:
+    original = decode(rfc_multipart())
+    assert isinstance(original, Data)
+    changed = dataclasses.replace(original, options=[Option("x", body="<a>\r\n--boundary</a>")])
+    message = encode(changed)
+    assert 'boundary="boundary"' not in (message.header("Content-Type") or "")
+    again = decode(message)
+    assert isinstance(again, Data)
+    assert again.options == changed.options
+    assert again.content == original.content
+
+
+def test_new_content() -> None:
+    content = Content.from_bytes(
+        b"\x00\xff--\r\n", "Application/Octet-Stream", [("X-Note", "hi")], content_id="c@x"
+    )
+    assert content.kind == "part"
+    assert content.ref == "cid:c@x"
+    assert content.media_type == "application/octet-stream"
+    assert content.body == b"\x00\xff--\r\n"
+    assert ("X-Note", "hi") in content.headers
+    assert ("Content-Transfer-Encoding", "binary") in content.headers
+    data = Data(Originator("fred@example.com"), [Recipient("barney@example.com")], content=content)
+    assert data.content_ref == "cid:c@x"
+    again = decode(encode(data))
+    assert again == data
+    qp = Content.from_bytes(b"x", "text/plain", [("Content-Transfer-Encoding", "8bit")])
+    assert [v for k, v in qp.headers if k == "Content-Transfer-Encoding"] == ["8bit"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: Content.from_bytes(b"", "text/plain", [("Content-ID", "<x@y>")]),
+        lambda: Content.from_bytes(b"", "text/plain\r\nX: y"),
+        lambda: Content.from_bytes(b"", "text/plain", [("Bad Name", "v")]),
+        lambda: Content.from_bytes(b"", "text/plain", content_id="<x@y>"),
+        lambda: Content.inline_xml("<unclosed>"),
+        lambda: Content.inline_xml("<x/>", name="1abc"),
+    ],
+)
+def test_bad_new_content(call: Callable[[], object]) -> None:
+    with pytest.raises(ValueError):
+        call()
+
+
+@pytest.mark.parametrize(
+    "element",
+    [
+        Attach("fred", 1),
+        Attach("fred@example.com", 0),
+        Bind("exa_mple.com", 1),
+        Terminate(-1),
+        Error(99),
+        Attach("a@b.example", 1, [Option("bad name")]),
+        Attach("a@b.example", 1, [Option("relative/uri", external=True)]),
+        Attach("a@b.example", 1, [Option("o", target_hop="next")]),
+        Attach("a@b.example", 1, [Option("o", trans_id=2147483648)]),
+        Attach("a@b.example", 1, [Option("o", body="<unclosed>")]),
+        Data(Originator("a@b.example"), [], content_ref="http://x/"),
+        Data(Originator("a@b.example"), [Recipient("bad")], content_ref="http://x/"),
+        Data(Originator("a@b.example"), [Recipient("c@d.example")], content_ref="#C"),
+        Data(Originator("a@b.example"), [Recipient("c@d.example")], content_ref="cid:x@y"),
+        Data(
+            Originator("a@b.example"),
+            [Recipient("c@d.example")],
+            content_ref="#D",
+            content=Content.inline_xml("<x/>", "C"),
+        ),
+        Data(
+            Originator("a@b.example"),
+            [Recipient("c@d.example")],
+            content_ref="cid:other@x",
+            content=Content.from_bytes(b"", "text/plain", content_id="c@x"),
+        ),
+    ],
+)
+def test_encode_refuses_invalid_objects(element: wire.APEXElement) -> None:
+    with pytest.raises(ValueError):
+        encode(element)
+
+
+def test_encode_refuses_non_elements() -> None:
+    with pytest.raises(TypeError):
+        encode("<ok/>")  # type: ignore[arg-type]
+
+
+def test_encode_bad_status_responses() -> None:
+    for response in (
+        StatusResponse(0, [("a@b.example", 250, "")]),
+        StatusResponse(1, []),
+        StatusResponse(1, [("bad", 250, "")]),
+        StatusResponse(1, [("a@b.example", 1000, "")]),
+    ):
+        with pytest.raises(ValueError):
+            encode_status_response(response)
+
+
+def test_diagnostics_survive_encoding() -> None:
+    error = Error(554, "policy\r\nviolation \x00 <&>")
+    again = decode(encode(error))
+    assert again == Error(554, "policy\r\nviolation \ufffd <&>")
+
+
+# --------------------------------------------------------------------------- malformed input
+
+
+def data_xml(inner: str, content: str = "http://example.com/c") -> str:
+    return f"<data content={quoteattr(content)}>{inner}</data>"
+
+
+PARTIES = "<originator identity='a@example.com'/><recipient identity='b@example.com'/>"
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        # Poorly formed XML: 500.
+        ("", 500),
+        ("junk", 500),
+        ("<attach", 500),
+        ("<ok/><ok/>", 500),
+        ("<ok>&undefined;</ok>", 500),
+        (
+            "<!DOCTYPE lolz [<!ENTITY lol 'lol'><!ENTITY lol2 '&lol;&lol;'>]><error code='500'>"
+            "&lol2;</error>",
+            500,
+        ),
+        ("<!DOCTYPE ok SYSTEM 'http://example.com/apex.dtd'><ok/>", 500),
+        ("<?xml version='1.0' encoding='ISO-8859-1'?><ok/>", 500),
+        ("<?xml version='1.0' encoding='UTF-8'?><ok/>", None),
+        ("<a>" * 100 + "</a>" * 100, 500),
+        # Unknown or misused elements: 501.
+        ("<statusResponse transID='1'/>", 501),
+        ("<greeting />", 501),
+        ("<ok>text</ok>", 501),
+        ("<ok><x/></ok>", 501),
+        ("<error>no code</error>", 501),
+        ("<error code='5000'/>", 501),
+        ("<error code='abc'/>", 501),
+        ("<error code='250'><b>x</b></error>", 501),
+        ("<terminate code='25'/>", 501),
+        # Missing attributes and bad transIDs: 501.
+        ("<attach transID='1' />", 501),
+        ("<attach endpoint='fred@example.com' />", 501),
+        ("<bind relay='example.com' />", 501),
+        ("<bind transID='1' />", 501),
+        ("<attach endpoint='fred@example.com' transID='0' />", 501),
+        ("<attach endpoint='fred@example.com' transID='-1' />", 501),
+        ("<attach endpoint='fred@example.com' transID=' 1' />", 501),
+        ("<attach endpoint='fred@example.com' transID='abc' />", 501),
+        ("<attach endpoint='fred@example.com' transID='\u0661' />", 501),
+        ("<attach endpoint='fred@example.com' transID='2147483648' />", 501),
+        ("<attach endpoint='fred@example.com' transID='99999999999' />", 501),
+        ("<terminate transID='2147483648' />", 501),
+        ("<attach endpoint='fred@example.com' transID='1'>text</attach>", 501),
+        ("<attach endpoint='fred@example.com' transID='1'><x/></attach>", 501),
+        # Bad identities: 553.
+        ("<attach endpoint='fred' transID='1' />", 553),
+        ("<attach endpoint='fred@@example.com' transID='1' />", 553),
+        ("<attach endpoint='fred@192.0.2.1' transID='1' />", 553),
+        ("<bind relay='exa_mple.com' transID='1' />", 553),
+        ("<bind relay='[192.0.2.300]' transID='1' />", 553),
+        (data_xml("<originator identity='a@example.com'/><recipient identity='b'/>"), 553),
+        (data_xml("<originator identity='a'/><recipient identity='b@example.com'/>"), 553),
+        # The data element's structure: 501.
+        ("<data>" + PARTIES + "</data>", 501),
+        (data_xml("<originator identity='a@example.com'/>"), 501),
+        (data_xml("<recipient identity='b@example.com'/>"), 501),
+        (data_xml(PARTIES + "<originator identity='c@example.com'/>"), 501),
+        (data_xml(PARTIES + "<x/>"), 501),
+        (data_xml(PARTIES + "text"), 501),
+        (data_xml("<originator/><recipient identity='b@example.com'/>"), 501),
+        (data_xml("<originator identity='a@example.com'/><recipient/>"), 501),
+        (data_xml(PARTIES + "<data-content Name='C'/><data-content Name='C'/>", "#C"), 501),
+        (data_xml(PARTIES + "<data-content Name='C'/>", "#D"), 501),
+        (data_xml(PARTIES + "<data-content/>", "#C"), 501),
+        (data_xml(PARTIES, "#C"), 501),
+        (data_xml(PARTIES + "<data-content Name='1C'/>", "#1C"), 501),
+        (data_xml(PARTIES + "<data-content Name='C'/>"), 501),
+        (data_xml(PARTIES, "relative/path"), 501),
+        (data_xml(PARTIES, ""), 501),
+        (data_xml(PARTIES, "cid:1@example.com"), 501),  # no body part in this payload
+        (
+            data_xml(
+                "<originator identity='a@example.com'><x/></originator>"
+                "<recipient identity='b@example.com'/>"
+            ),
+            501,
+        ),
+        # Options: 501.
+        (data_xml(PARTIES + "<option/>"), 501),
+        (data_xml(PARTIES + "<option internal='' external=''/>"), 501),
+        (data_xml(PARTIES + "<option internal='a' external='http://x/'/>"), 501),
+        (data_xml(PARTIES + "<option internal='a b'/>"), 501),
+        (data_xml(PARTIES + "<option external='relative'/>"), 501),
+        (data_xml(PARTIES + "<option internal='a' targetHop='next'/>"), 501),
+        (data_xml(PARTIES + "<option internal='a' mustUnderstand='yes'/>"), 501),
+        (data_xml(PARTIES + "<option internal='a' transID='0'/>"), 501),
+        # Bounded counts: 553.
+        (data_xml(PARTIES + "<option internal='a'/>" * 65), 553),
+        (
+            data_xml(
+                "<originator identity='a@example.com'/>"
+                + "<recipient identity='b@example.com'/>" * (MAX_RECIPIENTS + 1)
+            ),
+            553,
+        ),
+    ],
+)
+def test_malformed_xml(text: str, code: int | None) -> None:
+    if code is None:
+        decode(xml(text))
+    else:
+        expect(code, xml(text))
+
+
+def test_too_big() -> None:
+    expect(500, xml("<error code='500'>" + "x" * wire.MAX_XML + "</error>"))
+
+
+def test_payload_forms_refused() -> None:
+    expect(500, Message(b"<ok/>", "text/xml"))
+    expect(500, Message(b"<ok/>"))  # no Content-Type: application/octet-stream (RFC 3080)
+    expect(
+        504,
+        Message(
+            b"PG9rLz4=",
+            headers=[("Content-Type", BEEP_XML), ("Content-Transfer-Encoding", "base64")],
+        ),
+    )
+
+
+MP = 'multipart/related; boundary="xyz"; type="application/beep+xml"'
+CONTROL = (
+    b"Content-Type: application/beep+xml\r\n\r\n<data content='cid:1@example.com'>"
+    b"<originator identity='a@example.com'/><recipient identity='b@example.com'/></data>"
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "code"),
+    [
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1 + b"\r\n--xyz--", None),
+        (MP, b"preamble\r\n--xyz\r\n" + CONTROL + b"\r\n--xyz \t\r\n" + PART_1 + b"\r\n--xyz--\r\n",
+         None),
+        # No closing delimiter.
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1, 500),
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1 + b"\r\n--xyz", 500),
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1 + b"\r\n--xyz\r\n", 500),
+        # No delimiter at all, no parts, a line that only starts like a delimiter.
+        (MP, CONTROL, 500),
+        (MP, b"--xyz--", 500),
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyzx\r\n" + PART_1 + b"\r\n--xyz--", 500),
+        (MP, b"--xyzjunk", 500),
+        # Boundary parameter missing or invalid; type not beep+xml.
+        ("multipart/related", b"--xyz\r\n" + CONTROL + b"\r\n--xyz--", 500),
+        ('multipart/related; boundary=""', b"--\r\n" + CONTROL + b"\r\n----", 500),
+        ('multipart/related; boundary="a\\"b"', b"", 500),
+        ("multipart/related; boundary=" + "x" * 71, b"", 500),
+        ('multipart/related; boundary="xyz"; type="text/xml"',
+         b"--xyz\r\n" + CONTROL + b"\r\n--xyz--", 500),
+        # A part without the blank line ending its headers, or with bad headers.
+        (MP, b"--xyz\r\nContent-Type: application/beep+xml\r\n--xyz--", 500),
+        (MP, b"--xyz\r\nnot a header\r\n\r\n<ok/>\r\n--xyz--", 500),
+        # The control part is not application/beep+xml, or is transfer-encoded.
+        (MP, b"--xyz\r\n\r\n<ok/>\r\n--xyz--", 500),
+        (MP, b"--xyz\r\nContent-Type: text/plain\r\n\r\n<ok/>\r\n--xyz--", 500),
+        (MP, b"--xyz\r\nContent-Type: application/beep+xml\r\n"
+         b"Content-Transfer-Encoding: base64\r\n\r\nPG9rLz4=\r\n--xyz--", 504),
+        # A cid that matches no part; a start that matches no part; duplicate Content-IDs.
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1.replace(b"<1@", b"<2@")
+         + b"\r\n--xyz--", 501),
+        ('multipart/related; boundary="xyz"; start="<nope>"',
+         b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1 + b"\r\n--xyz--", 501),
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1 + b"\r\n--xyz\r\n" + PART_1
+         + b"\r\n--xyz--", 501),
+        # Parts that nothing references.
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1
+         + b"\r\n--xyz\r\n\r\nextra\r\n--xyz--", 501),
+        (MP, b"--xyz\r\nContent-Type: application/beep+xml\r\n\r\n<ok/>\r\n--xyz\r\n"
+         + PART_1 + b"\r\n--xyz--", 501),
+        # Too many parts.
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n\r\nx" * MAX_PARTS + b"\r\n--xyz--", 553),
+    ],
+)  # fmt: skip
+def test_malformed_multipart(content_type: str, body: bytes, code: int | None) -> None:
+    message = Message(body, content_type)
+    if code is None:
+        data = decode(message)
+        assert isinstance(data, Data) and data.content is not None
+        assert data.content.raw == PART_1
+    else:
+        expect(code, message)
+
+
+def test_other_elements_in_multipart() -> None:
+    """§4.1 allows any element as the start part; only data references another part."""
+    message = Message(
+        b"--xyz\r\nContent-Type: application/beep+xml\r\n\r\n<terminate transID='3'/>\r\n--xyz--",
+        MP,
+    )
+    assert decode(message) == Terminate(3)
+
+
+def test_inline_content_in_multipart() -> None:
+    message = Message(
+        b"--xyz\r\nContent-Type: application/beep+xml\r\n\r\n"
+        + data_xml(PARTIES + "<data-content Name='C'><x/></data-content>", "#C").encode()
+        + b"\r\n--xyz--",
+        MP,
+    )
+    data = decode(message)
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.body == b"<x/>"
+    assert encode(data).content_type == BEEP_XML
+
+
+# --------------------------------------------------------------------------- properties
+
+TOKEN = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="/@\ufffe\uffff"),
+    min_size=1,
+    max_size=12,
+)
+DOMAIN = st.sampled_from(["example.com", "rubble.com", "[192.0.2.1]", "[IPv6:2001:db8::1]"])
+IDENTITY = st.builds(
+    lambda a, s, d: f"{a}/{s}@{d}" if s else f"{a}@{d}", TOKEN, st.none() | TOKEN, DOMAIN
+)
+# XML 1.0 characters, without CR (line-end normalisation) where text is parsed back.
+XML_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffe\uffff\r").filter(
+        lambda c: c >= " " or c in "\t\n"
+    ),
+    max_size=20,
+)
+XML_RAW_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffe\uffff").filter(
+        lambda c: c >= " " or c in "\t\n\r"
+    ),
+    max_size=20,
+)
+BODY = st.one_of(
+    st.just(""),
+    st.builds(lambda t, a: f"<x a={quoteattr(a)}>{escape(t)}</x>", XML_RAW_TEXT, XML_TEXT),
+    st.just("<dataHopping noMoreThan='2' reportErrors='true' />"),
+)
+OPTION = st.builds(
+    Option,
+    name=st.from_regex(r"[A-Za-z0-9_.:-]{1,12}", fullmatch=True),
+    external=st.just(False),
+    target_hop=st.sampled_from(["this", "final", "all"]),
+    must_understand=st.booleans(),
+    trans_id=st.integers(0, 2147483647),
+    localize=st.none() | st.sampled_from(["en", "i-default", "en fr", ""]),
+    body=BODY,
+) | st.builds(
+    Option,
+    name=st.from_regex(r"https?://[a-z]{1,8}\.example/[a-z0-9#]{0,8}", fullmatch=True),
+    external=st.just(True),
+)
+OPTIONS = st.lists(OPTION, max_size=3)
+# Content octets that try to look like MIME structure.
+CONTENT_BYTES = st.lists(
+    st.one_of(
+        st.binary(max_size=16),
+        st.sampled_from(
+            [b"\r\n", b"--", b"boundary", b"\r\n--boundary", b"\r\n--boundary--", b"--apex-",
+             b"\r\n--apex-", b"\r\n\r\n", b"Content-ID: <1@example.com>\r\n", b"\x00", b"\r"]
+        ),
+    ),
+    max_size=12,
+).map(b"".join)  # fmt: skip
+MEDIA = st.sampled_from(["image/gif", "text/plain; charset=utf-8", "application/octet-stream"])
+PART_CONTENT = st.builds(Content.from_bytes, CONTENT_BYTES, MEDIA)
+INLINE_CONTENT = st.builds(
+    lambda t, a, name: Content.inline_xml(f"\r\n <x a={quoteattr(a)}>{escape(t)}</x>\n", name),
+    XML_RAW_TEXT,
+    XML_TEXT,
+    st.sampled_from(["Content", "C", "x.y-z", "été"]),
+)
+DATA = st.builds(
+    Data,
+    originator=st.builds(Originator, IDENTITY, OPTIONS),
+    recipients=st.lists(st.builds(Recipient, IDENTITY, OPTIONS), min_size=1, max_size=4),
+    options=OPTIONS,
+    content=st.one_of(PART_CONTENT, INLINE_CONTENT),
+)
+DIAGNOSTIC = XML_TEXT.map(str.strip)
+ELEMENT = st.one_of(
+    st.builds(Attach, IDENTITY, st.integers(1, 2147483647), OPTIONS),
+    st.builds(
+        Bind, st.sampled_from(["example.com", "[10.0.0.1]"]), st.integers(1, 2**31 - 1), OPTIONS
+    ),
+    st.builds(
+        Terminate,
+        st.integers(0, 2**31 - 1),
+        st.integers(100, 599),
+        DIAGNOSTIC,
+        st.none() | st.just("en"),
+    ),
+    st.just(OK()),
+    st.builds(Error, st.integers(100, 599), DIAGNOSTIC, st.none() | st.just("fr")),
+    DATA,
+)
+
+
+def wire_trip(message: Message) -> Message:
+    return Message.from_payload(message.to_payload())
+
+
+@SETTINGS
+@given(ELEMENT)
+def test_round_trip(element: wire.APEXElement) -> None:
+    assert decode(wire_trip(encode(element))) == element
+
+
+@SETTINGS
+@given(DATA, st.lists(st.builds(Recipient, IDENTITY, OPTIONS), min_size=1, max_size=3), OPTIONS)
+def test_content_is_byte_identical(data: Data, recipients: list[Recipient], options) -> None:
+    """decode(encode(decode(x))) carries the same content octets, whatever the envelope."""
+    first = decode(wire_trip(encode(data)))
+    assert isinstance(first, Data) and first.content is not None and data.content is not None
+    assert first.content.raw == data.content.raw
+    changed = dataclasses.replace(first, recipients=recipients, options=first.options + options)
+    second = decode(wire_trip(encode(changed)))
+    assert isinstance(second, Data) and second.content is not None
+    assert second.content.raw == data.content.raw
+    assert second.content.body == data.content.body
+    assert second.recipients == recipients
+
+
+@SETTINGS
+@given(CONTENT_BYTES, st.sampled_from(["boundary", "b", "apex-0", "=_x"]))
+def test_received_part_survives_forwarding(body: bytes, boundary: str) -> None:
+    """A part received in someone else's multipart goes on byte for byte."""
+    part = b"Content-Type: application/octet-stream\r\nContent-ID: <1@example.com>\r\n\r\n" + body
+    delimiter = b"\r\n--" + boundary.encode()
+    assume(delimiter not in b"\r\n" + part)
+    data = decode(multipart(DATA_CID, part, boundary=boundary))
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.raw == part
+    forwarded = decode(wire_trip(encode(dataclasses.replace(data, options=[Option("x")]))))
+    assert isinstance(forwarded, Data) and forwarded.content is not None
+    assert forwarded.content.raw == part
+
+
+# --------------------------------------------------------------------------- junk never escapes
+
+
+def decode_junk(message: Message) -> None:
+    """Junk gives APEXError; anything that decodes must encode and decode to the same."""
+    try:
+        element = decode(message)
+    except APEXError as e:
+        assert e.code in (500, 501, 504, 553)
+        return
+    assert decode(wire_trip(encode(element))) == element
+
+
+@SETTINGS
+@given(st.binary(max_size=200))
+def test_junk_xml(body: bytes) -> None:
+    decode_junk(Message(body, BEEP_XML))
+
+
+VOCABULARY = st.sampled_from(
+    [
+        "<data content='#C'>", "<data content='cid:1@example.com'>", "<data content='x:y'>",
+        "</data>", "<originator identity='a@example.com'/>", "<originator identity='a'>",
+        "</originator>", "<recipient identity='b@example.com'/>", "<recipient identity='b@x'>",
+        "</recipient>", "<option internal='dataHopping' targetHop='all'>", "<option internal='o'/>",
+        "<option external='http://x/'/>", "</option>", "<data-content Name='C'>",
+        "<data-content Name='C'/>", "</data-content>", "<attach endpoint='a@b.c' transID='1'>",
+        "</attach>", "<bind relay='b.c' transID='2'/>", "<terminate>", "</terminate>", "<ok/>",
+        "<error code='550'>", "</error>", "text", " ", "\r\n", "&amp;", "<![CDATA[x]]>",
+        "<!-- c -->", "<?pi x?>", "'", '"', ">", "<", "/>",
+    ]
+)  # fmt: skip
+
+
+@SETTINGS
+@given(st.lists(VOCABULARY, max_size=14).map("".join))
+def test_junk_apex_xml(text: str) -> None:
+    decode_junk(xml(text))
+    decode_junk(multipart(text, PART_1))
+
+
+@SETTINGS
+@given(st.text(max_size=100), st.binary(max_size=200))
+def test_junk_multipart_header(content_type: str, body: bytes) -> None:
+    try:
+        message = Message(body, "multipart/related; " + content_type)
+    except MessageError:
+        return
+    decode_junk(message)
+
+
+PAYLOADS = [
+    crlf(RFC_4_1_MULTIPART),
+    b"Content-Type: application/beep+xml\r\n\r\n" + crlf(RFC_4_1_INLINE),
+    encode(decode(multipart(DATA_HOPPING, PART_1))).to_payload(),
+]
+
+
+@SETTINGS
+@given(
+    st.sampled_from(PAYLOADS),
+    st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 8), st.binary(max_size=8)), max_size=4),
+)
+def test_mutated_payloads(payload: bytes, edits: list[tuple[int, int, bytes]]) -> None:
+    """Payloads with slices replaced by junk give APEXError or something that round-trips."""
+    for at, length, junk in edits:
+        at %= len(payload) + 1
+        payload = payload[:at] + junk + payload[at + length :]
+    try:
+        message = Message.from_payload(payload)
+    except MessageError:
+        return
+    decode_junk(message)
