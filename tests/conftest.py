@@ -81,3 +81,6 @@ def root_and_intermediate() -> tuple[x509.Certificate, Issued]:
         .sign(root_key, hashes.SHA256())
     )
     return root, Issued(mid, mid_key)
+
+
+pytest_plugins = ["dnsserver"]

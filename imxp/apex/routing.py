@@ -1,0 +1,479 @@
+"""The next hop towards an APEX domain: literals, static routes, a smart host, DNS SRV.
+
+RFC 3340 §3.1 locates the relays of an administrative domain with the SRV algorithm of
+RFC 2782, service ``apex-mesh`` (relay-relay, port 912 of §8.2) or ``apex-edge``
+(endpoint-relay, port 913 of §8.3), protocol ``tcp``; a domain written as a literal
+(``[192.0.2.1]``) is connected to directly at the IANA port. :class:`Router` applies, in
+order:
+
+1. domain literal -> the address itself at the default port (§3.1; §3.1 names the port of
+   §8.2, which is what the default is for the mesh service; an edge router uses §8.3's);
+2. a static route configured for the domain;
+3. the smart host, when one is configured;
+4. DNS: SRV records ordered as RFC 2782 says; without any, the domain's own address records
+   at the default port (an "implicit" route, as mail falls back from MX to A).
+
+Every candidate carries the name its TLS certificate must prove (RFC 6125 §6.2.1): for SRV
+and implicit routes the source domain, never the SRV target, since the SRV answer is not
+protected against a network attacker while the domain came from the address being served.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, IResolver
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names import error as dns_error
+from twisted.names.client import createResolver
+from twisted.python.failure import Failure
+
+from imxp.apex.address import is_literal, literal_address, normalise_domain
+
+__all__ = [
+    "MESH_SERVICE",
+    "EDGE_SERVICE",
+    "MESH_PORT",
+    "EDGE_PORT",
+    "Target",
+    "NoRoute",
+    "Router",
+]
+
+MESH_SERVICE = "_apex-mesh._tcp"
+EDGE_SERVICE = "_apex-edge._tcp"
+MESH_PORT = 912  # RFC 3340 §8.2
+EDGE_PORT = 913  # RFC 3340 §8.3
+
+log = Logger(namespace="imxp.apex.routing")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One place to try, in the order :meth:`Router.route` returns them."""
+
+    host: str
+    """Host name or IP address to connect to."""
+    port: int
+    tls_name: str
+    """The name the peer's TLS certificate must match (RFC 6125 §6.2.1): the destination
+    domain for SRV, implicit and (unless configured otherwise) static routes, the smart
+    host's own name, the address for a literal."""
+    source: str
+    """Which rule produced it: "literal", "static", "smart-host", "srv" or "implicit"."""
+
+
+class NoRoute(Exception):
+    """No way to reach ``domain``.
+
+    ``permanent`` failures (the domain does not exist, SRV says the service is not
+    available, the name is not a domain) will not heal by waiting; temporary ones (DNS
+    timeout, SERVFAIL) may.
+    """
+
+    def __init__(self, domain: str, reason: str, permanent: bool) -> None:
+        kind = "permanent" if permanent else "temporary"
+        super().__init__(f"no route to {domain}: {reason} ({kind})")
+        self.domain = domain
+        self.reason = reason
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """A configured next hop: a static route's value or the smart host."""
+
+    host: str
+    port: int
+    tls_name: str | None  # None: the rule's default (see Router)
+
+    def __str__(self) -> str:
+        return _hostport(self)
+
+
+@dataclass(frozen=True)
+class _ServiceRecord:
+    priority: int
+    weight: int
+    port: int
+    target: str  # "" is the root, RFC 2782's "."
+    ttl: int
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What DNS said about one domain, as cached: SRV records, none (implicit), or a failure."""
+
+    records: tuple[_ServiceRecord, ...]
+    reason: str | None  # set when the answer is a failure
+    permanent: bool
+    expires: float  # clock time; an answer not to be cached expires when it arrives
+
+
+class Router:
+    """Finds the relays to try for a domain (RFC 3340 §3.1).
+
+    ``static_routes`` maps a domain (or ``.parent`` for every domain below parent) to
+    ``"host"``, ``"host:port"`` or ``"[IPv6]:port"``, optionally followed by ``=tlsname``.
+    The TLS name of a static route defaults to the destination domain itself: the relay we
+    reach must prove it may act for the domain the data is for, whichever host that is
+    (RFC 6125 §6.2.1, the source domain); ``=tlsname`` names a gateway whose certificate
+    carries its own name instead. The smart host takes the same form and gets every domain
+    without a static route; its TLS name defaults to its host name, as it is a relay of our
+    own choosing rather than one acting for the destination.
+
+    DNS answers are cached for the smallest TTL of the SRV set; answers without usable SRV
+    records (implicit routes, permanent failures) for ``negative_ttl``; temporary failures
+    not at all, so that delivery resumes as soon as DNS does. At most ``max_cache`` domains
+    are kept, the least recently used going first. Concurrent lookups for one domain share
+    one query.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: str = MESH_SERVICE,
+        default_port: int = MESH_PORT,
+        static_routes: Mapping[str, str] | None = None,
+        smart_host: str | None = None,
+        resolver: IResolver | None = None,
+        clock: IReactorTime | None = None,
+        rng: random.Random | None = None,
+        negative_ttl: float = 60.0,
+        max_cache: int = 10_000,
+    ) -> None:
+        """``resolver`` defaults to ``twisted.names.client.createResolver()`` (hosts file,
+        cache, the servers of resolv.conf). Raises ValueError for a malformed static route or
+        smart host.
+        """
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self._service = service
+        self._default_port = default_port
+        self._static: dict[str, _Hop] = {}
+        for key, value in (static_routes or {}).items():
+            if key == "*":
+                raise ValueError("a static route for '*' is what smart_host is for")
+            if is_literal(key):
+                raise ValueError(f"{key!r}: a domain literal always goes to its own address")
+            try:
+                if key.startswith("."):
+                    pattern = "." + normalise_domain(key[1:])
+                else:
+                    pattern = normalise_domain(key)
+                self._static[pattern] = _parse_hop(value, default_port)
+            except ValueError as e:
+                raise ValueError(f"static route {key!r} = {value!r}: {e}") from None
+        try:
+            self._smart_host = None if smart_host is None else _parse_hop(smart_host, default_port)
+        except ValueError as e:
+            raise ValueError(f"smart host {smart_host!r}: {e}") from None
+        self._resolver = resolver
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._negative_ttl = negative_ttl
+        self._max_cache = max_cache
+        self._cache: OrderedDict[str, _Answer] = OrderedDict()
+        self._pending: dict[str, list[Deferred[_Answer]]] = {}
+
+    def route(self, domain: str) -> Deferred[list[Target]]:
+        """The candidates for ``domain`` in the order to try them; errback :class:`NoRoute`.
+
+        SRV candidates are drawn afresh on every call, cached answer or not, so that the
+        weights of RFC 2782 spread the load over successive deliveries.
+        """
+        return defer.ensureDeferred(self._route(domain))
+
+    def describe(self, domain: str) -> Deferred[str]:
+        """A human-readable account of how ``domain`` is routed and why (``imxp route``)."""
+        return defer.ensureDeferred(self._describe(domain))
+
+    async def _route(self, domain: str) -> list[Target]:
+        try:
+            name, target, _rule = self._configured(domain)
+        except NoRoute as e:
+            # Not a lookup, but a route that failed all the same: logged like one.
+            _log_failure(domain, e.reason, e.permanent)
+            raise
+        if target is not None:
+            return [target]
+        return self._targets(name, await self._answer(name))
+
+    async def _describe(self, domain: str) -> str:
+        try:
+            name, target, rule = self._configured(domain)
+        except NoRoute as e:
+            return f"{domain}: no route (permanent): {e.reason}"
+        if target is not None:
+            return f"{name}: {rule}\n  -> {_hostport(target)}, TLS name {target.tls_name}"
+        cached = self._fresh(name)
+        answer = cached or await self._answer(name)
+        lines = [f"{name}: {rule}"]
+        if cached is not None:
+            left = cached.expires - self._clock.seconds()
+            lines.append(f"  answer from cache, {left:.0f} s left")
+        for r in sorted(answer.records, key=lambda r: (r.priority, -r.weight, r.target)):
+            lines.append(
+                f"  priority {r.priority} weight {r.weight} port {r.port} "
+                f"target {r.target or '.'} ttl {r.ttl}"
+            )
+        if answer.reason is not None:
+            kind = "permanent" if answer.permanent else "temporary"
+            lines.append(f"  no route ({kind}): {answer.reason}")
+            return "\n".join(lines)
+        targets = self._targets(name, answer)
+        if answer.records:
+            order = ", ".join(_hostport(t) for t in targets)
+            lines.append(f"  candidates in the order of this draw (RFC 2782): {order}")
+        else:
+            lines.append(
+                f"  no SRV records: implicit route to {name}:{self._default_port} "
+                "(the domain's own address records)"
+            )
+        lines.append(f"  TLS name {name} (RFC 6125 §6.2.1: the source domain)")
+        return "\n".join(lines)
+
+    def _configured(self, domain: str) -> tuple[str, Target | None, str]:
+        """(normal name, the Target of rules 1-3 or None for DNS, the rule's description).
+
+        Raises NoRoute (permanent) for a name that is neither a domain nor a literal.
+        """
+        try:
+            address = literal_address(domain)
+            name = normalise_domain(domain)
+        except ValueError as e:
+            raise NoRoute(domain, str(e), permanent=True) from None
+        if address is not None:
+            rule = "domain literal: the address itself at the IANA port (RFC 3340 §3.1)"
+            return name, Target(address, self._default_port, address, "literal"), rule
+        static = self._static_route(name)
+        if static is not None:
+            key, hop = static
+            target = Target(hop.host, hop.port, hop.tls_name or name, "static")
+            return name, target, f"static route {key!r} -> {hop}"
+        if self._smart_host is not None:
+            hop = self._smart_host
+            target = Target(hop.host, hop.port, hop.tls_name or hop.host, "smart-host")
+            return name, target, f"smart host {hop}"
+        return name, None, f"SRV lookup of {self._service}.{name} (RFC 3340 §3.1, RFC 2782)"
+
+    def _static_route(self, name: str) -> tuple[str, _Hop] | None:
+        """The static route for ``name``: an exact key, else the nearest ``.parent`` key."""
+        if name in self._static:
+            return name, self._static[name]
+        labels = name.split(".")
+        for i in range(1, len(labels)):
+            key = "." + ".".join(labels[i:])
+            if key in self._static:
+                return key, self._static[key]
+        return None
+
+    def _targets(self, name: str, answer: _Answer) -> list[Target]:
+        if answer.reason is not None:
+            raise NoRoute(name, answer.reason, answer.permanent)
+        if not answer.records:
+            return [Target(name, self._default_port, name, "implicit")]
+        usable = [r for r in answer.records if r.target]
+        return [Target(r.target, r.port, name, "srv") for r in _rfc2782_order(usable, self._rng)]
+
+    def _fresh(self, name: str) -> _Answer | None:
+        answer = self._cache.get(name)
+        if answer is None or answer.expires <= self._clock.seconds():
+            return None
+        self._cache.move_to_end(name)  # least recently used goes first when full
+        return answer
+
+    def _answer(self, name: str) -> Deferred[_Answer]:
+        """The cached answer for ``name`` or, joining any lookup already under way, a new one."""
+        cached = self._fresh(name)
+        if cached is not None:
+            return defer.succeed(cached)
+        waiting = self._pending.setdefault(name, [])
+        d: Deferred[_Answer] = Deferred()
+        waiting.append(d)
+        if len(waiting) == 1:
+            defer.ensureDeferred(self._lookup(name)).addBoth(self._settle, name)
+        return d
+
+    def _settle(self, result: _Answer | Failure, name: str) -> None:
+        if isinstance(result, Failure):
+            # A bug, not DNS (_lookup turns DNS errors into answers): fail these deliveries
+            # for now rather than leave them waiting forever.
+            log.failure("routing lookup for {domain} crashed", result, domain=name)
+            result = _Answer((), "internal error in the router", False, self._clock.seconds())
+        self._cache.pop(name, None)
+        if result.expires > self._clock.seconds():
+            self._cache[name] = result
+            while len(self._cache) > self._max_cache:
+                self._cache.popitem(last=False)
+        for d in self._pending.pop(name):
+            d.callback(result)
+
+    async def _lookup(self, name: str) -> _Answer:
+        """Ask DNS: the SRV set of RFC 2782 ("Usage rules"), else the implicit route."""
+        qname = f"{self._service}.{name}"
+        try:
+            answers, _authority, _additional = await self._dns().lookupService(qname)
+        except Exception as e:
+            if not _nonexistent(e):
+                return self._failure(name, _dns_reason(e, qname), permanent=False)
+            # NXDOMAIN for the SRV name: no SRV records, whether or not the domain exists.
+            answers = []
+        records = tuple(
+            _ServiceRecord(
+                rr.payload.priority,
+                rr.payload.weight,
+                rr.payload.port,
+                # A target that is no host name just fails to resolve when connecting.
+                rr.payload.target.name.decode("ascii", "replace").rstrip(".").lower(),
+                rr.ttl,
+            )
+            for rr in answers
+            if rr.type == dns.SRV
+        )
+        if not records:
+            return await self._implicit(name)
+        now = self._clock.seconds()
+        if not any(r.target for r in records):
+            # RFC 2782: a single record with target "." means the service is decidedly not
+            # available; a set of nothing but such records can mean nothing else.
+            return self._failure(name, "service not available (SRV target '.')", True, records)
+        return _Answer(records, None, False, now + min(r.ttl for r in records))
+
+    async def _implicit(self, name: str) -> _Answer:
+        """No SRV records: the domain itself, if it has address records (like mail's
+        implicit MX, RFC 5321 §5.1), so that a misspelt domain fails now, permanently,
+        instead of as a connection failure retried for days."""
+        resolver = self._dns()
+        # Both queries are started before either is awaited, so they run in parallel.
+        queries = [resolver.lookupAddress(name), resolver.lookupIPV6Address(name)]
+        found = False
+        errors: list[Exception] = []
+        for query in queries:
+            try:
+                answers, _authority, _additional = await query
+            except Exception as e:
+                errors.append(e)
+                continue
+            # A CNAME counts: the connector's own resolution follows it.
+            found = found or any(rr.type in (dns.A, dns.AAAA, dns.CNAME) for rr in answers)
+        if found:
+            return _Answer((), None, False, self._clock.seconds() + self._negative_ttl)
+        transient = [e for e in errors if not _nonexistent(e)]
+        if transient:
+            return self._failure(name, _dns_reason(transient[0], name), permanent=False)
+        if len(errors) == len(queries):
+            return self._failure(name, "no such domain", permanent=True)
+        return self._failure(name, "no SRV and no address records", permanent=True)
+
+    def _failure(
+        self,
+        name: str,
+        reason: str,
+        permanent: bool,
+        records: tuple[_ServiceRecord, ...] = (),
+    ) -> _Answer:
+        """A failed lookup, logged once when it happens (not on each use of the cache)."""
+        _log_failure(name, reason, permanent)
+        expires = self._clock.seconds() + (self._negative_ttl if permanent else 0.0)
+        return _Answer(records, reason, permanent, expires)
+
+    def _dns(self) -> IResolver:
+        # Made on first use: createResolver reads resolv.conf and schedules re-reads of it,
+        # which a router with only static routes or a smart host has no use for.
+        if self._resolver is None:
+            self._resolver = createResolver()
+        return self._resolver
+
+
+def _log_failure(domain: str, reason: str, permanent: bool) -> None:
+    log.warn(
+        "no route to {domain}: {reason}",
+        domain=domain,
+        reason=reason,
+        permanent=permanent,
+        event="apex.route-failed",
+    )
+
+
+def _hostport(hop: Target | _Hop) -> str:
+    host = f"[{hop.host}]" if ":" in hop.host else hop.host
+    return f"{host}:{hop.port}"
+
+
+def _parse_hop(value: str, default_port: int) -> _Hop:
+    """``host``, ``host:port`` or ``[IPv6]:port``, then optionally ``=tlsname``."""
+    hostport, has_name, tls_name = value.strip().partition("=")
+    if hostport.startswith("["):
+        inner, _bracket, rest = hostport[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected [IPv6]:port")
+        host, port_text = str(ipaddress.IPv6Address(inner)), rest[1:]
+    elif hostport.count(":") == 1:
+        host_text, _colon, port_text = hostport.partition(":")
+        host = _host(host_text)
+    else:
+        host, port_text = _host(hostport), ""
+    port = int(port_text) if port_text else default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return _Hop(host, port, _host(tls_name) if has_name else None)
+
+
+def _host(text: str) -> str:
+    """An IP address or a host name, in normal form."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        if is_literal(text):  # normalise_domain would take it, but it is no host name
+            raise ValueError(f"{text!r} is not a host name or address") from None
+        return normalise_domain(text)
+
+
+def _rfc2782_order(records: Sequence[_ServiceRecord], rng: random.Random) -> list[_ServiceRecord]:
+    """Order ``records`` as RFC 2782 ("The format of the SRV RR", Priority and Weight) says:
+    ascending priority; within one priority, repeated weighted random selection.
+
+    The RFC draws from 0..sum inclusive and takes the first record whose running sum is at
+    least the draw, weight-0 records placed first: a draw of 0 is their "very small chance".
+    When no weight-0 record is left we draw from 1..sum instead, because a 0 would otherwise
+    land on the first record and skew the split the weights ask for by 1/(sum+1).
+    """
+    ordered: list[_ServiceRecord] = []
+    for priority in sorted({r.priority for r in records}):
+        unordered = [r for r in records if r.priority == priority]
+        # "In any order": random, so that records of equal weight (all 0, say) share the load.
+        rng.shuffle(unordered)
+        unordered.sort(key=lambda r: r.weight != 0)  # stable: weight 0 first, still shuffled
+        while unordered:
+            total = sum(r.weight for r in unordered)
+            draw = rng.randint(0 if unordered[0].weight == 0 else 1, total)
+            running = 0
+            for index, record in enumerate(unordered):
+                running += record.weight
+                if running >= draw:
+                    ordered.append(unordered.pop(index))
+                    break
+    return ordered
+
+
+def _nonexistent(e: Exception) -> bool:
+    """NXDOMAIN, from a server (DNSNameError) or from a local authority."""
+    return isinstance(e, dns_error.DNSNameError | dns_error.AuthoritativeDomainError)
+
+
+def _dns_reason(e: Exception, qname: str) -> str:
+    if isinstance(e, defer.TimeoutError):
+        return f"DNS timeout looking up {qname}"
+    if isinstance(e, dns_error.DNSServerError):
+        return f"DNS server failure (SERVFAIL) looking up {qname}"
+    if isinstance(e, dns_error.DNSQueryRefusedError):
+        return f"DNS query for {qname} refused"
+    return f"DNS error looking up {qname}: {type(e).__name__}"

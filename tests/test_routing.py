@@ -1,0 +1,506 @@
+"""Next-hop selection (RFC 3340 §3.1, RFC 2782, RFC 6125 §6.2.1) against a real DNS server."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import pytest_twisted
+from dnsserver import a, aaaa, srv
+from twisted.internet import defer, task
+from twisted.logger import capturedLogs
+from twisted.names import dns
+
+from imxp.apex.routing import EDGE_PORT, EDGE_SERVICE, MESH_PORT, NoRoute, Router, Target
+
+MESH = "_apex-mesh._tcp."
+
+
+class NoDNS:
+    """A resolver that fails the test if the router asks it anything."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the router used DNS ({name}) where no lookup was due")
+
+
+class Counting:
+    """Passes queries on to ``resolver`` and counts the SRV ones."""
+
+    def __init__(self, resolver) -> None:
+        self.resolver = resolver
+        self.srv_queries: list[str] = []
+
+    def lookupService(self, name: str):
+        self.srv_queries.append(name)
+        return self.resolver.lookupService(name)
+
+    def __getattr__(self, name: str):
+        return getattr(self.resolver, name)
+
+
+def dns_router(dns_server, **kwargs) -> Router:
+    kwargs.setdefault("clock", task.Clock())
+    return Router(resolver=dns_server.resolver(timeout=(0.2,)), **kwargs)
+
+
+async def no_route(router: Router, domain: str) -> NoRoute:
+    with pytest.raises(NoRoute) as caught:
+        await router.route(domain)
+    assert caught.value.domain == domain
+    return caught.value
+
+
+def hosts(targets: list[Target]) -> list[str]:
+    return [t.host for t in targets]
+
+
+# -- domain literals ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv4_literal_goes_to_the_address_at_the_iana_port():
+    router = Router(resolver=NoDNS())
+    assert await router.route("[192.0.2.1]") == [
+        Target("192.0.2.1", MESH_PORT, "192.0.2.1", "literal")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_literal_on_the_edge_service_uses_the_edge_port():
+    router = Router(service=EDGE_SERVICE, default_port=EDGE_PORT, resolver=NoDNS())
+    assert await router.route("[IPv6:2001:DB8:0::1]") == [
+        Target("2001:db8::1", EDGE_PORT, "2001:db8::1", "literal")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_literal_beats_smart_host():
+    router = Router(smart_host="smart.example:1912", resolver=NoDNS())
+    [target] = await router.route("[198.51.100.7]")
+    assert target.source == "literal"
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "[300.1.2.3]",  # not an address
+        "[2001:db8::1]",  # IPv6 needs the "IPv6:" tag (RFC 5321 §4.1.3)
+        "[192.0.2.1",
+        "bad_name.test",
+        "a..test",
+        "-a.test",
+        "",
+        "x" * 64 + ".test",
+        "192.0.2.1",  # an address without brackets is not a domain
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_invalid_domain_is_a_permanent_no_route(domain):
+    router = Router(resolver=NoDNS(), smart_host="smart.example")
+    with capturedLogs() as events:
+        failure = await no_route(router, domain)
+    assert failure.permanent
+    [event] = [e for e in events if e.get("event") == "apex.route-failed"]
+    assert event["domain"] == domain
+    assert event["permanent"] is True
+
+
+# -- static routes and the smart host ----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_route_exact_match_ignores_case_and_trailing_dot():
+    router = Router(static_routes={"B.Test": "GW.Example:2912"}, resolver=NoDNS())
+    # RFC 6125 §6.2.1: the relay reached must prove the destination domain.
+    assert await router.route("b.TEST.") == [Target("gw.example", 2912, "b.test", "static")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_route_for_subdomains():
+    router = Router(
+        static_routes={".corp.test": "gw.corp.test", ".eu.corp.test": "eu-gw.corp.test:1000"},
+        smart_host="smart.example",
+        resolver=NoDNS(),
+    )
+    assert await router.route("x.y.corp.test") == [
+        Target("gw.corp.test", MESH_PORT, "x.y.corp.test", "static")
+    ]
+    # The nearest parent wins.
+    [eu] = await router.route("paris.eu.corp.test")
+    assert (eu.host, eu.port) == ("eu-gw.corp.test", 1000)
+    # ".corp.test" is for the subdomains only; corp.test itself falls through.
+    [own] = await router.route("corp.test")
+    assert own.source == "smart-host"
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_route_with_tls_name_and_ipv6_host():
+    router = Router(
+        static_routes={"a.test": "[2001:db8::5]:1912=gw.example", "b.test": "192.0.2.9"},
+        resolver=NoDNS(),
+    )
+    assert await router.route("a.test") == [Target("2001:db8::5", 1912, "gw.example", "static")]
+    assert await router.route("b.test") == [Target("192.0.2.9", MESH_PORT, "b.test", "static")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_smart_host_takes_what_has_no_static_route():
+    router = Router(
+        static_routes={"a.test": "relay.a.test"},
+        smart_host="Smart.Example:1912",
+        resolver=NoDNS(),
+    )
+    assert await router.route("elsewhere.test") == [
+        Target("smart.example", 1912, "smart.example", "smart-host")
+    ]
+    [static] = await router.route("a.test")
+    assert static.source == "static"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"static_routes": {"*": "smart.example"}},
+        {"static_routes": {"a.test": "gw.example:0"}},
+        {"static_routes": {"a.test": "gw.example:http"}},
+        {"static_routes": {"bad_key.test": "gw.example"}},
+        {"static_routes": {"[192.0.2.1]": "gw.example"}},
+        {"static_routes": {"a.test": "gw.example=[192.0.2.1]"}},
+        {"static_routes": {"a.test": "[2001:db8::1]x"}},
+        {"smart_host": "smart.example:99999"},
+        {"smart_host": "not a host"},
+    ],
+)
+def test_bad_configuration_is_refused(kwargs):
+    with pytest.raises(ValueError):
+        Router(resolver=NoDNS(), **kwargs)
+
+
+# -- SRV ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_srv_record(dns_server):
+    dns_server.set(MESH + "a.test", srv(10, 0, 1912, "Relay.A.test"))
+    router = dns_router(dns_server)
+    # The TLS name is the source domain, not the SRV target (RFC 6125 §6.2.1).
+    assert await router.route("A.test") == [Target("relay.a.test", 1912, "a.test", "srv")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_edge_router_asks_for_the_edge_service(dns_server):
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "mesh.a.test"))
+    dns_server.set("_apex-edge._tcp.a.test", srv(0, 0, 913, "edge.a.test"))
+    router = dns_router(dns_server, service=EDGE_SERVICE, default_port=EDGE_PORT)
+    assert hosts(await router.route("a.test")) == ["edge.a.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_international_domain_is_looked_up_as_a_labels(dns_server):
+    dns_server.set(MESH + "xn--bcher-kva.test", srv(0, 0, 912, "relay.xn--bcher-kva.test"))
+    router = dns_router(dns_server)
+    [target] = await router.route("Bücher.test")
+    assert target.tls_name == "xn--bcher-kva.test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_priorities_are_tried_in_ascending_order(dns_server):
+    dns_server.set(
+        MESH + "a.test",
+        srv(20, 5, 912, "third.a.test"),
+        srv(10, 5, 912, "first-a.a.test"),
+        srv(30, 0, 912, "last.a.test"),
+        srv(10, 5, 912, "first-b.a.test"),
+    )
+    router = dns_router(dns_server, rng=random.Random(1))
+    firsts = set()
+    for _ in range(50):
+        order = hosts(await router.route("a.test"))
+        assert sorted(order[:2]) == ["first-a.a.test", "first-b.a.test"]
+        assert order[2:] == ["third.a.test", "last.a.test"]
+        firsts.add(order[0])
+    # Equal weights within a priority share the first place.
+    assert firsts == {"first-a.a.test", "first-b.a.test"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_weights_split_first_choices_in_proportion(dns_server):
+    dns_server.set(MESH + "a.test", srv(10, 3, 912, "big.a.test"), srv(10, 1, 912, "small.a.test"))
+    router = dns_router(dns_server, rng=random.Random(2782))
+    firsts = Counter()
+    for _ in range(4000):
+        order = hosts(await router.route("a.test"))
+        assert sorted(order) == ["big.a.test", "small.a.test"]
+        firsts[order[0]] += 1
+    # 3:1 asks for 75 % (standard deviation about 0.7 % at this count).
+    assert 0.72 < firsts["big.a.test"] / 4000 < 0.78
+
+
+@pytest_twisted.ensureDeferred
+async def test_weight_zero_records_are_kept_but_rarely_first(dns_server):
+    dns_server.set(
+        MESH + "a.test",
+        srv(10, 30, 912, "heavy.a.test"),
+        srv(10, 10, 912, "light.a.test"),
+        srv(10, 0, 912, "zero.a.test"),
+    )
+    router = dns_router(dns_server, rng=random.Random(3))
+    firsts = Counter()
+    for _ in range(4000):
+        order = hosts(await router.route("a.test"))
+        assert sorted(order) == ["heavy.a.test", "light.a.test", "zero.a.test"]
+        firsts[order[0]] += 1
+    # RFC 2782: "a very small chance"; here 1 in 41 draws (0..40).
+    assert 0 < firsts["zero.a.test"] < 4000 * 0.05
+    assert firsts["heavy.a.test"] > 2.5 * firsts["light.a.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_all_weights_zero_share_the_load(dns_server):
+    dns_server.set(MESH + "a.test", *(srv(0, 0, 912, f"r{i}.a.test") for i in range(3)))
+    router = dns_router(dns_server, rng=random.Random(4))
+    firsts = Counter()
+    for _ in range(3000):
+        firsts[(await router.route("a.test"))[0].host] += 1
+    assert all(800 < n < 1200 for n in firsts.values()), firsts
+    assert len(firsts) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_srv_root_target_means_service_not_available(dns_server):
+    dns_server.set(MESH + "a.test", srv(0, 0, 0, "."))
+    dns_server.set("a.test", a("192.0.2.1"))  # an address does not bring the service back
+    router = dns_router(dns_server)
+    failure = await no_route(router, "a.test")
+    assert failure.permanent
+    assert "not available" in failure.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_root_target_among_others_is_skipped(dns_server):
+    dns_server.set(MESH + "a.test", srv(0, 0, 0, "."), srv(5, 0, 912, "relay.a.test"))
+    router = dns_router(dns_server)
+    assert hosts(await router.route("a.test")) == ["relay.a.test"]
+
+
+# -- no SRV records ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_srv_records_means_the_domain_itself(dns_server):
+    dns_server.set("a.test", a("192.0.2.1"))
+    dns_server.set("b.test", aaaa("2001:db8::2"))
+    router = dns_router(dns_server)
+    assert await router.route("a.test") == [Target("a.test", MESH_PORT, "a.test", "implicit")]
+    assert await router.route("b.test") == [Target("b.test", MESH_PORT, "b.test", "implicit")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_srv_name_with_other_records_only_is_no_srv(dns_server):
+    # NODATA (the name exists, no SRV) rather than NXDOMAIN: the same fallback.
+    dns_server.set(MESH + "a.test", a("192.0.2.99"))
+    dns_server.set("a.test", a("192.0.2.1"))
+    router = dns_router(dns_server)
+    [target] = await router.route("a.test")
+    assert target.source == "implicit"
+
+
+@pytest_twisted.ensureDeferred
+async def test_nonexistent_domain_is_permanent(dns_server):
+    router = dns_router(dns_server)
+    failure = await no_route(router, "nowhere.test")
+    assert failure.permanent
+    assert failure.reason == "no such domain"
+
+
+@pytest_twisted.ensureDeferred
+async def test_domain_without_srv_or_address_is_permanent(dns_server):
+    dns_server.set("a.test", srv(0, 0, 25, "mail.a.test"))  # exists, but nothing to reach
+    router = dns_router(dns_server)
+    assert (await no_route(router, "a.test")).permanent
+
+
+# -- DNS trouble -------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_timeout_is_temporary(dns_server):
+    router = dns_router(dns_server)
+    await dns_server.stop()
+    with capturedLogs() as events:
+        failure = await no_route(router, "a.test")
+    assert not failure.permanent
+    assert "timeout" in failure.reason
+    [event] = [e for e in events if e.get("event") == "apex.route-failed"]
+    assert (event["domain"], event["permanent"]) == ("a.test", False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_servfail_is_temporary_and_not_cached(dns_server):
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "relay.a.test"))
+    dns_server.fail(MESH + "a.test")
+    router = dns_router(dns_server)
+    failure = await no_route(router, "a.test")
+    assert not failure.permanent
+    assert "SERVFAIL" in failure.reason
+    dns_server.fail(MESH + "a.test", failing=False)
+    # No clock advance needed: DNS trouble is not remembered.
+    assert hosts(await router.route("a.test")) == ["relay.a.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_servfail_on_the_address_check_is_temporary(dns_server):
+    dns_server.fail("a.test")
+    router = dns_router(dns_server)
+    assert not (await no_route(router, "a.test")).permanent
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crash_in_the_lookup_fails_the_route_temporarily():
+    class Garbled:
+        """Answers an SRV query with a record that has no SRV payload."""
+
+        def lookupService(self, name: str):
+            return defer.succeed(([dns.RRHeader(name, dns.SRV, payload=None)], [], []))
+
+    router = Router(resolver=Garbled(), clock=task.Clock())
+    with capturedLogs() as events:
+        failure = await no_route(router, "a.test")
+        assert not failure.permanent
+        # Not cached: the next delivery asks again (and, here, crashes again).
+        assert not (await no_route(router, "a.test")).permanent
+    assert len([e for e in events if e.get("log_failure") is not None]) == 2
+
+
+# -- the cache ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_are_kept_for_the_smallest_ttl_of_the_set(dns_server):
+    dns_server.set(
+        MESH + "a.test",
+        srv(10, 0, 912, "old-1.a.test", ttl=300),
+        srv(20, 0, 912, "old-2.a.test", ttl=100),
+    )
+    clock = task.Clock()
+    router = dns_router(dns_server, clock=clock)
+    assert hosts(await router.route("a.test")) == ["old-1.a.test", "old-2.a.test"]
+    dns_server.set(MESH + "a.test", srv(10, 0, 912, "new.a.test"))
+    clock.advance(99)
+    assert hosts(await router.route("a.test")) == ["old-1.a.test", "old-2.a.test"]
+    clock.advance(2)
+    assert hosts(await router.route("a.test")) == ["new.a.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_weighted_order_is_redrawn_from_the_cache(dns_server):
+    dns_server.set(MESH + "a.test", srv(0, 1, 912, "x.a.test"), srv(0, 1, 912, "y.a.test"))
+    counting = Counting(dns_server.resolver(timeout=(0.2,)))
+    router = Router(resolver=counting, clock=task.Clock(), rng=random.Random(5))
+    firsts = {hosts(await router.route("a.test"))[0] for _ in range(40)}
+    assert firsts == {"x.a.test", "y.a.test"}
+    assert counting.srv_queries == [MESH + "a.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_negative_answers_are_kept_for_negative_ttl(dns_server):
+    clock = task.Clock()
+    router = dns_router(dns_server, clock=clock, negative_ttl=30)
+    assert (await no_route(router, "a.test")).permanent
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "relay.a.test"))
+    clock.advance(29)
+    with capturedLogs() as events:
+        assert (await no_route(router, "a.test")).permanent
+    # Logged when it was learnt, not again on every use of the cache.
+    assert not [e for e in events if e.get("event") == "apex.route-failed"]
+    clock.advance(2)
+    assert hosts(await router.route("a.test")) == ["relay.a.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_zero_ttl_is_not_cached(dns_server):
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "old.a.test", ttl=0))
+    router = dns_router(dns_server)
+    assert hosts(await router.route("a.test")) == ["old.a.test"]
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "new.a.test"))
+    assert hosts(await router.route("a.test")) == ["new.a.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_is_bounded_least_recently_used_first(dns_server):
+    for name in ("a", "b", "c"):
+        dns_server.set(f"{MESH}{name}.test", srv(0, 0, 912, f"old.{name}.test"))
+    counting = Counting(dns_server.resolver(timeout=(0.2,)))
+    router = Router(resolver=counting, clock=task.Clock(), max_cache=2)
+    await router.route("a.test")
+    await router.route("b.test")
+    await router.route("a.test")  # a is now more recently used than b
+    await router.route("c.test")  # evicts b
+    assert len(counting.srv_queries) == 3
+    await router.route("a.test")
+    assert len(counting.srv_queries) == 3
+    dns_server.set(MESH + "b.test", srv(0, 0, 912, "new.b.test"))
+    assert hosts(await router.route("b.test")) == ["new.b.test"]
+    assert len(counting.srv_queries) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_routes_share_one_lookup(dns_server):
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "relay.a.test"))
+    counting = Counting(dns_server.resolver(timeout=(0.2,)))
+    router = Router(resolver=counting, clock=task.Clock())
+    results = await defer.gatherResults([router.route("a.test") for _ in range(5)])
+    assert [hosts(r) for r in results] == [["relay.a.test"]] * 5
+    assert counting.srv_queries == [MESH + "a.test"]
+
+
+# -- describe ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_describe_srv_lists_records_in_priority_order(dns_server):
+    dns_server.set(
+        MESH + "a.test",
+        srv(20, 0, 912, "backup.a.test", ttl=600),
+        srv(10, 3, 1912, "main.a.test", ttl=300),
+    )
+    text = await dns_router(dns_server).describe("a.test")
+    assert "SRV lookup of _apex-mesh._tcp.a.test" in text
+    main = "priority 10 weight 3 port 1912 target main.a.test ttl 300"
+    backup = "priority 20 weight 0 port 912 target backup.a.test ttl 600"
+    assert text.index(main) < text.index(backup)
+    assert "main.a.test:1912, backup.a.test:912" in text
+    assert "TLS name a.test" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_describe_says_when_the_answer_is_cached(dns_server):
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "relay.a.test", ttl=300))
+    clock = task.Clock()
+    router = dns_router(dns_server, clock=clock)
+    assert "cache" not in await router.describe("a.test")
+    clock.advance(100)
+    assert "from cache, 200 s left" in await router.describe("a.test")
+
+
+@pytest_twisted.ensureDeferred
+async def test_describe_other_rules(dns_server):
+    dns_server.set(MESH + "gone.test", srv(0, 0, 0, "."))
+    dns_server.set("plain.test", a("192.0.2.1"))
+    router = dns_router(
+        dns_server, static_routes={".corp.test": "gw.example:2912"}, smart_host=None
+    )
+    static = await router.describe("x.corp.test")
+    assert "static route '.corp.test'" in static
+    assert "gw.example:2912" in static
+    assert "TLS name x.corp.test" in static
+    assert "domain literal" in await router.describe("[IPv6:2001:db8::1]")
+    assert "[2001:db8::1]:912" in await router.describe("[IPv6:2001:db8::1]")
+    assert "implicit route to plain.test:912" in await router.describe("plain.test")
+    gone = await router.describe("gone.test")
+    assert "target . " in gone
+    assert "no route (permanent): service not available" in gone
+    assert "no route (permanent)" in await router.describe("bad_name.test")
+    smart = Router(smart_host="smart.example", resolver=NoDNS())
+    assert "smart host smart.example:912" in await smart.describe("a.test")
