@@ -1,0 +1,151 @@
+"""Links to next-hop relays: one bound BEEP session per next hop, reused.
+
+A link is a BEEP session to the next hop, TLS-protected with that relay's
+certificate checked against the domain (RFC 6125), and an APEX channel bound
+as our domain (RFC 3340 §4.4.2). Data handed to :meth:`PeerPool.send` is
+answered with the next hop's verdict. Temporary trouble (no connection, a 4xx
+answer) is retried with backoff until the delivery deadline, since nothing was
+accepted; a session lost while our data awaits its answer is not retried,
+because the next hop may have taken it: that outcome is reported as unknown
+rather than risking a second delivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from imxp.apex.routing import Target
+from imxp.beep.message import Message
+from imxp.beep.session import BEEPError, Channel, Session, SessionClosed
+
+__all__ = ["Link", "LinkFailed", "PeerPool", "Verdict"]
+
+
+class LinkFailed(Exception):
+    """No bound session to a next hop could be made (nothing was sent)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+@dataclass
+class Link:
+    """A bound APEX channel on a session to one next hop."""
+
+    target: Target
+    session: Session
+    channel: Channel
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The next hop's answer: 250 when it took the data (§4.4.4.1 step 5.2)."""
+
+    code: int
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 250
+
+
+#: Makes a bound link to a target; fails with LinkFailed.
+Connector = Callable[[Target], Awaitable[Link]]
+
+
+class PeerPool:
+    """The links of one relay to its next hops."""
+
+    def __init__(
+        self,
+        connect: Connector,
+        clock: IReactorTime,
+        *,
+        first_retry: float = 0.2,
+        max_retry: float = 5.0,
+    ) -> None:
+        self._connect = connect
+        self._clock = clock
+        self._first_retry = first_retry
+        self._max_retry = max_retry
+        self._links: dict[tuple[str, int, str], Link] = {}
+        self._connecting: dict[tuple[str, int, str], list[defer.Deferred[Link]]] = {}
+        self.closing = False
+
+    async def _link(self, target: Target) -> Link:
+        key = (target.host.lower(), target.port, target.tls_name)
+        link = self._links.get(key)
+        if link is not None and not link.session._gone:
+            return link
+        waiters = self._connecting.get(key)
+        if waiters is not None:
+            # Someone is already connecting there: share the attempt.
+            d: defer.Deferred[Link] = defer.Deferred()
+            waiters.append(d)
+            return await d
+        self._connecting[key] = waiters = []
+        try:
+            link = await self._connect(target)
+        except Exception:
+            del self._connecting[key]
+            failure = Failure()
+            for d in waiters:
+                d.errback(failure)
+            raise
+        del self._connecting[key]
+        self._links[key] = link
+
+        def gone(_: object) -> None:
+            if self._links.get(key) is link:
+                del self._links[key]
+
+        link.session.when_closed().addCallback(gone)
+        for d in waiters:
+            d.callback(link)
+        return link
+
+    async def send(self, targets: list[Target], message: Message, deadline: float) -> Verdict:
+        """Hand ``message`` (an encoded data) to the first next hop that takes it."""
+        delay = self._first_retry
+        last = Verdict(421, "next hop unreachable")
+        while True:
+            for target in targets:
+                try:
+                    link = await self._link(target)
+                except LinkFailed as e:
+                    last = Verdict(e.code, f"{target.host}:{target.port}: {e.text}")
+                    if e.code >= 500:
+                        return last
+                    continue
+                try:
+                    await link.channel.send(message)
+                except BEEPError as e:
+                    last = Verdict(e.code, e.text)
+                    if e.code >= 500:
+                        return last
+                    continue
+                except SessionClosed:
+                    return Verdict(451, "session to the next hop was lost; outcome unknown")
+                return Verdict(250)
+            if self.closing or self._clock.seconds() + delay > deadline:
+                return last
+            await task.deferLater(self._clock, delay, lambda: None)
+            delay = min(delay * 2, self._max_retry)
+
+    def close(self) -> defer.Deferred[None]:
+        """Release every link (RFC 3080 §2.4) and stop retrying."""
+        self.closing = True
+        links, self._links = list(self._links.values()), {}
+        closing = [
+            link.session.close().addErrback(lambda f, s=link.session: s.disconnect())
+            for link in links
+            if not link.session._gone
+        ]
+        return defer.gatherResults(closing).addCallback(lambda _: None)

@@ -1,0 +1,113 @@
+"""APEX access policies (RFC 3340 §4.5): every "who may do what" decision of a relay.
+
+Each administrative domain keeps its own house in order (§4.5): which
+authenticated BEEP peer may attach as which endpoint, which peer may bind for
+which domain, and whose data a peer may originate or relay. The identity
+function is the default everywhere, as §4.5.1 and §4.5.2 describe; a relay
+proves a domain with its TLS certificate, checked as RFC 6125 says.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Collection, Mapping
+
+from cryptography import x509
+from service_identity import VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
+
+from imxp.apex.address import Endpoint, literal_address
+
+__all__ = ["AccessPolicy"]
+
+
+class AccessPolicy:
+    """The relay's provisioning for one administrative domain.
+
+    ``known_local`` says whether a local part names an endpoint of this domain
+    (a user in the SASL store); ``trusted_relays`` are domains whose relays may
+    relay for any originator (§4.5.2, "trusted intermediaries"); ``refusals``
+    maps a local recipient to the originators it takes no data from, each an
+    endpoint (``fred@a.test``) or a whole domain (``@a.test``).
+    """
+
+    def __init__(
+        self,
+        domain: str,
+        known_local: Callable[[str], bool],
+        trusted_relays: Collection[str] = (),
+        refusals: Mapping[str, Collection[str]] | None = None,
+    ) -> None:
+        self.domain = domain
+        self._known_local = known_local
+        self.trusted_relays = frozenset(d.lower() for d in trusted_relays)
+        self._refusals = {
+            str(Endpoint.parse(recipient)): frozenset(
+                p.lower() if p.startswith("@") else str(Endpoint.parse(p)) for p in patterns
+            )
+            for recipient, patterns in (refusals or {}).items()
+        }
+
+    def is_local(self, endpoint: Endpoint) -> bool:
+        return endpoint.domain == self.domain
+
+    def sasl_endpoint(self, authenticated: str) -> Endpoint | None:
+        """The endpoint an authenticated SASL identity stands for: ``fred`` is
+        ``fred@DOMAIN``; an identity with a domain is taken as it is."""
+        text = authenticated if "@" in authenticated else f"{authenticated}@{self.domain}"
+        try:
+            return Endpoint.parse(text)
+        except ValueError:
+            return None
+
+    def may_attach(self, authenticated: str | None, endpoint: Endpoint) -> bool:
+        """§4.5.1: the identity function, extended to subaddresses (§2.2)."""
+        if authenticated is None:
+            return False
+        allowed = self.sasl_endpoint(authenticated)
+        return allowed is not None and endpoint.within(allowed)
+
+    def exists(self, endpoint: Endpoint) -> bool:
+        """Whether ``endpoint`` names an endpoint of this domain (or a service)."""
+        if endpoint.is_service:
+            return True
+        return self._known_local(endpoint.address) or self._known_local(str(endpoint.base))
+
+    def may_originate(self, attached: Collection[Endpoint], originator: Endpoint) -> bool:
+        """§4.5.1: an application sends as an endpoint it is attached as (or a
+        subaddress of one)."""
+        return any(originator.within(endpoint) for endpoint in attached)
+
+    def may_bind(self, certificate: x509.Certificate | None, domain: str) -> bool:
+        """§4.5.2: a peer binds for a domain its TLS certificate proves (RFC 6125)."""
+        if certificate is None:
+            return False
+        try:
+            literal = literal_address(domain)
+            if literal is not None:
+                verify_certificate_ip_address(certificate, ipaddress.ip_address(literal))
+            else:
+                verify_certificate_hostname(certificate, domain)
+        except (VerificationError, ValueError):
+            return False
+        return True
+
+    def may_relay(self, bound: Collection[str], originator: Endpoint) -> bool:
+        """§4.5.2: a relay relays data of originators of the domains it is bound
+        for, or of anyone if it is bound for a trusted intermediary."""
+        return originator.domain in bound or any(d in self.trusted_relays for d in bound)
+
+    def may_deliver(self, originator: Endpoint, recipient: Endpoint) -> bool:
+        """§4.4.4.1 step 5.3: may the originator send data to the recipient?
+
+        Until the access service of RFC 3341 keeps per-endpoint entries, local
+        provisioning lists refusals; an endpoint without any accepts everyone.
+        A subaddress inherits its endpoint's refusals.
+        """
+        refused = self._refusals.get(str(recipient.base))
+        if not refused:
+            return True
+        return str(originator) not in refused and f"@{originator.domain}" not in refused

@@ -1,0 +1,496 @@
+"""The relay engine: attach, bind, terminate and data (RFC 3340 §4.4).
+
+:class:`APEXProfile` puts the APEX profile on a BEEP session; each channel is
+an :class:`APEXChannel` with the application (endpoint-relay mode) or relay
+(relay-relay mode) on the other side. :class:`Relay` holds the attachments and
+carries each data through the steps of §4.4.4.1: authorise the originator,
+process per-data options, answer ``ok``, then deliver each local recipient
+to its application and forward the others, grouped by next hop, to relays
+found by :mod:`imxp.apex.routing`.
+
+The promise kept here: a relay answers ``ok`` only for data it takes
+responsibility for; from then on every recipient ends at this relay in a
+verdict - delivered, handed to the next relay, or a failure with its code -
+and when the originator asked (statusRequest, §5.1) the verdicts that end a
+recipient's journey go back as statusResponses from ``apex=report`` (§6.2).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from imxp.apex import options as apex_options
+from imxp.apex import wire
+from imxp.apex.address import AddressError, Endpoint, report_endpoint
+from imxp.apex.peers import PeerPool, Verdict
+from imxp.apex.policy import AccessPolicy
+from imxp.apex.routing import NoRoute, Router
+from imxp.beep import mgmt
+from imxp.beep.message import Message
+from imxp.beep.session import (
+    BEEPError,
+    Channel,
+    ChannelHandler,
+    Profile,
+    Request,
+    Session,
+    SessionClosed,
+)
+
+__all__ = ["APEXChannel", "APEXProfile", "Mode", "Relay"]
+
+
+class Mode(enum.Enum):
+    """RFC 3340 §2.1."""
+
+    EDGE = "endpoint-relay"
+    MESH = "relay-relay"
+
+
+def _fail(code: int, text: str) -> BEEPError:
+    return BEEPError(code, text)
+
+
+class APEXChannel(ChannelHandler):
+    """One APEX channel and the attachments or bindings made on it (§6.1.1:
+    transaction identifiers live as long as the channel)."""
+
+    def __init__(self, relay: Relay, session: Session, mode: Mode) -> None:
+        self.relay = relay
+        self.session = session
+        self.mode = mode
+        self.channel: Channel | None = None
+        self.attachments: dict[int, Endpoint] = {}
+        self.bindings: dict[int, str] = {}
+
+    def channel_opened(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def message_received(self, request: Request) -> Message:
+        return wire.encode(self.relay.handle(self, self._decode(request.message)))
+
+    def _decode(self, message: Message) -> Any:
+        try:
+            return wire.decode(message)
+        except wire.APEXError as e:
+            self.relay.refused(self, e.code, e.text)
+            raise BEEPError(e.code, e.text) from None
+
+    def channel_closed(self, reason: Failure | None) -> None:
+        self.relay.channel_gone(self)
+
+    @property
+    def peer(self) -> str:
+        return self.session.peer
+
+
+class APEXProfile(Profile):
+    """``http://iana.org/beep/APEX`` (§4.2), offered once TLS is in place."""
+
+    uri = wire.APEX_URI
+
+    def __init__(self, relay: Relay, mode: Mode, *, require_tls: bool = True) -> None:
+        self.relay = relay
+        self.mode = mode
+        self.require_tls = require_tls
+
+    def offered(self, session: Session) -> bool:
+        return session.tls_active or not self.require_tls
+
+    def start(self, session: Session, channel: Channel, init: bytes | None) -> bytes | None:
+        handler = APEXChannel(self.relay, session, self.mode)
+        channel.handler = handler
+        handler.channel = channel
+        if init is None:
+            return None
+        # §4.2: an attach or bind may ride on the start; its answer rides on the reply.
+        try:
+            element = wire.decode(Message(init, mgmt.BEEP_XML))
+            reply = self.relay.handle(handler, element)
+        except wire.APEXError as e:
+            self.relay.refused(handler, e.code, e.text)
+            reply = wire.Error(e.code, e.text)
+        except BEEPError as e:
+            reply = wire.Error(e.code, e.text)
+        return wire.encode(reply).body
+
+
+@dataclass
+class _Journey:
+    """One data accepted by this relay, until every recipient has a verdict here."""
+
+    data: wire.Data
+    originator: Endpoint
+    status: wire.Option | None
+    # (identity, code, text) of verdicts that end a journey here and are reported
+    reports: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+class Relay:
+    """The relay of one administrative domain."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        domain: str,
+        policy: AccessPolicy,
+        router: Router,
+        pool: PeerPool,
+        clock: IReactorTime,
+        *,
+        max_hops: int = 16,
+        delivery_timeout: float = 60.0,
+    ) -> None:
+        self.domain = domain
+        self.policy = policy
+        self.router = router
+        self.pool = pool
+        self.clock = clock
+        self.max_hops = max_hops
+        self.delivery_timeout = delivery_timeout
+        self.report_identity = str(report_endpoint(domain))
+        self.attached: dict[Endpoint, APEXChannel] = {}
+        self.accepting = True
+        self.in_flight = 0
+        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._report_trans_id = 0
+
+    # -- operations (§4.4) ---------------------------------------------------
+
+    def handle(self, channel: APEXChannel, element: Any) -> wire.OK:
+        if isinstance(element, wire.Data):
+            return self.data(channel, element)
+        if isinstance(element, wire.Attach):
+            return self.attach(channel, element)
+        if isinstance(element, wire.Bind):
+            return self.bind(channel, element)
+        if isinstance(element, wire.Terminate):
+            return self.terminate(channel, element)
+        self.refused(channel, 501, f"unexpected {type(element).__name__.lower()} element")
+        raise _fail(501, f"unexpected {type(element).__name__.lower()} element")
+
+    def attach(self, channel: APEXChannel, attach: wire.Attach) -> wire.OK:
+        """§4.4.1, steps 1-6."""
+        if attach.trans_id in channel.attachments or attach.trans_id in channel.bindings:
+            return self._refuse(channel, 555, "transaction already in progress")
+        if channel.mode is not Mode.EDGE:
+            return self._refuse(channel, 537, "attach is for the endpoint-relay mode")
+        endpoint = self._endpoint(channel, attach.endpoint)
+        if endpoint.domain != self.domain:
+            return self._refuse(channel, 553, f"this relay serves {self.domain}")
+        identity = channel.session.authenticated_identity
+        if identity is None:
+            return self._refuse(channel, 530, "authentication required")
+        if not self.policy.may_attach(identity, endpoint):
+            return self._refuse(channel, 537, f"{identity} may not attach as {endpoint}")
+        unknown = apex_options.check_must_understand(attach.options, final=True)
+        if unknown is not None:
+            return self._refuse(channel, 504, f"option {unknown.name} not implemented")
+        if endpoint in self.attached:
+            return self._refuse(channel, 554, f"{endpoint} is already attached")
+        self.attached[endpoint] = channel
+        channel.attachments[attach.trans_id] = endpoint
+        self.log.info(
+            "{endpoint} attached from {peer}",
+            endpoint=str(endpoint),
+            peer=channel.peer,
+            event="apex.attached",
+        )
+        return wire.OK()
+
+    def bind(self, channel: APEXChannel, bind: wire.Bind) -> wire.OK:
+        """§4.4.2: a relay binds for a domain its certificate proves (§4.5.2)."""
+        if bind.trans_id in channel.attachments or bind.trans_id in channel.bindings:
+            return self._refuse(channel, 555, "transaction already in progress")
+        if channel.mode is not Mode.MESH:
+            return self._refuse(channel, 537, "bind is for the relay-relay mode")
+        domain = bind.relay.lower()
+        if not self.policy.may_bind(channel.session.peer_certificate, domain):
+            return self._refuse(channel, 537, f"certificate does not prove {domain}")
+        unknown = apex_options.check_must_understand(bind.options, final=True)
+        if unknown is not None:
+            return self._refuse(channel, 504, f"option {unknown.name} not implemented")
+        channel.bindings[bind.trans_id] = domain
+        self.log.info(
+            "relay for {domain} bound from {peer}",
+            domain=domain,
+            peer=channel.peer,
+            event="apex.bound",
+        )
+        return wire.OK()
+
+    def terminate(self, channel: APEXChannel, terminate: wire.Terminate) -> wire.OK:
+        """§4.4.3: transID 0 ends every association made on the channel."""
+        if terminate.trans_id == 0:
+            self._release(channel, list(channel.attachments))
+            channel.bindings.clear()
+            return wire.OK()
+        if terminate.trans_id in channel.attachments:
+            self._release(channel, [terminate.trans_id])
+            return wire.OK()
+        if channel.bindings.pop(terminate.trans_id, None) is not None:
+            return wire.OK()
+        return self._refuse(channel, 550, "unknown transaction-identifier")
+
+    def channel_gone(self, channel: APEXChannel) -> None:
+        self._release(channel, list(channel.attachments))
+        channel.bindings.clear()
+
+    def _release(self, channel: APEXChannel, trans_ids: Iterable[int]) -> None:
+        for trans_id in trans_ids:
+            endpoint = channel.attachments.pop(trans_id)
+            if self.attached.get(endpoint) is channel:
+                del self.attached[endpoint]
+                self.log.info("{endpoint} detached", endpoint=str(endpoint), event="apex.detached")
+
+    def data(self, channel: APEXChannel, data: wire.Data) -> wire.OK:
+        """§4.4.4.1 steps 1-3; steps 4-5 run after ``ok`` is on its way."""
+        if not self.accepting:
+            return self._refuse(channel, 421, "relay is shutting down")
+        originator = self._endpoint(channel, data.originator.identity)
+        if channel.mode is Mode.EDGE:
+            attached = list(channel.attachments.values())
+            if not self.policy.may_originate(attached, originator):
+                return self._refuse(channel, 537, f"not attached as {originator}")
+        elif not self.policy.may_relay(list(channel.bindings.values()), originator):
+            return self._refuse(channel, 537, f"peer may not relay for {originator}")
+        unknown = apex_options.check_must_understand(data.options, final=False)
+        if unknown is not None:
+            return self._refuse(channel, 504, f"option {unknown.name} not implemented")
+        if channel.mode is Mode.EDGE and apex_options.data_hopping(data.options) is None:
+            # RFC 3342 §4: a loop ends in an error report, not a storm.
+            data = replace(
+                data,
+                options=apex_options.with_data_hopping(data.options, self.max_hops, 1),
+            )
+        journey = _Journey(data, originator, apex_options.status_request(data.options))
+        self.in_flight += 1
+        d = defer.ensureDeferred(self._carry(journey))
+        d.addErrback(self._carry_failed, journey)
+        d.addBoth(self._journey_done)
+        return wire.OK()
+
+    # -- carrying data (§4.4.4.1 step 5) ---------------------------------------
+
+    async def _carry(self, journey: _Journey) -> None:
+        local: list[tuple[wire.Recipient, Endpoint]] = []
+        remote: dict[str, list[tuple[wire.Recipient, Endpoint]]] = {}
+        for recipient in journey.data.recipients:
+            try:
+                endpoint = Endpoint.parse(recipient.identity)
+            except AddressError as e:
+                self._verdict(journey, recipient.identity, 553, str(e), final=True)
+                continue
+            if endpoint.domain == self.domain:
+                local.append((recipient, endpoint))
+            else:
+                remote.setdefault(endpoint.domain, []).append((recipient, endpoint))
+        work = [self._deliver(journey, recipient, endpoint) for recipient, endpoint in local]
+        work += [self._forward(journey, domain, group) for domain, group in remote.items()]
+        await defer.gatherResults([defer.ensureDeferred(w) for w in work])
+        self._send_reports(journey)
+
+    async def _deliver(
+        self, journey: _Journey, recipient: wire.Recipient, endpoint: Endpoint
+    ) -> None:
+        """§4.4.4.1 step 5.3: access check, then the attached application."""
+        identity = recipient.identity
+        if not self.policy.exists(endpoint):
+            self._verdict(journey, identity, 550, "unknown endpoint identity", final=True)
+            return
+        if not self.policy.may_deliver(journey.originator, endpoint):
+            self._verdict(journey, identity, 537, "access denied", final=True)
+            return
+        channel = self.attached.get(endpoint)
+        if channel is None or channel.channel is None:
+            self._verdict(journey, identity, 450, "endpoint not attached", final=True)
+            return
+        # A final relay keeps every option as it hands the data over (§5).
+        message = wire.encode(replace(journey.data, recipients=[recipient]))
+        verdict = await self._answer(channel.channel.send(message))
+        self._verdict(journey, identity, verdict.code, verdict.text, final=True)
+
+    async def _forward(
+        self,
+        journey: _Journey,
+        domain: str,
+        group: list[tuple[wire.Recipient, Endpoint]],
+    ) -> None:
+        """§4.4.4.1 step 5.2: one data per next hop with its recipients."""
+        recipients = [recipient for recipient, _ in group]
+        options = [o for o in journey.data.options if apex_options.forwarded(o)]
+        hopping = apex_options.data_hopping(options)
+        if hopping is not None:
+            option, limits = hopping
+            left = limits.no_more_than - 1
+            if left <= 0:
+                # RFC 3342 §4: the hop limit is spent; most likely a routing loop.
+                self.log.warn(
+                    "hop limit reached for data from {originator} to {domain}",
+                    originator=str(journey.originator),
+                    domain=domain,
+                    event="apex.hop-limit",
+                )
+                for recipient in recipients:
+                    self._verdict(
+                        journey,
+                        recipient.identity,
+                        554,
+                        "hop limit reached (routing loop?)",
+                        final=True,
+                    )
+                return
+            options = apex_options.with_data_hopping(options, left, option.trans_id)
+        data = replace(
+            journey.data,
+            recipients=[
+                replace(r, options=[o for o in r.options if apex_options.forwarded(o)])
+                for r in recipients
+            ],
+            originator=replace(
+                journey.data.originator,
+                options=[o for o in journey.data.originator.options if apex_options.forwarded(o)],
+            ),
+            options=options,
+        )
+        try:
+            targets = await self.router.route(domain)
+        except NoRoute as e:
+            code = 550 if e.permanent else 451
+            for recipient in recipients:
+                self._verdict(
+                    journey,
+                    recipient.identity,
+                    code,
+                    f"no route to {domain}: {e.reason}",
+                    final=True,
+                )
+            return
+        deadline = self.clock.seconds() + self.delivery_timeout
+        verdict = await self.pool.send(targets, wire.encode(data), deadline)
+        text = f"relayed to {domain}" if verdict.ok else verdict.text
+        for recipient in recipients:
+            # Handed on: the next relay now answers for it, so this is not final.
+            self._verdict(journey, recipient.identity, verdict.code, text, final=not verdict.ok)
+
+    async def _answer(self, sending: defer.Deferred[Message]) -> Verdict:
+        timeout = self.clock.callLater(self.delivery_timeout, sending.cancel)
+        try:
+            await sending
+        except BEEPError as e:
+            return Verdict(e.code, e.text)
+        except defer.CancelledError:
+            return Verdict(451, "endpoint did not answer in time")
+        except SessionClosed:
+            return Verdict(451, "endpoint's session was lost; outcome unknown")
+        finally:
+            if timeout.active():
+                timeout.cancel()
+        return Verdict(250)
+
+    def _verdict(
+        self, journey: _Journey, identity: str, code: int, text: str, *, final: bool
+    ) -> None:
+        """Record one recipient's verdict here; report it when asked (§5.1)."""
+        self.log.info(
+            "{identity} from {originator}: {code} {text}",
+            identity=identity,
+            originator=str(journey.originator),
+            code=code,
+            text=text,
+            final=final,
+            event="apex.verdict",
+        )
+        status = journey.status
+        if status is None:
+            return
+        # A journey that ends here is reported whatever targetHop says: the
+        # originator is promised one final answer per recipient. A hand-over
+        # is reported only to those who asked to trace every hop.
+        if final or status.target_hop in ("this", "all"):
+            journey.reports.append((identity, code, text))
+
+    def _send_reports(self, journey: _Journey) -> None:
+        if not journey.reports or journey.status is None:
+            return
+        response = wire.StatusResponse(journey.status.trans_id, list(journey.reports))
+        data = wire.status_response_data(self.report_identity, str(journey.originator), response)
+        self.send_internal(data)
+
+    def send_internal(self, data: wire.Data) -> None:
+        """Carry data this relay originates (reports). No report about a report."""
+        try:
+            originator = Endpoint.parse(data.originator.identity)
+        except AddressError:
+            return
+        journey = _Journey(data, originator, None)
+        self.in_flight += 1
+        d = defer.ensureDeferred(self._carry(journey))
+        d.addErrback(self._carry_failed, journey)
+        d.addBoth(self._journey_done)
+
+    def _carry_failed(self, failure: Failure, journey: _Journey) -> None:
+        self.log.failure(
+            "carrying data from {originator} failed",
+            failure=failure,
+            originator=str(journey.originator),
+            event="apex.internal-error",
+        )
+
+    def _journey_done(self, _: object) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires once no accepted data is still being carried."""
+        if not self.in_flight:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _endpoint(self, channel: APEXChannel, text: str) -> Endpoint:
+        try:
+            return Endpoint.parse(text)
+        except AddressError as e:
+            self._refuse(channel, 553, str(e))
+            raise AssertionError from None  # _refuse raised
+
+    def _refuse(self, channel: APEXChannel, code: int, text: str) -> wire.OK:
+        self.refused(channel, code, text)
+        raise _fail(code, text)
+
+    def refused(self, channel: APEXChannel, code: int, text: str) -> None:
+        self.log.warn(
+            "refused {mode} request from {peer}: {code} {text}",
+            mode=channel.mode.value,
+            peer=channel.peer,
+            identity=channel.session.authenticated_identity,
+            code=code,
+            text=text,
+            event="apex.refused",
+        )
+
+    def terminate_all(self, code: int, text: str) -> defer.Deferred[None]:
+        """Tell every attached application its attachments end (§4.4.3)."""
+        sends = []
+        for channel in {id(c): c for c in self.attached.values()}.values():
+            if channel.channel is not None:
+                message = wire.encode(wire.Terminate(0, code, text))
+                sends.append(channel.channel.send(message).addErrback(lambda f: None))
+            self._release(channel, list(channel.attachments))
+        return defer.gatherResults(sends).addCallback(lambda _: None)

@@ -1,0 +1,376 @@
+"""The relay as a Twisted service: listeners, links to next hops, clean shutdown.
+
+``twistd imxp`` builds this through :mod:`imxp.tap`. Endpoints attach on the
+apex-edge listeners (TLS, then SASL, then APEX); relays bind on the apex-mesh
+listeners (TLS with their certificate, then APEX). On SIGTERM the relay stops
+listening, refuses new data with 421, gives accepted data ``shutdown_grace``
+seconds to reach a verdict (which is reported if asked for), tells attached
+applications their attachments end, and releases every session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography import x509
+from twisted.application import service
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.internet import defer, endpoints, error
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IResolver
+from twisted.logger import Logger
+from twisted.names import client as dns_client
+from twisted.names import dns
+
+from imxp.apex import wire
+from imxp.apex.peers import Link, LinkFailed, PeerPool
+from imxp.apex.policy import AccessPolicy
+from imxp.apex.relay import APEXChannel, APEXProfile, Mode, Relay
+from imxp.apex.routing import Router, Target
+from imxp.beep import mgmt
+from imxp.beep.message import Message
+from imxp.beep.sasl import sasl_profiles
+from imxp.beep.saslmech import make_portal
+from imxp.beep.session import (
+    BEEPError,
+    Role,
+    Session,
+    SessionClosed,
+    SessionConfig,
+    SessionFactory,
+)
+from imxp.beep.tls import TLSProfile, start_tls
+from imxp.beep.tlsctx import client_options, server_options
+from imxp.beep.users import ExternalChecker, FailureThrottle, UserStore
+from imxp.bootstrap import Prepared, prepare
+from imxp.certs import Issued
+from imxp.config import Config, offered_mechanisms, resolver_addresses, session_config
+
+__all__ = ["RelayService", "build_relay", "make_relay_service"]
+
+
+class RelayService(service.Service):
+    """Listens, relays, and shuts down without dropping accepted data."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        relay: Relay,
+        pool: PeerPool,
+        listeners: Sequence[tuple[str, SessionFactory]],
+        reactor: Any,
+        *,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        self.relay = relay
+        self.pool = pool
+        self.listeners = list(listeners)
+        self.reactor = reactor
+        self.shutdown_grace = shutdown_grace
+        self.ports: list[IListeningPort] = []
+        self.sessions: set[Session] = set()
+
+    def track(self, session: Session) -> None:
+        self.sessions.add(session)
+        session.when_closed().addCallback(lambda _: self.sessions.discard(session))
+
+    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        super().startService()
+        return defer.ensureDeferred(self._listen())
+
+    async def _listen(self) -> None:
+        for description, factory in self.listeners:
+            endpoint = endpoints.serverFromString(self.reactor, description)
+            port = await endpoint.listen(factory)
+            self.ports.append(port)
+            self.log.info(
+                "relay for {domain} listening on {description} ({address})",
+                domain=self.relay.domain,
+                description=description,
+                address=str(port.getHost()),
+                event="imxp.listening",
+            )
+
+    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        relay = self.relay
+        relay.accepting = False
+        self.log.info(
+            "relay for {domain} stopping: {count} data in flight",
+            domain=relay.domain,
+            count=relay.in_flight,
+            event="imxp.stopping",
+        )
+        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        self.ports = []
+        idle = relay.when_idle()
+        timer = self.reactor.callLater(self.shutdown_grace, idle.cancel)
+        try:
+            await idle
+        except defer.CancelledError:
+            # No more retrying: what is still in flight reaches its verdict now.
+            self.pool.closing = True
+            await relay.when_idle()
+        finally:
+            if timer.active():
+                timer.cancel()
+        await relay.terminate_all(421, "relay shutting down")
+        await self.pool.close()
+        closing = [s.close().addErrback(lambda f, s=s: s.disconnect()) for s in list(self.sessions)]
+        waits = defer.gatherResults(closing)
+        timer = self.reactor.callLater(2.0, waits.cancel)
+        try:
+            await waits
+        except defer.CancelledError:
+            pass
+        finally:
+            if timer.active():
+                timer.cancel()
+        for session in list(self.sessions):
+            session.disconnect()
+        self.log.info("relay for {domain} stopped", domain=relay.domain, event="imxp.stopped")
+
+
+def build_relay(
+    *,
+    domain: str,
+    identity: Issued,
+    trust: Sequence[x509.Certificate],
+    users: UserStore,
+    edge_listen: Sequence[str],
+    mesh_listen: Sequence[str],
+    session_config: SessionConfig,
+    reactor: Any,
+    resolver: IResolver | None = None,
+    dns_servers: Sequence[tuple[str, int]] = (),
+    routes: dict[str, str] | None = None,
+    smart_host: str | None = None,
+    trusted_relays: Sequence[str] = (),
+    refusals: dict[str, list[str]] | None = None,
+    sasl_mechanisms: Sequence[str] = ("SCRAM-SHA-256", "PLAIN", "EXTERNAL"),
+    allow_anonymous: bool = False,
+    max_hops: int = 16,
+    delivery_timeout: float = 60.0,
+    connect_timeout: float = 30.0,
+    reconnect_max_delay: float = 300.0,
+    max_sessions_per_peer: int | None = 32,
+    shutdown_grace: float = 10.0,
+) -> RelayService:
+    """Assemble a relay from its ingredients (see :mod:`imxp.config` for each)."""
+    if resolver is None and dns_servers:
+        resolver = dns_client.createResolver(servers=list(dns_servers))
+    router = Router(
+        static_routes=routes or {},
+        smart_host=smart_host or None,
+        resolver=resolver,
+        clock=reactor,
+    )
+    policy = AccessPolicy(
+        domain,
+        lambda local: local in users,
+        trusted_relays=trusted_relays,
+        refusals=refusals,
+    )
+    relay: Relay
+
+    async def connect(target: Target) -> Link:
+        return await _connect(
+            target, relay, identity, trust, session_config, reactor, connect_timeout, resolver
+        )
+
+    pool = PeerPool(connect, reactor, max_retry=min(reconnect_max_delay, delivery_timeout))
+    relay = Relay(
+        domain,
+        policy,
+        router,
+        pool,
+        reactor,
+        max_hops=max_hops,
+        delivery_timeout=delivery_timeout,
+    )
+    tls = TLSProfile(server_options(identity, list(trust) or None))
+    checkers: list[Any] = [users, ExternalChecker()]
+    if allow_anonymous:
+        checkers.append(AllowAnonymousAccess())
+    throttle = FailureThrottle(reactor)
+    sasl = sasl_profiles(
+        list(sasl_mechanisms),
+        make_portal(checkers),
+        scram_store=users,
+        throttle=throttle,
+        clock=reactor,
+        require_tls=True,
+    )
+    relay_service: RelayService
+
+    def tracked(session: Session) -> None:
+        relay_service.track(session)
+
+    edge = SessionFactory(
+        Role.LISTENER,
+        [tls, *sasl, APEXProfile(relay, Mode.EDGE)],
+        session_config,
+        reactor,
+        max_sessions_per_peer=max_sessions_per_peer,
+        on_session=tracked,
+    )
+    mesh = SessionFactory(
+        Role.LISTENER,
+        [tls, APEXProfile(relay, Mode.MESH)],
+        session_config,
+        reactor,
+        max_sessions_per_peer=max_sessions_per_peer,
+        on_session=tracked,
+    )
+    listeners = [(d, edge) for d in edge_listen] + [(d, mesh) for d in mesh_listen]
+    relay_service = RelayService(relay, pool, listeners, reactor, shutdown_grace=shutdown_grace)
+    return relay_service
+
+
+async def _connect(
+    target: Target,
+    relay: Relay,
+    identity: Issued,
+    trust: Sequence[x509.Certificate],
+    session_config: SessionConfig,
+    reactor: IReactorTime,
+    connect_timeout: float,
+    resolver: IResolver | None = None,
+) -> Link:
+    """A TLS session to ``target``, checked against its domain (RFC 6125), with an
+    APEX channel bound as our domain (RFC 3340 §4.4.2, §4.2)."""
+    factory = SessionFactory(
+        Role.INITIATOR, [APEXProfile(relay, Mode.MESH)], session_config, reactor
+    )
+    where = f"{target.host}:{target.port}"
+    try:
+        session: Session = await _open(target, factory, reactor, connect_timeout, resolver)
+        await session.greeted()
+    except (error.ConnectError, error.DNSLookupError, SessionClosed) as e:
+        raise LinkFailed(421, f"cannot connect: {e}") from None
+    except BEEPError as e:
+        raise LinkFailed(421 if e.code == 421 else 554, f"refused the session: {e}") from None
+    try:
+        await start_tls(session, client_options(target.tls_name, list(trust) or None, identity))
+    except SessionClosed as e:
+        # A certificate that does not prove the domain will not fix itself soon.
+        raise LinkFailed(554, f"TLS with {where} as {target.tls_name} failed: {e}") from None
+    except BEEPError as e:
+        session.disconnect()
+        raise LinkFailed(554, f"{where} refused TLS: {e}") from None
+    bind = wire.encode(wire.Bind(relay.domain, 1, [])).body
+    try:
+        channel = await session.start_channel(
+            [mgmt.ProfileElement(wire.APEX_URI, bind)],
+            handler=APEXChannel(relay, session, Mode.MESH),
+        )
+        answer = wire.decode(Message(channel.start_reply or b"", mgmt.BEEP_XML))
+    except (BEEPError, wire.APEXError) as e:
+        session.disconnect()
+        raise LinkFailed(e.code, f"{where} refused APEX: {e}") from None
+    except SessionClosed as e:
+        raise LinkFailed(421, f"{where} closed the session: {e}") from None
+    if isinstance(answer, wire.Error):
+        session.disconnect()
+        raise LinkFailed(answer.code, f"{where} refused to bind us: {answer.text}")
+    return Link(target, session, channel)
+
+
+async def _open(
+    target: Target,
+    factory: SessionFactory,
+    reactor: Any,
+    timeout: float,
+    resolver: IResolver | None,
+) -> Session:
+    """Connect to ``target``'s host, resolved through ``resolver`` when there is one.
+
+    RFC 2782: the client looks up the SRV target's address records; they come from the
+    DNS the SRV records came from, i.e. the relay's resolver (``dns_servers``), not the
+    system's, which HostnameEndpoint would ask. Each address is tried in turn.
+    """
+    hosts = [target.host]
+    if resolver is not None and not _is_ip(target.host):
+        hosts = await _addresses(resolver, target.host)
+        if not hosts:
+            raise error.DNSLookupError(f"no address records for {target.host}")
+    failure: Exception | None = None
+    for host in hosts:
+        endpoint = endpoints.HostnameEndpoint(reactor, host, target.port, timeout=timeout)
+        try:
+            return await endpoint.connect(factory)
+        except error.ConnectError as e:
+            failure = e
+    assert failure is not None
+    raise failure
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _addresses(resolver: IResolver, host: str) -> list[str]:
+    """The A then AAAA addresses of ``host``; none when both lookups fail or are empty."""
+    results = await defer.DeferredList(
+        [resolver.lookupAddress(host), resolver.lookupIPV6Address(host)], consumeErrors=True
+    )
+    addresses = []
+    for ok, result in results:
+        if not ok:
+            continue
+        answers, _authority, _additional = result
+        for rr in answers:
+            # A CNAME chain comes with the records of its end, which are what count here.
+            if rr.type == dns.A:
+                addresses.append(rr.payload.dottedQuad())
+            elif rr.type == dns.AAAA:
+                addresses.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
+    return addresses
+
+
+def make_relay_service(
+    config: Config,
+    *,
+    prepared: Prepared | None = None,
+    reactor: Any = None,
+    resolver: IResolver | None = None,
+) -> RelayService:
+    """The relay ``config`` describes; ``prepared`` is :func:`imxp.bootstrap.prepare`'s
+    result when the caller (``twistd imxp``) already made it."""
+    if reactor is None:
+        from twisted.internet import reactor
+    if prepared is None:
+        prepared = prepare(config, Logger())
+    return build_relay(
+        domain=config.domain,
+        identity=prepared.identity,
+        trust=prepared.trust_roots,
+        users=prepared.users,
+        edge_listen=config.edge_listen,
+        mesh_listen=config.mesh_listen,
+        session_config=session_config(config),
+        reactor=reactor,
+        resolver=resolver,
+        dns_servers=resolver_addresses(config),
+        routes=dict(config.routes),
+        smart_host=config.smart_host or None,
+        trusted_relays=config.trusted_relays,
+        sasl_mechanisms=offered_mechanisms(config),
+        allow_anonymous=config.allow_anonymous,
+        max_hops=config.max_hops,
+        delivery_timeout=config.delivery_timeout,
+        connect_timeout=config.connect_timeout,
+        reconnect_max_delay=config.reconnect_max_delay,
+        max_sessions_per_peer=config.max_sessions_per_peer,
+        shutdown_grace=config.shutdown_grace,
+    )
