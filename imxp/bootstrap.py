@@ -1,0 +1,267 @@
+"""First start: make what a relay needs and does not have yet, then load it.
+
+:func:`prepare` creates, only when missing and only where the configuration leaves the
+choice to the relay (options at their defaults):
+
+* ``state_dir``, mode 0700;
+* a development certificate authority (``ca.pem``, ``ca.key``) and a relay certificate for
+  the domain signed by it (``relay.pem``, ``relay.key``), so that a relay runs over TLS
+  from its first start; production replaces them with a certificate from a real CA;
+* an empty user file.
+
+Each thing made is announced once as a structured event (``event="imxp.bootstrap"``, with
+``what`` and ``path``), in a sentence telling the operator what to do with it; a later start
+finds everything and says nothing. A file the configuration names explicitly is never
+made: its absence is a :class:`~imxp.config.ConfigError`, as is a file that cannot be used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from service_identity.cryptography import verify_certificate_hostname
+from service_identity.exceptions import CertificateError, VerificationError
+from twisted.logger import Logger
+
+from imxp.beep.users import UserStore, UserStoreError
+from imxp.certs import Issued, create_ca, issue_server, load_certificates, load_issued
+from imxp.config import DEVELOPMENT_CA, Config, ConfigError
+
+__all__ = ["EXPIRY_WARNING", "Prepared", "prepare"]
+
+EXPIRY_WARNING = timedelta(days=30)
+"""A relay certificate expiring sooner than this is warned about at every start."""
+
+_CA_KEY = "ca.key"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The files a relay runs with, and what was loaded from them."""
+
+    state_dir: Path
+    certificate_path: Path
+    key_path: Path
+    trust_paths: tuple[Path, ...]
+    users_path: Path
+    identity: Issued
+    """The relay's certificate, its chain and key."""
+    trust_roots: tuple[x509.Certificate, ...]
+    """Every certificate of the ``tls_trust`` files, in order."""
+    users: UserStore
+    created: tuple[str, ...]
+    """The ``what`` of each thing made by this call, in order; empty once all exists."""
+
+
+def prepare(config: Config, log: Logger) -> Prepared:
+    """Create what is missing (see the module docstring), load it all, and return it.
+
+    Logs a warning (``event="imxp.bootstrap"``, ``what`` ``certificate-name`` or
+    ``certificate-expiry``) when the relay certificate does not name the domain as peers
+    check it (RFC 6125), or has expired or expires within :data:`EXPIRY_WARNING`.
+
+    :raises ConfigError: a configured file is missing or unusable, or something cannot be
+        created; the message names the option.
+    """
+    _check_configured(config)
+    created: list[str] = []
+    state_dir = _state_dir(config, log, created)
+    cert_path, key_path = config.path("tls_certificate"), config.path("tls_key")
+    if (
+        config.tls_certificate is None
+        and config.tls_key is None
+        and not cert_path.exists()
+        and not key_path.exists()
+    ):
+        _development_certificate(config, cert_path, key_path, log, created)
+    identity = _identity(config, cert_path, key_path)
+    trust_paths = config.paths("tls_trust")
+    trust_roots = _trust(config, trust_paths)
+    users_path = config.path("users_file")
+    users = _users(config, users_path, log, created)
+    _check_certificate(config, cert_path, identity.certificate, log)
+    return Prepared(
+        state_dir=state_dir,
+        certificate_path=cert_path,
+        key_path=key_path,
+        trust_paths=trust_paths,
+        users_path=users_path,
+        identity=identity,
+        trust_roots=trust_roots,
+        users=users,
+        created=tuple(created),
+    )
+
+
+def _check_configured(config: Config) -> None:
+    """Refuse a configuration naming files that do not exist, before creating anything."""
+    for name in ("tls_certificate", "tls_key", "users_file"):
+        path = config.path(name)
+        if getattr(config, name) is not None and not path.exists():
+            raise ConfigError(config.source, name, f"{path} does not exist")
+    if config.tls_trust:
+        for path in config.paths("tls_trust"):
+            if not path.exists():
+                raise ConfigError(config.source, "tls_trust", f"{path} does not exist")
+
+
+def _announce(
+    log: Logger, created: list[str], what: str, path: Path, text: str, **fields: object
+) -> None:
+    created.append(what)
+    log.info(text, event="imxp.bootstrap", what=what, path=str(path), **fields)
+
+
+def _state_dir(config: Config, log: Logger, created: list[str]) -> Path:
+    path = config.path("state_dir")
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(config.source, "state_dir", f"{path} is not a directory")
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        # mkdir's mode is filtered by the umask; the keys inside are no one else's business.
+        os.chmod(path, 0o700)
+    except OSError as e:
+        raise ConfigError(config.source, "state_dir", f"cannot create {path}: {e}") from None
+    _announce(log, created, "state_dir", path, "created state directory {path}")
+    return path
+
+
+def _development_certificate(
+    config: Config, cert_path: Path, key_path: Path, log: Logger, created: list[str]
+) -> None:
+    """Issue a relay certificate from the development CA, creating the CA if there is none.
+
+    An existing development CA is reused, so that endpoints and relays that were given its
+    ``ca.pem`` keep trusting this relay after its certificate is made anew.
+    """
+    state = Path(config.state_dir)
+    ca_cert, ca_key = state / DEVELOPMENT_CA, state / _CA_KEY
+    try:
+        if ca_cert.exists() or ca_key.exists():
+            ca = load_issued(ca_cert, ca_key)
+        else:
+            name = f"imxp development CA ({config.domain})"
+            ca = create_ca(name if len(name) <= 64 else "imxp development CA")
+            ca.write(ca_cert, ca_key)
+            _announce(
+                log,
+                created,
+                "ca",
+                ca_cert,
+                "created development certificate authority at {path}: copy ca.pem to "
+                "endpoints that should trust this relay, and list it in tls_trust of relays "
+                "that should",
+            )
+        # A relay for localhost is reached as 127.0.0.1 as often as by name.
+        ips = ["127.0.0.1"] if config.domain == "localhost" else []
+        issue_server(ca, [config.domain], ips=ips).write(cert_path, key_path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(
+            config.source, "tls_certificate", f"cannot make a development certificate: {e}"
+        ) from None
+    _announce(
+        log,
+        created,
+        "certificate",
+        cert_path,
+        "created development certificate for {domain} at {path}, signed by the development "
+        "CA; for production set tls_certificate and tls_key to a certificate from a real CA",
+        domain=config.domain,
+    )
+
+
+def _identity(config: Config, cert_path: Path, key_path: Path) -> Issued:
+    for name, path in (("tls_certificate", cert_path), ("tls_key", key_path)):
+        if not path.exists():
+            hint = ""
+            if config.tls_certificate is None and config.tls_key is None:
+                hint = "; with neither file there, a new development certificate is made"
+            raise ConfigError(config.source, name, f"{path} does not exist{hint}")
+    try:
+        load_certificates(cert_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(config.source, "tls_certificate", f"{cert_path}: {e}") from None
+    try:
+        return load_issued(cert_path, key_path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(config.source, "tls_key", f"{key_path}: {e}") from None
+
+
+def _trust(config: Config, paths: tuple[Path, ...]) -> tuple[x509.Certificate, ...]:
+    roots: list[x509.Certificate] = []
+    for path in paths:
+        if not path.exists():  # only the development CA can be missing here
+            raise ConfigError(
+                config.source,
+                "tls_trust",
+                f"empty, and there is no development CA at {path}: list the PEM files of the "
+                "CAs that peers' certificates chain to",
+            )
+        try:
+            roots += load_certificates(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(config.source, "tls_trust", f"{path}: {e}") from None
+    return tuple(roots)
+
+
+def _users(config: Config, path: Path, log: Logger, created: list[str]) -> UserStore:
+    if not path.exists():  # unset, since _check_configured has seen to a configured one
+        try:
+            # O_EXCL: never truncate a file that appeared meanwhile; 0600 like UserStore.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as e:
+            raise ConfigError(config.source, "users_file", f"cannot create {path}: {e}") from None
+        _announce(
+            log,
+            created,
+            "users",
+            path,
+            "created empty user file {path}: add users to it for endpoints to log in with a "
+            "password",
+        )
+    try:
+        return UserStore(path)
+    except (OSError, UserStoreError) as e:
+        raise ConfigError(config.source, "users_file", f"{path}: {e}") from None
+
+
+def _check_certificate(
+    config: Config, path: Path, certificate: x509.Certificate, log: Logger
+) -> None:
+    try:
+        # The same check a peer makes when it connects to us for our domain (RFC 6125).
+        verify_certificate_hostname(certificate, config.domain)
+    except (VerificationError, CertificateError):
+        log.warn(
+            "the relay certificate {path} does not name {domain}: relays connecting to this "
+            "domain will refuse it",
+            event="imxp.bootstrap",
+            what="certificate-name",
+            path=str(path),
+            domain=config.domain,
+        )
+    expires = certificate.not_valid_after_utc
+    left = expires - datetime.now(UTC)
+    if left <= timedelta(0):
+        text = "the relay certificate {path} expired on {expires}: peers refuse it; renew it"
+    elif left < EXPIRY_WARNING:
+        text = (
+            "the relay certificate {path} expires on {expires}, in {days} days: renew it "
+            "before peers start refusing it"
+        )
+    else:
+        return
+    log.warn(
+        text,
+        event="imxp.bootstrap",
+        what="certificate-expiry",
+        path=str(path),
+        expires=expires.isoformat(),
+        days=left.days,
+    )

@@ -1,0 +1,65 @@
+"""``twistd imxp``: the command-line options and the service maker of the relay.
+
+The plugin in ``twisted/plugins/imxp_plugin.py`` points twistd here. The configuration is
+read, checked and prepared (:func:`imxp.bootstrap.prepare`) while the options are parsed:
+twistd reports a :class:`~twisted.python.usage.UsageError` from there by printing the usage
+text and then ``twistd: <message>`` as the last line, and exits with status 1 before it
+daemonises. An exception from :func:`makeService` would end twistd with a traceback instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from imxp.bootstrap import Prepared, prepare
+from imxp.config import Config, ConfigError, load
+
+if TYPE_CHECKING:
+    from twisted.application.service import IService
+
+__all__ = ["Options", "makeService"]
+
+log = Logger(namespace="imxp.bootstrap")
+
+
+class Options(usage.Options):
+    """``twistd imxp [--config FILE]``."""
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run an imxp relay: APEX (RFC 3340) over BEEP (RFC 3080). Without --config it serves "
+        "the domain localhost on loopback ports, with a development certificate made on first "
+        "start."
+    )
+    optParameters: ClassVar[list[list[object]]] = [
+        ["config", "c", None, "The TOML configuration file.", str],
+    ]
+
+    config: Config
+    """Set by :meth:`postOptions`."""
+    prepared: Prepared
+    """Set by :meth:`postOptions`: the relay's files, created on first start and loaded."""
+
+    def postOptions(self) -> None:
+        """Load the configuration and prepare the state directory (UsageError if unusable).
+
+        Log events emitted here (what the first start created) are kept by twisted.logger
+        until twistd starts logging, and then written to its log.
+        """
+        try:
+            self.config = load(self["config"])
+            self.prepared = prepare(self.config, log)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> IService:
+    """The relay service for the configuration ``options`` carries."""
+    # Imported here rather than at the top, so that `twistd imxp --help` and the reporting of
+    # configuration errors do not load the relay engine and everything it uses.
+    from imxp.apex.service import make_relay_service
+
+    return make_relay_service(options.config, prepared=options.prepared)

@@ -1,0 +1,91 @@
+"""imxp.tap and the twistd plugin: options, configuration errors, the service maker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.service import MultiService
+from twisted.python.usage import UsageError
+
+from imxp.config import Config
+from imxp.tap import Options, makeService
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_options_load_and_prepare_the_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('domain = "a.test"\n')
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    assert options.config.domain == "a.test"
+    assert options.config.source == str(path)
+    assert options.prepared.created == ("state_dir", "ca", "certificate", "users")
+    assert (tmp_path / "imxp-state" / "relay.pem").exists()
+
+
+def test_a_bad_configuration_is_a_usage_error_of_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('max_hops = "ten"\n')
+    with pytest.raises(UsageError) as e:
+        Options().parseOptions(["-c", str(path)])
+    assert str(e.value) == f"{path}: option 'max_hops': expected an integer, got 'ten'"
+
+
+def test_a_missing_configured_file_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('users_file = "/nonexistent/users"\n')
+    with pytest.raises(UsageError, match="option 'users_file': /nonexistent/users does not"):
+        Options().parseOptions(["-c", str(path)])
+
+
+def test_make_service_hands_the_configuration_to_the_relay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[Config] = []
+    service = MultiService()
+
+    def make_relay_service(config: Config, **kwargs: Any) -> MultiService:
+        made.append(config)
+        return service
+
+    fake = types.ModuleType("imxp.apex.service")
+    fake.make_relay_service = make_relay_service  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "imxp.apex.service", fake)
+    path = tmp_path / "relay.toml"
+    path.write_text("")
+    options = Options()
+    options.parseOptions(["-c", str(path)])
+    assert makeService(options) is service
+    assert made == [options.config]
+
+
+def test_twistd_prints_the_error_last_and_exits_1(tmp_path: Path) -> None:
+    """The real twistd: finds the plugin, and reports a bad file before doing anything."""
+    (tmp_path / "relay.toml").write_text("max_hop = 3\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "imxp",
+            "--config",
+            "relay.toml",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1, run.stderr
+    last = run.stdout.rstrip("\n").splitlines()[-1]
+    assert last.endswith(": relay.toml: unknown option 'max_hop' (did you mean 'max_hops'?)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relay.toml"]
