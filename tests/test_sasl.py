@@ -580,3 +580,12 @@ async def test_loopback_external_without_client_certificate(test_ca, server_cert
     assert refused.value.code == 550
     assert listener.sessions[0].authenticated_identity is None
     await shutdown(listener, session)
+
+
+def test_require_tls_keeps_every_mechanism_off_the_greeting_until_tls(store):
+    """What a relay asks for: not even a username in the clear."""
+    profiles = sasl_profiles(ALL, portal_for(store), scram_store=store, require_tls=True)
+    pair = Pair(profiles)
+    assert pair.I.peer_greeting.profiles == ()
+    pair.L.tls_active = True
+    assert all(p.offered(pair.L) for p in profiles if p.name in (SCRAM, "PLAIN", "ANONYMOUS"))

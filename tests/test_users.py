@@ -239,7 +239,6 @@ def test_comments_and_blank_lines_ignored(path):
 def test_reload_and_malformed_reload_keeps_old_data(path):
     relay = UserStore(path)
     UserStore(path).add("alice", PASSWORD)
-    assert relay.usernames() == []
     relay.reload()
     assert relay.usernames() == ["alice"]
     good = path.read_text()
@@ -386,3 +385,21 @@ def test_throttle_rejects_bad_parameters():
         FailureThrottle(Clock(), max_addresses=0)
     with pytest.raises(ValueError):
         FailureThrottle(Clock(), forget_after=0)
+
+
+def test_a_running_store_sees_users_another_process_adds(tmp_path):
+    """`imxp users add` while the relay runs: the relay's store picks it up."""
+    running = UserStore(tmp_path / "users")
+    assert "carol" not in running
+    UserStore(tmp_path / "users").add("carol", "her password")
+    assert "carol" in running
+    assert running.usernames() == ["carol"]
+    UserStore(tmp_path / "users").remove("carol")
+    assert "carol" not in running
+
+
+def test_a_broken_edit_keeps_the_users_the_store_had(tmp_path):
+    running = UserStore(tmp_path / "users")
+    running.add("carol", "her password")
+    (tmp_path / "users").write_text("this is not a SCRAM record\n")
+    assert "carol" in running

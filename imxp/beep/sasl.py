@@ -280,6 +280,7 @@ class SASLProfile(Profile):
         scram_store: ISCRAMKeyStore | None = None,
         throttle: FailureThrottle | None = None,
         clock: IReactorTime | None = None,
+        require_tls: bool = False,
     ) -> None:
         if name not in SERVER_MECHANISMS:
             raise ValueError(f"unsupported SASL mechanism {name!r}")
@@ -291,9 +292,12 @@ class SASLProfile(Profile):
         self.scram_store = scram_store
         self.throttle = throttle
         self.clock = clock
+        self.require_tls = require_tls
 
     def offered(self, session: Session) -> bool:
         if _authenticated(session):
+            return False
+        if self.require_tls and not session.tls_active:
             return False
         if self.name == "EXTERNAL":
             return _certificate_identity(session) is not None
@@ -327,10 +331,22 @@ def sasl_profiles(
     scram_store: ISCRAMKeyStore | None = None,
     throttle: FailureThrottle | None = None,
     clock: IReactorTime | None = None,
+    require_tls: bool = False,
 ) -> list[SASLProfile]:
-    """One :class:`SASLProfile` per mechanism name, sharing portal, store and throttle."""
+    """One :class:`SASLProfile` per mechanism name, sharing portal, store and throttle.
+
+    ``require_tls`` keeps every mechanism off the greeting until TLS is in
+    place, as a relay wants: not even a username crosses in the clear.
+    """
     return [
-        SASLProfile(name, portal, scram_store=scram_store, throttle=throttle, clock=clock)
+        SASLProfile(
+            name,
+            portal,
+            scram_store=scram_store,
+            throttle=throttle,
+            clock=clock,
+            require_tls=require_tls,
+        )
         for name in names
     ]
 

@@ -168,6 +168,7 @@ class UserStore:
         self.iterations = iterations
         self._fixed_secret = decoy_secret
         self._users: dict[str, StoredKeys] = {}
+        self._seen: tuple[int, int, int] | None = None
         # The secret line the file carries (or will carry from the next write).
         self._file_secret: bytes | None = None
         self.reload()
@@ -231,15 +232,36 @@ class UserStore:
 
     def reload(self) -> None:
         """Re-read the file. On a malformed file, raise UserStoreError and keep the old data."""
+        stamp = self._stamp()
         users, secret = self._read()
-        try:
-            mode = self.path.stat().st_mode
-        except FileNotFoundError:
-            mode = 0
+        mode = self.path.stat().st_mode if stamp is not None else 0
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warn("user file {path} is accessible to others", path=str(self.path))
         self._users = users
         self._take_secret(secret)
+        self._seen = stamp
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _fresh(self) -> dict[str, StoredKeys]:
+        """The users, re-read first if the file changed: an operator's ``imxp users
+        add`` on a running relay takes effect at the next login."""
+        if self._stamp() != self._seen:
+            try:
+                self.reload()
+            except UserStoreError as e:
+                log.error(
+                    "user file changed but cannot be read, keeping the old users: {error}",
+                    error=str(e),
+                    event="imxp.users-unreadable",
+                )
+                self._seen = self._stamp()
+        return self._users
 
     def _write(self) -> None:
         lines = []
@@ -287,6 +309,7 @@ class UserStore:
         apply(users)
         self._users = users
         self._write()
+        self._seen = self._stamp()
 
     # -- administration --------------------------------------------------------------------
 
@@ -332,14 +355,14 @@ class UserStore:
 
     def usernames(self) -> list[str]:
         """The stored usernames, sorted."""
-        return sorted(self._users)
+        return sorted(self._fresh())
 
     def __contains__(self, username: object) -> bool:
         return isinstance(username, str) and self._lookup(username) is not None
 
     def _lookup(self, username: str) -> StoredKeys | None:
         try:
-            return self._users.get(prepare_username(username))
+            return self._fresh().get(prepare_username(username))
         except UserStoreError:
             return None
 
@@ -377,7 +400,7 @@ class UserStore:
             name = username.decode("utf-8") if isinstance(username, bytes) else username
             secret = password.decode("utf-8") if isinstance(password, bytes) else password
             name = prepare_username(name)
-            keys = self._users.get(name)
+            keys = self._fresh().get(name)
             # Unknown users get the same PBKDF2 work as known ones.
             reference = keys if keys is not None else self.decoy_keys(name)
             candidate = derive_keys(secret, reference.salt, reference.iterations)
