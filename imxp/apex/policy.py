@@ -71,9 +71,7 @@ class AccessPolicy:
         return allowed is not None and endpoint.within(allowed)
 
     def exists(self, endpoint: Endpoint) -> bool:
-        """Whether ``endpoint`` names an endpoint of this domain (or a service)."""
-        if endpoint.is_service:
-            return True
+        """Whether ``endpoint`` names an endpoint of this domain (a user in the store)."""
         return self._known_local(endpoint.address) or self._known_local(str(endpoint.base))
 
     def may_originate(self, attached: Collection[Endpoint], originator: Endpoint) -> bool:

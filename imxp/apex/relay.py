@@ -29,10 +29,11 @@ from twisted.python.failure import Failure
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
-from imxp.apex.address import AddressError, Endpoint, report_endpoint
+from imxp.apex.address import AddressError, Endpoint
 from imxp.apex.peers import PeerPool, Verdict
 from imxp.apex.policy import AccessPolicy
 from imxp.apex.routing import NoRoute, Router
+from imxp.apex.services.report import ReportService
 from imxp.beep import mgmt
 from imxp.beep.message import Message
 from imxp.beep.session import (
@@ -157,7 +158,7 @@ class Relay:
         self.clock = clock
         self.max_hops = max_hops
         self.delivery_timeout = delivery_timeout
-        self.report_identity = str(report_endpoint(domain))
+        self.reports = ReportService(domain, self.send_internal)
         self.attached: dict[Endpoint, APEXChannel] = {}
         self.accepting = True
         self.in_flight = 0
@@ -304,6 +305,10 @@ class Relay:
     ) -> None:
         """§4.4.4.1 step 5.3: access check, then the attached application."""
         identity = recipient.identity
+        if endpoint.is_service:
+            code, text = self._to_service(journey, endpoint)
+            self._verdict(journey, identity, code, text, final=True)
+            return
         if not self.policy.exists(endpoint):
             self._verdict(journey, identity, 550, "unknown endpoint identity", final=True)
             return
@@ -318,6 +323,12 @@ class Relay:
         message = wire.encode(replace(journey.data, recipients=[recipient]))
         verdict = await self._answer(channel.channel.send(message))
         self._verdict(journey, identity, verdict.code, verdict.text, final=True)
+
+    def _to_service(self, journey: _Journey, endpoint: Endpoint) -> tuple[int, str]:
+        """Data for a well-known endpoint of this domain (§6)."""
+        if endpoint.address == ReportService.address:
+            return self.reports.accept(journey.data)
+        return 550, f"no service {endpoint.address} at {self.domain}"
 
     async def _forward(
         self,
@@ -422,9 +433,7 @@ class Relay:
     def _send_reports(self, journey: _Journey) -> None:
         if not journey.reports or journey.status is None:
             return
-        response = wire.StatusResponse(journey.status.trans_id, list(journey.reports))
-        data = wire.status_response_data(self.report_identity, str(journey.originator), response)
-        self.send_internal(data)
+        self.reports.report(journey.originator, journey.status.trans_id, journey.reports)
 
     def send_internal(self, data: wire.Data) -> None:
         """Carry data this relay originates (reports). No report about a report."""

@@ -1,0 +1,30 @@
+"""Well-known endpoints at a relay (RFC 3340 §6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest_twisted
+from apexnet import attach, start_relay
+
+from imxp.certs import Issued
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_to_the_report_service_or_an_unknown_service_is_refused(
+    test_ca: Issued, tmp_path: Path
+) -> None:
+    """§6.2: nobody sends to apex=report; an unknown apex= service does not exist."""
+    relay = await start_relay("a.test", test_ca, tmp_path, users=("fred",))
+    try:
+        fred = await attach(relay, test_ca, "fred@a.test")
+        trans_id = await fred.send(["apex=report@a.test", "apex=nothing@a.test"])
+        await fred.wait("reports", 1)
+        outcomes = fred.outcomes()
+        assert outcomes[(trans_id, "apex=report@a.test")][0][0] == 554
+        assert outcomes[(trans_id, "apex=nothing@a.test")][0][0] == 550
+        # The reports came from the report service and nothing was delivered to fred.
+        assert fred.data == []
+        fred.session.disconnect()
+    finally:
+        await relay.service.stopService()
