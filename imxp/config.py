@@ -30,7 +30,7 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 
-from imxp.apex.address import is_literal, normalise_domain
+from imxp.apex.address import Endpoint, is_literal, normalise_domain
 from imxp.apex.routing import Router
 from imxp.beep.frames import MAX_31
 from imxp.beep.saslmech import SERVER_MECHANISMS
@@ -154,6 +154,17 @@ def _mechanisms(values: tuple[str, ...]) -> tuple[str, ...]:
 # route) is how the same syntax is checked here.
 def _routes(value: Mapping[str, str]) -> Mapping[str, str]:
     Router(static_routes=value, clock=Clock())
+    return value
+
+
+def _refusals(value: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, ...]]:
+    for recipient, originators in value.items():
+        Endpoint.parse(recipient)
+        for originator in originators:
+            if originator.startswith("@"):
+                normalise_domain(originator[1:])
+            else:
+                Endpoint.parse(originator)
     return value
 
 
@@ -315,6 +326,14 @@ class Config:
         "(RFC 3340 §4.5.2); relays of other domains may only send data from their own.",
         check=_domains,
     )
+    refuse_data: Mapping[str, tuple[str, ...]] = _option(
+        {},
+        "Access refusals (RFC 3340 §4.4.4.1 step 5.3): a table from a local endpoint to the "
+        'originators it takes no data from, each an endpoint or `"@domain"` for a whole '
+        'domain, e.g. `"fred@example.org" = ["@spam.test"]`. Such data gets 537, '
+        "access denied; subaddresses share their endpoint's refusals.",
+        check=_refusals,
+    )
     max_hops: int = _option(
         16,
         "The dataHopping limit (RFC 3342 §4) put on data entering the mesh here.",
@@ -458,6 +477,14 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _table_of_lists(value: Any) -> Mapping[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise _WrongType
+    if not all(isinstance(k, str) for k in value):
+        raise _WrongType
+    return MappingProxyType({k: _strings(v) for k, v in value.items()})
+
+
 def _table(value: Any) -> Mapping[str, str]:
     if not isinstance(value, Mapping):
         raise _WrongType
@@ -479,6 +506,11 @@ _KINDS: dict[Any, tuple[str, str, Callable[[Any], Any]]] = {
     float: ("number", "a number", _number),
     tuple[str, ...]: ("list of strings", "a list of strings", _strings),
     Mapping[str, str]: ("table of strings", "a table of strings", _table),
+    Mapping[str, tuple[str, ...]]: (
+        "table of string lists",
+        "a table of lists of strings",
+        _table_of_lists,
+    ),
 }
 
 

@@ -28,3 +28,32 @@ async def test_data_to_the_report_service_or_an_unknown_service_is_refused(
         fred.session.disconnect()
     finally:
         await relay.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_in_the_configuration_means_access_denied(
+    test_ca: Issued, tmp_path: Path
+) -> None:
+    """§4.4.4.1 step 5.3: the recipient's provisioning refuses this originator: 537."""
+    relay = await start_relay(
+        "a.test",
+        test_ca,
+        tmp_path,
+        users=("fred", "wilma", "barney"),
+        refusals={"wilma@a.test": ["fred@a.test"]},
+    )
+    try:
+        fred = await attach(relay, test_ca, "fred@a.test")
+        wilma = await attach(relay, test_ca, "wilma@a.test")
+        barney = await attach(relay, test_ca, "barney@a.test")
+        trans_id = await fred.send(["wilma@a.test", "barney@a.test"], b"hi")
+        await fred.wait("reports", 1)
+        await barney.wait("data", 1)
+        outcomes = fred.outcomes()
+        assert outcomes[(trans_id, "wilma@a.test")] == [(537, "access denied")]
+        assert outcomes[(trans_id, "barney@a.test")] == [(250, "")]
+        assert wilma.data == []
+        for app in (fred, wilma, barney):
+            app.session.disconnect()
+    finally:
+        await relay.service.stopService()

@@ -365,6 +365,7 @@ def make_relay_service(
         routes=dict(config.routes),
         smart_host=config.smart_host or None,
         trusted_relays=config.trusted_relays,
+        refusals={k: list(v) for k, v in config.refuse_data.items()},
         sasl_mechanisms=offered_mechanisms(config),
         allow_anonymous=config.allow_anonymous,
         max_hops=config.max_hops,
