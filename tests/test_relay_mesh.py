@@ -1,0 +1,638 @@
+"""Three relays on loopback, found through DNS SRV, TLS everywhere, endpoints with SASL.
+
+The promise under test (DESIGN.md, "Principles"; RFC 3340 §5.1, §6.2): a relay answers
+``ok`` only for data it takes responsibility for, and whenever the originator asked
+(statusRequest), every recipient ends in exactly one final statusResponse - delivered
+(250) or a reason, with the §10 code for it. Alongside it, the access rules of §4.5: an
+application originates only as what it attached as (§4.5.1), a peer binds only for a
+domain its certificate proves and relays only for that domain's originators (§4.5.2), a
+next hop must prove the domain it is reached for (RFC 6125), and the hop limit of
+RFC 3342 §4 turns a routing loop into one error report.
+
+The mesh: relays for a.test (fred, wilma), b.test (barney, bambam) and c.test (betty),
+each with a certificate from the test CA naming its domain; a real twisted.names server
+serves ``_apex-mesh._tcp.X.test SRV 0 0 <mesh port> X.test.`` and ``X.test A 127.0.0.1``,
+which every relay's router asks. The name checked in the next hop's certificate is the
+domain, never the SRV target (RFC 6125 §6.2.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import pytest_twisted
+from apexnet import App, RelayHandle, attach, start_relay
+from dnsserver import DNSServer, a, srv, start_dns_server
+from twisted.internet import defer, endpoints, reactor
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import provider
+
+from imxp.apex import options as apex_options
+from imxp.apex import wire
+from imxp.beep import mgmt
+from imxp.beep.message import Message
+from imxp.beep.session import (
+    BEEPError,
+    Channel,
+    ChannelHandler,
+    Role,
+    Session,
+    SessionConfig,
+    SessionFactory,
+)
+from imxp.beep.tls import start_tls
+from imxp.beep.tlsctx import client_options
+from imxp.certs import Issued
+
+USERS = {
+    "a.test": ("fred", "wilma"),
+    # bambam exists but never attaches: "not attached" (450).
+    "b.test": ("barney", "bambam"),
+    "c.test": ("betty",),
+}
+FRED = "fred@a.test"
+WILMA = "wilma@a.test"
+BARNEY = "barney@b.test"
+BETTY = "betty@c.test"
+#: Short, so that the closed-port test reaches its verdict quickly; ample for loopback.
+DELIVERY_TIMEOUT = 1.0
+#: Upper bound on waiting for the mesh to finish carrying what it accepted.
+SETTLE = 10.0
+#: Content that a re-serialising relay would be likely to spoil: every octet value, CRLFs,
+#: something like a MIME boundary, non-ASCII text.
+BODY = bytes(range(256)) + b"\r\n--boundary\r\n\r\n" + "grüße, ☃".encode()
+
+Settings = dict[str, Any]
+
+
+# -- the mesh ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sent:
+    """One data an application sent with a statusRequest and the relay accepted."""
+
+    app: App
+    trans_id: int
+    recipients: list[str]
+
+
+@dataclass
+class Mesh:
+    dns: DNSServer
+    ca: Issued
+    relays: dict[str, RelayHandle] = field(default_factory=dict)
+    apps: list[App] = field(default_factory=list)
+    peers: list[Session] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)
+
+    def relay(self, domain: str) -> RelayHandle:
+        return self.relays[domain]
+
+    def publish(self, domain: str, port: int) -> None:
+        """SRV for the domain's mesh service pointing at ``port`` on host ``domain``, and
+        the host's address: RFC 3340 §3.1 through RFC 2782."""
+        self.dns.set(f"_apex-mesh._tcp.{domain}", srv(0, 0, port, f"{domain}."))
+        self.dns.set(domain, a("127.0.0.1"))
+
+    async def attach(self, endpoint: str, *, tls_name: str | None = None) -> App:
+        """An application attached at its domain's relay (TLS, SCRAM-SHA-256, attach).
+
+        ``tls_name`` is the name the relay's certificate is checked for, when the test
+        gave the relay a certificate for another name than its domain.
+        """
+        domain = endpoint.rsplit("@", 1)[1]
+        handle = self.relays[domain]
+        if tls_name is not None:
+            # attach() checks the relay's certificate for ``relay.domain``.
+            handle = dataclasses.replace(handle, domain=tls_name)
+        app = await attach(handle, self.ca, endpoint)
+        self.apps.append(app)
+        return app
+
+    async def send(self, app: App, recipients: list[str], body: bytes = BODY, **kw: Any) -> int:
+        """``app.send`` with a statusRequest, remembered for the exactly-once check."""
+        trans_id = await app.send(recipients, body, **kw)
+        self.sent.append(Sent(app, trans_id, list(recipients)))
+        return trans_id
+
+    async def settle(self) -> None:
+        """Until no relay carries any data any more.
+
+        Every relay counts a data as in flight from before its ``ok`` until each recipient
+        has a verdict there, and a report it sends counts before the data it reports on
+        stops counting; an application's delivery ends when it has answered. So once all
+        relays are idle at one moment, every report and data has reached its application.
+        """
+        deadline = reactor.seconds() + SETTLE
+        while True:
+            busy = [h.service.relay for h in self.relays.values() if h.service.relay.in_flight]
+            if not busy:
+                return
+            left = deadline - reactor.seconds()
+            assert left > 0, f"relays still busy: {[r.domain for r in busy]}"
+            idle = defer.gatherResults([r.when_idle() for r in busy])
+            timer = reactor.callLater(left, idle.cancel)
+            try:
+                await idle
+            finally:
+                if timer.active():
+                    timer.cancel()
+
+    async def close(self) -> None:
+        """Applications and the test's fake relays go first, then each relay stops
+        gracefully (RelayService.stopService)."""
+        for app in self.apps:
+            app.session.disconnect()
+        for session in self.peers:
+            session.disconnect()
+        for handle in self.relays.values():
+            await handle.service.stopService()
+
+    def assert_exactly_once(self) -> None:
+        """For every (transID, recipient) sent with a statusRequest, exactly one final
+        statusResponse reached the originator; and nothing was reported that was not sent."""
+        expected = {(s.app.endpoint, s.trans_id, r) for s in self.sent for r in s.recipients}
+        for app in self.apps:
+            for (trans_id, identity), entries in app.outcomes().items():
+                assert (app.endpoint, trans_id, identity) in expected, (trans_id, identity)
+                assert len(entries) == 1, f"{identity} reported {len(entries)} times: {entries}"
+        for s in self.sent:
+            for r in s.recipients:
+                assert (s.trans_id, r) in s.app.outcomes(), f"no report for {r} ({s.trans_id})"
+
+
+def outcome(app: App, trans_id: int) -> dict[str, tuple[int, str]]:
+    """recipient -> its one (code, text) for ``trans_id``; fails on any duplicate."""
+    found: dict[str, tuple[int, str]] = {}
+    for (tid, identity), entries in app.outcomes().items():
+        if tid == trans_id:
+            assert len(entries) == 1, f"{identity} reported {len(entries)} times: {entries}"
+            found[identity] = entries[0]
+    return found
+
+
+def codes(app: App, trans_id: int) -> dict[str, int]:
+    return {identity: code for identity, (code, _text) in outcome(app, trans_id).items()}
+
+
+def reporters(app: App, trans_id: int) -> set[str]:
+    """Which report services answered for ``trans_id``."""
+    return {
+        sender
+        for sender, report in zip(app.report_senders, app.reports, strict=True)
+        if report.trans_id == trans_id
+    }
+
+
+def received(app: App) -> list[tuple[str, bytes]]:
+    """(originator, content octets) of every data the application received."""
+    out = []
+    for data in app.data:
+        assert data.content is not None
+        out.append((data.originator.identity, data.content.body))
+    return out
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MeshBuilder(Protocol):
+    def __call__(self, **overrides: Settings | Callable[[Mesh], Settings]) -> Awaitable[Mesh]: ...
+
+
+@pytest_twisted.async_yield_fixture
+async def build_mesh(
+    test_ca: Issued, server_cert: Callable[..., Issued], tmp_path: Path
+) -> AsyncIterator[MeshBuilder]:
+    """``await build_mesh(**{"c.test": {...}})``: the three relays, each with the settings
+    given for its domain on top of the defaults; a settings value may be a callable taking
+    the Mesh (the relays started before, a.test first), for routes to their ports."""
+    dns = start_dns_server()
+    meshes: list[Mesh] = []
+
+    async def build(**overrides: Settings | Callable[[Mesh], Settings]) -> Mesh:
+        mesh = Mesh(dns, test_ca)
+        meshes.append(mesh)
+        for domain, users in USERS.items():
+            extra = overrides.get(domain, {})
+            settings: Settings = {
+                "identity": server_cert(domain),
+                "users": users,
+                "resolver": dns.resolver(),
+                "delivery_timeout": DELIVERY_TIMEOUT,
+                "shutdown_grace": 1.0,
+                **(extra(mesh) if callable(extra) else extra),
+            }
+            handle = await start_relay(domain, test_ca, tmp_path, **settings)
+            mesh.relays[domain] = handle
+            mesh.publish(domain, handle.port("mesh"))
+        return mesh
+
+    yield build
+
+    try:
+        for mesh in meshes:
+            await mesh.settle()
+            # The bookkeeping promise holds for every test, whatever it checked itself.
+            mesh.assert_exactly_once()
+    finally:
+        for mesh in meshes:
+            await mesh.close()
+        await dns.stop()
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    """The structured log events (those with an ``event`` key) emitted during the test."""
+    captured: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        if "event" in event:
+            captured.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield captured
+    globalLogPublisher.removeObserver(observe)
+
+
+def named(events: list[LogEvent], name: str) -> list[LogEvent]:
+    return [e for e in events if e["event"] == name]
+
+
+# -- a relay played by the test ---------------------------------------------------------
+
+
+@dataclass
+class FakeRelay:
+    """A BEEP session to a relay's mesh port, TLS with a certificate of the test's choice,
+    and an APEX channel whose start carried a bind (RFC 3340 §4.2, §4.4.2)."""
+
+    session: Session
+    channel: Channel
+    answer: wire.OK | wire.Error
+    """The reply to the bind, piggybacked on the reply to the start."""
+
+    async def send(self, originator: str, recipients: list[str], body: bytes = BODY) -> None:
+        """Data as a relay forwards it (no statusRequest); a refusal raises BEEPError."""
+        data = wire.Data(
+            wire.Originator(originator),
+            [wire.Recipient(r) for r in recipients],
+            # What a relay forwards carries the hop count of RFC 3342 §4.
+            apex_options.with_data_hopping([], 8, 1),
+            content=wire.Content.from_bytes(body, "text/plain"),
+        )
+        await self.channel.send(wire.encode(data))
+
+
+async def fake_relay(mesh: Mesh, at: str, certificate: Issued, bind_as: str) -> FakeRelay:
+    """Connect to ``at``'s mesh port presenting ``certificate`` and bind as ``bind_as``,
+    as imxp.apex.service._connect does."""
+    handle = mesh.relays[at]
+    factory = SessionFactory(Role.INITIATOR, [], SessionConfig(window=65536, idle_timeout=None))
+    where = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", handle.port("mesh"))
+    session: Session = await where.connect(factory)
+    mesh.peers.append(session)
+    await session.greeted()
+    await start_tls(session, client_options(at, [mesh.ca.certificate], certificate))
+    bind = wire.encode(wire.Bind(bind_as, 1, [])).body
+    channel = await session.start_channel(
+        [mgmt.ProfileElement(wire.APEX_URI, bind)], handler=ChannelHandler()
+    )
+    answer = wire.decode(Message(channel.start_reply or b"", mgmt.BEEP_XML))
+    assert isinstance(answer, wire.OK | wire.Error), answer
+    return FakeRelay(session, channel, answer)
+
+
+# -- delivery ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_to_b_delivered(build_mesh: MeshBuilder) -> None:
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+
+    trans_id = await mesh.send(fred, [BARNEY])
+    await mesh.settle()
+
+    assert received(barney) == [(FRED, BODY)]
+    assert codes(fred, trans_id) == {BARNEY: 250}
+    # The final relay reports delivery; a's hand-over to b is no final verdict.
+    assert reporters(fred, trans_id) == {"apex=report@b.test"}
+    mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_recipients_local_and_remote(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """One data for b, c, a local endpoint and the sender's own subaddress (§2.2): each
+    gets it once, with the content intact, and each ends in one 250."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    # The same SASL user attached again, as a subaddress of itself (§4.5.1).
+    fred_x = await mesh.attach("fred/appl=x@a.test")
+    wilma = await mesh.attach(WILMA)
+    barney = await mesh.attach(BARNEY)
+    betty = await mesh.attach(BETTY)
+    recipients = [BARNEY, BETTY, WILMA, "fred/appl=x@a.test"]
+
+    trans_id = await mesh.send(fred, recipients)
+    await mesh.settle()
+
+    for app in (fred_x, wilma, barney, betty):
+        assert received(app) == [(FRED, BODY)], app.endpoint
+    assert fred.data == []  # fred@a.test itself was no recipient
+    assert codes(fred, trans_id) == dict.fromkeys(recipients, 250)
+    assert reporters(fred, trans_id) == {
+        "apex=report@a.test",  # wilma and fred/appl=x
+        "apex=report@b.test",
+        "apex=report@c.test",
+    }
+    assert named(events, "apex.refused") == []
+    mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_burst_each_recipient_reported_once(build_mesh: MeshBuilder) -> None:
+    """Many data at once over the same links, delivered or not: still one final report
+    per (transID, recipient) and one copy per delivery."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    barney = await mesh.attach(BARNEY)
+    betty = await mesh.attach(BETTY)
+    recipients = [BARNEY, BETTY, WILMA, "bambam@b.test", "nobody@c.test"]
+    count = 25
+
+    sends = [
+        defer.ensureDeferred(mesh.send(fred, recipients, b"burst %d" % n)) for n in range(count)
+    ]
+    trans_ids = await defer.gatherResults(sends)
+    await mesh.settle()
+
+    for app in (wilma, barney, betty):
+        assert sorted(body for _, body in received(app)) == sorted(
+            b"burst %d" % n for n in range(count)
+        )
+    for trans_id in trans_ids:
+        assert codes(fred, trans_id) == {
+            BARNEY: 250,
+            BETTY: 250,
+            WILMA: 250,
+            "bambam@b.test": 450,
+            "nobody@c.test": 550,
+        }
+    mesh.assert_exactly_once()
+
+
+# -- failures, each reported once --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_unattached_and_unreachable(build_mesh: MeshBuilder) -> None:
+    """§10 codes for each way a recipient fails, all in one data:
+
+    * unknown endpoint at the final relay (550) and at our own (550);
+    * known but not attached (450, temporary: it may attach later);
+    * a domain DNS has never heard of (NXDOMAIN for SRV, A and AAAA): 550, no route;
+    * a domain whose SRV points at a closed port: connection refused, retried until the
+      delivery timeout, then a 4xx, since it may come back.
+    """
+    mesh = await build_mesh()
+    mesh.publish("dead.test", closed_port())
+    fred = await mesh.attach(FRED)
+    recipients = [
+        "nobody@b.test",
+        "bambam@b.test",
+        "nobody@a.test",
+        "someone@nowhere.test",
+        "someone@dead.test",
+    ]
+
+    started = reactor.seconds()
+    trans_id = await mesh.send(fred, recipients)
+    await mesh.settle()
+
+    found = outcome(fred, trans_id)
+    assert {r: code for r, (code, _) in found.items()} == {
+        "nobody@b.test": 550,
+        "bambam@b.test": 450,
+        "nobody@a.test": 550,
+        "someone@nowhere.test": 550,
+        # 421 "service not available": the next hop's, for now.
+        "someone@dead.test": 421,
+    }
+    assert "cannot connect" in found["someone@dead.test"][1]
+    # Retried (first after 0.2 s, then 0.4 s, ...) until the next retry would pass the
+    # delivery timeout: not given up on at the first refusal. A lower bound only.
+    assert reactor.seconds() - started >= 0.6
+    assert found["someone@nowhere.test"][1] == "no route to nowhere.test: no such domain"
+    assert found["bambam@b.test"][1] == "endpoint not attached"
+    assert reporters(fred, trans_id) == {"apex=report@a.test", "apex=report@b.test"}
+    mesh.assert_exactly_once()
+
+
+# -- access policies (§4.5) -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_originator_from_an_endpoint(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """§4.5.1: fred, attached as fred@a.test, cannot send as wilma@a.test."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    barney = await mesh.attach(BARNEY)
+
+    with pytest.raises(BEEPError) as refused:
+        await fred.send([BARNEY, WILMA], BODY, originator=WILMA)
+    assert refused.value.code == 537
+    await mesh.settle()
+
+    assert barney.data == [] and wilma.data == [] and wilma.reports == []
+    assert fred.reports == []  # refused before ok: the refusal is the answer, no report
+    [event] = named(events, "apex.refused")
+    assert (event["code"], event["mode"]) == (537, "endpoint-relay")
+
+    # The refusal ends that operation only: the channel carries fred's own data on.
+    trans_id = await mesh.send(fred, [BARNEY], b"as myself")
+    await mesh.settle()
+    assert codes(fred, trans_id) == {BARNEY: 250}
+    assert received(barney) == [(FRED, b"as myself")]
+    mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_originator_from_a_relay(
+    build_mesh: MeshBuilder, server_cert: Callable[..., Issued], events: list[LogEvent]
+) -> None:
+    """§4.5.2: a peer that proved b.test may bind as b.test and relay b.test's data, but
+    not data from fred@a.test (a.test is not a trusted intermediary at c.test)."""
+    mesh = await build_mesh()
+    betty = await mesh.attach(BETTY)
+    peer = await fake_relay(mesh, "c.test", server_cert("b.test"), "b.test")
+    assert peer.answer == wire.OK()
+
+    with pytest.raises(BEEPError) as refused:
+        await peer.send(FRED, [BETTY], b"forged")
+    assert refused.value.code == 537
+    # The binding itself is fine: b.test's own originators pass.
+    await peer.send(BARNEY, [BETTY], b"genuine")
+    await mesh.settle()
+
+    assert received(betty) == [(BARNEY, b"genuine")]
+    assert [e["domain"] for e in named(events, "apex.bound")] == ["b.test"]
+    [event] = named(events, "apex.refused")
+    assert (event["code"], event["mode"]) == (537, "relay-relay")
+    assert "fred@a.test" in event["text"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unauthorised_bind(
+    build_mesh: MeshBuilder, server_cert: Callable[..., Issued], events: list[LogEvent]
+) -> None:
+    """§4.5.2: a certificate for evil.test does not prove a.test; the bind piggybacked on
+    the start is answered with 537 (§4.2), logged once, and the channel carries nothing."""
+    mesh = await build_mesh()
+    betty = await mesh.attach(BETTY)
+    peer = await fake_relay(mesh, "c.test", server_cert("evil.test"), "a.test")
+
+    assert isinstance(peer.answer, wire.Error)
+    assert peer.answer.code == 537
+    [event] = named(events, "apex.refused")
+    assert (event["code"], event["mode"]) == (537, "relay-relay")
+    assert named(events, "apex.bound") == []
+
+    # Unbound, it relays for nobody.
+    with pytest.raises(BEEPError) as refused:
+        await peer.send(FRED, [BETTY])
+    assert refused.value.code == 537
+    await mesh.settle()
+    assert betty.data == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_hop_with_a_wrong_certificate(
+    build_mesh: MeshBuilder, server_cert: Callable[..., Issued]
+) -> None:
+    """RFC 6125 §6.2.1: found through SRV for c.test, the next hop must prove c.test; one
+    that shows other.test gets no data, and the originator hears a 5xx from its own relay
+    that says TLS failed. Other recipients of the same data are not held up."""
+    mesh = await build_mesh(**{"c.test": {"identity": server_cert("other.test")}})
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    # betty's application knows its relay's certificate; the relays of a.test do not.
+    betty = await mesh.attach(BETTY, tls_name="other.test")
+
+    trans_id = await mesh.send(fred, [BETTY, BARNEY])
+    await mesh.settle()
+
+    found = outcome(fred, trans_id)
+    code, text = found[BETTY]
+    # 554 "transaction failed": a certificate that does not prove the domain will not
+    # fix itself by retrying.
+    assert code == 554
+    assert "TLS" in text and "as c.test" in text
+    assert found[BARNEY] == (250, "")
+    assert reporters(fred, trans_id) == {"apex=report@a.test", "apex=report@b.test"}
+    assert betty.data == []
+    assert received(barney) == [(FRED, BODY)]
+    mesh.assert_exactly_once()
+
+
+# -- routing loops (RFC 3342 §4) ----------------------------------------------------------
+
+
+def _loop(trusted: bool, server_cert: Callable[..., Issued]) -> dict[str, Any]:
+    """a.test follows DNS for loop.test to b.test's relay (which DNS says serves it); b.test
+    has a stale static route sending loop.test back to a.test's relay."""
+
+    def b_settings(mesh: Mesh) -> Settings:
+        a_mesh = mesh.relay("a.test").port("mesh")
+        return {
+            # The certificate proves loop.test, so a's TLS check passes: the loop is in the
+            # routing, not in a refusal.
+            "identity": server_cert("b.test", "loop.test"),
+            "routes": {"loop.test": f"127.0.0.1:{a_mesh}=a.test"},
+        }
+
+    a_settings: Settings = {"max_hops": 4}
+    if trusted:
+        # fred@a.test's data comes back to a.test from b.test: only a trusted intermediary
+        # may relay another domain's originators (§4.5.2).
+        a_settings["trusted_relays"] = ("b.test",)
+    return {"a.test": a_settings, "b.test": b_settings}
+
+
+@pytest_twisted.ensureDeferred
+async def test_routing_loop_ends_at_the_hop_limit(
+    build_mesh: MeshBuilder, server_cert: Callable[..., Issued], events: list[LogEvent]
+) -> None:
+    """a -> b -> a -> b: the dataHopping count a set (max_hops 4) runs out at b, which
+    reports 554 once; the relays then carry ordinary data as before."""
+    mesh = await build_mesh(**_loop(True, server_cert))
+    mesh.dns.set(
+        "_apex-mesh._tcp.loop.test", srv(0, 0, mesh.relay("b.test").port("mesh"), "b.test.")
+    )
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+
+    trans_id = await mesh.send(fred, ["x@loop.test"])
+    await mesh.settle()
+
+    code, text = outcome(fred, trans_id)["x@loop.test"]
+    assert (code, "hop limit" in text) == (554, True)
+    assert reporters(fred, trans_id) == {"apex=report@b.test"}
+    # noMoreThan 4 is reduced before each hand-over and the data is not sent once it
+    # reaches 0: a -> b, b -> a, a -> b, then b stops.
+    hand_overs = [
+        e
+        for e in named(events, "apex.verdict")
+        if e["identity"] == "x@loop.test" and e["code"] == 250
+    ]
+    assert len(hand_overs) == 3
+    assert len(named(events, "apex.hop-limit")) == 1
+    assert named(events, "apex.refused") == []
+
+    after = await mesh.send(fred, [BARNEY], b"after the loop")
+    await mesh.settle()
+    assert codes(fred, after) == {BARNEY: 250}
+    assert received(barney) == [(FRED, b"after the loop")]
+    mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_routing_loop_cut_by_relay_policy(
+    build_mesh: MeshBuilder, server_cert: Callable[..., Issued], events: list[LogEvent]
+) -> None:
+    """The same loop without a.test trusting b.test: a refuses fred@a.test's data coming
+    back from b (537, §4.5.2), and b, whose hand-over failed, reports that once."""
+    mesh = await build_mesh(**_loop(False, server_cert))
+    mesh.dns.set(
+        "_apex-mesh._tcp.loop.test", srv(0, 0, mesh.relay("b.test").port("mesh"), "b.test.")
+    )
+    fred = await mesh.attach(FRED)
+
+    trans_id = await mesh.send(fred, ["x@loop.test"])
+    await mesh.settle()
+
+    assert codes(fred, trans_id) == {"x@loop.test": 537}
+    assert reporters(fred, trans_id) == {"apex=report@b.test"}
+    [event] = named(events, "apex.refused")
+    assert (event["code"], event["mode"]) == (537, "relay-relay")
+    assert named(events, "apex.hop-limit") == []
+    mesh.assert_exactly_once()
