@@ -636,3 +636,33 @@ async def test_routing_loop_cut_by_relay_policy(
     assert (event["code"], event["mode"]) == (537, "relay-relay")
     assert named(events, "apex.hop-limit") == []
     mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hop_limit_reported_under_the_data_hopping_transid(
+    build_mesh: MeshBuilder, server_cert: Callable[..., Issued], events: list[LogEvent]
+) -> None:
+    """RFC 3342 §4: an originator's dataHopping with reportErrors='true' gets the
+    hop-limit report under the option's transID even without a statusRequest."""
+    mesh = await build_mesh(**_loop(True, server_cert))
+    mesh.dns.set(
+        "_apex-mesh._tcp.loop.test", srv(0, 0, mesh.relay("b.test").port("mesh"), "b.test.")
+    )
+    fred = await mesh.attach(FRED)
+    hopping = apex_options.with_data_hopping([], 3, 4242)
+    hopping = [dataclasses.replace(hopping[0], body=hopping[0].body.replace("false", "true"))]
+    assert apex_options.data_hopping(hopping)[1].report_errors
+    data = wire.Data(
+        wire.Originator(FRED),
+        [wire.Recipient("x@loop.test")],
+        hopping,
+        content=wire.Content.from_bytes(b"round and round", "text/plain"),
+    )
+    await fred.channel.send(wire.encode(data))
+    # The exactly-once check at teardown holds for this report too.
+    mesh.sent.append(Sent(fred, 4242, ["x@loop.test"]))
+    await mesh.settle()
+    assert [(r.trans_id, r.destinations) for r in fred.reports] == [
+        (4242, [("x@loop.test", 554, "hop limit reached (routing loop?)")])
+    ]
+    assert len(named(events, "apex.hop-limit")) == 1

@@ -351,14 +351,14 @@ class Relay:
                     domain=domain,
                     event="apex.hop-limit",
                 )
+                reason = "hop limit reached (routing loop?)"
                 for recipient in recipients:
-                    self._verdict(
-                        journey,
-                        recipient.identity,
-                        554,
-                        "hop limit reached (routing loop?)",
-                        final=True,
-                    )
+                    self._verdict(journey, recipient.identity, 554, reason, final=True)
+                if limits.report_errors and journey.status is None:
+                    # RFC 3342 §4: reportErrors asks for a report under the option's
+                    # own transID even when no statusRequest came with the data.
+                    failed = [(r.identity, 554, reason) for r in recipients]
+                    self.reports.report(journey.originator, option.trans_id, failed)
                 return
             options = apex_options.with_data_hopping(options, left, option.trans_id)
         data = replace(
