@@ -946,13 +946,7 @@ class Session(Protocol):
                 # §2.6.3: a pre-emptive negative reply; the rest of the MSG is ignored.
                 channel._in_discard = True
                 channel._in_parts = []
-                self.log.warn(
-                    "refusing a message over {limit} octets on channel {channel} from {peer}",
-                    limit=limit,
-                    channel=channel.number,
-                    peer=self.peer,
-                    event="beep.message-too-large",
-                )
+                self._too_large(channel, limit, "refusing a message")
                 self._new_request(channel, msgno, None, 0).error(
                     554, f"message exceeds the limit of {limit} octets"
                 )
@@ -1034,13 +1028,7 @@ class Session(Protocol):
             return
         del channel._outstanding[msgno]
         if outstanding.toobig:
-            self.log.warn(
-                "discarding a reply over {limit} octets on channel {channel} from {peer}",
-                limit=limit,
-                channel=channel.number,
-                peer=self.peer,
-                event="beep.message-too-large",
-            )
+            self._too_large(channel, limit, "discarding a reply")
             outstanding.deferred.errback(
                 BEEPError(554, f"reply exceeds the limit of {limit} octets")
             )
@@ -1071,13 +1059,7 @@ class Session(Protocol):
         limit = self._message_limit(channel)
         if size > limit:
             # As for an oversized RPY: this exchange fails (554 at NUL), not the session.
-            self.log.warn(
-                "discarding an answer over {limit} octets on channel {channel} from {peer}",
-                limit=limit,
-                channel=channel.number,
-                peer=self.peer,
-                event="beep.message-too-large",
-            )
+            self._too_large(channel, limit, "discarding an answer")
             outstanding.toobig = True
             outstanding.partial_size.pop(ansno, None)
             if frame.more:
@@ -1106,6 +1088,16 @@ class Session(Protocol):
                 )
         else:
             outstanding.answers.append(message)
+
+    def _too_large(self, channel: Channel, limit: int, action: str) -> None:
+        self.log.warn(
+            "{action} over {limit} octets on channel {channel} from {peer}",
+            action=action,
+            limit=limit,
+            channel=channel.number,
+            peer=self.peer,
+            event="beep.message-too-large",
+        )
 
     def _message_limit(self, channel: Channel) -> int:
         return _MAX_MGMT_MESSAGE if channel.number == 0 else self.config.max_message_size
