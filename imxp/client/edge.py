@@ -1,0 +1,1150 @@
+"""The edge of the mesh: an application attached to its home relay (RFC 3340 §2.1).
+
+:func:`connect` finds the relay of the endpoint's domain (SRV ``_apex-edge._tcp.DOMAIN``,
+RFC 3340 §3.1, or a ``host:port`` given), starts TLS and checks the relay's certificate
+for the domain (RFC 3080 §3.1, RFC 6125 §6.2.1), authenticates with SASL (RFC 3080 §4.1;
+SCRAM-SHA-256 by default, PLAIN over TLS, EXTERNAL with a client certificate), and attaches
+as the endpoint on an APEX channel (RFC 3340 §4.2, §4.4.1). The :class:`Client` it returns
+sends data and waits for each recipient's final status report (§5.1, §6.2), receives data
+through a callback or an async iterator (§4.4.4.2), answers the relay's terminate
+(§4.4.3), and reconnects and re-attaches after a lost connection.
+
+Example (with Twisted's reactor running the coroutine)::
+
+    from twisted.internet import defer, task
+
+    from imxp.client import ClientError, connect
+
+
+    async def main(reactor):
+        try:
+            client = await connect("fred@a.test", password="correct horse battery staple")
+        except ClientError as e:
+            raise SystemExit(f"imxp: {e}")  # one line: what went wrong, and with whom
+        outcomes = await client.send_message(["barney@b.test"], "Yabba dabba doo!")
+        for recipient, outcome in outcomes.items():
+            print(recipient, "delivered" if outcome.delivered else outcome.code, outcome.text)
+        async for incoming in client.incoming():
+            message = incoming.message()  # message/cpim, or plain text as one
+            if message is not None:
+                print(f"{message.sender}: {message.text()}")
+                break
+        await client.close()
+
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+Errors a person can act on are :class:`ClientError` with a ``kind``: ``auth`` (wrong
+password, mechanism not offered), ``unknown-domain`` (DNS says the domain does not exist),
+``unreachable`` (no relay answers), ``tls`` (the relay's certificate does not verify or
+names someone else), ``refused`` (the relay will not attach us as that endpoint),
+``protocol`` (the relay speaks something else).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+from twisted.internet import defer, error, task
+from twisted.internet.interfaces import IResolver
+from twisted.logger import Logger
+
+from imxp.apex import wire
+from imxp.apex.address import REPORT, AddressError, Endpoint, literal_address
+from imxp.apex.options import make_status_request
+from imxp.apex.routing import EDGE_PORT, EDGE_SERVICE, NoRoute, Router, Target
+from imxp.apex.service import _open as open_session
+from imxp.beep import mgmt
+from imxp.beep.message import Message
+from imxp.beep.sasl import authenticate
+from imxp.beep.saslmech import (
+    SCRAM_SHA_256,
+    ClientMechanism,
+    ExternalClient,
+    PlainClient,
+    SASLClientError,
+    ScramSHA256Client,
+    mechanism_name,
+    profile_uri,
+)
+from imxp.beep.session import (
+    BEEPError,
+    Channel,
+    ChannelHandler,
+    Request,
+    Role,
+    Session,
+    SessionClosed,
+    SessionConfig,
+    SessionFactory,
+)
+from imxp.beep.tls import start_tls
+from imxp.beep.tlsctx import client_options
+from imxp.certs import Issued
+from imxp.e2e import cpim
+
+__all__ = [
+    "ERROR_KINDS",
+    "ClientError",
+    "Outcome",
+    "Incoming",
+    "Termination",
+    "Client",
+    "connect",
+]
+
+log = Logger(namespace="imxp.client")
+
+#: The kinds of :class:`ClientError`, one per thing a person would do differently.
+ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refused", "protocol"})
+#: RFC 3340 §10: "service not available", what a relay says as it shuts down.
+_SERVICE_NOT_AVAILABLE = 421
+#: How long close() waits for the relay's answers before it just disconnects.
+_CLOSE_TIMEOUT = 5.0
+
+
+class ClientError(Exception):
+    """A failure a person can act on: ``kind`` (one of :data:`ERROR_KINDS`) and a one-line
+    ``message`` naming what failed and why; ``code`` is the relay's reply code (RFC 3340
+    §10, RFC 3080 §8) when it gave one."""
+
+    def __init__(self, kind: str, message: str, code: int | None = None) -> None:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown ClientError kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.code = code
+
+    def copy(self) -> ClientError:
+        """The same error as a new exception, to raise again without chaining tracebacks."""
+        return ClientError(self.kind, self.message, self.code)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one recipient of :meth:`Client.send`.
+
+    ``code`` is the final reply code of the status report (RFC 3340 §6.2, §10), or the
+    relay's refusal of the data operation itself, or 421 when the data could not be
+    handed to the relay at all within the timeout; None when no final report arrived in
+    time (the data may or may not have been delivered).
+    """
+
+    recipient: str
+    code: int | None
+    text: str = ""
+
+    @property
+    def delivered(self) -> bool:
+        return self.code == 250
+
+    @property
+    def unknown(self) -> bool:
+        return self.code is None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A data the relay delivered to this application (RFC 3340 §4.4.4.2).
+
+    ``recipients`` are the endpoints of ours it was for; ``body`` is the content octets
+    exactly as received and ``media_type`` their type, lower-case, without parameters
+    (both empty for content referenced by a URI outside the payload, §4.1); ``data`` is
+    the whole element, options included. ``originator`` is who the relays vouch for
+    (each checks its peer may send as it, §4.5); a CPIM From inside the content is only
+    what the sender wrote.
+    """
+
+    originator: str
+    recipients: list[str]
+    media_type: str
+    body: bytes
+    data: wire.Data
+    received: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def message(self) -> cpim.CPIMMessage | None:
+        """The instant message: a ``message/cpim`` content parsed (RFC 3862), a plain
+        ``text/plain`` content as a message from the originator to the recipients dated
+        when it arrived (draft-klyne §3.2), None for any other content. Raises
+        :class:`~imxp.e2e.cpim.CPIMError` for a malformed message/cpim."""
+        if self.media_type == cpim.MEDIA_TYPE:
+            return cpim.parse(self.body)
+        if self.media_type != "text/plain" or self.data.content is None:
+            return None
+        headers = self.data.content.headers
+        content_type = next((v for n, v in headers if n.lower() == "content-type"), "text/plain")
+        # Content-ID only names the part within the APEX payload (§4.1).
+        others = [(n, v) for n, v in headers if n.lower() not in ("content-type", "content-id")]
+        return cpim.CPIMMessage(
+            sender=self.originator,
+            to=list(self.recipients),
+            date=self.received,
+            content_type=content_type,
+            body=self.body,
+            content_headers=others,
+        )
+
+
+@dataclass(frozen=True)
+class Termination:
+    """The relay ended attachments (RFC 3340 §4.4.3), or refused one when re-attaching."""
+
+    endpoints: tuple[str, ...]
+    code: int
+    text: str
+
+
+@dataclass(frozen=True)
+class _Settings:
+    password: str | None
+    relay: str | None
+    trust: tuple[x509.Certificate, ...] | None
+    tls_name: str | None
+    client_certificate: Issued | None
+    mechanism: str
+    username: str
+    resolver: IResolver | None
+    reactor: Any
+    reconnect: bool
+    backoff: tuple[float, float]
+    connect_timeout: float
+
+
+def _key(identity: str) -> str:
+    """An endpoint in the one form comparison uses (RFC 3340 §2.2.1)."""
+    return str(Endpoint.parse(identity))
+
+
+class _Connection:
+    """One BEEP session with the relay and the attachments made on its APEX channel
+    (transaction identifiers live as long as the channel, RFC 3340 §6.1.1)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.session: Session | None = None
+        self.channel: Channel | None = None
+        self.attached: dict[int, str] = {}
+        self._trans_ids = itertools.count(1)
+
+    def next_trans_id(self) -> int:
+        while True:
+            trans_id = next(self._trans_ids)
+            if trans_id not in self.attached:
+                return trans_id
+
+    def trans_id_of(self, endpoint: str) -> int | None:
+        return next((t for t, e in self.attached.items() if e == endpoint), None)
+
+
+class _APEXHandler(ChannelHandler):
+    """What the relay sends us on the APEX channel: data, and terminate."""
+
+    def __init__(self, client: Client, connection: _Connection) -> None:
+        self.client = client
+        self.connection = connection
+
+    def message_received(self, request: Request) -> Message:
+        try:
+            element = wire.decode(request.message)
+        except wire.APEXError as e:
+            log.warn(
+                "malformed APEX message from the relay: {code} {text}",
+                code=e.code,
+                text=e.text,
+                event="client.malformed",
+            )
+            raise BEEPError(e.code, e.text) from None
+        return wire.encode(self.client._received(self.connection, element))
+
+
+class _Pending:
+    """One :meth:`Client.send` waiting for the final status of each recipient."""
+
+    def __init__(self, recipients: list[str]) -> None:
+        self.recipients = {_key(r): r for r in recipients}
+        self.outcomes: dict[str, Outcome] = {}
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.missing = ""
+
+    def report(self, identity: str, code: int, text: str, reporter_domain: str) -> None:
+        try:
+            key = _key(identity)
+        except AddressError:
+            return
+        recipient = self.recipients.get(key)
+        if recipient is None or recipient in self.outcomes:
+            return  # not ours, or already final: the first final verdict stands
+        if 200 <= code < 300 and Endpoint.parse(key).domain != reporter_domain:
+            # Only the recipient's own domain delivers; success elsewhere is a hand-over
+            # to the next relay (a trace of targetHop 'all', §5.1), not the end.
+            return
+        self.outcomes[recipient] = Outcome(recipient, code, text)
+        self._check()
+
+    def settle_all(self, code: int, text: str) -> None:
+        for recipient in self.recipients.values():
+            self.outcomes.setdefault(recipient, Outcome(recipient, code, text))
+        self._check()
+
+    def give_up(self, why: str) -> None:
+        self.missing = why
+        if not self.done.called:
+            self.done.callback(None)
+
+    def result(self) -> dict[str, Outcome]:
+        return {
+            r: self.outcomes.get(r, Outcome(r, None, self.missing))
+            for r in self.recipients.values()
+        }
+
+    def _check(self) -> None:
+        if len(self.outcomes) == len(self.recipients) and not self.done.called:
+            self.done.callback(None)
+
+
+class _Inbox:
+    """Data waiting for one :meth:`Client.incoming` iterator."""
+
+    def __init__(self) -> None:
+        self.items: deque[Incoming] = deque()
+        self.waiter: defer.Deferred[Incoming | None] | None = None
+        self.ended = False
+        self.error: ClientError | None = None
+
+    def put(self, item: Incoming) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            waiter.callback(item)
+        else:
+            self.items.append(item)
+
+    def end(self, error: ClientError | None) -> None:
+        self.ended = True
+        self.error = error
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            self._finish(waiter)
+
+    def get(self) -> defer.Deferred[Incoming | None]:
+        d: defer.Deferred[Incoming | None] = defer.Deferred()
+        if self.items:
+            d.callback(self.items.popleft())
+        elif self.ended:
+            self._finish(d)
+        else:
+            self.waiter = d
+        return d
+
+    def _finish(self, d: defer.Deferred[Incoming | None]) -> None:
+        if self.error is not None:
+            d.errback(self.error.copy())
+        else:
+            d.callback(None)
+
+
+class _Closed(Exception):
+    """close() was called while a send waited for the connection."""
+
+
+class Client:
+    """An application attached to its relay; made by :func:`connect`."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        settings: _Settings,
+        on_data: Callable[[Incoming], None] | None,
+        on_terminated: Callable[[Termination], None] | None,
+    ) -> None:
+        #: The endpoint this client attached as first, and sends as by default.
+        self.endpoint = endpoint
+        self._settings = settings
+        self._clock = settings.reactor
+        self._domain = Endpoint.parse(endpoint).domain
+        self._on_data = on_data
+        self._on_terminated = on_terminated
+        self._router = (
+            Router(
+                service=EDGE_SERVICE,
+                default_port=EDGE_PORT,
+                resolver=settings.resolver,
+                clock=settings.reactor,
+            )
+            if settings.relay is None
+            else None
+        )
+        # What should be attached, in order: re-attached after a reconnection.
+        self._wanted: list[str] = [endpoint]
+        self._connection: _Connection | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._waiting: list[defer.Deferred[_Connection]] = []
+        self._inboxes: list[_Inbox] = []
+        self._closing = False
+        self._failure: ClientError | None = None
+        self._sleep: defer.Deferred[None] | None = None
+        self._rng = random.Random()
+
+    # -- public API ------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether a session with the relay is up right now."""
+        return self._connection is not None
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoints this client is attached as, or re-attaches as after reconnecting."""
+        return tuple(self._wanted)
+
+    async def attach(self, endpoint: str) -> None:
+        """Attach as a further endpoint or a subaddress, e.g. ``fred/appl=im@a.test``
+        (RFC 3340 §2.2, §4.4.1). Raises :class:`ClientError` ``refused`` when the relay
+        says no (537 not authorised, 553 another domain, 554 attached elsewhere)."""
+        key = _key(endpoint)
+        while key not in self._wanted:
+            try:
+                connection = await self._ready()
+            except _Closed:
+                raise RuntimeError("the client is closed") from None
+            assert connection.channel is not None
+            trans_id = connection.next_trans_id()
+            try:
+                await connection.channel.send(wire.encode(wire.Attach(key, trans_id)))
+            except BEEPError as e:
+                self._refused(key, e.code, e.text)
+                raise ClientError(
+                    "refused", f"the relay refused to attach {key} ({e.code}): {e.text}", e.code
+                ) from None
+            except SessionClosed:
+                continue  # attached on the next connection, if the relay agrees then
+            connection.attached[trans_id] = key
+            self._wanted.append(key)
+            log.info("attached as {endpoint}", endpoint=key, event="client.attached")
+
+    async def detach(self, endpoint: str) -> None:
+        """Release the attachment as ``endpoint`` (RFC 3340 §4.4.3)."""
+        key = _key(endpoint)
+        if key not in self._wanted:
+            raise ValueError(f"not attached as {key}")
+        self._wanted.remove(key)
+        connection = self._connection
+        trans_id = connection.trans_id_of(key) if connection is not None else None
+        if connection is None or connection.channel is None or trans_id is None:
+            return
+        try:
+            await connection.channel.send(wire.encode(wire.Terminate(trans_id)))
+        except BEEPError as e:
+            # 550: the relay has already forgotten it - the outcome we wanted.
+            log.info(
+                "detaching {endpoint}: relay says {code} {text}",
+                endpoint=key,
+                code=e.code,
+                text=e.text,
+                event="client.detach-refused",
+            )
+        except SessionClosed:
+            pass  # gone with the session, and not re-attached
+        finally:
+            # Data may arrive until the relay has processed the terminate: accept it.
+            connection.attached.pop(trans_id, None)
+        log.info("detached {endpoint}", endpoint=key, event="client.detached")
+
+    async def send(
+        self,
+        recipients: Sequence[str],
+        body: bytes,
+        media_type: str = "text/plain",
+        *,
+        originator: str | None = None,
+        timeout: float = 30.0,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> dict[str, Outcome]:
+        """Send ``body`` to ``recipients`` and return each one's :class:`Outcome`.
+
+        The data carries a statusRequest with targetHop ``final`` and an unpredictable
+        transID (RFC 3340 §5.1, §6.1.1); this waits until every recipient has its final
+        statusResponse (§6.2) or ``timeout`` seconds have passed, after which the missing
+        ones are unknown. If the relay refuses the data operation itself (e.g. 537),
+        every recipient gets that code. During an outage the data waits for the
+        reconnection, within the same timeout. ``originator`` must be an endpoint this
+        client is attached as (the default is :attr:`endpoint`): the reports go to it.
+        ``headers`` are further MIME headers of the content part.
+
+        Raises :class:`ClientError` when the client has given up on the relay (a lost
+        connection without ``reconnect``, or credentials refused on reconnecting), and
+        RuntimeError after :meth:`close`.
+        """
+        if self._closing:
+            raise RuntimeError("the client is closed")
+        by_key: dict[str, str] = {}
+        for recipient in recipients:
+            by_key.setdefault(_key(recipient), recipient)  # the first spelling names it
+        unique = list(by_key.values())
+        if not unique:
+            raise ValueError("no recipients")
+        sender = _key(originator) if originator is not None else self.endpoint
+        if sender not in self._wanted:
+            raise ValueError(f"{sender} is not attached: its status reports could not reach it")
+        trans_id = self._new_trans_id()
+        data = wire.Data(
+            wire.Originator(sender),
+            [wire.Recipient(r) for r in unique],
+            [make_status_request(trans_id)],
+            content=wire.Content.from_bytes(body, media_type, headers),
+        )
+        payload = wire.encode(data)
+        pending = self._pending[trans_id] = _Pending(unique)
+        deadline = self._clock.seconds() + timeout
+        pending.missing = f"no status report within {timeout:g} s"
+        try:
+            try:
+                connection = await self._ready().addTimeout(timeout, self._clock)
+            except defer.TimeoutError:
+                pending.settle_all(421, f"not sent: no connection to the relay in {timeout:g} s")
+                return pending.result()
+            except _Closed:
+                pending.settle_all(421, "not sent: the client was closed")
+                return pending.result()
+            assert connection.channel is not None
+            try:
+                await connection.channel.send(payload)
+            except BEEPError as e:
+                log.warn(
+                    "relay refused data to {recipients}: {code} {text}",
+                    recipients=unique,
+                    code=e.code,
+                    text=e.text,
+                    event="client.data-refused",
+                )
+                pending.settle_all(e.code, e.text)
+            except SessionClosed:
+                # The relay may have taken the data before the session went: its reports
+                # can still reach us after re-attaching. Sending again could deliver twice.
+                log.warn(
+                    "session lost while sending transID {trans_id}; waiting for reports",
+                    trans_id=trans_id,
+                    event="client.send-interrupted",
+                )
+            if not pending.done.called:
+                left = max(0.0, deadline - self._clock.seconds())
+                try:
+                    await pending.done.addTimeout(left, self._clock)
+                except defer.TimeoutError:
+                    pass
+            return pending.result()
+        finally:
+            del self._pending[trans_id]
+
+    async def send_message(
+        self,
+        to: Sequence[str],
+        text: str,
+        *,
+        cc: Sequence[str] = (),
+        subject: str | None = None,
+        timeout: float = 30.0,
+    ) -> dict[str, Outcome]:
+        """Send ``text`` as an instant message: ``message/cpim`` (RFC 3862) from
+        :attr:`endpoint` to ``to`` and ``cc`` as ``im:`` URIs, dated now
+        (draft-klyne §2.2, §3). Every ``to`` and ``cc`` endpoint receives it."""
+        message = cpim.text_message(self.endpoint, to, text, cc=cc, subject=subject)
+        return await self.send([*to, *cc], cpim.build(message), cpim.MEDIA_TYPE, timeout=timeout)
+
+    def incoming(self) -> AsyncIterator[Incoming]:
+        """The data received from now on (status reports excluded), as an async iterator.
+
+        It ends when the client is closed, and raises :class:`ClientError` when the
+        connection is lost for good. Each call makes an iterator of its own; the
+        ``on_data`` callback sees the same data.
+        """
+        inbox = _Inbox()
+        if self._closing or self._failure is not None:
+            inbox.end(self._failure)
+        else:
+            self._inboxes.append(inbox)
+        return self._drain(inbox)
+
+    async def close(self) -> None:
+        """Terminate every attachment (transID 0, RFC 3340 §4.4.3), then release the BEEP
+        session (RFC 3080 §2.4). Sends still waiting get their outcome now."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._sleep is not None:
+            self._sleep.cancel()
+        connection, self._connection = self._connection, None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                d.errback(_Closed())
+        for pending in self._pending.values():
+            pending.give_up("the client was closed before a status report arrived")
+        for inbox in self._inboxes:
+            inbox.end(None)
+        if connection is not None and connection.session is not None:
+            session = connection.session
+            try:
+                assert connection.channel is not None
+                terminate = wire.encode(wire.Terminate(0))
+                await connection.channel.send(terminate).addTimeout(_CLOSE_TIMEOUT, self._clock)
+                await session.close().addTimeout(_CLOSE_TIMEOUT, self._clock)
+            except (BEEPError, SessionClosed, defer.TimeoutError):
+                pass  # the relay goes away without the courtesies; so do we
+            session.disconnect()
+            await session.when_closed()
+        log.info("client for {endpoint} closed", endpoint=self.endpoint, event="client.closed")
+
+    # -- connecting ------------------------------------------------------------------
+
+    async def _targets(self) -> list[Target]:
+        settings = self._settings
+        domain = self._domain
+        if settings.relay is not None:
+            host, port = _host_port(settings.relay)
+            name = settings.tls_name or literal_address(domain) or domain
+            return [Target(host, port, name, "configured")]
+        assert self._router is not None
+        try:
+            targets = await self._router.route(domain)
+        except NoRoute as e:
+            if e.permanent:
+                raise ClientError(
+                    "unknown-domain", f"unknown domain {domain}: {e.reason}"
+                ) from None
+            raise ClientError(
+                "unreachable", f"cannot find the relay for {domain}: {e.reason}"
+            ) from None
+        if settings.tls_name is None:
+            return targets
+        return [Target(t.host, t.port, settings.tls_name, t.source) for t in targets]
+
+    async def _establish(self, *, initial: bool) -> None:
+        """Connect to the first relay that works, and attach as every wanted endpoint.
+
+        A relay that cannot be reached or fails TLS gives way to the next candidate (the
+        SRV order of RFC 2782); authentication and attach refusals end the attempt, as
+        every relay of the domain would say the same.
+        """
+        failures: list[ClientError] = []
+        for target in await self._targets():
+            try:
+                connection = await self._connect(target, initial=initial)
+            except ClientError as e:
+                if e.kind not in ("unreachable", "tls"):
+                    raise
+                log.warn("{error}", error=e.message, event="client.connect-failed")
+                failures.append(e)
+                continue
+            if self._closing:
+                assert connection.session is not None
+                connection.session.disconnect()
+                return
+            self._connected(connection)
+            return
+        tls = [e for e in failures if e.kind == "tls"]
+        if tls or len(failures) == 1:
+            raise (tls or failures)[0]
+        reasons = "; ".join(e.message for e in failures)
+        raise ClientError("unreachable", f"no relay for {self._domain} answers: {reasons}")
+
+    async def _connect(self, target: Target, *, initial: bool) -> _Connection:
+        settings = self._settings
+        where = f"{target.host}:{target.port}"
+        connection = _Connection(where)
+        config = SessionConfig(
+            window=65536, idle_timeout=None, greeting_timeout=settings.connect_timeout
+        )
+        factory = SessionFactory(Role.INITIATOR, [], config, settings.reactor)
+        try:
+            session: Session = await open_session(
+                target, factory, settings.reactor, settings.connect_timeout, settings.resolver
+            )
+            await session.greeted()
+        except (error.ConnectError, error.DNSLookupError, SessionClosed) as e:
+            reason = str(e).rstrip(".")
+            raise ClientError(
+                "unreachable", f"cannot reach the relay for {self._domain} at {where}: {reason}"
+            ) from None
+        except BEEPError as e:
+            raise ClientError(
+                "unreachable",
+                f"the relay at {where} refused a session ({e.code}): {e.text}",
+                e.code,
+            ) from None
+        connection.session = session
+        try:
+            await self._secure(session, where, target.tls_name)
+            await self._authenticate(session, where)
+            await self._open_apex(connection, initial=initial)
+        except BaseException:
+            session.disconnect()
+            raise
+        return connection
+
+    async def _secure(self, session: Session, where: str, name: str) -> None:
+        """TLS with the relay's certificate checked for ``name`` (RFC 3080 §3.1, RFC 6125)."""
+        settings = self._settings
+        trust = list(settings.trust) if settings.trust is not None else None
+        try:
+            await start_tls(session, client_options(name, trust, settings.client_certificate))
+        except SessionClosed as e:
+            raise ClientError("tls", _tls_failure(where, name, str(e))) from None
+        except BEEPError as e:
+            raise ClientError(
+                "tls", f"the relay at {where} would not start TLS ({e.code}): {e.text}", e.code
+            ) from None
+
+    async def _authenticate(self, session: Session, where: str) -> None:
+        """SASL (RFC 3080 §4.1) with the configured mechanism."""
+        settings = self._settings
+        name = settings.mechanism
+        greeting = session.peer_greeting
+        offered = greeting.profiles if greeting is not None else ()
+        if profile_uri(name) not in offered:
+            others = [m for m in map(mechanism_name, offered) if m]
+            raise ClientError(
+                "auth",
+                f"the relay at {where} does not offer SASL {name}"
+                f" (it offers {', '.join(others) or 'none'})",
+            )
+        mechanism: ClientMechanism
+        if name == "EXTERNAL":
+            mechanism, identity = ExternalClient(), None
+        elif name == "PLAIN":
+            assert settings.password is not None
+            mechanism = PlainClient(settings.username, settings.password, tls_active=True)
+            identity = settings.username
+        else:
+            assert settings.password is not None
+            mechanism = ScramSHA256Client(settings.username, settings.password)
+            identity = settings.username
+        try:
+            await authenticate(session, mechanism, identity=identity)
+        except BEEPError as e:
+            raise ClientError(
+                "auth", f"authentication failed for {self.endpoint} ({e.code}): {e.text}", e.code
+            ) from None
+        except SASLClientError as e:
+            raise ClientError(
+                "auth", f"the relay at {where} did not prove it knows the credentials: {e}"
+            ) from None
+        except SessionClosed as e:
+            raise ClientError(
+                "unreachable", f"the relay at {where} went away during authentication: {e}"
+            ) from None
+
+    async def _open_apex(self, connection: _Connection, *, initial: bool) -> None:
+        """The APEX channel, with the first attach riding on its start (RFC 3340 §4.2),
+        then an attach for each further wanted endpoint."""
+        session = connection.session
+        assert session is not None
+        wanted = list(self._wanted)
+        first = wanted[0] if wanted else None
+        trans_id = connection.next_trans_id()
+        init = wire.encode(wire.Attach(first, trans_id)).body if first else None
+        try:
+            channel = await session.start_channel(
+                [mgmt.ProfileElement(wire.APEX_URI, init)],
+                handler=_APEXHandler(self, connection),
+            )
+            answer = (
+                wire.decode(Message(channel.start_reply or b"", mgmt.BEEP_XML))
+                if first is not None
+                else None
+            )
+        except (BEEPError, wire.APEXError) as e:
+            raise ClientError(
+                "protocol",
+                f"the relay at {connection.where} refused APEX ({e.code}): {e}",
+                e.code,
+            ) from None
+        except SessionClosed as e:
+            raise ClientError(
+                "unreachable", f"the relay at {connection.where} went away: {e}"
+            ) from None
+        connection.channel = channel
+        refusals: list[tuple[str, int, str]] = []
+        if first is not None:
+            if isinstance(answer, wire.Error):
+                refusals.append((first, answer.code, answer.text))
+            else:
+                connection.attached[trans_id] = first
+        for endpoint in wanted[1:]:
+            trans_id = connection.next_trans_id()
+            try:
+                await channel.send(wire.encode(wire.Attach(endpoint, trans_id)))
+            except BEEPError as e:
+                refusals.append((endpoint, e.code, e.text))
+                continue
+            except SessionClosed as e:
+                raise ClientError(
+                    "unreachable", f"the relay at {connection.where} went away: {e}"
+                ) from None
+            connection.attached[trans_id] = endpoint
+        for endpoint, code, text in refusals:
+            # 554: the relay still holds the attachment of the session we lost; it lets go
+            # once it notices, so a later attempt succeeds.
+            if initial or code == 554:
+                raise ClientError(
+                    "refused", f"the relay refused to attach {endpoint} ({code}): {text}", code
+                )
+            self._refused(endpoint, code, text)
+
+    def _connected(self, connection: _Connection) -> None:
+        session = connection.session
+        assert session is not None
+        self._connection = connection
+        log.info(
+            "attached to the relay at {where} as {endpoints}",
+            where=connection.where,
+            endpoints=list(connection.attached.values()),
+            event="client.connected",
+        )
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                d.callback(connection)
+        session.when_closed().addCallback(lambda _: self._lost(connection))
+
+    def _lost(self, connection: _Connection) -> None:
+        if self._connection is not connection:
+            return
+        self._connection = None
+        if self._closing:
+            return
+        log.warn(
+            "lost the connection to the relay at {where}",
+            where=connection.where,
+            event="client.connection-lost",
+        )
+        if self._settings.reconnect:
+            defer.ensureDeferred(self._reconnect()).addErrback(
+                lambda f: log.failure("reconnecting crashed", f, event="client.internal-error")
+            )
+        else:
+            self._fail(
+                ClientError(
+                    "unreachable", f"lost the connection to the relay at {connection.where}"
+                )
+            )
+
+    async def _reconnect(self) -> None:
+        """Connect again with exponential backoff and jitter, so that the clients of a
+        restarted relay do not all come back in the same instant."""
+        delay, longest = self._settings.backoff
+        while not self._closing:
+            wait = delay * self._rng.uniform(0.5, 1.0)
+            log.info("reconnecting in {wait:.1f} s", wait=wait, event="client.reconnect-scheduled")
+            self._sleep = task.deferLater(self._clock, wait, lambda: None)
+            try:
+                await self._sleep
+            except defer.CancelledError:
+                return
+            finally:
+                self._sleep = None
+            try:
+                await self._establish(initial=False)
+                return
+            except ClientError as e:
+                if e.kind in ("auth", "refused") and e.code != 554:
+                    # Every further attempt would be refused the same way (and failed
+                    # logins would be throttled by the relay): a person has to act.
+                    self._fail(e)
+                    return
+                log.warn("reconnecting failed: {error}", error=e.message, event="client.retry")
+            delay = min(delay * 2, longest)
+
+    def _fail(self, failure: ClientError) -> None:
+        """No connection any more, for good: tell everyone who waits."""
+        log.error(
+            "client for {endpoint} gives up: {error}",
+            endpoint=self.endpoint,
+            error=failure.message,
+            event="client.failed",
+        )
+        self._failure = failure
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                d.errback(failure.copy())
+        for pending in self._pending.values():
+            pending.give_up(f"no status report: {failure.message}")
+        inboxes, self._inboxes = self._inboxes, []
+        for inbox in inboxes:
+            inbox.end(failure)
+
+    def _ready(self) -> defer.Deferred[_Connection]:
+        """The current connection, once there is one."""
+        if self._connection is not None:
+            return defer.succeed(self._connection)
+        if self._failure is not None:
+            return defer.fail(self._failure.copy())
+        if self._closing:
+            return defer.fail(_Closed())
+        d: defer.Deferred[_Connection] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    # -- receiving (RFC 3340 §4.4.3, §4.4.4.2, §6.2) ------------------------------------
+
+    def _received(self, connection: _Connection, element: wire.APEXElement) -> wire.OK:
+        if isinstance(element, wire.Data):
+            return self._data(connection, element)
+        if isinstance(element, wire.Terminate):
+            return self._terminated(connection, element)
+        # §2.1: a relay does not attach or bind at an application.
+        raise BEEPError(537, f"an application accepts no {type(element).__name__.lower()}")
+
+    def _data(self, connection: _Connection, data: wire.Data) -> wire.OK:
+        try:
+            originator = Endpoint.parse(data.originator.identity)
+        except AddressError as e:
+            raise BEEPError(553, str(e)) from None
+        if originator.address == REPORT and originator.subaddress is None:
+            return self._report(originator, data)
+        attached = set(connection.attached.values())
+        mine = []
+        for recipient in data.recipients:
+            try:
+                if _key(recipient.identity) in attached:
+                    mine.append(recipient.identity)
+            except AddressError:
+                continue
+        if not mine:
+            # §4.4.4.2 steps 2-3: no recipient we are attached as.
+            raise BEEPError(550, "not attached as any recipient of this data")
+        content = data.content
+        incoming = Incoming(
+            originator=data.originator.identity,
+            recipients=mine,
+            media_type=content.media_type if content is not None else "",
+            body=content.body if content is not None else b"",
+            data=data,
+        )
+        log.info(
+            "data from {originator} for {recipients} ({media_type}, {size} octets)",
+            originator=incoming.originator,
+            recipients=mine,
+            media_type=incoming.media_type,
+            size=len(incoming.body),
+            event="client.data-received",
+        )
+        for inbox in self._inboxes:
+            inbox.put(incoming)
+        if self._on_data is not None:
+            try:
+                self._on_data(incoming)
+            except Exception:
+                log.failure(
+                    "on_data failed for data from {originator}",
+                    originator=incoming.originator,
+                    event="client.on-data-failed",
+                )
+                # The sender learns it was not processed, rather than a false 250.
+                raise BEEPError(451, "the application failed to process the data") from None
+        return wire.OK()
+
+    def _report(self, reporter: Endpoint, data: wire.Data) -> wire.OK:
+        if data.content is None:
+            raise BEEPError(501, "a status report without content")
+        try:
+            response = wire.decode_status_response(data.content.body)
+        except wire.APEXError as e:
+            log.warn(
+                "malformed status report from {reporter}: {code} {text}",
+                reporter=str(reporter),
+                code=e.code,
+                text=e.text,
+                event="client.malformed-report",
+            )
+            raise BEEPError(e.code, e.text) from None
+        log.info(
+            "status report {trans_id} from {reporter}: {destinations}",
+            trans_id=response.trans_id,
+            reporter=str(reporter),
+            destinations=response.destinations,
+            event="client.report",
+        )
+        pending = self._pending.get(response.trans_id)
+        if pending is not None:
+            for identity, code, text in response.destinations:
+                pending.report(identity, code, text, reporter.domain)
+        return wire.OK()
+
+    def _terminated(self, connection: _Connection, terminate: wire.Terminate) -> wire.OK:
+        if terminate.trans_id == 0:
+            ended = list(connection.attached.values())
+            connection.attached.clear()
+        elif terminate.trans_id in connection.attached:
+            ended = [connection.attached.pop(terminate.trans_id)]
+        else:
+            raise BEEPError(550, "unknown transaction-identifier")  # §4.4.3 step 2
+        log.warn(
+            "relay ended the attachment of {endpoints}: {code} {text}",
+            endpoints=ended,
+            code=terminate.code,
+            text=terminate.text,
+            event="client.terminated",
+        )
+        if terminate.code != _SERVICE_NOT_AVAILABLE:
+            # Ended on purpose: not re-attached. A relay shutting down (421) is another
+            # matter; the next connection attaches again.
+            self._wanted = [e for e in self._wanted if e not in ended]
+        self._notify(Termination(tuple(ended), terminate.code, terminate.text))
+        return wire.OK()
+
+    def _refused(self, endpoint: str, code: int, text: str) -> None:
+        """An attach the relay refused: no longer wanted, and worth telling."""
+        log.warn(
+            "relay refused to attach {endpoint}: {code} {text}",
+            endpoint=endpoint,
+            code=code,
+            text=text,
+            event="client.attach-refused",
+        )
+        if endpoint in self._wanted:
+            self._wanted.remove(endpoint)
+            self._notify(Termination((endpoint,), code, text))
+
+    def _notify(self, termination: Termination) -> None:
+        if self._on_terminated is None:
+            return
+        try:
+            self._on_terminated(termination)
+        except Exception:
+            log.failure("on_terminated failed", event="client.on-terminated-failed")
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _new_trans_id(self) -> int:
+        # §6.1.1: unpredictable, so that a report for someone else's earlier data under
+        # the same endpoint is unlikely to match.
+        while True:
+            trans_id = secrets.randbelow(wire.MAX_TRANS_ID) + 1
+            if trans_id not in self._pending:
+                return trans_id
+
+    async def _drain(self, inbox: _Inbox) -> AsyncIterator[Incoming]:
+        try:
+            while True:
+                item = await inbox.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            if inbox in self._inboxes:
+                self._inboxes.remove(inbox)
+
+
+def _host_port(relay: str) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[IPv6]:port``; the port defaults to 913 (§8.3)."""
+    host, port = relay, str(EDGE_PORT)
+    if relay.startswith("["):
+        host, bracket, rest = relay[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"relay {relay!r} is not [address]:port")
+        port = rest[1:] or port
+    elif relay.count(":") == 1:
+        host, port = relay.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"relay {relay!r} is not host:port")
+    return host, int(port)
+
+
+def _tls_failure(where: str, name: str, reason: str) -> str:
+    """One line saying why the relay's certificate was not accepted."""
+    if "Mismatch" in reason:
+        return (
+            f"TLS with the relay at {where} failed: its certificate is not valid for {name}"
+            " (RFC 6125); if the relay is meant to be known by another name, say so as tls_name"
+        )
+    if "certificate verify failed" in reason:
+        return (
+            f"TLS with the relay at {where} failed: its certificate for {name} does not verify"
+            " (not issued by a trusted CA, expired, or not yet valid)"
+        )
+    return f"TLS with the relay at {where} failed, expecting a certificate for {name}: {reason}"
+
+
+async def connect(
+    endpoint: str,
+    *,
+    password: str | None = None,
+    relay: str | None = None,
+    trust: Sequence[x509.Certificate] | None = None,
+    tls_name: str | None = None,
+    client_certificate: Issued | None = None,
+    mechanism: str | None = None,
+    username: str | None = None,
+    resolver: IResolver | None = None,
+    reactor: Any = None,
+    reconnect: bool = True,
+    on_data: Callable[[Incoming], None] | None = None,
+    on_terminated: Callable[[Termination], None] | None = None,
+    backoff: tuple[float, float] = (1.0, 60.0),
+    connect_timeout: float = 30.0,
+) -> Client:
+    """Attach to the relay of ``endpoint``'s domain as ``endpoint`` (RFC 3340 §2.1).
+
+    :param relay: ``host:port`` of the relay; by default the SRV records
+        ``_apex-edge._tcp.DOMAIN`` (§3.1, RFC 2782) are tried in order, then the domain
+        itself at port 913 (§8.3).
+    :param trust: CA certificates the relay's certificate must chain to; None: the
+        platform's trust store.
+    :param tls_name: the name the relay's certificate must show; by default the domain
+        of ``endpoint``, whichever host serves it (RFC 6125 §6.2.1).
+    :param client_certificate: a TLS client certificate (:func:`imxp.certs.issue_client`).
+    :param mechanism: SASL mechanism: "SCRAM-SHA-256" (the default), "PLAIN" (always over
+        TLS here), or "EXTERNAL" (the default with a client certificate).
+    :param username: SASL username; by default the endpoint's address (``fred`` for
+        ``fred/appl=im@a.test``).
+    :param resolver: DNS for SRV and address lookups; by default the system's servers.
+    :param reactor: provides TCP and time; by default the global reactor.
+    :param reconnect: after a lost connection, connect and attach again with backoff
+        (``backoff``: first and longest delay in seconds); otherwise the client fails.
+    :param on_data: called with each :class:`Incoming` data; raising makes the relay
+        report 451 to its sender.
+    :param on_terminated: called with a :class:`Termination` when the relay ends
+        attachments (§4.4.3) or refuses to re-attach one after a reconnection.
+    :param connect_timeout: seconds for a TCP connection and the relay's greeting.
+    :raises ClientError: with the ``kind`` of failure (see the module documentation).
+    :raises ValueError: for an ``endpoint`` or ``relay`` that is malformed.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    parsed = Endpoint.parse(endpoint)
+    if relay is not None:
+        _host_port(relay)
+    chosen = mechanism or ("EXTERNAL" if client_certificate is not None else SCRAM_SHA_256)
+    if chosen not in (SCRAM_SHA_256, "PLAIN", "EXTERNAL"):
+        raise ValueError(f"SASL mechanism {chosen} is not supported here")
+    if chosen == "EXTERNAL" and client_certificate is None:
+        raise ClientError("auth", "SASL EXTERNAL needs a client certificate")
+    if chosen != "EXTERNAL" and not password:
+        raise ClientError("auth", f"SASL {chosen} needs a password for {parsed}")
+    settings = _Settings(
+        password=password,
+        relay=relay,
+        trust=tuple(trust) if trust is not None else None,
+        tls_name=tls_name,
+        client_certificate=client_certificate,
+        mechanism=chosen,
+        username=username or parsed.address,
+        resolver=resolver,
+        reactor=reactor,
+        reconnect=reconnect,
+        backoff=backoff,
+        connect_timeout=connect_timeout,
+    )
+    client = Client(str(parsed), settings, on_data, on_terminated)
+    await client._establish(initial=True)
+    return client

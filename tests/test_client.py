@@ -1,0 +1,560 @@
+"""The edge client library against real relays on loopback (RFC 3340 §2.1).
+
+Two domains, a.test (fred, wilma) and b.test (barney, bambam), each with a relay whose
+certificate from the test CA names its domain. A real twisted.names server publishes
+``_apex-edge._tcp.X.test`` (RFC 3340 §3.1) for the clients and ``_apex-mesh._tcp.X.test``
+for the relays, each with ``X.test A 127.0.0.1``. Clients authenticate with SCRAM-SHA-256
+unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from apexnet import PASSWORD, RelayHandle, attach, free_ports, start_relay
+from dnsserver import DNSServer, a, srv
+from twisted.internet import defer, reactor, task
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import provider
+
+from imxp.beep.message import Message
+from imxp.beep.session import ChannelHandler, Request
+from imxp.certs import Issued, create_ca, issue_client, issue_server
+from imxp.client import Client, ClientError, Incoming, Outcome, Termination, connect
+from imxp.e2e import cpim
+
+FRED = "fred@a.test"
+WILMA = "wilma@a.test"
+BARNEY = "barney@b.test"
+BAMBAM = "bambam@b.test"  # a user of b.test who never attaches: 450
+USERS = {"a.test": ("fred", "wilma"), "b.test": ("barney", "bambam")}
+#: Reconnection backoff for the tests: quick, but still exponential.
+BACKOFF = (0.05, 0.2)
+#: Content a re-serialising layer would be likely to spoil.
+BODY = bytes(range(256)) + b"\r\n--boundary\r\n\r\n" + "grüße, ☃".encode()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        assert reactor.seconds() < deadline, "condition not reached in time"
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+@dataclass
+class Net:
+    dns: DNSServer
+    ca: Issued
+    tmp: Path
+    #: The relay serving each domain now.
+    relays: dict[str, RelayHandle] = field(default_factory=dict)
+    #: Every relay started, to stop them all in the end.
+    handles: list[RelayHandle] = field(default_factory=list)
+    clients: list[Client] = field(default_factory=list)
+
+    def publish(self, domain: str, handle: RelayHandle) -> None:
+        self.dns.set(f"_apex-edge._tcp.{domain}", srv(0, 0, handle.port("edge"), f"{domain}."))
+        self.dns.set(f"_apex-mesh._tcp.{domain}", srv(0, 0, handle.port("mesh"), f"{domain}."))
+        self.dns.set(domain, a("127.0.0.1"))
+
+    async def start(self, domain: str, users: tuple[str, ...] = (), **settings: Any) -> RelayHandle:
+        """A relay for ``domain`` (users as given, or those of USERS), published in DNS."""
+        where = self.tmp / f"{domain}-{len(self.handles)}"
+        where.mkdir()
+        settings.setdefault("delivery_timeout", 2.0)
+        settings.setdefault("shutdown_grace", 0.5)
+        handle = await start_relay(
+            domain,
+            self.ca,
+            where,
+            users=users or USERS.get(domain, ()),
+            resolver=self.dns.resolver(),
+            **settings,
+        )
+        self.relays[domain] = handle
+        self.handles.append(handle)
+        self.publish(domain, handle)
+        return handle
+
+    async def connect(self, endpoint: str, **options: Any) -> Client:
+        """``connect`` with the test's DNS, CA and password unless told otherwise."""
+        if "client_certificate" not in options:
+            options.setdefault("password", PASSWORD)
+        options.setdefault("trust", [self.ca.certificate])
+        options.setdefault("resolver", self.dns.resolver())
+        options.setdefault("backoff", BACKOFF)
+        client = await connect(endpoint, **options)
+        self.clients.append(client)
+        return client
+
+
+@pytest_twisted.async_yield_fixture
+async def net(test_ca: Issued, tmp_path: Path, dns_server: DNSServer) -> AsyncIterator[Net]:
+    network = Net(dns_server, test_ca, tmp_path)
+    await network.start("a.test")
+    await network.start("b.test")
+    yield network
+    for client in network.clients:
+        await client.close()
+    for handle in network.handles:
+        if handle.service.running:
+            await handle.service.stopService()
+
+
+class Inbox:
+    """What an ``on_data`` callback saw."""
+
+    def __init__(self) -> None:
+        self.items: list[Incoming] = []
+
+    def __call__(self, incoming: Incoming) -> None:
+        self.items.append(incoming)
+
+    async def wait(self, count: int = 1) -> list[Incoming]:
+        await until(lambda: len(self.items) >= count)
+        return self.items
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    """The structured log events of the client library emitted during the test."""
+    captured: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        if str(event.get("event", "")).startswith("client."):
+            captured.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield captured
+    globalLogPublisher.removeObserver(observe)
+
+
+def codes(outcomes: dict[str, Outcome]) -> dict[str, int | None]:
+    return {recipient: outcome.code for recipient, outcome in outcomes.items()}
+
+
+# -- connecting and sending ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_across_domains_reports_each_recipient(net: Net) -> None:
+    """fred finds his relay through SRV, barney his through host:port; one data to four
+    recipients ends in four final outcomes (RFC 3340 §5.1, §6.2, §10)."""
+    barney_inbox = Inbox()
+    fred = await net.connect(FRED)
+    await net.connect(
+        BARNEY, relay=f"127.0.0.1:{net.relays['b.test'].port('edge')}", on_data=barney_inbox
+    )
+
+    outcomes = await fred.send([BARNEY, BAMBAM, "nobody@b.test", WILMA], BODY)
+
+    assert codes(outcomes) == {BARNEY: 250, BAMBAM: 450, "nobody@b.test": 550, WILMA: 450}
+    assert outcomes[BARNEY].delivered and not outcomes[BARNEY].unknown
+    assert outcomes["nobody@b.test"].text == "unknown endpoint identity"
+    [incoming] = await barney_inbox.wait()
+    assert incoming.originator == FRED
+    assert incoming.recipients == [BARNEY]
+    assert incoming.media_type == "text/plain"
+    assert incoming.body == BODY  # exactly the octets fred sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_media_type_and_headers_travel_with_the_content(net: Net) -> None:
+    barney_inbox = Inbox()
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=barney_inbox)
+
+    outcomes = await fred.send(
+        [BARNEY, "barney@B.TEST"],  # one recipient: domains compare case-insensitively
+        b"<x/>",
+        "application/xml",
+        headers=[("Content-Description", "a test")],
+    )
+
+    assert codes(outcomes) == {BARNEY: 250}
+    [incoming] = await barney_inbox.wait()
+    assert incoming.media_type == "application/xml"
+    assert ("Content-Description", "a test") in incoming.data.content.headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_report_that_does_not_come_in_time_is_unknown(net: Net) -> None:
+    """The relay takes the data, but the recipient's application never answers it, so
+    no final report can exist when the sender stops waiting: unknown, not a hang, and a
+    late report does no harm."""
+    fred = await net.connect(FRED)
+    barney = await attach(net.relays["b.test"], net.ca, BARNEY)
+    answers: list[defer.Deferred[Message]] = []
+
+    class Silent(ChannelHandler):
+        def message_received(self, request: Request) -> defer.Deferred[Message]:
+            answers.append(defer.Deferred())
+            return answers[-1]
+
+    barney.channel.handler = Silent()
+    try:
+        started = reactor.seconds()
+        outcomes = await fred.send([BARNEY], b"are you there?", timeout=0.5)
+        assert reactor.seconds() - started < 1.5
+        assert codes(outcomes) == {BARNEY: None}
+        assert outcomes[BARNEY].unknown and not outcomes[BARNEY].delivered
+        assert outcomes[BARNEY].text == "no status report within 0.5 s"
+        assert len(answers) == 1  # it did reach barney's application
+    finally:
+        barney.session.disconnect()
+    # b's relay now reports 451 for barney; fred answers the late report and goes on.
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert codes(await fred.send([WILMA], b"still fine")) == {WILMA: 450}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_data_the_relay_refuses_gives_every_recipient_its_code(net: Net) -> None:
+    fred = await net.connect(FRED)
+    net.relays["a.test"].service.relay.accepting = False  # as while shutting down
+
+    outcomes = await fred.send([BARNEY, WILMA], b"hello")
+
+    assert codes(outcomes) == {BARNEY: 421, WILMA: 421}
+    assert outcomes[BARNEY].text == "relay is shutting down"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_on_data_callback_is_reported_to_the_sender(net: Net) -> None:
+    def broken(incoming: Incoming) -> None:
+        raise RuntimeError("disk full")
+
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=broken)
+
+    outcomes = await fred.send([BARNEY], b"hello")
+
+    assert codes(outcomes) == {BARNEY: 451}
+
+
+# -- receiving ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_receive_through_the_async_iterator(net: Net) -> None:
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY)
+    received: list[Incoming] = []
+
+    async def consume() -> None:
+        async for incoming in barney.incoming():
+            received.append(incoming)
+
+    consuming = defer.ensureDeferred(consume())
+    for n in range(3):
+        assert codes(await fred.send([BARNEY], b"message %d" % n)) == {BARNEY: 250}
+    await until(lambda: len(received) == 3)
+    await barney.close()
+    await consuming  # the iterator ends with the client
+
+    assert [i.body for i in received] == [b"message 0", b"message 1", b"message 2"]
+    # Status reports are the library's business, not the application's.
+    assert all(i.originator == FRED for i in received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_attach_a_subaddress_and_detach_it(net: Net) -> None:
+    """RFC 3340 §2.2, §4.4.1: fred also attaches as fred/appl=im@a.test; data for it
+    reaches him, and after detaching it is not attached any more (450)."""
+    inbox = Inbox()
+    fred = await net.connect(FRED, on_data=inbox)
+    wilma = await net.connect(WILMA)
+    subaddress = "fred/appl=im@a.test"
+
+    await fred.attach(subaddress)
+    assert fred.endpoints == (FRED, subaddress)
+    assert codes(await wilma.send([subaddress], b"for the im app")) == {subaddress: 250}
+    [incoming] = await inbox.wait()
+    assert incoming.recipients == [subaddress]
+    assert incoming.body == b"for the im app"
+
+    await fred.detach(subaddress)
+    assert fred.endpoints == (FRED,)
+    assert codes(await wilma.send([subaddress], b"gone?")) == {subaddress: 450}
+    # ... and fred can send as the subaddress only while attached as it.
+    with pytest.raises(ValueError, match="not attached"):
+        await fred.send([WILMA], b"x", originator=subaddress)
+
+
+@pytest_twisted.ensureDeferred
+async def test_attaching_as_someone_else_is_refused(net: Net) -> None:
+    fred = await net.connect(FRED)
+
+    with pytest.raises(ClientError) as caught:
+        await fred.attach("wilma/appl=im@a.test")
+
+    assert caught.value.kind == "refused"
+    assert caught.value.code == 537
+    assert fred.endpoints == (FRED,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_relays_terminate_is_answered(net: Net) -> None:
+    """RFC 3340 §4.4.3: the relay ends the attachment; the client answers ok (which is
+    what lets terminate_all finish) and says so through on_terminated."""
+    terminations: list[Termination] = []
+    fred = await net.connect(FRED, on_terminated=terminations.append)
+    relay = net.relays["a.test"].service.relay
+
+    await relay.terminate_all(537, "account suspended")
+
+    assert terminations == [Termination((FRED,), 537, "account suspended")]
+    assert fred.endpoints == ()  # ended on purpose: not re-attached
+    assert relay.attached == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_terminates_and_releases(net: Net) -> None:
+    fred = await net.connect(FRED)
+    relay = net.relays["a.test"].service.relay
+    assert [str(e) for e in relay.attached] == [FRED]
+
+    await fred.close()
+
+    assert relay.attached == {}
+    assert not fred.connected
+    with pytest.raises(RuntimeError):
+        await fred.send([WILMA], b"too late")
+    assert [i async for i in fred.incoming()] == []
+
+
+# -- instant messages (RFC 3862, draft-klyne) ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_instant_message_as_message_cpim(net: Net) -> None:
+    inbox = Inbox()
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=inbox)
+    await net.connect(WILMA, on_data=inbox)
+
+    outcomes = await fred.send_message([BARNEY], "Grüße ☃\r\nline two", cc=[WILMA], subject="hi")
+
+    assert codes(outcomes) == {BARNEY: 250, WILMA: 250}
+    for incoming in await inbox.wait(2):
+        assert incoming.media_type == cpim.MEDIA_TYPE
+        message = incoming.message()
+        assert message is not None
+        assert message.sender == FRED
+        assert message.to == [BARNEY]
+        assert message.cc == [WILMA]
+        assert message.subject == "hi"
+        assert message.text() == "Grüße ☃\r\nline two"
+        assert message.date.tzinfo is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_text_is_received_as_a_message_too(net: Net) -> None:
+    inbox = Inbox()
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=inbox)
+
+    await fred.send([BARNEY], "ça va?".encode("latin-1"), "text/plain; charset=iso-8859-1")
+    await fred.send([BARNEY], b"\x00\x01", "application/octet-stream")
+
+    text, binary = await inbox.wait(2)
+    message = text.message()
+    assert message is not None
+    assert (message.sender, message.to, message.text()) == (FRED, [BARNEY], "ça va?")
+    assert message.date == text.received
+    assert binary.message() is None
+
+
+# -- reconnecting -----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnects_and_reattaches_after_a_relay_restart(
+    net: Net, events: list[LogEvent]
+) -> None:
+    """The relay of a.test stops (telling fred 421, RFC 3340 §4.4.3) and a new one starts
+    on the same edge port. fred reconnects with backoff, attaches again as both of his
+    endpoints, and a send made during the outage waits for that and is delivered."""
+    [port] = free_ports(1)
+    listen = [f"tcp:{port}:interface=127.0.0.1"]
+    old = await net.start("a.test", edge_listen=listen)
+    inbox = Inbox()
+    terminations: list[Termination] = []
+    fred = await net.connect(FRED, on_data=inbox, on_terminated=terminations.append)
+    await fred.attach("fred/appl=im@a.test")
+
+    await old.service.stopService()
+    assert terminations == [Termination((FRED, "fred/appl=im@a.test"), 421, "relay shutting down")]
+    await until(lambda: not fred.connected)
+    during = defer.ensureDeferred(fred.send(["fred/appl=im@a.test"], b"after", timeout=10))
+    await task.deferLater(reactor, 0.3, lambda: None)  # a few failed attempts
+    assert not during.called
+    new = await net.start("a.test", edge_listen=listen)
+
+    assert codes(await during) == {"fred/appl=im@a.test": 250}
+    assert fred.connected
+    assert sorted(str(e) for e in new.service.relay.attached) == ["fred/appl=im@a.test", FRED]
+    [incoming] = await inbox.wait()
+    assert incoming.recipients == ["fred/appl=im@a.test"]
+    names = [e["event"] for e in events]
+    assert "client.connection-lost" in names
+    assert names.count("client.reconnect-scheduled") >= 2  # it backed off at least once
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_reconnect_a_lost_connection_ends_the_client(net: Net) -> None:
+    fred = await net.connect(FRED, reconnect=False)
+    errors: list[ClientError] = []
+
+    async def consume() -> None:
+        try:
+            async for _incoming in fred.incoming():
+                pass
+        except ClientError as e:
+            errors.append(e)
+
+    consuming = defer.ensureDeferred(consume())
+    await net.relays["a.test"].service.stopService()
+    await consuming
+
+    [error] = errors
+    assert error.kind == "unreachable"
+    assert error.message.startswith("lost the connection to the relay at a.test:")
+    with pytest.raises(ClientError):
+        await fred.send([WILMA], b"hello")
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_gives_up_when_the_credentials_stop_working(net: Net) -> None:
+    """The relay comes back without fred among its users: trying again and again would
+    only be refused (and throttled), so the client stops and says why."""
+    [port] = free_ports(1)
+    listen = [f"tcp:{port}:interface=127.0.0.1"]
+    old = await net.start("a.test", edge_listen=listen)
+    fred = await net.connect(FRED)
+    errors: list[ClientError] = []
+
+    async def consume() -> None:
+        try:
+            async for _incoming in fred.incoming():
+                pass
+        except ClientError as e:
+            errors.append(e)
+
+    consuming = defer.ensureDeferred(consume())
+    await old.service.stopService()
+    await net.start("a.test", ("wilma",), edge_listen=listen)
+    await consuming
+
+    [error] = errors
+    assert (error.kind, error.code) == ("auth", 535)
+    with pytest.raises(ClientError, match=r"authentication failed for fred@a\.test"):
+        await fred.send([WILMA], b"hello")
+
+
+# -- SASL mechanisms ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_and_external(net: Net) -> None:
+    """PLAIN (always over TLS) and EXTERNAL with a client certificate (RFC 4422 App. A)."""
+    fred = await net.connect(FRED, mechanism="PLAIN")
+    wilma = await net.connect(WILMA, client_certificate=issue_client(net.ca, WILMA))
+
+    assert codes(await fred.send([WILMA], b"hi")) == {WILMA: 250}
+    assert codes(await wilma.send([FRED], b"hi")) == {FRED: 250}
+
+
+# -- errors a person can act on --------------------------------------------------------------
+
+
+async def refused_with(net: Net, endpoint: str, **options: Any) -> ClientError:
+    with pytest.raises(ClientError) as caught:
+        await net.connect(endpoint, **options)
+    assert "\n" not in caught.value.message
+    return caught.value
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_password(net: Net) -> None:
+    error = await refused_with(net, FRED, password="wrong")
+    assert error.kind == "auth"
+    assert error.code == 535
+    assert error.message == "authentication failed for fred@a.test (535): authentication failure"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_domain(net: Net) -> None:
+    error = await refused_with(net, "fred@nowhere.test")
+    assert error.kind == "unknown-domain"
+    assert error.message == "unknown domain nowhere.test: no such domain"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_relay(net: Net) -> None:
+    port = closed_port()
+    error = await refused_with(net, FRED, relay=f"127.0.0.1:{port}")
+    assert error.kind == "unreachable"
+    assert error.message.startswith(f"cannot reach the relay for a.test at 127.0.0.1:{port}: ")
+
+    # Two SRV targets, both dead: each one is tried, and both are named.
+    ports = [closed_port(), closed_port()]
+    net.dns.set("_apex-edge._tcp.a.test", *(srv(0, 1, p, "a.test.") for p in ports))
+    error = await refused_with(net, FRED)
+    assert error.kind == "unreachable"
+    assert error.message.startswith("no relay for a.test answers: ")
+    assert all(f"a.test:{p}" in error.message for p in ports)
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_for_another_name(net: Net) -> None:
+    """The relay's certificate names other.test, not the domain fred belongs to."""
+    handle = await net.start("c.test", ("fred",), identity=issue_server(net.ca, ["other.test"]))
+    error = await refused_with(net, "fred@c.test")
+    assert error.kind == "tls"
+    port = handle.port("edge")
+    assert error.message == (
+        f"TLS with the relay at c.test:{port} failed: its certificate is not valid for c.test"
+        " (RFC 6125); if the relay is meant to be known by another name, say so as tls_name"
+    )
+    # Told to expect that name, the same relay is fine.
+    await net.connect("fred@c.test", tls_name="other.test")
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_from_an_untrusted_ca(net: Net) -> None:
+    error = await refused_with(net, FRED, trust=[create_ca("stranger").certificate])
+    assert error.kind == "tls"
+    assert "its certificate for a.test does not verify" in error.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_attach_as_someone_else(net: Net) -> None:
+    error = await refused_with(net, WILMA, username="fred")
+    assert error.kind == "refused"
+    assert error.code == 537
+    assert error.message == (
+        "the relay refused to attach wilma@a.test (537): fred may not attach as wilma@a.test"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_mechanism_the_relay_does_not_offer(net: Net) -> None:
+    await net.start("c.test", ("fred",), sasl_mechanisms=("SCRAM-SHA-256",))
+    error = await refused_with(net, "fred@c.test", mechanism="PLAIN")
+    assert error.kind == "auth"
+    assert error.message.endswith("does not offer SASL PLAIN (it offers SCRAM-SHA-256)")
