@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, endpoints, error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, IResolver
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dns_error
@@ -477,3 +479,63 @@ def _dns_reason(e: Exception, qname: str) -> str:
     if isinstance(e, dns_error.DNSQueryRefusedError):
         return f"DNS query for {qname} refused"
     return f"DNS error looking up {qname}: {type(e).__name__}"
+
+
+# -- connecting to a target ----------------------------------------------------------
+
+
+async def open_session(
+    target: Target,
+    factory: IProtocolFactory,
+    reactor: Any,
+    *,
+    timeout: float,
+    resolver: IResolver | None,
+) -> Any:
+    """Connect to ``target``'s host, resolved through ``resolver`` when there is one.
+
+    RFC 2782: the client looks up the SRV target's address records; they come from the
+    DNS the SRV records came from, i.e. the relay's resolver (``dns_servers``), not the
+    system's, which HostnameEndpoint would ask. Each address is tried in turn.
+    """
+    hosts = [target.host]
+    if resolver is not None and not _is_ip(target.host):
+        hosts = await _addresses(resolver, target.host)
+        if not hosts:
+            raise error.DNSLookupError(f"no address records for {target.host}")
+    failure: Exception | None = None
+    for host in hosts:
+        endpoint = endpoints.HostnameEndpoint(reactor, host, target.port, timeout=timeout)
+        try:
+            return await endpoint.connect(factory)
+        except error.ConnectError as e:
+            failure = e
+    assert failure is not None
+    raise failure
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _addresses(resolver: IResolver, host: str) -> list[str]:
+    """The A then AAAA addresses of ``host``; none when both lookups fail or are empty."""
+    results = await defer.DeferredList(
+        [resolver.lookupAddress(host), resolver.lookupIPV6Address(host)], consumeErrors=True
+    )
+    addresses = []
+    for ok, result in results:
+        if not ok:
+            continue
+        answers, _authority, _additional = result
+        for rr in answers:
+            # A CNAME chain comes with the records of its end, which are what count here.
+            if rr.type == dns.A:
+                addresses.append(rr.payload.dottedQuad())
+            elif rr.type == dns.AAAA:
+                addresses.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
+    return addresses

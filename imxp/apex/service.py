@@ -10,8 +10,6 @@ applications their attachments end, and releases every session.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,13 +20,12 @@ from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import client as dns_client
-from twisted.names import dns
 
 from imxp.apex import wire
 from imxp.apex.peers import Link, LinkFailed, PeerPool
 from imxp.apex.policy import AccessPolicy
 from imxp.apex.relay import APEXChannel, APEXProfile, Mode, Relay
-from imxp.apex.routing import Router, Target
+from imxp.apex.routing import Router, Target, open_session
 from imxp.beep import mgmt
 from imxp.beep.message import Message
 from imxp.beep.sasl import sasl_profiles
@@ -250,7 +247,9 @@ async def _connect(
     )
     where = f"{target.host}:{target.port}"
     try:
-        session: Session = await _open(target, factory, reactor, connect_timeout, resolver)
+        session: Session = await open_session(
+            target, factory, reactor, timeout=connect_timeout, resolver=resolver
+        )
         await session.greeted()
     except (error.ConnectError, error.DNSLookupError, SessionClosed) as e:
         raise LinkFailed(421, f"cannot connect: {e}") from None
@@ -280,62 +279,6 @@ async def _connect(
         session.disconnect()
         raise LinkFailed(answer.code, f"{where} refused to bind us: {answer.text}")
     return Link(target, session, channel)
-
-
-async def _open(
-    target: Target,
-    factory: SessionFactory,
-    reactor: Any,
-    timeout: float,
-    resolver: IResolver | None,
-) -> Session:
-    """Connect to ``target``'s host, resolved through ``resolver`` when there is one.
-
-    RFC 2782: the client looks up the SRV target's address records; they come from the
-    DNS the SRV records came from, i.e. the relay's resolver (``dns_servers``), not the
-    system's, which HostnameEndpoint would ask. Each address is tried in turn.
-    """
-    hosts = [target.host]
-    if resolver is not None and not _is_ip(target.host):
-        hosts = await _addresses(resolver, target.host)
-        if not hosts:
-            raise error.DNSLookupError(f"no address records for {target.host}")
-    failure: Exception | None = None
-    for host in hosts:
-        endpoint = endpoints.HostnameEndpoint(reactor, host, target.port, timeout=timeout)
-        try:
-            return await endpoint.connect(factory)
-        except error.ConnectError as e:
-            failure = e
-    assert failure is not None
-    raise failure
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-async def _addresses(resolver: IResolver, host: str) -> list[str]:
-    """The A then AAAA addresses of ``host``; none when both lookups fail or are empty."""
-    results = await defer.DeferredList(
-        [resolver.lookupAddress(host), resolver.lookupIPV6Address(host)], consumeErrors=True
-    )
-    addresses = []
-    for ok, result in results:
-        if not ok:
-            continue
-        answers, _authority, _additional = result
-        for rr in answers:
-            # A CNAME chain comes with the records of its end, which are what count here.
-            if rr.type == dns.A:
-                addresses.append(rr.payload.dottedQuad())
-            elif rr.type == dns.AAAA:
-                addresses.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
-    return addresses
 
 
 def make_relay_service(

@@ -60,8 +60,7 @@ from twisted.logger import Logger
 from imxp.apex import wire
 from imxp.apex.address import REPORT, AddressError, Endpoint, literal_address
 from imxp.apex.options import make_status_request
-from imxp.apex.routing import EDGE_PORT, EDGE_SERVICE, NoRoute, Router, Target
-from imxp.apex.service import _open as open_session
+from imxp.apex.routing import EDGE_PORT, EDGE_SERVICE, NoRoute, Router, Target, open_session
 from imxp.beep import mgmt
 from imxp.beep.message import Message
 from imxp.beep.sasl import authenticate
@@ -666,7 +665,11 @@ class Client:
         factory = SessionFactory(Role.INITIATOR, [], config, settings.reactor)
         try:
             session: Session = await open_session(
-                target, factory, settings.reactor, settings.connect_timeout, settings.resolver
+                target,
+                factory,
+                settings.reactor,
+                timeout=settings.connect_timeout,
+                resolver=settings.resolver,
             )
             await session.greeted()
         except (error.ConnectError, error.DNSLookupError, SessionClosed) as e:
