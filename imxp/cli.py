@@ -1,0 +1,1369 @@
+"""The ``imxp`` command: use the mesh as an endpoint, and look after a relay.
+
+Endpoint commands (they connect to the home relay of the endpoint's domain, found by the
+SRV record ``_apex-edge._tcp.DOMAIN`` unless ``--relay`` names it, RFC 3340 §3.1)::
+
+    imxp send --from fred@a.test --to barney@b.test "hello"
+    imxp listen --as barney@b.test [--json] [--count N]
+    imxp chat --as fred@a.test barney@b.test
+
+Operator commands::
+
+    imxp certs ca|relay|endpoint ...    development CA, relay and endpoint certificates
+    imxp users add|remove|list ...      the relay's SASL user file
+    imxp route DOMAIN                   how the relay would reach a domain
+    imxp check                          what is wrong with a relay's setup, and the fix
+
+Passwords never go on the command line: ``--password-file FILE``, else the environment
+variable ``IMXP_PASSWORD``, else a prompt when standard input is a terminal.
+
+Exit status, for scripts:
+
+====  ===========================================================================
+0     success
+1     send: some recipient was not delivered; check: problems found;
+      users: the user to add exists, or the one to remove does not
+2     usage error (bad arguments, no password available)
+3     authentication failed
+4     unknown domain: no relay for it in DNS (route: no route to the domain)
+5     relay unreachable (route: DNS failed for now)
+6     TLS verification failure: the relay's certificate is not trusted or names another
+      domain
+7     refused by the relay (e.g. attach refused with 537)
+8     configuration error: a bad configuration file, or a file that is missing, unusable
+      or (certs) already there
+9     other protocol error, or an unexpected internal error
+130   interrupted (SIGINT, SIGTERM) before the end; but an interrupted send exits with
+      1 (delivery not known), listen and chat with 0 (that is how they end)
+====  ===========================================================================
+
+Every error is one line on standard error, ``imxp: ...``; ``--debug`` adds the traceback
+and Twisted's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import enum
+import getpass
+import ipaddress
+import json
+import os
+import sys
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from service_identity.cryptography import verify_certificate_hostname
+from service_identity.exceptions import CertificateError, VerificationError
+from twisted.internet import defer, endpoints, error, task
+from twisted.internet.interfaces import IResolver
+from twisted.internet.stdio import StandardIO
+from twisted.names import client as dns_client
+from twisted.names import dns
+from twisted.names import error as dns_error
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from imxp.apex.address import AddressError, Endpoint
+from imxp.apex.routing import EDGE_PORT, EDGE_SERVICE, MESH_PORT, MESH_SERVICE, NoRoute, Router
+from imxp.beep.session import BEEPError, Role, Session, SessionClosed, SessionConfig, SessionFactory
+from imxp.beep.tls import start_tls
+from imxp.beep.tlsctx import client_options
+from imxp.beep.users import UserStore, UserStoreError
+from imxp.bootstrap import EXPIRY_WARNING
+from imxp.certs import Issued, create_ca, issue_client, issue_server, load_certificates, load_issued
+from imxp.client import Client, ClientError, Incoming, Outcome, connect
+from imxp.config import Config, ConfigError, load, resolver_addresses
+from imxp.e2e.cpim import CPIMError, CPIMMessage
+
+__all__ = ["Exit", "build_parser", "main"]
+
+
+class Exit(enum.IntEnum):
+    """The exit statuses of the module docstring."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    AUTH = 3
+    UNKNOWN_DOMAIN = 4
+    UNREACHABLE = 5
+    TLS = 6
+    REFUSED = 7
+    CONFIG = 8
+    PROTOCOL = 9
+    INTERRUPTED = 130
+
+
+# ClientError.kind -> exit status.
+_KIND_STATUS = {
+    "auth": Exit.AUTH,
+    "unknown-domain": Exit.UNKNOWN_DOMAIN,
+    "unreachable": Exit.UNREACHABLE,
+    "tls": Exit.TLS,
+    "refused": Exit.REFUSED,
+    "protocol": Exit.PROTOCOL,
+}
+
+PASSWORD_VARIABLE = "IMXP_PASSWORD"
+
+# Short enough that a dead DNS server is reported within seconds, not Twisted's minute.
+_DNS_TIMEOUT = (1.0, 3.0)
+# How long `check` waits for a connection and for a BEEP greeting.
+_PROBE_TIMEOUT = 5.0
+# Closing the client on SIGINT/SIGTERM must not hold up the exit when the relay is gone.
+_CLOSE_TIMEOUT = 3.0
+
+
+class Failed(Exception):
+    """Ends the command with ``status`` after printing ``imxp: <message>``."""
+
+    def __init__(self, status: Exit, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    argparse itself exits with status 2 on a usage error.
+    """
+    args = build_parser().parse_args(argv)
+    if args.debug:
+        from twisted.logger import globalLogBeginner, textFileLogObserver
+
+        # Our own stderr lines stay plain lines rather than becoming log events.
+        globalLogBeginner.beginLoggingTo(
+            [textFileLogObserver(sys.stderr)], redirectStandardIO=False
+        )
+    try:
+        if getattr(args, "connects", False):
+            args.password = _connection_password(args)
+        if getattr(args, "asynchronous", False):
+            return _react(args)
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # the prompt left the cursor at the end of its line
+        return Exit.INTERRUPTED
+    except Exception as e:
+        return _report(e, args.debug)
+
+
+def _react(args: argparse.Namespace) -> int:
+    """Run ``args.run(reactor, args)`` under the reactor; SIGINT/SIGTERM end it cleanly.
+
+    A command that is interrupted ends with ``args.interrupted`` whatever it does as the
+    reactor shuts down (a listener's connection going away is no error then).
+    """
+    outcome: list[int] = []
+    interrupted: list[bool] = []
+
+    async def body(reactor: Any) -> None:
+        reactor.addSystemEventTrigger("before", "shutdown", interrupted.append, True)
+        try:
+            status = int(await args.run(reactor, args))
+        except Exception as e:
+            # What breaks as the reactor shuts down under the command is no error to report.
+            status = args.interrupted if interrupted else _report(e, args.debug)
+        outcome.append(args.interrupted if interrupted else status)
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(body(reactor)))
+    except SystemExit:
+        pass  # react() always exits; the status is ours to choose
+    return outcome[0] if outcome else args.interrupted
+
+
+def _report(e: Exception, debug: bool) -> int:
+    """Print ``e`` as one line (with the traceback under --debug); its exit status."""
+    if isinstance(e, Failed):
+        status, text = e.status, str(e)
+    elif isinstance(e, ConfigError | UserStoreError):
+        status, text = Exit.CONFIG, str(e)
+    elif isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        status, text = Exit.CONFIG, f"{where}{e.strerror or e}"
+    else:
+        status = Exit.PROTOCOL
+        text = f"unexpected error: {type(e).__name__}: {e}"
+        if not debug:
+            text += " (run with --debug for details)"
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+    print(f"imxp: {text}", file=sys.stderr)
+    return status
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def _exit_codes() -> str:
+    """The exit-status table of the module docstring, for the --help epilog."""
+    doc = __doc__ or ""
+    table = doc[doc.index("Exit status") : doc.index("Every error")]
+    return "\n".join(line for line in table.splitlines() if not line.startswith("===="))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``imxp`` argument parser; each subcommand has ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="imxp",
+        description="Send, receive and chat over the imxp mesh (RFC 3340), and look after "
+        "a relay: certificates, users, routes, checks.",
+        epilog=_exit_codes(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and Twisted's log")
+    # Also accepted after the subcommand; SUPPRESS keeps it from resetting the value above.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        group: Any, name: str, run: Callable[..., Any], text: str, *parents: Any, **kw: Any
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=text, description=text, parents=[*parents, debug])
+        sub.set_defaults(run=run, **kw)
+        return sub
+
+    connection = _connection_options()
+    # Commands run under the reactor; "interrupted" is their status when SIGINT or SIGTERM
+    # ends them: the way listen and chat end, but route and check cut short.
+    receiving = {"connects": True, "asynchronous": True, "interrupted": Exit.OK}
+    looking = {"asynchronous": True, "interrupted": Exit.INTERRUPTED}
+
+    send = command(
+        commands,
+        "send",
+        _send,
+        "Send a message and print each recipient's delivery status (exit 1 if any was "
+        "not delivered).",
+        connection,
+        connects=True,
+        asynchronous=True,
+        # Interrupted before the reports came: not known to be delivered.
+        interrupted=Exit.FAILED,
+    )
+    send.add_argument("--from", dest="sender", type=_endpoint, required=True, metavar="ENDPOINT")
+    send.add_argument(
+        "--to",
+        type=_endpoint,
+        action="append",
+        required=True,
+        metavar="ENDPOINT",
+        help="repeatable",
+    )
+    send.add_argument(
+        "--cc", type=_endpoint, action="append", default=[], metavar="ENDPOINT", help="CPIM only"
+    )
+    send.add_argument("--subject", help="CPIM only")
+    send.add_argument(
+        "text", nargs="?", help="the message; without it and --file, standard input is read"
+    )
+    send.add_argument("--file", type=Path, help="send this file's content instead of TEXT")
+    send.add_argument(
+        "--type", dest="media_type", help="media type of raw content (default text/plain)"
+    )
+    form = send.add_mutually_exclusive_group()
+    form.add_argument(
+        "--cpim",
+        dest="raw",
+        action="store_false",
+        default=None,
+        help="send as a message/cpim instant message (the default for TEXT)",
+    )
+    form.add_argument(
+        "--raw",
+        dest="raw",
+        action="store_true",
+        help="send the content as it is (the default with --file or --type)",
+    )
+    send.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the reports (30)"
+    )
+
+    listen = command(
+        commands,
+        "listen",
+        _listen,
+        "Print messages to an endpoint as they arrive, until interrupted.",
+        connection,
+        **receiving,
+    )
+    listen.add_argument("--as", dest="endpoint", type=_endpoint, required=True, metavar="ENDPOINT")
+    listen.add_argument("--json", action="store_true", help="one JSON object per message")
+    listen.add_argument("--count", type=_positive_int, help="exit after N messages")
+
+    chat = command(
+        commands,
+        "chat",
+        _chat,
+        "Chat with another endpoint on this terminal: each line typed is sent, with a mark "
+        "for its delivery status (✓ delivered, ✗ failed, ? unknown); /quit or end of input "
+        "leaves.",
+        connection,
+        **receiving,
+    )
+    chat.add_argument("--as", dest="endpoint", type=_endpoint, required=True, metavar="ENDPOINT")
+    chat.add_argument("peer", type=_endpoint, metavar="ENDPOINT", help="whom to chat with")
+    chat.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each line's report"
+    )
+
+    _certs_parser(commands, command)
+    _users_parser(commands, command)
+
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config", type=Path, help="the relay's TOML configuration (default: built-in defaults)"
+    )
+    config.add_argument(
+        "--dns",
+        type=_address_port,
+        metavar="HOST:PORT",
+        help="ask this DNS server instead of dns_servers or the system's",
+    )
+    route = command(
+        commands,
+        "route",
+        _route,
+        "Show how the relay would reach DOMAIN: static route, smart host, SRV targets in "
+        "order, or domain literal.",
+        config,
+        **looking,
+    )
+    route.add_argument("domain", metavar="DOMAIN")
+    route.add_argument(
+        "--edge",
+        action="store_true",
+        help="look up the endpoints' service (_apex-edge) rather than the relays'",
+    )
+    command(
+        commands,
+        "check",
+        _check,
+        "Check a relay's setup: configuration, certificate, user file, SRV records, "
+        "listeners, peers; each problem is one line with its fix (exit 1 if any).",
+        config,
+        **looking,
+    )
+    return parser
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    """The options of the commands that connect to a relay as an endpoint."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("connection")
+    group.add_argument(
+        "--relay",
+        metavar="HOST:PORT",
+        type=_host_port_text,
+        help="the relay to connect to (default: SRV _apex-edge._tcp.DOMAIN)",
+    )
+    group.add_argument(
+        "--ca", type=Path, metavar="FILE", help="PEM CA bundle to trust (default: the system's)"
+    )
+    group.add_argument("--tls-name", metavar="NAME", help="name the relay's certificate must carry")
+    group.add_argument("--cert", type=Path, metavar="FILE", help="client certificate (EXTERNAL)")
+    group.add_argument("--key", type=Path, metavar="FILE", help="the client certificate's key")
+    group.add_argument(
+        "--mechanism",
+        choices=["SCRAM-SHA-256", "PLAIN", "EXTERNAL"],
+        help="SASL mechanism (default: SCRAM-SHA-256, or EXTERNAL with --cert)",
+    )
+    group.add_argument("--username", help="SASL username (default: the endpoint's address)")
+    group.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="FILE",
+        help=f"read the password from FILE (else ${PASSWORD_VARIABLE}, else a prompt)",
+    )
+    group.add_argument("--dns", type=_address_port, metavar="HOST:PORT", help="ask this DNS server")
+    return options
+
+
+def _certs_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    certs = commands.add_parser(
+        "certs",
+        help="Make a development CA, relay certificates and endpoint certificates.",
+        description="Make a development CA, relay certificates and endpoint certificates. "
+        "Existing files are never overwritten without --force; keys are written mode 0600.",
+    )
+    kinds = certs.add_subparsers(dest="kind", required=True, metavar="KIND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--force", action="store_true", help="overwrite existing files")
+    common.add_argument("--days", type=_positive_int, help="validity in days")
+    signed = argparse.ArgumentParser(add_help=False)
+    signed.add_argument(
+        "--ca", type=Path, required=True, metavar="DIR", help="directory with ca.pem and ca.key"
+    )
+    signed.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="default: .")
+
+    ca = command(kinds, "ca", _certs_ca, "Create a CA: DIR/ca.pem and DIR/ca.key.", common)
+    ca.add_argument("--out", type=Path, required=True, metavar="DIR")
+    ca.add_argument("--name", required=True, help="the CA's common name")
+
+    relay = command(
+        kinds,
+        "relay",
+        _certs_relay,
+        "Issue a relay certificate for a domain: DIR/relay.pem and DIR/relay.key.",
+        common,
+        signed,
+    )
+    relay.add_argument(
+        "--domain",
+        action="append",
+        required=True,
+        help="the relay's domain; repeat for further names",
+    )
+    relay.add_argument(
+        "--ip", action="append", default=[], help="an address for domain literals; repeatable"
+    )
+
+    endpoint = command(
+        kinds,
+        "endpoint",
+        _certs_endpoint,
+        "Issue an endpoint's client certificate (for SASL EXTERNAL): DIR/IDENTITY.pem and "
+        "DIR/IDENTITY.key.",
+        common,
+        signed,
+    )
+    endpoint.add_argument("--identity", required=True, metavar="LOCAL@DOMAIN")
+
+
+def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    users = commands.add_parser(
+        "users",
+        help="Manage the relay's SASL user file.",
+        description="Manage the relay's SASL user file. A running relay sees changes at "
+        "once; no restart is needed.",
+    )
+    actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    where = argparse.ArgumentParser(add_help=False)
+    source = where.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config",
+        type=Path,
+        help="the relay's configuration; its users_file (default: built-in defaults, "
+        "./imxp-state/users)",
+    )
+    source.add_argument("--file", type=Path, help="the user file itself")
+    add = command(
+        actions,
+        "add",
+        _users_add,
+        f"Add a user; the password comes from --password-file, ${PASSWORD_VARIABLE} or a prompt.",
+        where,
+    )
+    add.add_argument("name")
+    add.add_argument("--password-file", type=Path, metavar="FILE")
+    remove = command(actions, "remove", _users_remove, "Remove a user.", where)
+    remove.add_argument("name")
+    command(actions, "list", _users_list, "List the users, one per line.", where)
+
+
+def _endpoint(text: str) -> str:
+    """An endpoint address, ``local[/subaddress]@domain`` (RFC 3340 §2.2)."""
+    try:
+        Endpoint.parse(text)
+    except AddressError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _host_port_text(text: str) -> str:
+    """HOST:PORT checked, and kept as text (the client library takes it so)."""
+    _split_host_port(text)
+    return text
+
+
+def _address_port(text: str) -> tuple[str, int]:
+    """ADDRESS:PORT of a DNS server: twisted.names takes IP addresses only."""
+    host, port = _split_host_port(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{host!r} is not an IP address") from None
+    return host, port
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+
+
+def _resolver(servers: Sequence[tuple[str, int]]) -> IResolver:
+    """A resolver asking only ``servers``.
+
+    Not ``createResolver(servers=...)``: that one also asks the servers of resolv.conf,
+    round-robin, which would make ``--dns`` unreliable.
+    """
+    return dns_client.Resolver(servers=list(servers), timeout=_DNS_TIMEOUT)
+
+
+def _password(path: Path | None, *, confirm: bool = False) -> str | None:
+    """The password from ``path``, else ``$IMXP_PASSWORD``, else a prompt on a terminal;
+    None when there is none of these."""
+    if path is not None:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return lines[0] if lines else ""
+    if PASSWORD_VARIABLE in os.environ:
+        return os.environ[PASSWORD_VARIABLE]
+    if not sys.stdin.isatty():
+        return None
+    password = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Password again: ") != password:
+        raise Failed(Exit.USAGE, "the passwords differ")
+    return password
+
+
+def _connection_password(args: argparse.Namespace) -> str | None:
+    """The password a connecting command logs in with; None with a client certificate.
+
+    Asked for before the reactor runs: a prompt under it would also hold up the reactor's
+    handling of Ctrl-C.
+    """
+    if (args.cert is None) != (args.key is None):
+        raise Failed(Exit.USAGE, "--cert and --key go together")
+    if args.cert is not None and args.mechanism in (None, "EXTERNAL"):
+        return None
+    password = _password(args.password_file)
+    if password is None:
+        raise _no_password()
+    return password
+
+
+def _no_password() -> Failed:
+    return Failed(
+        Exit.USAGE,
+        f"no password: use --password-file FILE, set {PASSWORD_VARIABLE}, or run on a "
+        "terminal to be asked",
+    )
+
+
+def _load_trust(path: Path) -> list[x509.Certificate]:
+    try:
+        return load_certificates(path)
+    except ValueError as e:
+        raise Failed(Exit.CONFIG, f"{path}: {e}") from None
+
+
+def _load_identity(cert: Path, key: Path) -> Issued:
+    try:
+        return load_issued(cert, key)
+    except (ValueError, TypeError) as e:
+        raise Failed(Exit.CONFIG, f"{cert}: {e}") from None
+
+
+# -- connected commands -----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _connected(
+    reactor: Any,
+    args: argparse.Namespace,
+    endpoint: str,
+    *,
+    reconnect: bool,
+    on_data: Callable[[Incoming], object] | None = None,
+) -> AsyncIterator[Client]:
+    """A client attached as ``endpoint`` with the connection options of ``args``.
+
+    The client is closed at the end of the block, and also when SIGINT or SIGTERM stops
+    the reactor, so that the relay sees the endpoint leave. A ClientError anywhere in the
+    block becomes :class:`Failed` with the status of its kind.
+    """
+    identity = _load_identity(args.cert, args.key) if args.cert is not None else None
+    try:
+        client = await connect(
+            endpoint,
+            password=args.password,
+            relay=args.relay,
+            trust=_load_trust(args.ca) if args.ca is not None else None,
+            tls_name=args.tls_name,
+            client_certificate=identity,
+            mechanism=args.mechanism,
+            username=args.username,
+            resolver=_resolver([args.dns]) if args.dns is not None else None,
+            reactor=reactor,
+            reconnect=reconnect,
+            on_data=on_data,
+        )
+
+        def close_on_shutdown() -> defer.Deferred[None]:
+            return defer.ensureDeferred(client.close()).addTimeout(_CLOSE_TIMEOUT, reactor)
+
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", close_on_shutdown)
+        try:
+            yield client
+        finally:
+            reactor.removeSystemEventTrigger(trigger)
+            await client.close()
+    except ClientError as e:
+        raise Failed(_KIND_STATUS.get(e.kind, Exit.PROTOCOL), e.message) from e
+
+
+async def _send(reactor: Any, args: argparse.Namespace) -> int:
+    """``imxp send``: one line per recipient; 1 unless every one was delivered."""
+    raw = args.raw
+    if raw is None:
+        raw = args.file is not None or args.media_type is not None
+    if not raw and args.media_type is not None:
+        raise Failed(Exit.USAGE, "--type is for raw content; a CPIM message carries text")
+    if raw and (args.cc or args.subject is not None):
+        raise Failed(Exit.USAGE, "--cc and --subject are for CPIM messages")
+    if args.file is not None and args.text is not None:
+        raise Failed(Exit.USAGE, "give TEXT or --file, not both")
+    if args.file is not None:
+        content = args.file.read_bytes()
+    elif args.text is not None:
+        content = args.text.encode("utf-8")
+    elif sys.stdin.isatty():
+        raise Failed(Exit.USAGE, "nothing to send: give TEXT, --file FILE, or pipe it in")
+    else:
+        content = sys.stdin.buffer.read()
+    if not raw:
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Failed(
+                Exit.USAGE, "a CPIM message carries UTF-8 text; send other content --raw"
+            ) from None
+    async with _connected(reactor, args, args.sender, reconnect=False) as client:
+        if raw:
+            media_type = args.media_type or "text/plain"
+            outcomes = await client.send(args.to, content, media_type, timeout=args.timeout)
+        else:
+            outcomes = await client.send_message(
+                args.to, text, cc=args.cc, subject=args.subject, timeout=args.timeout
+            )
+    for recipient, outcome in outcomes.items():
+        print(f"{recipient}: {_outcome_text(outcome, args.timeout)}")
+    return Exit.OK if all(o.delivered for o in outcomes.values()) else Exit.FAILED
+
+
+def _outcome_text(outcome: Outcome, timeout: float) -> str:
+    """``delivered (250)``, ``failed 550 unknown endpoint identity``, ``unknown (...)``."""
+    if outcome.delivered:
+        return f"delivered ({outcome.code})"
+    if outcome.unknown:
+        return f"unknown ({outcome.text or f'no report within {timeout:g}s'})"
+    code = f"{outcome.code} " if outcome.code is not None else ""
+    return f"failed {code}{outcome.text}".rstrip()
+
+
+async def _listen(reactor: Any, args: argparse.Namespace) -> int:
+    """``imxp listen``: print each message, flushing, until interrupted or --count."""
+    seen = 0
+    async with _connected(reactor, args, args.endpoint, reconnect=True) as client:
+        async for incoming in client.incoming():
+            line = _json_line(incoming) if args.json else _human_line(incoming)
+            print(line, flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    return Exit.OK
+
+
+def _message(incoming: Incoming) -> CPIMMessage | None:
+    """The instant message ``incoming`` carries; None for other content and for a
+    malformed message/cpim, which are shown by type and size instead."""
+    try:
+        return incoming.message()
+    except CPIMError:
+        return None
+
+
+def _human_line(incoming: Incoming) -> str:
+    """``[2026-11-21 10:00:00] fred@a.test: hello``, dated as the message says (else when
+    it arrived); content other than text is described by its media type and size."""
+    message = _message(incoming)
+    if message is None:
+        when = incoming.received.astimezone()
+        return f"[{when:%Y-%m-%d %H:%M:%S}] {incoming.originator}: {_described(incoming)}"
+    sender = message.sender
+    if sender != incoming.originator:
+        # From is the sender's claim; the originator is what the relays checked.
+        sender = f"{sender} (via {incoming.originator})"
+    when = message.date.astimezone()
+    return f"[{when:%Y-%m-%d %H:%M:%S}] {sender}: {_message_text(message)}"
+
+
+def _described(incoming: Incoming) -> str:
+    return f"[{incoming.media_type}, {len(incoming.body)} octets]"
+
+
+def _message_text(message: CPIMMessage) -> str:
+    """The text of a CPIM message, continuation lines indented so that one message stays
+    one block; other content (or text in an unknown charset) described by type and size."""
+    try:
+        text = message.text()
+    except CPIMError:
+        text = None
+    if text is None:
+        return f"[{message.content_type}, {len(message.body)} octets]"
+    return text.rstrip("\r\n").replace("\n", "\n    ")
+
+
+def _json_line(incoming: Incoming) -> str:
+    """One JSON object: originator, recipients, media_type, body (``body`` when UTF-8,
+    else ``body_base64``) and ``cpim``: the CPIM message's fields (its text as ``body``
+    when it is text), or null."""
+    record: dict[str, Any] = {
+        "originator": incoming.originator,
+        "recipients": list(incoming.recipients),
+        "media_type": incoming.media_type,
+        **_json_body(incoming.body),
+        "cpim": None,
+    }
+    message = _message(incoming)
+    if message is not None:
+        fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+        body = fields.pop("body")
+        try:
+            text = message.text()
+        except CPIMError:
+            text = None
+        record["cpim"] = {**fields, **({"body": text} if text is not None else _json_body(body))}
+    return json.dumps(record, default=_json_value)
+
+
+def _json_body(body: bytes) -> dict[str, str]:
+    try:
+        return {"body": body.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"body_base64": base64.b64encode(body).decode("ascii")}
+
+
+def _json_value(value: Any) -> str:
+    """What json cannot encode by itself: dates (ISO 8601)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class _ChatTerminal(LineReceiver):
+    """The terminal side of ``imxp chat``: typed lines go to ``send``; others' lines and
+    delivery marks are written as they come, even while a line is being typed."""
+
+    delimiter = b"\n"
+
+    def __init__(self, send: Callable[[str], Awaitable[str]]) -> None:
+        self._send = send
+        self.finished: defer.Deferred[None] = defer.Deferred()
+        self._finishing = False
+        self._pending: set[defer.Deferred[None]] = set()
+        # Lines to show that arrive before the terminal is connected (just after attaching).
+        self._backlog: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        backlog, self._backlog = self._backlog, []
+        for data in backlog:
+            self.transport.write(data)
+
+    def show(self, text: str) -> None:
+        data = text.encode("utf-8") + b"\n"
+        if self.transport is None:
+            self._backlog.append(data)
+        else:
+            self.transport.write(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text.strip() == "/quit":
+            self._finish()
+        elif text.strip() and not self._finishing:
+            d = defer.ensureDeferred(self._deliver(text))
+            self._pending.add(d)
+            d.addBoth(lambda _: self._pending.discard(d))
+
+    async def _deliver(self, text: str) -> None:
+        mark = await self._send(text)
+        excerpt = text if len(text) <= 40 else text[:39] + "…"
+        self.show(f"  {mark} [{excerpt}]")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        # End of input (Ctrl-D) leaves like /quit.
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._finishing:
+            return
+        self._finishing = True
+        # Lines already sent still get their marks (each waits at most --timeout).
+        waits = defer.DeferredList(list(self._pending))
+        waits.addCallback(lambda _: self.finished.callback(None))
+
+
+async def _chat(reactor: Any, args: argparse.Namespace) -> int:
+    """``imxp chat``: send typed lines to the peer as CPIM messages, show incoming ones."""
+    peer = args.peer
+    client: Client
+
+    async def send(text: str) -> str:
+        try:
+            outcomes = await client.send_message([peer], text, timeout=args.timeout)
+        except ClientError as e:
+            return f"✗ {e.message}"
+        # One recipient, however the library spells its address.
+        (outcome,) = outcomes.values()
+        if outcome.delivered:
+            return "✓"
+        if outcome.unknown:
+            return f"? {outcome.text or f'no report within {args.timeout:g}s'}"
+        return f"✗ {_outcome_text(outcome, args.timeout).removeprefix('failed ')}"
+
+    terminal = _ChatTerminal(send)
+
+    def received(incoming: Incoming) -> None:
+        message = _message(incoming)
+        text = _described(incoming) if message is None else _message_text(message)
+        terminal.show(f"{incoming.originator}> {text}")
+
+    async with _connected(
+        reactor, args, args.endpoint, reconnect=True, on_data=received
+    ) as connected:
+        client = connected
+        terminal.show(f"chatting with {peer} as {args.endpoint}; /quit or Ctrl-D to leave")
+        stdio = StandardIO(terminal, reactor=reactor)
+        await terminal.finished
+        stdio.loseConnection()
+    return Exit.OK
+
+
+# -- certs ------------------------------------------------------------------------------------
+
+
+def _writable(force: bool, *paths: Path) -> None:
+    """Refuse to replace existing files without --force (before anything is written)."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise Failed(Exit.CONFIG, f"{' and '.join(existing)} already {verb} (--force replaces)")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _validity(args: argparse.Namespace) -> dict[str, int]:
+    return {"days": args.days} if args.days is not None else {}
+
+
+def _load_ca(directory: Path) -> Issued:
+    cert, key = directory / "ca.pem", directory / "ca.key"
+    for path in (cert, key):
+        if not path.exists():
+            raise Failed(Exit.CONFIG, f"{path} does not exist: make a CA with imxp certs ca")
+    return _load_identity(cert, key)
+
+
+def _wrote(issued: Issued, cert: Path, key: Path, what: str) -> None:
+    expires = issued.certificate.not_valid_after_utc
+    print(f"wrote {cert} and {key}: {what}, valid until {expires:%Y-%m-%d}")
+
+
+def _certs_ca(args: argparse.Namespace) -> int:
+    """``imxp certs ca``: a self-signed CA in DIR/ca.pem and DIR/ca.key."""
+    cert, key = args.out / "ca.pem", args.out / "ca.key"
+    _writable(args.force, cert, key)
+    try:
+        ca = create_ca(args.name, **_validity(args))
+    except ValueError as e:
+        raise Failed(Exit.USAGE, str(e)) from None
+    ca.write(cert, key)
+    _wrote(ca, cert, key, f"certificate authority {args.name!r}")
+    return Exit.OK
+
+
+def _certs_relay(args: argparse.Namespace) -> int:
+    """``imxp certs relay``: a certificate naming the relay's domain, from the CA in DIR."""
+    cert, key = args.out / "relay.pem", args.out / "relay.key"
+    ca = _load_ca(args.ca)
+    _writable(args.force, cert, key)
+    try:
+        relay = issue_server(ca, args.domain, ips=args.ip, **_validity(args))
+    except ValueError as e:
+        raise Failed(Exit.USAGE, str(e)) from None
+    relay.write(cert, key)
+    _wrote(relay, cert, key, f"relay certificate for {', '.join(args.domain)}")
+    return Exit.OK
+
+
+def _certs_endpoint(args: argparse.Namespace) -> int:
+    """``imxp certs endpoint``: a client certificate for an endpoint, from the CA in DIR."""
+    if "/" in args.identity:
+        raise Failed(Exit.USAGE, "a certificate names an endpoint without a subaddress")
+    cert, key = args.out / f"{args.identity}.pem", args.out / f"{args.identity}.key"
+    ca = _load_ca(args.ca)
+    _writable(args.force, cert, key)
+    try:
+        endpoint = issue_client(ca, args.identity, **_validity(args))
+    except ValueError as e:
+        raise Failed(Exit.USAGE, str(e)) from None
+    endpoint.write(cert, key)
+    _wrote(endpoint, cert, key, f"client certificate for {args.identity}")
+    return Exit.OK
+
+
+# -- users ------------------------------------------------------------------------------------
+
+
+def _user_store(args: argparse.Namespace, *, create: bool = False) -> UserStore:
+    """The user file of ``args`` (--file, or users_file of --config). A missing file reads
+    as empty to the store; here it is an error (likely a wrong path) unless ``create``."""
+    path = args.file if args.file is not None else load(args.config).path("users_file")
+    missing = path.parent if create else path
+    if not missing.exists():
+        raise Failed(Exit.CONFIG, f"{missing} does not exist")
+    return UserStore(path)
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    """``imxp users add NAME``: 1 if the user exists. Makes the file if need be."""
+    store = _user_store(args, create=True)
+    if args.name in store:
+        print(f"imxp: {args.name} is already in {store.path}", file=sys.stderr)
+        return Exit.FAILED
+    password = _password(args.password_file, confirm=True)
+    if password is None:
+        raise _no_password()
+    try:
+        store.add(args.name, password)
+    except UserStoreError as e:  # the name or the password is unacceptable (SASLprep)
+        raise Failed(Exit.USAGE, str(e)) from None
+    print(f"added {args.name} to {store.path}")
+    return Exit.OK
+
+
+def _users_remove(args: argparse.Namespace) -> int:
+    """``imxp users remove NAME``: 1 if there is no such user."""
+    store = _user_store(args)
+    try:
+        store.remove(args.name)
+    except KeyError:
+        print(f"imxp: there is no user {args.name} in {store.path}", file=sys.stderr)
+        return Exit.FAILED
+    print(f"removed {args.name} from {store.path}")
+    return Exit.OK
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    """``imxp users list``: the usernames, one per line."""
+    for name in _user_store(args).usernames():
+        print(name)
+    return Exit.OK
+
+
+# -- route ------------------------------------------------------------------------------------
+
+
+def _config_resolver(config: Config, dns_server: tuple[str, int] | None) -> IResolver | None:
+    """--dns, else the configuration's dns_servers, else None (the system's resolver)."""
+    if dns_server is not None:
+        return _resolver([dns_server])
+    servers = resolver_addresses(config)
+    return _resolver(servers) if servers else None
+
+
+async def _route(reactor: Any, args: argparse.Namespace) -> int:
+    """``imxp route DOMAIN``: Router.describe(); 4 without a route, 5 if DNS failed."""
+    config = load(args.config)
+    resolver = _config_resolver(config, args.dns)
+    if args.edge:
+        # An endpoint finds its relay by SRV alone: the relay's own routes do not apply.
+        router = Router(
+            service=EDGE_SERVICE, default_port=EDGE_PORT, resolver=resolver, clock=reactor
+        )
+    else:
+        router = Router(
+            static_routes=config.routes,
+            smart_host=config.smart_host or None,
+            resolver=resolver,
+            clock=reactor,
+        )
+    print(await router.describe(args.domain))
+    try:
+        await router.route(args.domain)
+    except NoRoute as e:
+        return Exit.UNKNOWN_DOMAIN if e.permanent else Exit.UNREACHABLE
+    return Exit.OK
+
+
+# -- check ------------------------------------------------------------------------------------
+
+# RFC 2606 and RFC 6761 names: development domains that need no SRV records.
+_DEVELOPMENT_SUFFIXES = ("localhost", "test", "example", "invalid", "local")
+
+
+class _Findings:
+    """What ``imxp check`` found, printed as it is found: ``ok:``, ``note:``, ``problem:``."""
+
+    def __init__(self) -> None:
+        self.problems = 0
+
+    def ok(self, text: str) -> None:
+        print(f"ok: {text}", flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"note: {text}", flush=True)
+
+    def problem(self, text: str) -> None:
+        self.problems += 1
+        print(f"problem: {text}", flush=True)
+
+
+async def _check(reactor: Any, args: argparse.Namespace) -> int:
+    """``imxp check``: 0 when all is well, 1 when a problem was found."""
+    found = _Findings()
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        found.problem(f"{e}: correct the configuration file")
+        return Exit.FAILED
+    found.ok(f"configuration {config.source or '(built-in defaults)'} is valid")
+    identity = _check_certificate(config, found)
+    trust = _check_trust(config, found)
+    _check_users(config, found)
+    resolver = _config_resolver(config, args.dns)
+    await _check_srv(config, resolver, reactor, found)
+    await _check_listeners(config, reactor, found)
+    await _check_peers(config, identity, trust, resolver, reactor, found)
+    if found.problems:
+        print(f"{found.problems} problem{'s' if found.problems > 1 else ''} found")
+        return Exit.FAILED
+    print("all good")
+    return Exit.OK
+
+
+def _check_certificate(config: Config, found: _Findings) -> Issued | None:
+    """The relay certificate: readable, names the domain, not expiring, key matching."""
+    cert_path, key_path = config.path("tls_certificate"), config.path("tls_key")
+    domain = config.domain
+    if not cert_path.exists():
+        if config.tls_certificate is None and not key_path.exists():
+            found.note(
+                f"no relay certificate at {cert_path} yet: the relay makes a development "
+                f"certificate for {domain} on first start"
+            )
+        else:
+            found.problem(
+                f"certificate {cert_path} does not exist: set tls_certificate to the PEM file "
+                f"of a certificate for {domain}"
+            )
+        return None
+    try:
+        certificate = load_certificates(cert_path)[0]
+    except (OSError, ValueError) as e:
+        found.problem(f"certificate {cert_path} cannot be read ({e}): put a PEM certificate there")
+        return None
+    try:
+        # The check peers make when they connect to this domain (RFC 6125).
+        verify_certificate_hostname(certificate, domain)
+    except (VerificationError, CertificateError):
+        found.problem(
+            f"certificate {cert_path} does not name {domain}: issue one for {domain} "
+            f"(imxp certs relay --ca CA_DIR --domain {domain} --out DIR)"
+        )
+    else:
+        found.ok(f"certificate {cert_path} names {domain}")
+    left = certificate.not_valid_after_utc - datetime.now(UTC)
+    expires = f"{certificate.not_valid_after_utc:%Y-%m-%d}"
+    if left.total_seconds() <= 0:
+        found.problem(f"certificate {cert_path} expired on {expires}: renew it")
+    elif left < EXPIRY_WARNING:
+        found.problem(
+            f"certificate {cert_path} expires on {expires}, in {left.days} days: renew it now"
+        )
+    else:
+        found.ok(f"certificate {cert_path} is valid until {expires}")
+    if not key_path.exists():
+        found.problem(f"key {key_path} does not exist: set tls_key to the certificate's key")
+        return None
+    try:
+        identity = load_issued(cert_path, key_path)
+    except (OSError, ValueError, TypeError) as e:
+        found.problem(f"key {key_path} is unusable ({e}): set tls_key to the certificate's key")
+        return None
+    found.ok(f"key {key_path} belongs to the certificate")
+    return identity
+
+
+def _check_trust(config: Config, found: _Findings) -> list[x509.Certificate]:
+    """The CAs that peers' certificates must chain to."""
+    roots: list[x509.Certificate] = []
+    for path in config.paths("tls_trust"):
+        if not path.exists():
+            if config.tls_trust:
+                found.problem(f"tls_trust file {path} does not exist: correct tls_trust")
+            else:
+                found.note(f"no development CA at {path} yet: the relay makes one on first start")
+            continue
+        try:
+            roots += load_certificates(path)
+        except (OSError, ValueError) as e:
+            found.problem(f"tls_trust file {path} cannot be read ({e}): list PEM CA files")
+    return roots
+
+
+def _check_users(config: Config, found: _Findings) -> None:
+    """The user file: readable, well-formed, and nobody else's business."""
+    path = config.path("users_file")
+    if not path.exists():
+        if config.users_file is None:
+            found.note(f"no user file at {path} yet: the relay makes an empty one on first start")
+        else:
+            found.problem(f"user file {path} does not exist: create it (imxp users add NAME)")
+        return
+    try:
+        names = UserStore(path).usernames()
+    except (OSError, UserStoreError) as e:
+        found.problem(f"user file {path} cannot be read: {e}")
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        found.problem(
+            f"user file {path} is accessible to group or others (mode {mode:04o}): chmod 600 {path}"
+        )
+    else:
+        found.ok(f"user file {path}: {len(names)} users, mode {mode:04o}")
+    if not names:
+        found.note(f"no users yet: add one with imxp users add NAME --file {path}")
+
+
+def _ports(descriptions: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(description, address to connect to, port) of each TCP-style listener."""
+    result = []
+    for description in descriptions:
+        listener = endpoints.serverFromString(None, description)
+        # TCP and SSL server endpoints keep their port and interface in these attributes;
+        # config.py relies on ``_port`` the same way. Other kinds (unix) have no port.
+        port = getattr(listener, "_port", None)
+        if not isinstance(port, int):
+            continue
+        interface = getattr(listener, "_interface", "") or "0.0.0.0"
+        # A wildcard listener is reached on loopback from here.
+        address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(interface, interface)
+        result.append((description, address, port))
+    return result
+
+
+def _development(domain: str) -> bool:
+    return domain.rsplit(".", 1)[-1] in _DEVELOPMENT_SUFFIXES
+
+
+async def _check_srv(
+    config: Config, resolver: IResolver | None, reactor: Any, found: _Findings
+) -> None:
+    """``_apex-mesh._tcp`` and ``_apex-edge._tcp`` of the domain name this relay's ports."""
+    resolver = resolver or dns_client.createResolver()
+    domain = config.domain
+    for service, listen, option, default in (
+        (MESH_SERVICE, config.mesh_listen, "mesh_listen", MESH_PORT),
+        (EDGE_SERVICE, config.edge_listen, "edge_listen", EDGE_PORT),
+    ):
+        name = f"{service}.{domain}"
+        ports = sorted({port for _d, _a, port in _ports(listen)})
+        listening = ", ".join(map(str, ports)) or "no TCP port"
+        try:
+            answers, _authority, _additional = await resolver.lookupService(name)
+        except (dns_error.DNSNameError, dns_error.AuthoritativeDomainError):
+            answers = []
+        except _DNS_ERRORS as e:
+            found.problem(
+                f"DNS lookup of {name} failed ({_dns_failure(e)}): check dns_servers or the "
+                "system's resolver"
+            )
+            continue
+        records = [rr.payload for rr in answers if rr.type == dns.SRV]
+        if not records:
+            text = f"no SRV record {name}"
+            if _development(domain):
+                found.note(
+                    f"{text}: fine for a development domain, which peers reach by static route"
+                )
+            else:
+                port = ports[0] if ports else default
+                found.problem(
+                    f"{text}: publish `{name}. SRV 0 0 {port} <this relay's host name>.` so "
+                    "that others find this relay"
+                )
+            continue
+        for record in records:
+            target = record.target.name.decode("ascii", "replace").rstrip(".")
+            where = f"SRV {name} -> {target or '.'}:{record.port}"
+            if not target:
+                found.problem(f"{where} says the service is not available: publish a target")
+            elif record.port not in ports:
+                found.problem(
+                    f"{where}, but this relay listens on {listening}: change the record's "
+                    f"port or {option}"
+                )
+            elif not _is_ip(target) and not await _resolves(resolver, target):
+                found.problem(f"{where}, but {target} has no address: publish its A record")
+            else:
+                found.ok(f"{where}, a port this relay listens on")
+
+
+# What a twisted.names lookup fails with: an error answer, or no answer at all.
+_DNS_ERRORS = (dns_error.DomainError, dns_error.AuthoritativeDomainError, defer.TimeoutError)
+
+
+def _dns_failure(e: Exception) -> str:
+    if isinstance(e, defer.TimeoutError | dns_error.DNSQueryTimeoutError):
+        return "timeout"
+    if isinstance(e, dns_error.DNSServerError):
+        return "SERVFAIL"
+    return type(e).__name__
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _resolves(resolver: IResolver, host: str) -> bool:
+    try:
+        await resolver.getHostByName(host)
+    except _DNS_ERRORS:
+        return False
+    return True
+
+
+async def _greeting(
+    reactor: Any, host: str, port: int, resolver: IResolver | None = None
+) -> Session:
+    """A greeted BEEP session to ``host:port``; a host name is resolved through
+    ``resolver`` when given, as the relay resolves its next hops (RFC 2782)."""
+    if resolver is not None and not _is_ip(host):
+        try:
+            host = await resolver.getHostByName(host)
+        except _DNS_ERRORS as e:
+            raise error.DNSLookupError(f"{host}: {_dns_failure(e)}") from None
+    factory = SessionFactory(
+        Role.INITIATOR, [], SessionConfig(greeting_timeout=_PROBE_TIMEOUT, idle_timeout=None)
+    )
+    where = endpoints.HostnameEndpoint(reactor, host, port, timeout=_PROBE_TIMEOUT)
+    session: Session = await where.connect(factory)
+    await session.greeted()
+    return session
+
+
+async def _check_listeners(config: Config, reactor: Any, found: _Findings) -> None:
+    """Each listener answers with a BEEP greeting."""
+    start = "twistd imxp" + (f" --config {config.source}" if config.source else "")
+    for description, address, port in _ports([*config.mesh_listen, *config.edge_listen]):
+        try:
+            session = await _greeting(reactor, address, port)
+        except (error.ConnectError, SessionClosed, BEEPError) as e:
+            found.problem(
+                f"relay not running or not listening on {description} ({address}:{port}: "
+                f"{_short(e)}): start it ({start})"
+            )
+            continue
+        session.disconnect()
+        found.ok(f"a relay answers on {description}")
+
+
+async def _check_peers(
+    config: Config,
+    identity: Issued | None,
+    trust: list[x509.Certificate],
+    resolver: IResolver | None,
+    reactor: Any,
+    found: _Findings,
+) -> None:
+    """Each static route's relay proves its domain over TLS, as the relay will check it."""
+    if not config.routes:
+        return
+    if not trust:
+        found.note("no trust roots to verify peers with: peers not checked")
+        return
+    router = Router(static_routes=config.routes, resolver=resolver, clock=reactor)
+    for key in config.routes:
+        if key.startswith("."):
+            found.note(f"route {key}: each domain below {key[1:]} is checked when used")
+            continue
+        target = (await router.route(key))[0]
+        where = f"peer {key} at {target.host}:{target.port}"
+        try:
+            session = await _greeting(reactor, target.host, target.port, resolver)
+        except (error.ConnectError, error.DNSLookupError, SessionClosed, BEEPError) as e:
+            found.problem(
+                f"{where} unreachable ({_short(e)}): correct the route or start that relay"
+            )
+            continue
+        try:
+            await start_tls(session, client_options(target.tls_name, trust, identity))
+        except SessionClosed as e:
+            found.problem(f"{where}: TLS verification failed: {_tls_failure(e, target.tls_name)}")
+            continue
+        except BEEPError as e:
+            found.problem(f"{where} refused TLS ({e.code} {e.text}): check that relay")
+            session.disconnect()
+            continue
+        session.disconnect()
+        found.ok(f"{where} proves {target.tls_name} (TLS verified)")
+
+
+def _tls_failure(e: SessionClosed, name: str) -> str:
+    """What went wrong in a TLS handshake with a peer relay, and the fix.
+
+    The session only has the reason's text: service_identity's verdict on the name, or
+    OpenSSL's on the chain (ours, or the peer's alert about our certificate).
+    """
+    reason = _short(e).removeprefix("session lost: ")
+    if "Mismatch" in reason:
+        return (
+            f"its certificate does not name {name}: give that relay a certificate for {name}, "
+            "or name the one it has in the route (host:port=name)"
+        )
+    if "certificate verify failed" in reason:
+        return (
+            f"its certificate does not chain to a CA in tls_trust ({reason}): add the CA that "
+            "issued it to tls_trust"
+        )
+    if "alert" in reason:
+        return (
+            f"it refused our certificate ({reason}): have that relay trust the CA of "
+            "tls_certificate"
+        )
+    return f"{reason}: check that relay's certificate and tls_trust"
+
+
+def _short(e: Exception) -> str:
+    """An exception's text, on one line; Twisted's connection errors in a few words."""
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.TimeoutError):
+        return "connection timed out"
+    return " ".join(str(e).split()) or type(e).__name__

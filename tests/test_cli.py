@@ -1,0 +1,394 @@
+"""The ``imxp`` command end to end, through ``python -m imxp`` in a subprocess.
+
+Endpoint commands run against two relays in the test process (a.test with fred and wilma,
+b.test with barney; see tests/clinet.py), found through SRV records of a real DNS server,
+with TLS and SCRAM-SHA-256: the delivery status of each recipient, what a listener prints,
+a chat on a pseudo-terminal, and each error a person can act on with its exit status and
+its one line. Operator commands (certs, users, route, check) run against files in the
+test's directory and the same relays.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from apexnet import attach
+from clinet import Command, Net, start_net, until
+from service_identity.cryptography import verify_certificate_hostname
+from twisted.internet import defer
+
+from imxp.beep.users import UserStore
+from imxp.certs import Issued, client_identity, create_ca, issue_server, load_issued
+from imxp.cli import build_parser
+
+FRED, WILMA, BARNEY = "fred@a.test", "wilma@a.test", "barney@b.test"
+STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]"
+
+
+@pytest_twisted.async_yield_fixture
+async def net(test_ca: Issued, tmp_path: Path) -> AsyncIterator[Net]:
+    running = await start_net(test_ca, tmp_path)
+    yield running
+    await running.close()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_error_line(command: Command) -> str:
+    """The one line a failed command prints: on stderr, ``imxp: ...``, no traceback."""
+    lines = command.err.splitlines()
+    assert len(lines) == 1, command
+    assert lines[0].startswith("imxp: "), command
+    return lines[0]
+
+
+# -- help ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_help_documents_the_exit_codes(net: Net) -> None:
+    command = await net.imxp("--help")
+    assert command.status == 0, command
+    for line in ("3     authentication failed", "4     unknown domain", "7     refused"):
+        assert line in command.out
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["send"],
+        ["listen"],
+        ["chat"],
+        ["certs", "ca"],
+        ["certs", "relay"],
+        ["certs", "endpoint"],
+        ["users", "add"],
+        ["users", "remove"],
+        ["users", "list"],
+        ["route"],
+        ["check"],
+    ],
+)
+def test_every_subcommand_has_help(words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # The parser the entry point uses, in-process: one subprocess per subcommand would
+    # only measure Python's start-up eleven times.
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args([*words, "--help"])
+    assert raised.value.code == 0
+    assert f"usage: imxp {' '.join(words)}" in capsys.readouterr().out
+
+
+# -- send and listen -------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_reports_each_recipient_and_listeners_print_what_arrives(net: Net) -> None:
+    barney = net.spawn("listen", "--as", BARNEY, "--json", "--count", "2")
+    wilma = net.spawn("listen", "--as", WILMA, "--count", "1")
+    await net.attached(BARNEY)
+    await net.attached(WILMA)
+
+    # Across domains and within one, with one recipient that does not exist: exit 1.
+    text = "hello, grüße"
+    first = await net.imxp(
+        "send", "--from", FRED, "--to", BARNEY, "--to", WILMA, "--to", "nobody@b.test", text
+    )
+    assert first.status == 1, first
+    assert first.out.splitlines() == [
+        f"{BARNEY}: delivered (250)",
+        f"{WILMA}: delivered (250)",
+        "nobody@b.test: failed 550 unknown endpoint identity",
+    ]
+    assert first.err == ""
+
+    # Raw content of another type, delivered to everyone: exit 0.
+    content = bytes(range(256))
+    (net.tmp / "blob").write_bytes(content)
+    second = await net.imxp(
+        "send",
+        "--from",
+        FRED,
+        "--to",
+        BARNEY,
+        "--file",
+        "blob",
+        "--type",
+        "application/octet-stream",
+    )
+    assert (second.status, second.out) == (0, f"{BARNEY}: delivered (250)\n"), second
+
+    assert await barney.ended() == 0, barney
+    cpim, raw = (json.loads(line) for line in barney.out.splitlines())
+    assert cpim["originator"] == FRED
+    # The relays hand each recipient its own copy; the message itself names all three.
+    assert cpim["recipients"] == [BARNEY]
+    assert cpim["media_type"] == "message/cpim"
+    assert cpim["cpim"]["body"] == text
+    assert cpim["cpim"]["sender"] == FRED
+    assert cpim["cpim"]["to"] == [BARNEY, WILMA, "nobody@b.test"]
+    assert raw["media_type"] == "application/octet-stream"
+    assert base64.b64decode(raw["body_base64"]) == content
+    assert "body" not in raw
+
+    assert await wilma.ended() == 0, wilma
+    assert re.fullmatch(rf"{STAMP} {FRED}: {text}\n", wilma.out), wilma
+
+
+@pytest_twisted.ensureDeferred
+async def test_listen_exits_cleanly_on_sigterm(net: Net) -> None:
+    listen = net.spawn("listen", "--as", WILMA)
+    await net.attached(WILMA)
+    listen.signal("TERM")
+    assert await listen.ended() == 0, listen
+    assert listen.err == ""
+    relay = net.relays["a.test"].service.relay
+    await until(lambda: not relay.attached, "wilma to be detached")
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_error_has_its_exit_code_and_one_line(net: Net) -> None:
+    other_ca = net.tmp / "other-ca.pem"
+    other_ca.write_bytes(create_ca("not the relays' CA").cert_pem())
+    (net.tmp / "bad.toml").write_text('domain = "a.test"\nmax_hops = "many"\n')
+    send = ("send", "--from", FRED, "--to", BARNEY, "hello")
+    cases = {
+        "wrong password": (3, net.spawn(*send, password="not the password")),
+        "unknown domain": (
+            4,
+            net.spawn("send", "--from", "fred@nowhere.test", "--to", BARNEY, "hello"),
+        ),
+        "unreachable": (5, net.spawn(*send, "--relay", f"127.0.0.1:{closed_port()}")),
+        "TLS": (6, net.spawn(*send, "--ca", str(other_ca))),
+        # fred authenticates, but may not attach as wilma (RFC 3340 §4.5.1): 537.
+        "refused": (7, net.spawn("listen", "--as", WILMA, "--username", "fred")),
+        "bad config": (8, net.spawn("route", "a.test", "--config", "bad.toml")),
+        "usage": (2, net.spawn("send", "--from", FRED, "hello")),
+        "no password": (2, net.spawn(*send, password=None)),
+    }
+    await defer.gatherResults(
+        [defer.ensureDeferred(command.ended()) for _code, command in cases.values()]
+    )
+    for case, (code, command) in cases.items():
+        assert command.status == code, (case, command)
+        assert "Traceback" not in command.err
+        if case != "usage":  # argparse prints its usage text before its one line
+            one_error_line(command)
+            assert command.out == "", (case, command)
+    assert "max_hops" in one_error_line(cases["bad config"][1])
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_on_a_terminal(net: Net) -> None:
+    barney = await attach(net.relays["b.test"], net.ca, BARNEY)
+    chat = net.spawn("chat", "--as", FRED, BARNEY, pty=True)
+    try:
+        await chat.output(f"chatting with {BARNEY}")
+        chat.write(b"hello barney\n")
+        await chat.output("✓ [hello barney]")
+        await barney.wait("data", 1)
+        data = barney.data[0]
+        assert data.originator.identity == FRED
+        assert data.content is not None
+        assert data.content.media_type == "message/cpim"
+        assert b"hello barney" in data.content.body
+
+        # A line arrives while fred could be typing: plain text, as another client sends.
+        await barney.send([FRED], b"hi fred")
+        await chat.output(f"{BARNEY}> hi fred")
+
+        chat.write(b"/quit\n")
+        assert await chat.ended() == 0, chat
+    finally:
+        barney.session.disconnect()
+
+
+# -- certs -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_certs_make_a_ca_relay_and_endpoint_certificates_that_verify(net: Net) -> None:
+    made = await net.imxp("certs", "ca", "--out", "ca", "--name", "Example CA")
+    assert made.status == 0, made
+    relay, endpoint = await defer.gatherResults(
+        [
+            defer.ensureDeferred(
+                net.imxp("certs", "relay", "--ca", "ca", "--domain", "a.test", "--out", "relay")
+            ),
+            defer.ensureDeferred(
+                net.imxp("certs", "endpoint", "--ca", "ca", "--identity", FRED, "--out", "fred")
+            ),
+        ]
+    )
+    assert relay.status == endpoint.status == 0, (relay, endpoint)
+
+    ca = load_issued(net.tmp / "ca/ca.pem", net.tmp / "ca/ca.key")
+    server = load_issued(net.tmp / "relay/relay.pem", net.tmp / "relay/relay.key")
+    client = load_issued(net.tmp / f"fred/{FRED}.pem", net.tmp / f"fred/{FRED}.key")
+    for issued in (server, client):
+        issued.certificate.verify_directly_issued_by(ca.certificate)
+    verify_certificate_hostname(server.certificate, "a.test")
+    assert client_identity(client.certificate) == FRED
+    for key in ("ca/ca.key", "relay/relay.key", f"fred/{FRED}.key"):
+        assert (net.tmp / key).stat().st_mode & 0o777 == 0o600
+
+    # Never overwritten by accident.
+    before = (net.tmp / "relay/relay.pem").read_bytes()
+    again = await net.imxp("certs", "relay", "--ca", "ca", "--domain", "b.test", "--out", "relay")
+    assert again.status == 8
+    assert "already exist" in one_error_line(again)
+    assert (net.tmp / "relay/relay.pem").read_bytes() == before
+    forced = await net.imxp(
+        "certs", "relay", "--ca", "ca", "--domain", "b.test", "--out", "relay", "--force"
+    )
+    assert forced.status == 0, forced
+    replaced = load_issued(net.tmp / "relay/relay.pem", net.tmp / "relay/relay.key")
+    verify_certificate_hostname(replaced.certificate, "b.test")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endpoint_certificate_logs_in_without_a_password(net: Net) -> None:
+    # Issued from the CA the relays trust, it authenticates fred with SASL EXTERNAL.
+    (net.tmp / "ca").mkdir()
+    net.ca.write(net.tmp / "ca/ca.pem", net.tmp / "ca/ca.key")
+    made = await net.imxp("certs", "endpoint", "--ca", "ca", "--identity", FRED, "--out", "fred")
+    assert made.status == 0, made
+    sent = await net.imxp(
+        "send",
+        "--from",
+        FRED,
+        "--to",
+        "nobody@a.test",
+        "--cert",
+        f"fred/{FRED}.pem",
+        "--key",
+        f"fred/{FRED}.key",
+        "hello",
+        password=None,
+    )
+    # Attached and accepted: the relay's report on the one recipient is all that fails.
+    assert (sent.status, sent.out) == (1, "nobody@a.test: failed 550 unknown endpoint identity\n")
+    assert sent.err == ""
+
+
+# -- users -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_add_list_remove_and_a_running_relay_sees_them(net: Net) -> None:
+    # The file a.test's relay is running with.
+    users = str(net.relays["a.test"].users.path)
+    added = await net.imxp("users", "add", "dino", "--file", users, password="yabba dabba")
+    assert added.status == 0, added
+    assert "dino" in UserStore(users)
+    listed = await net.imxp("users", "list", "--file", users)
+    assert listed.out.splitlines() == ["dino", "fred", "wilma"]
+    twice = await net.imxp("users", "add", "dino", "--file", users)
+    assert twice.status == 1, twice
+
+    # The relay accepts dino without a restart: the data is accepted and reported on.
+    sent = await net.imxp(
+        "send", "--from", "dino@a.test", "--to", BARNEY, "hi", password="yabba dabba"
+    )
+    assert (sent.status, sent.out) == (1, f"{BARNEY}: failed 450 endpoint not attached\n"), sent
+
+    removed = await net.imxp("users", "remove", "dino", "--file", users)
+    assert removed.status == 0, removed
+    assert "dino" not in UserStore(users)
+    gone = await net.imxp("users", "remove", "dino", "--file", users)
+    assert gone.status == 1, gone
+
+
+# -- route -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_shows_the_srv_targets(net: Net) -> None:
+    dns = f"127.0.0.1:{net.dns.port}"
+    mesh, edge, nowhere = await defer.gatherResults(
+        [
+            defer.ensureDeferred(net.imxp("route", "b.test", "--dns", dns)),
+            defer.ensureDeferred(net.imxp("route", "b.test", "--edge", "--dns", dns)),
+            defer.ensureDeferred(net.imxp("route", "nowhere.test", "--dns", dns)),
+        ]
+    )
+    b = net.relays["b.test"]
+    assert mesh.status == 0, mesh
+    assert "SRV lookup of _apex-mesh._tcp.b.test" in mesh.out
+    assert f"port {b.port('mesh')} target b.test" in mesh.out
+    assert edge.status == 0, edge
+    assert f"port {b.port('edge')} target b.test" in edge.out
+    assert nowhere.status == 4, nowhere
+    assert "no route (permanent): no such domain" in nowhere.out
+
+
+# -- check -----------------------------------------------------------------------------------
+
+
+def relay_config(net: Net, identity: Issued, *, peer_name: str = "") -> Path:
+    """A configuration for the running a.test relay, with ``identity`` as its certificate
+    and a static route to b.test (whose certificate must name ``peer_name`` if given)."""
+    a, b = net.relays["a.test"], net.relays["b.test"]
+    identity.write(net.tmp / "a.pem", net.tmp / "a.key")
+    path = net.tmp / "a.toml"
+    route = f"127.0.0.1:{b.port('mesh')}" + (f"={peer_name}" if peer_name else "")
+    path.write_text(
+        f"""
+domain = "a.test"
+edge_listen = ["tcp:{a.port("edge")}:interface=127.0.0.1"]
+mesh_listen = ["tcp:{a.port("mesh")}:interface=127.0.0.1"]
+state_dir = "state"
+tls_certificate = "{net.tmp / "a.pem"}"
+tls_key = "{net.tmp / "a.key"}"
+tls_trust = ["{net.ca_file}"]
+users_file = "{a.users.path}"
+
+[routes]
+"b.test" = "{route}"
+"""
+    )
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_says_all_good_for_a_good_relay(net: Net) -> None:
+    config = relay_config(net, net.relays["a.test"].identity)
+    check = await net.imxp("check", "--config", str(config), "--dns", f"127.0.0.1:{net.dns.port}")
+    assert check.status == 0, check
+    assert "problem" not in check.out
+    assert "peer b.test at 127.0.0.1" in check.out
+    assert check.out.endswith("all good\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_reports_each_problem_with_its_fix(net: Net) -> None:
+    config = relay_config(net, issue_server(net.ca, ["c.test"]), peer_name="wrong.test")
+    check = await net.imxp("check", "--config", str(config), "--dns", f"127.0.0.1:{net.dns.port}")
+    assert check.status == 1, check
+    problems = [line for line in check.out.splitlines() if line.startswith("problem: ")]
+    assert problems == [
+        f"problem: certificate {net.tmp / 'a.pem'} does not name a.test: issue one for a.test "
+        "(imxp certs relay --ca CA_DIR --domain a.test --out DIR)",
+        problems[1],
+    ], check.out
+    assert problems[1].startswith("problem: peer b.test at 127.0.0.1:")
+    assert "TLS verification failed" in problems[1]
+    assert "its certificate does not name wrong.test" in problems[1]
+    assert check.out.endswith("2 problems found\n")
