@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest_twisted
 from apexnet import attach, start_relay
+from twisted.internet import reactor
 
-from imxp.certs import Issued
+from imxp.apex.service import build_relay
+from imxp.beep.session import SessionConfig
+from imxp.beep.users import UserStore
+from imxp.certs import Issued, issue_server
 
 
 @pytest_twisted.ensureDeferred
@@ -57,3 +61,21 @@ async def test_a_refusal_in_the_configuration_means_access_denied(
             app.session.disconnect()
     finally:
         await relay.service.stopService()
+
+
+def test_dns_servers_are_the_only_servers_asked(test_ca: Issued, tmp_path: Path) -> None:
+    """`dns_servers` chooses who is asked: not also the system's resolv.conf servers."""
+    service = build_relay(
+        domain="a.test",
+        identity=issue_server(test_ca, ["a.test"]),
+        trust=[test_ca.certificate],
+        users=UserStore(tmp_path / "users"),
+        edge_listen=[],
+        mesh_listen=[],
+        session_config=SessionConfig(),
+        reactor=reactor,
+        dns_servers=[("192.0.2.53", 53)],
+    )
+    resolver = service.relay.router._resolver
+    assert resolver.servers == [("192.0.2.53", 53)]
+    assert not resolver.dynServers

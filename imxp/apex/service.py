@@ -161,7 +161,8 @@ def build_relay(
 ) -> RelayService:
     """Assemble a relay from its ingredients (see :mod:`imxp.config` for each)."""
     if resolver is None and dns_servers:
-        resolver = dns_client.createResolver(servers=list(dns_servers))
+        # Only these servers: createResolver would also ask those of /etc/resolv.conf.
+        resolver = dns_client.Resolver(servers=list(dns_servers), reactor=reactor)
     router = Router(
         static_routes=routes or {},
         smart_host=smart_host or None,
