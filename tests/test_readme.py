@@ -31,3 +31,14 @@ def test_the_beep_layer_example_runs(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "b'HELLO'"
+
+
+def test_the_client_library_example_uses_the_real_api() -> None:
+    """It needs a live relay to run; it must at least compile and import what exists."""
+    (block,) = _python_blocks("Building on imxp: the client library")
+    compile(block, "README.md", "exec")
+    import imxp.client
+
+    assert {"ClientError", "connect"} <= set(dir(imxp.client))
+    client_methods = {"send_message", "incoming", "close"}
+    assert client_methods <= set(dir(imxp.client.Client))
