@@ -79,3 +79,42 @@ def test_dns_servers_are_the_only_servers_asked(test_ca: Issued, tmp_path: Path)
     resolver = service.relay.router._resolver
     assert resolver.servers == [("192.0.2.53", 53)]
     assert not resolver.dynServers
+
+
+@pytest_twisted.ensureDeferred
+async def test_recipients_with_the_same_next_hop_travel_in_one_data(
+    test_ca: Issued, tmp_path: Path
+) -> None:
+    """§4.4.4.1 step 5.2: b.test and c.test both go to a's smart host, b's relay, which
+    proves the one name a expects of it: one data there, with both recipients. (Static
+    routes expect a certificate for each destination domain: different next hops.)"""
+    b = await start_relay(
+        "b.test",
+        test_ca,
+        tmp_path,
+        identity=issue_server(test_ca, ["b.test"], ips=["127.0.0.1"]),
+        users=("barney",),
+        routes={"c.test": "127.0.0.1:1"},
+        delivery_timeout=0.5,
+    )
+    smart_host = f"127.0.0.1:{b.port('mesh')}"
+    a = await start_relay("a.test", test_ca, tmp_path, users=("fred",), smart_host=smart_host)
+    seen: list[list[str]] = []
+    accept = b.service.relay.data
+
+    def counting(channel, data):  # type: ignore[no-untyped-def]
+        seen.append([r.identity for r in data.recipients])
+        return accept(channel, data)
+
+    b.service.relay.data = counting  # type: ignore[method-assign]
+    try:
+        fred = await attach(a, test_ca, "fred@a.test")
+        barney = await attach(b, test_ca, "barney@b.test")
+        await fred.send(["barney@b.test", "betty@c.test"], b"together")
+        await barney.wait("data", 1)
+        assert seen == [["barney@b.test", "betty@c.test"]]
+        for app in (fred, barney):
+            app.session.disconnect()
+    finally:
+        await a.service.stopService()
+        await b.service.stopService()

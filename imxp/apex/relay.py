@@ -32,7 +32,7 @@ from imxp.apex import wire
 from imxp.apex.address import AddressError, Endpoint
 from imxp.apex.peers import PeerPool, Verdict
 from imxp.apex.policy import AccessPolicy
-from imxp.apex.routing import NoRoute, Router
+from imxp.apex.routing import NoRoute, Router, Target
 from imxp.apex.services.report import ReportService
 from imxp.beep import mgmt
 from imxp.beep.message import Message
@@ -87,6 +87,10 @@ class APEXChannel(ChannelHandler):
 
     def channel_closed(self, reason: Failure | None) -> None:
         self.relay.channel_gone(self)
+
+    def keeps_session_open(self) -> bool:
+        # An attached application may wait quietly for data for hours.
+        return bool(self.attachments or self.bindings)
 
     @property
     def peer(self) -> str:
@@ -296,7 +300,8 @@ class Relay:
             else:
                 remote.setdefault(endpoint.domain, []).append((recipient, endpoint))
         work = [self._deliver(journey, recipient, endpoint) for recipient, endpoint in local]
-        work += [self._forward(journey, domain, group) for domain, group in remote.items()]
+        if remote:
+            work.append(self._forward_remote(journey, remote))
         await defer.gatherResults([defer.ensureDeferred(w) for w in work])
         self._send_reports(journey)
 
@@ -330,14 +335,55 @@ class Relay:
             return self.reports.accept(journey.data)
         return 550, f"no service {endpoint.address} at {self.domain}"
 
+    async def _forward_remote(
+        self, journey: _Journey, remote: dict[str, list[tuple[wire.Recipient, Endpoint]]]
+    ) -> None:
+        """§4.4.4.1 step 5.2: recipients whose domains have the same next hops travel
+        together, in one data per next hop."""
+        domains = list(remote)
+        routes = await defer.gatherResults(
+            [defer.ensureDeferred(self._route(journey, d, remote[d])) for d in domains]
+        )
+        hops: dict[frozenset[Target], tuple[list[Target], list[str], list[wire.Recipient]]] = {}
+        for domain, targets in zip(domains, routes, strict=True):
+            if targets is None:
+                continue
+            _, names, recipients = hops.setdefault(frozenset(targets), (targets, [], []))
+            names.append(domain)
+            recipients.extend(recipient for recipient, _ in remote[domain])
+        await defer.gatherResults(
+            [
+                defer.ensureDeferred(self._forward(journey, targets, ", ".join(names), recipients))
+                for targets, names, recipients in hops.values()
+            ]
+        )
+
+    async def _route(
+        self, journey: _Journey, domain: str, group: list[tuple[wire.Recipient, Endpoint]]
+    ) -> list[Target] | None:
+        """The next hops for ``domain``; without any, its recipients' verdicts."""
+        try:
+            return await self.router.route(domain)
+        except NoRoute as e:
+            code = 550 if e.permanent else 451
+            for recipient, _ in group:
+                self._verdict(
+                    journey,
+                    recipient.identity,
+                    code,
+                    f"no route to {domain}: {e.reason}",
+                    final=True,
+                )
+            return None
+
     async def _forward(
         self,
         journey: _Journey,
+        targets: list[Target],
         domain: str,
-        group: list[tuple[wire.Recipient, Endpoint]],
+        recipients: list[wire.Recipient],
     ) -> None:
-        """§4.4.4.1 step 5.2: one data per next hop with its recipients."""
-        recipients = [recipient for recipient, _ in group]
+        """Hand one data with ``recipients`` to the first of ``targets`` that takes it."""
         options = [o for o in journey.data.options if apex_options.forwarded(o)]
         hopping = apex_options.data_hopping(options)
         if hopping is not None:
@@ -373,19 +419,6 @@ class Relay:
             ),
             options=options,
         )
-        try:
-            targets = await self.router.route(domain)
-        except NoRoute as e:
-            code = 550 if e.permanent else 451
-            for recipient in recipients:
-                self._verdict(
-                    journey,
-                    recipient.identity,
-                    code,
-                    f"no route to {domain}: {e.reason}",
-                    final=True,
-                )
-            return
         deadline = self.clock.seconds() + self.delivery_timeout
         verdict = await self.pool.send(targets, wire.encode(data), deadline)
         text = f"relayed to {domain}" if verdict.ok else verdict.text
