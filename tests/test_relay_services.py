@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from apexnet import attach, start_relay
 from twisted.internet import reactor
 
+from imxp.apex import wire
 from imxp.apex.service import build_relay
-from imxp.beep.session import SessionConfig
+from imxp.beep.session import (
+    BEEPError,
+    SessionConfig,
+)
 from imxp.beep.users import UserStore
 from imxp.certs import Issued, issue_server
 
@@ -118,3 +123,32 @@ async def test_recipients_with_the_same_next_hop_travel_in_one_data(
     finally:
         await a.service.stopService()
         await b.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminate_by_transid_and_zero(test_ca: Issued, tmp_path: Path) -> None:
+    """§4.4.3: terminate ends the attachment its transID made (550 for an unknown one);
+    transID 0 ends every attachment of the channel. Data then finds nobody attached."""
+    relay = await start_relay("a.test", test_ca, tmp_path, users=("fred", "wilma"))
+    try:
+        fred = await attach(relay, test_ca, "fred@a.test")
+        wilma = await attach(relay, test_ca, "wilma@a.test")
+        # A second attachment on fred's channel: a subaddress, transID 2.
+        reply = await fred.channel.send(wire.encode(wire.Attach("fred/appl=im@a.test", 2)))
+        assert isinstance(wire.decode(reply), wire.OK)
+        with pytest.raises(BEEPError) as unknown:
+            await fred.channel.send(wire.encode(wire.Terminate(13)))
+        assert unknown.value.code == 550
+        await fred.channel.send(wire.encode(wire.Terminate(2)))
+        trans_id = await wilma.send(["fred/appl=im@a.test", "fred@a.test"])
+        await wilma.wait("reports", 1)
+        assert wilma.outcomes()[(trans_id, "fred/appl=im@a.test")][0][0] == 450
+        assert wilma.outcomes()[(trans_id, "fred@a.test")][0][0] == 250
+        await fred.channel.send(wire.encode(wire.Terminate(0)))
+        again = await wilma.send(["fred@a.test"])
+        await wilma.wait("reports", 2)
+        assert wilma.outcomes()[(again, "fred@a.test")][0][0] == 450
+        for app in (fred, wilma):
+            app.session.disconnect()
+    finally:
+        await relay.service.stopService()
