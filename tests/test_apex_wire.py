@@ -654,6 +654,7 @@ PARTIES = "<originator identity='a@example.com'/><recipient identity='b@example.
         ("<attach endpoint='fred@example.com' transID='99999999999' />", 501),
         ("<terminate transID='2147483648' />", 501),
         ("<attach endpoint='fred@example.com' transID='1'>text</attach>", 501),
+        ("<attach endpoint='fred@example.com' transID='1'>\u00a0</attach>", 501),  # not XML S
         ("<attach endpoint='fred@example.com' transID='1'><x/></attach>", 501),
         # Bad identities: 553.
         ("<attach endpoint='fred' transID='1' />", 553),
