@@ -30,13 +30,13 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, NoReturn
+from typing import Literal
 from urllib.parse import quote, unquote
-from xml.etree.ElementTree import Element, TreeBuilder
-from xml.parsers import expat
+from xml.etree.ElementTree import Element
 from xml.sax.saxutils import escape, quoteattr
 
 from imxp.apex.address import AddressError, Endpoint, normalise_domain, report_endpoint
+from imxp.beep import xmlsafe
 from imxp.beep.message import Message, MessageError
 
 __all__ = [
@@ -343,41 +343,27 @@ class _Parts:
 _NO_PARTS = _Parts({}, None)
 
 
-def _refuse_dtd(*_args: object) -> NoReturn:
-    raise APEXError(500, "document type declarations and entities are not allowed")
-
-
 def _parse(xml: bytes) -> tuple[Element, _Spans]:
-    """Parse a control document the way :mod:`imxp.beep.xmlsafe` does, also noting where
+    """Parse a control document with :func:`imxp.beep.xmlsafe.parse`, noting where
     each ``option`` and ``data-content`` element lies in ``xml``.
 
     A span is (start of the start tag, end of the start tag, start of the end
     tag, end of the end tag); an empty-element tag has the last three equal.
+    §4.1: the XML is UTF-8.
     """
-    if len(xml) > MAX_XML:
-        raise APEXError(500, f"control document of {len(xml)} octets exceeds {MAX_XML}")
-    # Forcing UTF-8 (§4.1: the XML is UTF-8) also keeps expat from looking up
-    # whatever codec a hostile XML declaration names.
-    parser = expat.ParserCreate("UTF-8")
-    builder = TreeBuilder()
     spans: _Spans = {}
     # One entry per open element: where its start tag lies, if it is kept verbatim.
     stack: list[tuple[int, int] | None] = []
 
-    def start(tag: str, attrs: dict[str, str]) -> None:
-        if len(stack) >= MAX_DEPTH:
-            raise APEXError(500, f"XML nested deeper than {MAX_DEPTH}")
-        builder.start(tag, attrs)
+    def start(tag: str, at: int) -> None:
         if tag in _VERBATIM:
-            at = parser.CurrentByteIndex
             tag_match = _TAG.match(xml, at)
             assert tag_match is not None  # expat has just accepted this tag
             stack.append((at, tag_match.end()))
         else:
             stack.append(None)
 
-    def end(tag: str) -> None:
-        element = builder.end(tag)
+    def end(element: Element, close: int) -> None:
         opened = stack.pop()
         if opened is None:
             return
@@ -385,30 +371,15 @@ def _parse(xml: bytes) -> tuple[Element, _Spans]:
         if xml[inner - 2 : inner] == b"/>":
             spans[element] = (at, inner, inner, inner)
         else:
-            close = parser.CurrentByteIndex
             spans[element] = (at, inner, close, xml.index(b">", close) + 1)
 
-    def declaration(_version: str, encoding: str | None, _standalone: int) -> None:
-        if encoding is not None and encoding.lower() != "utf-8":
-            raise APEXError(500, f"the XML must be UTF-8, not {encoding[:32]}")
-
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = builder.data
-    parser.XmlDeclHandler = declaration
-    parser.StartDoctypeDeclHandler = _refuse_dtd
-    parser.EntityDeclHandler = _refuse_dtd
-    parser.UnparsedEntityDeclHandler = _refuse_dtd
-    parser.ExternalEntityRefHandler = _refuse_dtd
-    parser.buffer_text = True
     try:
-        parser.Parse(xml, True)
-        return builder.close(), spans
-    except expat.ExpatError as e:
-        raise APEXError(500, f"poorly formed XML: {e}") from None
-    except (AssertionError, IndexError):
-        # TreeBuilder.close() asserts on an empty document.
-        raise APEXError(500, "poorly formed XML: no root element") from None
+        root = xmlsafe.parse(
+            xml, max_size=MAX_XML, max_depth=MAX_DEPTH, utf8_only=True, on_start=start, on_end=end
+        )
+    except xmlsafe.XMLError as e:
+        raise APEXError(500, str(e)) from None
+    return root, spans
 
 
 # --------------------------------------------------------------------------- validation

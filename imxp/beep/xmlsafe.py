@@ -8,6 +8,7 @@ depth are bounded too. The result is an :class:`xml.etree.ElementTree.Element`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NoReturn
 from xml.etree.ElementTree import Element, TreeBuilder
 from xml.parsers import expat
@@ -23,11 +24,24 @@ class XMLError(ValueError):
 
 
 def parse(
-    data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH
+    data: bytes,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    utf8_only: bool = False,
+    on_start: Callable[[str, int], None] | None = None,
+    on_end: Callable[[Element, int], None] | None = None,
 ) -> Element:
+    """Parse ``data`` into an element tree, refusing anything hostile.
+
+    ``utf8_only`` refuses a declaration of any other encoding (a protocol that
+    fixes UTF-8 also keeps expat from looking up whatever codec a peer names).
+    ``on_start`` and ``on_end`` see each element with the byte offset expat is
+    at, for callers that keep parts of the document verbatim.
+    """
     if len(data) > max_size:
         raise XMLError(f"XML of {len(data)} octets exceeds the limit of {max_size}")
-    parser = expat.ParserCreate()
+    parser = expat.ParserCreate("UTF-8" if utf8_only else None)
     builder = TreeBuilder()
     depth = 0
 
@@ -37,11 +51,19 @@ def parse(
         if depth > max_depth:
             raise XMLError(f"XML nested deeper than {max_depth}")
         builder.start(tag, attrs)
+        if on_start is not None:
+            on_start(tag, parser.CurrentByteIndex)
 
     def end(tag: str) -> None:
         nonlocal depth
         depth -= 1
-        builder.end(tag)
+        element = builder.end(tag)
+        if on_end is not None:
+            on_end(element, parser.CurrentByteIndex)
+
+    def declaration(_version: str, encoding: str | None, _standalone: int) -> None:
+        if encoding is not None and encoding.lower() != "utf-8":
+            raise XMLError(f"the XML must be UTF-8, not {encoding[:32]}")
 
     def refuse(*_args: object) -> NoReturn:
         raise XMLError("document type declarations and entities are not allowed")
@@ -49,6 +71,8 @@ def parse(
     parser.StartElementHandler = start
     parser.EndElementHandler = end
     parser.CharacterDataHandler = builder.data
+    if utf8_only:
+        parser.XmlDeclHandler = declaration
     parser.StartDoctypeDeclHandler = refuse
     parser.EntityDeclHandler = refuse
     parser.UnparsedEntityDeclHandler = refuse
