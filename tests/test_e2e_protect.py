@@ -1,0 +1,373 @@
+"""Protected instant messages end to end (RFC 3923's model): a whole message/cpim signed,
+encrypted or both with OpenPGP or S/MIME, carried as APEX content, opened and judged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_e2e_pgp import make_keyrings, stop_agents
+
+from imxp.apex import wire
+from imxp.beep.message import Message
+from imxp.certs import Issued, create_ca
+from imxp.e2e import cpim, smime
+from imxp.e2e.pgp import OpenPGP
+from imxp.e2e.protect import (
+    CPIM_ENTITY_HEADER,
+    E2EError,
+    Keys,
+    ReplayCache,
+    Report,
+    open_message,
+    protect_cpim,
+)
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+MODES = ["sign", "encrypt", "sign+encrypt"]
+SCHEMES = ["pgp", "smime"]
+
+
+@pytest.fixture(scope="module")
+def keyrings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    people = make_keyrings(
+        tmp_path_factory.mktemp("gpg"),
+        {
+            "fred@a.test": ["barney@b.test"],
+            "barney@b.test": ["fred@a.test", "mallory@a.test"],
+            "mallory@a.test": ["fred@a.test", "barney@b.test"],
+        },
+    )
+    yield {address: person.home for address, person in people.items()}
+    stop_agents(people)
+
+
+@pytest.fixture(scope="module")
+def ca() -> Issued:
+    return create_ca("imxp e2e test CA")
+
+
+@pytest.fixture(scope="module")
+def certs(ca: Issued) -> dict[str, Issued]:
+    return {
+        address: smime.issue_smime(ca, address, rsa_bits=2048)
+        for address in ("fred@a.test", "barney@b.test", "mallory@a.test")
+    }
+
+
+@pytest.fixture(scope="module")
+def keys(keyrings: dict[str, Path], certs: dict[str, Issued], ca: Issued) -> dict[str, Keys]:
+    """Each person's keys: their keyring, their certificate, the CA as trust anchor."""
+    return {
+        address: Keys(pgp=OpenPGP(home), smime=certs[address], trust=(ca.certificate,))
+        for address, home in keyrings.items()
+    }
+
+
+def message(sender: str = "fred@a.test", date: datetime = NOW, text: str = "Yabba!") -> bytes:
+    return cpim.build(cpim.text_message(sender, ["barney@b.test"], text, date=date))
+
+
+def protect(
+    keys: dict[str, Keys],
+    certs: dict[str, Issued],
+    scheme: str,
+    mode: str,
+    content: bytes,
+    signer: str = "fred@a.test",
+) -> tuple[str, bytes]:
+    recipients = [certs["barney@b.test"].certificate] if scheme == "smime" else None
+    return protect_cpim(
+        content,
+        mode,  # type: ignore[arg-type]
+        scheme,  # type: ignore[arg-type]
+        keys[signer],
+        recipients=recipients,
+        signer=signer if scheme == "pgp" else None,
+    )
+
+
+def over_apex(content_type: str, body: bytes) -> tuple[str, bytes]:
+    """What a recipient gets after the content crossed relays: encoded as an APEX data and
+    decoded again (RFC 3340 §4.1), its full Content-Type read back from the part."""
+    data = wire.Data(
+        wire.Originator("fred@a.test"),
+        [wire.Recipient("barney@b.test")],
+        content=wire.Content.from_bytes(body, content_type),
+    )
+    decoded = wire.decode(Message.from_payload(wire.encode(data).to_payload()))
+    assert isinstance(decoded, wire.Data) and decoded.content is not None
+    headers = dict((name.lower(), value) for name, value in decoded.content.headers)
+    return headers["content-type"], decoded.content.body
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+# -- round trips ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_each_mode_round_trips(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str, mode: str
+) -> None:
+    content = message()
+    content_type, body = protect(keys, certs, scheme, mode, content)
+    received_type, received = over_apex(content_type, body)
+    assert received == body  # relays carry it byte for byte
+
+    report = open_message(received_type, received, keys["barney@b.test"], now=NOW)
+    assert report.scheme == scheme
+    assert report.presentable, report.problems
+    assert report.problems == []
+    assert report.encrypted is (mode != "sign")
+    if mode == "encrypt":
+        assert (report.status, report.signer) == ("encrypted-and-decrypted", None)
+    else:
+        assert (report.status, report.signer) == ("signed-and-verified", "fred@a.test")
+    assert report.cpim is not None
+    assert (report.cpim.sender, report.cpim.to, report.cpim.text()) == (
+        "fred@a.test",
+        ["barney@b.test"],
+        "Yabba!",
+    )
+    assert report.entity == CPIM_ENTITY_HEADER + content
+    if mode != "sign":
+        # RFC 3923 §3.1: the CPIM headers are protected too, not just the text.
+        assert b"Yabba" not in body and b"fred@a.test" not in body
+
+
+def test_pgp_defaults_to_cpim_from_and_recipients(keys: dict[str, Keys]) -> None:
+    content = cpim.build(
+        cpim.text_message("fred/appl=im@a.test", ["barney/appl=im@b.test"], "hi", date=NOW)
+    )
+    content_type, body = protect_cpim(content, "sign+encrypt", "pgp", keys["fred@a.test"])
+    report = open_message(content_type, body, keys["barney@b.test"], now=NOW)
+    assert (report.status, report.signer, report.presentable) == (
+        "signed-and-verified",
+        "fred@a.test",
+        True,
+    )
+
+
+def test_plain_messages(keys: dict[str, Keys]) -> None:
+    report = open_message("message/cpim", message(), keys["barney@b.test"], now=NOW)
+    assert (report.status, report.presentable, report.signer) == ("plain", True, None)
+    assert report.cpim is not None and report.cpim.text() == "Yabba!"
+
+    report = open_message("text/plain; charset=utf-8", b"hi", keys["barney@b.test"], now=NOW)
+    assert (report.status, report.presentable, report.cpim) == ("plain", True, None)
+
+    report = open_message("message/cpim", b"From: nobody\r\n\r\n", Keys(), now=NOW)
+    assert not report.presentable
+    assert report.problems[0].startswith("malformed message/cpim")
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sign", "sign+encrypt"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_signer_who_is_not_the_from_is_refused(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str, mode: str
+) -> None:
+    """Mallory's signature is good, but the message claims to be from Fred."""
+    content_type, body = protect(keys, certs, scheme, mode, message(), signer="mallory@a.test")
+    report = open_message(content_type, body, keys["barney@b.test"], now=NOW)
+    assert (report.status, report.signer) == ("signed-and-verified", "mallory@a.test")
+    assert not report.presentable
+    assert report.problems == ["signer mallory@a.test is not the From fred@a.test"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_signed_message_passed_on_to_another_recipient_is_refused(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str
+) -> None:
+    """Fred signed it for Barney; Barney re-encrypts it, still signed, to Mallory."""
+    content_type, body = protect(keys, certs, scheme, "sign", message())
+    report = open_message(
+        content_type, body, keys["mallory@a.test"], now=NOW, recipient="mallory@a.test"
+    )
+    assert (report.status, report.signer, report.presentable) == (
+        "signed-and-verified",
+        "fred@a.test",
+        False,
+    )
+    assert report.problems[0].startswith("not addressed to mallory@a.test (To/cc: barney@b.test)")
+    to_barney = open_message(
+        content_type, body, keys["barney@b.test"], now=NOW, recipient="barney/appl=im@b.test"
+    )
+    assert to_barney.presentable, to_barney.problems
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_subaddress_of_the_signer_may_send(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str
+) -> None:
+    """RFC 3923 §6.3 ignores the resource; an APEX subaddress is its kin."""
+    content = message(sender="fred/appl=im@a.test")
+    content_type, body = protect(keys, certs, scheme, "sign", content)
+    report = open_message(content_type, body, keys["barney@b.test"], now=NOW)
+    assert report.presentable, report.problems
+    assert report.cpim is not None and report.cpim.sender == "fred/appl=im@a.test"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_old_and_future_datetimes_are_refused(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str
+) -> None:
+    old = message(date=NOW - timedelta(minutes=6))  # RFC 3923 §6.9: within five minutes
+    content_type, body = protect(keys, certs, scheme, "sign", old)
+    report = open_message(content_type, body, keys["barney@b.test"], now=NOW)
+    assert report.status == "signed-and-verified"
+    assert not report.presentable
+    assert report.problems[0].startswith("stale or replayed: DateTime ")
+
+    # The same message is fine within a wider window, e.g. after a relay held it.
+    wide = open_message(
+        content_type, body, keys["barney@b.test"], now=NOW, window=timedelta(hours=1)
+    )
+    assert wide.presentable
+
+    future = message(date=NOW + timedelta(minutes=6))
+    content_type, body = protect(keys, certs, scheme, "sign", future)
+    report = open_message(content_type, body, keys["barney@b.test"], now=NOW)
+    assert not report.presentable
+    assert "in the future" in report.problems[0]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_exact_replay_within_the_window_is_refused(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str
+) -> None:
+    content_type, body = protect(keys, certs, scheme, "sign+encrypt", message())
+    replays = ReplayCache()
+    first = open_message(content_type, body, keys["barney@b.test"], now=NOW, replays=replays)
+    assert first.presentable
+    again = open_message(content_type, body, keys["barney@b.test"], now=NOW, replays=replays)
+    assert not again.presentable
+    assert again.problems[0].startswith("replayed: the same message from fred@a.test")
+    # A new message from the same sender in the same second is not a replay.
+    other_type, other = protect(keys, certs, scheme, "sign", message(text="again"))
+    assert open_message(
+        other_type, other, keys["barney@b.test"], now=NOW, replays=replays
+    ).presentable
+
+
+def test_replay_cache_is_bounded() -> None:
+    cache = ReplayCache(size=2)
+    window = timedelta(minutes=5)
+    assert not cache.seen(b"stale", NOW - timedelta(minutes=10), NOW, window)
+    assert not cache.seen(b"a", NOW, NOW, window)
+    assert not cache.seen(b"b", NOW, NOW, window)  # full: the stale entry makes room
+    assert len(cache) == 2
+    assert cache.seen(b"a", NOW, NOW, window)
+    assert not cache.seen(b"c", NOW, NOW, window)  # full: the oldest goes
+    assert len(cache) == 2
+    assert not cache.seen(b"a", NOW, NOW, window)
+    with pytest.raises(ValueError):
+        ReplayCache(size=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_one_flipped_byte_on_the_wire_is_detected(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str, mode: str
+) -> None:
+    content_type, body = protect(keys, certs, scheme, mode, message())
+    # In the signed text itself, or in the middle of the ciphertext.
+    at = body.index(b"Yabba") if mode == "sign" else len(body) // 2
+    report = open_message(content_type, flip(body, at), keys["barney@b.test"], now=NOW)
+    assert report.status in ("signed-but-bad", "cannot-decrypt")
+    assert not report.presentable
+    assert len(report.problems) == 1
+    assert report.cpim is None and report.entity == b""
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_wrong_key_fails_cleanly(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str
+) -> None:
+    content_type, body = protect(keys, certs, scheme, "encrypt", message())
+    report = open_message(content_type, body, keys["mallory@a.test"], now=NOW)
+    assert (report.status, report.presentable, report.cpim) == ("cannot-decrypt", False, None)
+    assert report.problems[0].startswith("cannot decrypt: ")
+    # And without any key at all.
+    report = open_message(content_type, body, Keys(), now=NOW)
+    assert (report.status, report.presentable) == ("cannot-decrypt", False)
+
+
+def test_missing_keys_on_receipt(keys: dict[str, Keys], certs: dict[str, Issued]) -> None:
+    content_type, body = protect(keys, certs, "pgp", "sign", message())
+    report = open_message(content_type, body, Keys(), now=NOW)
+    assert (report.status, report.presentable) == ("signed-but-bad", False)
+    assert "no OpenPGP keyring" in report.problems[0]
+    content_type, body = protect(keys, certs, "smime", "sign", message())
+    report = open_message(content_type, body, Keys(), now=NOW)
+    assert (report.status, report.presentable) == ("signed-but-bad", False)
+
+
+def test_protected_content_must_be_cpim(certs: dict[str, Issued], ca: Issued) -> None:
+    """A signature over a bare text protects no sender and no date."""
+    signed = smime.sign(
+        b"Content-Type: text/plain\r\n\r\nI am Fred, trust me", certs["fred@a.test"]
+    )
+    head, _, body = signed.partition(b"\r\n\r\n")
+    content_type = head.decode().removeprefix("Content-Type: ")
+    report = open_message(content_type, body, Keys(trust=(ca.certificate,)), now=NOW)
+    assert report.status == "signed-and-verified"
+    assert not report.presentable
+    assert "not message/cpim" in report.problems[0]
+
+
+def test_sender_errors(keys: dict[str, Keys], certs: dict[str, Issued]) -> None:
+    fred = keys["fred@a.test"]
+    with pytest.raises(ValueError, match="mode"):
+        protect_cpim(message(), "shout", "pgp", fred)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scheme"):
+        protect_cpim(message(), "sign", "rot13", fred)  # type: ignore[arg-type]
+    with pytest.raises(E2EError, match="keyring"):
+        protect_cpim(message(), "sign", "pgp", Keys())
+    with pytest.raises(E2EError, match="recipients' certificates"):
+        protect_cpim(message(), "encrypt", "smime", fred)
+    with pytest.raises(E2EError, match="recipients' certificates"):
+        protect_cpim(message(), "encrypt", "smime", fred, recipients=["barney@b.test"])
+    with pytest.raises(E2EError, match="S/MIME certificate"):
+        protect_cpim(message(), "sign", "smime", Keys())
+    with pytest.raises(E2EError, match="sender and recipients"):
+        protect_cpim(b"not cpim", "encrypt", "pgp", fred)
+
+
+def test_now_must_be_timezone_aware(keys: dict[str, Keys]) -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        open_message("message/cpim", message(), keys["barney@b.test"], now=datetime.now())
+
+
+JUNK_TYPES = [
+    "multipart/signed",
+    'multipart/signed; protocol="application/pgp-signature"; boundary=x',
+    'multipart/signed; protocol="application/pkcs7-signature"; boundary=x',
+    'multipart/encrypted; protocol="application/pgp-encrypted"; boundary=x',
+    "application/pkcs7-mime; smime-type=enveloped-data",
+    "message/cpim",
+    "text/plain",
+    "bad\r\ninjected: header",
+    ";;;",
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(content_type=st.sampled_from(JUNK_TYPES), body=st.binary(max_size=200))
+def test_junk_is_reported_never_raised(
+    keys: dict[str, Keys], content_type: str, body: bytes
+) -> None:
+    report = open_message(content_type, body, keys["barney@b.test"], now=NOW)
+    assert isinstance(report, Report)
+    if report.status != "plain":
+        assert not report.presentable and report.problems
