@@ -71,7 +71,7 @@ def make_keyrings(base: Path, knows: dict[str, list[str]]) -> dict[str, Person]:
 def stop_agents(people: dict[str, Person]) -> None:
     for person in people.values():
         subprocess.run(
-            ["gpgconf", "--homedir", str(person.home), "--kill", "gpg-agent"],
+            ["gpgconf", "--homedir", str(person.home), "--kill", "all"],
             capture_output=True,
             check=False,
         )
