@@ -10,6 +10,7 @@ attach, then data both ways, as RFC 3340's endpoint-relay mode describes.
 from __future__ import annotations
 
 import itertools
+import random
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,19 +47,38 @@ _trans_ids = itertools.count(1000)
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` loopback ports free right now, for relays whose static routes must name
-    each other's ports before any of them listens (a route cycle: A -> B -> A).
+    """``count`` distinct loopback ports free right now, for relays whose static routes
+    must name each other's ports before any of them listens (a route cycle: A -> B -> A),
+    or that restart on the port they had.
 
-    All are bound at once so that they differ; another process could still take one
-    before the relay does, which on a test machine is unlikely enough.
+    They are taken below the system's ephemeral range: an outgoing connection (of this
+    process or any other) never gets one as its local port, so a relay that stops and
+    starts again finds its port still free, and a peer reconnecting meanwhile cannot
+    connect to itself through it (TCP simultaneous open). Another listener could still
+    take one first, which on a test machine is unlikely enough.
     """
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        ephemeral = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    rng = random.Random()
+    ports: list[int] = []
+    held: list[socket.socket] = []
+    try:
+        while len(ports) < count:
+            port = rng.randrange(10000, max(ephemeral, 10000 + 10 * count))
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            ports.append(port)
+        return ports
     finally:
-        for s in sockets:
+        for s in held:
             s.close()
 
 

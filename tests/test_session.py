@@ -723,6 +723,21 @@ def test_idle_timeout_spares_a_busy_session():
     assert pair.closed["L"]
 
 
+def test_idle_timeout_spares_a_session_its_profile_keeps_open():
+    """An application attached and waiting for data is quiet, not idle."""
+    config = SessionConfig(idle_timeout=60)
+    pair, profile, _channel = echo_pair(listener_config=config)
+    handler = profile.handlers[0]
+    handler.keeps_session_open = lambda: True  # type: ignore[method-assign]
+    pair.clock.advance(300)
+    pair.flush()
+    assert not pair.closed["L"]
+    handler.keeps_session_open = lambda: False  # type: ignore[method-assign]
+    pair.clock.advance(61)
+    pair.flush()
+    assert pair.closed["L"]
+
+
 def test_activity_postpones_the_idle_timeout():
     config = SessionConfig(idle_timeout=60)
     pair, _profile, channel = echo_pair(listener_config=config)

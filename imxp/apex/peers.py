@@ -7,7 +7,10 @@ answered with the next hop's verdict. Temporary trouble (no connection, a 4xx
 answer) is retried with backoff until the delivery deadline, since nothing was
 accepted; a session lost while our data awaits its answer is not retried,
 because the next hop may have taken it: that outcome is reported as unknown
-rather than risking a second delivery.
+rather than risking a second delivery - unless not one octet of it had been
+written (:class:`~imxp.beep.session.NotSent`), which is retried. A next hop
+that is going away (421, or closing the session) gets nothing more on that
+session, so that its release completes with every data on it answered.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from twisted.python.failure import Failure
 
 from imxp.apex.routing import Target
 from imxp.beep.message import Message
-from imxp.beep.session import BEEPError, Channel, Session, SessionClosed
+from imxp.beep.session import BEEPError, Channel, NotSent, Session, SessionClosed
 
 __all__ = ["Link", "LinkFailed", "PeerPool", "Verdict"]
 
@@ -82,7 +85,9 @@ class PeerPool:
     async def _link(self, target: Target) -> Link:
         key = (target.host.lower(), target.port, target.tls_name)
         link = self._links.get(key)
-        if link is not None and not link.session._gone:
+        # A channel the peer is closing (e.g. it is shutting down) refuses new MSGs
+        # locally with 550; that is no verdict of the next hop, so connect anew.
+        if link is not None and not link.session._gone and not link.channel._closing:
             return link
         waiters = self._connecting.get(key)
         if waiters is not None:
@@ -130,6 +135,12 @@ class PeerPool:
                     last = Verdict(e.code, e.text)
                     if e.code >= 500:
                         return last
+                    if e.code == 421:
+                        self._retire(link)
+                    continue
+                except NotSent:
+                    # Lost before a single octet went out: the next hop never saw it.
+                    last = Verdict(421, f"{target.host}:{target.port}: session lost before sending")
                     continue
                 except SessionClosed:
                     return Verdict(451, "session to the next hop was lost; outcome unknown")
@@ -138,6 +149,16 @@ class PeerPool:
                 return last
             await task.deferLater(self._clock, delay, lambda: None)
             delay = min(delay * 2, self._max_retry)
+
+    def _retire(self, link: Link) -> None:
+        """The next hop is going away (421, RFC 3340 §10): queue nothing more on this
+        session, so that it falls idle and its release can complete with every data on it
+        answered, instead of ending in a disconnect that leaves their outcome unknown.
+        Later attempts connect anew (and are refused until the next hop is back)."""
+        key = (link.target.host.lower(), link.target.port, link.target.tls_name)
+        if self._links.get(key) is link:
+            del self._links[key]
+            link.session.close().addErrback(lambda f: link.session.disconnect())
 
     def close(self) -> defer.Deferred[None]:
         """Release every link (RFC 3080 §2.4) and stop retrying."""

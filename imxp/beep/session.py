@@ -40,6 +40,7 @@ from imxp.beep.frames import (
     serialize_seq,
 )
 from imxp.beep.message import Message, MessageError
+from imxp.beep.tlsctx import peer_certificate
 
 __all__ = [
     "BEEPError",
@@ -50,6 +51,7 @@ __all__ = [
     "Role",
     "Session",
     "SessionClosed",
+    "NotSent",
     "SessionConfig",
     "SessionFactory",
     "StartReply",
@@ -91,6 +93,11 @@ class BEEPError(Exception):
 
 class SessionClosed(Exception):
     """The session ended (or was tuned anew) before the exchange completed."""
+
+
+class NotSent(SessionClosed):
+    """The session or channel ended before any octet of our MSG was written: the peer
+    never saw it, so sending it again cannot make it arrive twice."""
 
 
 @dataclass
@@ -148,6 +155,11 @@ class ChannelHandler:
 
     def close_requested(self, code: int) -> None:
         """The peer asks to close the channel; raise BEEPError to decline (§2.3.1.3)."""
+
+    def keeps_session_open(self) -> bool:
+        """Whether a quiet session must stay open for this channel's sake (an
+        application waiting for data); the idle timeout then spares it."""
+        return False
 
     def channel_closed(self, reason: Failure | None) -> None:
         """The channel is gone: closed (reason None) or lost with the session."""
@@ -499,7 +511,8 @@ class Channel:
             request.reply(result)
 
     def _dispatch_failed(self, request: Request, failure: Failure) -> None:
-        if request.finished:
+        if request.finished or (self.session._gone and failure.check(SessionClosed)):
+            # Nobody is left to answer: the session ended while the MSG was processed.
             return
         if failure.check(BEEPError):
             e = failure.value
@@ -788,6 +801,8 @@ class Session(Protocol):
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         try:
             transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            # Sessions the idle timeout spares still notice a peer that vanished.
+            transport.setTcpKeepAlive(True)  # type: ignore[attr-defined]
         except (AttributeError, OSError):
             pass
         transport.registerProducer(self, True)
@@ -810,8 +825,6 @@ class Session(Protocol):
             self._idle_timer = self.clock.callLater(self.config.idle_timeout, self._check_idle)
 
     def handshakeCompleted(self) -> None:
-        from imxp.beep.tlsctx import peer_certificate
-
         self.peer_certificate = peer_certificate(self.transport)
         if self._greet_on_handshake:
             self._greet_on_handshake = False
@@ -1354,7 +1367,12 @@ class Session(Protocol):
             request.on_sent = self.disconnect
             return _mgmt(mgmt.OK())
 
-        return defer.gatherResults([c._when_idle() for c in others]).addCallback(idle)
+        def lost(failure: Failure) -> Failure:
+            # The session ended while we waited: pass on the cause, not gatherResults' wrapper.
+            return failure.value.subFailure if failure.check(defer.FirstError) else failure
+
+        waiting = defer.gatherResults([c._when_idle() for c in others], consumeErrors=True)
+        return waiting.addCallbacks(idle, lost)
 
     def _close_channel(self, channel: Channel, code: int, text: str) -> defer.Deferred[None]:
         if self._gone:
@@ -1407,9 +1425,17 @@ class Session(Protocol):
         channel._requests.clear()
         channel._request_msgnos.clear()
         channel._held = 0
+        not_sent: Failure | None = None
         for pending in outstanding.values():
             if not pending.deferred.called:
-                pending.deferred.errback(reason)
+                out = pending.sending
+                if out is not None and out.offset == 0 and reason.check(SessionClosed):
+                    # Still wholly in our queue: tell the sender it may safely retry.
+                    if not_sent is None:
+                        not_sent = Failure(NotSent(reason.getErrorMessage()))
+                    pending.deferred.errback(not_sent)
+                else:
+                    pending.deferred.errback(reason)
         waiters, channel._idle_waiters = channel._idle_waiters, []
         for d in waiters:
             d.errback(reason)
@@ -1428,7 +1454,10 @@ class Session(Protocol):
         if timeout is None or self._gone:
             return
         quiet = self.clock.seconds() - self._last_activity
-        busy = any(not c._idle() for c in list(self._channels.values())[1:])
+        busy = any(
+            not c._idle() or c.handler.keeps_session_open()
+            for c in list(self._channels.values())[1:]
+        )
         if quiet >= timeout and not busy:
             self.log.info(
                 "closing BEEP session with {peer} after {seconds:.0f}s idle",
