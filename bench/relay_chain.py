@@ -1,0 +1,713 @@
+"""Messages/s and latency end to end through two relays over TLS, beside a ceiling.
+
+Run by hand (not part of the tests):
+
+    python bench/relay_chain.py [--seconds 5] [--size 1024] [--depth 64] [--endpoints 5000]
+                                [--profile] [--skip rss|throughput]
+
+What is measured, all in one run:
+
+* ``chain``: endpoint -> relay A -> relay B -> endpoint. fred@a.test is attached to A and
+  barney@b.test to B, each by TLS, SASL SCRAM-SHA-256 and attach; A forwards to B over a
+  TLS session with both certificates checked and an APEX channel bound as a.test. Each data
+  carries ``--size`` octets of content and no statusRequest; every hop answers each data
+  with ``ok``.
+* ``ceiling``: the same hops with the least Twisted can do on them: sender -> forwarder 1 ->
+  forwarder 2 -> receiver, ``Int32StringReceiver`` over TLS with the same certificates and
+  settings (:mod:`imxp.beep.tlsctx`, a client certificate on the middle hop as between
+  relays), ``--size`` octets per message. Each hop acknowledges each message to the hop
+  before it, as each BEEP hop answers its MSG with ``ok``.
+
+For each chain: the highest rate - messages arriving at the recipient per second over
+``--seconds`` after a second of warm-up, with ``--depth`` messages in flight end to end
+(sent and not yet arrived: see :func:`max_rate` for why end to end) - then latency at half
+that rate: sends paced by the clock, latency from the send to the receipt at the recipient
+application, p50 and p99. Then RSS per idle attached endpoint: a fresh relay's VmRSS (read
+from /proc by this process) before and after ``--endpoints`` endpoints attach, each with its
+own BEEP session, TLS, SCRAM and attach (all as subaddresses of one user, so that one
+verifier serves them all), divided by their number; 8 logins run at once, and the time per
+login is printed too (SCRAM's 4096 PBKDF2 rounds are paid by the client).
+
+Process layout: each relay (and each forwarder) runs in a process of its own and the two
+endpoints in this one, so three busy processes share the machine's cores for either chain -
+two cores on the reference machine - and this process's own share (the sender's and the
+receiver's BEEP, TLS and bookkeeping) is in both figures alike. Relays log at ``warn``.
+
+Targets (issue): chain >= 20% of the ceiling; p99 < 20 ms at half load; RSS per idle
+endpoint <= 50 KB. ``--profile`` prints each relay's cProfile (own time, then cumulative)
+to stderr when it stops, covering the throughput and latency measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+
+from imxp.apex import wire
+from imxp.apex.service import build_relay
+from imxp.beep import mgmt
+from imxp.beep.message import Message
+from imxp.beep.sasl import authenticate
+from imxp.beep.saslmech import ScramSHA256Client
+from imxp.beep.session import (
+    Channel,
+    ChannelHandler,
+    Request,
+    Role,
+    Session,
+    SessionConfig,
+    SessionFactory,
+)
+from imxp.beep.tls import start_tls
+from imxp.beep.tlsctx import client_options, server_options
+from imxp.beep.users import UserStore
+from imxp.certs import create_ca, issue_server, load_certificates, load_issued
+
+PASSWORD = "bench password"
+# The deployment defaults of imxp.config (window, idle timeout).
+SESSION = SessionConfig(window=65536, idle_timeout=600.0)
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+ACK = b"ok"
+# Where the sequence number sits in the content: fixed width, so that the sender can
+# patch an encoded template instead of encoding every data afresh.
+SEQ_FIELD = b"seq=%012d;"
+SEQ_RE = re.compile(rb"seq=(\d{12});")
+
+
+def _quiet_logs() -> None:
+    """Warnings and errors to stderr; the relay's per-data info events are dropped, as a
+    relay logging at ``warn`` would (and they stay out of the RSS figure)."""
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)]
+            )
+        ],
+        redirectStandardIO=False,
+    )
+
+
+def _raise_fd_limit() -> int:
+    """As many descriptors as the hard limit allows: 5,000 sessions need 5,000 sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _profile_until_shutdown(title: str) -> None:
+    profiler = cProfile.Profile()
+    profiler.enable()
+
+    def report() -> None:
+        profiler.disable()
+        print(f"\n=== cProfile of {title}, own time ===", file=sys.stderr)
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(25)
+        print(f"=== cProfile of {title}, cumulative ===", file=sys.stderr)
+        stats.sort_stats("cumulative").print_stats(40)
+        sys.stderr.flush()
+
+    reactor.addSystemEventTrigger("before", "shutdown", report)
+
+
+# -- the subprocesses --------------------------------------------------------------------------
+
+
+def serve_relay(args: argparse.Namespace) -> None:
+    """A relay for ``--domain``; prints its edge and mesh ports, runs until SIGTERM."""
+    _quiet_logs()
+    _raise_fd_limit()
+    certdir: Path = args.certdir
+    domain: str = args.domain
+    routes = dict(route.split("=", 1) for route in args.route)
+    service = build_relay(
+        domain=domain,
+        identity=load_issued(certdir / f"{domain}.pem", certdir / f"{domain}.key"),
+        trust=load_certificates(certdir / "ca.pem"),
+        users=UserStore(certdir / f"{domain}.users", iterations=4096),
+        edge_listen=[LOOPBACK],
+        mesh_listen=[LOOPBACK],
+        session_config=SESSION,
+        reactor=reactor,
+        routes=routes,
+        # Every endpoint of the RSS measure comes from 127.0.0.1.
+        max_sessions_per_peer=None,
+    )
+
+    def started(_: object) -> None:
+        print(*(port.getHost().port for port in service.ports), flush=True)
+
+    defer.ensureDeferred(service.startService()).addCallback(started)
+    if args.profile:
+        _profile_until_shutdown(f"relay {domain} (pid {os.getpid()})")
+    reactor.run()
+
+
+class _Acked(Int32StringReceiver):
+    """Our connection to the next hop: only acknowledgements come back on it."""
+
+    MAX_LENGTH = 1 << 24
+
+    def stringReceived(self, string: bytes) -> None:
+        pass
+
+
+class _Forward(Int32StringReceiver):
+    """From the previous hop: acknowledge, and pass the message on unchanged."""
+
+    MAX_LENGTH = 1 << 24
+    next_hop: _Acked
+
+    def stringReceived(self, string: bytes) -> None:
+        self.sendString(ACK)
+        self.next_hop.sendString(string)
+
+
+def serve_forwarder(args: argparse.Namespace) -> None:
+    """A ceiling forwarder: TLS listener as ``--domain``, TLS client of the next hop with a
+    client certificate (as relays are to each other); prints its port."""
+    _quiet_logs()
+    certdir: Path = args.certdir
+    ca = load_certificates(certdir / "ca.pem")
+    identity = load_issued(certdir / f"{args.domain}.pem", certdir / f"{args.domain}.key")
+    port, name = args.to.split("=", 1)
+
+    async def start() -> None:
+        next_hop = endpoints.wrapClientTLS(
+            client_options(name, ca, identity),
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", int(port)),
+        )
+        downstream = await next_hop.connect(protocol.Factory.forProtocol(_Acked))
+
+        class Forward(_Forward):
+            next_hop = downstream
+
+        factory = protocol.Factory.forProtocol(Forward)
+        listening = reactor.listenSSL(
+            0, factory, server_options(identity, ca), interface="127.0.0.1"
+        )
+        print(listening.getHost().port, flush=True)
+
+    defer.ensureDeferred(start())
+    reactor.run()
+
+
+# -- the measures, run in this process -----------------------------------------------------------
+
+
+@dataclass
+class _Books:
+    """What was sent when, and what arrived."""
+
+    sent_at: dict[int, float] = field(default_factory=dict)
+    latencies: dict[int, float] = field(default_factory=dict)
+    received: int = 0
+    next_seq: int = 0
+    #: Called after each arrival (the pipelined sender refills its window there).
+    on_arrival: Callable[[], None] | None = None
+
+    def arrived(self, seq: int) -> None:
+        self.received += 1
+        sent = self.sent_at.pop(seq, None)
+        if sent is not None:
+            self.latencies[seq] = time.perf_counter() - sent
+        if self.on_arrival is not None:
+            self.on_arrival()
+
+
+class _Chain:
+    """One chain under measure: ``send(seq)`` hands a message to the first hop and fires
+    when that hop acknowledges it; the recipient calls ``books.arrived(seq)``."""
+
+    books: _Books
+
+    def send(self, seq: int) -> defer.Deferred[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _Receiver(ChannelHandler):
+    """barney's APEX channel: every data is answered ``ok`` and counted."""
+
+    def __init__(self, books: _Books) -> None:
+        self.books = books
+        self.ok = wire.encode(wire.OK())
+
+    def message_received(self, request: Request) -> Message:
+        match = SEQ_RE.search(request.message.body)
+        if match is not None:
+            self.books.arrived(int(match.group(1)))
+        return self.ok
+
+
+async def _attach(
+    port: int, domain: str, endpoint: str, ca: Any, handler: ChannelHandler
+) -> tuple[Session, Channel]:
+    """An endpoint application's start: TLS, SCRAM-SHA-256, attach (RFC 3340 §4.4.1)."""
+    factory = SessionFactory(Role.INITIATOR, [], SESSION)
+    session: Session = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        factory
+    )
+    await session.greeted()
+    await start_tls(session, client_options(domain, ca))
+    user = endpoint.split("@", 1)[0].split("/", 1)[0]
+    await authenticate(session, ScramSHA256Client(user, PASSWORD), identity=user)
+    attach = wire.encode(wire.Attach(endpoint, 1, [])).body
+    channel = await session.start_channel([mgmt.ProfileElement(wire.APEX_URI, attach)], handler)
+    answer = wire.decode(Message(channel.start_reply or b"", mgmt.BEEP_XML))
+    if isinstance(answer, wire.Error):
+        raise SystemExit(f"attach as {endpoint} refused: {answer.code} {answer.text}")
+    return session, channel
+
+
+class _BEEPChain(_Chain):
+    """fred@a.test at relay A sending to barney@b.test at relay B."""
+
+    def __init__(
+        self, sender: tuple[Session, Channel], receiver: Session, books: _Books, size: int
+    ) -> None:
+        self.books = books
+        self.session, self.channel = sender
+        self.receiver = receiver
+        filler = b"x" * max(0, size - len(SEQ_FIELD % 0))
+        data = wire.Data(
+            wire.Originator("fred@a.test", []),
+            [wire.Recipient("barney@b.test", [])],
+            [],
+            content=wire.Content.from_bytes(SEQ_FIELD % 0 + filler, "application/octet-stream"),
+        )
+        template = wire.encode(data)
+        self.headers = template.headers
+        self.head, found, self.tail = template.body.partition(SEQ_FIELD % 0)
+        assert found, "the content is not in the encoded data as it is"
+
+    def send(self, seq: int) -> defer.Deferred[Any]:
+        body = self.head + SEQ_FIELD % seq + self.tail
+        return self.channel.send(Message(body, headers=self.headers))
+
+    def close(self) -> None:
+        self.session.disconnect()
+        self.receiver.disconnect()
+
+
+class _CeilingSender(Int32StringReceiver):
+    MAX_LENGTH = 1 << 24
+
+    def connectionMade(self) -> None:
+        self.waiting: list[defer.Deferred[None]] = []
+        self.first = 0
+
+    def stringReceived(self, string: bytes) -> None:
+        # Acknowledgements come back in order: the oldest message is the one acknowledged.
+        d = self.waiting[self.first]
+        self.first += 1
+        if self.first > 4096:
+            del self.waiting[: self.first]
+            self.first = 0
+        d.callback(None)
+
+
+class _CeilingReceiver(Int32StringReceiver):
+    MAX_LENGTH = 1 << 24
+    books: _Books
+
+    def stringReceived(self, string: bytes) -> None:
+        self.sendString(ACK)
+        match = SEQ_RE.match(string)
+        if match is not None:
+            self.books.arrived(int(match.group(1)))
+
+
+class _CeilingChain(_Chain):
+    def __init__(self, sender: _CeilingSender, books: _Books, size: int) -> None:
+        self.books = books
+        self.sender = sender
+        self.filler = b"x" * max(0, size - len(SEQ_FIELD % 0))
+
+    def send(self, seq: int) -> defer.Deferred[Any]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.sender.waiting.append(d)
+        self.sender.sendString(SEQ_FIELD % seq + self.filler)
+        return d
+
+    def close(self) -> None:
+        self.sender.transport.loseConnection()
+
+
+def _sleep(seconds: float) -> defer.Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def _drain(chain: _Chain, timeout: float = 60.0) -> None:
+    """Until everything sent has arrived (nothing is lost on either chain)."""
+    deadline = time.perf_counter() + timeout
+    while chain.books.received < chain.books.next_seq and time.perf_counter() < deadline:
+        await _sleep(0.05)
+
+
+async def max_rate(chain: _Chain, seconds: float, depth: int, warmup: float = 1.0) -> float:
+    """Messages per second arriving at the recipient with ``depth`` in flight end to end.
+
+    The window is end to end (sent, not yet at the recipient) rather than up to the first
+    hop's acknowledgement: a relay says ``ok`` as soon as it has taken a data, so a window
+    to the first hop only would fill relay A's queue towards B without bound and measure
+    how fast A takes data in, not how fast the chain delivers it.
+    """
+    books = chain.books
+    running = True
+
+    def one() -> None:
+        if running:
+            seq = books.next_seq
+            books.next_seq += 1
+            chain.send(seq).addErrback(_report_failure)
+
+    books.on_arrival = one
+    for _ in range(depth):
+        one()
+    await _sleep(warmup)
+    start, first = time.perf_counter(), books.received
+    await _sleep(seconds)
+    elapsed, count = time.perf_counter() - start, books.received - first
+    running = False
+    books.on_arrival = None
+    await _drain(chain)
+    return count / elapsed
+
+
+async def latency(chain: _Chain, rate: float, seconds: float) -> tuple[float, float, int]:
+    """p50 and p99 (seconds) of send -> receipt with sends paced at ``rate`` per second."""
+    books = chain.books
+    books.latencies.clear()
+    first = books.next_seq
+    start = time.perf_counter()
+
+    def tick() -> None:
+        # Catch up with the clock rather than trust the tick interval: the reactor is busy.
+        due = int((time.perf_counter() - start) * rate) - (books.next_seq - first)
+        for _ in range(due):
+            seq = books.next_seq
+            books.next_seq += 1
+            books.sent_at[seq] = time.perf_counter()
+            chain.send(seq).addErrback(_report_failure)
+
+    pacer = task.LoopingCall(tick)
+    pacer.start(0.002)
+    await _sleep(seconds)
+    pacer.stop()
+    await _drain(chain)
+    samples = sorted(books.latencies.values())
+    if not samples:
+        return float("nan"), float("nan"), 0
+    return (
+        samples[len(samples) // 2],
+        samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+        len(samples),
+    )
+
+
+def _report_failure(failure: Failure) -> None:
+    print(f"send failed: {failure.getErrorMessage()}", file=sys.stderr)
+
+
+# -- orchestration ---------------------------------------------------------------------------
+
+
+def _spawn(args: list[str], profile: bool = False) -> tuple[subprocess.Popen[str], list[int]]:
+    """Start ``bench/relay_chain.py --serve ...``; returns it and the ports it printed."""
+    command = [sys.executable, __file__, *args, *(["--profile"] if profile else [])]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"{' '.join(args)} did not start")
+    return proc, [int(p) for p in line.split()]
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.wait()
+
+
+def _vm_rss(pid: int) -> int:
+    """Resident set size of ``pid`` in octets (VmRSS of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _prepare(certdir: Path) -> None:
+    """CA, relay certificates and user stores for a.test and b.test in ``certdir``."""
+    ca = create_ca("bench CA")
+    (certdir / "ca.pem").write_bytes(ca.cert_pem())
+    for domain in ("a.test", "b.test"):
+        issue_server(ca, [domain]).write(certdir / f"{domain}.pem", certdir / f"{domain}.key")
+    for domain, users in (("a.test", ["fred", "idle"]), ("b.test", ["barney"])):
+        store = UserStore(certdir / f"{domain}.users", iterations=4096)
+        for user in users:
+            store.add(user, PASSWORD)
+
+
+@dataclass
+class _Figures:
+    rate: dict[str, float] = field(default_factory=dict)
+    p50: dict[str, float] = field(default_factory=dict)
+    p99: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+    rss_per_endpoint: float = float("nan")
+    endpoints: int = 0
+    login_seconds: float = float("nan")
+
+
+async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: _Figures) -> None:
+    rate = await max_rate(chain, args.seconds, args.depth)
+    figures.rate[name] = rate
+    p50, p99, n = await latency(chain, rate / 2, args.seconds)
+    figures.p50[name], figures.p99[name], figures.samples[name] = p50, p99, n
+    print(
+        f"{name}: {rate:,.0f} msg/s; at {rate / 2:,.0f} msg/s p50 {p50 * 1e3:.2f} ms "
+        f"p99 {p99 * 1e3:.2f} ms ({n} samples)",
+        file=sys.stderr,
+    )
+
+
+async def run_chain(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+    ca = load_certificates(certdir / "ca.pem")
+    relay_b, (b_edge, b_mesh) = _spawn(
+        ["--serve", "relay", "--domain", "b.test", "--certdir", str(certdir)], args.profile
+    )
+    relay_a, (a_edge, _) = _spawn(
+        [
+            "--serve",
+            "relay",
+            "--domain",
+            "a.test",
+            "--certdir",
+            str(certdir),
+            "--route",
+            f"b.test=127.0.0.1:{b_mesh}",
+        ],
+        args.profile,
+    )
+    try:
+        books = _Books()
+        receiver, _ = await _attach(b_edge, "b.test", "barney@b.test", ca, _Receiver(books))
+        sender = await _attach(a_edge, "a.test", "fred@a.test", ca, ChannelHandler())
+        chain = _BEEPChain(sender, receiver, books, args.size)
+        await _measure("chain", chain, args, figures)
+        chain.close()
+    finally:
+        _stop(relay_a)
+        _stop(relay_b)
+
+
+async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+    ca = load_certificates(certdir / "ca.pem")
+    books = _Books()
+
+    class Receiver(_CeilingReceiver):
+        pass
+
+    Receiver.books = books
+    # The last hop runs the other way round from the relay chain's (there barney connects
+    # to relay B, here forwarder 2 connects to the receiver): simpler, and TLS costs the same
+    # once the handshake is done.
+    identity = load_issued(certdir / "b.test.pem", certdir / "b.test.key")
+    listening = reactor.listenSSL(
+        0,
+        protocol.Factory.forProtocol(Receiver),
+        server_options(identity, ca),
+        interface="127.0.0.1",
+    )
+    where = listening.getHost().port
+    second, (second_port,) = _spawn(
+        [
+            "--serve",
+            "forward",
+            "--domain",
+            "b.test",
+            "--certdir",
+            str(certdir),
+            "--to",
+            f"{where}=b.test",
+        ]
+    )
+    first, (first_port,) = _spawn(
+        [
+            "--serve",
+            "forward",
+            "--domain",
+            "a.test",
+            "--certdir",
+            str(certdir),
+            "--to",
+            f"{second_port}=b.test",
+        ]
+    )
+    try:
+        client = endpoints.wrapClientTLS(
+            client_options("a.test", ca),
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", first_port),
+        )
+        sender = await client.connect(protocol.Factory.forProtocol(_CeilingSender))
+        chain = _CeilingChain(sender, books, args.size)
+        await _measure("ceiling", chain, args, figures)
+        chain.close()
+    finally:
+        _stop(first)
+        _stop(second)
+        await listening.stopListening()
+
+
+async def run_rss(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+    """RSS of a fresh relay per idle attached endpoint."""
+    ca = load_certificates(certdir / "ca.pem")
+    limit = _raise_fd_limit()
+    count = min(args.endpoints, limit - 64)
+    if count < args.endpoints:
+        print(f"fd limit {limit}: attaching {count} endpoints only", file=sys.stderr)
+    relay, (edge, _) = _spawn(["--serve", "relay", "--domain", "a.test", "--certdir", str(certdir)])
+    sessions: list[Session] = []
+    try:
+        # One endpoint first, so that what any first session brings (imports, TLS context
+        # caches, first SCRAM verifier lookup) is in the baseline.
+        sessions.append((await _attach(edge, "a.test", "idle/0@a.test", ca, ChannelHandler()))[0])
+        await _sleep(0.5)
+        before = _vm_rss(relay.pid)
+        start = time.perf_counter()
+        numbers = iter(range(1, count + 1))
+
+        async def worker() -> None:
+            for n in numbers:
+                attached = await _attach(edge, "a.test", f"idle/{n}@a.test", ca, ChannelHandler())
+                sessions.append(attached[0])
+
+        # A few logins at once: SCRAM and TLS cost CPU on both sides, more at once only queue.
+        await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(8)])
+        figures.login_seconds = (time.perf_counter() - start) / count
+        await _sleep(1.0)
+        after = _vm_rss(relay.pid)
+        figures.endpoints = count
+        figures.rss_per_endpoint = (after - before) / count
+        print(
+            f"rss: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB with {count} endpoints, "
+            f"{figures.login_seconds * 1e3:.1f} ms per login",
+            file=sys.stderr,
+        )
+    finally:
+        for session in sessions:
+            session.disconnect()
+        _stop(relay)
+
+
+def _report(figures: _Figures, args: argparse.Namespace) -> None:
+    """The table: each figure beside its ceiling and its target."""
+    print()
+    print(
+        f"endpoint -> relay A -> relay B -> endpoint, TLS on every hop, {args.size}-octet "
+        f"contents, {args.depth} in flight end to end"
+    )
+    print(
+        f"3 busy processes (both endpoints here, each relay/forwarder its own) on "
+        f"{os.cpu_count()} cores; {args.seconds:g} s per measure"
+    )
+    print(f"{'measure':<46}{'relay chain':>14}{'ceiling':>14}   target")
+    if figures.rate:
+        chain, ceiling = figures.rate["chain"], figures.rate["ceiling"]
+        print(
+            f"{'messages/s end to end':<46}{chain:>14,.0f}{ceiling:>14,.0f}   "
+            f">= 20% of ceiling: {chain / ceiling:.1%}"
+        )
+        half = "  half of it: the load for latency (msg/s)"
+        print(f"{half:<46}{chain / 2:>14,.0f}{ceiling / 2:>14,.0f}")
+        for label, values, target in (("p50", figures.p50, ""), ("p99", figures.p99, "< 20 ms")):
+            line = (
+                f"{f'latency {label} at half load (ms)':<46}"
+                f"{values['chain'] * 1e3:>14.2f}{values['ceiling'] * 1e3:>14.2f}   {target}"
+            )
+            print(line.rstrip())
+    if figures.endpoints:
+        print(
+            f"{f'RSS per idle endpoint ({figures.endpoints:,} attached, KB)':<46}"
+            f"{figures.rss_per_endpoint / 1024:>14.1f}{'':>14}   <= 50 KB"
+        )
+        print(
+            f"{'login: TCP+TLS+SCRAM+attach, 8 at once (ms)':<46}"
+            f"{figures.login_seconds * 1e3:>14.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--size", type=int, default=1024, help="content octets per message")
+    parser.add_argument("--depth", type=int, default=64)
+    parser.add_argument("--endpoints", type=int, default=5000)
+    parser.add_argument(
+        "--profile", action="store_true", help="print the relays' cProfile to stderr"
+    )
+    parser.add_argument(
+        "--skip", choices=["rss", "throughput"], action="append", default=[], help="leave out"
+    )
+    # Internal: what the subprocesses are told.
+    parser.add_argument("--serve", choices=["relay", "forward"])
+    parser.add_argument("--domain")
+    parser.add_argument("--certdir", type=Path)
+    parser.add_argument("--route", action="append", default=[])
+    parser.add_argument("--to")
+    args = parser.parse_args()
+    if args.serve == "relay":
+        serve_relay(args)
+        return
+    if args.serve == "forward":
+        serve_forwarder(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        certdir = Path(tmp)
+        _prepare(certdir)
+        figures = _Figures()
+
+        async def measure(_reactor: object) -> None:
+            if "throughput" not in args.skip:
+                await run_ceiling(certdir, args, figures)
+                await run_chain(certdir, args, figures)
+            if "rss" not in args.skip:
+                await run_rss(certdir, args, figures)
+            _report(figures, args)
+
+        # task.react ends the process when measure() is done.
+        task.react(lambda r: defer.ensureDeferred(measure(r)))
+
+
+if __name__ == "__main__":
+    main()
