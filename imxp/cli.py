@@ -7,12 +7,23 @@ SRV record ``_apex-edge._tcp.DOMAIN`` unless ``--relay`` names it, RFC 3340 §3.
     imxp listen --as barney@b.test [--json] [--count N]
     imxp chat --as fred@a.test barney@b.test
 
+End-to-end protection (RFC 3923's model: the whole CPIM message, its From, To and DateTime
+included): ``send`` and ``chat`` ``--sign`` and/or ``--encrypt`` with OpenPGP (``--pgp``,
+RFC 3156, the default) or S/MIME (``--smime``, RFC 8551). ``listen`` and ``chat`` verify
+and decrypt what arrives and say of each message whether it was plain, signed (and by
+whom), encrypted, signed but bad, or could not be decrypted; one that is signed by someone
+other than its From, stale, replayed or not readable is not shown, only a warning line.
+OpenPGP keys come from a keyring directory (``--gnupg-home``, else ``$GNUPGHOME``, else
+``~/.gnupg``), which is also the trust decision; S/MIME from PEM files (``--smime-cert``,
+``--smime-key``, ``--smime-trust``, ``--recipient-cert``; or ``$IMXP_SMIME_CERT``,
+``$IMXP_SMIME_KEY``, ``$IMXP_SMIME_TRUST``).
+
 Operator commands::
 
-    imxp certs ca|relay|endpoint ...    development CA, relay and endpoint certificates
-    imxp users add|remove|list ...      the relay's SASL user file
-    imxp route DOMAIN                   how the relay would reach a domain
-    imxp check                          what is wrong with a relay's setup, and the fix
+    imxp certs ca|relay|endpoint|smime ...  development CA; relay, endpoint, S/MIME certificates
+    imxp users add|remove|list ...          the relay's SASL user file
+    imxp route DOMAIN                       how the relay would reach a domain
+    imxp check                              what is wrong with a relay's setup, and the fix
 
 Passwords never go on the command line: ``--password-file FILE``, else the environment
 variable ``IMXP_PASSWORD``, else a prompt when standard input is a terminal.
@@ -33,6 +44,8 @@ Exit status, for scripts:
 8     configuration error: a bad configuration file, or a file that is missing, unusable
       or (certs) already there
 9     other protocol error, or an unexpected internal error
+10    protection failed: the message could not be signed or encrypted (no OpenPGP
+      keyring, no key or certificate for the sender or a recipient)
 130   interrupted (SIGINT, SIGTERM) before the end; but an interrupted send exits with
       1 (delivery not known), listen and chat with 0 (that is how they end)
 ====  ===========================================================================
@@ -79,9 +92,12 @@ from imxp.beep.tlsctx import client_options
 from imxp.beep.users import UserStore, UserStoreError
 from imxp.bootstrap import EXPIRY_WARNING
 from imxp.certs import Issued, create_ca, issue_client, issue_server, load_certificates, load_issued
-from imxp.client import Client, ClientError, Incoming, Outcome, connect
+from imxp.client import Client, ClientError, Incoming, Outcome, Protection, connect, open_incoming
 from imxp.config import Config, ConfigError, load, resolver_addresses
+from imxp.e2e import smime
 from imxp.e2e.cpim import CPIMError, CPIMMessage
+from imxp.e2e.pgp import OpenPGP
+from imxp.e2e.protect import E2EError, Keys, ReplayCache, Report
 
 __all__ = ["Exit", "build_parser", "main"]
 
@@ -99,6 +115,7 @@ class Exit(enum.IntEnum):
     REFUSED = 7
     CONFIG = 8
     PROTOCOL = 9
+    PROTECTION = 10
     INTERRUPTED = 130
 
 
@@ -113,6 +130,13 @@ _KIND_STATUS = {
 }
 
 PASSWORD_VARIABLE = "IMXP_PASSWORD"
+#: Where the S/MIME options take their defaults from.
+SMIME_VARIABLES = {
+    "smime_cert": "IMXP_SMIME_CERT",
+    "smime_key": "IMXP_SMIME_KEY",
+    "smime_trust": "IMXP_SMIME_TRUST",
+}
+_SCHEME_NAMES = {"pgp": "OpenPGP", "smime": "S/MIME"}
 
 # Short enough that a dead DNS server is reported within seconds, not Twisted's minute.
 _DNS_TIMEOUT = (1.0, 3.0)
@@ -190,6 +214,8 @@ def _report(e: Exception, debug: bool) -> int:
         status, text = e.status, str(e)
     elif isinstance(e, ConfigError | UserStoreError):
         status, text = Exit.CONFIG, str(e)
+    elif isinstance(e, E2EError):
+        status, text = Exit.PROTECTION, f"cannot protect the message: {e}"
     elif isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         status, text = Exit.CONFIG, f"{where}{e.strerror or e}"
@@ -293,18 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for the reports (30)"
     )
+    _key_options(send, sending=True)
 
     listen = command(
         commands,
         "listen",
         _listen,
-        "Print messages to an endpoint as they arrive, until interrupted.",
+        "Print messages to an endpoint as they arrive, until interrupted; protected ones "
+        "verified and decrypted, and each said to be plain, signed (by whom), encrypted, "
+        "signed but bad, or not decryptable.",
         connection,
         **receiving,
     )
     listen.add_argument("--as", dest="endpoint", type=_endpoint, required=True, metavar="ENDPOINT")
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
     listen.add_argument("--count", type=_positive_int, help="exit after N messages")
+    _key_options(listen, sending=False)
 
     chat = command(
         commands,
@@ -321,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for each line's report"
     )
+    _key_options(chat, sending=True)
 
     _certs_parser(commands, command)
     _users_parser(commands, command)
@@ -394,11 +425,79 @@ def _connection_options() -> argparse.ArgumentParser:
     return options
 
 
+def _key_options(parser: argparse.ArgumentParser, *, sending: bool) -> None:
+    """The end-to-end protection options: keys and certificates for opening messages, and
+    with ``sending`` how to protect them too. (Added to each command rather than as a
+    parent parser, which would move --pgp and --smime out of their group in the help.)"""
+    group = parser.add_argument_group(
+        "end-to-end protection",
+        "The whole CPIM message is protected (RFC 3923), with OpenPGP (RFC 3156) or S/MIME "
+        "(RFC 8551); what arrives protected is verified and decrypted.",
+    )
+    if sending:
+        group.add_argument("--sign", action="store_true", help="sign each message")
+        group.add_argument(
+            "--encrypt", action="store_true", help="encrypt each message to its recipients"
+        )
+        scheme = group.add_mutually_exclusive_group()
+        scheme.add_argument(
+            "--pgp",
+            dest="scheme",
+            action="store_const",
+            const="pgp",
+            help="protect with OpenPGP (the default)",
+        )
+        scheme.add_argument(
+            "--smime",
+            dest="scheme",
+            action="store_const",
+            const="smime",
+            help="protect with S/MIME",
+        )
+    group.add_argument(
+        "--gnupg-home",
+        type=Path,
+        metavar="DIR",
+        help="OpenPGP keyring directory (default: $GNUPGHOME, else ~/.gnupg); the keys in "
+        "it are believed for their user ids",
+    )
+    group.add_argument(
+        "--passphrase-file",
+        type=Path,
+        metavar="FILE",
+        help="the passphrase of the OpenPGP secret key, on the first line of FILE",
+    )
+    for option, what in (
+        ("smime_cert", "your S/MIME certificate (PEM)"),
+        ("smime_key", "its private key (PEM, unencrypted)"),
+        ("smime_trust", "PEM bundle of the CAs that S/MIME signers must chain to"),
+    ):
+        variable = SMIME_VARIABLES[option]
+        group.add_argument(
+            "--" + option.replace("_", "-"),
+            type=Path,
+            metavar="FILE",
+            # An empty variable is no file, not the current directory.
+            default=os.environ.get(variable) or None,
+            help=f"{what} (default: ${variable})",
+        )
+    if sending:
+        group.add_argument(
+            "--recipient-cert",
+            type=Path,
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="a recipient's S/MIME certificate (PEM), for --encrypt --smime; repeatable",
+        )
+
+
 def _certs_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     certs = commands.add_parser(
         "certs",
         help="Make a development CA, relay certificates and endpoint certificates.",
-        description="Make a development CA, relay certificates and endpoint certificates. "
+        description="Make a development CA, relay certificates, and endpoints' client and "
+        "S/MIME certificates. "
         "Existing files are never overwritten without --force; keys are written mode 0600.",
     )
     kinds = certs.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -443,6 +542,18 @@ def _certs_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]
         signed,
     )
     endpoint.add_argument("--identity", required=True, metavar="LOCAL@DOMAIN")
+
+    smime_cert = command(
+        kinds,
+        "smime",
+        _certs_smime,
+        "Issue an endpoint's S/MIME certificate, to sign and be encrypted to end to end "
+        "(--smime-cert, --smime-key, --recipient-cert): DIR/IDENTITY.smime.pem and "
+        "DIR/IDENTITY.smime.key.",
+        common,
+        signed,
+    )
+    smime_cert.add_argument("--identity", required=True, metavar="LOCAL@DOMAIN")
 
 
 def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -583,6 +694,68 @@ def _load_identity(cert: Path, key: Path) -> Issued:
         raise Failed(Exit.CONFIG, f"{cert}: {e}") from None
 
 
+def _keys(args: argparse.Namespace, *, pgp_needed: bool) -> Keys:
+    """The user's keys and certificates from the end-to-end protection options.
+
+    The default keyring directory is used when it exists; ``pgp_needed`` (OpenPGP
+    protection asked for) makes its absence a protection failure.
+    """
+    home = args.gnupg_home
+    if home is not None and not home.is_dir():
+        raise Failed(Exit.CONFIG, f"--gnupg-home {home}: no such directory")
+    home = home or Path(os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
+    if not home.is_dir() and pgp_needed:
+        raise Failed(
+            Exit.PROTECTION, f"no OpenPGP keyring at {home}: make one with gpg, or --gnupg-home DIR"
+        )
+    if (args.smime_cert is None) != (args.smime_key is None):
+        raise Failed(Exit.USAGE, "--smime-cert and --smime-key go together")
+    passphrase = None
+    if args.passphrase_file is not None:
+        lines = args.passphrase_file.read_text(encoding="utf-8").splitlines()
+        passphrase = lines[0] if lines else ""
+    return Keys(
+        pgp=OpenPGP(home) if home.is_dir() else None,
+        pgp_passphrase=passphrase,
+        smime=_load_identity(args.smime_cert, args.smime_key) if args.smime_cert else None,
+        trust=tuple(_load_trust(args.smime_trust)) if args.smime_trust else (),
+    )
+
+
+def _protection(args: argparse.Namespace) -> Protection | None:
+    """How to protect what is sent, with which keys, from ``args``; None: not at all.
+
+    What is certain to fail is said before connecting: no keyring for OpenPGP, no own
+    certificate to sign with S/MIME.
+    """
+    if not (args.sign or args.encrypt):
+        if args.scheme is not None or args.recipient_cert:
+            raise Failed(
+                Exit.USAGE, "--pgp, --smime and --recipient-cert go with --sign or --encrypt"
+            )
+        return None
+    scheme = args.scheme or "pgp"
+    if scheme == "pgp" and args.recipient_cert:
+        raise Failed(
+            Exit.USAGE, "--recipient-cert is for --smime; OpenPGP finds keys in the keyring"
+        )
+    keys = _keys(args, pgp_needed=scheme == "pgp")
+    if scheme == "smime" and args.sign and keys.smime is None:
+        raise Failed(
+            Exit.PROTECTION,
+            "no S/MIME certificate to sign with: give --smime-cert FILE and --smime-key FILE",
+        )
+    mode = "sign+encrypt" if args.sign and args.encrypt else "sign" if args.sign else "encrypt"
+    certificates = [c for path in args.recipient_cert for c in _load_trust(path)]
+    return Protection(mode, scheme, keys, certificates)
+
+
+def _described_protection(protection: Protection) -> str:
+    """``signed and encrypted with OpenPGP``, for the chat's opening line."""
+    done = protection.mode.replace("sign", "signed").replace("encrypt", "encrypted")
+    return f"{done.replace('+', ' and ')} with {_SCHEME_NAMES[protection.scheme]}"
+
+
 # -- connected commands -----------------------------------------------------------------------
 
 
@@ -642,6 +815,9 @@ async def _send(reactor: Any, args: argparse.Namespace) -> int:
         raise Failed(Exit.USAGE, "--cc and --subject are for CPIM messages")
     if args.file is not None and args.text is not None:
         raise Failed(Exit.USAGE, "give TEXT or --file, not both")
+    if raw and (args.sign or args.encrypt):
+        raise Failed(Exit.USAGE, "--sign and --encrypt protect CPIM messages, not raw content")
+    protection = _protection(args)
     if args.file is not None:
         content = args.file.read_bytes()
     elif args.text is not None:
@@ -663,7 +839,12 @@ async def _send(reactor: Any, args: argparse.Namespace) -> int:
             outcomes = await client.send(args.to, content, media_type, timeout=args.timeout)
         else:
             outcomes = await client.send_message(
-                args.to, text, cc=args.cc, subject=args.subject, timeout=args.timeout
+                args.to,
+                text,
+                cc=args.cc,
+                subject=args.subject,
+                timeout=args.timeout,
+                protect=protection,
             )
     for recipient, outcome in outcomes.items():
         print(f"{recipient}: {_outcome_text(outcome, args.timeout)}")
@@ -682,10 +863,14 @@ def _outcome_text(outcome: Outcome, timeout: float) -> str:
 
 async def _listen(reactor: Any, args: argparse.Namespace) -> int:
     """``imxp listen``: print each message, flushing, until interrupted or --count."""
+    keys = _keys(args, pgp_needed=False)
+    # RFC 3923 §6.9: a signed message received twice is a replay, not a second message.
+    replays = ReplayCache()
     seen = 0
     async with _connected(reactor, args, args.endpoint, reconnect=True) as client:
         async for incoming in client.incoming():
-            line = _json_line(incoming) if args.json else _human_line(incoming)
+            report = await open_incoming(incoming, keys, replays=replays, reactor=reactor)
+            line = _json_line(incoming, report) if args.json else _human_line(incoming, report)
             print(line, flush=True)
             seen += 1
             if args.count is not None and seen >= args.count:
@@ -702,19 +887,56 @@ def _message(incoming: Incoming) -> CPIMMessage | None:
         return None
 
 
-def _human_line(incoming: Incoming) -> str:
+def _shown(incoming: Incoming, report: Report) -> CPIMMessage | None:
+    """The instant message to show: what a protected content turned out to hold, if it
+    may be shown (RFC 3923 §6.7-§6.9); what a plain one carries."""
+    if report.scheme is None:
+        return _message(incoming)
+    return report.cpim if report.presentable else None
+
+
+def _human_line(incoming: Incoming, report: Report) -> str:
     """``[2026-11-21 10:00:00] fred@a.test: hello``, dated as the message says (else when
-    it arrived); content other than text is described by its media type and size."""
-    message = _message(incoming)
+    it arrived), and what protected it: ``(signed by fred@a.test, encrypted)``; content
+    other than text is described by its media type and size. A protected message that
+    may not be shown is a warning line instead, saying why."""
+    stamp = f"[{incoming.received.astimezone():%Y-%m-%d %H:%M:%S}]"
+    if report.scheme is not None and not report.presentable:
+        return f"{stamp} {_refusal(incoming, report)}"
+    message = _shown(incoming, report)
     if message is None:
-        when = incoming.received.astimezone()
-        return f"[{when:%Y-%m-%d %H:%M:%S}] {incoming.originator}: {_described(incoming)}"
+        return f"{stamp} {incoming.originator}: {_described(incoming)}"
     sender = message.sender
     if sender != incoming.originator:
         # From is the sender's claim; the originator is what the relays checked.
         sender = f"{sender} (via {incoming.originator})"
     when = message.date.astimezone()
-    return f"[{when:%Y-%m-%d %H:%M:%S}] {sender}: {_message_text(message)}"
+    return (
+        f"[{when:%Y-%m-%d %H:%M:%S}] {sender}: {_message_text(message)}{_protection_note(report)}"
+    )
+
+
+def _protection_note(report: Report) -> str:
+    """``  (signed by fred@a.test, encrypted)``, ``  (encrypted, not signed)``, or nothing
+    for a plain message; notes on the protection follow."""
+    if report.scheme is None:
+        return ""
+    if report.status == "signed-and-verified":
+        what = [f"signed by {report.signer}"] + (["encrypted"] if report.encrypted else [])
+    else:
+        what = ["encrypted, not signed"]
+    notes = "; ".join(report.problems)
+    return f"  ({', '.join(what)}{'; ' + notes if notes else ''})"
+
+
+def _refusal(incoming: Incoming, report: Report) -> str:
+    """The warning shown instead of a protected message that may not be shown."""
+    assert report.scheme is not None  # a plain message is shown as it is
+    scheme = _SCHEME_NAMES[report.scheme]
+    return (
+        f"warning: message from {incoming.originator} not shown ({report.status}, {scheme}): "
+        + "; ".join(report.problems)
+    )
 
 
 def _described(incoming: Incoming) -> str:
@@ -733,18 +955,31 @@ def _message_text(message: CPIMMessage) -> str:
     return text.rstrip("\r\n").replace("\n", "\n    ")
 
 
-def _json_line(incoming: Incoming) -> str:
+def _json_line(incoming: Incoming, report: Report) -> str:
     """One JSON object: originator, recipients, media_type, body (``body`` when UTF-8,
-    else ``body_base64``) and ``cpim``: the CPIM message's fields (its text as ``body``
-    when it is text), or null."""
+    else ``body_base64``) as they arrived; ``cpim``: the CPIM message's fields (its text as
+    ``body`` when it is text), or null, also for a protected message that may not be
+    shown; ``presentable``; and ``protection``: status (plain, signed-and-verified,
+    signed-but-bad, encrypted-and-decrypted, cannot-decrypt), scheme (pgp, smime or
+    null), encrypted, signer, fingerprint, signed_at and problems."""
     record: dict[str, Any] = {
         "originator": incoming.originator,
         "recipients": list(incoming.recipients),
         "media_type": incoming.media_type,
         **_json_body(incoming.body),
         "cpim": None,
+        "presentable": report.presentable,
+        "protection": {
+            "status": report.status,
+            "scheme": report.scheme,
+            "encrypted": report.encrypted,
+            "signer": report.signer,
+            "fingerprint": report.fingerprint,
+            "signed_at": report.signed_at,
+            "problems": report.problems,
+        },
     }
-    message = _message(incoming)
+    message = _shown(incoming, report)
     if message is not None:
         fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
         body = fields.pop("body")
@@ -824,15 +1059,23 @@ class _ChatTerminal(LineReceiver):
 
 
 async def _chat(reactor: Any, args: argparse.Namespace) -> int:
-    """``imxp chat``: send typed lines to the peer as CPIM messages, show incoming ones."""
+    """``imxp chat``: send typed lines to the peer as CPIM messages, protected as asked,
+    and show incoming ones as :func:`_human_line` judges them."""
     peer = args.peer
+    protection = _protection(args)
+    keys = protection.keys if protection is not None else _keys(args, pgp_needed=False)
+    replays = ReplayCache()
     client: Client
 
     async def send(text: str) -> str:
         try:
-            outcomes = await client.send_message([peer], text, timeout=args.timeout)
+            outcomes = await client.send_message(
+                [peer], text, timeout=args.timeout, protect=protection
+            )
         except ClientError as e:
             return f"✗ {e.message}"
+        except E2EError as e:
+            return f"✗ not sent, cannot protect it: {e}"
         # One recipient, however the library spells its address.
         (outcome,) = outcomes.values()
         if outcome.delivered:
@@ -843,16 +1086,30 @@ async def _chat(reactor: Any, args: argparse.Namespace) -> int:
 
     terminal = _ChatTerminal(send)
 
-    def received(incoming: Incoming) -> None:
-        message = _message(incoming)
+    async def show(incoming: Incoming) -> None:
+        # Opened in turn (the replay cache's lock), so lines keep their order.
+        report = await open_incoming(incoming, keys, replays=replays, reactor=reactor)
+        if report.scheme is not None and not report.presentable:
+            terminal.show(_refusal(incoming, report))
+            return
+        message = _shown(incoming, report)
         text = _described(incoming) if message is None else _message_text(message)
-        terminal.show(f"{incoming.originator}> {text}")
+        terminal.show(f"{incoming.originator}> {text}{_protection_note(report)}")
+
+    def received(incoming: Incoming) -> None:
+        defer.ensureDeferred(show(incoming)).addErrback(
+            lambda f: terminal.show(
+                f"warning: a message from {incoming.originator} could not be opened: "
+                f"{f.getErrorMessage()}"
+            )
+        )
 
     async with _connected(
         reactor, args, args.endpoint, reconnect=True, on_data=received
     ) as connected:
         client = connected
-        terminal.show(f"chatting with {peer} as {args.endpoint}; /quit or Ctrl-D to leave")
+        how = f"; messages {_described_protection(protection)}" if protection else ""
+        terminal.show(f"chatting with {peer} as {args.endpoint}{how}; /quit or Ctrl-D to leave")
         stdio = StandardIO(terminal, reactor=reactor)
         await terminal.finished
         stdio.loseConnection()
@@ -929,6 +1186,24 @@ def _certs_endpoint(args: argparse.Namespace) -> int:
         raise Failed(Exit.USAGE, str(e)) from None
     endpoint.write(cert, key)
     _wrote(endpoint, cert, key, f"client certificate for {args.identity}")
+    return Exit.OK
+
+
+def _certs_smime(args: argparse.Namespace) -> int:
+    """``imxp certs smime``: an S/MIME certificate for an endpoint (RFC 8550 §3, §4.4),
+    from the CA in DIR; the key is RSA, so that it can be encrypted to as well."""
+    if "/" in args.identity:
+        raise Failed(Exit.USAGE, "a certificate names an endpoint without a subaddress")
+    cert = args.out / f"{args.identity}.smime.pem"
+    key = args.out / f"{args.identity}.smime.key"
+    ca = _load_ca(args.ca)
+    _writable(args.force, cert, key)
+    try:
+        issued = smime.issue_smime(ca, args.identity, **_validity(args))
+    except ValueError as e:
+        raise Failed(Exit.USAGE, str(e)) from None
+    issued.write(cert, key)
+    _wrote(issued, cert, key, f"S/MIME certificate for {args.identity}")
     return Exit.OK
 
 

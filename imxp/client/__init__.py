@@ -1,4 +1,5 @@
-"""The edge client library: attach to the mesh, send and receive (RFC 3340 §2.1).
+"""The edge client library: attach to the mesh, send and receive (RFC 3340 §2.1), and
+protect messages end to end (RFC 3923's model with RFC 3156 and RFC 8551).
 
 See :mod:`imxp.client.edge` for the whole story and an example.
 """
@@ -9,8 +10,20 @@ from imxp.client.edge import (
     ClientError,
     Incoming,
     Outcome,
+    Protection,
     Termination,
     connect,
+    open_incoming,
 )
 
-__all__ = ["ERROR_KINDS", "Client", "ClientError", "Incoming", "Outcome", "Termination", "connect"]
+__all__ = [
+    "ERROR_KINDS",
+    "Client",
+    "ClientError",
+    "Incoming",
+    "Outcome",
+    "Protection",
+    "Termination",
+    "connect",
+    "open_incoming",
+]

@@ -31,8 +31,31 @@ Example (with Twisted's reactor running the coroutine)::
                 break
         await client.close()
 
-
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+End-to-end protection (RFC 3923's model: the whole ``message/cpim`` signed and/or
+encrypted with OpenPGP, RFC 3156, or S/MIME, RFC 8551) is the endpoints' business, and
+relays carry the result byte for byte: ``send_message(..., protect=Protection(...))``
+protects what it sends, and :func:`open_incoming` (or :meth:`Incoming.open`) verifies and
+decrypts what arrives, with a :class:`~imxp.e2e.protect.Report` saying what it found and
+whether the message may be shown::
+
+    from pathlib import Path
+
+    from imxp.client import Protection, open_incoming
+    from imxp.e2e.pgp import OpenPGP
+    from imxp.e2e.protect import Keys, ReplayCache
+
+    keys = Keys(pgp=OpenPGP(Path.home() / ".gnupg"))  # the user's keyring
+    protect = Protection("sign+encrypt", "pgp", keys)
+    await client.send_message(["barney@b.test"], "Yabba dabba doo!", protect=protect)
+    replays = ReplayCache()  # recognises a signed message received twice (RFC 3923 §6.9)
+    async for incoming in client.incoming():
+        report = await open_incoming(incoming, keys, replays=replays)
+        if report.presentable and report.cpim is not None:
+            print(report.status, report.signer, report.cpim.text())
+        else:
+            print("not shown:", report.status, "; ".join(report.problems))
 
 Errors a person can act on are :class:`ClientError` with a ``kind``: ``auth`` (wrong
 password, mechanism not offered), ``unknown-domain`` (DNS says the domain does not exist),
@@ -46,14 +69,16 @@ from __future__ import annotations
 import itertools
 import random
 import secrets
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, get_args
+from urllib.parse import unquote
 
 from cryptography import x509
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error, task, threads
 from twisted.internet.interfaces import IResolver
 from twisted.logger import Logger
 
@@ -89,15 +114,27 @@ from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
 from imxp.certs import Issued
 from imxp.e2e import cpim
+from imxp.e2e.protect import (
+    E2EError,
+    Keys,
+    Mode,
+    ReplayCache,
+    Report,
+    Scheme,
+    open_message,
+    protect_cpim,
+)
 
 __all__ = [
     "ERROR_KINDS",
     "ClientError",
     "Outcome",
     "Incoming",
+    "Protection",
     "Termination",
     "Client",
     "connect",
+    "open_incoming",
 ]
 
 log = Logger(namespace="imxp.client")
@@ -108,6 +145,8 @@ ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refuse
 _SERVICE_NOT_AVAILABLE = 421
 #: How long close() waits for the relay's answers before it just disconnects.
 _CLOSE_TIMEOUT = 5.0
+#: How far a signed message's DateTime may be from now (RFC 3923 §6.9: five minutes).
+_WINDOW = timedelta(minutes=5)
 
 
 class ClientError(Exception):
@@ -170,6 +209,53 @@ class Incoming:
     data: wire.Data
     received: datetime = field(default_factory=lambda: datetime.now(UTC))
 
+    @property
+    def content_type(self) -> str:
+        """The content's full Content-Type, parameters included (a multipart's boundary,
+        RFC 2046 §5.1.1; the protocol of RFC 1847 §2.1); ``text/plain`` for a part without
+        one (RFC 2045 §5.2), empty when there is no content in the payload."""
+        content = self.data.content
+        if content is None:
+            return ""
+        if content.kind == "inline":
+            return content.media_type
+        return self._header("content-type") or "text/plain"
+
+    def open(
+        self,
+        keys: Keys,
+        *,
+        replays: ReplayCache | None = None,
+        now: datetime | None = None,
+        window: timedelta = _WINDOW,
+    ) -> Report:
+        """Verify and/or decrypt the content with ``keys`` and judge it
+        (:func:`~imxp.e2e.protect.open_message`, RFC 3923 §6.7-§6.9): a plain content is
+        "plain"; a signed one is presentable only when signed by its CPIM From, dated
+        within ``window`` of ``now``, addressed to the endpoint it was delivered to, and
+        (given ``replays``) not seen before. Never raises for what was received.
+
+        This runs gpg or the S/MIME cryptography in the calling thread; under the reactor
+        use :func:`open_incoming`, which does it in a thread of the reactor's pool.
+        """
+        return open_message(
+            self.content_type,
+            self.body,
+            keys,
+            now=now,
+            window=window,
+            replays=replays,
+            # A relay hands the application a data "containing only that recipient" (RFC
+            # 3340 §4.4.4.1 step 5.3); the signed To or cc must name it.
+            recipient=self.recipients[0] if self.recipients else None,
+            transfer_encoding=self._header("content-transfer-encoding") or "binary",
+        )
+
+    def _header(self, name: str) -> str | None:
+        content = self.data.content
+        headers = content.headers if content is not None else []
+        return next((value for key, value in headers if key.lower() == name), None)
+
     def message(self) -> cpim.CPIMMessage | None:
         """The instant message: a ``message/cpim`` content parsed (RFC 3862), a plain
         ``text/plain`` content as a message from the originator to the recipients dated
@@ -180,7 +266,7 @@ class Incoming:
         if self.media_type != "text/plain" or self.data.content is None:
             return None
         headers = self.data.content.headers
-        content_type = next((v for n, v in headers if n.lower() == "content-type"), "text/plain")
+        content_type = self.content_type
         # Content-ID only names the part within the APEX payload (§4.1).
         others = [(n, v) for n, v in headers if n.lower() not in ("content-type", "content-id")]
         return cpim.CPIMMessage(
@@ -191,6 +277,33 @@ class Incoming:
             body=self.body,
             content_headers=others,
         )
+
+
+@dataclass(frozen=True)
+class Protection:
+    """How :meth:`Client.send_message` protects a message end to end: the whole
+    ``message/cpim``, headers included, is signed, encrypted or both (``mode``), as RFC
+    3923 §3.1 does for XMPP, with OpenPGP (RFC 3156) or S/MIME (RFC 8551) (``scheme``),
+    using the sender's ``keys``.
+
+    OpenPGP signs as the CPIM From and encrypts to its To and cc, each key found in
+    ``keys.pgp`` by its address. S/MIME signs with ``keys.smime`` and encrypts to
+    ``recipient_certificates``, which must name every recipient (RFC 8550 §3).
+    Raises ValueError for an unknown ``mode`` or ``scheme``.
+    """
+
+    mode: Mode
+    scheme: Scheme
+    keys: Keys
+    recipient_certificates: Sequence[x509.Certificate] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in get_args(Mode):
+            raise ValueError(f"unknown protection mode {self.mode!r}")
+        if self.scheme not in get_args(Scheme):
+            raise ValueError(f"unknown protection scheme {self.scheme!r}")
+        # Frozen and hashable like the rest, whatever sequence was given.
+        object.__setattr__(self, "recipient_certificates", tuple(self.recipient_certificates))
 
 
 @dataclass(frozen=True)
@@ -551,12 +664,45 @@ class Client:
         cc: Sequence[str] = (),
         subject: str | None = None,
         timeout: float = 30.0,
+        protect: Protection | None = None,
     ) -> dict[str, Outcome]:
         """Send ``text`` as an instant message: ``message/cpim`` (RFC 3862) from
         :attr:`endpoint` to ``to`` and ``cc`` as ``im:`` URIs, dated now
-        (draft-klyne §2.2, §3). Every ``to`` and ``cc`` endpoint receives it."""
+        (draft-klyne §2.2, §3). Every ``to`` and ``cc`` endpoint receives it.
+
+        With ``protect``, the CPIM message is signed and/or encrypted whole (RFC 3923
+        §3.1) before it is sent, as ``multipart/signed``, ``multipart/encrypted`` (RFC
+        3156 §4-§5) or ``application/pkcs7-mime`` (RFC 8551 §3.2) content; the work is
+        done in a thread of the reactor's pool. Raises
+        :class:`~imxp.e2e.protect.E2EError`, before anything is sent, when it cannot be
+        protected (no key or certificate for the sender or a recipient).
+        """
         message = cpim.text_message(self.endpoint, to, text, cc=cc, subject=subject)
-        return await self.send([*to, *cc], cpim.build(message), cpim.MEDIA_TYPE, timeout=timeout)
+        content, content_type = cpim.build(message), cpim.MEDIA_TYPE
+        if protect is not None:
+            content_type, content = await self._protect(content, [*to, *cc], protect)
+        return await self.send([*to, *cc], content, content_type, timeout=timeout)
+
+    async def _protect(
+        self, content: bytes, recipients: Sequence[str], protect: Protection
+    ) -> tuple[str, bytes]:
+        certificates = protect.recipient_certificates
+        if protect.scheme == "smime" and protect.mode != "sign":
+            # gpg refuses a recipient it has no key for; S/MIME has only the certificates
+            # given, and one missing would leave that recipient unable to read it.
+            for recipient in recipients:
+                if not any(_names(certificate, recipient) for certificate in certificates):
+                    raise E2EError(f"no S/MIME certificate for {recipient} to encrypt to")
+        return await threads.deferToThreadPool(
+            self._clock,
+            self._clock.getThreadPool(),
+            protect_cpim,
+            content,
+            protect.mode,
+            protect.scheme,
+            protect.keys,
+            recipients=list(certificates) or None,
+        )
 
     def incoming(self) -> AsyncIterator[Incoming]:
         """The data received from now on (status reports excluded), as an async iterator.
@@ -1046,6 +1192,69 @@ class Client:
         finally:
             if inbox in self._inboxes:
                 self._inboxes.remove(inbox)
+
+
+def _names(certificate: x509.Certificate, endpoint: str) -> bool:
+    """Whether an S/MIME certificate is for ``endpoint``'s user: an rfc822Name (RFC 8550
+    §3) or ``im:`` URI (RFC 3923 §6.3) in its subjectAltName names the endpoint, or the
+    endpoint it is a subaddress of (RFC 3340 §2.2)."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return False
+    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+    candidates = names.value.get_values_for_type(x509.RFC822Name) + [
+        unquote(uri[3:]) for uri in uris if uri[:3].lower() == "im:"
+    ]
+    wanted = Endpoint.parse(endpoint)
+    for name in candidates:
+        try:
+            if wanted.within(Endpoint.parse(name)):
+                return True
+        except AddressError:
+            continue
+    return False
+
+
+# One lock per replay cache: a ReplayCache is not thread-safe, and messages from one
+# stream should be judged in the order they arrived.
+_replay_locks: weakref.WeakKeyDictionary[ReplayCache, defer.DeferredLock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def open_incoming(
+    incoming: Incoming,
+    keys: Keys,
+    *,
+    replays: ReplayCache | None = None,
+    now: datetime | None = None,
+    window: timedelta = _WINDOW,
+    reactor: Any = None,
+) -> Report:
+    """:meth:`Incoming.open` in a thread of ``reactor``'s pool (default: the global
+    reactor), so that gpg and the S/MIME cryptography do not hold up the reactor.
+
+    Calls sharing ``replays`` take turns, in the order they were made.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+
+    def run() -> defer.Deferred[Report]:
+        return threads.deferToThreadPool(
+            reactor,
+            reactor.getThreadPool(),
+            incoming.open,
+            keys,
+            replays=replays,
+            now=now,
+            window=window,
+        )
+
+    if replays is None:
+        return await run()
+    lock = _replay_locks.setdefault(replays, defer.DeferredLock())
+    return await lock.run(run)
 
 
 def _host_port(relay: str) -> tuple[str, int]:
