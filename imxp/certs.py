@@ -37,6 +37,7 @@ __all__ = [
     "client_identity",
     "create_ca",
     "issue_client",
+    "issue_smime",
     "issue_server",
     "load_certificates",
     "load_issued",
@@ -172,14 +173,7 @@ def issue_client(
 
     :param valid_from: notBefore; see :func:`create_ca`.
     """
-    local, at, domain = identity.rpartition("@")
-    if not at or not local or not domain:
-        raise ValueError(f"endpoint identity must look like local@domain: {identity!r}")
-    if not local.isascii():
-        # rfc822Name is an IA5String; internationalised mailboxes need RFC 8398's
-        # SmtpUTF8Mailbox, which is not supported here.
-        raise ValueError(f"the local part of {identity!r} must be ASCII")
-    address = f"{local}@{_dns_name(domain)}"
+    address = _mailbox(identity)
     return _issue(
         ca,
         common_name=address,
@@ -188,6 +182,45 @@ def issue_client(
         days=days,
         valid_from=valid_from,
     )
+
+
+def issue_smime(
+    ca: Issued,
+    address: str,
+    days: int = 825,
+    *,
+    rsa_bits: int | None = 3072,
+    valid_from: datetime | None = None,
+) -> Issued:
+    """Issue an S/MIME certificate for the endpoint ``address`` (``local@domain``).
+
+    The address goes into the subjectAltName as an ``rfc822Name`` (RFC 8550 §3) and as an
+    ``im:`` URI (RFC 3923 §6.3); extendedKeyUsage is emailProtection (RFC 8550 §4.4.4).
+    With ``rsa_bits`` the key is RSA and keyUsage adds keyEncipherment, so the certificate
+    can sign and be encrypted to; with ``rsa_bits=None`` it is ECDSA P-256 and can only
+    sign (imxp's S/MIME encryption is RSA key transport).
+    """
+    address = _mailbox(address)
+    return _issue(
+        ca,
+        common_name=address,
+        san=[x509.RFC822Name(address), x509.UniformResourceIdentifier(f"im:{address}")],
+        usages=[ExtendedKeyUsageOID.EMAIL_PROTECTION],
+        days=days,
+        valid_from=valid_from,
+        key=rsa.generate_private_key(65537, rsa_bits) if rsa_bits else None,
+    )
+
+
+def _mailbox(identity: str) -> str:
+    local, at, domain = identity.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"endpoint identity must look like local@domain: {identity!r}")
+    if not local.isascii():
+        # rfc822Name is an IA5String; internationalised mailboxes need RFC 8398's
+        # SmtpUTF8Mailbox, which is not supported here.
+        raise ValueError(f"the local part of {identity!r} must be ASCII")
+    return f"{local}@{_dns_name(domain)}"
 
 
 def self_signed(
@@ -284,8 +317,9 @@ def _issue(
     usages: list[x509.ObjectIdentifier],
     days: int,
     valid_from: datetime | None,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
 ) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     not_before, not_after = _validity(days, valid_from)
     subject = _name(common_name) or x509.Name([])
     certificate = (
@@ -308,7 +342,7 @@ def _issue(
 
 
 def _leaf_builder(
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
     *,
     subject: x509.Name,
     san: list[x509.GeneralName],
@@ -324,7 +358,11 @@ def _leaf_builder(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
+        # An RSA key can also be encrypted to (S/MIME key transport).
+        .add_extension(
+            _key_usage(cert_sign=False, key_encipherment=isinstance(key, rsa.RSAPrivateKey)),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         # RFC 5280 §4.2.1.6: with an empty subject the SAN extension must be critical.
         .add_extension(x509.SubjectAlternativeName(san), critical=len(subject) == 0)
@@ -332,11 +370,11 @@ def _leaf_builder(
     )
 
 
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+def _key_usage(*, cert_sign: bool, key_encipherment: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=not cert_sign,
         content_commitment=False,
-        key_encipherment=False,
+        key_encipherment=key_encipherment,
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=cert_sign,

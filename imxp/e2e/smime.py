@@ -23,7 +23,8 @@ What comes from where:
   EnvelopedData with AES-CBC (noted as unprotected against tampering), with RSA key
   transport by OAEP or PKCS #1 v1.5.
 
-:func:`issue_smime` makes a certificate fit for all of it (RFC 8550 §4.4).
+:func:`imxp.certs.issue_smime` (re-exported here) makes a certificate fit for all of it
+(RFC 8550 §4.4).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from email.message import Message
 from typing import ClassVar
 from urllib.parse import unquote
 
-import idna
 from asn1crypto import cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
@@ -59,7 +59,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from imxp.certs import Issued
+from imxp.certs import Issued, issue_smime
 from imxp.e2e.protect import (
     E2EError,
     MIMEError,
@@ -135,78 +135,6 @@ class _CannotDecrypt(Exception):
 
 
 # -- certificates -----------------------------------------------------------------------------
-
-
-def issue_smime(
-    ca: Issued,
-    address: str,
-    days: int = 825,
-    *,
-    rsa_bits: int | None = 3072,
-    valid_from: datetime | None = None,
-) -> Issued:
-    """Issue an S/MIME certificate for the endpoint ``address`` (``local@domain``).
-
-    The address goes into the subjectAltName as an ``rfc822Name`` (RFC 8550 §3) and as an
-    ``im:`` URI (RFC 3923 §6.3); extendedKeyUsage is emailProtection (RFC 8550 §4.4.4).
-    With ``rsa_bits`` the key is RSA and keyUsage is digitalSignature and keyEncipherment,
-    so the certificate can sign and be encrypted to; with ``rsa_bits=None`` it is ECDSA
-    P-256 and can only sign (encryption here is RSA key transport).
-    """
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or not local.isascii():
-        raise ValueError(f"an S/MIME address is ascii-local@domain, not {address!r}")
-    domain = domain.lower() if domain.isascii() else idna.encode(domain, uts46=True).decode()
-    address = f"{local}@{domain}"
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    key = (
-        rsa.generate_private_key(65537, rsa_bits)
-        if rsa_bits
-        else ec.generate_private_key(ec.SECP256R1())
-    )
-    not_before = (valid_from or datetime.now(UTC) - _CLOCK_SKEW).astimezone(UTC)
-    try:
-        ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value)
-    except x509.ExtensionNotFound:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key())
-    name = [x509.NameAttribute(NameOID.COMMON_NAME, address)] if len(address) <= 64 else []
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(name))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_before + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=rsa_bits is not None,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.RFC822Name(address), x509.UniformResourceIdentifier(f"im:{address}")]
-            ),
-            critical=not name,  # RFC 5280 §4.2.1.6: critical when the subject is empty
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(aki, critical=False)
-        .sign(ca.key, None if isinstance(ca.key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
-    )
-    chain = () if ca.certificate.issuer == ca.certificate.subject else (ca.certificate, *ca.chain)
-    return Issued(certificate, key, chain)
 
 
 # -- sending ------------------------------------------------------------------------------
