@@ -12,11 +12,9 @@ from imxp.apex import options
 from imxp.apex.options import (
     KNOWN,
     DataHopping,
-    OptionDecision,
     applies,
     check_must_understand,
     data_hopping,
-    decide,
     forwarded,
     make_status_request,
     status_request,
@@ -70,7 +68,6 @@ def test_target_hop(target_hop: str, final: bool, process: bool, forward: bool) 
     option = Option("x", target_hop=target_hop)
     assert applies(option, final=final) is process
     assert forwarded(option, final=final) is forward
-    assert decide(option, final=final) == OptionDecision(process, forward)
 
 
 def test_forwarded_defaults_to_an_intermediate_relay() -> None:

@@ -20,10 +20,8 @@ __all__ = [
     "KNOWN",
     "STATUS_REQUEST",
     "DATA_HOPPING",
-    "OptionDecision",
     "applies",
     "forwarded",
-    "decide",
     "check_must_understand",
     "status_request",
     "make_status_request",
@@ -38,14 +36,6 @@ DATA_HOPPING = "dataHopping"
 KNOWN = frozenset({STATUS_REQUEST, DATA_HOPPING})
 MAX_HOPS = 255  # HOPS of the RFC 3342 §6 DTD
 _HOPS = re.compile(r"[0-9]{1,3}\Z")
-
-
-@dataclass(frozen=True)
-class OptionDecision:
-    """What one relay does with one option: process it here, and/or pass it on."""
-
-    process: bool
-    forward: bool
 
 
 def applies(option: Option, *, final: bool) -> bool:
@@ -67,11 +57,6 @@ def forwarded(option: Option, *, final: bool = False) -> bool:
     options"), so with ``final`` true every option is forwarded.
     """
     return final or option.target_hop != "this"
-
-
-def decide(option: Option, *, final: bool) -> OptionDecision:
-    """:func:`applies` and :func:`forwarded` together, for one relay position."""
-    return OptionDecision(applies(option, final=final), forwarded(option, final=final))
 
 
 def check_must_understand(options: Iterable[Option], *, final: bool) -> Option | None:

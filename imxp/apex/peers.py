@@ -82,8 +82,12 @@ class PeerPool:
         self._connecting: dict[tuple[str, int, str], list[defer.Deferred[Link]]] = {}
         self.closing = False
 
+    @staticmethod
+    def _key(target: Target) -> tuple[str, int, str]:
+        return (target.host.lower(), target.port, target.tls_name)
+
     async def _link(self, target: Target) -> Link:
-        key = (target.host.lower(), target.port, target.tls_name)
+        key = self._key(target)
         link = self._links.get(key)
         # A channel the peer is closing (e.g. it is shutting down) refuses new MSGs
         # locally with 550; that is no verdict of the next hop, so connect anew.
@@ -155,7 +159,7 @@ class PeerPool:
         session, so that it falls idle and its release can complete with every data on it
         answered, instead of ending in a disconnect that leaves their outcome unknown.
         Later attempts connect anew (and are refused until the next hop is back)."""
-        key = (link.target.host.lower(), link.target.port, link.target.tls_name)
+        key = self._key(link.target)
         if self._links.get(key) is link:
             del self._links[key]
             link.session.close().addErrback(lambda f: link.session.disconnect())

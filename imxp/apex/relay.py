@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -54,10 +54,6 @@ class Mode(enum.Enum):
 
     EDGE = "endpoint-relay"
     MESH = "relay-relay"
-
-
-def _fail(code: int, text: str) -> BEEPError:
-    return BEEPError(code, text)
 
 
 class APEXChannel(ChannelHandler):
@@ -118,11 +114,7 @@ class APEXProfile(Profile):
             return None
         # §4.2: an attach or bind may ride on the start; its answer rides on the reply.
         try:
-            element = wire.decode(Message(init, mgmt.BEEP_XML))
-            reply = self.relay.handle(handler, element)
-        except wire.APEXError as e:
-            self.relay.refused(handler, e.code, e.text)
-            reply = wire.Error(e.code, e.text)
+            reply = self.relay.handle(handler, handler._decode(Message(init, mgmt.BEEP_XML)))
         except BEEPError as e:
             reply = wire.Error(e.code, e.text)
         return wire.encode(reply).body
@@ -167,7 +159,6 @@ class Relay:
         self.accepting = True
         self.in_flight = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
-        self._report_trans_id = 0
 
     # -- operations (§4.4) ---------------------------------------------------
 
@@ -180,8 +171,7 @@ class Relay:
             return self.bind(channel, element)
         if isinstance(element, wire.Terminate):
             return self.terminate(channel, element)
-        self.refused(channel, 501, f"unexpected {type(element).__name__.lower()} element")
-        raise _fail(501, f"unexpected {type(element).__name__.lower()} element")
+        return self._refuse(channel, 501, f"unexpected {type(element).__name__.lower()} element")
 
     def attach(self, channel: APEXChannel, attach: wire.Attach) -> wire.OK:
         """§4.4.1, steps 1-6."""
@@ -510,11 +500,11 @@ class Relay:
             return Endpoint.parse(text)
         except AddressError as e:
             self._refuse(channel, 553, str(e))
-            raise AssertionError from None  # _refuse raised
 
-    def _refuse(self, channel: APEXChannel, code: int, text: str) -> wire.OK:
+    def _refuse(self, channel: APEXChannel, code: int, text: str) -> NoReturn:
+        """Log the refusal once and answer it with an error (RFC 3340 §10)."""
         self.refused(channel, code, text)
-        raise _fail(code, text)
+        raise BEEPError(code, text)
 
     def refused(self, channel: APEXChannel, code: int, text: str) -> None:
         self.log.warn(
