@@ -1019,3 +1019,99 @@ def test_mutated_payloads(payload: bytes, edits: list[tuple[int, int, bytes]]) -
     except MessageError:
         return
     decode_junk(message)
+
+
+# -------------------------------------------------------------- multipart/related parameters
+
+PARAM_PIECES = st.sampled_from(
+    [
+        "multipart/related", "Multipart/Related", " ", "\t", ";", "=", '"', "\\", "<", ">", "*",
+        "*0", "boundary", "BOUNDARY", "Boundary", "start", "START", "type", "Type", "xyz",
+        "application/beep+xml", "0@example.com", "é", "(", ")", "/", "@", ",", "?", ":", "'",
+        "%41", "us-ascii''x", "\r\n ",
+    ]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        ('multipart/related; boundary="xyz"; start="<0@example.com>"; type="application/beep+xml"',
+         {"boundary": "xyz", "start": "0@example.com", "type": "application/beep+xml"}),
+        ("multipart/related;boundary=xyz;type=x-y",
+         {"boundary": "xyz", "type": "x-y"}),
+        ('Multipart/Related ;\tBOUNDARY = "x y" ; Start= "<a>" ;TYPE ="t/s"  ',
+         {"boundary": "x y", "start": "a", "type": "t/s"}),
+        ('multipart/related; boundary=a; boundary=b; start=""; charset=utf-8',
+         {"boundary": "a", "start": ""}),
+        ('multipart/related; start="<>"; type="<t>"', {"start": "", "type": "t"}),
+        ("multipart/related", {}),
+    ],
+)  # fmt: skip
+def test_plain_multipart_parameters(content_type: str, expected: dict[str, str]) -> None:
+    """Plainly written headers take the fast path, with email's answer (RFC 2045 §5.1)."""
+    assert wire._plain_params(content_type) == expected
+    assert wire._careful_params(content_type) == expected
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        'multipart/related; boundary="a\\"b"',  # quoted-pair
+        "multipart/related; boundary*=us-ascii''xyz",  # RFC 2231 encoded
+        "multipart/related; boundary*0=x; boundary*1=yz",  # RFC 2231 continued
+        "multipart/related; boundary=",  # empty value
+        "multipart/related; boundary=xyz;",  # trailing separator
+        "multipart/related; boundary",  # no value
+        "multipart/related; start=<0@example.com>",  # tspecials in a token
+        "multipart/related; type=application/beep+xml",  # "/" is one too
+        'multipart/related; boundary="caf\u00e9"',  # not ASCII
+        "multipart/related;\r\n boundary=xyz",  # folded
+        "multipart; boundary=xyz",  # no subtype
+        "",
+    ],
+)
+def test_other_multipart_parameters_are_left_to_email(content_type: str) -> None:
+    assert wire._plain_params(content_type) is None
+    assert wire._content_type_params(content_type) == wire._careful_params(content_type)
+
+
+SPACE = st.sampled_from(["", " ", "\t", "  "])
+PARAMETER = st.tuples(
+    SPACE,
+    SPACE,
+    st.sampled_from(["boundary", "BOUNDARY", "Start", "type", "charset", "b*", "x"]),
+    SPACE,
+    SPACE,
+    st.one_of(
+        st.text("abcXYZ019'*+-.^_`{|}~!#$%&", min_size=1, max_size=8),
+        st.text("abc <>@/=;:,?()[]*'", max_size=8).map(lambda text: f'"{text}"'),
+    ),
+).map(lambda p: f"{p[0]};{p[1]}{p[2]}{p[3]}={p[4]}{p[5]}")
+
+
+@SETTINGS
+@given(
+    st.one_of(
+        st.tuples(
+            st.sampled_from(["multipart/related", " Multipart/RELATED"]), st.lists(PARAMETER)
+        ).map(lambda t: t[0] + "".join(t[1])),
+        st.lists(PARAM_PIECES, max_size=16).map("".join),
+    )
+)
+def test_plain_multipart_parameters_agree_with_email(content_type: str) -> None:
+    """Whatever the fast path answers, email would have answered too."""
+    plain = wire._plain_params(content_type)
+    if plain is not None:
+        assert plain == wire._careful_params(content_type)
+
+
+def test_plain_multipart_parameters_refuse_what_email_refuses() -> None:
+    body = b"--xyz\r\n" + CONTROL + b"\r\n--xyz--"
+    for content_type in (
+        'multipart/related; boundary="xyz"; type="text/xml"',
+        "multipart/related; boundary=" + "x" * 71,
+        'multipart/related; type="application/beep+xml"',
+    ):
+        assert wire._plain_params(content_type) is not None
+        expect(500, Message(body, content_type))
