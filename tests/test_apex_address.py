@@ -256,3 +256,16 @@ def test_junk_never_escapes(text: str) -> None:
     except AddressError:
         return
     assert Endpoint.parse(str(endpoint)) == endpoint
+
+
+def test_parses_are_remembered_and_refusals_repeated() -> None:
+    """Parsed names are cached (immutable, so shareable); bad ones are refused every time."""
+    assert Endpoint.parse("fred@A.Example.") is Endpoint.parse("fred@A.Example.")
+    assert normalise_domain("Bücher.Example") == normalise_domain("Bücher.Example")
+    for _ in range(2):
+        with pytest.raises(AddressError):
+            Endpoint.parse("fred@exa mple.com")
+        with pytest.raises(AddressError):
+            normalise_domain(["not", "a", "string"])  # type: ignore[arg-type]
+        with pytest.raises(AddressError):
+            Endpoint.parse(b"fred@example.com")  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ so that plain equality and hashing implement the RFC's rule.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -44,6 +45,11 @@ _MAX_TEXT = MAX_LOCAL + 1 + 4 * MAX_DOMAIN
 # controls are control characters too, and U+FFFE/U+FFFF cannot travel in XML.
 _TOKEN = re.compile(r"[^\x00-\x1f/@\x7f-\x9f\ud800-\udfff\ufffe\uffff]+")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+# A relay meets the same few names over and over (each data's are parsed as it is
+# decoded, routed and encoded), so parsed names are kept; bounded, since a peer
+# chooses them.
+_CACHED_NAMES = 1024
 
 # The report service's well-known endpoint (§6.2).
 REPORT = "apex=report"
@@ -78,6 +84,11 @@ def normalise_domain(domain: str) -> str:
     """
     if not isinstance(domain, str):
         raise AddressError("a domain must be a string")
+    return _normalise_domain(domain)
+
+
+@functools.lru_cache(maxsize=_CACHED_NAMES)
+def _normalise_domain(domain: str) -> str:
     if is_literal(domain):
         return _literal(domain)[0]
     name = domain[:-1] if domain.endswith(".") else domain
@@ -157,6 +168,12 @@ class Endpoint:
         """Parse ``local@domain``; raises :class:`AddressError` saying what is wrong."""
         if not isinstance(text, str):
             raise AddressError("an endpoint must be a string")
+        return cls._parse(text)
+
+    @classmethod
+    @functools.lru_cache(maxsize=_CACHED_NAMES)
+    def _parse(cls, text: str) -> Endpoint:
+        # Endpoints are immutable, so one may stand for every parse of its text.
         if len(text) > _MAX_TEXT:
             raise AddressError("the endpoint is too long")
         # Neither the local part nor a domain may contain "@", so the last one
