@@ -561,7 +561,7 @@ def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]
         "users",
         help="Manage the relay's SASL user file.",
         description="Manage the relay's SASL user file. A running relay sees changes at "
-        "once; no restart is needed.",
+        "the next login, and within a second for delivery; no restart is needed.",
     )
     actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
     where = argparse.ArgumentParser(add_help=False)

@@ -16,8 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure as TwistedFailure
 
+from imxp.beep import users as users_module
 from imxp.beep.saslmech import ExternalIdentity, SCRAMCredentials
 from imxp.beep.users import (
+    RECHECK_SECONDS,
     ExternalChecker,
     FailureThrottle,
     UserStore,
@@ -388,14 +390,47 @@ def test_throttle_rejects_bad_parameters():
 
 
 def test_a_running_store_sees_users_another_process_adds(tmp_path):
-    """`imxp users add` while the relay runs: the relay's store picks it up."""
-    running = UserStore(tmp_path / "users")
+    """`imxp users add` while the relay runs: the relay's store picks it up, within
+    RECHECK_SECONDS when asked whether a user exists."""
+    clock = Clock()
+    running = UserStore(tmp_path / "users", clock=clock)
     assert "carol" not in running
     UserStore(tmp_path / "users").add("carol", "her password")
+    clock.advance(RECHECK_SECONDS / 2)
+    assert "carol" not in running  # the file was looked at just now
+    clock.advance(RECHECK_SECONDS / 2)
     assert "carol" in running
-    assert running.usernames() == ["carol"]
     UserStore(tmp_path / "users").remove("carol")
+    assert "carol" in running
+    assert running.usernames() == []  # listing looks at once
     assert "carol" not in running
+
+
+def test_a_login_sees_a_user_added_a_moment_ago(tmp_path):
+    """Logins look at the file every time: a new user can log in at once."""
+    clock = Clock()
+    running = UserStore(tmp_path / "users", clock=clock)
+    assert "carol" not in running
+    UserStore(tmp_path / "users").add("carol", "her password")
+    assert outcome(running.requestAvatarId(UsernamePassword(b"carol", b"her password"))) == (
+        "carol"
+    )
+    assert outcome(running.scram_keys("carol")) is not None
+    assert "carol" in running
+
+
+def test_usernames_are_prepared_once(monkeypatch, tmp_path):
+    """SASLprep results are remembered; refusals are not."""
+    calls = []
+    real = users_module.saslprep
+    monkeypatch.setattr(users_module, "saslprep", lambda s: calls.append(s) or real(s))
+    prepare_username.cache_clear()
+    assert prepare_username("I\u00adX") == prepare_username("I\u00adX") == "IX"
+    assert calls == ["I\u00adX"]
+    for _ in range(2):
+        with pytest.raises(UserStoreError):
+            prepare_username("a:b")
+    assert calls == ["I\u00adX", "a:b", "a:b"]
 
 
 def test_a_broken_edit_keeps_the_users_the_store_had(tmp_path):

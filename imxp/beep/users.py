@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -32,6 +33,7 @@ import re
 import secrets
 import stat
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -58,6 +60,7 @@ __all__ = [
     "DEFAULT_ITERATIONS",
     "MAX_USERNAME_OCTETS",
     "MIN_ITERATIONS",
+    "RECHECK_SECONDS",
     "ExternalChecker",
     "FailureThrottle",
     "UserStore",
@@ -86,12 +89,21 @@ class UserStoreError(ValueError):
     """The user file is malformed, or a username or password is unacceptable."""
 
 
+# How long the user file is trusted not to have changed when a relay asks whether a user
+# exists (once per data for each local recipient); logins always look at the file.
+RECHECK_SECONDS = 1.0
+
+
+@functools.lru_cache(maxsize=1024)
 def prepare_username(username: str) -> str:
     """SASLprep ``username`` and check it can be stored (UserStoreError if not).
 
     Refused: empty, longer than 255 octets (RFC 4616 §2's minimum), containing ':' (the
     field separator), a leading '#' (a comment), or anything SASLprep prohibits (which
     covers NUL, CR, LF and the other control characters).
+
+    Results are remembered (bounded): a relay prepares the same few names for every data
+    it delivers, and SASLprep (RFC 4013) is costly. Refusals are not remembered.
     """
     try:
         prepared = saslprep(username)
@@ -145,8 +157,11 @@ class UserStore:
 
     Changes re-read the file first and replace it atomically (temporary file in the same
     directory, fsync, ``os.replace``), mode 0600, so a running relay and the ``imxp`` command
-    can share it: the relay picks changes up with :meth:`reload`. Two writers at the same
-    instant can still lose one change; administration is expected to be serial.
+    can share it. The relay picks up changes another process made by itself: a login looks
+    at the file first, and so does asking whether a user exists (``in``) once
+    :data:`RECHECK_SECONDS` have passed since the last look, on ``clock`` (an
+    ``IReactorTime``; by default the monotonic clock). Two writers at the same instant can
+    still lose one change; administration is expected to be serial.
 
     Checking a PLAIN password costs one PBKDF2 run (``iterations`` rounds, a few ms at the
     default) in the calling thread; unknown users cost the same so that timing does not
@@ -161,6 +176,7 @@ class UserStore:
         *,
         iterations: int = DEFAULT_ITERATIONS,
         decoy_secret: bytes | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         if not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
             raise ValueError(f"iterations must be in {MIN_ITERATIONS}..{MAX_ITERATIONS}")
@@ -169,6 +185,9 @@ class UserStore:
         self._fixed_secret = decoy_secret
         self._users: dict[str, StoredKeys] = {}
         self._seen: tuple[int, int, int] | None = None
+        self._now: Callable[[], float] = time.monotonic if clock is None else clock.seconds
+        # When the file was last looked at (None: look the next time).
+        self._looked: float | None = None
         # The secret line the file carries (or will carry from the next write).
         self._file_secret: bytes | None = None
         self.reload()
@@ -248,9 +267,14 @@ class UserStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _fresh(self) -> dict[str, StoredKeys]:
+    def _fresh(self, *, recent: bool = False) -> dict[str, StoredKeys]:
         """The users, re-read first if the file changed: an operator's ``imxp users
-        add`` on a running relay takes effect at the next login."""
+        add`` on a running relay takes effect at the next login. With ``recent``, a
+        look at the file within the last :data:`RECHECK_SECONDS` is good enough."""
+        now = self._now()
+        if recent and self._looked is not None and 0 <= now - self._looked < RECHECK_SECONDS:
+            return self._users
+        self._looked = now
         if self._stamp() != self._seen:
             try:
                 self.reload()
@@ -358,11 +382,13 @@ class UserStore:
         return sorted(self._fresh())
 
     def __contains__(self, username: object) -> bool:
-        return isinstance(username, str) and self._lookup(username) is not None
+        # A relay asks this for each local recipient of each data (RFC 3340 §4.4.4.1
+        # step 5.3): the file is looked at no more than once per RECHECK_SECONDS.
+        return isinstance(username, str) and self._lookup(username, recent=True) is not None
 
-    def _lookup(self, username: str) -> StoredKeys | None:
+    def _lookup(self, username: str, *, recent: bool = False) -> StoredKeys | None:
         try:
-            return self._fresh().get(prepare_username(username))
+            return self._fresh(recent=recent).get(prepare_username(username))
         except UserStoreError:
             return None
 
