@@ -183,9 +183,15 @@ class Pair:
         return sum(len(chunk) for chunk in self.pump.clientIO.stream)
 
     def flush(self, limit: int = 200_000) -> None:
+        """Deliver everything written, and the reactor turns a session yields to
+        when a read brings many frames (calls due now; the clock does not move)."""
         for _ in range(limit):
-            if not self.pump.pump(advanceClock=False):
+            if self.pump.pump(advanceClock=False):
+                continue
+            now = self.clock.seconds()
+            if not any(call.getTime() <= now for call in self.clock.getDelayedCalls()):
                 return
+            self.clock.advance(0)
         raise AssertionError("the sessions never went quiet")
 
     def start(self, *profiles: str | mgmt.ProfileElement, **kwargs: object) -> Channel:
@@ -438,6 +444,43 @@ def test_answers_wait_behind_an_earlier_reply():
     assert result(first).body == b"done"
     assert [m.body for m in result(many)] == [b"a0", b"a1", b"a2"]
     assert [f[0] for f in pair.to_I.frames if f[1] == 1] == [RPY, ANS, ANS, ANS, NUL]
+
+
+def _burst(pair: Pair, channel: Channel, count: int) -> list[defer.Deferred[Message]]:
+    """``count`` MSGs reaching the listener in one read."""
+    pair.I.pauseProducing()
+    replies = [channel.send(Message(b"m%d" % i)) for i in range(count)]
+    pair.I.resumeProducing()
+    return replies
+
+
+def test_a_read_of_many_frames_is_answered_a_slice_at_a_time():
+    # The replies to the first frames leave before the rest is processed, so the peer
+    # works on them meanwhile instead of the two taking turns.
+    pair, profile, channel = echo_pair(
+        listener_config=SessionConfig(window=65536, frames_per_turn=4)
+    )
+    replies = _burst(pair, channel, 10)
+    pair.pump.pump(advanceClock=False)
+    written = FrameParser().feed(b"".join(pair.pump.serverIO.stream))
+    assert [f.kind for f in written if isinstance(f, Frame)] == [RPY] * 4
+    assert profile.handlers[0].received == [b"m0", b"m1", b"m2", b"m3"]
+    pair.flush()
+    assert [result(d).body for d in replies] == [b"m%d" % i for i in range(10)]
+
+
+def test_frames_waiting_for_their_turn_die_with_the_connection():
+    pair, profile, channel = echo_pair(
+        listener_config=SessionConfig(window=65536, frames_per_turn=4)
+    )
+    replies = _burst(pair, channel, 10)
+    pair.pump.pump(advanceClock=False)
+    pair.L.transport.loseConnection()
+    pair.flush()
+    # Only the first slice was acted on; the MSGs after it fail with the session.
+    assert profile.handlers[0].received == [b"m0", b"m1", b"m2", b"m3"]
+    assert [result(d).body for d in replies[:4]] == [b"m0", b"m1", b"m2", b"m3"]
+    assert all(failure(d, SessionClosed) for d in replies[4:])
 
 
 # -- fragmentation and limits (§2.2, §2.6.3, RFC 3081 §3.1.2) ----------------------------

@@ -222,6 +222,7 @@ class FrameParser:
         end = len(buf)
         find = buf.find
         match = _DATA_HEADER.fullmatch
+        max_payload = self.max_payload
         while pos < end:
             eol = find(b"\r\n", pos, pos + _MAX_HEADER)
             if eol < 0:
@@ -237,17 +238,19 @@ class FrameParser:
             if m is not None:
                 kind, f_channel, f_msgno, f_more, f_seqno, f_size, f_ansno = m.groups()
                 size = int(f_size)
-                frame = Frame(kind, int(f_channel), int(f_msgno), f_more == b"*", int(f_seqno), b"")
-                if f_ansno is not None:
-                    frame.ansno = int(f_ansno)
+                channel = int(f_channel)
+                msgno = int(f_msgno)
+                seqno = int(f_seqno)
+                more = f_more == b"*"
+                ansno = None if f_ansno is None else int(f_ansno)
                 if (
-                    size > self.max_payload
-                    or frame.channel > MAX_31
-                    or frame.msgno > MAX_31
-                    or frame.seqno > MAX_32
-                    or (kind == ANS) != (f_ansno is not None)
-                    or (kind == NUL and (frame.more or size))
-                    or (f_ansno is not None and frame.ansno > MAX_31)  # type: ignore[operator]
+                    size > max_payload
+                    or channel > MAX_31
+                    or msgno > MAX_31
+                    or seqno > MAX_32
+                    or (kind == ANS) != (ansno is not None)
+                    or (kind == NUL and (more or size))
+                    or (ansno is not None and ansno > MAX_31)
                 ):
                     # The careful path below names what is wrong.
                     m = None
@@ -258,7 +261,7 @@ class FrameParser:
                     frames.append(self._seq(fields))
                     pos = eol + 2
                     continue
-                frame, size = self._header(kind, fields)
+                channel, msgno, more, seqno, size, ansno = self._header(kind, fields)
             start = eol + 2
             stop = start + size
             if stop + 5 > end:
@@ -267,8 +270,7 @@ class FrameParser:
             if buf[stop : stop + 5] != TRAILER:
                 self._buffer = b""
                 raise FrameError("payload not followed by the END trailer")
-            frame.payload = buf[start:stop]
-            frames.append(frame)
+            frames.append(Frame(kind, channel, msgno, more, seqno, buf[start:stop], ansno))
             pos = stop + 5
         self._buffer = buf[pos:] if pos < end else b""
         return frames
@@ -287,7 +289,10 @@ class FrameParser:
             self._buffer = b""
             raise
 
-    def _header(self, kind: bytes, fields: list[bytes]) -> tuple[Frame, int]:
+    def _header(
+        self, kind: bytes, fields: list[bytes]
+    ) -> tuple[int, int, bool, int, int, int | None]:
+        """channel, msgno, more, seqno, size and ansno of a header, each checked."""
         try:
             if kind == ANS:
                 if len(fields) != 7:
@@ -317,4 +322,4 @@ class FrameParser:
         except FrameError:
             self._buffer = b""
             raise
-        return Frame(kind, channel, msgno, more, seqno, b"", ansno), size
+        return channel, msgno, more, seqno, size, ansno

@@ -118,6 +118,8 @@ class SessionConfig:
     greeting_timeout: float = 30.0
     #: Seconds without any frame before an idle session is closed (None: never).
     idle_timeout: float | None = 600.0
+    #: Frames acted on in one reactor turn before the replies so far are written.
+    frames_per_turn: int = 16
     #: Bytes queued on a channel before its registered producer is paused.
     send_high_water: int = 256 * 1024
     features: tuple[str, ...] = ()
@@ -129,6 +131,8 @@ class SessionConfig:
             raise ValueError("window must be at least 4096 octets")
         if self.frame_size < 1:
             raise ValueError("frame_size must be positive")
+        if self.frames_per_turn < 1:
+            raise ValueError("frames_per_turn must be positive")
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,13 @@ class _Outstanding:
         self.deferred = deferred
         self.on_answer = on_answer
         self.kind: bytes | None = None
+        # The MSG itself while it is not completely written (for §2.6.3).
+        self.sending: _OutMessage | None = None
+        # The books below are set up by begin(), only for a reply that is not a single
+        # RPY frame: most replies never need them.
+
+    def begin(self) -> None:
+        """Set up reassembly, at the first frame of a fragmented or one-to-many reply."""
         self.parts: list[bytes] = []
         self.size = 0
         self.toobig = False
@@ -290,8 +301,6 @@ class _Outstanding:
         # ansno -> frames (and their total size) of an answer being reassembled
         self.partial: dict[int, list[bytes]] = {}
         self.partial_size: dict[int, int] = {}
-        # The MSG itself while it is not completely written (for §2.6.3).
-        self.sending: _OutMessage | None = None
 
 
 class _OutMessage:
@@ -388,9 +397,7 @@ class Channel:
         self._next_msgno = (msgno + 1) & MAX_31
         d: defer.Deferred[Any] = defer.Deferred()
         pending = outstanding[msgno] = _Outstanding(d, on_answer)
-        out = pending.sending = _OutMessage(MSG, msgno, message.to_payload(), None)
-        out.outstanding = pending
-        self._enqueue(out)
+        self._transmit(MSG, msgno, message.to_payload(), None, None, pending)
         return d
 
     def close(self, code: int = 200, text: str = "") -> defer.Deferred[None]:
@@ -422,10 +429,47 @@ class Channel:
             self._producer_paused = False
             producer.resumeProducing()
 
-    def _enqueue(self, out: _OutMessage) -> None:
+    def _transmit(
+        self,
+        kind: bytes,
+        msgno: int,
+        data: bytes,
+        ansno: int | None,
+        on_sent: Callable[[], None] | None = None,
+        outstanding: _Outstanding | None = None,
+    ) -> None:
+        """Send a message: at once as a single frame when nothing on this channel is
+        queued before it and the peer's window takes it whole, otherwise through the
+        queue, cut into frames as the window allows (RFC 3081 §3.1.4).
+
+        Most messages are small and most windows open, so most take the first way,
+        which costs a third of the queue's bookkeeping.
+        """
+        session = self.session
+        size = len(data)
+        if (
+            not self._queue
+            and size <= session.config.frame_size
+            and (size == 0 or (self._send_limit - self._send_seqno) % _MOD >= size)
+            and session._writable(self)
+        ):
+            seqno = self._send_seqno
+            session._out.append(
+                serialize_frame(kind, self.number, msgno, False, seqno, data, ansno)
+            )
+            self._send_seqno = (seqno + size) % _MOD
+            if on_sent is not None:
+                session._after_write.append(on_sent)
+            if not session._in_receive:
+                session._flush()
+            return
+        out = _OutMessage(kind, msgno, data, ansno, on_sent)
+        if outstanding is not None:
+            out.outstanding = outstanding
+            outstanding.sending = out
         self._queue.append(out)
-        self._queued_bytes += len(out.data)
-        self.session._ready_channel(self)
+        self._queued_bytes += size
+        session._ready_channel(self)
         if self._producer is not None:
             self._check_producer()
 
@@ -470,7 +514,7 @@ class Channel:
         requests = self._requests
         if requests and requests[0] is request:
             on_sent = request.on_sent if kind != ANS else None
-            self._enqueue(_OutMessage(kind, request.msgno, payload, ansno, on_sent))
+            self._transmit(kind, request.msgno, payload, ansno, on_sent)
             if kind != ANS:
                 self._request_done()
         else:
@@ -488,7 +532,7 @@ class Channel:
                 buffered, head._buffer = head._buffer, []
                 for kind, payload, ansno in buffered:
                     on_sent = head.on_sent if kind != ANS else None
-                    self._enqueue(_OutMessage(kind, head.msgno, payload, ansno, on_sent))
+                    self._transmit(kind, head.msgno, payload, ansno, on_sent)
         self.session._update_window(self)
         self._maybe_idle()
 
@@ -621,6 +665,9 @@ class Session(Protocol):
         self._greeting_timer: interfaces.IDelayedCall | None = None
         self._idle_timer: interfaces.IDelayedCall | None = None
         self._last_activity = 0.0
+        # Frames received and not yet acted on (see _process).
+        self._backlog: list[Frame | SeqFrame] | None = None
+        self._backlog_call: interfaces.IDelayedCall | None = None
         self._reset_channels()
 
     # -- public API --------------------------------------------------------
@@ -762,7 +809,7 @@ class Session(Protocol):
         (``greet_after_handshake``), so that its greeting can depend on the
         client certificate (SASL EXTERNAL is offered only with one).
         """
-        if self._parser.buffered:
+        if self._parser.buffered or self._backlog:
             self.abort("data received after a tuning request")
             return
         self._close_all_channels(Failure(SessionClosed("channels closed by a tuning reset")))
@@ -789,6 +836,7 @@ class Session(Protocol):
         self._reserved: set[int] = set()
         self._ready: deque[Channel] = deque()
         self._pending_seq = []
+        self._out: list[bytes] = []
         self._dirty_windows: list[Channel] = []
         self.peer_greeting = None
 
@@ -839,6 +887,27 @@ class Session(Protocol):
         except FrameError as e:
             self.abort(f"poorly formed frame: {e}")
             return
+        if self._backlog is not None:
+            self._backlog.extend(frames)
+            return
+        self._process(frames)
+
+    def _process(self, frames: list[Frame | SeqFrame]) -> None:
+        """Act on received frames, at most ``frames_per_turn`` before yielding.
+
+        A read can bring hundreds of frames. Answering them all before writing
+        anything would leave the peer idle meanwhile and make the two take turns;
+        instead the replies to each slice are written and the rest waits for the
+        next reactor turn, with reading paused so the backlog cannot grow. Other
+        sessions of the process get their turn in between, too.
+        """
+        per_turn = self.config.frames_per_turn
+        if len(frames) > per_turn:
+            self._backlog = frames[per_turn:]
+            frames = frames[:per_turn]
+            assert self.transport is not None
+            self.transport.pauseProducing()
+            self._backlog_call = self.clock.callLater(0, self._process_backlog)
         generation = self._generation
         self._in_receive = True
         try:
@@ -860,8 +929,20 @@ class Session(Protocol):
             self._in_receive = False
         self._flush()
 
+    def _process_backlog(self) -> None:
+        frames, self._backlog = self._backlog, None
+        self._backlog_call = None
+        if self._gone or not frames:
+            return
+        self._process(frames)
+        if self._backlog is None and not self._gone and self.transport is not None:
+            self.transport.resumeProducing()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
+        self._backlog = None
+        if self._backlog_call is not None and self._backlog_call.active():
+            self._backlog_call.cancel()
         # Callbacks run below may call disconnect(); the transport is already gone.
         self.transport = None
         for timer in (self._greeting_timer, self._idle_timer):
@@ -912,28 +993,34 @@ class Session(Protocol):
         if channel is None:
             raise FrameError(f"channel {frame.channel} does not exist")
         size = len(frame.payload)
-        if frame.seqno != channel._recv_seqno:
-            raise FrameError(
-                f"seqno {frame.seqno} on channel {frame.channel}, expected {channel._recv_seqno}"
-            )
+        seqno = channel._recv_seqno
+        if frame.seqno != seqno:
+            raise FrameError(f"seqno {frame.seqno} on channel {frame.channel}, expected {seqno}")
         # RFC 3081 §3.1.2: never beyond the window we advertised.
-        if size > (channel._recv_limit - channel._recv_seqno) % _MOD:
+        if size > (channel._recv_limit - seqno) % _MOD:
             raise FrameError(f"{size} octets overrun the window of channel {frame.channel}")
+        kind = frame.kind
         # §2.2.1.1: after a '*' frame only the same message may follow on this channel,
         # with the same keyword (MSG 0 then RPY 0 are two messages).
         if channel._last_more and (
-            frame.msgno != channel._last_msgno or frame.kind != channel._last_kind
+            frame.msgno != channel._last_msgno or kind != channel._last_kind
         ):
             raise FrameError("frame interleaved into an incomplete message")
-        channel._recv_seqno = (channel._recv_seqno + size) % _MOD
-        channel._last_more = frame.more
-        channel._last_msgno = frame.msgno
-        channel._last_kind = frame.kind
-        if frame.kind == MSG:
+        channel._recv_seqno = (seqno + size) % _MOD
+        if frame.more:
+            channel._last_more = True
+            channel._last_msgno = frame.msgno
+            channel._last_kind = kind
+        else:
+            channel._last_more = False
+        # Only ever called while a batch is processed: the SEQ goes out after it.
+        if not channel._window_dirty:
+            channel._window_dirty = True
+            self._dirty_windows.append(channel)
+        if kind == MSG:
             self._msg_frame(channel, frame)
         else:
             self._reply_frame(channel, frame)
-        self._update_window(channel)
 
     def _msg_frame(self, channel: Channel, frame: Frame) -> None:
         msgno = frame.msgno
@@ -1000,13 +1087,34 @@ class Session(Protocol):
         if outstanding is None:
             raise FrameError(f"{kind.decode()} for msgno {msgno}, which awaits no reply")
         previous = outstanding.kind
+        if (
+            kind == RPY
+            and previous is None
+            and not frame.more
+            and outstanding.sending is None
+            and channel.number
+            and len(frame.payload) <= self.config.max_message_size
+        ):
+            # The common case: a whole RPY in one frame to a MSG completely sent.
+            del channel._outstanding[msgno]
+            try:
+                message = Message.from_payload(frame.payload)
+            except MessageError as e:
+                outstanding.deferred.errback(BEEPError(500, f"poorly formed reply: {e}"))
+            else:
+                outstanding.deferred.callback(message)
+            if channel._idle_waiters:
+                channel._maybe_idle()
+            return
         greeting = channel.number == 0 and msgno == 0
         if greeting:
             if kind not in (RPY, ERR) or (kind == ERR and self.role is Role.LISTENER):
                 raise FrameError("session must begin with a greeting")
         elif previous is None and outstanding.sending is not None:
             channel._reply_arrived_early(outstanding.sending)
-        if previous is not None:
+        if previous is None:
+            outstanding.begin()
+        else:
             if kind == NUL:
                 if previous != ANS:
                     raise FrameError("NUL after a reply that is not ANS")
@@ -1157,6 +1265,17 @@ class Session(Protocol):
 
     # -- frames out ---------------------------------------------------------
 
+    def _writable(self, channel: Channel) -> bool:
+        """Whether a frame on ``channel`` may be written now, ahead of the queues."""
+        return not (
+            self._paused
+            or self._gone
+            or self.transport is None
+            or not channel._announced
+            or (self._tuning and channel.number)
+            or self._channels.get(channel.number) is not channel
+        )
+
     def _ready_channel(self, channel: Channel) -> None:
         if not channel._in_ready:
             channel._in_ready = True
@@ -1179,6 +1298,10 @@ class Session(Protocol):
                         self._pending_seq.append(seq)
         if self._pending_seq and not self._tuning:
             parts, self._pending_seq = self._pending_seq, []
+        if self._out:
+            # Frames already numbered (see Channel._transmit) go before anything queued.
+            parts += self._out
+            self._out = []
         if not self._paused:
             ready = self._ready
             frame_size = self.config.frame_size
@@ -1217,7 +1340,7 @@ class Session(Protocol):
     def _send_greeting(self) -> None:
         profiles = tuple(uri for uri, p in self.profiles.items() if p.offered(self))
         greeting = mgmt.Greeting(profiles, self.config.features, self.config.localize)
-        self._channels[0]._enqueue(_OutMessage(RPY, 0, _mgmt(greeting).to_payload(), None))
+        self._channels[0]._transmit(RPY, 0, _mgmt(greeting).to_payload(), None)
 
     def _start_greeting_timer(self) -> None:
         self._greeting_timer = self.clock.callLater(
