@@ -117,13 +117,13 @@ def malicious_relay(
     relay = net.relays["b.test"].service.relay
     deliver = relay._deliver
 
-    async def tampering(journey: Any, recipient: Any, endpoint: Endpoint) -> None:
+    def tampering(journey: Any, recipient: Any, endpoint: Endpoint) -> Any:
         content = journey.data.content
         if content is not None and str(endpoint) == BARNEY:
             start = content.raw.index(b"\r\n\r\n") + 4  # the part's body, after its headers
             raw = flip(content.raw, start + where(content.raw[start:]))
             journey.data = replace(journey.data, content=replace(content, raw=raw))
-        await deliver(journey, recipient, endpoint)
+        return deliver(journey, recipient, endpoint)
 
     monkeypatch.setattr(relay, "_deliver", tampering)
 

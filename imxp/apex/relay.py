@@ -18,9 +18,9 @@ recipient's journey go back as statusResponses from ``apex=report`` (§6.2).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -47,6 +47,8 @@ from imxp.beep.session import (
 )
 
 __all__ = ["APEXChannel", "APEXProfile", "Mode", "Relay"]
+
+_Party = TypeVar("_Party", wire.Originator, wire.Recipient)
 
 
 class Mode(enum.Enum):
@@ -263,20 +265,27 @@ class Relay:
             return self._refuse(channel, 504, f"option {unknown.name} not implemented")
         if channel.mode is Mode.EDGE and apex_options.data_hopping(data.options) is None:
             # RFC 3342 §4: a loop ends in an error report, not a storm.
-            data = replace(
-                data,
-                options=apex_options.with_data_hopping(data.options, self.max_hops, 1),
+            data = _with_options(
+                data, apex_options.with_data_hopping(data.options, self.max_hops, 1)
             )
-        journey = _Journey(data, originator, apex_options.status_request(data.options))
-        self.in_flight += 1
-        d = defer.ensureDeferred(self._carry(journey))
-        d.addErrback(self._carry_failed, journey)
-        d.addBoth(self._journey_done)
+        self._start(_Journey(data, originator, apex_options.status_request(data.options)))
         return wire.OK()
 
     # -- carrying data (§4.4.4.1 step 5) ---------------------------------------
+    #
+    # Plain Deferred chains rather than coroutines: most steps finish at once (local
+    # verdicts, cached routes), and a relay carries thousands of data a second.
 
-    async def _carry(self, journey: _Journey) -> None:
+    def _start(self, journey: _Journey) -> None:
+        self.in_flight += 1
+        try:
+            d = self._carry(journey)
+        except Exception:
+            d = defer.fail()
+        d.addErrback(self._carry_failed, journey)
+        d.addBoth(self._journey_done)
+
+    def _carry(self, journey: _Journey) -> defer.Deferred[None]:
         local: list[tuple[wire.Recipient, Endpoint]] = []
         remote: dict[str, list[tuple[wire.Recipient, Endpoint]]] = {}
         for recipient in journey.data.recipients:
@@ -289,35 +298,41 @@ class Relay:
                 local.append((recipient, endpoint))
             else:
                 remote.setdefault(endpoint.domain, []).append((recipient, endpoint))
-        work = [self._deliver(journey, recipient, endpoint) for recipient, endpoint in local]
+        waiting = [
+            _guarded(self._deliver, journey, recipient, endpoint) for recipient, endpoint in local
+        ]
         if remote:
-            work.append(self._forward_remote(journey, remote))
-        await defer.gatherResults([defer.ensureDeferred(w) for w in work])
-        self._send_reports(journey)
+            waiting.append(_guarded(self._forward_remote, journey, remote))
+        return _all(waiting).addCallback(lambda _: self._send_reports(journey))
 
-    async def _deliver(
+    def _deliver(
         self, journey: _Journey, recipient: wire.Recipient, endpoint: Endpoint
-    ) -> None:
-        """§4.4.4.1 step 5.3: access check, then the attached application."""
+    ) -> defer.Deferred[None] | None:
+        """§4.4.4.1 step 5.3: access check, then the attached application.
+
+        None when the verdict is in at once; else fires once it is."""
         identity = recipient.identity
         if endpoint.is_service:
             code, text = self._to_service(journey, endpoint)
             self._verdict(journey, identity, code, text, final=True)
-            return
+            return None
         if not self.policy.exists(endpoint):
             self._verdict(journey, identity, 550, "unknown endpoint identity", final=True)
-            return
+            return None
         if not self.policy.may_deliver(journey.originator, endpoint):
             self._verdict(journey, identity, 537, "access denied", final=True)
-            return
+            return None
         channel = self.attached.get(endpoint)
         if channel is None or channel.channel is None:
             self._verdict(journey, identity, 450, "endpoint not attached", final=True)
-            return
+            return None
         # A final relay keeps every option as it hands the data over (§5).
-        message = wire.encode(replace(journey.data, recipients=[recipient]))
-        verdict = await self._answer(channel.channel.send(message))
-        self._verdict(journey, identity, verdict.code, verdict.text, final=True)
+        data = journey.data
+        one = wire.Data(data.originator, [recipient], data.options, data.content_ref, data.content)
+        sending = self._answer(channel.channel.send(wire.encode(one)))
+        return sending.addCallback(
+            lambda verdict: self._verdict(journey, identity, verdict.code, verdict.text, final=True)
+        )
 
     def _to_service(self, journey: _Journey, endpoint: Endpoint) -> tuple[int, str]:
         """Data for a well-known endpoint of this domain (§6)."""
@@ -325,15 +340,26 @@ class Relay:
             return self.reports.accept(journey.data)
         return 550, f"no service {endpoint.address} at {self.domain}"
 
-    async def _forward_remote(
+    def _forward_remote(
         self, journey: _Journey, remote: dict[str, list[tuple[wire.Recipient, Endpoint]]]
-    ) -> None:
+    ) -> defer.Deferred[None]:
         """§4.4.4.1 step 5.2: recipients whose domains have the same next hops travel
         together, in one data per next hop."""
         domains = list(remote)
-        routes = await defer.gatherResults(
-            [defer.ensureDeferred(self._route(journey, d, remote[d])) for d in domains]
-        )
+        if len(domains) == 1:
+            domain = domains[0]
+            routes = self._route(journey, domain, remote[domain]).addCallback(lambda t: [t])
+        else:
+            routes = defer.gatherResults([self._route(journey, d, remote[d]) for d in domains])
+        return routes.addCallback(self._forward_routed, journey, domains, remote)
+
+    def _forward_routed(
+        self,
+        routes: list[list[Target] | None],
+        journey: _Journey,
+        domains: list[str],
+        remote: dict[str, list[tuple[wire.Recipient, Endpoint]]],
+    ) -> defer.Deferred[None]:
         hops: dict[frozenset[Target], tuple[list[Target], list[str], list[wire.Recipient]]] = {}
         for domain, targets in zip(domains, routes, strict=True):
             if targets is None:
@@ -341,20 +367,21 @@ class Relay:
             _, names, recipients = hops.setdefault(frozenset(targets), (targets, [], []))
             names.append(domain)
             recipients.extend(recipient for recipient, _ in remote[domain])
-        await defer.gatherResults(
+        return _all(
             [
-                defer.ensureDeferred(self._forward(journey, targets, ", ".join(names), recipients))
+                _guarded(self._forward, journey, targets, ", ".join(names), recipients)
                 for targets, names, recipients in hops.values()
             ]
         )
 
-    async def _route(
+    def _route(
         self, journey: _Journey, domain: str, group: list[tuple[wire.Recipient, Endpoint]]
-    ) -> list[Target] | None:
+    ) -> defer.Deferred[list[Target] | None]:
         """The next hops for ``domain``; without any, its recipients' verdicts."""
-        try:
-            return await self.router.route(domain)
-        except NoRoute as e:
+
+        def no_route(failure: Failure) -> None:
+            failure.trap(NoRoute)
+            e = failure.value
             code = 550 if e.permanent else 451
             for recipient, _ in group:
                 self._verdict(
@@ -364,17 +391,20 @@ class Relay:
                     f"no route to {domain}: {e.reason}",
                     final=True,
                 )
-            return None
 
-    async def _forward(
+        return self.router.route(domain).addErrback(no_route)
+
+    def _forward(
         self,
         journey: _Journey,
         targets: list[Target],
         domain: str,
         recipients: list[wire.Recipient],
-    ) -> None:
-        """Hand one data with ``recipients`` to the first of ``targets`` that takes it."""
-        options = [o for o in journey.data.options if apex_options.forwarded(o)]
+    ) -> defer.Deferred[None] | None:
+        """Hand one data with ``recipients`` to the first of ``targets`` that takes it.
+
+        None when the verdicts are in at once; else fires once they are."""
+        options = _forwarded(journey.data.options)
         hopping = apex_options.data_hopping(options)
         if hopping is not None:
             option, limits = hopping
@@ -395,41 +425,47 @@ class Relay:
                     # own transID even when no statusRequest came with the data.
                     failed = [(r.identity, 554, reason) for r in recipients]
                     self.reports.report(journey.originator, option.trans_id, failed)
-                return
-            options = apex_options.with_data_hopping(options, left, option.trans_id)
-        data = replace(
-            journey.data,
-            recipients=[
-                replace(r, options=[o for o in r.options if apex_options.forwarded(o)])
-                for r in recipients
-            ],
-            originator=replace(
-                journey.data.originator,
-                options=[o for o in journey.data.originator.options if apex_options.forwarded(o)],
-            ),
-            options=options,
+                return None
+            options = apex_options.with_data_hopping(
+                options, left, option.trans_id, limits.report_errors
+            )
+        data = journey.data
+        onward = wire.Data(
+            _forwarded_party(data.originator),
+            [_forwarded_party(r) for r in recipients],
+            options,
+            data.content_ref,
+            data.content,
         )
         deadline = self.clock.seconds() + self.delivery_timeout
-        verdict = await self.pool.send(targets, wire.encode(data), deadline)
+        sending = defer.ensureDeferred(self.pool.send(targets, wire.encode(onward), deadline))
+        return sending.addCallback(self._handed_on, journey, domain, recipients)
+
+    def _handed_on(
+        self, verdict: Verdict, journey: _Journey, domain: str, recipients: list[wire.Recipient]
+    ) -> None:
         text = f"relayed to {domain}" if verdict.ok else verdict.text
         for recipient in recipients:
             # Handed on: the next relay now answers for it, so this is not final.
             self._verdict(journey, recipient.identity, verdict.code, text, final=not verdict.ok)
 
-    async def _answer(self, sending: defer.Deferred[Message]) -> Verdict:
+    def _answer(self, sending: defer.Deferred[Message]) -> defer.Deferred[Verdict]:
         timeout = self.clock.callLater(self.delivery_timeout, sending.cancel)
-        try:
-            await sending
-        except BEEPError as e:
-            return Verdict(e.code, e.text)
-        except defer.CancelledError:
-            return Verdict(451, "endpoint did not answer in time")
-        except SessionClosed:
-            return Verdict(451, "endpoint's session was lost; outcome unknown")
-        finally:
+
+        def answered(result: Message | Failure) -> Verdict | Failure:
             if timeout.active():
                 timeout.cancel()
-        return Verdict(250)
+            if not isinstance(result, Failure):
+                return Verdict(250)
+            if result.check(BEEPError):
+                return Verdict(result.value.code, result.value.text)
+            if result.check(defer.CancelledError):
+                return Verdict(451, "endpoint did not answer in time")
+            if result.check(SessionClosed):
+                return Verdict(451, "endpoint's session was lost; outcome unknown")
+            return result
+
+        return sending.addBoth(answered)
 
     def _verdict(
         self, journey: _Journey, identity: str, code: int, text: str, *, final: bool
@@ -464,11 +500,7 @@ class Relay:
             originator = Endpoint.parse(data.originator.identity)
         except AddressError:
             return
-        journey = _Journey(data, originator, None)
-        self.in_flight += 1
-        d = defer.ensureDeferred(self._carry(journey))
-        d.addErrback(self._carry_failed, journey)
-        d.addBoth(self._journey_done)
+        self._start(_Journey(data, originator, None))
 
     def _carry_failed(self, failure: Failure, journey: _Journey) -> None:
         self.log.failure(
@@ -526,3 +558,39 @@ class Relay:
                 sends.append(channel.channel.send(message).addErrback(lambda f: None))
             self._release(channel, list(channel.attachments))
         return defer.gatherResults(sends).addCallback(lambda _: None)
+
+
+def _guarded(step: Callable[..., defer.Deferred[Any] | None], *args: Any) -> Any:
+    """``step(*args)``, a failed Deferred if it raises: one recipient's trouble must not
+    keep the others from their verdicts."""
+    try:
+        return step(*args)
+    except Exception:
+        return defer.fail()
+
+
+def _all(waiting: list[defer.Deferred[Any] | None]) -> defer.Deferred[Any]:
+    """Fires once every one of ``waiting`` has (None: nothing to wait for)."""
+    pending = [d for d in waiting if d is not None]
+    if not pending:
+        return defer.succeed(None)
+    if len(pending) == 1:
+        return pending[0]
+    return defer.gatherResults(pending)
+
+
+def _with_options(data: wire.Data, options: list[wire.Option]) -> wire.Data:
+    return wire.Data(data.originator, data.recipients, options, data.content_ref, data.content)
+
+
+def _forwarded(options: list[wire.Option]) -> list[wire.Option]:
+    """The options that travel on to the next relay (§5: not ``this``)."""
+    return [o for o in options if apex_options.forwarded(o)]
+
+
+def _forwarded_party(party: _Party) -> _Party:
+    """``party`` as the next relay gets it: the same object when all its options travel."""
+    options = _forwarded(party.options)
+    if len(options) == len(party.options):
+        return party
+    return type(party)(party.identity, options)
