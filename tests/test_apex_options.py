@@ -196,9 +196,22 @@ def test_data_hopping_defaults() -> None:
 )
 def test_bad_data_hopping(body: str) -> None:
     option = Option("dataHopping", target_hop="all", must_understand=True, trans_id=1, body=body)
-    with pytest.raises(APEXError) as info:
-        data_hopping([option])
-    assert info.value.code == 501
+    for _ in range(2):  # read bodies are cached; refused ones are refused every time
+        with pytest.raises(APEXError) as info:
+            data_hopping([option])
+        assert info.value.code == 501
+
+
+@pytest.mark.parametrize("padding", [0, 300])
+def test_data_hopping_read_alike_cached_or_not(padding: int) -> None:
+    """Short bodies are read once and remembered; long ones are read every time."""
+    space = " " * (1 + padding)
+    good = Option("dataHopping", body=f"<dataHopping noMoreThan='3'{space}reportErrors='true'/>")
+    assert data_hopping([good]) == data_hopping([good]) == (good, DataHopping(3, True))
+    bad = Option("dataHopping", body=f"<dataHopping noMoreThan='300'{space}/>")
+    for _ in range(2):
+        with pytest.raises(APEXError):
+            data_hopping([bad])
 
 
 def hopping(opts: list[Option]) -> DataHopping:

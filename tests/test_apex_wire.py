@@ -580,6 +580,20 @@ def test_encode_refuses_invalid_objects(element: wire.APEXElement) -> None:
         encode(element)
 
 
+@pytest.mark.parametrize("padding", [0, 300])
+def test_encode_checks_option_bodies_alike_cached_or_not(padding: int) -> None:
+    """Bodies that passed are remembered (short ones); a bad one is refused every time."""
+    space = " " * padding
+    for body, good in ((f"<x{space}/>", True), (f"<x{space}>", False), (f"a{space}</x>", False)):
+        attach = Attach("a@b.example", 1, [Option("o", body=body)])
+        for _ in range(2):
+            if good:
+                assert decode(encode(attach)) == attach
+            else:
+                with pytest.raises(ValueError, match="not well-formed"):
+                    encode(attach)
+
+
 def test_encode_refuses_non_elements() -> None:
     with pytest.raises(TypeError):
         encode("<ok/>")  # type: ignore[arg-type]

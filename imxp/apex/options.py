@@ -9,9 +9,10 @@ it travels on; and it reads and writes the two options a relay acts on:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from imxp.apex.wire import APEXError, Option
 from imxp.beep import xmlsafe
@@ -36,6 +37,10 @@ DATA_HOPPING = "dataHopping"
 KNOWN = frozenset({STATUS_REQUEST, DATA_HOPPING})
 MAX_HOPS = 255  # HOPS of the RFC 3342 §6 DTD
 _HOPS = re.compile(r"[0-9]{1,3}\Z")
+# A relay reads the dataHopping of every data it forwards; the few bodies in use are kept
+# read. Only short ones (a dataHopping element is ~50 characters), so a peer cannot make
+# the cache hold much.
+_CACHEABLE_BODY = 256
 
 
 def applies(option: Option, *, final: bool) -> bool:
@@ -117,8 +122,14 @@ def data_hopping(options: Iterable[Option]) -> tuple[Option, DataHopping] | None
         return None
     if not option.body:
         return option, DataHopping(0, False)
+    if len(option.body) <= _CACHEABLE_BODY:
+        return option, _read_data_hopping_cached(option.body)
+    return option, _read_data_hopping(option.body)
+
+
+def _read_data_hopping(body: str) -> DataHopping:
     try:
-        element = xmlsafe.parse(option.body.encode("utf-8"))
+        element = xmlsafe.parse(body.encode("utf-8"))
     except xmlsafe.XMLError as e:
         raise APEXError(501, f"dataHopping option: {e}") from None
     if element.tag != DATA_HOPPING or len(element) or (element.text or "").strip(" \t\r\n"):
@@ -129,7 +140,11 @@ def data_hopping(options: Iterable[Option]) -> tuple[Option, DataHopping] | None
     report = element.get("reportErrors", "false")
     if report not in ("true", "false"):
         raise APEXError(501, f"dataHopping reportErrors {report[:8]!r} is not true|false")
-    return option, DataHopping(int(hops), report == "true")
+    return DataHopping(int(hops), report == "true")
+
+
+# Refusals raise, so only readable bodies are kept.
+_read_data_hopping_cached = functools.lru_cache(maxsize=256)(_read_data_hopping)
 
 
 def with_data_hopping(
@@ -165,9 +180,8 @@ def with_data_hopping(
             )
         )
     else:
-        result[index] = replace(
-            result[index], target_hop="all", must_understand=True, trans_id=trans_id, body=body
-        )
+        old = result[index]
+        result[index] = Option(old.name, old.external, "all", True, trans_id, old.localize, body)
     return result
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import email.message
 import email.utils
+import functools
 import re
 import secrets
 from collections.abc import Iterable
@@ -768,10 +769,23 @@ def _check_option(option: Option) -> None:
     if not 0 <= option.trans_id <= MAX_TRANS_ID:
         raise ValueError(f"option transID {option.trans_id} is out of range")
     if option.body:
-        try:
-            _parse(f"<option>{option.body}</option>".encode())
-        except APEXError as e:
-            raise ValueError(f"option body is not well-formed XML: {e.text}") from None
+        if len(option.body) <= _CACHEABLE_BODY:
+            _check_short_option_body(option.body)
+        else:
+            _check_option_body(option.body)
+
+
+def _check_option_body(body: str) -> None:
+    try:
+        _parse(f"<option>{body}</option>".encode())
+    except APEXError as e:
+        raise ValueError(f"option body is not well-formed XML: {e.text}") from None
+
+
+# A relay re-encodes the same few option bodies (its dataHopping) in every data it
+# forwards; those that passed are remembered. Short ones only, so the cache stays small.
+_CACHEABLE_BODY = 256
+_check_short_option_body = functools.lru_cache(maxsize=256)(_check_option_body)
 
 
 def _options_xml(options: list[Option]) -> str:
