@@ -1129,3 +1129,9 @@ def test_plain_multipart_parameters_refuse_what_email_refuses() -> None:
     ):
         assert wire._plain_params(content_type) is not None
         expect(500, Message(body, content_type))
+
+
+@SETTINGS
+@given(st.text(alphabet=st.sampled_from("ab@.'\"&<>\n\r\t \u00e9"), max_size=12) | st.text())
+def test_attribute_values_quoted_as_quoteattr_does(value: str) -> None:
+    assert wire._attr(value) == quoteattr(value)
