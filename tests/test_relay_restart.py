@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 import pytest_twisted
 from apexnet import App, RelayHandle, attach, free_ports, start_relay
 from test_session import echo_pair, failure, result
@@ -348,3 +349,24 @@ def test_session_lost_tells_msgs_never_written_from_msgs_under_way() -> None:
     pair.flush()
     assert type(failure(under_way, SessionClosed)) is SessionClosed
     assert isinstance(failure(queued, NotSent), NotSent)
+
+
+@pytest.mark.parametrize(
+    "trouble",
+    [
+        NotSent("session lost"),
+        SessionClosed("session lost"),
+        BEEPError(421, "relay is shutting down"),
+        BEEPError(450, "busy"),
+        BEEPError(550, "no"),
+    ],
+)
+def test_pool_judges_trouble_on_a_link_that_is_up_as_on_a_new_one(trouble: Exception) -> None:
+    """Data for a link that is up skips the retry loop until something goes wrong; what
+    goes wrong then means what it means on a new link."""
+    fresh = _Next(_channel(trouble, None), _channel(None))
+    used = _Next(_channel(None, trouble, None), _channel(None))
+    assert used.send() == Verdict(250)
+    assert used.send() == fresh.send()
+    assert used.connects == fresh.connects
+    assert [c.sent for c in used.channels] == [fresh.channels[0].sent + 1, fresh.channels[1].sent]

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -59,6 +60,8 @@ class Verdict:
         return self.code == 250
 
 
+_UNREACHABLE = Verdict(421, "next hop unreachable")
+
 #: Makes a bound link to a target; fails with LinkFailed.
 Connector = Callable[[Target], Awaitable[Link]]
 
@@ -86,12 +89,19 @@ class PeerPool:
     def _key(target: Target) -> tuple[str, int, str]:
         return (target.host.lower(), target.port, target.tls_name)
 
-    async def _link(self, target: Target) -> Link:
-        key = self._key(target)
+    def _usable(self, key: tuple[str, int, str]) -> Link | None:
+        """The link to ``key`` if it can carry data now."""
         link = self._links.get(key)
         # A channel the peer is closing (e.g. it is shutting down) refuses new MSGs
         # locally with 550; that is no verdict of the next hop, so connect anew.
         if link is not None and not link.session._gone and not link.channel._closing:
+            return link
+        return None
+
+    async def _link(self, target: Target) -> Link:
+        key = self._key(target)
+        link = self._usable(key)
+        if link is not None:
             return link
         waiters = self._connecting.get(key)
         if waiters is not None:
@@ -120,12 +130,41 @@ class PeerPool:
             d.callback(link)
         return link
 
-    async def send(self, targets: list[Target], message: Message, deadline: float) -> Verdict:
+    def send(self, targets: list[Target], message: Message, deadline: float) -> Deferred[Verdict]:
         """Hand ``message`` (an encoded data) to the first next hop that takes it."""
+        link = self._usable(self._key(targets[0])) if targets else None
+        if link is None:
+            return defer.ensureDeferred(self._send(targets, message, deadline))
+        # The usual case, a link that is up to the first choice: no coroutine until
+        # something goes wrong.
+        return link.channel.send(message).addCallbacks(
+            lambda _: Verdict(250),
+            self._first_failed,
+            errbackArgs=(targets, message, deadline, link),
+        )
+
+    def _first_failed(
+        self, failure: Failure, targets: list[Target], message: Message, deadline: float, link: Link
+    ) -> Verdict | Deferred[Verdict]:
+        verdict, final = self._judge(failure, targets[0], link)
+        if final:
+            return verdict
+        return defer.ensureDeferred(self._send(targets, message, deadline, skip=1, last=verdict))
+
+    async def _send(
+        self,
+        targets: list[Target],
+        message: Message,
+        deadline: float,
+        *,
+        skip: int = 0,
+        last: Verdict = _UNREACHABLE,
+    ) -> Verdict:
+        """Try ``targets`` in turn (the first ``skip`` of them already tried), again and
+        again with backoff until ``deadline``."""
         delay = self._first_retry
-        last = Verdict(421, "next hop unreachable")
         while True:
-            for target in targets:
+            for target in targets[skip:]:
                 try:
                     link = await self._link(target)
                 except LinkFailed as e:
@@ -135,24 +174,34 @@ class PeerPool:
                     continue
                 try:
                     await link.channel.send(message)
-                except BEEPError as e:
-                    last = Verdict(e.code, e.text)
-                    if e.code >= 500:
+                except (BEEPError, SessionClosed):
+                    last, final = self._judge(Failure(), target, link)
+                    if final:
                         return last
-                    if e.code == 421:
-                        self._retire(link)
                     continue
-                except NotSent:
-                    # Lost before a single octet went out: the next hop never saw it.
-                    last = Verdict(421, f"{target.host}:{target.port}: session lost before sending")
-                    continue
-                except SessionClosed:
-                    return Verdict(451, "session to the next hop was lost; outcome unknown")
                 return Verdict(250)
+            skip = 0
             if self.closing or self._clock.seconds() + delay > deadline:
                 return last
             await task.deferLater(self._clock, delay, lambda: None)
             delay = min(delay * 2, self._max_retry)
+
+    def _judge(self, failure: Failure, target: Target, link: Link) -> tuple[Verdict, bool]:
+        """What sending on ``link`` failing with ``failure`` says, and whether that is final."""
+        if failure.check(BEEPError):
+            e = failure.value
+            if e.code >= 500:
+                return Verdict(e.code, e.text), True
+            if e.code == 421:
+                self._retire(link)
+            return Verdict(e.code, e.text), False
+        if failure.check(NotSent):
+            # Lost before a single octet went out: the next hop never saw it.
+            verdict = Verdict(421, f"{target.host}:{target.port}: session lost before sending")
+            return verdict, False
+        if failure.check(SessionClosed):
+            return Verdict(451, "session to the next hop was lost; outcome unknown"), True
+        failure.raiseException()
 
     def _retire(self, link: Link) -> None:
         """The next hop is going away (421, RFC 3340 §10): queue nothing more on this

@@ -438,7 +438,7 @@ class Relay:
             data.content,
         )
         deadline = self.clock.seconds() + self.delivery_timeout
-        sending = defer.ensureDeferred(self.pool.send(targets, wire.encode(onward), deadline))
+        sending = self.pool.send(targets, wire.encode(onward), deadline)
         return sending.addCallback(self._handed_on, journey, domain, recipients)
 
     def _handed_on(

@@ -191,22 +191,21 @@ class Router:
         SRV candidates are drawn afresh on every call, cached answer or not, so that the
         weights of RFC 2782 spread the load over successive deliveries.
         """
-        return defer.ensureDeferred(self._route(domain))
-
-    def describe(self, domain: str) -> Deferred[str]:
-        """A human-readable account of how ``domain`` is routed and why (``imxp route``)."""
-        return defer.ensureDeferred(self._describe(domain))
-
-    async def _route(self, domain: str) -> list[Target]:
+        # No coroutine: a relay routes every data it forwards, and configured routes and
+        # cached answers need no waiting.
         try:
             name, target, _rule = self._configured(domain)
         except NoRoute as e:
             # Not a lookup, but a route that failed all the same: logged like one.
             _log_failure(domain, e.reason, e.permanent)
-            raise
+            return defer.fail(e)
         if target is not None:
-            return [target]
-        return self._targets(name, await self._answer(name))
+            return defer.succeed([target])
+        return self._answer(name).addCallback(lambda answer: self._targets(name, answer))
+
+    def describe(self, domain: str) -> Deferred[str]:
+        """A human-readable account of how ``domain`` is routed and why (``imxp route``)."""
+        return defer.ensureDeferred(self._describe(domain))
 
     async def _describe(self, domain: str) -> str:
         try:
