@@ -973,8 +973,11 @@ def status_response_data(report: str | Endpoint, to: str, response: StatusRespon
         sender = str(report)
     else:
         sender = report if "@" in report else str(report_endpoint(report))
+    # encode_status_response writes well-formed XML (identities checked, diagnostics
+    # escaped): Content.inline_xml would only parse it again, once per report.
+    raw = f'<data-content Name="Content">{encode_status_response(response)}</data-content>'
     return Data(
         originator=Originator(sender),
         recipients=[Recipient(to)],
-        content=Content.inline_xml(encode_status_response(response)),
+        content=Content("inline", raw.encode(), "Content"),
     )
