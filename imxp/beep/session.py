@@ -218,7 +218,8 @@ class Request:
         self._finished = False
         # Set when the channel is gone: late replies are dropped, not errors.
         self._dead = False
-        self._buffer: list[tuple[bytes, bytes, int | None]] = []
+        # Replies made before those to earlier MSGs were sent (§2.6.1).
+        self._buffer: list[tuple[bytes, bytes, int | None]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -328,6 +329,40 @@ class _OutMessage:
 class Channel:
     """One channel of a session: its profile, its handler, and both directions' books."""
 
+    __slots__ = (
+        "_announced",
+        "_closing",
+        "_held",
+        "_idle_waiters",
+        "_in_discard",
+        "_in_msgno",
+        "_in_parts",
+        "_in_ready",
+        "_in_size",
+        "_last_kind",
+        "_last_more",
+        "_last_msgno",
+        "_next_msgno",
+        "_outstanding",
+        "_producer",
+        "_producer_paused",
+        "_queue",
+        "_queued_bytes",
+        "_recv_limit",
+        "_recv_seqno",
+        "_request_msgnos",
+        "_requests",
+        "_send_limit",
+        "_send_seqno",
+        "_window",
+        "_window_dirty",
+        "handler",
+        "number",
+        "profile",
+        "session",
+        "start_reply",
+    )
+
     def __init__(
         self, session: Session, number: int, profile: str, handler: ChannelHandler
     ) -> None:
@@ -340,7 +375,9 @@ class Channel:
         # Sending. RFC 3081 §3.1.1: the peer's window starts at 4096 whatever it offers.
         self._send_seqno = 0
         self._send_limit = 4096
-        self._queue: deque[_OutMessage] = deque()
+        # Made a deque when first needed: most messages never queue (see _transmit), and
+        # an empty deque costs 760 octets on each of a relay's many idle channels.
+        self._queue: deque[_OutMessage] | tuple[()] = ()
         self._queued_bytes = 0
         self._in_ready = False
         # False while the reply to the peer's start is unwritten: the peer doesn't know
@@ -360,7 +397,8 @@ class Channel:
         self._in_parts: list[bytes] = []
         self._in_size = 0
         self._in_discard = False
-        self._requests: deque[Request] = deque()
+        # A list, not a deque: few requests wait at once, and an empty list is 56 octets.
+        self._requests: list[Request] = []
         self._request_msgnos: set[int] = set()
         # Octets of received MSGs still being processed, charged against the window.
         self._held = 0
@@ -450,7 +488,7 @@ class Channel:
         if (
             not self._queue
             and size <= session.config.frame_size
-            and (size == 0 or (self._send_limit - self._send_seqno) % _MOD >= size)
+            and (size == 0 or size <= (self._send_limit - self._send_seqno) % _MOD < _HALF)
             and session._writable(self)
         ):
             seqno = self._send_seqno
@@ -467,7 +505,10 @@ class Channel:
         if outstanding is not None:
             out.outstanding = outstanding
             outstanding.sending = out
-        self._queue.append(out)
+        queue = self._queue
+        if not isinstance(queue, deque):
+            queue = self._queue = deque()
+        queue.append(out)
         self._queued_bytes += size
         session._ready_channel(self)
         if self._producer is not None:
@@ -475,7 +516,9 @@ class Channel:
 
     def _next_frame(self, frame_size: int) -> bytes | None:
         """The next frame of the head message within the peer's window, or None."""
-        out = self._queue[0]
+        queue = self._queue
+        assert isinstance(queue, deque)
+        out = queue[0]
         avail = (self._send_limit - self._send_seqno) % _MOD
         if avail >= _HALF:
             avail = 0
@@ -493,7 +536,7 @@ class Channel:
         out.offset = offset + n
         self._queued_bytes -= n
         if not more:
-            self._queue.popleft()
+            queue.popleft()
             if out.outstanding is not None:
                 out.outstanding.sending = None
             if out.on_sent is not None:
@@ -519,17 +562,19 @@ class Channel:
                 self._request_done()
         else:
             # §2.6.1: replies go out in the order the MSGs arrived.
+            if request._buffer is None:
+                request._buffer = []
             request._buffer.append((kind, payload, ansno))
 
     def _request_done(self) -> None:
         requests = self._requests
         while requests and requests[0]._finished:
-            done = requests.popleft()
+            done = requests.pop(0)
             self._request_msgnos.discard(done.msgno)
             self._held -= done.cost
-            if requests:
+            if requests and requests[0]._buffer:
                 head = requests[0]
-                buffered, head._buffer = head._buffer, []
+                buffered, head._buffer = head._buffer, None
                 for kind, payload, ansno in buffered:
                     on_sent = head.on_sent if kind != ANS else None
                     self._transmit(kind, head.msgno, payload, ansno, on_sent)
@@ -1541,7 +1586,7 @@ class Session(Protocol):
 
     def _fail_channel(self, channel: Channel, reason: Failure) -> None:
         outstanding, channel._outstanding = channel._outstanding, {}
-        channel._queue.clear()
+        channel._queue = ()
         channel._queued_bytes = 0
         for request in channel._requests:
             request._dead = True
