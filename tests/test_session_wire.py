@@ -36,6 +36,7 @@ from imxp.beep.session import (
     SessionConfig,
     SessionFactory,
 )
+from imxp.beep.tls import TLSProfile
 
 OTP = "http://iana.org/beep/SASL/OTP"
 TLS = "http://iana.org/beep/TLS"
@@ -767,6 +768,33 @@ def test_frames_after_the_bad_one_in_the_same_read_are_ignored():
         wire.feed(wire.frame(MSG, 9, 0, b"\r\nbad") + good)
     assert_terminated(wire, events)
     assert handler.received == []
+
+
+@pytest.mark.parametrize("position", [1, 3], ids=["same-slice", "next-slice"])
+def test_frames_after_a_tls_ready_end_the_session_whichever_slice_they_are_in(position):
+    # §3.1.3: after ready, nothing but the new transport. With 4 frames acted on per
+    # reactor turn, the frame after ready is in the same slice or waits for the next.
+    otp = RecordingProfile(OTP)
+    wire = greeted_listener(
+        TLSProfile(None),
+        otp,
+        config=SessionConfig(frames_per_turn=4),  # type: ignore[arg-type]
+    )
+    wire.feed_rfc(RFC_START_TWO, exact=True)
+    wire.read_one()
+    handler = otp.handlers[0]
+    before = [wire.frame(MSG, 1, n, b"\r\nm%d" % n) for n in range(position)]
+    tls_start = parse_one(transcribe(RFC_START_TLS)).payload.replace(b"'1'", b"'3'")
+    ready = wire.frame(MSG, 0, 2, tls_start)
+    after = wire.frame(MSG, 1, position, b"\r\nafter")
+    with capturedLogs() as events:
+        wire.feed(b"".join(before) + ready + after)
+        wire.clock.advance(0)
+    assert wire.aborted
+    assert [e["reason"] for e in events if e.get("event") == TERMINATED] == [
+        "data received after a tuning request"
+    ]
+    assert handler.received == [b"m%d" % n for n in range(position)]
 
 
 def fresh_listener() -> Wire:
