@@ -630,9 +630,13 @@ def _plain_params(value: str) -> dict[str, str] | None:
     for param in _PLAIN_PARAM.finditer(value, header.start(1), header.end(1)):
         name = param[1].lower()
         if name in _MULTIPART_PARAMS and name not in params:  # the first one counts
-            token = param[2]
-            # email unquotes twice; a second time only strips <> (no quotes are left).
-            params[name] = email.utils.unquote(token if token is not None else param[3])
+            value = param[2]
+            if value is None:
+                value = param[3]
+                # email unquotes twice, and the second time strips the <> of start="<cid>".
+                if len(value) > 1 and value[0] == "<" and value[-1] == ">":
+                    value = value[1:-1]
+            params[name] = value
     return params
 
 
