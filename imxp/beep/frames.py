@@ -11,6 +11,7 @@ continuity, windows) are the session's, see :mod:`imxp.beep.session`.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 __all__ = [
     "ANS",
@@ -43,7 +44,13 @@ TRAILER = b"END\r\n"
 _MAX_HEADER = 3 + 1 + 10 + 1 + 10 + 1 + 1 + 1 + 10 + 1 + 10 + 1 + 10 + 2
 
 
-# The common case in one match; anything it rejects goes through the careful,
+# The usual frame in one match, CRLF included: numbers of at most 9 digits are in
+# every range, so only the size needs a look. Anything else takes the general path.
+_USUAL_HEADER = re.compile(
+    rb"(MSG|RPY|ERR) ([0-9]{1,9}) ([0-9]{1,9}) ([.*]) ([0-9]{1,9}) ([0-9]{1,9})\r\n"
+)
+
+# The general case in one match; anything it rejects goes through the careful,
 # field-by-field checks that say exactly what is wrong.
 _DATA_HEADER = re.compile(
     rb"(MSG|RPY|ERR|ANS|NUL) ([0-9]{1,10}) ([0-9]{1,10}) ([.*]) ([0-9]{1,10}) ([0-9]{1,10})"
@@ -55,49 +62,20 @@ class FrameError(Exception):
     """A poorly formed frame (RFC 3080 §2.2.1.1): the session must end without a reply."""
 
 
-class Frame:
-    """One data frame. ``more`` is True for an intermediate frame (``*``)."""
+class Frame(NamedTuple):
+    """One data frame. ``more`` is True for an intermediate frame (``*``).
 
-    __slots__ = ("ansno", "channel", "kind", "more", "msgno", "payload", "seqno")
+    A tuple, since a session makes one per frame received and a tuple is the
+    cheapest object Python makes.
+    """
 
-    def __init__(
-        self,
-        kind: bytes,
-        channel: int,
-        msgno: int,
-        more: bool,
-        seqno: int,
-        payload: bytes,
-        ansno: int | None = None,
-    ) -> None:
-        self.kind = kind
-        self.channel = channel
-        self.msgno = msgno
-        self.more = more
-        self.seqno = seqno
-        self.payload = payload
-        self.ansno = ansno
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Frame):
-            return NotImplemented
-        return (
-            self.kind,
-            self.channel,
-            self.msgno,
-            self.more,
-            self.seqno,
-            self.payload,
-            self.ansno,
-        ) == (
-            other.kind,
-            other.channel,
-            other.msgno,
-            other.more,
-            other.seqno,
-            other.payload,
-            other.ansno,
-        )
+    kind: bytes
+    channel: int
+    msgno: int
+    more: bool
+    seqno: int
+    payload: bytes
+    ansno: int | None = None
 
     def __repr__(self) -> str:
         ans = "" if self.ansno is None else f" ansno={self.ansno}"
@@ -110,6 +88,10 @@ class Frame:
         return serialize_frame(
             self.kind, self.channel, self.msgno, self.more, self.seqno, self.payload, self.ansno
         )
+
+
+# Frame's own __new__ is a Python function; the parser skips it.
+_new_tuple = tuple.__new__
 
 
 class SeqFrame:
@@ -221,9 +203,35 @@ class FrameParser:
         pos = 0
         end = len(buf)
         find = buf.find
+        usual = _USUAL_HEADER.match
         match = _DATA_HEADER.fullmatch
         max_payload = self.max_payload
         while pos < end:
+            m = usual(buf, pos)
+            if m is not None:
+                kind, f_channel, f_msgno, f_more, f_seqno, f_size = m.groups()
+                size = int(f_size)
+                if size <= max_payload:
+                    start = m.end()
+                    stop = start + size
+                    if stop + 5 > end:
+                        self._need = stop + 5 - pos
+                        break
+                    if buf[stop : stop + 5] != TRAILER:
+                        self._buffer = b""
+                        raise FrameError("payload not followed by the END trailer")
+                    frame = (
+                        kind,
+                        int(f_channel),
+                        int(f_msgno),
+                        f_more == b"*",
+                        int(f_seqno),
+                        buf[start:stop],
+                        None,
+                    )
+                    frames.append(_new_tuple(Frame, frame))
+                    pos = stop + 5
+                    continue
             eol = find(b"\r\n", pos, pos + _MAX_HEADER)
             if eol < 0:
                 if end - pos >= _MAX_HEADER:
@@ -270,7 +278,9 @@ class FrameParser:
             if buf[stop : stop + 5] != TRAILER:
                 self._buffer = b""
                 raise FrameError("payload not followed by the END trailer")
-            frames.append(Frame(kind, channel, msgno, more, seqno, buf[start:stop], ansno))
+            frames.append(
+                _new_tuple(Frame, (kind, channel, msgno, more, seqno, buf[start:stop], ansno))
+            )
             pos = stop + 5
         self._buffer = buf[pos:] if pos < end else b""
         return frames

@@ -485,13 +485,13 @@ class Channel:
         """
         session = self.session
         size = len(data)
+        seqno = self._send_seqno
         if (
             not self._queue
+            and (size == 0 or size <= (self._send_limit - seqno) % _MOD < _HALF)
             and size <= session.config.frame_size
-            and (size == 0 or size <= (self._send_limit - self._send_seqno) % _MOD < _HALF)
             and session._writable(self)
         ):
-            seqno = self._send_seqno
             session._out.append(
                 serialize_frame(kind, self.number, msgno, False, seqno, data, ansno)
             )
@@ -1312,13 +1312,11 @@ class Session(Protocol):
 
     def _writable(self, channel: Channel) -> bool:
         """Whether a frame on ``channel`` may be written now, ahead of the queues."""
-        return not (
-            self._paused
-            or self._gone
-            or self.transport is None
-            or not channel._announced
-            or (self._tuning and channel.number)
-            or self._channels.get(channel.number) is not channel
+        return (
+            not (self._paused or self._gone or (self._tuning and channel.number))
+            and channel._announced
+            and self._channels.get(channel.number) is channel
+            and self.transport is not None
         )
 
     def _ready_channel(self, channel: Channel) -> None:
