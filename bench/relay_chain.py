@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
 import pstats
 import re
@@ -164,6 +165,8 @@ def serve_relay(args: argparse.Namespace) -> None:
         print(*(port.getHost().port for port in service.ports), flush=True)
 
     defer.ensureDeferred(service.startService()).addCallback(started)
+    # As `twistd imxp` does (imxp/tap.py): startup objects leave the collector's sight.
+    reactor.callWhenRunning(gc.freeze)
     if args.profile:
         _profile_until_shutdown(f"relay {domain} (pid {os.getpid()})")
     reactor.run()

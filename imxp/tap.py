@@ -9,6 +9,7 @@ daemonises. An exception from :func:`makeService` would end twistd with a traceb
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, ClassVar
 
 from twisted.logger import Logger
@@ -60,6 +61,13 @@ def makeService(options: Options) -> IService:
     """The relay service for the configuration ``options`` carries."""
     # Imported here rather than at the top, so that `twistd imxp --help` and the reporting of
     # configuration errors do not load the relay engine and everything it uses.
+    from twisted.internet import reactor
+
     from imxp.apex.service import make_relay_service
 
-    return make_relay_service(options.config, prepared=options.prepared)
+    relay = make_relay_service(options.config, prepared=options.prepared)
+    # What exists when the reactor starts (modules, certificates, configuration) lives as
+    # long as the process. Frozen, it is left out of garbage collections: each full one
+    # walked all of it, a pause of about 40 ms that showed in the relay's p99 latency.
+    reactor.callWhenRunning(gc.freeze)
+    return relay

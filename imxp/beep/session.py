@@ -119,7 +119,7 @@ class SessionConfig:
     #: Seconds without any frame before an idle session is closed (None: never).
     idle_timeout: float | None = 600.0
     #: Frames acted on in one reactor turn before the replies so far are written.
-    frames_per_turn: int = 16
+    frames_per_turn: int = 8
     #: Bytes queued on a channel before its registered producer is paused.
     send_high_water: int = 256 * 1024
     features: tuple[str, ...] = ()
