@@ -284,13 +284,19 @@ class FakeRelay:
     answer: wire.OK | wire.Error
     """The reply to the bind, piggybacked on the reply to the start."""
 
-    async def send(self, originator: str, recipients: list[str], body: bytes = BODY) -> None:
+    async def send(
+        self,
+        originator: str,
+        recipients: list[str],
+        body: bytes = BODY,
+        options: list[wire.Option] | None = None,
+    ) -> None:
         """Data as a relay forwards it (no statusRequest); a refusal raises BEEPError."""
         data = wire.Data(
             wire.Originator(originator),
             [wire.Recipient(r) for r in recipients],
             # What a relay forwards carries the hop count of RFC 3342 §4.
-            apex_options.with_data_hopping([], 8, 1),
+            apex_options.with_data_hopping([], 8, 1) if options is None else options,
             content=wire.Content.from_bytes(body, "text/plain"),
         )
         await self.channel.send(wire.encode(data))
@@ -499,6 +505,85 @@ async def test_forged_originator_from_a_relay(
     [event] = named(events, "apex.refused")
     assert (event["code"], event["mode"]) == (537, "relay-relay")
     assert "fred@a.test" in event["text"]
+
+
+@pytest.mark.parametrize(
+    "body", ["<dataHopping noMoreThan='many' />", "<hopping noMoreThan='3' />"]
+)
+@pytest_twisted.ensureDeferred
+async def test_unreadable_hop_limit_from_a_relay_is_refused_before_ok(
+    build_mesh: MeshBuilder,
+    server_cert: Callable[..., Issued],
+    events: list[LogEvent],
+    body: str,
+) -> None:
+    """RFC 3342 §4: a hop limit the relay cannot read it cannot honour. The data is refused
+    with 501 before ok, so the sending relay still answers for it; nothing is delivered
+    and nothing fails inside the relay."""
+    mesh = await build_mesh()
+    betty = await mesh.attach(BETTY)
+    peer = await fake_relay(mesh, "c.test", server_cert("b.test"), "b.test")
+    [hopping] = apex_options.with_data_hopping([], 8, 1)
+    unreadable = dataclasses.replace(hopping, body=body)
+
+    with pytest.raises(BEEPError) as refused:
+        await peer.send(BARNEY, [BETTY], b"x", options=[unreadable])
+    assert refused.value.code == 501
+    await mesh.settle()
+    assert betty.data == []
+    [event] = named(events, "apex.refused")
+    assert event["code"] == 501
+    assert named(events, "apex.internal-error") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreadable_hop_limit_from_an_endpoint_is_refused(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    [hopping] = apex_options.with_data_hopping([], 3, 7)
+    data = wire.Data(
+        wire.Originator(FRED),
+        [wire.Recipient(BARNEY)],
+        [dataclasses.replace(hopping, body="<dataHopping reportErrors='maybe' />")],
+        content=wire.Content.from_bytes(b"x", "text/plain"),
+    )
+    with pytest.raises(BEEPError) as refused:
+        await fred.channel.send(wire.encode(data))
+    assert refused.value.code == 501
+    await mesh.settle()
+    assert barney.data == []
+    assert [e["code"] for e in named(events, "apex.refused")] == [501]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fault_in_one_delivery_still_ends_every_recipient_once(
+    build_mesh: MeshBuilder, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while carrying one recipient (here: delivering to wilma raises) is logged,
+    that recipient gets 451, and the others still get their own verdicts, all reported."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    await mesh.attach(WILMA)
+    relay = mesh.relay("a.test").service.relay
+    deliver = relay._deliver
+
+    def faulty(journey: Any, recipient: wire.Recipient, endpoint: Any) -> Any:
+        if recipient.identity == WILMA:
+            raise RuntimeError("a bug")
+        return deliver(journey, recipient, endpoint)
+
+    monkeypatch.setattr(relay, "_deliver", faulty)
+    trans_id = await mesh.send(fred, [WILMA, BARNEY, "nobody@a.test"])
+    await mesh.settle()
+
+    assert received(barney) == [(FRED, BODY)]
+    assert codes(fred, trans_id) == {WILMA: 451, BARNEY: 250, "nobody@a.test": 550}
+    assert len(named(events, "apex.internal-error")) == 1
+    mesh.assert_exactly_once()
 
 
 @pytest_twisted.ensureDeferred

@@ -131,6 +131,8 @@ class _Journey:
     status: wire.Option | None
     # (identity, code, text) of verdicts that end a journey here and are reported
     reports: list[tuple[str, int, str]] = field(default_factory=list)
+    # Recipients with a verdict here, final or a hand-over.
+    settled: set[str] = field(default_factory=set)
 
 
 class Relay:
@@ -263,7 +265,13 @@ class Relay:
         unknown = apex_options.check_must_understand(data.options, final=False)
         if unknown is not None:
             return self._refuse(channel, 504, f"option {unknown.name} not implemented")
-        if channel.mode is Mode.EDGE and apex_options.data_hopping(data.options) is None:
+        try:
+            hopping = apex_options.data_hopping(data.options)
+        except wire.APEXError as e:
+            # RFC 3342 §4: a hop limit this relay cannot read, it cannot honour; refused
+            # before ok, so the sender still answers for the data.
+            return self._refuse(channel, e.code, e.text)
+        if channel.mode is Mode.EDGE and hopping is None:
             # RFC 3342 §4: a loop ends in an error report, not a storm.
             data = _with_options(
                 data, apex_options.with_data_hopping(data.options, self.max_hops, 1)
@@ -283,6 +291,7 @@ class Relay:
         except Exception:
             d = defer.fail()
         d.addErrback(self._carry_failed, journey)
+        d.addCallback(lambda _: self._send_reports(journey))
         d.addBoth(self._journey_done)
 
     def _carry(self, journey: _Journey) -> defer.Deferred[None]:
@@ -303,7 +312,7 @@ class Relay:
         ]
         if remote:
             waiting.append(_guarded(self._forward_remote, journey, remote))
-        return _all(waiting).addCallback(lambda _: self._send_reports(journey))
+        return _all(waiting)
 
     def _deliver(
         self, journey: _Journey, recipient: wire.Recipient, endpoint: Endpoint
@@ -471,6 +480,7 @@ class Relay:
         self, journey: _Journey, identity: str, code: int, text: str, *, final: bool
     ) -> None:
         """Record one recipient's verdict here; report it when asked (§5.1)."""
+        journey.settled.add(identity)
         self.log.info(
             "{identity} from {originator}: {code} {text}",
             identity=identity,
@@ -503,12 +513,19 @@ class Relay:
         self._start(_Journey(data, originator, None))
 
     def _carry_failed(self, failure: Failure, journey: _Journey) -> None:
+        """A bug of ours: logged, and every recipient without a verdict yet gets 451, so
+        that the originator still hears once about each (§4.4.4.1 step 5)."""
         self.log.failure(
             "carrying data from {originator} failed",
             failure=failure,
             originator=str(journey.originator),
             event="apex.internal-error",
         )
+        for recipient in journey.data.recipients:
+            if recipient.identity not in journey.settled:
+                self._verdict(
+                    journey, recipient.identity, 451, "local error in processing", final=True
+                )
 
     def _journey_done(self, _: object) -> None:
         self.in_flight -= 1
@@ -570,13 +587,21 @@ def _guarded(step: Callable[..., defer.Deferred[Any] | None], *args: Any) -> Any
 
 
 def _all(waiting: list[defer.Deferred[Any] | None]) -> defer.Deferred[Any]:
-    """Fires once every one of ``waiting`` has (None: nothing to wait for)."""
+    """Fires once every one of ``waiting`` has (None: nothing to wait for); fails with
+    the first failure, but only then, so no verdict arrives after the journey ends."""
     pending = [d for d in waiting if d is not None]
     if not pending:
         return defer.succeed(None)
     if len(pending) == 1:
         return pending[0]
-    return defer.gatherResults(pending)
+
+    def done(results: list[tuple[bool, Any]]) -> Failure | None:
+        for ok, result in results:
+            if not ok:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    return defer.DeferredList(pending, consumeErrors=True).addCallback(done)
 
 
 def _with_options(data: wire.Data, options: list[wire.Option]) -> wire.Data:
