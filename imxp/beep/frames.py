@@ -204,73 +204,39 @@ class FrameParser:
         end = len(buf)
         find = buf.find
         usual = _USUAL_HEADER.match
-        match = _DATA_HEADER.fullmatch
         max_payload = self.max_payload
         while pos < end:
             m = usual(buf, pos)
             if m is not None:
                 kind, f_channel, f_msgno, f_more, f_seqno, f_size = m.groups()
                 size = int(f_size)
-                if size <= max_payload:
-                    start = m.end()
-                    stop = start + size
-                    if stop + 5 > end:
-                        self._need = stop + 5 - pos
-                        break
-                    if buf[stop : stop + 5] != TRAILER:
-                        self._buffer = b""
-                        raise FrameError("payload not followed by the END trailer")
-                    frame = (
-                        kind,
-                        int(f_channel),
-                        int(f_msgno),
-                        f_more == b"*",
-                        int(f_seqno),
-                        buf[start:stop],
-                        None,
-                    )
-                    frames.append(_new_tuple(Frame, frame))
-                    pos = stop + 5
-                    continue
-            eol = find(b"\r\n", pos, pos + _MAX_HEADER)
-            if eol < 0:
-                if end - pos >= _MAX_HEADER:
-                    self._buffer = b""
-                    raise FrameError("header too long or not terminated by CRLF")
-                # A bare LF inside a would-be header can never become valid.
-                if find(b"\n", pos) >= 0:
-                    self._buffer = b""
-                    raise FrameError("header not terminated by CRLF")
-                break
-            m = match(buf, pos, eol)
-            if m is not None:
-                kind, f_channel, f_msgno, f_more, f_seqno, f_size, f_ansno = m.groups()
-                size = int(f_size)
                 channel = int(f_channel)
                 msgno = int(f_msgno)
-                seqno = int(f_seqno)
                 more = f_more == b"*"
-                ansno = None if f_ansno is None else int(f_ansno)
-                if (
-                    size > max_payload
-                    or channel > MAX_31
-                    or msgno > MAX_31
-                    or seqno > MAX_32
-                    or (kind == ANS) != (ansno is not None)
-                    or (kind == NUL and (more or size))
-                    or (ansno is not None and ansno > MAX_31)
-                ):
-                    # The careful path below names what is wrong.
+                seqno = int(f_seqno)
+                ansno = None
+                start = m.end()
+                if size > max_payload:
                     m = None
             if m is None:
+                eol = find(b"\r\n", pos, pos + _MAX_HEADER)
+                if eol < 0:
+                    if end - pos >= _MAX_HEADER:
+                        self._buffer = b""
+                        raise FrameError("header too long or not terminated by CRLF")
+                    # A bare LF inside a would-be header can never become valid.
+                    if find(b"\n", pos) >= 0:
+                        self._buffer = b""
+                        raise FrameError("header not terminated by CRLF")
+                    break
                 fields = buf[pos:eol].split(b" ")
                 kind = fields[0]
                 if kind == SEQ:
                     frames.append(self._seq(fields))
                     pos = eol + 2
                     continue
-                channel, msgno, more, seqno, size, ansno = self._header(kind, fields)
-            start = eol + 2
+                channel, msgno, more, seqno, size, ansno = self._general(buf, pos, eol, fields)
+                start = eol + 2
             stop = start + size
             if stop + 5 > end:
                 self._need = stop + 5 - pos
@@ -298,6 +264,32 @@ class FrameParser:
         except FrameError:
             self._buffer = b""
             raise
+
+    def _general(
+        self, buf: bytes, pos: int, eol: int, fields: list[bytes]
+    ) -> tuple[int, int, bool, int, int, int | None]:
+        """channel, msgno, more, seqno, size and ansno of any data frame header."""
+        m = _DATA_HEADER.fullmatch(buf, pos, eol)
+        if m is not None:
+            kind, f_channel, f_msgno, f_more, f_seqno, f_size, f_ansno = m.groups()
+            size = int(f_size)
+            channel = int(f_channel)
+            msgno = int(f_msgno)
+            seqno = int(f_seqno)
+            more = f_more == b"*"
+            ansno = None if f_ansno is None else int(f_ansno)
+            if not (
+                size > self.max_payload
+                or channel > MAX_31
+                or msgno > MAX_31
+                or seqno > MAX_32
+                or (kind == ANS) != (ansno is not None)
+                or (kind == NUL and (more or size))
+                or (ansno is not None and ansno > MAX_31)
+            ):
+                return channel, msgno, more, seqno, size, ansno
+        # The careful path names what is wrong.
+        return self._header(fields[0], fields)
 
     def _header(
         self, kind: bytes, fields: list[bytes]
