@@ -480,8 +480,8 @@ class Channel:
         queued before it and the peer's window takes it whole, otherwise through the
         queue, cut into frames as the window allows (RFC 3081 §3.1.4).
 
-        Most messages are small and most windows open, so most take the first way,
-        which costs a third of the queue's bookkeeping.
+        Most messages are small and most windows open, so most take the first way and
+        skip the queue's bookkeeping.
         """
         session = self.session
         size = len(data)
@@ -943,8 +943,10 @@ class Session(Protocol):
         A read can bring hundreds of frames. Answering them all before writing
         anything would leave the peer idle meanwhile and make the two take turns;
         instead the replies to each slice are written and the rest waits for the
-        next reactor turn, with reading paused so the backlog cannot grow. Other
-        sessions of the process get their turn in between, too.
+        next reactor turn, with reading paused. Other sessions of the process get
+        their turn in between, too. The backlog stays bounded whatever the
+        transport does: its frames are not yet acknowledged by SEQ, so the peer
+        cannot send more than the windows allow (RFC 3081 §3.1.4).
         """
         per_turn = self.config.frames_per_turn
         if len(frames) > per_turn:
