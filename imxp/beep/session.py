@@ -490,7 +490,12 @@ class Channel:
             not self._queue
             and (size == 0 or size <= (self._send_limit - seqno) % _MOD < _HALF)
             and size <= session.config.frame_size
-            and session._writable(self)
+            and self._announced
+            # Nothing may be written ahead of the queues while the transport is full,
+            # nor while tuning (but on channel zero), nor on a channel of the past.
+            and not (session._paused or session._gone or (session._tuning and self.number))
+            and session._channels.get(self.number) is self
+            and session.transport is not None
         ):
             session._out.append(
                 serialize_frame(kind, self.number, msgno, False, seqno, data, ansno)
@@ -1031,32 +1036,28 @@ class Session(Protocol):
             self._ready_channel(channel)
 
     def _frame_received(self, frame: Frame) -> None:
-        if self.peer_greeting is None and (
-            frame.channel != 0 or frame.msgno != 0 or frame.kind == MSG
-        ):
+        kind, number, msgno, more, seqno, payload, _ = frame
+        if self.peer_greeting is None and (number or msgno or kind == MSG):
             # §2.4: each peer begins with its greeting (RPY, or a listener's ERR, 0 0).
             raise FrameError("session must begin with a greeting")
-        channel = self._channels.get(frame.channel)
+        channel = self._channels.get(number)
         if channel is None:
-            raise FrameError(f"channel {frame.channel} does not exist")
-        size = len(frame.payload)
-        seqno = channel._recv_seqno
-        if frame.seqno != seqno:
-            raise FrameError(f"seqno {frame.seqno} on channel {frame.channel}, expected {seqno}")
+            raise FrameError(f"channel {number} does not exist")
+        size = len(payload)
+        expected = channel._recv_seqno
+        if seqno != expected:
+            raise FrameError(f"seqno {seqno} on channel {number}, expected {expected}")
         # RFC 3081 §3.1.2: never beyond the window we advertised.
-        if size > (channel._recv_limit - seqno) % _MOD:
-            raise FrameError(f"{size} octets overrun the window of channel {frame.channel}")
-        kind = frame.kind
+        if size > (channel._recv_limit - expected) % _MOD:
+            raise FrameError(f"{size} octets overrun the window of channel {number}")
         # §2.2.1.1: after a '*' frame only the same message may follow on this channel,
         # with the same keyword (MSG 0 then RPY 0 are two messages).
-        if channel._last_more and (
-            frame.msgno != channel._last_msgno or kind != channel._last_kind
-        ):
+        if channel._last_more and (msgno != channel._last_msgno or kind != channel._last_kind):
             raise FrameError("frame interleaved into an incomplete message")
-        channel._recv_seqno = (seqno + size) % _MOD
-        if frame.more:
+        channel._recv_seqno = (expected + size) % _MOD
+        if more:
             channel._last_more = True
-            channel._last_msgno = frame.msgno
+            channel._last_msgno = msgno
             channel._last_kind = kind
         else:
             channel._last_more = False
@@ -1311,15 +1312,6 @@ class Session(Protocol):
         return serialize_seq(channel.number, channel._recv_seqno, offer)
 
     # -- frames out ---------------------------------------------------------
-
-    def _writable(self, channel: Channel) -> bool:
-        """Whether a frame on ``channel`` may be written now, ahead of the queues."""
-        return (
-            not (self._paused or self._gone or (self._tuning and channel.number))
-            and channel._announced
-            and self._channels.get(channel.number) is channel
-            and self.transport is not None
-        )
 
     def _ready_channel(self, channel: Channel) -> None:
         if not channel._in_ready:
