@@ -948,10 +948,9 @@ class Session(Protocol):
         A read can bring hundreds of frames. Answering them all before writing
         anything would leave the peer idle meanwhile and make the two take turns;
         instead the replies to each slice are written and the rest waits for the
-        next reactor turn, with reading paused. Other sessions of the process get
-        their turn in between, too. The backlog stays bounded whatever the
-        transport does: its frames are not yet acknowledged by SEQ, so the peer
-        cannot send more than the windows allow (RFC 3081 §3.1.4).
+        next reactor turn. Other sessions of the process get their turn in between,
+        too. Reading is paused meanwhile, so what waits is at most what the last
+        read brought, even from a peer that ignores its windows.
         """
         per_turn = self.config.frames_per_turn
         if len(frames) > per_turn:
