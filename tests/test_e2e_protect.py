@@ -21,8 +21,10 @@ from imxp.e2e.protect import (
     CPIM_ENTITY_HEADER,
     E2EError,
     Keys,
+    MIMEError,
     ReplayCache,
     Report,
+    content_from_entity,
     open_message,
     protect_cpim,
 )
@@ -371,3 +373,16 @@ def test_junk_is_reported_never_raised(
     assert isinstance(report, Report)
     if report.status != "plain":
         assert not report.presentable and report.problems
+
+
+def test_a_transfer_encoding_with_octets_outside_ascii_is_a_mime_error() -> None:
+    # compat32 gives such a value as an email.header.Header, not a str (found by the
+    # mutation property test of test_e2e_smime.py).
+    with pytest.raises(MIMEError, match="unsupported Content-Transfer-Encoding"):
+        content_from_entity(b"Content-Transfer-Encoding: b\x80\r\n\r\nx")
+
+
+def test_a_content_type_with_octets_outside_ascii_is_read_as_text() -> None:
+    content_type, body = content_from_entity(b"Content-Type: text/pl\xe9in\r\n\r\nx")
+    assert isinstance(content_type, str) and content_type.startswith("text/pl")
+    assert body == b"x"

@@ -225,6 +225,13 @@ def split_entity(raw: bytes) -> tuple[Message, bytes]:
     return _HEADERS.parsebytes(head), body
 
 
+def _field(headers: Message, name: str, default: str) -> str:
+    """A header's value as text: for a value with octets outside ASCII, compat32 hands
+    back an ``email.header.Header``, which has none of str's methods."""
+    value = headers.get(name)
+    return default if value is None else str(value)
+
+
 def param(headers: Message, name: str) -> str | None:
     """The Content-Type parameter ``name``, RFC 2231 continuations and charsets undone."""
     value = headers.get_param(name)
@@ -288,7 +295,7 @@ def decoded_body(headers: Message, body: bytes) -> bytes:
 
     Raises :class:`MIMEError` for an encoding this does not read or bad base64.
     """
-    cte = (headers.get("content-transfer-encoding") or "binary").strip().lower()
+    cte = _field(headers, "content-transfer-encoding", "binary").strip().lower()
     if cte in ("7bit", "8bit", "binary"):
         return body
     if cte != "base64":
@@ -309,7 +316,7 @@ def content_from_entity(entity: bytes) -> tuple[str, bytes]:
     as it is, its parts carrying their own encodings.
     """
     headers, body = split_entity(entity)
-    content_type = _FOLD.sub("", headers.get("content-type", "text/plain"))
+    content_type = _FOLD.sub("", _field(headers, "content-type", "text/plain"))
     if headers.get_content_maintype() != "multipart":
         body = decoded_body(headers, body)
     return content_type, body
