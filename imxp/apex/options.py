@@ -9,12 +9,11 @@ it travels on; and it reads and writes the two options a relay acts on:
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from imxp.apex.wire import APEXError, Option
+from imxp.apex.wire import APEXError, Option, remember_short_bodies
 from imxp.beep import xmlsafe
 
 __all__ = [
@@ -37,10 +36,6 @@ DATA_HOPPING = "dataHopping"
 KNOWN = frozenset({STATUS_REQUEST, DATA_HOPPING})
 MAX_HOPS = 255  # HOPS of the RFC 3342 §6 DTD
 _HOPS = re.compile(r"[0-9]{1,3}\Z")
-# A relay reads the dataHopping of every data it forwards; the few bodies in use are kept
-# read. Only short ones (a dataHopping element is ~50 characters), so a peer cannot make
-# the cache hold much.
-_CACHEABLE_BODY = 256
 
 
 def applies(option: Option, *, final: bool) -> bool:
@@ -122,11 +117,10 @@ def data_hopping(options: Iterable[Option]) -> tuple[Option, DataHopping] | None
         return None
     if not option.body:
         return option, DataHopping(0, False)
-    if len(option.body) <= _CACHEABLE_BODY:
-        return option, _read_data_hopping_cached(option.body)
     return option, _read_data_hopping(option.body)
 
 
+@remember_short_bodies
 def _read_data_hopping(body: str) -> DataHopping:
     try:
         element = xmlsafe.parse(body.encode("utf-8"))
@@ -141,10 +135,6 @@ def _read_data_hopping(body: str) -> DataHopping:
     if report not in ("true", "false"):
         raise APEXError(501, f"dataHopping reportErrors {report[:8]!r} is not true|false")
     return DataHopping(int(hops), report == "true")
-
-
-# Refusals raise, so only readable bodies are kept.
-_read_data_hopping_cached = functools.lru_cache(maxsize=256)(_read_data_hopping)
 
 
 def with_data_hopping(

@@ -29,9 +29,9 @@ import email.utils
 import functools
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import quote, unquote
 from xml.etree.ElementTree import Element
 from xml.sax.saxutils import escape, quoteattr
@@ -110,6 +110,7 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # forwarded to the next relay as it came; data-content is the data's content.
 _VERBATIM = frozenset({"option", "data-content"})
 _TARGET_HOPS = ("this", "final", "all")
+_T = TypeVar("_T")
 # XML's white space (XML 1.0 §2.3 S); str.strip() would also take U+00A0 and friends.
 _S = " \t\r\n"
 
@@ -247,7 +248,7 @@ class Content:
         """New inline content: ``xml_text`` inside ``<data-content Name='name'>`` (§4.1)."""
         if not _NAME.match(name):
             raise ValueError(f"data-content Name {name!r} is not an XML name")
-        raw = f"<data-content Name={_attr(name)}>{xml_text}</data-content>".encode()
+        raw = _inline(xml_text, name)
         try:
             _parse(raw)
         except APEXError as e:
@@ -760,6 +761,11 @@ def encode(element: APEXElement) -> Message:
     return Message(_xml(element).encode("utf-8"), BEEP_XML)
 
 
+def _inline(xml_text: str, name: str) -> bytes:
+    """The ``data-content`` element carrying ``xml_text`` inline (§4.1)."""
+    return f"<data-content Name={_attr(name)}>{xml_text}</data-content>".encode()
+
+
 def _attr(value: str) -> str:
     """``quoteattr(value)``: quickly for the usual value, which needs no escaping."""
     if _ATTR_SPECIAL.search(value) is None:
@@ -783,23 +789,30 @@ def _check_option(option: Option) -> None:
     if not 0 <= option.trans_id <= MAX_TRANS_ID:
         raise ValueError(f"option transID {option.trans_id} is out of range")
     if option.body:
-        if len(option.body) <= _CACHEABLE_BODY:
-            _check_short_option_body(option.body)
-        else:
-            _check_option_body(option.body)
+        _check_option_body(option.body)
 
 
+def remember_short_bodies(read: Callable[[str], _T]) -> Callable[[str], _T]:
+    """``read`` of an option body, its results remembered for short bodies.
+
+    A relay meets the same few option bodies (a dataHopping element is ~50 characters)
+    in every data it carries. Only results are kept - a body that raises is read again
+    - and only of bodies up to 256 characters, so a peer cannot make the cache big.
+    """
+    remembered = functools.lru_cache(maxsize=256)(read)
+
+    def reading(body: str) -> _T:
+        return remembered(body) if len(body) <= 256 else read(body)
+
+    return reading
+
+
+@remember_short_bodies
 def _check_option_body(body: str) -> None:
     try:
         _parse(f"<option>{body}</option>".encode())
     except APEXError as e:
         raise ValueError(f"option body is not well-formed XML: {e.text}") from None
-
-
-# A relay re-encodes the same few option bodies (its dataHopping) in every data it
-# forwards; those that passed are remembered. Short ones only, so the cache stays small.
-_CACHEABLE_BODY = 256
-_check_short_option_body = functools.lru_cache(maxsize=256)(_check_option_body)
 
 
 def _options_xml(options: list[Option]) -> str:
@@ -979,9 +992,9 @@ def status_response_data(report: str | Endpoint, to: str, response: StatusRespon
         sender = report if "@" in report else str(report_endpoint(report))
     # encode_status_response writes well-formed XML (identities checked, diagnostics
     # escaped): Content.inline_xml would only parse it again, once per report.
-    raw = f'<data-content Name="Content">{encode_status_response(response)}</data-content>'
+    raw = _inline(encode_status_response(response), "Content")
     return Data(
         originator=Originator(sender),
         recipients=[Recipient(to)],
-        content=Content("inline", raw.encode(), "Content"),
+        content=Content("inline", raw, "Content"),
     )
