@@ -1144,14 +1144,8 @@ class Session(Protocol):
         ):
             # The common case: a whole RPY in one frame to a MSG completely sent.
             del channel._outstanding[msgno]
-            try:
-                message = Message.from_payload(frame.payload)
-            except MessageError as e:
-                outstanding.deferred.errback(BEEPError(500, f"poorly formed reply: {e}"))
-            else:
-                outstanding.deferred.callback(message)
-            if channel._idle_waiters:
-                channel._maybe_idle()
+            _reply_complete(outstanding, RPY, frame.payload)
+            channel._maybe_idle()
             return
         greeting = channel.number == 0 and msgno == 0
         if greeting:
@@ -1202,16 +1196,7 @@ class Session(Protocol):
             )
         else:
             parts = outstanding.parts
-            payload = parts[0] if len(parts) == 1 else b"".join(parts)
-            try:
-                message = Message.from_payload(payload)
-            except MessageError as e:
-                outstanding.deferred.errback(BEEPError(500, f"poorly formed reply: {e}"))
-            else:
-                if kind == RPY:
-                    outstanding.deferred.callback(message)
-                else:
-                    outstanding.deferred.errback(BEEPError.from_message(message))
+            _reply_complete(outstanding, kind, parts[0] if len(parts) == 1 else b"".join(parts))
         channel._maybe_idle()
 
     def _answer_frame(self, channel: Channel, outstanding: _Outstanding, frame: Frame) -> None:
@@ -1628,6 +1613,19 @@ class Session(Protocol):
             return
         delay = timeout - quiet if quiet < timeout else timeout
         self._idle_timer = self.clock.callLater(delay, self._check_idle)
+
+
+def _reply_complete(outstanding: _Outstanding, kind: bytes, payload: bytes) -> None:
+    """Fire the Deferred of ``outstanding`` with its whole RPY, or fail it for an ERR."""
+    try:
+        message = Message.from_payload(payload)
+    except MessageError as e:
+        outstanding.deferred.errback(BEEPError(500, f"poorly formed reply: {e}"))
+        return
+    if kind == RPY:
+        outstanding.deferred.callback(message)
+    else:
+        outstanding.deferred.errback(BEEPError.from_message(message))
 
 
 class SessionFactory(Factory):
