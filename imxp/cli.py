@@ -61,7 +61,6 @@ import base64
 import dataclasses
 import enum
 import getpass
-import ipaddress
 import json
 import os
 import sys
@@ -85,7 +84,15 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from imxp.apex.address import AddressError, Endpoint
-from imxp.apex.routing import EDGE_PORT, EDGE_SERVICE, MESH_PORT, MESH_SERVICE, NoRoute, Router
+from imxp.apex.routing import (
+    EDGE_PORT,
+    EDGE_SERVICE,
+    MESH_PORT,
+    MESH_SERVICE,
+    NoRoute,
+    Router,
+    is_ip_address,
+)
 from imxp.beep.session import BEEPError, Role, Session, SessionClosed, SessionConfig, SessionFactory
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
@@ -621,10 +628,8 @@ def _host_port_text(text: str) -> str:
 def _address_port(text: str) -> tuple[str, int]:
     """ADDRESS:PORT of a DNS server: twisted.names takes IP addresses only."""
     host, port = _split_host_port(text)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{host!r} is not an IP address") from None
+    if not is_ip_address(host):
+        raise argparse.ArgumentTypeError(f"{host!r} is not an IP address")
     return host, port
 
 
@@ -1500,7 +1505,7 @@ async def _check_srv(
                     f"{where}, but this relay listens on {listening}: change the record's "
                     f"port or {option}"
                 )
-            elif not _is_ip(target) and not await _resolves(resolver, target):
+            elif not is_ip_address(target) and not await _resolves(resolver, target):
                 found.problem(f"{where}, but {target} has no address: publish its A record")
             else:
                 found.ok(f"{where}, a port this relay listens on")
@@ -1518,14 +1523,6 @@ def _dns_failure(e: Exception) -> str:
     return type(e).__name__
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 async def _resolves(resolver: IResolver, host: str) -> bool:
     try:
         await resolver.getHostByName(host)
@@ -1539,7 +1536,7 @@ async def _greeting(
 ) -> Session:
     """A greeted BEEP session to ``host:port``; a host name is resolved through
     ``resolver`` when given, as the relay resolves its next hops (RFC 2782)."""
-    if resolver is not None and not _is_ip(host):
+    if resolver is not None and not is_ip_address(host):
         try:
             host = await resolver.getHostByName(host)
         except _DNS_ERRORS as e:

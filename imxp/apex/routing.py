@@ -47,6 +47,7 @@ __all__ = [
     "Target",
     "NoRoute",
     "Router",
+    "is_ip_address",
 ]
 
 MESH_SERVICE = "_apex-mesh._tcp"
@@ -498,7 +499,7 @@ async def open_session(
     system's, which HostnameEndpoint would ask. Each address is tried in turn.
     """
     hosts = [target.host]
-    if resolver is not None and not _is_ip(target.host):
+    if resolver is not None and not is_ip_address(target.host):
         hosts = await _addresses(resolver, target.host)
         if not hosts:
             raise error.DNSLookupError(f"no address records for {target.host}")
@@ -513,7 +514,8 @@ async def open_session(
     raise failure
 
 
-def _is_ip(host: str) -> bool:
+def is_ip_address(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address rather than a name to resolve."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
