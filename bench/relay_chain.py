@@ -246,9 +246,11 @@ class _Books:
 
 class _Chain:
     """One chain under measure: ``send(seq)`` hands a message to the first hop and fires
-    when that hop acknowledges it; the recipient calls ``books.arrived(seq)``."""
+    when that hop acknowledges it; the recipient calls ``books.arrived(seq)``.
+    ``processes`` names the chain's processes (pid by name) whose CPU is measured."""
 
     books: _Books
+    processes: dict[str, int]
 
     def send(self, seq: int) -> defer.Deferred[Any]:
         raise NotImplementedError
@@ -376,8 +378,17 @@ async def _drain(chain: _Chain, timeout: float = 60.0) -> None:
         await _sleep(0.05)
 
 
-async def max_rate(chain: _Chain, seconds: float, depth: int, warmup: float = 1.0) -> float:
-    """Messages per second arriving at the recipient with ``depth`` in flight end to end.
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used (utime and stime of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def max_rate(
+    chain: _Chain, seconds: float, depth: int, warmup: float = 1.0
+) -> tuple[float, dict[str, float]]:
+    """Messages per second arriving at the recipient with ``depth`` in flight end to end,
+    and the CPU seconds each of the chain's processes spent per message meanwhile.
 
     The window is end to end (sent, not yet at the recipient) rather than up to the first
     hop's acknowledgement: a relay says ``ok`` as soon as it has taken a data, so a window
@@ -398,12 +409,15 @@ async def max_rate(chain: _Chain, seconds: float, depth: int, warmup: float = 1.
         one()
     await _sleep(warmup)
     start, first = time.perf_counter(), books.received
+    cpu = {name: _cpu_seconds(pid) for name, pid in chain.processes.items()}
     await _sleep(seconds)
     elapsed, count = time.perf_counter() - start, books.received - first
+    for name, pid in chain.processes.items():
+        cpu[name] = (_cpu_seconds(pid) - cpu[name]) / max(count, 1)
     running = False
     books.on_arrival = None
     await _drain(chain)
-    return count / elapsed
+    return count / elapsed, cpu
 
 
 async def latency(chain: _Chain, rate: float, seconds: float) -> tuple[float, float, int]:
@@ -486,14 +500,17 @@ class _Figures:
     p50: dict[str, float] = field(default_factory=dict)
     p99: dict[str, float] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
+    # CPU seconds per message at the highest rate, by process, per chain
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     rss_per_endpoint: float = float("nan")
     endpoints: int = 0
     login_seconds: float = float("nan")
 
 
 async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: _Figures) -> None:
-    rate = await max_rate(chain, args.seconds, args.depth)
+    rate, cpu = await max_rate(chain, args.seconds, args.depth)
     figures.rate[name] = rate
+    figures.cpu[name] = cpu
     p50, p99, n = await latency(chain, rate / 2, args.seconds)
     figures.p50[name], figures.p99[name], figures.samples[name] = p50, p99, n
     print(
@@ -526,6 +543,7 @@ async def run_chain(certdir: Path, args: argparse.Namespace, figures: _Figures) 
         receiver, _ = await _attach(b_edge, "b.test", "barney@b.test", ca, _Receiver(books))
         sender = await _attach(a_edge, "a.test", "fred@a.test", ca, ChannelHandler())
         chain = _BEEPChain(sender, receiver, books, args.size)
+        chain.processes = {"relay A": relay_a.pid, "relay B": relay_b.pid, "endpoints": os.getpid()}
         await _measure("chain", chain, args, figures)
         chain.close()
     finally:
@@ -583,6 +601,7 @@ async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures
         )
         sender = await client.connect(protocol.Factory.forProtocol(_CeilingSender))
         chain = _CeilingChain(sender, books, args.size)
+        chain.processes = {"relay A": first.pid, "relay B": second.pid, "endpoints": os.getpid()}
         await _measure("ceiling", chain, args, figures)
         chain.close()
     finally:
@@ -652,6 +671,12 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
         )
         half = "  half of it: the load for latency (msg/s)"
         print(f"{half:<46}{chain / 2:>14,.0f}{ceiling / 2:>14,.0f}")
+        for process in figures.cpu["chain"]:
+            label = f"  CPU per message, {process} (us)"
+            print(
+                f"{label:<46}{figures.cpu['chain'][process] * 1e6:>14.0f}"
+                f"{figures.cpu['ceiling'][process] * 1e6:>14.0f}"
+            )
         for label, values, target in (("p50", figures.p50, ""), ("p99", figures.p99, "< 20 ms")):
             line = (
                 f"{f'latency {label} at half load (ms)':<46}"
