@@ -510,6 +510,49 @@ def test_received_boundary_not_reused_when_control_part_contains_it() -> None:
     assert again.content == original.content
 
 
+def test_content_ids_and_boundaries_are_never_repeated() -> None:
+    """RFC 2045 §7: each Content-ID is unique; so is each boundary we choose."""
+    seen_ids, seen_boundaries = set(), set()
+    for _ in range(50):
+        content = Content.from_bytes(b"hello", "text/plain")
+        data = Data(
+            Originator("fred@example.com"), [Recipient("barney@example.com")], content=content
+        )
+        message = encode(data)
+        params = wire._content_type_params(message.header("Content-Type") or "")
+        seen_ids.update({content.name, params["start"]})
+        seen_boundaries.add(params["boundary"])
+    assert len(seen_ids) == 100
+    assert len(seen_boundaries) == 50
+
+
+def test_content_holding_our_next_boundaries_is_still_framed() -> None:
+    """Content written to contain the boundaries we are about to choose (they follow a
+    counter) gets another, unpredictable boundary: one more scan, not one per guess."""
+    probe = encode(
+        Data(
+            Originator("f@example.com"),
+            [Recipient("b@example.com")],
+            content=Content.from_bytes(b"x", "text/plain"),
+        )
+    )
+    used = wire._content_type_params(probe.header("Content-Type") or "")["boundary"]
+    prefix, _, serial = used.rpartition(".")
+    guesses = b"".join(
+        b"\r\n--%s.%d\r\n" % (prefix.encode(), n)
+        for n in range(int(serial) + 1, int(serial) + 2000)
+    )
+    content = Content.from_bytes(guesses, "application/octet-stream")
+    message = encode(
+        Data(Originator("f@example.com"), [Recipient("b@example.com")], content=content)
+    )
+    boundary = wire._content_type_params(message.header("Content-Type") or "")["boundary"]
+    assert not boundary.startswith(prefix)
+    again = decode(Message.from_payload(message.to_payload()))
+    assert isinstance(again, Data) and again.content is not None
+    assert again.content.body == guesses
+
+
 def test_new_content() -> None:
     content = Content.from_bytes(
         b"\x00\xff--\r\n", "Application/Octet-Stream", [("X-Note", "hi")], content_id="c@x"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import email.message
 import email.utils
 import functools
+import itertools
 import re
 import secrets
 from collections.abc import Callable, Iterable
@@ -96,6 +97,18 @@ _CODE = re.compile(r"[1-5][0-9][0-9]\Z")
 _NMTOKEN = re.compile(r"[\w.:-]+\Z")
 _NAME = re.compile(r"[^\W\d][\w.-]*\Z")  # an XML Name without ':' (data-content's ID)
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S*\Z")  # RFC 3986 §4.3, loosely
+# Content-IDs and boundaries need to be unique, not secret (RFC 2045 §7, RFC 2046
+# §5.1.1): 128 random bits per process and a counter, rather than a getrandom()
+# system call and 32 hex digits for each data a relay forwards.
+_UNIQUE_PREFIX = secrets.token_hex(16)
+_unique_serial = itertools.count()
+
+
+def _unique() -> str:
+    """A token no other ever made, here or elsewhere (as far as 128 random bits go)."""
+    return f"{_UNIQUE_PREFIX}.{next(_unique_serial)}"
+
+
 # RFC 2046 §5.1.1 boundary := 0*69<bchars> bcharsnospace
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]\Z")
 # A start or end tag that expat has already found well formed: attribute values
@@ -226,7 +239,7 @@ class Content:
         defaults to ``binary``: BEEP is 8-bit clean and §4.1 advises against
         transformative encodings.
         """
-        cid = content_id or f"{secrets.token_hex(16)}@apex.invalid"
+        cid = content_id or f"{_unique()}@apex.invalid"
         extra = list(headers)
         names = {name.lower() for name, _ in extra}
         if names & {"content-type", "content-id"}:
@@ -732,8 +745,10 @@ def _multipart(message: Message) -> APEXElement:
 def _choose_boundary(parts: Iterable[bytes], reuse: bytes | None) -> bytes:
     """A boundary whose delimiter occurs in none of ``parts`` (RFC 2046 §5.1.1)."""
     parts = list(parts)
-    candidate = reuse if reuse is not None else b"apex-" + secrets.token_hex(16).encode()
+    candidate = reuse if reuse is not None else f"apex-{_unique()}".encode()
     while any(p.startswith(b"--" + candidate) or b"\r\n--" + candidate in p for p in parts):
+        # Unpredictable this time: content written to hold our next boundaries must
+        # not make us scan it again and again.
         candidate = b"apex-" + secrets.token_hex(16).encode()
     return candidate
 
@@ -912,7 +927,7 @@ def _encode_data(data: Data) -> Message:
     if content is None or content.kind == "inline":
         inline = content.raw if content is not None else b""
         return Message(head + inline + b"</data>", BEEP_XML)
-    control_id = f"{secrets.token_hex(16)}@apex.invalid"
+    control_id = f"{_unique()}@apex.invalid"
     control = (
         f"Content-Type: {BEEP_XML}\r\nContent-ID: <{control_id}>\r\n\r\n".encode("ascii")
         + head
