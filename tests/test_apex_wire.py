@@ -553,6 +553,30 @@ def test_content_holding_our_next_boundaries_is_still_framed() -> None:
     assert again.content.body == guesses
 
 
+@pytest.mark.parametrize("lines", [0, 1, 7, 8, 9, 50])
+def test_content_with_lines_like_delimiters(lines: int) -> None:
+    """RFC 2046 §5.1.1: only CRLF "--" boundary delimits; content full of other
+    "--" lines (a nested multipart) is carried whole, however many there are."""
+    nested = b"".join(b"\r\n--other-%d\r\nx" % n for n in range(lines)) + b"\r\n--apex"
+    content = Content.from_bytes(nested, "multipart/mixed; boundary=other")
+    data = Data(Originator("f@example.com"), [Recipient("b@example.com")], content=content)
+    again = decode(Message.from_payload(encode(data).to_payload()))
+    assert isinstance(again, Data) and again.content is not None
+    assert again.content.body == nested
+    # And a delimiter of the real boundary after such lines is found: a line that only
+    # begins like it is refused as malformed, not taken for content.
+    boundary = b"b0undary"
+    forged = multipart(
+        "<data content='cid:1@example.com'><originator identity='f@example.com'/>"
+        "<recipient identity='b@example.com'/></data>",
+        b"Content-ID: <1@example.com>\r\n\r\n" + nested + b"\r\n--b0undaryX",
+        boundary=boundary.decode(),
+    )
+    with pytest.raises(APEXError) as refused:
+        decode(forged)
+    assert refused.value.code == 500
+
+
 def test_new_content() -> None:
     content = Content.from_bytes(
         b"\x00\xff--\r\n", "Application/Octet-Stream", [("X-Note", "hi")], content_id="c@x"

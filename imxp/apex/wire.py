@@ -665,6 +665,26 @@ def _careful_params(value: str) -> dict[str, str]:
     return params
 
 
+_SHORT_SEARCHES = 8
+
+
+def _delimiter_at(body: bytes, boundary: bytes, start: int) -> int:
+    """Where the first CRLF "--" ``boundary`` at or after ``start`` begins, or -1.
+
+    bytes.find is slow for a long needle in content that shares its characters
+    (about 3 ns an octet, against under 1 for CRLF "--"), so the short part is
+    searched for and the boundary checked where it is found. Content with many
+    lines starting "--" (a nested multipart, or one written to make us loop)
+    soon goes back to searching for the whole delimiter.
+    """
+    at = body.find(b"\r\n--", start)
+    for _ in range(_SHORT_SEARCHES):
+        if at < 0 or body.startswith(boundary, at + 4):
+            return at
+        at = body.find(b"\r\n--", at + 4)
+    return body.find(b"\r\n--" + boundary, at) if at >= 0 else -1
+
+
 def _split(body: bytes, boundary: bytes) -> list[bytes]:
     """The body parts of a multipart body (RFC 2046 §5.1.1), exactly as they lie in ``body``.
 
@@ -677,7 +697,7 @@ def _split(body: bytes, boundary: bytes) -> list[bytes]:
     if body.startswith(delimiter):
         at = 0
     else:
-        at = body.find(b"\r\n" + delimiter)
+        at = _delimiter_at(body, boundary, 0)
         if at < 0:
             raise APEXError(500, "multipart body has no boundary delimiter")
         at += 2
@@ -692,7 +712,7 @@ def _split(body: bytes, boundary: bytes) -> list[bytes]:
         if eol < 0 or body[at:eol].strip(b" \t"):
             raise APEXError(500, "malformed multipart boundary line")
         start = eol + 2
-        end = body.find(b"\r\n" + delimiter, start)
+        end = _delimiter_at(body, boundary, start)
         if end < 0:
             raise APEXError(500, "multipart body has no closing delimiter")
         parts.append(body[start:end])
@@ -746,7 +766,9 @@ def _choose_boundary(parts: Iterable[bytes], reuse: bytes | None) -> bytes:
     """A boundary whose delimiter occurs in none of ``parts`` (RFC 2046 §5.1.1)."""
     parts = list(parts)
     candidate = reuse if reuse is not None else f"apex-{_unique()}".encode()
-    while any(p.startswith(b"--" + candidate) or b"\r\n--" + candidate in p for p in parts):
+    while any(
+        p.startswith(b"--" + candidate) or _delimiter_at(p, candidate, 0) >= 0 for p in parts
+    ):
         # Unpredictable this time: content written to hold our next boundaries must
         # not make us scan it again and again.
         candidate = b"apex-" + secrets.token_hex(16).encode()
