@@ -113,7 +113,30 @@ def serve(kind: str, certdir: Path, window: int, profile: bool) -> None:
     reactor.run()
 
 
-async def _run_beep(port: int, certdir: Path, args: argparse.Namespace) -> tuple[float, int]:
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used (utime and stime of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CPU:
+    """CPU seconds the client (this process) and the server spend over the measure."""
+
+    def __init__(self, server: int) -> None:
+        self.pids = {"client": os.getpid(), "server": server}
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.used = {name: -_cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> None:
+        for name, pid in self.pids.items():
+            self.used[name] += _cpu_seconds(pid)
+
+
+async def _run_beep(
+    port: int, certdir: Path, args: argparse.Namespace, cpu: _CPU
+) -> tuple[float, int]:
     ca = load_certificates(certdir / "ca.pem")
     config = SessionConfig(window=args.window, idle_timeout=None)
     factory = SessionFactory(Role.INITIATOR, [], config)
@@ -137,17 +160,21 @@ async def _run_beep(port: int, certdir: Path, args: argparse.Namespace) -> tuple
     for _ in range(200):
         await channel.send(payload)
     count = 0
+    cpu.start()
     start = time.perf_counter()
     deadline = start + args.seconds
     for _ in range(args.depth):
         channel.send(payload).addCallbacks(one, lambda f: None)
     await done
     elapsed = time.perf_counter() - start
+    cpu.stop()
     session.disconnect()
     return elapsed, count
 
 
-async def _run_ceiling(port: int, certdir: Path, args: argparse.Namespace) -> tuple[float, int]:
+async def _run_ceiling(
+    port: int, certdir: Path, args: argparse.Namespace, cpu: _CPU
+) -> tuple[float, int]:
     ca = load_certificates(certdir / "ca.pem")
     done = defer.Deferred()
     state = {"count": 0, "deadline": 0.0, "counting": False}
@@ -170,12 +197,14 @@ async def _run_ceiling(port: int, certdir: Path, args: argparse.Namespace) -> tu
     )
     client = await endpoint.connect(protocol.Factory.forProtocol(Client))
     state["counting"] = True
+    cpu.start()
     start = time.perf_counter()
     state["deadline"] = start + args.seconds
     for _ in range(args.depth):
         client.sendString(payload)
     await done
     elapsed = time.perf_counter() - start
+    cpu.stop()
     client.transport.loseConnection()
     return elapsed, int(state["count"])
 
@@ -227,26 +256,35 @@ def main() -> None:
 
         async def measure(_reactor: object) -> None:
             results: dict[str, float] = {}
+            used: dict[str, dict[str, float]] = {}
             for kind, run in (("ceiling", _run_ceiling), ("beep", _run_beep)):
                 proc, port = _start_server(kind, certdir, args)
+                cpu = _CPU(proc.pid)
                 try:
-                    elapsed, count = await run(port, certdir, args)
+                    elapsed, count = await run(port, certdir, args, cpu)
                 finally:
                     proc.terminate()
                     proc.wait()
                 results[kind] = count / elapsed
-            _report(results, args)
+                used[kind] = {name: seconds / count for name, seconds in cpu.used.items()}
+            _report(results, used, args)
 
         # task.react ends the process when measure() is done.
         task.react(lambda r: defer.ensureDeferred(measure(r)))
 
 
-def _report(results: dict[str, float], args: argparse.Namespace) -> None:
+def _report(
+    results: dict[str, float], used: dict[str, dict[str, float]], args: argparse.Namespace
+) -> None:
     beep, ceiling = results["beep"], results["ceiling"]
     print(f"payload {args.size} octets, pipelining depth {args.depth}, window {args.window}")
-    print(f"{'measure':<44}{'round trips/s':>16}")
-    print(f"{'BEEP MSG/RPY over TLS, one channel':<44}{beep:>16,.0f}")
-    print(f"{'ceiling: Int32StringReceiver echo over TLS':<44}{ceiling:>16,.0f}")
+    print(f"{'measure':<44}{'round trips/s':>16}{'CPU us/rt client':>18}{'server':>8}")
+    for label, kind in (
+        ("BEEP MSG/RPY over TLS, one channel", "beep"),
+        ("ceiling: Int32StringReceiver echo over TLS", "ceiling"),
+    ):
+        client, server = used[kind]["client"] * 1e6, used[kind]["server"] * 1e6
+        print(f"{label:<44}{results[kind]:>16,.0f}{client:>18.1f}{server:>8.1f}")
     print(f"ratio {beep / ceiling:.0%} (target >= 50%)")
 
 
