@@ -51,7 +51,8 @@ class Message:
     def header(self, name: str, default: str | None = None) -> str | None:
         lowered = name.lower()
         for key, value in self.headers:
-            if key.lower() == lowered:
+            # Headers are mostly written as they are asked for: no lower() then.
+            if key == name or key.lower() == lowered:
                 return value
         return default
 
