@@ -451,6 +451,22 @@ async def test_unknown_unattached_and_unreachable(build_mesh: MeshBuilder) -> No
     mesh.assert_exactly_once()
 
 
+@pytest_twisted.ensureDeferred
+async def test_unroutable_domain_again_from_the_cache(build_mesh: MeshBuilder) -> None:
+    """A domain without a route, asked for a second time, is answered from the negative
+    cache without a lookup: the same 550 report, once, each time."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    for _ in range(2):
+        trans_id = await mesh.send(fred, ["someone@nowhere.test"])
+        await mesh.settle()
+        assert outcome(fred, trans_id) == {
+            "someone@nowhere.test": (550, "no route to nowhere.test: no such domain")
+        }
+        assert reporters(fred, trans_id) == {"apex=report@a.test"}
+    mesh.assert_exactly_once()
+
+
 # -- access policies (§4.5) -------------------------------------------------------------
 
 

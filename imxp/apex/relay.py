@@ -290,11 +290,13 @@ class Relay:
             d = self._carry(journey)
         except Exception:
             d = defer.fail()
-        d.addErrback(self._carry_failed, journey)
-        d.addCallback(lambda _: self._send_reports(journey))
-        d.addBoth(self._journey_done)
+        if d is None:
+            self._journey_end(None, journey)
+        else:
+            d.addBoth(self._journey_end, journey)
 
-    def _carry(self, journey: _Journey) -> defer.Deferred[None]:
+    def _carry(self, journey: _Journey) -> defer.Deferred[None] | None:
+        """Every recipient to its verdict here; None when all are in at once."""
         local: list[tuple[wire.Recipient, Endpoint]] = []
         remote: dict[str, list[tuple[wire.Recipient, Endpoint]]] = {}
         for recipient in journey.data.recipients:
@@ -338,10 +340,7 @@ class Relay:
         # A final relay keeps every option as it hands the data over (§5).
         data = journey.data
         one = wire.Data(data.originator, [recipient], data.options, data.content_ref, data.content)
-        sending = self._answer(channel.channel.send(wire.encode(one)))
-        return sending.addCallback(
-            lambda verdict: self._verdict(journey, identity, verdict.code, verdict.text, final=True)
-        )
+        return self._answer(channel.channel.send(wire.encode(one)), journey, identity)
 
     def _to_service(self, journey: _Journey, endpoint: Endpoint) -> tuple[int, str]:
         """Data for a well-known endpoint of this domain (§6)."""
@@ -351,12 +350,19 @@ class Relay:
 
     def _forward_remote(
         self, journey: _Journey, remote: dict[str, list[tuple[wire.Recipient, Endpoint]]]
-    ) -> defer.Deferred[None]:
+    ) -> defer.Deferred[None] | None:
         """§4.4.4.1 step 5.2: recipients whose domains have the same next hops travel
         together, in one data per next hop."""
         domains = list(remote)
         if len(domains) == 1:
             domain = domains[0]
+            try:
+                known = self.router.known(domain)
+            except NoRoute as e:
+                self._no_route(journey, domain, remote[domain], e)
+                return None
+            if known is not None:
+                return self._forward_routed([known], journey, domains, remote)
             routes = self._route(journey, domain, remote[domain]).addCallback(lambda t: [t])
         else:
             routes = defer.gatherResults([self._route(journey, d, remote[d]) for d in domains])
@@ -368,7 +374,7 @@ class Relay:
         journey: _Journey,
         domains: list[str],
         remote: dict[str, list[tuple[wire.Recipient, Endpoint]]],
-    ) -> defer.Deferred[None]:
+    ) -> defer.Deferred[None] | None:
         hops: dict[frozenset[Target], tuple[list[Target], list[str], list[wire.Recipient]]] = {}
         for domain, targets in zip(domains, routes, strict=True):
             if targets is None:
@@ -390,18 +396,22 @@ class Relay:
 
         def no_route(failure: Failure) -> None:
             failure.trap(NoRoute)
-            e = failure.value
-            code = 550 if e.permanent else 451
-            for recipient, _ in group:
-                self._verdict(
-                    journey,
-                    recipient.identity,
-                    code,
-                    f"no route to {domain}: {e.reason}",
-                    final=True,
-                )
+            self._no_route(journey, domain, group, failure.value)
 
         return self.router.route(domain).addErrback(no_route)
+
+    def _no_route(
+        self,
+        journey: _Journey,
+        domain: str,
+        group: list[tuple[wire.Recipient, Endpoint]],
+        e: NoRoute,
+    ) -> None:
+        code = 550 if e.permanent else 451
+        for recipient, _ in group:
+            self._verdict(
+                journey, recipient.identity, code, f"no route to {domain}: {e.reason}", final=True
+            )
 
     def _forward(
         self,
@@ -458,21 +468,27 @@ class Relay:
             # Handed on: the next relay now answers for it, so this is not final.
             self._verdict(journey, recipient.identity, verdict.code, text, final=not verdict.ok)
 
-    def _answer(self, sending: defer.Deferred[Message]) -> defer.Deferred[Verdict]:
+    def _answer(
+        self, sending: defer.Deferred[Message], journey: _Journey, identity: str
+    ) -> defer.Deferred[None]:
+        """The application's answer to a data handed to it, as ``identity``'s verdict."""
         timeout = self.clock.callLater(self.delivery_timeout, sending.cancel)
 
-        def answered(result: Message | Failure) -> Verdict | Failure:
+        def answered(result: Message | Failure) -> Failure | None:
             if timeout.active():
                 timeout.cancel()
             if not isinstance(result, Failure):
-                return Verdict(250)
-            if result.check(BEEPError):
-                return Verdict(result.value.code, result.value.text)
-            if result.check(defer.CancelledError):
-                return Verdict(451, "endpoint did not answer in time")
-            if result.check(SessionClosed):
-                return Verdict(451, "endpoint's session was lost; outcome unknown")
-            return result
+                code, text = 250, ""
+            elif result.check(BEEPError):
+                code, text = result.value.code, result.value.text
+            elif result.check(defer.CancelledError):
+                code, text = 451, "endpoint did not answer in time"
+            elif result.check(SessionClosed):
+                code, text = 451, "endpoint's session was lost; outcome unknown"
+            else:
+                return result
+            self._verdict(journey, identity, code, text, final=True)
+            return None
 
         return sending.addBoth(answered)
 
@@ -527,7 +543,22 @@ class Relay:
                     journey, recipient.identity, 451, "local error in processing", final=True
                 )
 
-    def _journey_done(self, _: object) -> None:
+    def _journey_end(self, result: Failure | None, journey: _Journey) -> None:
+        """Every recipient has its verdict here: the reports go, the journey ends."""
+        try:
+            if isinstance(result, Failure):
+                self._carry_failed(result, journey)
+            self._send_reports(journey)
+        except Exception:
+            self.log.failure(
+                "ending the journey of data from {originator} failed",
+                originator=str(journey.originator),
+                event="apex.internal-error",
+            )
+        finally:
+            self._journey_done()
+
+    def _journey_done(self) -> None:
         self.in_flight -= 1
         if not self.in_flight and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
@@ -586,12 +617,13 @@ def _guarded(step: Callable[..., defer.Deferred[Any] | None], *args: Any) -> Any
         return defer.fail()
 
 
-def _all(waiting: list[defer.Deferred[Any] | None]) -> defer.Deferred[Any]:
+def _all(waiting: list[defer.Deferred[Any] | None]) -> defer.Deferred[Any] | None:
     """Fires once every one of ``waiting`` has (None: nothing to wait for); fails with
-    the first failure, but only then, so no verdict arrives after the journey ends."""
+    the first failure, but only then, so no verdict arrives after the journey ends.
+    None when there is nothing to wait for."""
     pending = [d for d in waiting if d is not None]
     if not pending:
-        return defer.succeed(None)
+        return None
     if len(pending) == 1:
         return pending[0]
 

@@ -192,17 +192,33 @@ class Router:
         SRV candidates are drawn afresh on every call, cached answer or not, so that the
         weights of RFC 2782 spread the load over successive deliveries.
         """
-        # No coroutine: a relay routes every data it forwards, and configured routes and
-        # cached answers need no waiting.
+        try:
+            name, targets = self._known(domain)
+        except NoRoute as e:
+            return defer.fail(e)
+        if targets is not None:
+            return defer.succeed(targets)
+        return self._answer(name).addCallback(lambda answer: self._targets(name, answer))
+
+    def known(self, domain: str) -> list[Target] | None:
+        """What :meth:`route` gives, when that needs no lookup (a configured route, a
+        literal, a fresh cached answer); None when it does. Raises :class:`NoRoute`.
+
+        A relay routes every data it forwards, nearly always this way: no Deferred.
+        """
+        return self._known(domain)[1]
+
+    def _known(self, domain: str) -> tuple[str, list[Target] | None]:
         try:
             name, target, _rule = self._configured(domain)
         except NoRoute as e:
             # Not a lookup, but a route that failed all the same: logged like one.
             _log_failure(domain, e.reason, e.permanent)
-            return defer.fail(e)
+            raise
         if target is not None:
-            return defer.succeed([target])
-        return self._answer(name).addCallback(lambda answer: self._targets(name, answer))
+            return name, [target]
+        cached = self._fresh(name)
+        return name, None if cached is None else self._targets(name, cached)
 
     def describe(self, domain: str) -> Deferred[str]:
         """A human-readable account of how ``domain`` is routed and why (``imxp route``)."""
