@@ -111,9 +111,6 @@ def _unique() -> str:
 
 # RFC 2046 §5.1.1 boundary := 0*69<bchars> bcharsnospace
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]\Z")
-# A start or end tag that expat has already found well formed: attribute values
-# may contain '>' but never their own quote character.
-_TAG = re.compile(rb"<[^>\"']*(?:(?:\"[^\"]*\"|'[^']*')[^>\"']*)*>")
 # What quoteattr escapes in an attribute value: markup, its own quote, and the white
 # space that attribute-value normalisation would turn into spaces (XML 1.0 §3.3.3).
 _ATTR_SPECIAL = re.compile('[&<>"\n\r\t]')
@@ -302,7 +299,7 @@ class Content:
         or the octets inside the ``data-content`` element."""
         if self.kind == "part":
             return Message.from_payload(self.raw).body
-        start_tag = _TAG.match(self.raw)
+        start_tag = xmlsafe.TAG.match(self.raw)
         assert start_tag is not None  # raw was parsed when the Content was made
         if start_tag.end() == len(self.raw):  # <data-content Name='x' />
             return b""
@@ -360,7 +357,7 @@ APEXElement = Attach | Bind | Terminate | Data | OK | Error
 
 # --------------------------------------------------------------------------- XML parsing
 
-_Spans = dict[Element, tuple[int, int, int, int]]
+_Spans = dict[Element, xmlsafe.Span]
 
 
 @dataclass(frozen=True)
@@ -376,37 +373,17 @@ _NO_PARTS = _Parts({}, None)
 
 def _parse(xml: bytes) -> tuple[Element, _Spans]:
     """Parse a control document with :func:`imxp.beep.xmlsafe.parse`, noting where
-    each ``option`` and ``data-content`` element lies in ``xml``.
-
-    A span is (start of the start tag, end of the start tag, start of the end
-    tag, end of the end tag); an empty-element tag has the last three equal.
-    §4.1: the XML is UTF-8.
+    each ``option`` and ``data-content`` element lies in ``xml``. §4.1: the XML is UTF-8.
     """
     spans: _Spans = {}
-    # One entry per open element: where its start tag lies, if it is kept verbatim.
-    stack: list[tuple[int, int] | None] = []
-
-    def start(tag: str, at: int) -> None:
-        if tag in _VERBATIM:
-            tag_match = _TAG.match(xml, at)
-            assert tag_match is not None  # expat has just accepted this tag
-            stack.append((at, tag_match.end()))
-        else:
-            stack.append(None)
-
-    def end(element: Element, close: int) -> None:
-        opened = stack.pop()
-        if opened is None:
-            return
-        at, inner = opened
-        if xml[inner - 2 : inner] == b"/>":
-            spans[element] = (at, inner, inner, inner)
-        else:
-            spans[element] = (at, inner, close, xml.index(b">", close) + 1)
-
     try:
         root = xmlsafe.parse(
-            xml, max_size=MAX_XML, max_depth=MAX_DEPTH, utf8_only=True, on_start=start, on_end=end
+            xml,
+            max_size=MAX_XML,
+            max_depth=MAX_DEPTH,
+            utf8_only=True,
+            spans_of=_VERBATIM,
+            spans=spans,
         )
     except xmlsafe.XMLError as e:
         raise APEXError(500, str(e)) from None

@@ -8,15 +8,25 @@ depth are bounded too. The result is an :class:`xml.etree.ElementTree.Element`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Collection
 from typing import NoReturn
 from xml.etree.ElementTree import Element, TreeBuilder
 from xml.parsers import expat
 
-__all__ = ["XMLError", "parse"]
+__all__ = ["Span", "XMLError", "parse"]
 
 DEFAULT_MAX_SIZE = 65536
 DEFAULT_MAX_DEPTH = 32
+
+#: Where an element lies in the document: the start of its start tag, the end of its
+#: start tag, the start of its end tag, the end of its end tag (octet offsets). For an
+#: empty-element tag the last three are equal.
+Span = tuple[int, int, int, int]
+
+# A start tag that expat has already found well formed: attribute values may contain
+# '>' but never their own quote character.
+TAG = re.compile(rb"<[^>\"']*(?:(?:\"[^\"]*\"|'[^']*')[^>\"']*)*>")
 
 
 class XMLError(ValueError):
@@ -29,37 +39,48 @@ def parse(
     max_size: int = DEFAULT_MAX_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
     utf8_only: bool = False,
-    on_start: Callable[[str, int], None] | None = None,
-    on_end: Callable[[Element, int], None] | None = None,
+    spans_of: Collection[str] = (),
+    spans: dict[Element, Span] | None = None,
 ) -> Element:
     """Parse ``data`` into an element tree, refusing anything hostile.
 
     ``utf8_only`` refuses a declaration of any other encoding (a protocol that
     fixes UTF-8 also keeps expat from looking up whatever codec a peer names).
-    ``on_start`` and ``on_end`` see each element with the byte offset expat is
-    at, for callers that keep parts of the document verbatim.
+    For callers that keep parts of the document verbatim, the :data:`Span` of
+    each element whose tag is in ``spans_of`` goes into ``spans``.
     """
     if len(data) > max_size:
         raise XMLError(f"XML of {len(data)} octets exceeds the limit of {max_size}")
     parser = expat.ParserCreate("UTF-8" if utf8_only else None)
     builder = TreeBuilder()
     depth = 0
+    # The elements whose spans are wanted that are open, with where their start tags lie.
+    opened: list[tuple[Element, int, int]] = []
 
     def start(tag: str, attrs: dict[str, str]) -> None:
         nonlocal depth
         depth += 1
         if depth > max_depth:
             raise XMLError(f"XML nested deeper than {max_depth}")
-        builder.start(tag, attrs)
-        if on_start is not None:
-            on_start(tag, parser.CurrentByteIndex)
+        element = builder.start(tag, attrs)
+        if tag in spans_of:
+            at = parser.CurrentByteIndex
+            tag_match = TAG.match(data, at)
+            assert tag_match is not None  # expat has just accepted this tag
+            opened.append((element, at, tag_match.end()))
 
     def end(tag: str) -> None:
         nonlocal depth
         depth -= 1
         element = builder.end(tag)
-        if on_end is not None:
-            on_end(element, parser.CurrentByteIndex)
+        if opened and opened[-1][0] is element:
+            _element, at, inner = opened.pop()
+            assert spans is not None
+            if data[inner - 2 : inner] == b"/>":
+                spans[element] = (at, inner, inner, inner)
+            else:
+                close = parser.CurrentByteIndex
+                spans[element] = (at, inner, close, data.index(b">", close) + 1)
 
     def declaration(_version: str, encoding: str | None, _standalone: int) -> None:
         if encoding is not None and encoding.lower() != "utf-8":
