@@ -39,7 +39,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from imxp.apex.address import AddressError, Endpoint, normalise_domain, report_endpoint
 from imxp.beep import xmlsafe
-from imxp.beep.message import Message, MessageError
+from imxp.beep.message import Message, MessageError, media_type
 
 __all__ = [
     "APEX_URI",
@@ -446,8 +446,14 @@ def _text(element: Element) -> str:
 
 def _no_text(element: Element) -> None:
     """Element-only content (§9.1) may have whitespace between its elements but no text."""
-    if (element.text or "").strip(_S) or any((child.tail or "").strip(_S) for child in element):
+    # A loop, not any() over a generator: three of these run for every data a relay reads.
+    text = element.text
+    if text and text.strip(_S):
         raise APEXError(501, f"{element.tag} element may not contain text")
+    for child in element:
+        tail = child.tail
+        if tail and tail.strip(_S):
+            raise APEXError(501, f"{element.tag} element may not contain text")
 
 
 def _option(element: Element, xml: bytes, spans: _Spans) -> Option:
@@ -486,6 +492,8 @@ def _options(elements: list[Element], xml: bytes, spans: _Spans, where: str) -> 
 def _only_options(element: Element, xml: bytes, spans: _Spans) -> list[Option]:
     """The content model ``(option*)`` of attach, bind, originator and recipient."""
     _no_text(element)
+    if not len(element):
+        return []  # the usual originator and recipient
     for child in element:
         if child.tag != "option":
             raise APEXError(501, f"unexpected {child.tag[:32]} element in {element.tag}")
@@ -510,8 +518,8 @@ def _data(root: Element, xml: bytes, spans: _Spans, parts: _Parts) -> Data:
         if bucket is None:
             raise APEXError(501, f"unexpected {child.tag[:32]} element in data")
         bucket.append(child)
-        if len(recipients) > MAX_RECIPIENTS:
-            raise APEXError(553, f"more than {MAX_RECIPIENTS} recipients")
+    if len(recipients) > MAX_RECIPIENTS:
+        raise APEXError(553, f"more than {MAX_RECIPIENTS} recipients")
     # (originator, recipient+, option*, data-content?) of §9.1; the order is not
     # enforced, since it carries no meaning and we re-serialise in DTD order.
     if len(originators) != 1:
@@ -698,14 +706,14 @@ def _split(body: bytes, boundary: bytes) -> list[bytes]:
         at = end + 2
 
 
-def _multipart(message: Message) -> APEXElement:
-    params = _content_type_params(message.header("Content-Type") or "")
+def _multipart(body: bytes, content_type: str) -> APEXElement:
+    params = _content_type_params(content_type)
     boundary = params.get("boundary", "")
     if not _BOUNDARY.match(boundary):
         raise APEXError(500, f"multipart/related boundary {boundary[:80]!r} is not valid")
     if params.get("type", BEEP_XML).lower() != BEEP_XML:
         raise APEXError(500, f"multipart/related type must be {BEEP_XML}")
-    raws = _split(message.body, boundary.encode("ascii"))
+    raws = _split(body, boundary.encode("ascii"))
     try:
         heads = [Message.from_payload(raw) for raw in raws]
     except MessageError as e:
@@ -725,7 +733,8 @@ def _multipart(message: Message) -> APEXElement:
             raise APEXError(501, "multipart/related start matches no body part")
         start = found
     control = heads[start]
-    if control.header("Content-Type") is None or control.content_type != BEEP_XML:
+    control_type = control.header("Content-Type")
+    if control_type is None or media_type(control_type) != BEEP_XML:
         raise APEXError(500, f"the control part of multipart/related must be {BEEP_XML}")
     if control.transfer_encoding not in _IDENTITY_ENCODINGS:
         raise APEXError(504, f"transfer encoding {control.transfer_encoding[:32]} not supported")
@@ -759,11 +768,12 @@ def decode(message: Message) -> APEXElement:
     """The APEX element in a BEEP payload of either §4.1 form; raises :class:`APEXError`."""
     if message.transfer_encoding not in _IDENTITY_ENCODINGS:
         raise APEXError(504, f"transfer encoding {message.transfer_encoding[:32]} not supported")
-    content_type = message.content_type
+    raw_type = message.header("Content-Type")
+    content_type = media_type(raw_type)
     if content_type == BEEP_XML:
         return _element(message.body, _NO_PARTS)
     if content_type == MULTIPART_RELATED:
-        return _multipart(message)
+        return _multipart(message.body, raw_type or "")
     raise APEXError(500, f"an APEX payload is {BEEP_XML} or {MULTIPART_RELATED}")
 
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["DEFAULT_CONTENT_TYPE", "DEFAULT_TRANSFER_ENCODING", "Message", "MessageError"]
+__all__ = [
+    "DEFAULT_CONTENT_TYPE",
+    "DEFAULT_TRANSFER_ENCODING",
+    "Message",
+    "MessageError",
+    "media_type",
+]
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_TRANSFER_ENCODING = "binary"
@@ -65,10 +71,7 @@ class Message:
     @property
     def content_type(self) -> str:
         """The media type without parameters, lower-cased, with the RFC 3080 §2.2 default."""
-        raw = self.header("Content-Type")
-        if raw is None:
-            return DEFAULT_CONTENT_TYPE
-        return raw.split(";", 1)[0].strip().lower()
+        return media_type(self.header("Content-Type"))
 
     @property
     def transfer_encoding(self) -> str:
@@ -115,6 +118,14 @@ class Message:
 
     def __repr__(self) -> str:
         return f"<Message {self.content_type} {len(self.body)} octets>"
+
+
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type value, without parameters and lower-cased;
+    RFC 3080 §2.2's default for a missing header."""
+    if content_type is None:
+        return DEFAULT_CONTENT_TYPE
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def _check_value(name: str, value: str) -> None:
