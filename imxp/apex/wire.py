@@ -626,16 +626,18 @@ def _plain_params(value: str) -> dict[str, str] | None:
     if header is None:
         return None
     params: dict[str, str] = {}
-    for param in _PLAIN_PARAM.finditer(value, header.start(1), header.end(1)):
-        name = param[1].lower()
+    # findall: tuples made in C, no match objects. A token is never empty, so an
+    # empty one means the value was the quoted-string.
+    for name, token, quoted in _PLAIN_PARAM.findall(value, header.start(1), header.end(1)):
+        name = name.lower()
         if name in _MULTIPART_PARAMS and name not in params:  # the first one counts
-            value = param[2]
-            if value is None:
-                value = param[3]
+            if token:
+                params[name] = token
+            elif len(quoted) > 1 and quoted[0] == "<" and quoted[-1] == ">":
                 # email unquotes twice, and the second time strips the <> of start="<cid>".
-                if len(value) > 1 and value[0] == "<" and value[-1] == ">":
-                    value = value[1:-1]
-            params[name] = value
+                params[name] = quoted[1:-1]
+            else:
+                params[name] = quoted
     return params
 
 
