@@ -204,6 +204,8 @@ def test_wrong_types(tmp_path: Path, line: str, option: str, expected: str) -> N
         ('edge_listen = [""]', "edge_listen", "not a server endpoint string"),
         ('mesh_listen = ["tcp:port"]', "mesh_listen", "'tcp:port'"),
         ('mesh_listen = ["tcp:70000"]', "mesh_listen", "port 70000 out of range"),
+        ('edge_listen = ["ssl:913:privateKey=k.pem"]', "edge_listen", "listen with tcp:"),
+        ('mesh_listen = ["SSL:912"]', "mesh_listen", "TLS inside the session"),
         ('sasl_mechanisms = ["DIGEST-MD5"]', "sasl_mechanisms", "unknown mechanism"),
         ('sasl_mechanisms = ["ANONYMOUS"]', "sasl_mechanisms", "allow_anonymous"),
         ('sasl_mechanisms = ["PLAIN", "PLAIN"]', "sasl_mechanisms", "twice"),
