@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,6 +10,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import provider
 
 from imxp.certs import Issued, create_ca, issue_server
 
@@ -84,3 +86,18 @@ def root_and_intermediate() -> tuple[x509.Certificate, Issued]:
 
 
 pytest_plugins = ["dnsserver"]
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    """The structured log events (those with an ``event`` key) emitted during the test."""
+    captured: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        if "event" in event:
+            captured.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield captured
+    globalLogPublisher.removeObserver(observe)

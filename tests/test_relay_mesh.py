@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,8 +30,7 @@ import pytest_twisted
 from apexnet import App, RelayHandle, attach, start_relay
 from dnsserver import DNSServer, a, srv, start_dns_server
 from twisted.internet import defer, endpoints, reactor
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from zope.interface import provider
+from twisted.logger import LogEvent
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
@@ -250,21 +249,6 @@ async def build_mesh(
         for mesh in meshes:
             await mesh.close()
         await dns.stop()
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    """The structured log events (those with an ``event`` key) emitted during the test."""
-    captured: list[LogEvent] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if "event" in event:
-            captured.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield captured
-    globalLogPublisher.removeObserver(observe)
 
 
 def named(events: list[LogEvent], name: str) -> list[LogEvent]:

@@ -251,6 +251,42 @@ def test_reload_and_malformed_reload_keeps_old_data(path):
     path.write_text(good)
 
 
+def test_a_file_that_cannot_be_read_keeps_the_users(path, monkeypatch, events):
+    """A user file the relay may no longer read (replaced by another user's change) is
+    an error logged once per change, not a failed login: the relay keeps its users."""
+    relay = UserStore(path)
+    UserStore(path).add("alice", PASSWORD)
+    assert relay.usernames() == ["alice"]
+    real_read_text = Path.read_text
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    UserStore(path).add("bob", PASSWORD)
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(UserStoreError, match="cannot read: Permission denied"):
+        relay.reload()
+    assert "alice" in relay  # looked up through _fresh: no exception escapes
+    assert relay.usernames() == ["alice"]
+    unreadable = [e for e in events if e["event"] == "imxp.users-unreadable"]
+    assert len(unreadable) == 1
+    assert "Permission denied" in unreadable[0]["error"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_change_keeps_the_file_owner(path):
+    """`sudo imxp users add` on a relay's file leaves it the relay user's, not root's."""
+    UserStore(path).add("alice", PASSWORD)
+    os.chown(path, 4321, 4322)
+    UserStore(path).add("bob", PASSWORD)
+    st = path.stat()
+    assert (st.st_uid, st.st_gid) == (4321, 4322)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert UserStore(path).usernames() == ["alice", "bob"]
+
+
 def test_changes_start_from_the_file(path):
     """A long-lived store must not undo what another process wrote meanwhile."""
     relay = UserStore(path)

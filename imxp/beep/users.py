@@ -215,6 +215,10 @@ class UserStore:
             return {}, None
         except UnicodeDecodeError as e:
             raise UserStoreError(f"{self.path}: not UTF-8: {e}") from None
+        except OSError as e:
+            # Typically a file replaced by another user's `imxp users add`: the relay
+            # keeps the users it has and says why (see _fresh), rather than failing logins.
+            raise UserStoreError(f"{self.path}: cannot read: {e.strerror or e}") from None
         users: dict[str, StoredKeys] = {}
         secret = None
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -307,6 +311,7 @@ class UserStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)
+            _keep_owner(tmp, self.path)
             os.replace(tmp, self.path)
         except BaseException:
             try:
@@ -524,3 +529,21 @@ class FailureThrottle:
 
     def succeeded(self, address: str) -> None:
         self._entries.pop(address, None)
+
+
+def _keep_owner(new: str, old: Path) -> None:
+    """Give ``new`` the owner and group of ``old``, if any and if we may.
+
+    Run as root on a relay's file (``sudo imxp users add``), a change would otherwise
+    leave it owned by root with mode 0600, and the relay, running as its own user, could
+    no longer read it. Only root can give a file away; anyone else writes files the
+    relay's user can read only if it is the same user, which is then a no-op.
+    """
+    try:
+        st = old.stat()
+    except FileNotFoundError:
+        return
+    try:
+        os.chown(new, st.st_uid, st.st_gid)
+    except PermissionError:
+        pass
