@@ -57,8 +57,12 @@ class Prepared:
     """The ``what`` of each thing made by this call, in order; empty once all exists."""
 
 
-def prepare(config: Config, log: Logger) -> Prepared:
+def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -> Prepared:
     """Create what is missing (see the module docstring), load it all, and return it.
+
+    ``owner`` (uid, gid) is who the relay will run as, when that is not who starts it
+    (``twistd --uid``): what is created here is given to it, since the relay reads its
+    user file again after dropping privileges, and ``imxp users`` runs as that user.
 
     Logs a warning (``event="imxp.bootstrap"``, ``what`` ``certificate-name`` or
     ``certificate-expiry``) when the relay certificate does not name the domain as peers
@@ -84,6 +88,8 @@ def prepare(config: Config, log: Logger) -> Prepared:
     users_path = config.path("users_file")
     users = _users(config, users_path, log, created)
     _check_certificate(config, cert_path, identity.certificate, log)
+    if owner is not None:
+        _give(config, owner, _made(config, created, state_dir, cert_path, key_path, users_path))
     return Prepared(
         state_dir=state_dir,
         certificate_path=cert_path,
@@ -95,6 +101,36 @@ def prepare(config: Config, log: Logger) -> Prepared:
         users=users,
         created=tuple(created),
     )
+
+
+def _made(
+    config: Config,
+    created: list[str],
+    state_dir: Path,
+    cert_path: Path,
+    key_path: Path,
+    users_path: Path,
+) -> list[Path]:
+    """The paths of what ``created`` names, directory first."""
+    state = Path(config.state_dir)
+    paths = {
+        "state_dir": [state_dir],
+        "ca": [state / DEVELOPMENT_CA, state / _CA_KEY],
+        "certificate": [cert_path, key_path],
+        "users": [users_path],
+    }
+    return [path for what in created for path in paths[what]]
+
+
+def _give(config: Config, owner: tuple[int, int], paths: list[Path]) -> None:
+    uid, gid = owner
+    for path in paths:
+        try:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        except OSError as e:
+            raise ConfigError(
+                config.source, "state_dir", f"cannot give {path} to uid {uid}: {e}"
+            ) from None
 
 
 def _check_configured(config: Config) -> None:

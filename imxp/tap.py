@@ -10,6 +10,7 @@ daemonises. An exception from :func:`makeService` would end twistd with a traceb
 from __future__ import annotations
 
 import gc
+import pwd
 from typing import TYPE_CHECKING, ClassVar
 
 from twisted.logger import Logger
@@ -52,9 +53,22 @@ class Options(usage.Options):
         """
         try:
             self.config = load(self["config"])
-            self.prepared = prepare(self.config, log)
+            self.prepared = prepare(self.config, log, owner=self._runs_as())
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+
+    def _runs_as(self) -> tuple[int, int] | None:
+        """(uid, gid) that twistd switches to after starting (``--uid``, ``--gid``), or None.
+
+        twistd parses its own options before ours and hangs them on ``parent``; like
+        twistd, a uid without a gid means that user's primary group.
+        """
+        parent = getattr(self, "parent", None)
+        uid = parent.get("uid") if parent is not None else None
+        if uid is None:
+            return None
+        gid = parent.get("gid")
+        return uid, gid if gid is not None else pwd.getpwuid(uid).pw_gid
 
 
 def makeService(options: Options) -> IService:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
 import types
@@ -89,3 +90,33 @@ def test_twistd_prints_the_error_last_and_exits_1(tmp_path: Path) -> None:
     last = run.stdout.rstrip("\n").splitlines()[-1]
     assert last.endswith(": relay.toml: unknown option 'max_hop' (did you mean 'max_hops'?)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["relay.toml"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files to another user")
+def test_files_made_for_twistd_uid_belong_to_that_user(tmp_path: Path) -> None:
+    """`twistd --uid U --gid G imxp`: the relay reads its user file again after dropping to
+    U, so what the first start makes is U's, not root's; a uid alone means U's own group."""
+    from twisted.scripts.twistd import ServerOptions
+
+    path = tmp_path / "relay.toml"
+    path.write_text('state_dir = "state"\n')
+    server = ServerOptions()
+    server.parseOptions(["--uid", "4321", "--gid", "4322", "imxp", "--config", str(path)])
+    state = tmp_path / "state"
+    made = [state, *state.iterdir()]
+    assert sorted(p.name for p in made) == sorted(
+        ["state", "ca.pem", "ca.key", "relay.pem", "relay.key", "users"]
+    )
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(4321, 4322)}
+
+    # --uid alone: twistd runs as that user's primary group, and so do the files.
+    nobody = pwd.getpwnam("nobody")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "relay.toml").write_text("")
+    ServerOptions().parseOptions(
+        ["--uid", str(nobody.pw_uid), "imxp", "--config", str(other / "relay.toml")]
+    )
+    state = other / "imxp-state"
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in [state, *state.iterdir()]}
+    assert owners == {(nobody.pw_uid, nobody.pw_gid)}
