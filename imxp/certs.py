@@ -135,6 +135,7 @@ def issue_server(
     ips: Sequence[str] = (),
     *,
     valid_from: datetime | None = None,
+    client_auth: bool = True,
 ) -> Issued:
     """Issue a relay certificate from ``ca``.
 
@@ -144,6 +145,9 @@ def issue_server(
     present the certificate both when accepting and when opening a relay-to-relay session.
 
     :param valid_from: notBefore; see :func:`create_ca`.
+    :param client_auth: False for serverAuth alone, as public CAs now issue server
+        certificates; relays accept those from peers too (see ``server_auth_clients`` of
+        :func:`imxp.beep.tlsctx.server_options`).
     """
     if isinstance(names, str):
         raise TypeError("names must be a sequence of names, not a single string")
@@ -156,7 +160,8 @@ def issue_server(
         ca,
         common_name=dns[0],
         san=san,
-        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH]
+        + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else []),
         days=days,
         valid_from=valid_from,
     )

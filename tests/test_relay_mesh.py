@@ -47,7 +47,7 @@ from imxp.beep.session import (
 )
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
-from imxp.certs import Issued
+from imxp.certs import Issued, issue_server
 
 USERS = {
     "a.test": ("fred", "wilma"),
@@ -505,6 +505,25 @@ async def test_forged_originator_from_a_relay(
     [event] = named(events, "apex.refused")
     assert (event["code"], event["mode"]) == (537, "relay-relay")
     assert "fred@a.test" in event["text"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_with_a_server_auth_only_certificate_binds(
+    build_mesh: MeshBuilder, test_ca: Issued, events: list[LogEvent]
+) -> None:
+    """Public CAs now issue server certificates for serverAuth alone. A peer relay that
+    presents one on the mesh port still proves its domain, binds and relays (§4.5.2)."""
+    mesh = await build_mesh()
+    betty = await mesh.attach(BETTY)
+    certificate = issue_server(test_ca, ["b.test"], client_auth=False)
+    peer = await fake_relay(mesh, "c.test", certificate, "b.test")
+    assert peer.answer == wire.OK()
+    assert peer.session.tls_active
+
+    await peer.send(BARNEY, [BETTY], b"from b.test")
+    await mesh.settle()
+    assert received(betty) == [(BARNEY, b"from b.test")]
+    assert [e["domain"] for e in named(events, "apex.bound")] == ["b.test"]
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import pytest_twisted
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import reactor
@@ -464,6 +467,69 @@ async def test_optional_client_certificate_that_does_not_verify_is_refused(
     assert not outcome.server.handshook
     assert outcome.server.peer is None
     assert "certificate verify failed" in outcome.server_error, outcome.server_reason
+
+
+def code_signing_certificate(ca: Issued, name: str) -> Issued:
+    """A certificate naming ``name`` whose extendedKeyUsage allows code signing only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return Issued(certificate, key, ())
+
+
+@pytest.mark.parametrize("server_auth_clients", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_server_auth_only_certificate_as_client_only_where_allowed(
+    test_ca: Issued, server_cert: ServerCert, server_auth_clients: bool
+) -> None:
+    """Public CAs no longer put clientAuth in server certificates. Where allowed (a relay's
+    mesh port), one still authenticates its relay; elsewhere it is refused as before."""
+    peer = issue_server(test_ca, ["b.test"], client_auth=False)
+    outcome = await exchange(
+        server_options(
+            server_cert("relay.a.test"),
+            trust_roots=[test_ca.certificate],
+            server_auth_clients=server_auth_clients,
+        ),
+        client_options("relay.a.test", [test_ca.certificate], client=peer),
+    )
+    if server_auth_clients:
+        assert outcome.succeeded, outcome.client_reason
+        assert outcome.server.peer == peer.certificate
+    else:
+        assert not outcome.server.handshook
+        assert "certificate verify failed" in outcome.server_error, outcome.server_reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_purpose_is_overlooked_for_server_auth_clients(
+    test_ca: Issued, server_cert: ServerCert
+) -> None:
+    """A certificate for another purpose (code signing), or a serverAuth one from a CA
+    not trusted, is still refused."""
+    server = server_options(
+        server_cert("relay.a.test"), trust_roots=[test_ca.certificate], server_auth_clients=True
+    )
+    for peer in (
+        code_signing_certificate(test_ca, "b.test"),
+        issue_server(create_ca("another CA"), ["b.test"], client_auth=False),
+    ):
+        outcome = await exchange(
+            server, client_options("relay.a.test", [test_ca.certificate], client=peer)
+        )
+        assert not outcome.server.handshook
+        assert outcome.server.peer is None
 
 
 @pytest_twisted.ensureDeferred

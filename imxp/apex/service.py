@@ -192,7 +192,11 @@ def build_relay(
         max_hops=max_hops,
         delivery_timeout=delivery_timeout,
     )
-    tls = TLSProfile(server_options(identity, list(trust) or None))
+    roots = list(trust) or None
+    tls = TLSProfile(server_options(identity, roots))
+    # A peer relay presents its server certificate, which public CAs now issue for
+    # serverAuth only; what it proves is checked when it binds (RFC 3340 §4.5.2).
+    mesh_tls = TLSProfile(server_options(identity, roots, server_auth_clients=True))
     checkers: list[Any] = [users, ExternalChecker()]
     if allow_anonymous:
         checkers.append(AllowAnonymousAccess())
@@ -220,7 +224,7 @@ def build_relay(
     )
     mesh = SessionFactory(
         Role.LISTENER,
-        [tls, APEXProfile(relay, Mode.MESH)],
+        [mesh_tls, APEXProfile(relay, Mode.MESH)],
         session_config,
         reactor,
         max_sessions_per_peer=max_sessions_per_peer,

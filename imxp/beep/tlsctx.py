@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
-from OpenSSL import crypto
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, ITransport
 
@@ -59,6 +60,8 @@ def server_options(
     identity: Issued,
     trust_roots: Sequence[x509.Certificate] | None = None,
     require_client_cert: bool = False,
+    *,
+    server_auth_clients: bool = False,
 ) -> ssl.CertificateOptions:
     """Connection creator for the accepting side of a TLS session.
 
@@ -68,6 +71,10 @@ def server_options(
         verify ends the handshake.  When None, no client certificate is asked for.
     :param require_client_cert: refuse clients that present no certificate.  Needs
         ``trust_roots``.
+    :param server_auth_clients: also accept a client certificate whose extendedKeyUsage
+        names serverAuth but not clientAuth: a relay's certificate from a public CA, which
+        no longer issue clientAuth, presented when the relay connects to a peer.  Its
+        chain, validity and names are checked as for any other.
     :raises ValueError: if ``require_client_cert`` is set without trust roots, or if
         ``trust_roots`` is empty.
     """
@@ -85,11 +92,52 @@ def server_options(
         )
     elif require_client_cert:
         raise ValueError("require_client_cert needs trust_roots to verify the certificate")
-    return ssl.CertificateOptions(
+    kind = _ServerAuthClients if server_auth_clients and trust_roots else ssl.CertificateOptions
+    return kind(
         raiseMinimumTo=MINIMUM_TLS_VERSION,
         acceptableCiphers=_ACCEPTABLE_CIPHERS,
         **options,
     )
+
+
+class _ServerAuthClients(ssl.CertificateOptions):
+    """CertificateOptions whose verification of client certificates lets serverAuth do.
+
+    OpenSSL checks a client certificate for the sslclient purpose, which fails on an
+    extendedKeyUsage without clientAuth (X509_V_ERR_INVALID_PURPOSE). That one error is
+    overlooked where the certificate's extendedKeyUsage names serverAuth; every other
+    check of the chain stays OpenSSL's.
+    """
+
+    _verify_set = False
+
+    def getContext(self) -> SSL.Context:
+        context = super().getContext()
+        # Once: a connection made earlier keeps the callback it was made with, which must
+        # stay alive.
+        if not self._verify_set:
+            context.set_verify(context.get_verify_mode(), _server_auth_will_do)
+            self._verify_set = True
+        return context
+
+
+_X509_V_ERR_INVALID_PURPOSE = 26
+
+
+def _server_auth_will_do(
+    _connection: SSL.Connection, certificate: crypto.X509, error: int, _depth: int, ok: int
+) -> bool:
+    if ok:
+        return True
+    if error != _X509_V_ERR_INVALID_PURPOSE:
+        return False
+    try:
+        usage = certificate.to_cryptography().extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage
+        )
+    except x509.ExtensionNotFound:
+        return False
+    return ExtendedKeyUsageOID.SERVER_AUTH in usage.value
 
 
 def client_options(
