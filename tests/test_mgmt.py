@@ -502,3 +502,27 @@ def test_acceptable_xml_is_parsed() -> None:
     # A declared single-byte encoding is honoured.
     latin = xmlsafe.parse(b"<?xml version='1.0' encoding='iso-8859-1'?><a>caf\xe9</a>")
     assert latin.text == "caf\u00e9"
+
+
+def test_spans_of_chosen_elements_are_where_their_tags_lie() -> None:
+    """For callers that keep elements verbatim: each span is (start tag begins, start tag
+    ends, end tag begins, end tag ends), even with '>' in an attribute value, an
+    empty-element tag, or the same element nested in itself."""
+    data = b"<r><k a='x>y'>in<k/></k><o/><k  b=\"1\" /></r>"
+    spans: dict[Element, xmlsafe.Span] = {}
+    root = xmlsafe.parse(data, spans_of={"k"}, spans=spans)
+    outer, empty = root[0], root[2]
+    inner = outer[0]
+    assert data[slice(*spans[outer][:2])] == b"<k a='x>y'>"
+    assert data[spans[outer][1] : spans[outer][2]] == b"in<k/>"
+    assert data[slice(*spans[outer][2:])] == b"</k>"
+    assert spans[inner] == (
+        data.index(b"<k/>"),
+        data.index(b"<k/>") + 4,
+        *[data.index(b"<k/>") + 4] * 2,
+    )
+    at = data.index(b'<k  b="1" />')
+    assert spans[empty] == (at, at + 12, at + 12, at + 12)
+    assert root[1] not in spans  # not chosen
+    with pytest.raises(TypeError):
+        xmlsafe.parse(data, spans_of={"k"})

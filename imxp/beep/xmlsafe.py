@@ -49,6 +49,8 @@ def parse(
     For callers that keep parts of the document verbatim, the :data:`Span` of
     each element whose tag is in ``spans_of`` goes into ``spans``.
     """
+    if spans_of and spans is None:
+        raise TypeError("spans_of needs a spans dict to fill")
     if len(data) > max_size:
         raise XMLError(f"XML of {len(data)} octets exceeds the limit of {max_size}")
     parser = expat.ParserCreate("UTF-8" if utf8_only else None)
@@ -75,7 +77,7 @@ def parse(
         element = builder.end(tag)
         if opened and opened[-1][0] is element:
             _element, at, inner = opened.pop()
-            assert spans is not None
+            assert spans is not None  # checked on entry
             if data[inner - 2 : inner] == b"/>":
                 spans[element] = (at, inner, inner, inner)
             else:
