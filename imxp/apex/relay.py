@@ -286,10 +286,7 @@ class Relay:
 
     def _start(self, journey: _Journey) -> None:
         self.in_flight += 1
-        try:
-            d = self._carry(journey)
-        except Exception:
-            d = defer.fail()
+        d = _guarded(self._carry, journey)
         if d is None:
             self._journey_end(None, journey)
         else:
