@@ -89,7 +89,7 @@ def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -
     users = _users(config, users_path, log, created)
     _check_certificate(config, cert_path, identity.certificate, log)
     if owner is not None:
-        _give(config, owner, _made(config, created, state_dir, cert_path, key_path, users_path))
+        _give(config, owner, _made(created, state_dir, cert_path, key_path, users_path))
     return Prepared(
         state_dir=state_dir,
         certificate_path=cert_path,
@@ -103,19 +103,18 @@ def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -
     )
 
 
+def _ca_paths(state_dir: Path) -> tuple[Path, Path]:
+    """Where the development CA's certificate and key live."""
+    return state_dir / DEVELOPMENT_CA, state_dir / _CA_KEY
+
+
 def _made(
-    config: Config,
-    created: list[str],
-    state_dir: Path,
-    cert_path: Path,
-    key_path: Path,
-    users_path: Path,
+    created: list[str], state_dir: Path, cert_path: Path, key_path: Path, users_path: Path
 ) -> list[Path]:
     """The paths of what ``created`` names, directory first."""
-    state = Path(config.state_dir)
     paths = {
         "state_dir": [state_dir],
-        "ca": [state / DEVELOPMENT_CA, state / _CA_KEY],
+        "ca": list(_ca_paths(state_dir)),
         "certificate": [cert_path, key_path],
         "users": [users_path],
     }
@@ -176,8 +175,7 @@ def _development_certificate(
     An existing development CA is reused, so that endpoints and relays that were given its
     ``ca.pem`` keep trusting this relay after its certificate is made anew.
     """
-    state = Path(config.state_dir)
-    ca_cert, ca_key = state / DEVELOPMENT_CA, state / _CA_KEY
+    ca_cert, ca_key = _ca_paths(config.path("state_dir"))
     try:
         if ca_cert.exists() or ca_key.exists():
             ca = load_issued(ca_cert, ca_key)
