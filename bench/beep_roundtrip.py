@@ -52,6 +52,7 @@ from twisted.logger import (
 )
 from twisted.protocols.basic import Int32StringReceiver
 
+from bench.procstat import CPUMeter
 from imxp.beep.message import Message
 from imxp.beep.session import (
     ChannelHandler,
@@ -119,29 +120,8 @@ def serve(kind: str, certdir: Path, window: int, profile: bool) -> None:
     reactor.run()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU time ``pid`` has used (utime and stime of /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class _CPU:
-    """CPU seconds the client (this process) and the server spend over the measure."""
-
-    def __init__(self, server: int) -> None:
-        self.pids = {"client": os.getpid(), "server": server}
-        self.used: dict[str, float] = {}
-
-    def start(self) -> None:
-        self.used = {name: -_cpu_seconds(pid) for name, pid in self.pids.items()}
-
-    def stop(self) -> None:
-        for name, pid in self.pids.items():
-            self.used[name] += _cpu_seconds(pid)
-
-
 async def _run_beep(
-    port: int, certdir: Path, args: argparse.Namespace, cpu: _CPU
+    port: int, certdir: Path, args: argparse.Namespace, cpu: CPUMeter
 ) -> tuple[float, int]:
     ca = load_certificates(certdir / "ca.pem")
     config = SessionConfig(window=args.window, idle_timeout=None)
@@ -179,7 +159,7 @@ async def _run_beep(
 
 
 async def _run_ceiling(
-    port: int, certdir: Path, args: argparse.Namespace, cpu: _CPU
+    port: int, certdir: Path, args: argparse.Namespace, cpu: CPUMeter
 ) -> tuple[float, int]:
     ca = load_certificates(certdir / "ca.pem")
     done = defer.Deferred()
@@ -270,14 +250,14 @@ def main() -> None:
                 used: dict[str, dict[str, float]] = {}
                 for kind, run in (("ceiling", _run_ceiling), ("beep", _run_beep)):
                     proc, port = _start_server(kind, certdir, args)
-                    cpu = _CPU(proc.pid)
+                    cpu = CPUMeter({"client": os.getpid(), "server": proc.pid})
                     try:
                         elapsed, count = await run(port, certdir, args, cpu)
                     finally:
                         proc.terminate()
                         proc.wait()
                     results[kind] = count / elapsed
-                    used[kind] = {name: seconds / count for name, seconds in cpu.used.items()}
+                    used[kind] = cpu.per(count)
                 rounds.append((results, used))
             _report(rounds, args)
 

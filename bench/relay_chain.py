@@ -69,6 +69,7 @@ from twisted.logger import (
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
+from bench.procstat import CPUMeter
 from imxp.apex import wire
 from imxp.apex.service import build_relay
 from imxp.beep import mgmt
@@ -378,12 +379,6 @@ async def _drain(chain: _Chain, timeout: float = 60.0) -> None:
         await _sleep(0.05)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU time ``pid`` has used (utime and stime of /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def max_rate(
     chain: _Chain, seconds: float, depth: int, warmup: float = 1.0
 ) -> tuple[float, dict[str, float]]:
@@ -409,15 +404,15 @@ async def max_rate(
         one()
     await _sleep(warmup)
     start, first = time.perf_counter(), books.received
-    cpu = {name: _cpu_seconds(pid) for name, pid in chain.processes.items()}
+    meter = CPUMeter(chain.processes)
+    meter.start()
     await _sleep(seconds)
     elapsed, count = time.perf_counter() - start, books.received - first
-    for name, pid in chain.processes.items():
-        cpu[name] = (_cpu_seconds(pid) - cpu[name]) / max(count, 1)
+    meter.stop()
     running = False
     books.on_arrival = None
     await _drain(chain)
-    return count / elapsed, cpu
+    return count / elapsed, meter.per(count)
 
 
 async def latency(chain: _Chain, rate: float, seconds: float) -> tuple[float, float, int]:
