@@ -453,8 +453,12 @@ def _report_failure(failure: Failure) -> None:
 # -- orchestration ---------------------------------------------------------------------------
 
 
-def _spawn(args: list[str], profile: bool = False) -> tuple[subprocess.Popen[str], list[int]]:
-    """Start ``bench/relay_chain.py --serve ...``; returns it and the ports it printed."""
+def _spawn(
+    kind: str, domain: str, certdir: Path, *more: str, profile: bool = False
+) -> tuple[subprocess.Popen[str], list[int]]:
+    """Start ``bench/relay_chain.py --serve KIND --domain DOMAIN ...``; returns it and the
+    ports it printed."""
+    args = ["--serve", kind, "--domain", domain, "--certdir", str(certdir), *more]
     command = [sys.executable, __file__, *args, *(["--profile"] if profile else [])]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -517,21 +521,10 @@ async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: 
 
 async def run_chain(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
     ca = load_certificates(certdir / "ca.pem")
-    relay_b, (b_edge, b_mesh) = _spawn(
-        ["--serve", "relay", "--domain", "b.test", "--certdir", str(certdir)], args.profile
-    )
+    relay_b, (b_edge, b_mesh) = _spawn("relay", "b.test", certdir, profile=args.profile)
+    route = f"b.test=127.0.0.1:{b_mesh}"
     relay_a, (a_edge, _) = _spawn(
-        [
-            "--serve",
-            "relay",
-            "--domain",
-            "a.test",
-            "--certdir",
-            str(certdir),
-            "--route",
-            f"b.test=127.0.0.1:{b_mesh}",
-        ],
-        args.profile,
+        "relay", "a.test", certdir, "--route", route, profile=args.profile
     )
     try:
         books = _Books()
@@ -565,30 +558,8 @@ async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures
         interface="127.0.0.1",
     )
     where = listening.getHost().port
-    second, (second_port,) = _spawn(
-        [
-            "--serve",
-            "forward",
-            "--domain",
-            "b.test",
-            "--certdir",
-            str(certdir),
-            "--to",
-            f"{where}=b.test",
-        ]
-    )
-    first, (first_port,) = _spawn(
-        [
-            "--serve",
-            "forward",
-            "--domain",
-            "a.test",
-            "--certdir",
-            str(certdir),
-            "--to",
-            f"{second_port}=b.test",
-        ]
-    )
+    second, (second_port,) = _spawn("forward", "b.test", certdir, "--to", f"{where}=b.test")
+    first, (first_port,) = _spawn("forward", "a.test", certdir, "--to", f"{second_port}=b.test")
     try:
         client = endpoints.wrapClientTLS(
             client_options("a.test", ca),
@@ -612,7 +583,7 @@ async def run_rss(certdir: Path, args: argparse.Namespace, figures: _Figures) ->
     count = min(args.endpoints, limit - 64)
     if count < args.endpoints:
         print(f"fd limit {limit}: attaching {count} endpoints only", file=sys.stderr)
-    relay, (edge, _) = _spawn(["--serve", "relay", "--domain", "a.test", "--certdir", str(certdir)])
+    relay, (edge, _) = _spawn("relay", "a.test", certdir)
     sessions: list[Session] = []
     try:
         # One endpoint first, so that what any first session brings (imports, TLS context
