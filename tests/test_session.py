@@ -500,6 +500,24 @@ def test_large_message_fragmented_under_the_default_window():
     assert [f[3] for f in frames] == [True] * (len(frames) - 1) + [False]
 
 
+def test_a_message_waits_for_the_window_rather_than_being_cut_to_fit():
+    # 64 MSGs of 1 KiB are more than a 64 KiB window: the last ones wait for the
+    # listener's SEQ and go whole, in both directions (RFC 1122 §4.2.3.4).
+    big = SessionConfig(window=65536)
+    pair, profile, channel = echo_pair(listener_config=big, initiator_config=big)
+    pair.flush()
+    bodies = [os.urandom(1024) for _ in range(64)]
+    pair.I.pauseProducing()
+    replies = [channel.send(Message(body)) for body in bodies]
+    pair.I.resumeProducing()
+    pair.flush()
+    assert [result(d).body for d in replies] == bodies
+    assert profile.handlers[0].received == bodies
+    for frames in (pair.to_L.of(MSG, 1), pair.to_I.of(RPY, 1)):
+        size = frames[0][4]
+        assert size > 1024 and [(f[3], f[4]) for f in frames] == [(False, size)] * 64
+
+
 def test_ten_megabyte_message():
     config = SessionConfig(max_message_size=16 << 20)
     pair, profile, channel = echo_pair(listener_config=config, initiator_config=config)

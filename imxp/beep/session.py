@@ -357,6 +357,7 @@ class Channel:
         "_requests",
         "_send_limit",
         "_send_seqno",
+        "_send_window",
         "_window",
         "_window_dirty",
         "handler",
@@ -378,6 +379,8 @@ class Channel:
         # Sending. RFC 3081 §3.1.1: the peer's window starts at 4096 whatever it offers.
         self._send_seqno = 0
         self._send_limit = 4096
+        # The window the peer's last SEQ offered.
+        self._send_window = 4096
         # Made a deque when first needed: most messages never queue (see _transmit), and
         # an empty deque costs 760 octets on each of a relay's many idle channels.
         self._queue: deque[_OutMessage] | tuple[()] = ()
@@ -533,6 +536,12 @@ class Channel:
         remaining = len(out.data) - out.offset
         n = min(remaining, avail, frame_size)
         if n == 0 and remaining:
+            return None
+        if n < remaining and n < frame_size and n < self._send_window // 2:
+            # Silly window avoidance (RFC 1122 §4.2.3.4 applied to RFC 3081 §3.1.4's
+            # windows): rather than cut a sliver off this message, wait for the SEQ
+            # that acknowledges what is in flight, more than half the window. The
+            # peer's profile could act on none of a sliver until the rest arrived.
             return None
         offset = out.offset
         chunk = out.data if (offset == 0 and n == remaining) else out.data[offset : offset + n]
@@ -1034,6 +1043,7 @@ class Session(Protocol):
         if (channel._send_seqno - seq.ackno) % _MOD >= _HALF:
             raise FrameError(f"SEQ acknowledges octets never sent on channel {seq.channel}")
         channel._send_limit = (seq.ackno + seq.window) % _MOD
+        channel._send_window = seq.window
         if channel._queue:
             self._ready_channel(channel)
 
