@@ -2,7 +2,7 @@
 
 Run by hand (not part of the tests):
 
-    python bench/beep_roundtrip.py [--seconds 5] [--size 1024] [--depth 64] [--window 65536]
+    python bench/beep_roundtrip.py [--seconds 5] [--size 1024] [--depth 64] [--window 131072]
                                    [--rounds 3]
 
 The server runs in a subprocess so that client and server each have a core.
@@ -15,10 +15,11 @@ and certificates:
 * ``ceiling``: a minimal Twisted ``Int32StringReceiver`` echo over TLS with the
   same pipelining depth - the fastest request/response Twisted can do here.
 
-The window defaults to 65536 octets, what imxp's relays and clients offer (the
-``window`` option): pipelining needs room for the MSGs in flight. With
-``--window 4096``, the least RFC 3081 §3.1.1 allows, three 1 KiB MSGs fit at once
-and the figure measures how fast SEQ frames come back rather than the session.
+The window defaults to what imxp's relays and clients offer (the ``window``
+option, 131072 octets): pipelining needs room for the MSGs in flight, and 64 MSGs
+of 1 KiB are just more than 65536. With ``--window 4096``, the least RFC 3081
+§3.1.1 allows, three 1 KiB MSGs fit at once and the figure measures how fast SEQ
+frames come back rather than the session.
 
 Each round measures the ceiling and then BEEP; the round with the median ratio is
 reported, so that a measure the machine slowed or starved (a virtual machine's speed
@@ -65,6 +66,7 @@ from imxp.beep.session import (
 from imxp.beep.tls import TLSProfile, start_tls
 from imxp.beep.tlsctx import client_options, server_options
 from imxp.certs import create_ca, issue_server, load_certificates, load_issued
+from imxp.config import Config
 
 ECHO_URI = "http://imxp.test/bench-echo"
 
@@ -223,7 +225,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=64)
-    parser.add_argument("--window", type=int, default=65536)
+    parser.add_argument("--window", type=int, default=Config().window)
     parser.add_argument(
         "--rounds", type=int, default=3, help="ceiling-then-BEEP rounds; the median is reported"
     )

@@ -47,7 +47,7 @@ def test_defaults_are_a_relay_for_localhost_on_loopback(
     assert config.sasl_mechanisms == ("SCRAM-SHA-256", "PLAIN", "EXTERNAL")
     assert config.allow_anonymous is False
     assert config.max_hops == 16
-    assert config.window == 65536
+    assert config.window == 131072
     assert config.shutdown_grace == 10.0
     # Without a file, state_dir is relative to the current directory.
     assert config.state_dir == str(tmp_path / "imxp-state")
@@ -112,7 +112,7 @@ def test_a_file_overrides_options_and_keeps_the_rest(tmp_path: Path) -> None:
     }
     assert isinstance(config.routes, MappingProxyType)  # a frozen Config stays unchanged
     # Untouched options keep their defaults.
-    assert config.window == 65536
+    assert config.window == 131072
     assert config.tls_trust == ()
     assert offered_mechanisms(load()) == ["SCRAM-SHA-256", "PLAIN", "EXTERNAL"]
 

@@ -806,7 +806,7 @@ class Client:
         where = f"{target.host}:{target.port}"
         connection = _Connection(where)
         config = SessionConfig(
-            window=65536, idle_timeout=None, greeting_timeout=settings.connect_timeout
+            window=131072, idle_timeout=None, greeting_timeout=settings.connect_timeout
         )
         factory = SessionFactory(Role.INITIATOR, [], config, settings.reactor)
         try:
