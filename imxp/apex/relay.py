@@ -271,13 +271,34 @@ class Relay:
             # RFC 3342 §4: a hop limit this relay cannot read, it cannot honour; refused
             # before ok, so the sender still answers for the data.
             return self._refuse(channel, e.code, e.text)
-        if channel.mode is Mode.EDGE and hopping is None:
-            # RFC 3342 §4: a loop ends in an error report, not a storm.
-            data = _with_options(
-                data, apex_options.with_data_hopping(data.options, self.max_hops, 1)
-            )
-        self._start(_Journey(data, originator, apex_options.status_request(data.options)))
+        status = apex_options.status_request(data.options)
+        # §9.1: an option's transID is a UNIQID, and the reports these two options ask
+        # for carry it; without one they could not be sent after ok.
+        if status is not None and not status.trans_id:
+            return self._refuse(channel, 501, "statusRequest option needs a transID")
+        if hopping is not None and hopping[1].no_more_than and hopping[1].report_errors:
+            if not hopping[0].trans_id:
+                return self._refuse(channel, 501, "dataHopping reportErrors needs a transID")
+        self._start(_Journey(self._hop_limited(data, hopping), originator, status))
         return wire.OK()
+
+    def _hop_limited(
+        self, data: wire.Data, hopping: tuple[wire.Option, apex_options.DataHopping] | None
+    ) -> wire.Data:
+        """``data`` with a hop limit in force: its own, or this relay's ``max_hops``.
+
+        RFC 3342 §4: a loop ends in an error report, not a storm. The option is
+        optional and 0 means no limit, so a peer relay's data may carry none; a
+        limit of our own keeps even two relays that trust each other from passing
+        one data back and forth for ever.
+        """
+        if hopping is not None and hopping[1].no_more_than:
+            return data
+        trans_id = hopping[0].trans_id if hopping is not None and hopping[0].trans_id else 1
+        options = apex_options.with_data_hopping(
+            data.options, self.max_hops, trans_id, report_errors=False
+        )
+        return _with_options(data, options)
 
     # -- carrying data (§4.4.4.1 step 5) ---------------------------------------
     #
@@ -296,12 +317,19 @@ class Relay:
         """Every recipient to its verdict here; None when all are in at once."""
         local: list[tuple[wire.Recipient, Endpoint]] = []
         remote: dict[str, list[tuple[wire.Recipient, Endpoint]]] = {}
+        seen: set[Endpoint] = set()
         for recipient in journey.data.recipients:
             try:
                 endpoint = Endpoint.parse(recipient.identity)
             except AddressError as e:
-                self._verdict(journey, recipient.identity, 553, str(e), final=True)
+                if recipient.identity not in journey.settled:
+                    self._verdict(journey, recipient.identity, 553, str(e), final=True)
                 continue
+            if endpoint in seen:
+                # One endpoint named twice (§2.2.1 compares domains without case) is one
+                # recipient: delivered once, with one final report.
+                continue
+            seen.add(endpoint)
             if endpoint.domain == self.domain:
                 local.append((recipient, endpoint))
             else:
@@ -523,7 +551,7 @@ class Relay:
             originator = Endpoint.parse(data.originator.identity)
         except AddressError:
             return
-        self._start(_Journey(data, originator, None))
+        self._start(_Journey(self._hop_limited(data, None), originator, None))
 
     def _carry_failed(self, failure: Failure, journey: _Journey) -> None:
         """A bug of ours: logged, and every recipient without a verdict yet gets 451, so
