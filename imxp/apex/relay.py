@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
-from imxp.apex.address import AddressError, Endpoint
+from imxp.apex.address import AddressError, Endpoint, normalise_domain
 from imxp.apex.peers import PeerPool, Verdict
 from imxp.apex.policy import AccessPolicy
 from imxp.apex.routing import NoRoute, Router, Target
@@ -49,6 +49,8 @@ from imxp.beep.session import (
 __all__ = ["APEXChannel", "APEXProfile", "Mode", "Relay"]
 
 _Party = TypeVar("_Party", wire.Originator, wire.Recipient)
+# Characters of a diagnostic kept in a verdict (see Relay._verdict).
+_MAX_DIAGNOSTIC = 200
 
 
 class Mode(enum.Enum):
@@ -212,7 +214,8 @@ class Relay:
             return self._refuse(channel, 555, "transaction already in progress")
         if channel.mode is not Mode.MESH:
             return self._refuse(channel, 537, "bind is for the relay-relay mode")
-        domain = bind.relay.lower()
+        # §2.2.1: one form of each domain, the form originators are compared in.
+        domain = normalise_domain(bind.relay)
         if not self.policy.may_bind(channel.session.peer_certificate, domain):
             return self._refuse(channel, 537, f"certificate does not prove {domain}")
         unknown = apex_options.check_must_understand(bind.options, final=True)
@@ -522,6 +525,11 @@ class Relay:
     ) -> None:
         """Record one recipient's verdict here; report it when asked (§5.1)."""
         journey.settled.add(identity)
+        if len(text) > _MAX_DIAGNOSTIC:
+            # A next hop's or an application's diagnostic goes into the report once per
+            # recipient: unbounded, it could outgrow the largest message the originator
+            # takes, and then the originator would hear about none of them.
+            text = text[: _MAX_DIAGNOSTIC - 3] + "..."
         self.log.info(
             "{identity} from {originator}: {code} {text}",
             identity=identity,

@@ -53,6 +53,9 @@ def parse(
         raise TypeError("spans_of needs a spans dict to fill")
     if len(data) > max_size:
         raise XMLError(f"XML of {len(data)} octets exceeds the limit of {max_size}")
+    if utf8_only and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        # expat lets a UTF-16 byte-order mark override the encoding it was given.
+        raise XMLError("XML is UTF-16, not UTF-8")
     parser = expat.ParserCreate("UTF-8" if utf8_only else None)
     builder = TreeBuilder()
     depth = 0
