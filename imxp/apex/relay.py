@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -486,6 +486,11 @@ class Relay:
         )
         deadline = self.clock.seconds() + self.delivery_timeout
         sending = self.pool.send(targets, wire.encode(onward), deadline)
+        if not sending.called:
+            # A next hop that took the MSG may never answer; the originator is still
+            # promised a final answer, as for an application that does not (_answer).
+            timeout = self.clock.callLater(self.delivery_timeout, sending.cancel)
+            sending.addBoth(_in_time, timeout, f"{domain} did not answer in time")
         return sending.addCallback(self._handed_on, journey, domain, recipients)
 
     def _handed_on(
@@ -667,6 +672,15 @@ def _all(waiting: list[defer.Deferred[Any] | None]) -> defer.Deferred[Any] | Non
         return None
 
     return defer.DeferredList(pending, consumeErrors=True).addCallback(done)
+
+
+def _in_time(result: Verdict | Failure, timeout: IDelayedCall, late: str) -> Verdict | Failure:
+    """``result`` of a hand-over, or 451 (outcome unknown) when ``timeout`` cut it short."""
+    if timeout.active():
+        timeout.cancel()
+    if isinstance(result, Failure) and result.check(defer.CancelledError):
+        return Verdict(451, f"{late}; outcome unknown")
+    return result
 
 
 def _with_options(data: wire.Data, options: list[wire.Option]) -> wire.Data:
