@@ -231,10 +231,14 @@ class Relay:
         return wire.OK()
 
     def terminate(self, channel: APEXChannel, terminate: wire.Terminate) -> wire.OK:
-        """§4.4.3: transID 0 ends every association made on the channel."""
+        """§4.4.3: transID 0 ends every association made over the BEEP session."""
         if terminate.trans_id == 0:
-            self._release(channel, list(channel.attachments))
-            channel.bindings.clear()
+            # Step 1: the application's, on whichever APEX channel of the session.
+            others = (c.handler for c in channel.session.channels.values())
+            for handler in {channel, *(h for h in others if isinstance(h, APEXChannel))}:
+                if handler.relay is self:
+                    self._release(handler, list(handler.attachments))
+                    handler.bindings.clear()
             return wire.OK()
         if terminate.trans_id in channel.attachments:
             self._release(channel, [terminate.trans_id])
