@@ -131,8 +131,10 @@ class _Journey:
     data: wire.Data
     originator: Endpoint
     status: wire.Option | None
-    # (identity, code, text) of verdicts that end a journey here and are reported
-    reports: list[tuple[str, int, str]] = field(default_factory=list)
+    # Recipients with a statusRequest of their own (§8.4), which counts for them.
+    recipient_status: dict[str, wire.Option] = field(default_factory=dict)
+    # (transID, identity, code, text) of the verdicts to report
+    reports: list[tuple[int, str, int, str]] = field(default_factory=list)
     # Recipients with a verdict here, final or a hand-over.
     settled: set[str] = field(default_factory=set)
 
@@ -286,6 +288,11 @@ class Relay:
         if hopping is not None and hopping[1].no_more_than and hopping[1].report_errors:
             if not hopping[0].trans_id:
                 return self._refuse(channel, 501, "dataHopping reportErrors needs a transID")
+        for recipient in data.recipients:
+            if recipient.options:
+                own = apex_options.status_request(recipient.options)
+                if own is not None and not own.trans_id:
+                    return self._refuse(channel, 501, "statusRequest option needs a transID")
         self._start(_Journey(self._hop_limited(data, hopping), originator, status))
         return wire.OK()
 
@@ -337,7 +344,20 @@ class Relay:
                 # recipient: delivered once, with one final report.
                 continue
             seen.add(endpoint)
-            if endpoint.domain == self.domain:
+            here = endpoint.domain == self.domain
+            if recipient.options or journey.data.originator.options or here:
+                # Steps 4 and 5.1: per-originator and per-recipient options, and per-data
+                # ones for the final relay (§5, targetHop final).
+                if recipient.options:
+                    own = apex_options.status_request(recipient.options)
+                    if own is not None:
+                        journey.recipient_status[recipient.identity] = own
+                unknown = self._not_understood(journey.data, recipient, final=here)
+                if unknown is not None:
+                    text = f"option {unknown.name} not implemented"
+                    self._verdict(journey, recipient.identity, 504, text, final=True)
+                    continue
+            if here:
                 local.append((recipient, endpoint))
             else:
                 remote.setdefault(endpoint.domain, []).append((recipient, endpoint))
@@ -347,6 +367,19 @@ class Relay:
         if remote:
             waiting.append(_guarded(self._forward_remote, journey, remote))
         return _all(waiting)
+
+    @staticmethod
+    def _not_understood(
+        data: wire.Data, recipient: wire.Recipient, *, final: bool
+    ) -> wire.Option | None:
+        """An option for this relay on the way to ``recipient`` that it must
+        understand and does not (§5: an error in processing). Per-data options
+        for every relay were checked before ok (step 2)."""
+        for options in (recipient.options, data.originator.options, data.options if final else ()):
+            unknown = apex_options.check_must_understand(options, final=final)
+            if unknown is not None:
+                return unknown
+        return None
 
     def _deliver(
         self, journey: _Journey, recipient: wire.Recipient, endpoint: Endpoint
@@ -549,18 +582,23 @@ class Relay:
             event="apex.verdict",
         )
         status = journey.status
+        if journey.recipient_status:
+            status = journey.recipient_status.get(identity, status)
         if status is None:
             return
         # A journey that ends here is reported whatever targetHop says: the
         # originator is promised one final answer per recipient. A hand-over
         # is reported only to those who asked to trace every hop.
         if final or status.target_hop in ("this", "all"):
-            journey.reports.append((identity, code, text))
+            journey.reports.append((status.trans_id, identity, code, text))
 
     def _send_reports(self, journey: _Journey) -> None:
-        if not journey.reports or journey.status is None:
-            return
-        self.reports.report(journey.originator, journey.status.trans_id, journey.reports)
+        """One statusResponse per transID asked for (§6.2)."""
+        by_trans_id: dict[int, list[tuple[str, int, str]]] = {}
+        for trans_id, identity, code, text in journey.reports:
+            by_trans_id.setdefault(trans_id, []).append((identity, code, text))
+        for trans_id, reports in by_trans_id.items():
+            self.reports.report(journey.originator, trans_id, reports)
 
     def send_internal(self, data: wire.Data) -> None:
         """Carry data this relay originates (reports). No report about a report."""
