@@ -1,0 +1,593 @@
+"""What hostile or buggy endpoints and peer relays can make a relay do (RFC 3340, RFC 3342).
+
+The promise (DESIGN.md, "Principles"): every bad input gets the reply code the RFC names
+and a structured log event, never an internal error; and once a relay answered ``ok`` to a
+data whose originator asked for status, every recipient ends in exactly one final
+statusResponse, and nothing is delivered twice.
+
+The mesh is test_relay_mesh's: relays for a.test (fred, wilma), b.test (barney, bambam)
+and c.test (betty) on loopback, routes from a real DNS server, TLS and SASL everywhere.
+The fixture here does not settle the mesh at teardown, so that a test of a forwarding loop
+that does not end fails quickly instead of waiting for the mesh to fall idle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import pytest_twisted
+from apexnet import App, _AppChannel, start_relay
+from dnsserver import srv, start_dns_server
+from test_relay_mesh import BARNEY, BETTY, FRED, USERS, WILMA, Mesh, fake_relay, named
+from twisted.internet import defer, reactor
+from twisted.logger import LogEvent
+
+from imxp.apex import options as apex_options
+from imxp.apex import wire
+from imxp.apex.relay import APEXChannel
+from imxp.beep import mgmt
+from imxp.beep.message import Message
+from imxp.beep.session import BEEPError, Request
+from imxp.certs import Issued
+
+Settings = dict[str, Any]
+
+
+class MeshBuilder(Protocol):
+    def __call__(self, **overrides: Settings | Callable[[Mesh], Settings]) -> Awaitable[Mesh]: ...
+
+
+@pytest_twisted.async_yield_fixture
+async def mesh_of(
+    test_ca: Issued, server_cert: Callable[..., Issued], tmp_path: Path
+) -> AsyncIterator[MeshBuilder]:
+    dns = start_dns_server()
+    meshes: list[Mesh] = []
+
+    async def build(**overrides: Settings | Callable[[Mesh], Settings]) -> Mesh:
+        mesh = Mesh(dns, test_ca)
+        meshes.append(mesh)
+        for domain, users in USERS.items():
+            extra = overrides.get(domain, {})
+            settings: Settings = {
+                "identity": server_cert(domain),
+                "users": users,
+                "resolver": dns.resolver(),
+                "delivery_timeout": 1.0,
+                "shutdown_grace": 0.5,
+                **(extra(mesh) if callable(extra) else extra),
+            }
+            handle = await start_relay(domain, test_ca, tmp_path, **settings)
+            mesh.relays[domain] = handle
+            mesh.publish(domain, handle.port("mesh"))
+        return mesh
+
+    yield build
+
+    try:
+        for mesh in meshes:
+            await mesh.close()
+    finally:
+        await dns.stop()
+
+
+async def sleep(seconds: float) -> None:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d
+
+
+async def send(
+    app: App,
+    recipients: list[str],
+    options: Sequence[wire.Option] = (),
+    *,
+    recipient_options: Sequence[wire.Option] = (),
+    body: bytes = b"hello",
+) -> None:
+    """Data from ``app``; ``recipient_options`` go into every recipient element."""
+    data = wire.Data(
+        wire.Originator(app.endpoint),
+        [wire.Recipient(r, list(recipient_options)) for r in recipients],
+        list(options),
+        content=wire.Content.from_bytes(body, "text/plain"),
+    )
+    await app.channel.send(wire.encode(data))
+
+
+def reported(app: App, trans_id: int) -> dict[str, list[int]]:
+    """recipient -> every code reported for it under ``trans_id``."""
+    found: dict[str, list[int]] = {}
+    for report in app.reports:
+        if report.trans_id == trans_id:
+            for identity, code, _text in report.destinations:
+                found.setdefault(identity, []).append(code)
+    return found
+
+
+def status(trans_id: int, target_hop: str = "final") -> wire.Option:
+    return apex_options.make_status_request(trans_id, target_hop)
+
+
+def hopping(no_more_than: int, trans_id: int, report_errors: bool = False) -> wire.Option:
+    [option] = apex_options.with_data_hopping([], no_more_than, trans_id, report_errors)
+    return option
+
+
+def loop_settings(server_cert: Callable[..., Issued], b_trusts_a: bool = False) -> Settings:
+    """a.test follows DNS for loop.test to b.test's relay; b.test has a stale static route
+    sending loop.test back to a.test's relay. a.test trusts b.test (and, if asked, b.test
+    trusts a.test), so what one relays the other accepts."""
+
+    def b_settings(mesh: Mesh) -> Settings:
+        a_mesh = mesh.relay("a.test").port("mesh")
+        settings: Settings = {
+            "identity": server_cert("b.test", "loop.test"),
+            "routes": {"loop.test": f"127.0.0.1:{a_mesh}=a.test"},
+            "max_hops": 4,
+        }
+        if b_trusts_a:
+            settings["trusted_relays"] = ("a.test",)
+        return settings
+
+    return {"a.test": {"max_hops": 4, "trusted_relays": ("b.test",)}, "b.test": b_settings}
+
+
+async def hand_overs_within(
+    events: list[LogEvent], identity: str, seconds: float, ceiling: int
+) -> int:
+    """How often data for ``identity`` was handed to a next hop, watched for ``seconds``
+    or until it passes ``ceiling`` (a storm, then)."""
+    deadline = reactor.seconds() + seconds
+    count = 0
+    while reactor.seconds() < deadline:
+        count = sum(
+            1
+            for e in named(events, "apex.verdict")
+            if e["identity"] == identity and e["code"] == 250 and not e["final"]
+        )
+        if count > ceiling:
+            break
+        await sleep(0.05)
+    return count
+
+
+def hostile_at(relay: Any, answer: Callable[[], Any]) -> Callable[..., Any]:
+    """An APEXChannel.message_received under which ``relay`` answers every data with
+    ``answer()`` (or what it raises) instead of processing it."""
+    original = APEXChannel.message_received
+
+    def message_received(self: APEXChannel, request: Request) -> Any:
+        if self.relay is relay and isinstance(wire.decode(request.message), wire.Data):
+            return answer()
+        return original(self, request)
+
+    return message_received
+
+
+# -- duplicate recipients ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_recipient_named_twice_is_delivered_and_reported_once(
+    mesh_of: MeshBuilder,
+) -> None:
+    """DESIGN.md: "nothing is delivered twice" and one final statusResponse per recipient.
+    The same endpoint named twice in one data (locally and remotely) is one recipient."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    barney = await mesh.attach(BARNEY)
+
+    await send(fred, [WILMA, WILMA, BARNEY, BARNEY], [status(71)])
+    await mesh.settle()
+
+    assert len(wilma.data) == 1
+    assert len(barney.data) == 1
+    assert reported(fred, 71) == {WILMA: [250], BARNEY: [250]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_recipient_spelt_twice_is_delivered_once(mesh_of: MeshBuilder) -> None:
+    """§2.2.1: domains compare case-insensitively, so wilma@A.TEST is wilma@a.test."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    barney = await mesh.attach(BARNEY)
+
+    await send(fred, [WILMA, "wilma@A.TEST", BARNEY, "barney@B.Test"], [status(72)])
+    await mesh.settle()
+
+    assert len(wilma.data) == 1
+    assert len(barney.data) == 1
+
+
+# -- options: statusRequest, mustUnderstand, dataHopping ----------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_status_request_without_transid_is_no_internal_error(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """The §9.1 DTD requires an option's transID, and a statusResponse cannot carry 0
+    (UNIQID). A statusRequest without one must be refused before ok (501), or answered:
+    today the relay says ok, fails building the report (an apex.internal-error with a
+    traceback) and the originator never hears about nobody@a.test's 550."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    await mesh.attach(WILMA)
+    no_trans_id = dataclasses.replace(status(1), trans_id=0)
+
+    try:
+        await send(fred, [WILMA, "nobody@a.test"], [no_trans_id])
+        accepted = True
+    except BEEPError as e:
+        assert e.code == 501
+        accepted = False
+    await mesh.settle()
+
+    assert named(events, "apex.internal-error") == []
+    if accepted:
+        reports = [d for r in fred.reports for d in r.destinations]
+        assert sorted(identity for identity, _, _ in reports) == ["nobody@a.test", WILMA]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_data_hopping_report_without_transid_is_no_internal_error(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """RFC 3342 §4: reportErrors reports under the dataHopping option's transID. Without
+    one, the relay fails building that report after ok (apex.internal-error)."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    no_trans_id = dataclasses.replace(hopping(1, 1, report_errors=True), trans_id=0)
+
+    try:
+        await send(fred, [BARNEY], [no_trans_id])
+    except BEEPError as e:
+        assert e.code == 501
+    await mesh.settle()
+
+    assert named(events, "apex.internal-error") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_more_than_zero_sets_no_hop_limit(mesh_of: MeshBuilder) -> None:
+    """RFC 3342 §4 (and the §6 DTD's default): the option acts only when noMoreThan is
+    non-zero. Today 0 is taken as a limit already spent: 554 at the first relay."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+
+    await send(fred, [BARNEY], [hopping(0, 5), status(73)])
+    await mesh.settle()
+
+    assert reported(fred, 73) == {BARNEY: [250]}
+    assert len(barney.data) == 1
+
+
+@pytest.mark.parametrize("recipient", [WILMA, BARNEY])
+@pytest_twisted.ensureDeferred
+async def test_unknown_must_understand_final_option_fails_at_the_final_relay(
+    mesh_of: MeshBuilder, recipient: str
+) -> None:
+    """§5: a targetHop='final' option applies to the relay that transmits the data to the
+    recipient; mustUnderstand='true' and not understood there is an error in processing.
+    The recipient must not get the data (504, as the relay answers at the first hop);
+    today a.test (final for wilma) and b.test (final for barney) deliver it."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    apps = {WILMA: await mesh.attach(WILMA), BARNEY: await mesh.attach(BARNEY)}
+    unknown = wire.Option("noSuchOption", target_hop="final", must_understand=True, trans_id=3)
+
+    try:
+        await send(fred, [recipient], [unknown, status(74)])
+        refused = None
+    except BEEPError as e:
+        refused = e.code
+    await mesh.settle()
+
+    assert apps[recipient].data == []
+    if refused is None:
+        assert reported(fred, 74) == {recipient: [504]}
+    else:
+        assert refused == 504
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_per_recipient_status_request_is_honoured(mesh_of: MeshBuilder) -> None:
+    """§8.4: statusRequest may be present in "data" and "recipient" elements, and §4.4.4.1
+    step 5.1 processes per-recipient options. Today only the per-data one is read: these
+    recipients, delivered or not, are never reported on."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    await mesh.attach(WILMA)
+    await mesh.attach(BARNEY)
+
+    await send(fred, [WILMA, BARNEY, "nobody@a.test"], recipient_options=[status(75)])
+    await mesh.settle()
+
+    assert reported(fred, 75) == {WILMA: [250], BARNEY: [250], "nobody@a.test": [550]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_must_understand_per_recipient_option_is_an_error(
+    mesh_of: MeshBuilder,
+) -> None:
+    """§4.4.4.1 step 5.1 and §5: a per-recipient option for this relay, mustUnderstand and
+    not understood, is an error in processing for that recipient. Today it is ignored and
+    the data delivered."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    unknown = wire.Option("noSuchOption", target_hop="this", must_understand=True, trans_id=3)
+
+    try:
+        await send(fred, [WILMA], [status(76)], recipient_options=[unknown])
+        refused = None
+    except BEEPError as e:
+        refused = e.code
+    await mesh.settle()
+
+    assert wilma.data == []
+    if refused is None:
+        assert reported(fred, 76) == {WILMA: [504]}
+    else:
+        assert refused == 504
+
+
+@pytest.mark.parametrize("target_hop", ["this", "all"])
+@pytest_twisted.ensureDeferred
+async def test_unknown_must_understand_option_for_the_first_relay_is_refused(
+    mesh_of: MeshBuilder, events: list[LogEvent], target_hop: str
+) -> None:
+    """§5, §4.4.4.1 step 2: a per-data option for this relay that it does not understand
+    is refused before ok with 504, logged once; nothing travels."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    unknown = wire.Option("noSuchOption", target_hop=target_hop, must_understand=True, trans_id=3)
+
+    with pytest.raises(BEEPError) as refused:
+        await send(fred, [BARNEY], [unknown, status(77)])
+    await mesh.settle()
+
+    assert refused.value.code == 504
+    assert barney.data == [] and fred.reports == []
+    assert [e["code"] for e in named(events, "apex.refused")] == [504]
+
+
+# -- loops: one error report, not a storm (RFC 3342 §4) ------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_report_caught_in_a_routing_loop_is_not_relayed_forever(
+    mesh_of: MeshBuilder, server_cert: Callable[..., Issued], events: list[LogEvent]
+) -> None:
+    """Reports are data the relay originates itself (send_internal), and they get no hop
+    limit. A report to an originator whose domain loops between two relays (a -> b -> a)
+    circles for ever, thousands of hand-overs a second, until a relay stops."""
+    mesh = await mesh_of(**loop_settings(server_cert))
+    mesh.dns.set(
+        "_apex-mesh._tcp.loop.test", srv(0, 0, mesh.relay("b.test").port("mesh"), "b.test.")
+    )
+    # A relay that proves loop.test binds at a.test and relays x@loop.test's data, asking
+    # for status; nobody@a.test does not exist, so a.test reports 550 to x@loop.test.
+    peer = await fake_relay(mesh, "a.test", server_cert("loop.test"), "loop.test")
+    assert peer.answer == wire.OK()
+    await peer.send("x@loop.test", ["nobody@a.test"], b"x", [status(78), hopping(8, 1)])
+
+    count = await hand_overs_within(events, "x@loop.test", 1.0, ceiling=50)
+
+    assert count <= 2 * 4  # each relay's max_hops, with room to spare
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_from_a_peer_without_a_hop_limit_is_not_relayed_forever(
+    mesh_of: MeshBuilder, server_cert: Callable[..., Issued], events: list[LogEvent]
+) -> None:
+    """Only data from an endpoint gets the relay's hop limit (relay.py adds dataHopping in
+    the endpoint-relay mode only). Data a peer relay sends without one - RFC 3342 makes the
+    option optional - circles for ever between two relays that trust each other."""
+    mesh = await mesh_of(**loop_settings(server_cert, b_trusts_a=True))
+    mesh.dns.set(
+        "_apex-mesh._tcp.loop.test", srv(0, 0, mesh.relay("b.test").port("mesh"), "b.test.")
+    )
+    peer = await fake_relay(mesh, "a.test", server_cert("loop.test"), "loop.test")
+    await peer.send("x@loop.test", ["y@loop.test"], b"x", options=[])
+
+    count = await hand_overs_within(events, "y@loop.test", 1.0, ceiling=50)
+
+    assert count <= 2 * 4
+
+
+# -- hostile or hung next hops ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_next_hop_that_never_answers_still_gives_a_final_report(
+    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A next hop that takes the MSG and never replies: a.test waits for ever (PeerPool has
+    no deadline for the reply, unlike the endpoint delivery of Relay._answer), so fred never
+    hears about betty and a.test stays busy (and its shutdown waits) until the session goes.
+    Expected: after delivery_timeout, one final 4xx verdict, outcome unknown."""
+    mesh = await mesh_of(**{"a.test": {"delivery_timeout": 0.5}})
+    c = mesh.relay("c.test")
+    monkeypatch.setattr(
+        APEXChannel, "message_received", hostile_at(c.service.relay, defer.Deferred)
+    )
+    fred = await mesh.attach(FRED)
+    try:
+        await send(fred, [BETTY], [status(79)])
+        try:
+            await fred.wait("reports", 1, timeout=2.5)
+        except defer.CancelledError:
+            pass
+        assert [code // 100 for code in reported(fred, 79).get(BETTY, [])] == [4]
+    finally:
+        # Release a.test's link so that the mesh can stop.
+        await c.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_diagnostic_from_a_next_hop_does_not_lose_the_report(
+    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A next hop refuses a data for 200 recipients with a 6000-octet diagnostic. a.test
+    copies it into the report once per recipient, the report outgrows the 1 MiB message
+    limit, fred's session refuses it (554) and fred never hears about any of them."""
+    mesh = await mesh_of()
+
+    def refuse() -> None:
+        raise BEEPError(554, "no " * 2000)
+
+    monkeypatch.setattr(
+        APEXChannel, "message_received", hostile_at(mesh.relay("c.test").service.relay, refuse)
+    )
+    fred = await mesh.attach(FRED)
+    recipients = [f"u{n}@c.test" for n in range(200)]
+
+    await send(fred, recipients, [status(80)])
+    await mesh.settle()
+
+    assert reported(fred, 80) == {r: [554] for r in recipients}
+
+
+# -- attach, bind, terminate (§4.4.1-§4.4.3) ----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminate_zero_ends_every_attachment_of_the_session(
+    mesh_of: MeshBuilder,
+) -> None:
+    """§4.4.3 step 1: transID 0 terminates "all associations established by this
+    application over this BEEP session". Today only those of the channel it came on end:
+    fred/appl=x, attached on a second APEX channel of the same session, still gets data."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    holder: dict[str, App] = {}
+    second = await fred.session.start_channel(
+        [
+            mgmt.ProfileElement(
+                wire.APEX_URI, wire.encode(wire.Attach("fred/appl=x@a.test", 1)).body
+            )
+        ],
+        handler=_AppChannel(holder),
+    )
+    assert isinstance(wire.decode(Message(second.start_reply or b"", mgmt.BEEP_XML)), wire.OK)
+    holder["app"] = fred_x = App("fred/appl=x@a.test", fred.session, second)
+
+    await fred.channel.send(wire.encode(wire.Terminate(0)))
+    await send(wilma, [FRED, "fred/appl=x@a.test"], [status(81)])
+    await mesh.settle()
+
+    assert fred_x.data == [] and fred.data == []
+    assert reported(wilma, 81) == {FRED: [450], "fred/appl=x@a.test": [450]}
+
+
+@pytest.mark.parametrize(
+    ("certified", "bind_as", "originator"),
+    [
+        ("xn--bcher-kva.test", "b\u00fccher.test", "x@xn--bcher-kva.test"),
+        ("b.test", "b.test.", BARNEY),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_binding_holds_for_its_domain_however_it_is_written(
+    mesh_of: MeshBuilder,
+    server_cert: Callable[..., Issued],
+    certified: str,
+    bind_as: str,
+    originator: str,
+) -> None:
+    """§2.2.1: a domain is a DNS name (the DTD's DOMAIN, RFC 2821), compared in one form.
+    Relay.bind keeps ``bind.relay.lower()``: bound as the U-label bücher.test (which the
+    certificate proves), the peer may not relay for x@xn--bcher-kva.test, i.e. for anyone
+    of its domain; bound as b.test. (trailing dot) it is not even bound."""
+    mesh = await mesh_of()
+    betty = await mesh.attach(BETTY)
+    peer = await fake_relay(mesh, "c.test", server_cert(certified), bind_as)
+    assert peer.answer == wire.OK()
+
+    await peer.send(originator, [BETTY], b"x")
+    await mesh.settle()
+    assert len(betty.data) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_attaching_as_an_endpoint_already_attached_is_554(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """§4.4.1 step 5: another attach as fred@a.test - from another session, or on fred's
+    own channel under a new transID - is 554, and the first attachment is unharmed."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+
+    with pytest.raises(Exception) as other_session:
+        await mesh.attach(FRED)
+    assert getattr(other_session.value, "code", None) == 554
+    with pytest.raises(BEEPError) as same_channel:
+        await fred.channel.send(wire.encode(wire.Attach(FRED, 2)))
+    assert same_channel.value.code == 554
+    assert [e["code"] for e in named(events, "apex.refused")] == [554, 554]
+
+    await send(wilma, [FRED], [status(82)])
+    await mesh.settle()
+    assert reported(wilma, 82) == {FRED: [250]}
+    assert len(fred.data) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_or_bind_on_an_edge_channel_without_attach_is_537(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """§4.4.4.1 step 1, §4.5.1: an authenticated application that has not attached (on
+    this channel) originates nothing, even as the endpoint it attached as on another
+    channel; and bind is for the relay-relay mode. Each refusal is logged."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    bare = await fred.session.start_channel(
+        [mgmt.ProfileElement(wire.APEX_URI, None)], handler=_AppChannel({})
+    )
+    data = wire.Data(
+        wire.Originator(FRED),
+        [wire.Recipient(WILMA)],
+        [status(83)],
+        content=wire.Content.from_bytes(b"x", "text/plain"),
+    )
+
+    with pytest.raises(BEEPError) as unattached:
+        await bare.send(wire.encode(data))
+    with pytest.raises(BEEPError) as bind:
+        await bare.send(wire.encode(wire.Bind("a.test", 1)))
+    await mesh.settle()
+
+    assert (unattached.value.code, bind.value.code) == (537, 537)
+    assert wilma.data == [] and fred.reports == []
+    assert [e["code"] for e in named(events, "apex.refused")] == [537, 537]
+
+
+# -- the wire ----------------------------------------------------------------------------
+
+
+def test_a_utf16_control_document_is_refused() -> None:
+    """RFC 3080's application/beep+xml is UTF-8 unless a charset parameter says otherwise,
+    and wire decodes UTF-8 only (a declared ISO-8859-1 is 500). A UTF-16 byte-order mark
+    gets past that check: the data is accepted, and its inline content - kept as the
+    UTF-16 octets received - is spliced into the UTF-8 document the relay forwards,
+    which no next hop or application can parse."""
+    text = (
+        "<data content='#C'><originator identity='a@example.com'/>"
+        "<recipient identity='b@example.com'/><data-content Name='C'><x/></data-content></data>"
+    )
+    with pytest.raises(wire.APEXError) as refused:
+        wire.decode(Message(text.encode("utf-16"), wire.BEEP_XML))
+    assert refused.value.code == 500
