@@ -266,7 +266,8 @@ class Request:
 
 
 # Marks an answer whose remaining frames are dropped because it grew too big.
-_DISCARDED: list[bytes] = []
+# What an answer being reassembled is charged besides its octets.
+_OPEN_ANSWER = 256
 
 
 class _Outstanding:
@@ -279,7 +280,6 @@ class _Outstanding:
         "on_answer",
         "parts",
         "partial",
-        "partial_size",
         "sending",
         "size",
         "toobig",
@@ -302,9 +302,8 @@ class _Outstanding:
         self.size = 0
         self.toobig = False
         self.answers: list[Message] = []
-        # ansno -> frames (and their total size) of an answer being reassembled
+        # ansno -> frames of an answer being reassembled
         self.partial: dict[int, list[bytes]] = {}
-        self.partial_size: dict[int, int] = {}
 
 
 class _OutMessage:
@@ -1110,7 +1109,9 @@ class Session(Protocol):
                 self._new_request(channel, msgno, None, 0).error(
                     554, f"message exceeds the limit of {limit} octets"
                 )
-            else:
+            elif frame.payload:
+                # An empty intermediate frame costs no window: kept, a peer could
+                # send them without end.
                 channel._in_parts.append(frame.payload)
         if frame.more:
             return
@@ -1197,7 +1198,7 @@ class Session(Protocol):
             if outstanding.size > limit:
                 outstanding.toobig = True
                 outstanding.parts = []
-            else:
+            elif frame.payload:
                 outstanding.parts.append(frame.payload)
         if frame.more:
             return
@@ -1215,29 +1216,36 @@ class Session(Protocol):
     def _answer_frame(self, channel: Channel, outstanding: _Outstanding, frame: Frame) -> None:
         ansno = frame.ansno
         assert ansno is not None
-        parts = outstanding.partial.setdefault(ansno, [])
-        if parts is _DISCARDED:
-            if not frame.more:
-                del outstanding.partial[ansno]
+        if outstanding.toobig:
+            # The exchange has failed (554 at NUL): nothing more of it is kept.
             return
-        parts.append(frame.payload)
-        size = outstanding.partial_size.get(ansno, 0) + len(frame.payload)
+        parts = outstanding.partial.get(ansno)
+        # What the exchange holds is bounded as one message is: the answers being
+        # reassembled (each also charged for being open, since a peer may open any
+        # number with empty frames) and, without on_answer, those complete.
+        held = outstanding.size + len(frame.payload) + (_OPEN_ANSWER if parts is None else 0)
         limit = self._message_limit(channel)
-        if size > limit:
+        if held > limit:
             # As for an oversized RPY: this exchange fails (554 at NUL), not the session.
-            self._too_large(channel, limit, "discarding an answer")
+            self._too_large(channel, limit, "discarding answers")
             outstanding.toobig = True
-            outstanding.partial_size.pop(ansno, None)
-            if frame.more:
-                outstanding.partial[ansno] = _DISCARDED
-            else:
-                del outstanding.partial[ansno]
+            outstanding.partial = {}
+            outstanding.answers = []
+            outstanding.size = 0
             return
+        outstanding.size = held
+        if parts is None:
+            parts = outstanding.partial[ansno] = []
+        if frame.payload:
+            parts.append(frame.payload)
         if frame.more:
-            outstanding.partial_size[ansno] = size
             return
         del outstanding.partial[ansno]
-        outstanding.partial_size.pop(ansno, None)
+        if outstanding.on_answer is not None:
+            # Handed to the application: no longer held here.
+            outstanding.size -= _OPEN_ANSWER + sum(map(len, parts))
+        else:
+            outstanding.size -= _OPEN_ANSWER
         try:
             message = Message.from_payload(b"".join(parts))
         except MessageError as e:
