@@ -16,7 +16,7 @@ import enum
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -799,6 +799,9 @@ class Session(Protocol):
         if not isinstance(element, mgmt.ProfileElement) or element.uri not in {
             c.uri for c in candidates
         }:
+            # §2.2.2.1: for the peer the channel is open now; carrying on, the two
+            # would disagree about which channels exist.
+            self.abort("reply to start names no profile we offered")
             raise BEEPError(501, "reply to start names a profile we did not offer")
         if self._gone or generation != self._generation:
             raise SessionClosed("session closed while starting a channel")
@@ -1204,14 +1207,27 @@ class Session(Protocol):
             return
         del channel._outstanding[msgno]
         if outstanding.toobig:
+            if not channel.number:
+                self._poorly_formed_mgmt_reply(outstanding, f"reply over {limit} octets")
             self._too_large(channel, limit, "discarding a reply")
             outstanding.deferred.errback(
                 BEEPError(554, f"reply exceeds the limit of {limit} octets")
             )
         else:
             parts = outstanding.parts
-            _reply_complete(outstanding, kind, parts[0] if len(parts) == 1 else b"".join(parts))
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            if not channel.number:
+                problem = _mgmt_reply_problem(kind, payload)
+                if problem is not None:
+                    self._poorly_formed_mgmt_reply(outstanding, problem)
+            _reply_complete(outstanding, kind, payload)
         channel._maybe_idle()
+
+    def _poorly_formed_mgmt_reply(self, outstanding: _Outstanding, problem: str) -> NoReturn:
+        """§2.2.2.1: a poorly formed reply on channel zero terminates the session."""
+        reason = f"poorly formed reply on channel zero: {problem}"
+        outstanding.deferred.errback(SessionClosed(reason))
+        raise FrameError(reason)
 
     def _answer_frame(self, channel: Channel, outstanding: _Outstanding, frame: Frame) -> None:
         ansno = frame.ansno
@@ -1554,10 +1570,15 @@ class Session(Protocol):
                 await channel._when_idle()
                 channel._closing = True
             try:
-                await self._channels[0].send(_mgmt(mgmt.Close(channel.number, code, text)))
+                reply = await self._channels[0].send(_mgmt(mgmt.Close(channel.number, code, text)))
             except BEEPError:
                 channel._closing = False
                 raise
+            if not isinstance(mgmt.parse(reply.body), mgmt.OK):
+                # §2.3.1.3: a close is answered by ok or an error; anything else is a
+                # poorly formed reply on channel zero (§2.2.2.1).
+                self.abort("reply to close is not ok")
+                raise SessionClosed("reply to close is not ok")
             if channel.number == 0:
                 self.disconnect()
             else:
@@ -1634,6 +1655,21 @@ class Session(Protocol):
             return
         delay = timeout - quiet if quiet < timeout else timeout
         self._idle_timer = self.clock.callLater(delay, self._check_idle)
+
+
+def _mgmt_reply_problem(kind: bytes, payload: bytes) -> str | None:
+    """What makes a reply on channel zero poorly formed, if anything: it must be one
+    beep+xml element, an ``error`` exactly when the reply is an ERR."""
+    try:
+        message = Message.from_payload(payload)
+        if message.content_type != mgmt.BEEP_XML:
+            return "not application/beep+xml"
+        element = mgmt.parse(message.body)
+    except (MessageError, mgmt.MgmtError) as e:
+        return str(e)
+    if (kind == ERR) != isinstance(element, mgmt.Error):
+        return f"{kind.decode()} carrying a {type(element).__name__.lower()} element"
+    return None
 
 
 def _reply_complete(outstanding: _Outstanding, kind: bytes, payload: bytes) -> None:
