@@ -266,6 +266,8 @@ class Request:
 
 
 # Marks an answer whose remaining frames are dropped because it grew too big.
+# Of a peer that asked for tuning while we owe it replies: only SEQ frames may come.
+_SEQ_ONLY = "seq-only"
 # What an answer being reassembled is charged besides its octets.
 _OPEN_ANSWER = 256
 
@@ -718,7 +720,7 @@ class Session(Protocol):
         self._in_receive = False
         self._paused = False
         self._tuning = False
-        self._peer_silent = False
+        self._peer_silent: bool | str = False
         self._generation = 0
         self._greet_on_handshake = False
         self._refusal: Failure | None = None
@@ -857,10 +859,13 @@ class Session(Protocol):
         self._tuning = False
         self._flush()
 
-    def expect_silence(self) -> None:
+    def expect_silence(self, *, seq_allowed: bool = False) -> None:
         """We accepted a peer's tuning request: it may send nothing more until the
-        transport is switched (§3.1.3.2); anything else ends the session."""
-        self._peer_silent = True
+        transport is switched (§3.1.3.2); anything else ends the session.
+
+        ``seq_allowed`` while we still finish replies owed before the switch: the
+        peer's SEQ frames may be what lets them out."""
+        self._peer_silent = _SEQ_ONLY if seq_allowed else True
 
     def tuning_reset(
         self, switch: Callable[[], None], *, greet_after_handshake: bool = False
@@ -979,7 +984,11 @@ class Session(Protocol):
             for frame in frames:
                 if self._gone:
                     return
-                if self._peer_silent or generation != self._generation:
+                if (self._peer_silent or generation != self._generation) and not (
+                    self._peer_silent is _SEQ_ONLY
+                    and generation == self._generation
+                    and type(frame) is SeqFrame
+                ):
                     # §3.1.3: nothing may follow a tuning request but the new transport.
                     self.abort("data received after a tuning request")
                     return

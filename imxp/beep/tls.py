@@ -103,7 +103,9 @@ class TLSProfile(Profile):
         return self._proceed(session).addCallback(lambda after: StartReply(_PROCEED, after))
 
     def _proceed(self, session: Session) -> defer.Deferred[Callable[[], None]]:
-        # §3.1.3.1: replies already owed on other channels go out before we switch.
+        # §3.1.3.1: replies already owed on other channels go out before we switch,
+        # and the peer sends nothing more from its ready on.
+        session.expect_silence(seq_allowed=True)
         others = [c for number, c in session.channels.items() if number and c.profile != TLS_URI]
         waits = defer.gatherResults([c._when_idle() for c in others])
 
