@@ -681,6 +681,9 @@ class Session(Protocol):
     """One BEEP session (RFC 3080) over TCP (RFC 3081)."""
 
     log = Logger()
+    # Channels being closed for a poorly formed reply; a set of its own only when
+    # one is, since a relay keeps thousands of sessions.
+    _closing_poorly: frozenset[int] | set[int] = frozenset()
 
     def __init__(
         self,
@@ -1170,7 +1173,8 @@ class Session(Protocol):
         ):
             # The common case: a whole RPY in one frame to a MSG completely sent.
             del channel._outstanding[msgno]
-            _reply_complete(outstanding, RPY, frame.payload)
+            if not _reply_complete(outstanding, RPY, frame.payload):
+                self._poorly_formed_reply(channel)
             channel._maybe_idle()
             return
         greeting = channel.number == 0 and msgno == 0
@@ -1195,7 +1199,9 @@ class Session(Protocol):
             return
         if kind == NUL:
             del channel._outstanding[msgno]
-            if outstanding.toobig:
+            if outstanding.deferred.called:
+                pass  # failed at a poorly formed answer
+            elif outstanding.toobig:
                 limit = self._message_limit(channel)
                 outstanding.deferred.errback(
                     BEEPError(554, f"an answer exceeded the limit of {limit} octets")
@@ -1229,8 +1235,29 @@ class Session(Protocol):
                 problem = _mgmt_reply_problem(kind, payload)
                 if problem is not None:
                     self._poorly_formed_mgmt_reply(outstanding, problem)
-            _reply_complete(outstanding, kind, payload)
+            if not _reply_complete(outstanding, kind, payload):
+                self._poorly_formed_reply(channel)
         channel._maybe_idle()
+
+    def _poorly_formed_reply(self, channel: Channel) -> None:
+        """§2.2.2.1: a poorly formed reply on a profile's channel closes that channel
+        (§2.3.1.3, once our other MSGs on it are answered); the session goes on."""
+        if channel.number in self._closing_poorly:
+            return
+        if isinstance(self._closing_poorly, frozenset):
+            self._closing_poorly = set()
+        closing_poorly = self._closing_poorly
+        closing_poorly.add(channel.number)
+        self.log.warn(
+            "poorly formed reply on channel {channel} from {peer}: closing the channel",
+            channel=channel.number,
+            peer=self.peer,
+            event="beep.poorly-formed-reply",
+        )
+        closing = self._close_channel(channel, 500, "poorly formed reply")
+        # Refused or cut short, the close leaves nothing more to do here.
+        closing.addErrback(lambda _: None)
+        closing.addBoth(lambda _: closing_poorly.discard(channel.number))
 
     def _poorly_formed_mgmt_reply(self, outstanding: _Outstanding, problem: str) -> NoReturn:
         """§2.2.2.1: a poorly formed reply on channel zero terminates the session."""
@@ -1274,7 +1301,14 @@ class Session(Protocol):
         try:
             message = Message.from_payload(b"".join(parts))
         except MessageError as e:
-            raise FrameError(f"poorly formed answer: {e}") from None
+            # The exchange fails now; what more of it comes is not kept (toobig).
+            outstanding.deferred.errback(BEEPError(500, f"poorly formed answer: {e}"))
+            outstanding.toobig = True
+            outstanding.partial = {}
+            outstanding.answers = []
+            outstanding.size = 0
+            self._poorly_formed_reply(channel)
+            return
         if outstanding.on_answer is not None:
             try:
                 outstanding.on_answer(message, ansno)
@@ -1681,17 +1715,19 @@ def _mgmt_reply_problem(kind: bytes, payload: bytes) -> str | None:
     return None
 
 
-def _reply_complete(outstanding: _Outstanding, kind: bytes, payload: bytes) -> None:
-    """Fire the Deferred of ``outstanding`` with its whole RPY, or fail it for an ERR."""
+def _reply_complete(outstanding: _Outstanding, kind: bytes, payload: bytes) -> bool:
+    """Fire the Deferred of ``outstanding`` with its whole RPY, or fail it for an ERR.
+    False when the reply is poorly formed (it fails with 500)."""
     try:
         message = Message.from_payload(payload)
     except MessageError as e:
         outstanding.deferred.errback(BEEPError(500, f"poorly formed reply: {e}"))
-        return
+        return False
     if kind == RPY:
         outstanding.deferred.callback(message)
     else:
         outstanding.deferred.errback(BEEPError.from_message(message))
+    return True
 
 
 class SessionFactory(Factory):
