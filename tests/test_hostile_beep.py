@@ -1,0 +1,386 @@
+"""A hostile or buggy BEEP peer, driven frame by frame (RFC 3080, RFC 3081).
+
+Each test is a peer doing something the existing suites do not try: answering
+channel-zero requests with the wrong element, sending a greeting that is no greeting,
+opening many answers at once, sending empty intermediate frames without end, a
+poorly formed reply on a profile's channel, talking after a TLS ``ready``. The
+project rule: the error the RFC names (an ERR, or the session terminated per
+§2.2.1.1 with one ``beep.session-terminated`` event), no unbounded memory, and
+nothing that harms a session that keeps to the rules.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from collections.abc import Callable
+
+import pytest
+from test_session_wire import (
+    OTP,
+    RFC_I_GREETING,
+    RFC_L_GREETING,
+    RFC_RELEASE,
+    RFC_START_TLS,
+    RFC_START_TWO,
+    TERMINATED,
+    RecordingProfile,
+    Wire,
+    greeted_listener,
+    parse_one,
+    transcribe,
+)
+from twisted.internet import defer
+from twisted.logger import capturedLogs
+
+from imxp.beep import mgmt
+from imxp.beep.frames import ANS, ERR, MSG, NUL, RPY, Frame
+from imxp.beep.message import Message
+from imxp.beep.session import (
+    Channel,
+    Profile,
+    Role,
+    SessionConfig,
+)
+from imxp.beep.tls import TLSProfile
+
+REFUSED_BY_PEER = "beep.session-refused-by-peer"
+XML_HEAD = b"Content-Type: application/beep+xml\r\n\r\n"
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def right_edge(wire: Wire, channel: int) -> int:
+    """The peer's (the test's) send limit on ``channel``: the highest right edge our
+    session has advertised, or RFC 3081 §3.1.1's initial 4096."""
+    edges = [s.ackno + s.window for s in wire.seqs if s.channel == channel]
+    return max([4096, *edges])
+
+
+def listener_with_channel_1(profile: Profile, config: SessionConfig | None = None) -> Wire:
+    wire = greeted_listener(profile, config=config)
+    wire.feed_rfc(RFC_START_TWO, exact=True)
+    reply = wire.read_one()
+    assert (reply.kind, reply.channel) == (RPY, 0)
+    assert 1 in wire.session.channels
+    return wire
+
+
+def initiator() -> Wire:
+    wire = Wire(Role.INITIATOR)
+    wire.read()
+    wire.feed_rfc(RFC_L_GREETING, exact=True)
+    assert wire.session.peer_greeting is not None
+    return wire
+
+
+def settle(wire: Wire) -> None:
+    """Run the reactor turns a session yields to while it works through a long read."""
+    for _ in range(100_000):
+        now = wire.clock.seconds()
+        if not any(c.getTime() <= now for c in wire.clock.getDelayedCalls()):
+            return
+        wire.clock.advance(0)
+
+
+def retained(action: Callable[[], None]) -> int:
+    """Octets of Python memory still allocated after ``action`` than before it."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def terminated(events: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [e for e in events if e.get("event") == TERMINATED]
+
+
+def swallow(d: defer.Deferred[object]) -> list[object]:
+    box: list[object] = []
+    d.addBoth(box.append)
+    return box
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [
+        (RPY, XML_HEAD + b"<ok />"),
+        (RPY, XML_HEAD + b"this is not XML"),
+        (RPY, b"\r\n<profile uri='http://iana.org/beep/SASL/OTP' />"),
+        (RPY, XML_HEAD + b"<profile uri='http://example.com/never-asked-for' />"),
+        (RPY, b"no blank line ends these headers"),
+        (ERR, b"\r\nnot an error element"),
+    ],
+    ids=["ok", "not-xml", "not-beep-xml", "profile-not-offered", "bad-mime", "err-not-xml"],
+)
+def test_poorly_formed_reply_to_start_terminates_the_session(kind: bytes, payload: bytes) -> None:
+    """§2.2.2.1: "If a poorly-formed reply is received on channel zero, the session is
+    terminated without generating a response". Carrying on leaves the two peers
+    disagreeing about which channels exist (the peer answered RPY: for it, channel 1
+    is open)."""
+    wire = initiator()
+    started = wire.session.start_channel([OTP])
+    box = swallow(started)
+    start = wire.read_one()
+    assert (start.kind, start.channel) == (MSG, 0)
+    with capturedLogs() as events:
+        wire.send(kind, 0, start.msgno, payload)
+    assert box, "the start is still waiting"
+    assert wire.aborted, f"session goes on after {box[0]}"
+    assert len(terminated(events)) == 1
+    assert wire.read() == []
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [XML_HEAD + b"<greeting />", XML_HEAD + b"<error code='550'>no</error>", b"\r\nwhatever"],
+    ids=["greeting", "error-in-rpy", "not-xml"],
+)
+def test_reply_to_close_that_is_not_ok_terminates_the_session(payload: bytes) -> None:
+    """§2.3.1.3: a close is answered by ``ok`` (RPY) or ``error`` (ERR). Anything else in
+    the RPY is a poorly formed reply on channel zero (§2.2.2.1), not an ``ok``: the
+    session must end, and the channel must not be reported closed."""
+    wire = initiator()
+    started = wire.session.start_channel([OTP])
+    start = wire.read_one()
+    wire.send(RPY, 0, start.msgno, XML_HEAD + b"<profile uri='%s' />" % OTP.encode())
+    channel = swallow(started)[0]
+    assert isinstance(channel, Channel)
+    box = swallow(channel.close())
+    close = wire.read_one()
+    assert mgmt.parse(Message.from_payload(close.payload).body) == mgmt.Close(1, 200)
+    with capturedLogs() as events:
+        wire.send(RPY, 0, close.msgno, payload)
+    assert box and box[0] is not None, "close reported as done"
+    assert wire.aborted
+    assert len(terminated(events)) == 1
+
+
+def oversized_greeting() -> bytes:
+    return XML_HEAD + b"<greeting>" + b" " * 70000 + b"</greeting>"
+
+
+@pytest.mark.parametrize(
+    ("role", "payload"),
+    [
+        (Role.LISTENER, b"no blank line ends these headers"),
+        (Role.INITIATOR, b"no blank line ends these headers"),
+        (Role.INITIATOR, oversized_greeting()),
+    ],
+    ids=["listener-bad-mime", "initiator-bad-mime", "initiator-oversized"],
+)
+def test_poorly_formed_greeting_terminates_and_is_no_refusal(role: Role, payload: bytes) -> None:
+    """A greeting RPY whose payload is poorly formed, or larger than channel zero takes,
+    is a poorly formed reply on channel zero (§2.2.2.1): terminate, log
+    ``beep.session-terminated``. It is not the peer refusing the session (§2.4's ERR):
+    an initiator can't even refuse one, and the codes logged (500, 554) are ours."""
+    # A window large enough for the oversized greeting to arrive in one frame.
+    wire = Wire(role, config=SessionConfig(window=131072))
+    wire.read()
+    with capturedLogs() as events:
+        wire.send(RPY, 0, 0, payload)
+    assert [e for e in events if e.get("event") == REFUSED_BY_PEER] == []
+    assert len(terminated(events)) == 1
+    assert wire.aborted
+
+
+# -- one-to-many replies whose answers never end ------------------------------------------
+
+
+LIMIT = 16384
+
+
+def waiting_for_answers() -> tuple[Wire, defer.Deferred[object]]:
+    """Listener with channel 1 open, a max_message_size of LIMIT, and one MSG of ours
+    (msgno 0) awaiting its reply."""
+    wire = listener_with_channel_1(RecordingProfile(OTP), SessionConfig(max_message_size=LIMIT))
+    pending = wire.session.channels[1].send(Message(b"tell me everything"))
+    ours = wire.read_one()
+    assert (ours.kind, ours.channel, ours.msgno) == (MSG, 1, 0)
+    return wire, pending
+
+
+@pytest.mark.parametrize("complete", [False, True], ids=["answers-left-open", "no-nul-ever"])
+def test_answers_of_one_exchange_are_bounded_in_total(complete: bool) -> None:
+    """Each ANS is held to max_message_size, but a peer can open any number of them at
+    once (distinct ansnos, each left incomplete), or complete answers without ever
+    sending the NUL; all of it stays in memory. 300 KB of answers to one MSG with a
+    16 KiB message limit must not stay buffered."""
+    wire, pending = waiting_for_answers()
+    box = swallow(pending)
+    chunk = b"\r\n" + b"a" * 998 if complete else b"a" * 1000
+
+    def answers() -> None:
+        edge = right_edge(wire, 1)
+        for ansno in range(300):
+            if wire.aborted or wire.theirs[1] + len(chunk) > edge:
+                break
+            wire.send(ANS, 1, 0, chunk, more=not complete, ansno=ansno)
+            wire.read()
+            edge = max(edge, right_edge(wire, 1))
+            wire.seqs.clear()  # so that the test's own bookkeeping doesn't grow
+
+    grown = retained(answers)
+    assert wire.theirs[1] >= 100_000 or wire.aborted or box
+    assert grown < 4 * LIMIT, f"{grown} octets kept for {wire.theirs[1]} octets of answers"
+
+
+@pytest.mark.parametrize("kind", [MSG, RPY, ANS])
+def test_empty_intermediate_frames_do_not_grow_memory(kind: bytes) -> None:
+    """A zero-octet intermediate frame is well formed and costs no window, so a peer can
+    send them without end: 25000 of them add nothing to the message, and must not
+    add 25000 entries to a list of parts (a pointer each; a 1-octet frame costs a
+    whole bytes object, so a message in 1-octet frames takes many times its size)."""
+    wire, pending = waiting_for_answers()
+    swallow(pending)
+    ansno = 0 if kind == ANS else None
+    # Our MSG 0 awaits the RPY/ANS; the peer's own MSG uses msgno 7.
+    msgno = 7 if kind == MSG else 0
+    one = wire.frame(kind, 1, msgno, b"", more=True, ansno=ansno)
+    burst = one * 1000
+
+    def flood() -> None:
+        for _ in range(25):
+            wire.feed(burst)
+            settle(wire)
+
+    grown = retained(flood)
+    assert not wire.aborted
+    assert grown < 48 * 1024, f"{grown} octets kept for 25000 empty frames"
+
+
+# -- poorly formed replies on another channel (§2.2.2.1) ----------------------------------
+
+
+@pytest.mark.parametrize("kind", [RPY, ANS])
+def test_poorly_formed_reply_on_a_profile_channel_closes_that_channel(kind: bytes) -> None:
+    """§2.2.2.1: "If a poorly-formed reply is received on another channel, then the
+    channel must be closed using the procedure in Section 2.3.1.3": the session lives
+    on (other channels are unharmed), our exchange fails at once, and a ``close`` for
+    that channel goes out on channel zero once the exchange is over (§2.3.1.3: not
+    while a MSG of ours awaits its reply, here the NUL)."""
+    wire, pending = waiting_for_answers()
+    box = swallow(pending)
+    with capturedLogs() as events:
+        wire.send(kind, 1, 0, b"no blank line ends these headers", ansno=0 if kind == ANS else None)
+        settle(wire)
+        assert box, "the exchange is still waiting"
+        if kind == ANS:
+            wire.send(NUL, 1, 0, b"")
+            settle(wire)
+    assert terminated(events) == [] and not wire.aborted
+    ours = [f for f in wire.read() if (f.kind, f.channel) == (MSG, 0)]
+    assert len(ours) == 1, "no close of channel 1 was sent"
+    close = mgmt.parse(Message.from_payload(ours[0].payload).body)
+    assert isinstance(close, mgmt.Close) and close.number == 1
+
+
+# -- TLS: nothing may follow ready (§3.1.3.1) -----------------------------------------------
+
+
+def test_frames_after_ready_while_replies_are_owed_terminate_the_session() -> None:
+    """§3.1.3.1: the peer that sent ``ready`` "must not send any further traffic ...
+    until a corresponding reply is received"; we first finish the replies we owe. The
+    session already terminates a peer that talks after ready when ready is acted on at
+    once; while it waits for a pending reply, a ``start`` sent after ready creates a
+    channel and a MSG after ready reaches the profile."""
+    recorder = RecordingProfile(OTP)
+    wire = greeted_listener(TLSProfile(None), recorder)  # type: ignore[arg-type]
+    wire.feed_rfc(RFC_START_TWO, exact=True)
+    wire.read_one()
+    handler = recorder.handlers[0]
+    wire.send(MSG, 1, 0, b"\r\nslow")  # a reply we owe: ready must wait for it
+    tls_start = parse_one(transcribe(RFC_START_TLS)).payload.replace(b"'1'", b"'3'")
+    start_5 = parse_one(transcribe(RFC_START_TWO)).payload.replace(b"'1'", b"'5'")
+    with capturedLogs() as events:
+        wire.send(MSG, 0, 2, tls_start)
+        assert wire.read() == [] and not wire.aborted
+        wire.send(MSG, 0, 3, start_5)
+        wire.send(MSG, 1, 1, b"\r\nafter ready")
+    assert 5 not in wire.session.channels
+    assert handler.received == [b"slow"]
+    assert wire.aborted
+    assert len(terminated(events)) == 1
+
+
+# -- rules that held before the audit ------------------------------------------------------
+
+
+def test_second_greeting_terminates_the_session() -> None:
+    """§2.2.1.1: a reply to a msgno that awaits none; the greeting's msgno 0 is answered
+    once."""
+    wire = greeted_listener(RecordingProfile(OTP))
+    with capturedLogs() as events:
+        wire.feed_rfc(RFC_I_GREETING)
+    assert wire.aborted and len(terminated(events)) == 1
+    wire.feed_rfc(RFC_START_TWO)
+    assert wire.read() == [] and 1 not in wire.session.channels
+
+
+def test_a_shrunk_or_zero_window_is_never_overrun_and_regrowth_resumes() -> None:
+    """RFC 3081 §3.1.2-§3.1.4: the peer may move the right edge left (RFC 1122 only says
+    it SHOULD NOT) or offer a window of 0; what we send never passes the latest right
+    edge, and sending resumes when it moves right again."""
+    wire = listener_with_channel_1(RecordingProfile(OTP))
+    channel = wire.session.channels[1]
+    box = swallow(channel.send(Message(b"y" * 60000)))
+    wire.feed(b"SEQ 1 0 8192\r\n")
+    sent = sum(len(f.payload) for f in wire.read())
+    assert 0 < sent <= 8192
+    steps = [(sent, 0), (sent, 100), (sent - 10, 50), (sent, 2147483647)]
+    for ackno, window in steps:
+        edge = ackno + window
+        wire.feed(b"SEQ 1 %d %d\r\n" % (ackno, window))
+        frames: list[Frame] = wire.read()
+        for f in frames:
+            assert f.seqno + len(f.payload) <= edge, (ackno, window, f)
+        sent += sum(len(f.payload) for f in frames)
+        if window == 0:
+            assert frames == []
+    assert not wire.aborted
+    assert sent == len(Message(b"y" * 60000).to_payload())
+    assert not box  # the reply is still owed
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        b"<!DOCTYPE start [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;'>]>"
+        b"<start number='1'><profile uri='&b;' /></start>",
+        b"<!DOCTYPE start [<!ENTITY x SYSTEM 'file:///etc/passwd'>]>"
+        b"<start number='1'><profile uri='&x;' /></start>",
+        b"<start number='2147483649'><profile uri='http://iana.org/beep/SASL/OTP' /></start>",
+        b"<start number='1'><profile uri='http://iana.org/beep/SASL/OTP'><![CDATA["
+        + b"z" * 5000
+        + b"]]></profile></start>",
+    ],
+    ids=["entity-expansion", "external-entity", "number-over-2^31", "init-over-4K"],
+)
+def test_hostile_start_gets_an_error_reply_and_the_session_goes_on(xml: bytes) -> None:
+    """§2.3.1.2/§2.3.1.5: a bad ``start`` is answered with ERR (500 for XML we refuse,
+    501 for an invalid element); no channel, and the session carries on."""
+    wire = greeted_listener(RecordingProfile(OTP), config=SessionConfig(window=16384))
+    wire.send(MSG, 0, 1, XML_HEAD + xml)
+    reply = wire.read_one()
+    assert (reply.kind, reply.channel, reply.msgno) == (ERR, 0, 1)
+    error = mgmt.parse(Message.from_payload(reply.payload).body)
+    assert isinstance(error, mgmt.Error) and error.code in (500, 501)
+    assert list(wire.session.channels) == [0]
+    wire.feed_rfc(RFC_START_TWO.replace("MSG 0 1", "MSG 0 2"))
+    assert wire.read_one().kind == RPY and 1 in wire.session.channels
+
+
+def test_nothing_is_answered_after_the_release_ok() -> None:
+    """§2.4: after ``ok`` to a release the connection closes; whatever the peer still
+    sends is not acted on."""
+    wire = greeted_listener(RecordingProfile(OTP))
+    wire.feed_rfc(RFC_RELEASE)
+    assert wire.read_one().kind == RPY and wire.hung_up
+    wire.feed_rfc(RFC_START_TWO.replace("MSG 0 1", "MSG 0 2"))
+    assert wire.read() == [] and 1 not in wire.session.channels
