@@ -107,6 +107,54 @@ def swallow(d: defer.Deferred[object]) -> list[object]:
     return box
 
 
+# -- a peer that keeps asking but never takes the replies ------------------------------
+
+
+@pytest.mark.parametrize("how", ["never-sends-seq", "stops-reading"])
+def test_replies_owed_to_a_peer_that_never_takes_them_stay_bounded(how: str) -> None:
+    """A peer that opens no window for our replies (no SEQ), or reads nothing (our
+    transport says it is full), while it goes on sending MSGs within its window: the
+    replies we owe it cannot be written, and must not pile up without bound. Once
+    max_pending_requests of them wait, the session ends (closing our window instead
+    could deadlock two peers that each wait for the other's SEQ)."""
+    config = SessionConfig(max_pending_requests=64)
+    wire = listener_with_channel_1(RecordingProfile(OTP), config)  # echoes each MSG at once
+    channel = wire.session.channels[1]
+    if how == "stops-reading":
+        wire.feed(b"SEQ 1 0 2147483647\r\n")  # a window as large as there is
+        wire.session.pauseProducing()  # what the TCP transport does when its buffer fills
+    body = b"\r\n" + b"x" * 98
+    sent = 0
+    with capturedLogs() as events:
+        while not wire.aborted and sent < 1000:
+            if wire.theirs[1] + len(body) > right_edge(wire, 1):
+                break
+            wire.send(MSG, 1, sent, body)
+            wire.read()
+            sent += 1
+    assert wire.aborted, f"{sent} MSGs taken, {channel.queued_bytes} octets of replies queued"
+    # The replies that fit the window the peer gave at the start (RFC 3081 §3.1.1's
+    # 4096 octets) were written; 64 more were owed when the session ended.
+    assert sent <= 4096 // (len(body) + 4) + 64 + 1
+    assert len(terminated(events)) == 1
+
+
+def test_replies_the_peer_takes_do_not_count_against_it() -> None:
+    """The same traffic from a peer that takes its replies goes on for ever."""
+    config = SessionConfig(max_pending_requests=64)
+    wire = listener_with_channel_1(RecordingProfile(OTP), config)
+    body = b"\r\n" + b"x" * 98
+    for msgno in range(500):
+        wire.send(MSG, 1, msgno, body)
+        for frame in wire.read():
+            assert frame.kind == RPY
+        wire.feed(b"SEQ 1 %d 4096\r\n" % wire.ours[1])
+    assert not wire.aborted
+
+
+# -- poorly formed replies on channel zero (§2.2.2.1) -------------------------------------
+
+
 @pytest.mark.parametrize(
     ("kind", "payload"),
     [

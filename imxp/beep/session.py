@@ -352,6 +352,7 @@ class Channel:
         "_producer_paused",
         "_queue",
         "_queued_bytes",
+        "_queued_replies",
         "_recv_limit",
         "_recv_seqno",
         "_request_msgnos",
@@ -386,6 +387,8 @@ class Channel:
         # an empty deque costs 760 octets on each of a relay's many idle channels.
         self._queue: deque[_OutMessage] | tuple[()] = ()
         self._queued_bytes = 0
+        # Replies to the peer's MSGs waiting to be written (see Session._msg_frame).
+        self._queued_replies = 0
         self._in_ready = False
         # False while the reply to the peer's start is unwritten: the peer doesn't know
         # the channel yet, and a frame on it would be poorly formed (§2.2.1.1).
@@ -522,6 +525,8 @@ class Channel:
             queue = self._queue = deque()
         queue.append(out)
         self._queued_bytes += size
+        if kind != MSG:
+            self._queued_replies += 1
         session._ready_channel(self)
         if self._producer is not None:
             self._check_producer()
@@ -555,6 +560,8 @@ class Channel:
         self._queued_bytes -= n
         if not more:
             queue.popleft()
+            if out.kind != MSG:
+                self._queued_replies -= 1
             if out.outstanding is not None:
                 out.outstanding.sending = None
             if out.on_sent is not None:
@@ -1103,6 +1110,14 @@ class Session(Protocol):
                 raise FrameError(f"msgno {msgno} reused before its reply was sent")
             if len(channel._requests) >= self.config.max_pending_requests:
                 raise FrameError(f"more than {self.config.max_pending_requests} unanswered MSGs")
+            if channel._queued_replies >= self.config.max_pending_requests:
+                # Replies the peer leaves us unable to write (it opens no window for
+                # them, or reads nothing) while it goes on asking: they would pile up
+                # without bound. Closing our window instead could deadlock two peers
+                # that each wait for the other's SEQ to write what they owe.
+                raise FrameError(
+                    f"{channel._queued_replies} replies owed that the peer does not take"
+                )
             limit = self._message_limit(channel)
             if not frame.more and len(frame.payload) <= limit:
                 # The common case: a whole message in one frame.
@@ -1649,6 +1664,7 @@ class Session(Protocol):
         outstanding, channel._outstanding = channel._outstanding, {}
         channel._queue = ()
         channel._queued_bytes = 0
+        channel._queued_replies = 0
         for request in channel._requests:
             request._dead = True
         channel._requests.clear()
