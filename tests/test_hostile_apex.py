@@ -14,15 +14,26 @@ that does not end fails quickly instead of waiting for the mesh to fall idle.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 import pytest_twisted
-from apexnet import App, _AppChannel, start_relay
-from dnsserver import srv, start_dns_server
-from test_relay_mesh import BARNEY, BETTY, FRED, USERS, WILMA, Mesh, fake_relay, named
+from apexnet import App, _AppChannel
+from dnsserver import srv
+from test_relay_mesh import (
+    BARNEY,
+    BETTY,
+    FRED,
+    WILMA,
+    Mesh,
+    MeshBuilder,
+    Settings,
+    fake_relay,
+    meshes,
+    named,
+)
 from twisted.internet import defer, reactor
 from twisted.logger import LogEvent
 
@@ -34,45 +45,16 @@ from imxp.beep.message import Message
 from imxp.beep.session import BEEPError, Request
 from imxp.certs import Issued
 
-Settings = dict[str, Any]
-
-
-class MeshBuilder(Protocol):
-    def __call__(self, **overrides: Settings | Callable[[Mesh], Settings]) -> Awaitable[Mesh]: ...
-
 
 @pytest_twisted.async_yield_fixture
 async def mesh_of(
     test_ca: Issued, server_cert: Callable[..., Issued], tmp_path: Path
 ) -> AsyncIterator[MeshBuilder]:
-    dns = start_dns_server()
-    meshes: list[Mesh] = []
-
-    async def build(**overrides: Settings | Callable[[Mesh], Settings]) -> Mesh:
-        mesh = Mesh(dns, test_ca)
-        meshes.append(mesh)
-        for domain, users in USERS.items():
-            extra = overrides.get(domain, {})
-            settings: Settings = {
-                "identity": server_cert(domain),
-                "users": users,
-                "resolver": dns.resolver(),
-                "delivery_timeout": 1.0,
-                "shutdown_grace": 0.5,
-                **(extra(mesh) if callable(extra) else extra),
-            }
-            handle = await start_relay(domain, test_ca, tmp_path, **settings)
-            mesh.relays[domain] = handle
-            mesh.publish(domain, handle.port("mesh"))
-        return mesh
-
-    yield build
-
-    try:
-        for mesh in meshes:
-            await mesh.close()
-    finally:
-        await dns.stop()
+    # Not settled at the end: a relay caught in a loop would keep the mesh busy for ever.
+    async with meshes(
+        test_ca, server_cert, tmp_path, delivery_timeout=1.0, shutdown_grace=0.5, check_at_end=False
+    ) as build:
+        yield build
 
 
 async def sleep(seconds: float) -> None:

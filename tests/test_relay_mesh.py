@@ -18,6 +18,7 @@ domain, never the SRV target (RFC 6125 §6.2.1).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -210,27 +211,34 @@ class MeshBuilder(Protocol):
     def __call__(self, **overrides: Settings | Callable[[Mesh], Settings]) -> Awaitable[Mesh]: ...
 
 
-@pytest_twisted.async_yield_fixture
-async def build_mesh(
-    test_ca: Issued, server_cert: Callable[..., Issued], tmp_path: Path
+@contextlib.asynccontextmanager
+async def meshes(
+    test_ca: Issued,
+    server_cert: Callable[..., Issued],
+    tmp_path: Path,
+    *,
+    delivery_timeout: float = DELIVERY_TIMEOUT,
+    shutdown_grace: float = 1.0,
+    check_at_end: bool = True,
 ) -> AsyncIterator[MeshBuilder]:
-    """``await build_mesh(**{"c.test": {...}})``: the three relays, each with the settings
+    """``await build(**{"c.test": {...}})``: the three relays, each with the settings
     given for its domain on top of the defaults; a settings value may be a callable taking
-    the Mesh (the relays started before, a.test first), for routes to their ports."""
+    the Mesh (the relays started before, a.test first), for routes to their ports. With
+    ``check_at_end`` every mesh is settled and its bookkeeping checked when done."""
     dns = start_dns_server()
-    meshes: list[Mesh] = []
+    built: list[Mesh] = []
 
     async def build(**overrides: Settings | Callable[[Mesh], Settings]) -> Mesh:
         mesh = Mesh(dns, test_ca)
-        meshes.append(mesh)
+        built.append(mesh)
         for domain, users in USERS.items():
             extra = overrides.get(domain, {})
             settings: Settings = {
                 "identity": server_cert(domain),
                 "users": users,
                 "resolver": dns.resolver(),
-                "delivery_timeout": DELIVERY_TIMEOUT,
-                "shutdown_grace": 1.0,
+                "delivery_timeout": delivery_timeout,
+                "shutdown_grace": shutdown_grace,
                 **(extra(mesh) if callable(extra) else extra),
             }
             handle = await start_relay(domain, test_ca, tmp_path, **settings)
@@ -238,17 +246,25 @@ async def build_mesh(
             mesh.publish(domain, handle.port("mesh"))
         return mesh
 
-    yield build
-
     try:
-        for mesh in meshes:
-            await mesh.settle()
-            # The bookkeeping promise holds for every test, whatever it checked itself.
-            mesh.assert_exactly_once()
+        yield build
+        if check_at_end:
+            for mesh in built:
+                await mesh.settle()
+                # The bookkeeping promise holds for every test, whatever it checked itself.
+                mesh.assert_exactly_once()
     finally:
-        for mesh in meshes:
+        for mesh in built:
             await mesh.close()
         await dns.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def build_mesh(
+    test_ca: Issued, server_cert: Callable[..., Issued], tmp_path: Path
+) -> AsyncIterator[MeshBuilder]:
+    async with meshes(test_ca, server_cert, tmp_path) as build:
+        yield build
 
 
 def named(events: list[LogEvent], name: str) -> list[LogEvent]:
