@@ -83,7 +83,21 @@ class PeerPool:
         self._max_retry = max_retry
         self._links: dict[tuple[str, int, str], Link] = {}
         self._connecting: dict[tuple[str, int, str], list[defer.Deferred[Link]]] = {}
-        self.closing = False
+        self._closing = False
+        # Sends waiting to try again: ended at once when the pool closes.
+        self._waits: set[Deferred[None]] = set()
+
+    @property
+    def closing(self) -> bool:
+        """True once the relay stops: no more retrying, no new links."""
+        return self._closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self._closing = value
+        if value:
+            for wait in list(self._waits):
+                wait.cancel()
 
     @staticmethod
     def _key(target: Target) -> tuple[str, int, str]:
@@ -112,9 +126,16 @@ class PeerPool:
         self._connecting[key] = waiters = []
         try:
             link = await self._connect(target)
-        except Exception:
+            if self._closing:
+                link.session.disconnect()
+                raise LinkFailed(421, "this relay is shutting down")
+        except Exception as e:
             del self._connecting[key]
-            failure = Failure()
+            # One data giving up (its deadline) must not fail the others waiting here.
+            if isinstance(e, defer.CancelledError):
+                failure = Failure(LinkFailed(421, "connection attempt given up"))
+            else:
+                failure = Failure()
             for d in waiters:
                 d.errback(failure)
             raise
@@ -164,13 +185,19 @@ class PeerPool:
         again with backoff until ``deadline``."""
         delay = self._first_retry
         while True:
+            tried = refused = 0
             for target in targets[skip:]:
+                if self._closing:
+                    return last
+                tried += 1
                 try:
                     link = await self._link(target)
                 except LinkFailed as e:
                     last = Verdict(e.code, f"{target.host}:{target.port}: {e.text}")
                     if e.code >= 500:
-                        return last
+                        # This relay will not take us (its certificate, a refused bind);
+                        # another of the domain's may (RFC 2782: each target in turn).
+                        refused += 1
                     continue
                 try:
                     await link.channel.send(message)
@@ -180,10 +207,21 @@ class PeerPool:
                         return last
                     continue
                 return Verdict(250)
-            skip = 0
-            if self.closing or self._clock.seconds() + delay > deadline:
+            if (tried and refused == tried and not skip) or self._closing:
                 return last
-            await task.deferLater(self._clock, delay, lambda: None)
+            skip = 0
+            if self._clock.seconds() + delay > deadline:
+                return last
+            wait = task.deferLater(self._clock, delay, lambda: None)
+            self._waits.add(wait)
+            try:
+                await wait
+            except defer.CancelledError:
+                if not self._closing:
+                    raise
+                return last
+            finally:
+                self._waits.discard(wait)
             delay = min(delay * 2, self._max_retry)
 
     def _judge(self, failure: Failure, target: Target, link: Link) -> tuple[Verdict, bool]:
@@ -215,7 +253,7 @@ class PeerPool:
 
     def close(self) -> defer.Deferred[None]:
         """Release every link (RFC 3080 §2.4) and stop retrying."""
-        self.closing = True
+        self.closing = True  # ends the waits of sends between attempts
         links, self._links = list(self._links.values()), {}
         closing = [
             link.session.close().addErrback(lambda f, s=link.session: s.disconnect())

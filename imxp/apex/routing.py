@@ -400,8 +400,11 @@ class Router:
     ) -> _Answer:
         """A failed lookup, logged once when it happens (not on each use of the cache)."""
         _log_failure(name, reason, permanent)
-        expires = self._clock.seconds() + (self._negative_ttl if permanent else 0.0)
-        return _Answer(records, reason, permanent, expires)
+        ttl = self._negative_ttl if permanent else 0.0
+        if records:
+            # Records that say "not available" are records: kept no longer than their TTL.
+            ttl = min(ttl, min(r.ttl for r in records))
+        return _Answer(records, reason, permanent, self._clock.seconds() + ttl)
 
     def _dns(self) -> IResolver:
         # Made on first use: createResolver reads resolv.conf and schedules re-reads of it,

@@ -263,6 +263,9 @@ async def _connect(
     try:
         await start_tls(session, client_options(target.tls_name, list(trust) or None, identity))
     except SessionClosed as e:
+        if not session.tls_active:
+            # Lost before the handshake began: no certificate was shown, try again later.
+            raise LinkFailed(421, f"{where} closed the session before TLS: {e}") from None
         # A certificate that does not prove the domain will not fix itself soon.
         raise LinkFailed(554, f"TLS with {where} as {target.tls_name} failed: {e}") from None
     except BEEPError as e:

@@ -1,0 +1,289 @@
+"""Audit of next-hop routing and the peer pool (RFC 3340 §3.1, RFC 2782, RFC 6125).
+
+Tests named ``test_defect_*`` fail because of a defect in imxp; the others cover rules the
+existing tests did not.
+"""
+
+from __future__ import annotations
+
+import pytest_twisted
+from dnsserver import srv
+from twisted.internet import defer, protocol, reactor, task
+
+from imxp.apex import wire
+from imxp.apex.peers import Link, LinkFailed, PeerPool, Verdict
+from imxp.apex.routing import NoRoute, Router, Target
+from imxp.apex.service import _connect
+from imxp.beep.message import Message
+from imxp.beep.session import SessionConfig
+
+MESH = "_apex-mesh._tcp."
+FIRST = Target("relay1.b.test", 912, "b.test", "srv")
+SECOND = Target("relay2.b.test", 912, "b.test", "srv")
+
+
+class FakeSession:
+    """What PeerPool uses of a session."""
+
+    def __init__(self) -> None:
+        self._gone = False
+        self.released = 0
+
+    def when_closed(self) -> defer.Deferred[None]:
+        return defer.Deferred()
+
+    def close(self) -> defer.Deferred[None]:
+        self.released += 1
+        self._gone = True
+        return defer.succeed(None)
+
+    def disconnect(self) -> None:
+        self._gone = True
+
+
+class OkChannel:
+    """Answers every data with ok."""
+
+    def __init__(self) -> None:
+        self._closing = False
+        self.sent = 0
+
+    def send(self, message: Message) -> defer.Deferred[Message]:
+        self.sent += 1
+        return defer.succeed(wire.encode(wire.OK()))
+
+
+class Connector:
+    """Makes links to hosts as planned: per host, outcomes taken in turn (the last one
+    repeats): a LinkFailed, "ok", or "hang" (an attempt that never completes)."""
+
+    def __init__(self, plan: dict[str, list[object]]) -> None:
+        self.plan = plan
+        self.attempts: list[str] = []
+        self.links: list[Link] = []
+
+    async def __call__(self, target: Target) -> Link:
+        self.attempts.append(target.host)
+        outcomes = self.plan[target.host]
+        outcome = outcomes.pop(0) if len(outcomes) > 1 else outcomes[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome == "hang":
+            await defer.Deferred()
+        link = Link(target, FakeSession(), OkChannel())  # type: ignore[arg-type]
+        self.links.append(link)
+        return link
+
+
+def next_wake(clock: task.Clock) -> None:
+    """Advance ``clock`` to its next delayed call."""
+    clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+
+
+# -- defects ----------------------------------------------------------------------------
+
+
+def test_defect_permanent_failure_at_one_relay_still_tries_the_next_target() -> None:
+    """RFC 2782 "Usage rules": the client tries the targets of the ordered list in turn.
+    A refusal that belongs to one relay (its certificate does not prove the domain, RFC
+    6125 §6.2.1; it refuses the BEEP session) says nothing about the domain's other relays,
+    yet the pool gives up on the whole delivery with 554 at the first such target."""
+    tls_failed = LinkFailed(554, "TLS with relay1.b.test:912 as b.test failed")
+    connect = Connector({"relay1.b.test": [tls_failed], "relay2.b.test": ["ok"]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock)
+
+    sending = pool.send([FIRST, SECOND], Message(b"data"), 60.0)
+    clock.advance(1.0)
+
+    assert connect.attempts[:2] == ["relay1.b.test", "relay2.b.test"]
+    assert sending.result == Verdict(250)
+
+
+@pytest_twisted.ensureDeferred
+async def test_defect_next_hop_hanging_up_before_tls_is_not_a_permanent_failure(
+    server_cert, test_ca
+) -> None:
+    """A next hop that greets and then drops the connection when asked to start TLS (it
+    restarts, a middlebox resets) has shown no certificate at all; that is a lost
+    connection, temporary like one lost while binding (421, retried), not 554 "TLS failed"
+    (RFC 3340 §10: 5xx is permanent, the originator is told to give up)."""
+    greeting = b"<greeting><profile uri='http://iana.org/beep/TLS' /></greeting>"
+    body = b"Content-Type: application/beep+xml\r\n\r\n" + greeting
+    frame = b"RPY 0 0 . 0 %d\r\n" % len(body) + body + b"END\r\n"
+
+    class HangsUp(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(frame)
+
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.loseConnection()
+
+    class Relay:
+        domain = "a.test"
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(HangsUp), interface="127.0.0.1")
+    try:
+        target = Target("127.0.0.1", port.getHost().port, "b.test", "static")
+        config = SessionConfig(window=65536, idle_timeout=None)
+        try:
+            await _connect(
+                target,
+                Relay(),  # type: ignore[arg-type]
+                server_cert("a.test"),
+                [test_ca.certificate],
+                config,
+                reactor,
+                5.0,
+                None,
+            )
+        except LinkFailed as e:
+            failed = e
+        else:
+            raise AssertionError("a link to a peer that hung up")
+    finally:
+        await port.stopListening()
+    assert failed.code < 500, f"{failed.code} {failed.text}"
+
+
+def test_defect_closing_pool_ends_the_retry_wait_at_once() -> None:
+    """service.py's shutdown sets ``pool.closing`` after the grace period so that "what is
+    still in flight reaches its verdict now"; data sleeping out a backoff (here 12.8 s,
+    up to ``reconnect_max_delay``/``delivery_timeout`` in service) keeps the relay from
+    stopping until the sleep ends, and then connects to the next hop once more."""
+    connect = Connector({"relay1.b.test": [LinkFailed(421, "cannot connect")]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock, max_retry=30.0)
+    sending = pool.send([FIRST], Message(b"data"), 300.0)
+    for _ in range(6):
+        next_wake(clock)
+    attempts = len(connect.attempts)
+
+    pool.closing = True
+    clock.advance(0.01)
+
+    assert sending.called, "the send waits out its backoff after the pool began closing"
+    assert len(connect.attempts) == attempts, "connected again while closing"
+
+
+def test_defect_no_link_is_opened_after_the_pool_closed() -> None:
+    """PeerPool.close() releases every link and stops retrying; a send that was between
+    attempts then opens a new session, which stays in the pool, never released."""
+    connect = Connector({"relay1.b.test": [LinkFailed(421, "cannot connect"), "ok"]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock)
+    pool.send([FIRST], Message(b"data"), 300.0)
+
+    pool.close()
+    clock.advance(10.0)
+
+    assert all(link.session._gone for link in connect.links), "session left open"
+
+
+def test_defect_one_data_timing_out_does_not_fail_another_sharing_its_connect() -> None:
+    """Two data for a new next hop share one connection attempt. When the first data's
+    delivery deadline cancels it (relay._Deadlines), the cancellation is handed to the
+    second data too, whose deadline is far off: relay.py turns that CancelledError into
+    451 "did not answer in time; outcome unknown" for its recipients at once."""
+    connect = Connector({"relay1.b.test": ["hang"]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock)
+    first = pool.send([FIRST], Message(b"one"), 60.0)
+    clock.advance(30.0)
+    second = pool.send([FIRST], Message(b"two"), 90.0)
+    assert connect.attempts == ["relay1.b.test"]
+
+    first.addErrback(lambda f: f.trap(defer.CancelledError))
+    first.cancel()  # its deadline
+
+    failed: list[object] = []
+    second.addErrback(lambda f: failed.append(f.value))
+    assert not any(isinstance(e, defer.CancelledError) for e in failed), failed
+
+
+@pytest_twisted.ensureDeferred
+async def test_defect_service_not_available_is_cached_no_longer_than_its_ttl(dns_server):
+    """RFC 2782: a lone SRV record with target "." says the service is not available; that
+    is a record like any other, to be cached for its TTL (RFC 1035 §3.2.1, RFC 2181 §8).
+    The router keeps it for ``negative_ttl`` (60 s) instead, so a domain that turns its
+    service on again keeps getting permanent 550s from us after its TTL of 5 s ran out."""
+    dns_server.set(MESH + "c.test", srv(0, 0, 0, ".", ttl=5))
+    clock = task.Clock()
+    router = Router(resolver=dns_server.resolver(timeout=(0.3,)), clock=clock)
+    try:
+        await router.route("c.test")
+    except NoRoute as e:
+        assert e.permanent
+    else:
+        raise AssertionError("route to a domain without the service")
+
+    dns_server.set(MESH + "c.test", srv(10, 1, 912, "relay.c.test"))
+    clock.advance(10.0)
+
+    targets = await router.route("c.test")
+    assert [t.host for t in targets] == ["relay.c.test"]
+
+
+# -- rules that hold (not covered before) ---------------------------------------------
+
+
+def test_concurrent_data_for_a_new_next_hop_share_one_connection() -> None:
+    connect = Connector({"relay1.b.test": ["hang"]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock)
+    waiting = defer.Deferred()
+
+    async def slow(target: Target) -> Link:
+        connect.attempts.append(target.host)
+        await waiting
+        link = Link(target, FakeSession(), OkChannel())  # type: ignore[arg-type]
+        connect.links.append(link)
+        return link
+
+    pool._connect = slow
+    sends = [pool.send([FIRST], Message(b"%d" % i), 60.0) for i in range(3)]
+    waiting.callback(None)
+
+    assert connect.attempts == ["relay1.b.test"]
+    assert [d.result for d in sends] == [Verdict(250)] * 3
+    assert connect.links[0].channel.sent == 3
+    # The link is reused for later data.
+    assert pool.send([FIRST], Message(b"later"), 60.0).result == Verdict(250)
+    assert connect.attempts == ["relay1.b.test"]
+
+
+def test_bind_refused_is_final_and_not_retried() -> None:
+    """RFC 3340 §4.4.2: a next hop that refuses our bind (537) will not change its mind by
+    being asked again; the verdict is the refusal, after one attempt."""
+    refused = LinkFailed(537, "refused to bind us: access denied")
+    connect = Connector({"relay1.b.test": [refused]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock)
+
+    sending = pool.send([FIRST], Message(b"data"), 60.0)
+
+    assert sending.result.code == 537
+    assert connect.attempts == ["relay1.b.test"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_unreachable_next_hops_are_retried_with_bounded_backoff_until_the_deadline() -> None:
+    """Every target in turn, then again after a doubling delay capped at max_retry; the
+    temporary verdict (4xx) comes before the delivery deadline."""
+    down = LinkFailed(421, "cannot connect")
+    connect = Connector({"relay1.b.test": [down], "relay2.b.test": [down]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock, first_retry=0.2, max_retry=2.0)
+
+    sending = pool.send([FIRST, SECOND], Message(b"data"), 20.0)
+    delays = []
+    while not sending.called:
+        before = clock.seconds()
+        next_wake(clock)
+        delays.append(round(clock.seconds() - before, 3))
+
+    assert delays[:5] == [0.2, 0.4, 0.8, 1.6, 2.0]
+    assert max(delays) == 2.0
+    assert clock.seconds() <= 20.0
+    assert sending.result.code == 421
+    assert connect.attempts[:4] == ["relay1.b.test", "relay2.b.test"] * 2
