@@ -114,7 +114,7 @@ def _domains(values: tuple[str, ...]) -> tuple[str, ...]:
 
 def _endpoints(values: tuple[str, ...]) -> tuple[str, ...]:
     for description in values:
-        if description.split(":", 1)[0].strip().lower() == "ssl":
+        if description.split(":", 1)[0].strip().lower() in ("ssl", "tls"):
             # RFC 3340 §3: endpoints and relays connect in the clear and tune to TLS inside
             # the BEEP session (RFC 3080 §3.1); none would speak TLS from the first octet.
             raise ValueError(
@@ -247,15 +247,15 @@ class Config:
     edge_listen: tuple[str, ...] = _option(
         ("tcp:9913:interface=127.0.0.1",),
         "Twisted server endpoint strings where endpoints connect (endpoint-relay mode, "
-        'service `apex-edge`); in production `["tcp:913"]`. Not `ssl:`: TLS starts inside '
-        "the BEEP session.",
+        'service `apex-edge`); in production `["tcp:913"]`. Not `ssl:` or `tls:`: TLS '
+        "starts inside the BEEP session.",
         check=_endpoints,
     )
     mesh_listen: tuple[str, ...] = _option(
         ("tcp:9912:interface=127.0.0.1",),
         "Twisted server endpoint strings where other relays connect (relay-relay mode, "
-        'service `apex-mesh`); in production `["tcp:912"]`. Not `ssl:`: TLS starts inside '
-        "the BEEP session.",
+        'service `apex-mesh`); in production `["tcp:912"]`. Not `ssl:` or `tls:`: TLS '
+        "starts inside the BEEP session.",
         check=_endpoints,
     )
     state_dir: str = _option(

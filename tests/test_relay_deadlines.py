@@ -39,3 +39,19 @@ def test_answered_deferreds_are_not_kept_until_their_deadline() -> None:
         d.callback("ok")
     assert len(deadlines._watched) <= 1
     assert len(clock.getDelayedCalls()) == 1
+
+
+def test_expire_all_ends_every_wait_at_once() -> None:
+    # What a stopping relay does when shutdown_grace is over.
+    clock = task.Clock()
+    deadlines = _Deadlines(clock, 60.0)
+    waiting = [defer.Deferred() for _ in range(3)]
+    answered: defer.Deferred[str] = defer.Deferred()
+    for d in [*waiting, answered]:
+        deadlines.watch(d)
+    answered.callback("ok")
+    deadlines.expire_all()
+    for d in waiting:
+        assert d.called
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+    assert answered.result == "ok"

@@ -685,6 +685,11 @@ class Relay:
             event="apex.refused",
         )
 
+    def stop_waiting(self) -> None:
+        """The relay is stopping: every hand-over and delivery still unanswered gets its
+        verdict now, as when its deadline passes."""
+        self._deadlines.expire_all()
+
     def terminate_all(self, code: int, text: str) -> defer.Deferred[None]:
         """Tell every attached application its attachments end (§4.4.3)."""
         sends = []
@@ -745,6 +750,12 @@ class _Deadlines:
         watched.append((self._clock.seconds() + self._timeout, d))
         if self._timer is None:
             self._timer = self._clock.callLater(self._timeout, self._expire)
+
+    def expire_all(self) -> None:
+        watched, self._watched = self._watched, deque()
+        for _, d in watched:
+            if not d.called:
+                d.cancel()
 
     def _expire(self) -> None:
         self._timer = None

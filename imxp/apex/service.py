@@ -20,6 +20,7 @@ from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import client as dns_client
+from twisted.python.failure import Failure
 
 from imxp.apex import wire
 from imxp.apex.peers import Link, LinkFailed, PeerPool
@@ -68,28 +69,71 @@ class RelayService(service.Service):
         self.reactor = reactor
         self.shutdown_grace = shutdown_grace
         self.ports: list[IListeningPort] = []
+        # Listeners privilegedStartService opened, for startService to leave alone.
+        self._bound: set[str] = set()
         self.sessions: set[Session] = set()
 
     def track(self, session: Session) -> None:
         self.sessions.add(session)
         session.when_closed().addCallback(lambda _: self.sessions.discard(session))
 
+    def privilegedStartService(self) -> None:
+        """Listen, as twistd does this part: before it sheds privileges (``--uid``), so
+        that ports 912 and 913 can be bound, and before the reactor runs, so that a
+        listener that cannot be had (port in use, address not here) stops the start
+        with an error naming it and a non-zero exit instead of a relay serving nothing."""
+        super().privilegedStartService()
+        for description, factory in self.listeners:
+            listening = endpoints.serverFromString(self.reactor, description).listen(factory)
+            outcome: list[IListeningPort | Failure] = []
+            listening.addBoth(outcome.append)
+            if not outcome:
+                # Not at once (no stream endpoint of Twisted's is like this): startService.
+                continue
+            if isinstance(outcome[0], Failure):
+                reason = outcome[0].getErrorMessage()
+                self.log.error(
+                    "cannot listen on {description}: {reason}",
+                    description=description,
+                    reason=reason,
+                    event="imxp.listen-failed",
+                )
+                for port in self.ports:
+                    port.stopListening()
+                raise SystemExit(f"imxp: cannot listen on {description}: {reason}")
+            self._listening(description, outcome[0])
+            self._bound.add(description)
+
     def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().startService()
         return defer.ensureDeferred(self._listen())
 
     async def _listen(self) -> None:
+        bound, self._bound = self._bound, set()
         for description, factory in self.listeners:
-            endpoint = endpoints.serverFromString(self.reactor, description)
-            port = await endpoint.listen(factory)
-            self.ports.append(port)
-            self.log.info(
-                "relay for {domain} listening on {description} ({address})",
-                domain=self.relay.domain,
-                description=description,
-                address=str(port.getHost()),
-                event="imxp.listening",
-            )
+            if description not in bound:
+                endpoint = endpoints.serverFromString(self.reactor, description)
+                self._listening(description, await endpoint.listen(factory))
+
+    def _listening(self, description: str, port: IListeningPort) -> None:
+        self.ports.append(port)
+        self.log.info(
+            "relay for {domain} listening on {description} ({address})",
+            domain=self.relay.domain,
+            description=description,
+            address=str(port.getHost()),
+            event="imxp.listening",
+        )
+
+    async def _at_most(self, waiting: defer.Deferred[Any], seconds: float) -> None:
+        timer = self.reactor.callLater(seconds, waiting.cancel)
+        try:
+            await waiting
+        except defer.CancelledError:
+            pass
+        finally:
+            if timer.active():
+                timer.cancel()
 
     def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().stopService()
@@ -111,24 +155,19 @@ class RelayService(service.Service):
         try:
             await idle
         except defer.CancelledError:
-            # No more retrying: what is still in flight reaches its verdict now.
+            # No more retrying, no more waiting for answers: what is still in flight
+            # reaches its verdict now (451, outcome unknown).
             self.pool.closing = True
+            relay.stop_waiting()
             await relay.when_idle()
         finally:
             if timer.active():
                 timer.cancel()
-        await relay.terminate_all(421, "relay shutting down")
+        # An application that answers nothing must not hold the stop up for ever.
+        await self._at_most(relay.terminate_all(421, "relay shutting down"), 2.0)
         await self.pool.close()
         closing = [s.close().addErrback(lambda f, s=s: s.disconnect()) for s in list(self.sessions)]
-        waits = defer.gatherResults(closing)
-        timer = self.reactor.callLater(2.0, waits.cancel)
-        try:
-            await waits
-        except defer.CancelledError:
-            pass
-        finally:
-            if timer.active():
-                timer.cancel()
+        await self._at_most(defer.gatherResults(closing), 2.0)
         for session in list(self.sessions):
             session.disconnect()
         self.log.info("relay for {domain} stopped", domain=relay.domain, event="imxp.stopped")

@@ -1,0 +1,223 @@
+"""Audit of the relay as operators deploy it: real ``twistd imxp`` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest_twisted
+from apexnet import App, _AppChannel, free_ports
+from twisted.internet import defer, endpoints, reactor, task
+
+from imxp.apex import options as apex_options
+from imxp.apex import wire
+from imxp.beep import mgmt
+from imxp.beep.message import Message
+from imxp.beep.sasl import authenticate
+from imxp.beep.saslmech import ScramSHA256Client
+from imxp.beep.session import Request, Role, Session, SessionConfig, SessionFactory
+from imxp.beep.tls import start_tls
+from imxp.beep.tlsctx import client_options
+from imxp.beep.users import UserStore
+from imxp.certs import load_certificates
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "a password for the audit"
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+
+
+def _config(directory: Path, edge: int, mesh: int, extra: str = "") -> Path:
+    path = directory / "relay.toml"
+    path.write_text(
+        f'edge_listen = ["tcp:{edge}:interface=127.0.0.1"]\n'
+        f'mesh_listen = ["tcp:{mesh}:interface=127.0.0.1"]\n' + extra
+    )
+    return path
+
+
+def _start(directory: Path, config: Path, *twistd: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = directory / "twistd.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*TWISTD, "--nodaemon", "--pidfile=", *twistd, "imxp", "--config", str(config)],
+            cwd=directory,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return process, log
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+async def _until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+class _Silent(_AppChannel):
+    """An application that takes data and never answers it (until its session ends)."""
+
+    def message_received(self, request: Request) -> Message | defer.Deferred[Message]:
+        element = wire.decode(request.message)
+        if isinstance(element, wire.Data):
+            self.app._received(element)
+            return defer.Deferred()
+        return super().message_received(request)
+
+
+async def _attach(port: int, ca: Path, endpoint: str, handler_class: type = _AppChannel) -> App:
+    factory = SessionFactory(Role.INITIATOR, [], SessionConfig(window=65536, idle_timeout=None))
+    where = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    session: Session = await where.connect(factory)
+    await session.greeted()
+    await start_tls(session, client_options("localhost", load_certificates(ca)))
+    name = endpoint.split("@", 1)[0]
+    await authenticate(session, ScramSHA256Client(name, PASSWORD), identity=name)
+    holder: dict[str, App] = {}
+    attach_xml = wire.encode(wire.Attach(endpoint, 1, [])).body
+    channel = await session.start_channel(
+        [mgmt.ProfileElement(wire.APEX_URI, attach_xml)], handler=handler_class(holder)
+    )
+    answer = wire.decode(Message(channel.start_reply or b"", mgmt.BEEP_XML))
+    assert not isinstance(answer, wire.Error), answer
+    app = App(endpoint, session, channel)
+    holder["app"] = app
+    return app
+
+
+def _prepare_users(state: Path, *names: str) -> None:
+    state.mkdir(mode=0o700)
+    store = UserStore(state / "users", iterations=4096)
+    for name in names:
+        store.add(name, PASSWORD)
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_gives_unanswered_data_its_verdict_after_shutdown_grace(
+    tmp_path: Path,
+) -> None:
+    """shutdown_grace is "seconds that data already accepted gets to reach a verdict"
+    (README, Stopping; systemd's TimeoutStopSec must stay above it). Data handed to an
+    application that does not answer must get its verdict, reported to the originator,
+    once the grace is over - not only when delivery_timeout ends, long after systemd or
+    the operator has killed the relay and with it the report."""
+    edge, mesh = free_ports(2)
+    _prepare_users(tmp_path / "imxp-state", "fred", "barney")
+    config = _config(tmp_path, edge, mesh, "shutdown_grace = 1.0\ndelivery_timeout = 40.0\n")
+    relay, log = _start(tmp_path, config)
+    try:
+        await _until(lambda: log.read_text().count("listening on") >= 2, 20, "listeners")
+        ca = tmp_path / "imxp-state" / "ca.pem"
+        barney = await _attach(edge, ca, "barney@localhost", _Silent)
+        fred = await _attach(edge, ca, "fred@localhost")
+        trans_id = 77
+        data = wire.Data(
+            wire.Originator("fred@localhost", []),
+            [wire.Recipient("barney@localhost", [])],
+            [apex_options.make_status_request(trans_id)],
+            content=wire.Content.from_bytes(b"in flight", "text/plain"),
+        )
+        await fred.channel.send(wire.encode(data))
+        await barney.wait("data", 1)
+
+        relay.send_signal(signal.SIGTERM)
+        # Barney's verdict (451 or 421) reaches fred once the grace is over.
+        try:
+            await fred.wait("reports", 1, timeout=1.0 + 3.0)
+        except defer.CancelledError:
+            raise AssertionError("no report for barney 4 s after SIGTERM") from None
+        assert [key for key in fred.outcomes()] == [(trans_id, "barney@localhost")]
+    finally:
+        _stop(relay)
+
+
+class _Hung(_AppChannel):
+    """An application that stopped answering (a suspended client: its TCP stays open)."""
+
+    def message_received(self, request: Request) -> Message | defer.Deferred[Message]:
+        return defer.Deferred()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_exits_even_if_an_attached_application_does_not_answer(
+    tmp_path: Path,
+) -> None:
+    """Nothing in flight; one attached application answers nothing, so not the terminate
+    the relay sends it on the way out either. The relay must still exit soon after
+    shutdown_grace (README, Stopping; systemd waits TimeoutStopSec and then kills), and a
+    second SIGTERM must not be needed - here it does not help either."""
+    edge, mesh = free_ports(2)
+    _prepare_users(tmp_path / "imxp-state", "barney")
+    config = _config(tmp_path, edge, mesh, "shutdown_grace = 1.0\n")
+    relay, log = _start(tmp_path, config)
+    try:
+        await _until(lambda: log.read_text().count("listening on") >= 2, 20, "listeners")
+        ca = tmp_path / "imxp-state" / "ca.pem"
+        await _attach(edge, ca, "barney@localhost", _Hung)
+        relay.send_signal(signal.SIGTERM)
+        await _until(lambda: relay.poll() is not None, 1.0 + 5.0, "the relay to exit")
+        assert relay.returncode in (0, -signal.SIGTERM)
+        assert "relay for localhost stopped" in log.read_text()
+    finally:
+        _stop(relay)
+
+
+# -- listeners -----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listen_address_in_use_stops_the_relay_with_an_error(tmp_path: Path) -> None:
+    """Another process holds the edge port. The relay cannot serve its endpoints, so it must
+    say so and exit non-zero (systemd then reports the failure) rather than run on, silent,
+    with its mesh port never opened either."""
+    edge, mesh = free_ports(2)
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", edge))
+    holder.listen()
+    relay, log = _start(tmp_path, _config(tmp_path, edge, mesh))
+    try:
+        await _until(lambda: relay.poll() is not None, 10, "the relay to give up")
+        assert relay.returncode != 0
+        text = log.read_text()
+        assert str(edge) in text
+        assert "Traceback" not in text
+    finally:
+        holder.close()
+        _stop(relay)
+
+
+def test_tls_from_the_first_octet_is_refused_like_ssl(tmp_path: Path) -> None:
+    """config.py refuses `ssl:` listeners because BEEP starts TLS inside the session; the
+    `tls:` endpoint of Twisted is the same thing (TLS from the first octet, with SNI) and
+    must be refused too, naming the option, instead of a relay no endpoint can speak to."""
+    from imxp.config import ConfigError, load
+
+    path = tmp_path / "relay.toml"
+    path.write_text('edge_listen = ["tls:9913"]\n')
+    try:
+        config = load(path)
+    except ConfigError as e:
+        assert "edge_listen" in str(e)
+    else:
+        raise AssertionError(f"accepted {config.edge_listen!r}")
