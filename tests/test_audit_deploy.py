@@ -7,12 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest_twisted
 from apexnet import App, _AppChannel, free_ports
-from twisted.internet import defer, endpoints, reactor, task
+from clinet import until
+from twisted.internet import defer, endpoints, reactor
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
@@ -61,14 +61,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
-
-
-async def _until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 class _Silent(_AppChannel):
@@ -126,7 +118,7 @@ async def test_sigterm_gives_unanswered_data_its_verdict_after_shutdown_grace(
     config = _config(tmp_path, edge, mesh, "shutdown_grace = 1.0\ndelivery_timeout = 40.0\n")
     relay, log = _start(tmp_path, config)
     try:
-        await _until(lambda: log.read_text().count("listening on") >= 2, 20, "listeners")
+        await until(lambda: log.read_text().count("listening on") >= 2, "listeners", 20)
         ca = tmp_path / "imxp-state" / "ca.pem"
         barney = await _attach(edge, ca, "barney@localhost", _Silent)
         fred = await _attach(edge, ca, "fred@localhost")
@@ -171,11 +163,11 @@ async def test_sigterm_exits_even_if_an_attached_application_does_not_answer(
     config = _config(tmp_path, edge, mesh, "shutdown_grace = 1.0\n")
     relay, log = _start(tmp_path, config)
     try:
-        await _until(lambda: log.read_text().count("listening on") >= 2, 20, "listeners")
+        await until(lambda: log.read_text().count("listening on") >= 2, "listeners", 20)
         ca = tmp_path / "imxp-state" / "ca.pem"
         await _attach(edge, ca, "barney@localhost", _Hung)
         relay.send_signal(signal.SIGTERM)
-        await _until(lambda: relay.poll() is not None, 1.0 + 5.0, "the relay to exit")
+        await until(lambda: relay.poll() is not None, "the relay to exit", 1.0 + 5.0)
         assert relay.returncode in (0, -signal.SIGTERM)
         assert "relay for localhost stopped" in log.read_text()
     finally:
@@ -197,7 +189,7 @@ async def test_a_listen_address_in_use_stops_the_relay_with_an_error(tmp_path: P
     holder.listen()
     relay, log = _start(tmp_path, _config(tmp_path, edge, mesh))
     try:
-        await _until(lambda: relay.poll() is not None, 10, "the relay to give up")
+        await until(lambda: relay.poll() is not None, "the relay to give up", 10)
         assert relay.returncode != 0
         text = log.read_text()
         assert str(edge) in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest_twisted
 from dnsserver import srv
+from test_relay_restart import FakeSession
 from twisted.internet import defer, protocol, reactor, task
 
 from imxp.apex import wire
@@ -20,25 +21,6 @@ from imxp.beep.session import SessionConfig
 MESH = "_apex-mesh._tcp."
 FIRST = Target("relay1.b.test", 912, "b.test", "srv")
 SECOND = Target("relay2.b.test", 912, "b.test", "srv")
-
-
-class FakeSession:
-    """What PeerPool uses of a session."""
-
-    def __init__(self) -> None:
-        self._gone = False
-        self.released = 0
-
-    def when_closed(self) -> defer.Deferred[None]:
-        return defer.Deferred()
-
-    def close(self) -> defer.Deferred[None]:
-        self.released += 1
-        self._gone = True
-        return defer.succeed(None)
-
-    def disconnect(self) -> None:
-        self._gone = True
 
 
 class OkChannel:

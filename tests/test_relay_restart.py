@@ -245,7 +245,7 @@ async def test_restart_in_the_middle_of_a_chain_loses_and_duplicates_nothing(
 # -- what a restarting next hop needs from the pool and the session, in memory -----------------
 
 
-class _FakeSession:
+class FakeSession:
     """Just what PeerPool uses of a session."""
 
     def __init__(self) -> None:
@@ -257,6 +257,7 @@ class _FakeSession:
 
     def close(self) -> defer.Deferred[None]:
         self.released += 1
+        self._gone = True
         return defer.succeed(None)
 
     def disconnect(self) -> None:
@@ -266,7 +267,7 @@ class _FakeSession:
 class _FakeChannel:
     """Answers each send with the next of ``answers``: None for ``ok``, else the exception."""
 
-    def __init__(self, session: _FakeSession, *answers: Exception | None) -> None:
+    def __init__(self, session: FakeSession, *answers: Exception | None) -> None:
         self.session = session
         self.answers = list(answers)
         self._closing = False
@@ -305,7 +306,7 @@ class _Next:
 
 
 def _channel(*answers: Exception | None) -> _FakeChannel:
-    return _FakeChannel(_FakeSession(), *answers)
+    return _FakeChannel(FakeSession(), *answers)
 
 
 def test_pool_retries_data_lost_with_a_session_before_any_octet_left() -> None:
