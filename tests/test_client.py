@@ -148,6 +148,21 @@ def codes(outcomes: dict[str, Outcome]) -> dict[str, int | None]:
     return {recipient: outcome.code for recipient, outcome in outcomes.items()}
 
 
+def until_it_ends(client: Client) -> tuple[defer.Deferred[None], list[ClientError]]:
+    """Iterate ``client.incoming()`` until it ends: fires then, with the ClientError it
+    raised (if any) in the list."""
+    errors: list[ClientError] = []
+
+    async def consume() -> None:
+        try:
+            async for _incoming in client.incoming():
+                pass
+        except ClientError as e:
+            errors.append(e)
+
+    return defer.ensureDeferred(consume()), errors
+
+
 # -- connecting and sending ------------------------------------------------------------
 
 
@@ -418,16 +433,7 @@ async def test_reconnects_and_reattaches_after_a_relay_restart(
 @pytest_twisted.ensureDeferred
 async def test_without_reconnect_a_lost_connection_ends_the_client(net: Net) -> None:
     fred = await net.connect(FRED, reconnect=False)
-    errors: list[ClientError] = []
-
-    async def consume() -> None:
-        try:
-            async for _incoming in fred.incoming():
-                pass
-        except ClientError as e:
-            errors.append(e)
-
-    consuming = defer.ensureDeferred(consume())
+    consuming, errors = until_it_ends(fred)
     await net.relays["a.test"].service.stopService()
     await consuming
 
@@ -446,16 +452,7 @@ async def test_reconnecting_gives_up_when_the_credentials_stop_working(net: Net)
     listen = [f"tcp:{port}:interface=127.0.0.1"]
     old = await net.start("a.test", edge_listen=listen)
     fred = await net.connect(FRED)
-    errors: list[ClientError] = []
-
-    async def consume() -> None:
-        try:
-            async for _incoming in fred.incoming():
-                pass
-        except ClientError as e:
-            errors.append(e)
-
-    consuming = defer.ensureDeferred(consume())
+    consuming, errors = until_it_ends(fred)
     await old.service.stopService()
     await net.start("a.test", ("wilma",), edge_listen=listen)
     await consuming

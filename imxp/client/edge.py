@@ -628,7 +628,16 @@ class Client:
                 return pending.result()
             assert connection.channel is not None
             try:
-                await connection.channel.send(payload)
+                left = max(0.0, deadline - self._clock.seconds())
+                await connection.channel.send(payload).addTimeout(left, self._clock)
+            except defer.TimeoutError:
+                # A relay that took the data may still deliver it: outcome unknown.
+                log.warn(
+                    "relay did not answer data for transID {trans_id} in time",
+                    trans_id=trans_id,
+                    event="client.send-unanswered",
+                )
+                return pending.result()
             except BEEPError as e:
                 log.warn(
                     "relay refused data to {recipients}: {code} {text}",
@@ -731,9 +740,10 @@ class Client:
         for d in waiting:
             if not d.called:
                 d.errback(_Closed())
-        for pending in self._pending.values():
+        # Copies: what each wakes runs at once and takes itself off these books.
+        for pending in list(self._pending.values()):
             pending.give_up("the client was closed before a status report arrived")
-        for inbox in self._inboxes:
+        for inbox in list(self._inboxes):
             inbox.end(None)
         if connection is not None and connection.session is not None:
             session = connection.session
@@ -830,13 +840,22 @@ class Client:
                 e.code,
             ) from None
         connection.session = session
+        # A relay that stalls after its greeting must not hold the client for ever
+        # (on reconnecting, nothing else would end the wait): connect_timeout for each
+        # of TLS, authentication and attaching, the session dropped when it passes.
+        stalled = settings.reactor.callLater(settings.connect_timeout, session.disconnect)
         try:
             await self._secure(session, where, target.tls_name)
+            stalled.reset(settings.connect_timeout)
             await self._authenticate(session, where)
+            stalled.reset(settings.connect_timeout)
             await self._open_apex(connection, initial=initial)
         except BaseException:
             session.disconnect()
             raise
+        finally:
+            if stalled.active():
+                stalled.cancel()
         return connection
 
     async def _secure(self, session: Session, where: str, name: str) -> None:
@@ -1025,7 +1044,7 @@ class Client:
         for d in waiting:
             if not d.called:
                 d.errback(failure.copy())
-        for pending in self._pending.values():
+        for pending in list(self._pending.values()):
             pending.give_up(f"no status report: {failure.message}")
         inboxes, self._inboxes = self._inboxes, []
         for inbox in inboxes:
@@ -1087,7 +1106,8 @@ class Client:
             size=len(incoming.body),
             event="client.data-received",
         )
-        for inbox in self._inboxes:
+        # A copy: a consumer that stops as it takes this leaves the list meanwhile.
+        for inbox in list(self._inboxes):
             inbox.put(incoming)
         if self._on_data is not None:
             try:
