@@ -19,7 +19,7 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 
-from imxp.apex.address import Endpoint, literal_address
+from imxp.apex.address import Endpoint, literal_address, normalise_domain
 
 __all__ = ["AccessPolicy"]
 
@@ -43,10 +43,12 @@ class AccessPolicy:
     ) -> None:
         self.domain = domain
         self._known_local = known_local
-        self.trusted_relays = frozenset(d.lower() for d in trusted_relays)
+        # §2.2.1: domains in the one form they are compared in (A-labels, no final dot).
+        self.trusted_relays = frozenset(normalise_domain(d) for d in trusted_relays)
         self._refusals = {
             str(Endpoint.parse(recipient)): frozenset(
-                p.lower() if p.startswith("@") else str(Endpoint.parse(p)) for p in patterns
+                f"@{normalise_domain(p[1:])}" if p.startswith("@") else str(Endpoint.parse(p))
+                for p in patterns
             )
             for recipient, patterns in (refusals or {}).items()
         }
@@ -103,9 +105,13 @@ class AccessPolicy:
 
         Until the access service of RFC 3341 keeps per-endpoint entries, local
         provisioning lists refusals; an endpoint without any accepts everyone.
-        A subaddress inherits its endpoint's refusals.
+        A subaddress inherits its endpoint's refusals, as recipient and as originator.
         """
         refused = self._refusals.get(str(recipient.base))
         if not refused:
             return True
-        return str(originator) not in refused and f"@{originator.domain}" not in refused
+        return (
+            str(originator) not in refused
+            and str(originator.base) not in refused
+            and f"@{originator.domain}" not in refused
+        )

@@ -333,7 +333,8 @@ class Relay:
         """Every recipient to its verdict here; None when all are in at once."""
         local: list[tuple[wire.Recipient, Endpoint]] = []
         remote: dict[str, list[tuple[wire.Recipient, Endpoint]]] = {}
-        seen: set[Endpoint] = set()
+        # Each endpoint with the identity it was first named by.
+        seen: dict[Endpoint, str] = {}
         for recipient in journey.data.recipients:
             try:
                 endpoint = Endpoint.parse(recipient.identity)
@@ -341,11 +342,16 @@ class Relay:
                 if recipient.identity not in journey.settled:
                     self._verdict(journey, recipient.identity, 553, str(e), final=True)
                 continue
-            if endpoint in seen:
+            first = seen.get(endpoint)
+            if first is not None:
                 # One endpoint named twice (§2.2.1 compares domains without case) is one
-                # recipient: delivered once, with one final report.
+                # recipient: delivered once, with one final report - also to a
+                # statusRequest that only the second naming carried.
+                own = apex_options.status_request(recipient.options)
+                if own is not None:
+                    journey.recipient_status.setdefault(first, own)
                 continue
-            seen.add(endpoint)
+            seen[endpoint] = recipient.identity
             here = endpoint.domain == self.domain
             if recipient.options or journey.data.originator.options or here:
                 # Steps 4 and 5.1: per-originator and per-recipient options, and per-data
