@@ -284,17 +284,17 @@ class Relay:
             return self._refuse(channel, e.code, e.text)
         status = apex_options.status_request(data.options)
         # §9.1: an option's transID is a UNIQID, and the reports these two options ask
-        # for carry it; without one they could not be sent after ok.
-        if status is not None and not status.trans_id:
+        # for carry it; without one they could not be sent after ok. A statusRequest
+        # may stand in the data and in its recipients (§8.4).
+        requests = [
+            status,
+            *(apex_options.status_request(r.options) for r in data.recipients if r.options),
+        ]
+        if any(r is not None and not r.trans_id for r in requests):
             return self._refuse(channel, 501, "statusRequest option needs a transID")
         if hopping is not None and hopping[1].no_more_than and hopping[1].report_errors:
             if not hopping[0].trans_id:
                 return self._refuse(channel, 501, "dataHopping reportErrors needs a transID")
-        for recipient in data.recipients:
-            if recipient.options:
-                own = apex_options.status_request(recipient.options)
-                if own is not None and not own.trans_id:
-                    return self._refuse(channel, 501, "statusRequest option needs a transID")
         self._start(_Journey(self._hop_limited(data, hopping), originator, status))
         return wire.OK()
 

@@ -125,15 +125,17 @@ class RelayService(service.Service):
             event="imxp.listening",
         )
 
-    async def _at_most(self, waiting: defer.Deferred[Any], seconds: float) -> None:
+    async def _at_most(self, waiting: defer.Deferred[Any], seconds: float) -> bool:
+        """Wait for ``waiting`` at most ``seconds`` (then cancel it); whether it fired."""
         timer = self.reactor.callLater(seconds, waiting.cancel)
         try:
             await waiting
         except defer.CancelledError:
-            pass
+            return False
         finally:
             if timer.active():
                 timer.cancel()
+        return True
 
     def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().stopService()
@@ -150,19 +152,12 @@ class RelayService(service.Service):
         )
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
-        idle = relay.when_idle()
-        timer = self.reactor.callLater(self.shutdown_grace, idle.cancel)
-        try:
-            await idle
-        except defer.CancelledError:
+        if not await self._at_most(relay.when_idle(), self.shutdown_grace):
             # No more retrying, no more waiting for answers: what is still in flight
             # reaches its verdict now (451, outcome unknown).
             self.pool.closing = True
             relay.stop_waiting()
             await relay.when_idle()
-        finally:
-            if timer.active():
-                timer.cancel()
         # An application that answers nothing must not hold the stop up for ever.
         await self._at_most(relay.terminate_all(421, "relay shutting down"), 2.0)
         await self.pool.close()

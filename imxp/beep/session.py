@@ -307,6 +307,13 @@ class _Outstanding:
         # ansno -> frames of an answer being reassembled
         self.partial: dict[int, list[bytes]] = {}
 
+    def discard(self) -> None:
+        """The one-to-many exchange has failed: keep nothing more of it (toobig)."""
+        self.toobig = True
+        self.partial = {}
+        self.answers = []
+        self.size = 0
+
 
 class _OutMessage:
     """A message queued for sending, cut into frames as the peer's window allows."""
@@ -1295,10 +1302,7 @@ class Session(Protocol):
         if held > limit:
             # As for an oversized RPY: this exchange fails (554 at NUL), not the session.
             self._too_large(channel, limit, "discarding answers")
-            outstanding.toobig = True
-            outstanding.partial = {}
-            outstanding.answers = []
-            outstanding.size = 0
+            outstanding.discard()
             return
         outstanding.size = held
         if parts is None:
@@ -1316,12 +1320,9 @@ class Session(Protocol):
         try:
             message = Message.from_payload(b"".join(parts))
         except MessageError as e:
-            # The exchange fails now; what more of it comes is not kept (toobig).
+            # The exchange fails now; what more of it comes is not kept.
             outstanding.deferred.errback(BEEPError(500, f"poorly formed answer: {e}"))
-            outstanding.toobig = True
-            outstanding.partial = {}
-            outstanding.answers = []
-            outstanding.size = 0
+            outstanding.discard()
             self._poorly_formed_reply(channel)
             return
         if outstanding.on_answer is not None:
