@@ -277,7 +277,10 @@ class Wire:
         return frames[0]
 
     def feed(self, data: bytes) -> None:
+        """``data`` as one read, and the rest of that reactor turn: the calls due now,
+        as the reactor makes them before it reads again."""
         self.session.dataReceived(data)
+        self.clock.advance(0)
 
     def feed_rfc(self, text: str, exact: bool = False) -> None:
         """Feed a transcribed frame at the peer's running seqno: where the RFC's

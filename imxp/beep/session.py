@@ -748,6 +748,8 @@ class Session(Protocol):
         # Frames received and not yet acted on (see _process).
         self._backlog: list[Frame | SeqFrame] | None = None
         self._backlog_call: interfaces.IDelayedCall | None = None
+        # Frames this session may still act on before it yields to the reactor.
+        self._turn_budget = self.config.frames_per_turn
         self._reset_channels()
 
     # -- public API --------------------------------------------------------
@@ -987,14 +989,24 @@ class Session(Protocol):
         next reactor turn. Other sessions of the process get their turn in between,
         too. Reading is paused meanwhile, so what waits is at most what the last
         read brought, even from a peer that ignores its windows.
+
+        The allowance is per turn, not per call: TLS hands a large read over one
+        record (16 KiB) at a time, all in one turn, and a record holds fewer
+        frames than a slice; counted per call, all of it would be acted on
+        before anything was written, and the peers would take turns. So the
+        first frames of a turn schedule the next, which renews the allowance.
         """
-        per_turn = self.config.frames_per_turn
-        if len(frames) > per_turn:
-            self._backlog = frames[per_turn:]
-            frames = frames[:per_turn]
+        budget = self._turn_budget
+        if frames and budget == self.config.frames_per_turn:
+            # The first frames of this turn: the next turn renews the allowance (and
+            # takes up the backlog, if any).
+            self._backlog_call = self.clock.callLater(0, self._process_backlog)
+        if len(frames) > budget:
+            self._backlog = frames[budget:]
+            frames = frames[:budget]
             assert self.transport is not None
             self.transport.pauseProducing()
-            self._backlog_call = self.clock.callLater(0, self._process_backlog)
+        self._turn_budget = budget - len(frames)
         generation = self._generation
         self._in_receive = True
         try:
@@ -1023,6 +1035,7 @@ class Session(Protocol):
     def _process_backlog(self) -> None:
         frames, self._backlog = self._backlog, None
         self._backlog_call = None
+        self._turn_budget = self.config.frames_per_turn
         if self._gone or not frames:
             return
         self._process(frames)
