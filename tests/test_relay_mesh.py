@@ -524,6 +524,30 @@ async def test_forged_originator_from_a_relay(
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_final_relay_hands_on_every_option_and_only_the_recipient_itself(
+    build_mesh: MeshBuilder, server_cert: Callable[..., Issued]
+) -> None:
+    """§5: the final relay keeps the options as it hands data to an application; each
+    application is named the only recipient, whether the data named one or several."""
+    mesh = await build_mesh()
+    betty = await mesh.attach(BETTY)
+    betty_x = await mesh.attach("betty/appl=x@c.test")
+    peer = await fake_relay(mesh, "c.test", server_cert("b.test"), "b.test")
+    note = wire.Option("http://example.com/note", external=True, body="<note>hi</note>")
+    options = [*apex_options.with_data_hopping([], 8, 1), note]
+
+    await peer.send(BARNEY, [BETTY], b"alone", options)
+    await peer.send(BARNEY, [BETTY, "betty/appl=x@c.test"], b"together", options)
+    await mesh.settle()
+
+    for app, bodies in ((betty, [b"alone", b"together"]), (betty_x, [b"together"])):
+        assert [d.content.body for d in app.data if d.content] == bodies
+        for data in app.data:
+            assert [r.identity for r in data.recipients] == [app.endpoint]
+            assert data.options == options
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_peer_with_a_server_auth_only_certificate_binds(
     build_mesh: MeshBuilder, test_ca: Issued, events: list[LogEvent]
 ) -> None:

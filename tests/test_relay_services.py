@@ -107,9 +107,9 @@ async def test_recipients_with_the_same_next_hop_travel_in_one_data(
     seen: list[list[str]] = []
     accept = b.service.relay.data
 
-    def counting(channel, data):  # type: ignore[no-untyped-def]
+    def counting(channel, data, received):  # type: ignore[no-untyped-def]
         seen.append([r.identity for r in data.recipients])
-        return accept(channel, data)
+        return accept(channel, data, received)
 
     b.service.relay.data = counting  # type: ignore[method-assign]
     try:

@@ -77,7 +77,8 @@ class APEXChannel(ChannelHandler):
         self.channel = channel
 
     def message_received(self, request: Request) -> Message:
-        return wire.encode(self.relay.handle(self, self._decode(request.message)))
+        message = request.message
+        return wire.encode(self.relay.handle(self, self._decode(message), message))
 
     def _decode(self, message: Message) -> Any:
         try:
@@ -138,6 +139,9 @@ class _Journey:
     reports: list[tuple[int, str, int, str]] = field(default_factory=list)
     # Recipients with a verdict here, final or a hand-over.
     settled: set[str] = field(default_factory=set)
+    # A data and the payload it was decoded from, which stands for ``data`` for as
+    # long as that is this very data.
+    received: tuple[wire.Data, Message] | None = None
 
 
 class Relay:
@@ -172,9 +176,12 @@ class Relay:
 
     # -- operations (§4.4) ---------------------------------------------------
 
-    def handle(self, channel: APEXChannel, element: Any) -> wire.OK:
+    def handle(
+        self, channel: APEXChannel, element: Any, received: Message | None = None
+    ) -> wire.OK:
+        """Act on ``element``, decoded from ``received`` when that is given."""
         if isinstance(element, wire.Data):
-            return self.data(channel, element)
+            return self.data(channel, element, received)
         if isinstance(element, wire.Attach):
             return self.attach(channel, element)
         if isinstance(element, wire.Bind):
@@ -262,7 +269,9 @@ class Relay:
                 del self.attached[endpoint]
                 self.log.info("{endpoint} detached", endpoint=str(endpoint), event="apex.detached")
 
-    def data(self, channel: APEXChannel, data: wire.Data) -> wire.OK:
+    def data(
+        self, channel: APEXChannel, data: wire.Data, received: Message | None = None
+    ) -> wire.OK:
         """§4.4.4.1 steps 1-3; steps 4-5 run after ``ok`` is on its way."""
         if not self.accepting:
             return self._refuse(channel, 421, "relay is shutting down")
@@ -295,7 +304,11 @@ class Relay:
         if hopping is not None and hopping[1].no_more_than and hopping[1].report_errors:
             if not hopping[0].trans_id:
                 return self._refuse(channel, 501, "dataHopping reportErrors needs a transID")
-        self._start(_Journey(self._hop_limited(data, hopping), originator, status))
+        limited = self._hop_limited(data, hopping)
+        journey = _Journey(limited, originator, status)
+        if received is not None:
+            journey.received = (data, received)
+        self._start(journey)
         return wire.OK()
 
     def _hop_limited(
@@ -410,10 +423,18 @@ class Relay:
         if channel is None or channel.channel is None:
             self._verdict(journey, identity, 450, "endpoint not attached", final=True)
             return None
-        # A final relay keeps every option as it hands the data over (§5).
+        # A final relay keeps every option as it hands the data over (§5); data for this
+        # one recipient alone goes on as it came, with no need to encode it again.
         data = journey.data
-        one = wire.Data(data.originator, [recipient], data.options, data.content_ref, data.content)
-        return self._answer(channel.channel.send(wire.encode(one)), journey, identity)
+        received = journey.received
+        if received is not None and received[0] is data and len(data.recipients) == 1:
+            message = received[1]
+        else:
+            one = wire.Data(
+                data.originator, [recipient], data.options, data.content_ref, data.content
+            )
+            message = wire.encode(one)
+        return self._answer(channel.channel.send(message), journey, identity)
 
     def _to_service(self, journey: _Journey, endpoint: Endpoint) -> tuple[int, str]:
         """Data for a well-known endpoint of this domain (§6)."""
