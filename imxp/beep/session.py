@@ -120,8 +120,8 @@ class SessionConfig:
     idle_timeout: float | None = 600.0
     #: Frames acted on in one reactor turn before the replies so far are written. Fewer
     #: let the peer start on the replies sooner; more spend less per frame on writes and
-    #: turns. 12 used 5-15% less CPU per message than 8 in bench/beep_roundtrip.py and
-    #: bench/relay_chain.py, at the same rate; 16 made the peers take turns again.
+    #: turns. In bench/relay_chain.py 6 cost 10% more CPU per data at a lower rate, 24
+    #: gave the rate of 12, and 48 a lower and less steady one.
     frames_per_turn: int = 12
     #: Bytes queued on a channel before its registered producer is paused.
     send_high_water: int = 256 * 1024
