@@ -70,6 +70,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from bench.procstat import CPUMeter
+from imxp import logs
 from imxp.apex import wire
 from imxp.apex.service import build_relay
 from imxp.beep import mgmt
@@ -103,8 +104,10 @@ SEQ_RE = re.compile(rb"seq=(\d{12});")
 
 
 def _quiet_logs() -> None:
-    """Warnings and errors to stderr; the relay's per-data info events are dropped, as a
-    relay logging at ``warn`` would (and they stay out of the RSS figure)."""
+    """Warnings and errors to stderr. The relay's per-data info events are left out where
+    they are made, as in a relay configured with ``log_level = "warn"`` (and they stay out
+    of the RSS figure); Twisted's own go no further than the filter."""
+    logs.set_level("warn")
     globalLogBeginner.beginLoggingTo(
         [
             FilteringLogObserver(

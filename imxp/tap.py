@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 from twisted.logger import Logger
 from twisted.python import usage
 
+from imxp import logs
 from imxp.bootstrap import Prepared, prepare
 from imxp.config import Config, ConfigError, load
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Options", "makeService"]
 
-log = Logger(namespace="imxp.bootstrap")
+log = Logger(namespace="imxp.bootstrap", observer=logs.observer)
 
 
 class Options(usage.Options):
@@ -53,6 +54,7 @@ class Options(usage.Options):
         """
         try:
             self.config = load(self["config"])
+            logs.set_level(self.config.log_level)
             self.prepared = prepare(self.config, log, owner=self._runs_as())
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None

@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 from twisted.application.service import MultiService
+from twisted.logger import Logger, capturedLogs
 from twisted.python.usage import UsageError
 
+from imxp import logs
+from imxp.apex.relay import Relay
 from imxp.config import Config
 from imxp.tap import Options, makeService
 
@@ -120,3 +123,28 @@ def test_files_made_for_twistd_uid_belong_to_that_user(tmp_path: Path) -> None:
     state = other / "imxp-state"
     owners = {(p.stat().st_uid, p.stat().st_gid) for p in [state, *state.iterdir()]}
     assert owners == {(nobody.pw_uid, nobody.pw_gid)}
+
+
+def test_log_level_leaves_out_the_relay_events_below_it(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('log_level = "warn"\n')
+    try:
+        Options().parseOptions(["-c", str(path)])
+        with capturedLogs() as events:
+            Relay.log.info("a verdict", event="apex.verdict")
+            Relay.log.warn("a refusal", event="apex.refused")
+            Logger(namespace="elsewhere").info("another program's event", event="other")
+    finally:
+        logs.set_level("info")
+    assert [e["event"] for e in events] == ["apex.refused", "other"]
+
+
+def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('log_level = "verbose"\n')
+    with pytest.raises(UsageError) as e:
+        Options().parseOptions(["-c", str(path)])
+    assert str(e.value) == (
+        f"{path}: option 'log_level': must be one of debug, info, warn, error, critical, "
+        "got 'verbose'"
+    )

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imxp import logs
 from imxp.apex import options as apex_options
 from imxp.apex import wire
 from imxp.apex.address import AddressError, Endpoint, normalise_domain
@@ -147,7 +148,7 @@ class _Journey:
 class Relay:
     """The relay of one administrative domain."""
 
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ from twisted.names import error as dns_error
 from twisted.names.client import createResolver
 from twisted.python.failure import Failure
 
+from imxp import logs
 from imxp.apex.address import is_literal, literal_address, normalise_domain
 
 __all__ = [
@@ -55,7 +56,7 @@ EDGE_SERVICE = "_apex-edge._tcp"
 MESH_PORT = 912  # RFC 3340 §8.2
 EDGE_PORT = 913  # RFC 3340 §8.3
 
-log = Logger(namespace="imxp.apex.routing")
+log = Logger(namespace="imxp.apex.routing", observer=logs.observer)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.names import client as dns_client
 from twisted.python.failure import Failure
 
+from imxp import logs
 from imxp.apex import wire
 from imxp.apex.peers import Link, LinkFailed, PeerPool
 from imxp.apex.policy import AccessPolicy
@@ -52,7 +53,7 @@ __all__ = ["RelayService", "build_relay", "make_relay_service"]
 class RelayService(service.Service):
     """Listens, relays, and shuts down without dropping accepted data."""
 
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(
         self,
@@ -335,7 +336,7 @@ def make_relay_service(
     if reactor is None:
         from twisted.internet import reactor
     if prepared is None:
-        prepared = prepare(config, Logger())
+        prepared = prepare(config, Logger(namespace="imxp.bootstrap", observer=logs.observer))
     return build_relay(
         domain=config.domain,
         identity=prepared.identity,

@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 
+from imxp import logs
 from imxp.beep import mgmt, xmlsafe
 from imxp.beep.message import Message
 from imxp.beep.saslmech import (
@@ -69,7 +70,7 @@ from imxp.certs import client_identity
 
 __all__ = ["SASLProfile", "authenticate", "sasl_profiles"]
 
-log = Logger(namespace="imxp.beep.sasl")
+log = Logger(namespace="imxp.beep.sasl", observer=logs.observer)
 
 _CONTINUE = "continue"
 _COMPLETE = "complete"

@@ -53,6 +53,8 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from imxp import logs
+
 __all__ = [
     "MAX_RESPONSE_OCTETS",
     "PROFILE_URI_PREFIX",
@@ -91,7 +93,7 @@ __all__ = [
     "server_mechanism",
 ]
 
-log = Logger(namespace="imxp.beep.sasl")
+log = Logger(namespace="imxp.beep.sasl", observer=logs.observer)
 
 #: RFC 3080 §4.1.1: each mechanism's profile is identified by this prefix plus its name.
 PROFILE_URI_PREFIX = "http://iana.org/beep/SASL/"

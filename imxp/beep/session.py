@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imxp import logs
 from imxp.beep import mgmt
 from imxp.beep.frames import (
     ANS,
@@ -694,7 +695,7 @@ class _ManagementHandler(ChannelHandler):
 class Session(Protocol):
     """One BEEP session (RFC 3080) over TCP (RFC 3081)."""
 
-    log = Logger()
+    log = Logger(observer=logs.observer)
     # Channels being closed for a poorly formed reply; a set of its own only when
     # one is, since a relay keeps thousands of sessions.
     _closing_poorly: frozenset[int] | set[int] = frozenset()

@@ -49,6 +49,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imxp import logs
 from imxp.beep.saslmech import (
     IExternalIdentity,
     ISCRAMCredentials,
@@ -69,7 +70,7 @@ __all__ = [
     "prepare_username",
 ]
 
-log = Logger(namespace="imxp.beep.users")
+log = Logger(namespace="imxp.beep.users", observer=logs.observer)
 
 #: RFC 7677 §4: at least 4096 iterations for SCRAM-SHA-256.
 MIN_ITERATIONS = 4096

@@ -82,6 +82,7 @@ from twisted.internet import defer, error, task, threads
 from twisted.internet.interfaces import IResolver
 from twisted.logger import Logger
 
+from imxp import logs
 from imxp.apex import wire
 from imxp.apex.address import REPORT, AddressError, Endpoint, literal_address
 from imxp.apex.options import make_status_request
@@ -137,7 +138,7 @@ __all__ = [
     "open_incoming",
 ]
 
-log = Logger(namespace="imxp.client")
+log = Logger(namespace="imxp.client", observer=logs.observer)
 
 #: The kinds of :class:`ClientError`, one per thing a person would do differently.
 ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refused", "protocol"})
