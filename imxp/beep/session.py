@@ -748,7 +748,7 @@ class Session(Protocol):
         self._last_activity = 0.0
         # Frames received and not yet acted on (see _process).
         self._backlog: list[Frame | SeqFrame] | None = None
-        self._backlog_call: interfaces.IDelayedCall | None = None
+        self._turn_call: interfaces.IDelayedCall | None = None
         # Frames this session may still act on before it yields to the reactor.
         self._turn_budget = self.config.frames_per_turn
         self._reset_channels()
@@ -1001,7 +1001,7 @@ class Session(Protocol):
         if frames and budget == self.config.frames_per_turn:
             # The first frames of this turn: the next turn renews the allowance (and
             # takes up the backlog, if any).
-            self._backlog_call = self.clock.callLater(0, self._process_backlog)
+            self._turn_call = self.clock.callLater(0, self._new_turn)
         if len(frames) > budget:
             self._backlog = frames[budget:]
             frames = frames[:budget]
@@ -1033,9 +1033,11 @@ class Session(Protocol):
             self._in_receive = False
         self._flush()
 
-    def _process_backlog(self) -> None:
+    def _new_turn(self) -> None:
+        """A reactor turn after one in which frames were acted on: a new allowance, and
+        the frames that waited for it."""
         frames, self._backlog = self._backlog, None
-        self._backlog_call = None
+        self._turn_call = None
         self._turn_budget = self.config.frames_per_turn
         if self._gone or not frames:
             return
@@ -1046,8 +1048,8 @@ class Session(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._backlog = None
-        if self._backlog_call is not None and self._backlog_call.active():
-            self._backlog_call.cancel()
+        if self._turn_call is not None and self._turn_call.active():
+            self._turn_call.cancel()
         # Callbacks run below may call disconnect(); the transport is already gone.
         self.transport = None
         for timer in (self._greeting_timer, self._idle_timer):
