@@ -186,6 +186,9 @@ class Router:
         self._max_cache = max_cache
         self._cache: OrderedDict[str, _Answer] = OrderedDict()
         self._pending: dict[str, list[Deferred[_Answer]]] = {}
+        # What _configured made of each domain: the configuration does not change, and a
+        # relay routes every data it forwards. Bounded like the answer cache.
+        self._rules: dict[str, tuple[str, Target | None, str]] = {}
 
     def route(self, domain: str) -> Deferred[list[Target]]:
         """The candidates for ``domain`` in the order to try them; errback :class:`NoRoute`.
@@ -264,6 +267,15 @@ class Router:
 
         Raises NoRoute (permanent) for a name that is neither a domain nor a literal.
         """
+        rule = self._rules.get(domain)
+        if rule is None:
+            rule = self._rule(domain)
+            if len(self._rules) >= self._max_cache:
+                self._rules.clear()
+            self._rules[domain] = rule
+        return rule
+
+    def _rule(self, domain: str) -> tuple[str, Target | None, str]:
         try:
             address = literal_address(domain)
             name = normalise_domain(domain)
