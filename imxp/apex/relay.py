@@ -307,7 +307,7 @@ class Relay:
                 return self._refuse(channel, 501, "dataHopping reportErrors needs a transID")
         limited = self._hop_limited(data, hopping)
         journey = _Journey(limited, originator, status)
-        if received is not None:
+        if received is not None and len(data.recipients) == 1:
             journey.received = (data, received)
         self._start(journey)
         return wire.OK()
@@ -383,6 +383,9 @@ class Relay:
                 local.append((recipient, endpoint))
             else:
                 remote.setdefault(endpoint.domain, []).append((recipient, endpoint))
+        if not local:
+            # Only a delivery here uses it; data waiting on a next hop need not hold it.
+            journey.received = None
         waiting = [
             _guarded(self._deliver, journey, recipient, endpoint) for recipient, endpoint in local
         ]
