@@ -128,14 +128,10 @@ class RelayService(service.Service):
 
     async def _at_most(self, waiting: defer.Deferred[Any], seconds: float) -> bool:
         """Wait for ``waiting`` at most ``seconds`` (then cancel it); whether it fired."""
-        timer = self.reactor.callLater(seconds, waiting.cancel)
         try:
-            await waiting
-        except defer.CancelledError:
+            await waiting.addTimeout(seconds, self.reactor)
+        except defer.TimeoutError:
             return False
-        finally:
-            if timer.active():
-                timer.cancel()
         return True
 
     def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
