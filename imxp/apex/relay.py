@@ -428,10 +428,11 @@ class Relay:
             self._verdict(journey, identity, 450, "endpoint not attached", final=True)
             return None
         # A final relay keeps every option as it hands the data over (§5); data for this
-        # one recipient alone goes on as it came, with no need to encode it again.
+        # one recipient alone (the only kind a journey keeps the payload of) goes on as it
+        # came, with no need to encode it again.
         data = journey.data
         received = journey.received
-        if received is not None and received[0] is data and len(data.recipients) == 1:
+        if received is not None and received[0] is data:
             message = received[1]
         else:
             one = wire.Data(
