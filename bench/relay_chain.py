@@ -83,18 +83,17 @@ from imxp.beep.session import (
     Request,
     Role,
     Session,
-    SessionConfig,
     SessionFactory,
 )
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options, server_options
 from imxp.beep.users import UserStore
 from imxp.certs import create_ca, issue_server, load_certificates, load_issued
-from imxp.config import Config
+from imxp.config import Config, session_config
 
 PASSWORD = "bench password"
-# The deployment defaults of imxp.config (window, idle timeout).
-SESSION = SessionConfig(window=Config().window, idle_timeout=Config().idle_timeout)
+# The deployment defaults of imxp.config (window, idle timeout and the other limits).
+SESSION = session_config(Config())
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 ACK = b"ok"
 # Where the sequence number sits in the content: fixed width, so that the sender can

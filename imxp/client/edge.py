@@ -114,6 +114,7 @@ from imxp.beep.session import (
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
 from imxp.certs import Issued
+from imxp.config import Config
 from imxp.e2e import cpim
 from imxp.e2e.protect import (
     E2EError,
@@ -816,8 +817,10 @@ class Client:
         settings = self._settings
         where = f"{target.host}:{target.port}"
         connection = _Connection(where)
+        # The relays' default window (the option's default, not a Config made here): the
+        # client's data and reports need the same room in flight.
         config = SessionConfig(
-            window=131072, idle_timeout=None, greeting_timeout=settings.connect_timeout
+            window=Config.window, idle_timeout=None, greeting_timeout=settings.connect_timeout
         )
         factory = SessionFactory(Role.INITIATOR, [], config, settings.reactor)
         try:
