@@ -13,7 +13,6 @@ import gc
 import pwd
 from typing import TYPE_CHECKING, ClassVar
 
-from twisted.logger import Logger
 from twisted.python import usage
 
 from imxp import logs
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Options", "makeService"]
 
-log = Logger(namespace="imxp.bootstrap", observer=logs.observer)
+log = logs.Logger(namespace="imxp.bootstrap")
 
 
 class Options(usage.Options):

@@ -137,6 +137,8 @@ def test_log_level_leaves_out_the_relay_events_below_it(tmp_path: Path) -> None:
     finally:
         logs.set_level("info")
     assert [e["event"] for e in events] == ["apex.refused", "other"]
+    # Named after the class it is declared on, as twisted.logger's own loggers are.
+    assert events[0]["log_namespace"] == "imxp.apex.relay.Relay"
 
 
 def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:

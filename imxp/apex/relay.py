@@ -25,7 +25,6 @@ from typing import Any, NoReturn, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imxp import logs
@@ -148,7 +147,7 @@ class _Journey:
 class Relay:
     """The relay of one administrative domain."""
 
-    log = Logger(observer=logs.observer)
+    log = logs.Logger()
 
     def __init__(
         self,

@@ -31,7 +31,6 @@ from typing import Any
 from twisted.internet import defer, endpoints, error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IResolver
-from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dns_error
 from twisted.names.client import createResolver
@@ -56,7 +55,7 @@ EDGE_SERVICE = "_apex-edge._tcp"
 MESH_PORT = 912  # RFC 3340 §8.2
 EDGE_PORT = 913  # RFC 3340 §8.3
 
-log = Logger(namespace="imxp.apex.routing", observer=logs.observer)
+log = logs.Logger(namespace="imxp.apex.routing")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IResolver
-from twisted.logger import Logger
 from twisted.names import client as dns_client
 from twisted.python.failure import Failure
 
@@ -53,7 +52,7 @@ __all__ = ["RelayService", "build_relay", "make_relay_service"]
 class RelayService(service.Service):
     """Listens, relays, and shuts down without dropping accepted data."""
 
-    log = Logger(observer=logs.observer)
+    log = logs.Logger()
 
     def __init__(
         self,
@@ -332,7 +331,7 @@ def make_relay_service(
     if reactor is None:
         from twisted.internet import reactor
     if prepared is None:
-        prepared = prepare(config, Logger(namespace="imxp.bootstrap", observer=logs.observer))
+        prepared = prepare(config, logs.Logger(namespace="imxp.bootstrap"))
     return build_relay(
         domain=config.domain,
         identity=prepared.identity,

@@ -35,7 +35,6 @@ from xml.etree.ElementTree import Element
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure as TwistedFailure
 
 from imxp import logs
@@ -70,7 +69,7 @@ from imxp.certs import client_identity
 
 __all__ = ["SASLProfile", "authenticate", "sasl_profiles"]
 
-log = Logger(namespace="imxp.beep.sasl", observer=logs.observer)
+log = logs.Logger(namespace="imxp.beep.sasl")
 
 _CONTINUE = "continue"
 _COMPLETE = "complete"

@@ -50,7 +50,6 @@ from twisted.cred.credentials import Anonymous, ICredentials, UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from imxp import logs
@@ -93,7 +92,7 @@ __all__ = [
     "server_mechanism",
 ]
 
-log = Logger(namespace="imxp.beep.sasl", observer=logs.observer)
+log = logs.Logger(namespace="imxp.beep.sasl")
 
 #: RFC 3080 §4.1.1: each mechanism's profile is identified by this prefix plus its name.
 PROFILE_URI_PREFIX = "http://iana.org/beep/SASL/"

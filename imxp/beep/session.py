@@ -20,7 +20,6 @@ from typing import Any, NoReturn
 
 from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -695,7 +694,7 @@ class _ManagementHandler(ChannelHandler):
 class Session(Protocol):
     """One BEEP session (RFC 3080) over TCP (RFC 3081)."""
 
-    log = Logger(observer=logs.observer)
+    log = logs.Logger()
     # Channels being closed for a poorly formed reply; a set of its own only when
     # one is, since a relay keeps thousands of sessions.
     _closing_poorly: frozenset[int] | set[int] = frozenset()

@@ -46,7 +46,6 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from imxp import logs
@@ -70,7 +69,7 @@ __all__ = [
     "prepare_username",
 ]
 
-log = Logger(namespace="imxp.beep.users", observer=logs.observer)
+log = logs.Logger(namespace="imxp.beep.users")
 
 #: RFC 7677 §4: at least 4096 iterations for SCRAM-SHA-256.
 MIN_ITERATIONS = 4096

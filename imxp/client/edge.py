@@ -80,7 +80,6 @@ from urllib.parse import unquote
 from cryptography import x509
 from twisted.internet import defer, error, task, threads
 from twisted.internet.interfaces import IResolver
-from twisted.logger import Logger
 
 from imxp import logs
 from imxp.apex import wire
@@ -139,7 +138,7 @@ __all__ = [
     "open_incoming",
 ]
 
-log = Logger(namespace="imxp.client", observer=logs.observer)
+log = logs.Logger(namespace="imxp.client")
 
 #: The kinds of :class:`ClientError`, one per thing a person would do differently.
 ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refused", "protocol"})
