@@ -1226,3 +1226,46 @@ def test_status_response_content_is_what_inline_xml_makes(
     again = decode(encode(data))
     assert isinstance(again, Data) and again.content is not None
     assert decode_status_response(again.content.body).trans_id == 7
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("<option internal='o' transID='7'><x a='1' /></option>",
+         Option("o", trans_id=7, body="<x a='1' />")),
+        ("<option external='urn:x:y' targetHop='all' mustUnderstand='true' />",
+         Option("urn:x:y", external=True, target_hop="all", must_understand=True)),
+        ("<option internal='o' targetHop='next' />", 501),
+        ("<option internal='o' transID='0x1' />", 501),
+        ("<option />", 501),
+    ],
+)  # fmt: skip
+def test_option_elements_are_read_alike_remembered_or_not(
+    option: str, expected: Option | int
+) -> None:
+    """A relay remembers the options it has read; an option reads the same wherever it
+    stands and however often it comes, and a bad one is refused every time."""
+    xml = (
+        f"<data content='http://example.com/c'><originator identity='a@b.example'>{option}"
+        f"</originator><recipient identity='c@d.example'>{option}</recipient>{option}</data>"
+    )
+    for _ in range(2):
+        message = Message(xml.encode(), BEEP_XML)
+        if isinstance(expected, int):
+            expect(expected, message)
+        else:
+            data = decode(message)
+            assert isinstance(data, Data)
+            assert data.originator.options == data.recipients[0].options == data.options
+            assert data.options == [expected]
+
+
+def test_options_remembered_are_bounded() -> None:
+    for n in range(wire._OPTIONS_READ_LIMIT + 10):
+        xml = (
+            "<data content='http://example.com/c'><originator identity='a@b.example' />"
+            f"<recipient identity='c@d.example' /><option internal='o{n}' /></data>"
+        )
+        data = decode(Message(xml.encode(), BEEP_XML))
+        assert isinstance(data, Data) and data.options[0].name == f"o{n}"
+    assert len(wire._OPTIONS_READ) <= wire._OPTIONS_READ_LIMIT

@@ -456,7 +456,7 @@ def _no_text(element: Element) -> None:
             raise APEXError(501, f"{element.tag} element may not contain text")
 
 
-def _option(element: Element, xml: bytes, spans: _Spans) -> Option:
+def _option(element: Element, body: bytes) -> Option:
     internal = element.get("internal") or None  # the DTD's default is ""
     external = element.get("external") or None
     if (internal is None) == (external is None):
@@ -471,7 +471,6 @@ def _option(element: Element, xml: bytes, spans: _Spans) -> Option:
     must = element.get("mustUnderstand", "false")
     if must not in ("true", "false"):
         raise APEXError(501, f"option mustUnderstand {must[:16]!r} is not true|false")
-    _at, inner, close, _end = spans[element]
     return Option(
         name=internal or external or "",
         external=external is not None,
@@ -479,14 +478,35 @@ def _option(element: Element, xml: bytes, spans: _Spans) -> Option:
         must_understand=must == "true",
         trans_id=_trans_id(element, default=0),
         localize=element.get("localize"),
-        body=xml[inner:close].decode("utf-8").strip(_S),
+        body=body.decode("utf-8").strip(_S),
     )
+
+
+# Options read, by the octets of their option elements: a relay meets the same few (a
+# dataHopping option is ~120 octets) in data after data. An element means the same
+# wherever it stands (no DTD, so no entities but XML's own, and no namespaces), and only
+# short ones that were valid are kept, so a peer cannot make this big.
+_OPTIONS_READ: dict[bytes, Option] = {}
+_OPTIONS_READ_LIMIT = 256
+_SHORT_OPTION = 256
 
 
 def _options(elements: list[Element], xml: bytes, spans: _Spans, where: str) -> list[Option]:
     if len(elements) > MAX_OPTIONS:
         raise APEXError(553, f"more than {MAX_OPTIONS} options in {where}")
-    return [_option(e, xml, spans) for e in elements]
+    options = []
+    for element in elements:
+        at, inner, close, end = spans[element]
+        raw = xml[at:end]
+        option = _OPTIONS_READ.get(raw)
+        if option is None:
+            option = _option(element, xml[inner:close])
+            if end - at <= _SHORT_OPTION:
+                if len(_OPTIONS_READ) >= _OPTIONS_READ_LIMIT:
+                    _OPTIONS_READ.clear()
+                _OPTIONS_READ[raw] = option
+        options.append(option)
+    return options
 
 
 def _only_options(element: Element, xml: bytes, spans: _Spans) -> list[Option]:
@@ -554,7 +574,9 @@ def _content(
         raise APEXError(501, "data-content is present but content does not reference it")
     if ref[:4].lower() == "cid:":
         # RFC 2392: the URL is the %-escaped Content-ID; a fragment is not part of it.
-        cid = unquote(ref[4:].partition("#")[0])
+        cid = ref[4:].partition("#")[0]
+        if "%" in cid:
+            cid = unquote(cid)
         raw = parts.by_id.get(cid)
         if raw is None:
             raise APEXError(501, f"content {ref[:64]!r} matches no body part")
