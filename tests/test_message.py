@@ -11,6 +11,7 @@ from imxp.beep.message import (
     DEFAULT_TRANSFER_ENCODING,
     Message,
     MessageError,
+    entity_headers,
 )
 
 SETTINGS = settings(max_examples=300, deadline=None)
@@ -198,3 +199,17 @@ def test_junk_gives_a_message_or_message_error(junk: bytes) -> None:
         return
     assert isinstance(message.content_type, str)
     assert message.body in junk
+
+
+def test_entity_headers_name_the_first_of_each_header_as_message_does() -> None:
+    payload = b"Content-ID: <a@x>\r\ncontent-id: <b@x>\r\nX-Y:  z \r\n\r\nbody"
+    headers, at = entity_headers(payload)
+    assert headers == {"content-id": "<a@x>", "x-y": "z"}
+    assert payload[at:] == b"body"
+    message = Message.from_payload(payload)
+    assert message.header("Content-ID") == headers["content-id"]
+    assert entity_headers(b"\r\nbody") == ({}, 2)
+    with pytest.raises(MessageError, match="no blank line"):
+        entity_headers(b"Content-ID: <a@x>\r\nbody")
+    with pytest.raises(MessageError, match="poorly formed header"):
+        entity_headers(b"no colon\r\n\r\nbody")

@@ -39,7 +39,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from imxp.apex.address import AddressError, Endpoint, normalise_domain, report_endpoint
 from imxp.beep import xmlsafe
-from imxp.beep.message import Message, MessageError, media_type
+from imxp.beep.message import Message, MessageError, entity_headers, media_type
 
 __all__ = [
     "APEX_URI",
@@ -739,12 +739,12 @@ def _multipart(body: bytes, content_type: str) -> APEXElement:
         raise APEXError(500, f"multipart/related type must be {BEEP_XML}")
     raws = _split(body, boundary.encode("ascii"))
     try:
-        heads = [Message.from_payload(raw) for raw in raws]
+        heads = [entity_headers(raw) for raw in raws]
     except MessageError as e:
         raise APEXError(500, f"body part: {e}") from None
     by_id: dict[str, int] = {}
-    for index, head in enumerate(heads):
-        cid = _content_id(head.header("Content-ID"))
+    for index, (headers, _) in enumerate(heads):
+        cid = _content_id(headers.get("content-id"))
         if cid is not None:
             if cid in by_id:
                 raise APEXError(501, f"two body parts have Content-ID {cid[:64]!r}")
@@ -756,14 +756,15 @@ def _multipart(body: bytes, content_type: str) -> APEXElement:
         if found is None:
             raise APEXError(501, "multipart/related start matches no body part")
         start = found
-    control = heads[start]
-    control_type = control.header("Content-Type")
+    control, at = heads[start]
+    control_type = control.get("content-type")
     if control_type is None or media_type(control_type) != BEEP_XML:
         raise APEXError(500, f"the control part of multipart/related must be {BEEP_XML}")
-    if control.transfer_encoding not in _IDENTITY_ENCODINGS:
-        raise APEXError(504, f"transfer encoding {control.transfer_encoding[:32]} not supported")
+    encoding = control.get("content-transfer-encoding")
+    if encoding is not None and encoding.strip().lower() not in _IDENTITY_ENCODINGS:
+        raise APEXError(504, f"transfer encoding {encoding.strip().lower()[:32]} not supported")
     others = {cid: raws[i] for cid, i in by_id.items() if i != start}
-    element = _element(control.body, _Parts(others, boundary.encode("ascii")))
+    element = _element(raws[start][at:], _Parts(others, boundary.encode("ascii")))
     content = element.content if isinstance(element, Data) else None
     referenced = 1 if content is not None and content.kind == "part" else 0
     # Only one part can be referenced; forwarding would silently drop any other.

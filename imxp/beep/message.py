@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_TRANSFER_ENCODING",
     "Message",
     "MessageError",
+    "entity_headers",
     "media_type",
 ]
 
@@ -95,9 +96,7 @@ class Message:
     def from_payload(cls, payload: bytes) -> Message:
         if payload.startswith(b"\r\n"):
             return cls(payload[2:])
-        end = payload.find(b"\r\n\r\n", 0, _MAX_HEADER_BLOCK)
-        if end < 0:
-            raise MessageError("payload has no blank line ending its entity headers")
+        end = _header_block_end(payload)
         raw = payload[:end]
         headers = _parsed.get(raw)
         if headers is None:
@@ -118,6 +117,30 @@ class Message:
 
     def __repr__(self) -> str:
         return f"<Message {self.content_type} {len(self.body)} octets>"
+
+
+def entity_headers(payload: bytes) -> tuple[dict[str, str], int]:
+    """The headers of ``payload`` by lower-cased name (the first of each name, as
+    :meth:`Message.header` finds it) and where its body starts.
+
+    For entities read once and dropped, such as the body parts of a multipart: no
+    :class:`Message`, no copy of the body, and none of the header cache, which their
+    unique Content-IDs would only churn.
+    """
+    if payload.startswith(b"\r\n"):
+        return {}, 2
+    end = _header_block_end(payload)
+    named: dict[str, str] = {}
+    for name, value in _parse_headers(payload[:end]):
+        named.setdefault(name.lower(), value)
+    return named, end + 4
+
+
+def _header_block_end(payload: bytes) -> int:
+    end = payload.find(b"\r\n\r\n", 0, _MAX_HEADER_BLOCK)
+    if end < 0:
+        raise MessageError("payload has no blank line ending its entity headers")
+    return end
 
 
 def media_type(content_type: str | None) -> str:
