@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from imxp.apex import wire
+from imxp.apex.options import with_data_hopping
 from imxp.apex.wire import (
     APEX_URI,
     BEEP_XML,
@@ -1269,3 +1270,83 @@ def test_options_remembered_are_bounded() -> None:
         data = decode(Message(xml.encode(), BEEP_XML))
         assert isinstance(data, Data) and data.options[0].name == f"o{n}"
     assert len(wire._OPTIONS_READ) <= wire._OPTIONS_READ_LIMIT
+
+
+# --------------------------------------------------------------------------- handing data on
+
+HOPS = "<option internal='dataHopping' targetHop='all' mustUnderstand='true' transID='3'>" \
+    "<dataHopping noMoreThan='{}' reportErrors='false' /></option>"  # fmt: skip
+PARTIES = "<originator identity='a@b.example' /><recipient identity='c@d.example' />"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # the forms relays and clients write: options together, or none
+        multipart(f"<data content='cid:1@example.com'>{PARTIES}</data>", PART_1),
+        multipart(f"<data content='cid:1@example.com'>{PARTIES}{HOPS.format(9)}</data>", PART_1),
+        multipart(
+            f"<data content='cid:1@example.com'>\n  {PARTIES}\n  {HOPS.format(9)}\n"
+            "  <option internal='o' targetHop='final' />\n</data>",
+            PART_1,
+        ),
+        xml(f"<data content='#C'>{PARTIES}<data-content Name='C'><x>y</x></data-content></data>"),
+        xml(f"<data content='#C'>{PARTIES}{HOPS.format(9)}<data-content Name='C' /></data>"),
+        xml(f"<data content='http://example.com/c'>{PARTIES}{HOPS.format(9)}</data>"),
+    ],
+)
+def test_a_data_handed_on_with_new_options_keeps_every_other_octet(message: Message) -> None:
+    """RFC 3342 §4: a relay counts the hop limit down as it hands a data on; the rest of
+    the control document and the content go on as the octets they came as (§4.4.4.1)."""
+    data, received = wire.decode_received(message)
+    assert isinstance(data, Data) and data == decode(message)
+    assert received is not None and received.data is data
+    options = with_data_hopping(data.options, 8, 3)
+    onward = Data(data.originator, data.recipients, options, data.content_ref, data.content)
+    sent = wire.encode_onward(onward, received)
+    assert decode(sent) == onward
+    assert sent.headers == message.headers
+    body = message.body
+    assert sent.body.startswith(body[: received.options_at])
+    assert sent.body.endswith(body[received.options_end :])
+    assert b"noMoreThan='8'" in sent.body[received.options_at :]
+
+
+def test_a_data_whose_options_lie_apart_is_written_anew() -> None:
+    message = multipart(
+        "<data content='cid:1@example.com'><option internal='o' />"
+        f"{PARTIES}<option internal='p' /></data>",
+        PART_1,
+    )
+    data, received = wire.decode_received(message)
+    assert isinstance(data, Data) and received is None
+    sent = wire.encode_onward(data, received)
+    assert decode(sent) == data
+    assert sent.header("Content-Type") != message.header("Content-Type")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: dataclasses.replace(d, recipients=[Recipient("c@d.example")]),
+        lambda d: dataclasses.replace(d, originator=Originator("a@b.example")),
+        lambda d: dataclasses.replace(d, options=[Option("o", body="<x>\r\n--boundary</x>")]),
+    ],
+)
+def test_a_data_changed_beyond_its_options_is_written_anew(
+    change: Callable[[Data], Data],
+) -> None:
+    """Other recipients or parties, or options that hold a line break (which could end a
+    body part), take encode's way."""
+    message = multipart(f"<data content='cid:1@example.com'>{PARTIES}</data>", PART_1)
+    data, received = wire.decode_received(message)
+    assert isinstance(data, Data) and received is not None
+    onward = change(data)
+    sent = wire.encode_onward(onward, received)
+    assert decode(sent) == onward
+    assert sent.header("Content-Type") != message.header("Content-Type")
+
+
+def test_elements_other_than_data_have_no_received_form() -> None:
+    element, received = wire.decode_received(xml("<ok />"))
+    assert element == OK() and received is None

@@ -77,12 +77,11 @@ class APEXChannel(ChannelHandler):
         self.channel = channel
 
     def message_received(self, request: Request) -> Message:
-        message = request.message
-        return wire.encode(self.relay.handle(self, self._decode(message), message))
+        return wire.encode(self.relay.handle(self, *self._decode(request.message)))
 
-    def _decode(self, message: Message) -> Any:
+    def _decode(self, message: Message) -> tuple[Any, wire.Received | None]:
         try:
-            return wire.decode(message)
+            return wire.decode_received(message)
         except wire.APEXError as e:
             self.relay.refused(self, e.code, e.text)
             raise BEEPError(e.code, e.text) from None
@@ -120,7 +119,7 @@ class APEXProfile(Profile):
             return None
         # §4.2: an attach or bind may ride on the start; its answer rides on the reply.
         try:
-            reply = self.relay.handle(handler, handler._decode(Message(init, mgmt.BEEP_XML)))
+            reply = self.relay.handle(handler, *handler._decode(Message(init, mgmt.BEEP_XML)))
         except BEEPError as e:
             reply = wire.Error(e.code, e.text)
         return wire.encode(reply).body
@@ -139,9 +138,8 @@ class _Journey:
     reports: list[tuple[int, str, int, str]] = field(default_factory=list)
     # Recipients with a verdict here, final or a hand-over.
     settled: set[str] = field(default_factory=set)
-    # A data and the payload it was decoded from, which stands for ``data`` for as
-    # long as that is this very data.
-    received: tuple[wire.Data, Message] | None = None
+    # The data as it arrived, while a delivery or a hand-over may still send it on.
+    received: wire.Received | None = None
 
 
 class Relay:
@@ -177,9 +175,9 @@ class Relay:
     # -- operations (§4.4) ---------------------------------------------------
 
     def handle(
-        self, channel: APEXChannel, element: Any, received: Message | None = None
+        self, channel: APEXChannel, element: Any, received: wire.Received | None = None
     ) -> wire.OK:
-        """Act on ``element``, decoded from ``received`` when that is given."""
+        """Act on ``element``; ``received`` is how it arrived, when that is known."""
         if isinstance(element, wire.Data):
             return self.data(channel, element, received)
         if isinstance(element, wire.Attach):
@@ -270,7 +268,7 @@ class Relay:
                 self.log.info("{endpoint} detached", endpoint=str(endpoint), event="apex.detached")
 
     def data(
-        self, channel: APEXChannel, data: wire.Data, received: Message | None = None
+        self, channel: APEXChannel, data: wire.Data, received: wire.Received | None = None
     ) -> wire.OK:
         """§4.4.4.1 steps 1-3; steps 4-5 run after ``ok`` is on its way."""
         if not self.accepting:
@@ -305,9 +303,7 @@ class Relay:
             if not hopping[0].trans_id:
                 return self._refuse(channel, 501, "dataHopping reportErrors needs a transID")
         limited = self._hop_limited(data, hopping)
-        journey = _Journey(limited, originator, status)
-        if received is not None and len(data.recipients) == 1:
-            journey.received = (data, received)
+        journey = _Journey(limited, originator, status, received=received)
         self._start(journey)
         return wire.OK()
 
@@ -382,14 +378,14 @@ class Relay:
                 local.append((recipient, endpoint))
             else:
                 remote.setdefault(endpoint.domain, []).append((recipient, endpoint))
-        if not local:
-            # Only a delivery here uses it; data waiting on a next hop need not hold it.
-            journey.received = None
         waiting = [
             _guarded(self._deliver, journey, recipient, endpoint) for recipient, endpoint in local
         ]
         if remote:
             waiting.append(_guarded(self._forward_remote, journey, remote))
+        else:
+            # Sent on where it goes; data waiting on its verdicts need not hold it.
+            journey.received = None
         return _all(waiting)
 
     @staticmethod
@@ -426,13 +422,12 @@ class Relay:
         if channel is None or channel.channel is None:
             self._verdict(journey, identity, 450, "endpoint not attached", final=True)
             return None
-        # A final relay keeps every option as it hands the data over (§5); data for this
-        # one recipient alone (the only kind a journey keeps the payload of) goes on as it
-        # came, with no need to encode it again.
+        # A final relay keeps every option as it hands the data over (§5): data for this
+        # one recipient alone goes on as it came, with no need to encode it again.
         data = journey.data
         received = journey.received
-        if received is not None and received[0] is data:
-            message = received[1]
+        if received is not None and received.data is data and len(data.recipients) == 1:
+            message = received.message
         else:
             one = wire.Data(
                 data.originator, [recipient], data.options, data.content_ref, data.content
@@ -480,12 +475,13 @@ class Relay:
             _, names, recipients = hops.setdefault(frozenset(targets), (targets, [], []))
             names.append(domain)
             recipients.extend(recipient for recipient, _ in remote[domain])
-        return _all(
-            [
-                _guarded(self._forward, journey, targets, ", ".join(names), recipients)
-                for targets, names, recipients in hops.values()
-            ]
-        )
+        waiting = [
+            _guarded(self._forward, journey, targets, ", ".join(names), recipients)
+            for targets, names, recipients in hops.values()
+        ]
+        # Every hand-over is written; data waiting on its verdicts need not hold it.
+        journey.received = None
+        return _all(waiting)
 
     def _route(
         self, journey: _Journey, domain: str, group: list[tuple[wire.Recipient, Endpoint]]
@@ -555,7 +551,7 @@ class Relay:
             data.content,
         )
         deadline = self.clock.seconds() + self.delivery_timeout
-        sending = self.pool.send(targets, wire.encode(onward), deadline)
+        sending = self.pool.send(targets, wire.encode_onward(onward, journey.received), deadline)
         if not sending.called:
             # A next hop that took the MSG may never answer; the originator is still
             # promised a final answer, as for an application that does not (_answer).

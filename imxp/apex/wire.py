@@ -58,8 +58,11 @@ __all__ = [
     "Error",
     "APEXElement",
     "StatusResponse",
+    "Received",
     "decode",
+    "decode_received",
     "encode",
+    "encode_onward",
     "encode_status_response",
     "decode_status_response",
     "status_response_data",
@@ -119,10 +122,13 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # Elements whose inner octets are kept verbatim: option content is ANY and is
 # forwarded to the next relay as it came; data-content is the data's content.
 _VERBATIM = frozenset({"option", "data-content"})
+# The end of a control document that ends with data's end tag (white space may follow).
+_DATA_END = re.compile(rb"</data[ \t\r\n]*>[ \t\r\n]*\Z")
 _TARGET_HOPS = ("this", "final", "all")
 _T = TypeVar("_T")
 # XML's white space (XML 1.0 §2.3 S); str.strip() would also take U+00A0 and friends.
 _S = " \t\r\n"
+_S_OCTETS = _S.encode("ascii")
 
 
 class APEXError(Exception):
@@ -326,6 +332,18 @@ class Data:
             self.content_ref = self.content.ref
 
 
+@dataclass(slots=True)
+class Received:
+    """A data as it arrived, kept to hand it on with other per-data options without
+    writing it again: its payload, and where in the payload's body the ``option``
+    children of ``data`` lie (or, with none, where they would go)."""
+
+    data: Data
+    message: Message
+    options_at: int
+    options_end: int
+
+
 @dataclass(frozen=True)
 class OK:
     """The positive reply (§9.1)."""
@@ -520,7 +538,9 @@ def _only_options(element: Element, xml: bytes, spans: _Spans) -> list[Option]:
     return _options(list(element), xml, spans, element.tag)
 
 
-def _data(root: Element, xml: bytes, spans: _Spans, parts: _Parts) -> Data:
+def _data(
+    root: Element, xml: bytes, spans: _Spans, parts: _Parts, where: list[int] | None = None
+) -> Data:
     ref = _required(root, "content")
     _no_text(root)
     originators: list[Element] = []
@@ -549,13 +569,39 @@ def _data(root: Element, xml: bytes, spans: _Spans, parts: _Parts) -> Data:
     if len(contents) > 1:
         raise APEXError(501, "data has at most one data-content")
     originator = originators[0]
-    return Data(
+    data = Data(
         originator=Originator(_identity(originator), _only_options(originator, xml, spans)),
         recipients=[Recipient(_identity(r), _only_options(r, xml, spans)) for r in recipients],
         options=_options(options, xml, spans, "data"),
         content_ref=ref,
         content=_content(ref, contents[0] if contents else None, xml, spans, parts),
     )
+    if where is not None:
+        where.extend(_options_place(options, contents, xml, spans))
+    return data
+
+
+def _options_place(
+    options: list[Element], contents: list[Element], xml: bytes, spans: _Spans
+) -> tuple[int, int] | tuple[()]:
+    """Where the per-data options of a data lie in ``xml``: from the first option element
+    to the end of the last, when nothing but white space comes between them; with none,
+    the empty range where they go: before any data-content (the DTD's order), else
+    before data's end tag when the document ends with it (only white space can follow
+    it there, not a comment that could hold another "</data")."""
+    if not options:
+        if contents:
+            at = spans[contents[0]][0]
+            return at, at
+        at = xml.rfind(b"</data")
+        return (at, at) if at >= 0 and _DATA_END.match(xml, at) else ()
+    at, end = spans[options[0]][0], spans[options[0]][3]
+    for option in options[1:]:
+        next_at, next_end = spans[option][0], spans[option][3]
+        if xml[end:next_at].strip(_S_OCTETS):
+            return ()
+        end = next_end
+    return at, end
 
 
 def _content(
@@ -587,11 +633,11 @@ def _content(
     return None
 
 
-def _element(xml: bytes, parts: _Parts) -> APEXElement:
+def _element(xml: bytes, parts: _Parts, where: list[int] | None = None) -> APEXElement:
     root, spans = _parse(xml)
     tag = root.tag
     if tag == "data":
-        return _data(root, xml, spans, parts)
+        return _data(root, xml, spans, parts, where)
     if tag == "attach":
         endpoint = _identity(root, "endpoint")
         return Attach(endpoint, _trans_id(root), _only_options(root, xml, spans))
@@ -694,8 +740,8 @@ def _delimiter_at(body: bytes, boundary: bytes, start: int) -> int:
     return body.find(b"\r\n--" + boundary, at) if at >= 0 else -1
 
 
-def _split(body: bytes, boundary: bytes) -> list[bytes]:
-    """The body parts of a multipart body (RFC 2046 §5.1.1), exactly as they lie in ``body``.
+def _split(body: bytes, boundary: bytes) -> list[tuple[int, int]]:
+    """Where the body parts of a multipart body (RFC 2046 §5.1.1) lie in ``body``.
 
     Each delimiter is CRLF "--" boundary (the very first may start the body),
     then optional padding and CRLF; the close delimiter adds "--". A line that
@@ -710,7 +756,7 @@ def _split(body: bytes, boundary: bytes) -> list[bytes]:
         if at < 0:
             raise APEXError(500, "multipart body has no boundary delimiter")
         at += 2
-    parts: list[bytes] = []
+    parts: list[tuple[int, int]] = []
     while True:
         at += len(delimiter)
         if body.startswith(b"--", at):
@@ -724,20 +770,21 @@ def _split(body: bytes, boundary: bytes) -> list[bytes]:
         end = _delimiter_at(body, boundary, start)
         if end < 0:
             raise APEXError(500, "multipart body has no closing delimiter")
-        parts.append(body[start:end])
+        parts.append((start, end))
         if len(parts) > MAX_PARTS:
             raise APEXError(553, f"multipart body has more than {MAX_PARTS} parts")
         at = end + 2
 
 
-def _multipart(body: bytes, content_type: str) -> APEXElement:
+def _multipart(body: bytes, content_type: str, where: list[int] | None = None) -> APEXElement:
     params = _content_type_params(content_type)
     boundary = params.get("boundary", "")
     if not _BOUNDARY.match(boundary):
         raise APEXError(500, f"multipart/related boundary {boundary[:80]!r} is not valid")
     if params.get("type", BEEP_XML).lower() != BEEP_XML:
         raise APEXError(500, f"multipart/related type must be {BEEP_XML}")
-    raws = _split(body, boundary.encode("ascii"))
+    places = _split(body, boundary.encode("ascii"))
+    raws = [body[at:end] for at, end in places]
     try:
         heads = [entity_headers(raw) for raw in raws]
     except MessageError as e:
@@ -764,7 +811,10 @@ def _multipart(body: bytes, content_type: str) -> APEXElement:
     if encoding is not None and encoding.strip().lower() not in _IDENTITY_ENCODINGS:
         raise APEXError(504, f"transfer encoding {encoding.strip().lower()[:32]} not supported")
     others = {cid: raws[i] for cid, i in by_id.items() if i != start}
-    element = _element(raws[start][at:], _Parts(others, boundary.encode("ascii")))
+    element = _element(raws[start][at:], _Parts(others, boundary.encode("ascii")), where)
+    if where:
+        # From the control document's octets to the body's.
+        where[:] = [places[start][0] + at + offset for offset in where]
     content = element.content if isinstance(element, Data) else None
     referenced = 1 if content is not None and content.kind == "part" else 0
     # Only one part can be referenced; forwarding would silently drop any other.
@@ -791,14 +841,28 @@ def _choose_boundary(parts: Iterable[bytes], reuse: bytes | None) -> bytes:
 
 def decode(message: Message) -> APEXElement:
     """The APEX element in a BEEP payload of either §4.1 form; raises :class:`APEXError`."""
+    return _decode(message, None)
+
+
+def decode_received(message: Message) -> tuple[APEXElement, Received | None]:
+    """:func:`decode`, and for a data whose per-data options lie together (as every
+    relay and client writes them) what :func:`encode_onward` needs to hand it on."""
+    where: list[int] = []
+    element = _decode(message, where)
+    if isinstance(element, Data) and where:
+        return element, Received(element, message, where[0], where[1])
+    return element, None
+
+
+def _decode(message: Message, where: list[int] | None) -> APEXElement:
     if message.transfer_encoding not in _IDENTITY_ENCODINGS:
         raise APEXError(504, f"transfer encoding {message.transfer_encoding[:32]} not supported")
     raw_type = message.header("Content-Type")
     content_type = media_type(raw_type)
     if content_type == BEEP_XML:
-        return _element(message.body, _NO_PARTS)
+        return _element(message.body, _NO_PARTS, where)
     if content_type == MULTIPART_RELATED:
-        return _multipart(message.body, raw_type or "")
+        return _multipart(message.body, raw_type or "", where)
     raise APEXError(500, f"an APEX payload is {BEEP_XML} or {MULTIPART_RELATED}")
 
 
@@ -808,6 +872,33 @@ def encode(element: APEXElement) -> Message:
     if isinstance(element, Data):
         return _encode_data(element)
     return Message(_xml(element).encode("utf-8"), BEEP_XML)
+
+
+def encode_onward(onward: Data, received: Received | None) -> Message:
+    """The payload handing on ``onward``, a data made from ``received.data`` by a relay.
+
+    When only its per-data options differ - the same originator, recipients and content,
+    as when a relay counts down the hop limit (RFC 3342 §4) - that is the payload
+    received with the option elements written anew in their place: the rest of the
+    control document and every body part go on as the octets they came as (§4.4.4.1).
+    Otherwise, and whenever the new options would hold what could end a body part,
+    it is :func:`encode`'s.
+    """
+    if received is not None:
+        data = received.data
+        if (
+            onward.originator is data.originator
+            and onward.content is data.content
+            and onward.content_ref == data.content_ref
+            and len(onward.recipients) == len(data.recipients)
+            and all(a is b for a, b in zip(onward.recipients, data.recipients, strict=True))
+        ):
+            options = _options_xml(onward.options).encode("utf-8")
+            if b"\r\n" not in options:
+                body = received.message.body
+                spliced = body[: received.options_at] + options + body[received.options_end :]
+                return Message(spliced, headers=received.message.headers)
+    return encode(onward)
 
 
 def _inline(xml_text: str, name: str) -> bytes:
