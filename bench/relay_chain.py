@@ -10,8 +10,8 @@ What is measured, all in one run:
 * ``chain``: endpoint -> relay A -> relay B -> endpoint. fred@a.test is attached to A and
   barney@b.test to B, each by TLS, SASL SCRAM-SHA-256 and attach; A forwards to B over a
   TLS session with both certificates checked and an APEX channel bound as a.test. Each data
-  carries ``--size`` octets of content and no statusRequest; every hop answers each data
-  with ``ok``.
+  carries ``--size`` octets of content and no statusRequest, and Content-IDs and a boundary
+  of its own, as a client's data do; every hop answers each data with ``ok``.
 * ``ceiling``: the same hops with the least Twisted can do on them: sender -> forwarder 1 ->
   forwarder 2 -> receiver, ``Int32StringReceiver`` over TLS with the same certificates and
   settings (:mod:`imxp.beep.tlsctx`, a client certificate on the middle hop as between
@@ -314,13 +314,20 @@ class _BEEPChain(_Chain):
             content=wire.Content.from_bytes(SEQ_FIELD % 0 + filler, "application/octet-stream"),
         )
         template = wire.encode(data)
-        self.headers = template.headers
+        # As a client's every data, each has Content-IDs and a boundary of its own: the
+        # token the encoder made them from is swapped for one per data, as long.
+        assert data.content is not None
+        self.token = data.content.name.partition(".")[0]
+        self.token_octets = self.token.encode()
+        self.content_type = template.header("Content-Type") or ""
         self.head, found, self.tail = template.body.partition(SEQ_FIELD % 0)
         assert found, "the content is not in the encoded data as it is"
+        assert self.token in self.content_type and self.token_octets in self.head
 
     def send(self, seq: int) -> defer.Deferred[Any]:
-        body = self.head + SEQ_FIELD % seq + self.tail
-        return self.channel.send(Message(body, headers=self.headers))
+        token = f"{seq:0{len(self.token)}x}"
+        body = (self.head + SEQ_FIELD % seq + self.tail).replace(self.token_octets, token.encode())
+        return self.channel.send(Message(body, self.content_type.replace(self.token, token)))
 
     def close(self) -> None:
         self.session.disconnect()
