@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 from twisted.internet import defer
@@ -125,21 +124,37 @@ class APEXProfile(Profile):
         return wire.encode(reply).body
 
 
-@dataclass
 class _Journey:
     """One data accepted by this relay, until every recipient has a verdict here."""
 
-    data: wire.Data
-    originator: Endpoint
-    status: wire.Option | None
-    # Recipients with a statusRequest of their own (§8.4), which counts for them.
-    recipient_status: dict[str, wire.Option] = field(default_factory=dict)
-    # (transID, identity, code, text) of the verdicts to report
-    reports: list[tuple[int, str, int, str]] = field(default_factory=list)
-    # Recipients with a verdict here, final or a hand-over.
-    settled: set[str] = field(default_factory=set)
-    # The data as it arrived, while a delivery or a hand-over may still send it on.
-    received: wire.Received | None = None
+    __slots__ = (
+        "data",
+        "originator",
+        "status",
+        "recipient_status",
+        "reports",
+        "settled",
+        "received",
+    )
+
+    def __init__(
+        self,
+        data: wire.Data,
+        originator: Endpoint,
+        status: wire.Option | None,
+        received: wire.Received | None = None,
+    ) -> None:
+        self.data = data
+        self.originator = originator
+        self.status = status
+        # Recipients with a statusRequest of their own (§8.4), which counts for them.
+        self.recipient_status: dict[str, wire.Option] = {}
+        # (transID, identity, code, text) of the verdicts to report
+        self.reports: list[tuple[int, str, int, str]] = []
+        # Recipients with a verdict here, final or a hand-over.
+        self.settled: set[str] = set()
+        # The data as it arrived, while a delivery or a hand-over may still send it on.
+        self.received = received
 
 
 class Relay:
@@ -468,6 +483,15 @@ class Relay:
         domains: list[str],
         remote: dict[str, list[tuple[wire.Recipient, Endpoint]]],
     ) -> defer.Deferred[None] | None:
+        if len(domains) == 1:
+            # The usual data, for one domain: nothing to group.
+            targets = routes[0]
+            if targets is None:
+                return None
+            recipients = [recipient for recipient, _ in remote[domains[0]]]
+            sending = _guarded(self._forward, journey, targets, domains[0], recipients)
+            journey.received = None
+            return sending
         hops: dict[frozenset[Target], tuple[list[Target], list[str], list[wire.Recipient]]] = {}
         for domain, targets in zip(domains, routes, strict=True):
             if targets is None:
