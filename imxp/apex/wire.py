@@ -12,7 +12,9 @@ octets received: the ``data-content`` element as it appeared in the control
 document (its byte range is taken from expat's ``CurrentByteIndex``), or the
 MIME body part as it appeared between the boundaries. Re-encoding a ``data``
 element with other recipients or options writes a fresh control document and
-splices those octets back in verbatim.
+splices those octets back in verbatim; a relay handing a data on changed only in
+its per-data options (the hop count) sends the payload it received with just the
+option elements written anew (:func:`decode_received`, :func:`encode_onward`).
 
 Decoding validates against the core DTD (§9.1) and the rules of §4.4 and
 raises :class:`APEXError` carrying the reply code of §10 that a relay should
