@@ -1350,3 +1350,15 @@ def test_a_data_changed_beyond_its_options_is_written_anew(
 def test_elements_other_than_data_have_no_received_form() -> None:
     element, received = wire.decode_received(xml("<ok />"))
     assert element == OK() and received is None
+
+
+@SETTINGS
+@given(DATA, OPTIONS)
+def test_a_data_handed_on_reads_as_the_data_written_anew(data: Data, options: list[Option]) -> None:
+    """Whatever a data holds, handing it on with other options by encode_onward gives what
+    encode would have: the same data, the same content octets."""
+    received_data, received = wire.decode_received(wire_trip(encode(data)))
+    assert isinstance(received_data, Data) and received is not None
+    onward = dataclasses.replace(received_data, options=options)
+    sent = decode(wire_trip(wire.encode_onward(onward, received)))
+    assert sent == decode(wire_trip(encode(onward))) == dataclasses.replace(data, options=options)
