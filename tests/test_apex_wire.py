@@ -1293,6 +1293,15 @@ PARTIES = "<originator identity='a@b.example' /><recipient identity='c@d.example
         xml(f"<data content='#C'>{PARTIES}<data-content Name='C'><x>y</x></data-content></data>"),
         xml(f"<data content='#C'>{PARTIES}{HOPS.format(9)}<data-content Name='C' /></data>"),
         xml(f"<data content='http://example.com/c'>{PARTIES}{HOPS.format(9)}</data>"),
+        # the control document as the second part, named by start (RFC 2387 §3.2)
+        Message(
+            b"preamble\r\n--zz\r\n" + PART_1 + b"\r\n--zz\r\nContent-Type: application/beep+xml"
+            b"\r\nContent-ID: <0@example.com>\r\n\r\n<data content='cid:1@example.com'>"
+            + PARTIES.encode()
+            + HOPS.format(9).encode()
+            + b"</data>  \r\n--zz--\r\nepilogue",
+            'multipart/related; boundary=zz; start="<0@example.com>"; type="application/beep+xml"',
+        ),
     ],
 )
 def test_a_data_handed_on_with_new_options_keeps_every_other_octet(message: Message) -> None:
