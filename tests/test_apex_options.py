@@ -248,6 +248,17 @@ def test_with_data_hopping_replaces_in_place() -> None:
     assert hopping(with_data_hopping(listed, 8, 3, report_errors=False)) == DataHopping(8, False)
 
 
+def test_with_data_hopping_keeps_a_localize_and_makes_few_options() -> None:
+    localized = dataclasses.replace(with_data_hopping([], 9, 3)[0], localize="fr")
+    result = with_data_hopping([localized], 8, 3)
+    assert result[0].localize == "fr" and hopping(result) == DataHopping(8, False)
+    assert with_data_hopping([], 8, 3)[0].localize is None
+    # Made options are remembered for reuse, boundedly: transIDs are the originator's.
+    for trans_id in range(1, options._HOPS_MADE_LIMIT + 10):
+        assert with_data_hopping([], 5, trans_id)[0].trans_id == trans_id
+    assert len(options._HOPS_MADE) <= options._HOPS_MADE_LIMIT
+
+
 @pytest.mark.parametrize("hops", [-1, 256])
 def test_with_data_hopping_bounds(hops: int) -> None:
     with pytest.raises(ValueError):

@@ -154,25 +154,36 @@ def with_data_hopping(
     if not 0 <= no_more_than <= MAX_HOPS:
         raise ValueError(f"noMoreThan {no_more_than} is not 0..{MAX_HOPS}")
     result = list(options)
-    index = next(
-        (i for i, o in enumerate(result) if not o.external and o.name == DATA_HOPPING), None
-    )
+    index = None
+    for i, option in enumerate(result):
+        if option.name == DATA_HOPPING and not option.external:
+            index = i
+            break
     if report_errors is None:
         report_errors = index is not None and _report_errors(result[index])
-    body = (
-        f"<dataHopping noMoreThan='{no_more_than}'"
-        f" reportErrors='{'true' if report_errors else 'false'}' />"
-    )
-    if index is None:
-        result.append(
-            Option(
-                DATA_HOPPING, target_hop="all", must_understand=True, trans_id=trans_id, body=body
-            )
+    localize = None if index is None else result[index].localize
+    key = (no_more_than, trans_id, report_errors, localize)
+    made = _HOPS_MADE.get(key)
+    if made is None:
+        body = (
+            f"<dataHopping noMoreThan='{no_more_than}'"
+            f" reportErrors='{'true' if report_errors else 'false'}' />"
         )
+        made = Option(DATA_HOPPING, False, "all", True, trans_id, localize, body)
+        if len(_HOPS_MADE) >= _HOPS_MADE_LIMIT:
+            _HOPS_MADE.clear()
+        _HOPS_MADE[key] = made
+    if index is None:
+        result.append(made)
     else:
-        old = result[index]
-        result[index] = Option(old.name, old.external, "all", True, trans_id, old.localize, body)
+        result[index] = made
     return result
+
+
+# The dataHopping options made, by what they say: a relay counts the same few down
+# in data after data. Options are immutable, so one may stand in many data.
+_HOPS_MADE: dict[tuple[int, int, bool, str | None], Option] = {}
+_HOPS_MADE_LIMIT = 256
 
 
 def _report_errors(option: Option) -> bool:

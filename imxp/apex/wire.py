@@ -73,6 +73,7 @@ __all__ = [
 APEX_URI = "http://iana.org/beep/APEX"
 BEEP_XML = "application/beep+xml"
 MULTIPART_RELATED = "multipart/related"
+_BEEP_XML_HEADERS = (("Content-Type", BEEP_XML),)
 
 # Bounds a peer cannot exceed; each refusal names the code a relay answers.
 MAX_XML = 1 << 20  # control document, including any inline data-content
@@ -873,6 +874,9 @@ def encode(element: APEXElement) -> Message:
     when a ``data`` element's content is a body part (§4.1)."""
     if isinstance(element, Data):
         return _encode_data(element)
+    if type(element) is OK:
+        # The answer to nearly every request a relay gets.
+        return Message(b"<ok />", headers=_BEEP_XML_HEADERS)
     return Message(_xml(element).encode("utf-8"), BEEP_XML)
 
 
