@@ -10,7 +10,7 @@ event of a level left out costs no more than the call to make it, and no observe
 
 from __future__ import annotations
 
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, globalLogPublisher
 
 from twisted import logger
 
@@ -29,7 +29,9 @@ class Logger(logger.Logger):
     the rest of a verdict."""
 
     def __init__(self, namespace: str | None = None, source: object = None) -> None:
-        super().__init__(namespace, source)
+        # Named, not defaulted: Twisted's default imports it again for every logger, and
+        # the descriptor below makes one each time a class's logger is used.
+        super().__init__(namespace, source, observer=globalLogPublisher)
 
     def __get__(self, instance: object, owner: type | None = None) -> Logger:
         # As twisted.logger.Logger's, less the observer, which is always the global one.
