@@ -254,9 +254,11 @@ def test_with_data_hopping_keeps_a_localize_and_makes_few_options() -> None:
     assert result[0].localize == "fr" and hopping(result) == DataHopping(8, False)
     assert with_data_hopping([], 8, 3)[0].localize is None
     # Made options are remembered for reuse, boundedly: transIDs are the originator's.
-    for trans_id in range(1, options._HOPS_MADE_LIMIT + 10):
+    remembered = options._made_data_hopping.cache_info().maxsize
+    assert remembered is not None
+    for trans_id in range(1, remembered + 10):
         assert with_data_hopping([], 5, trans_id)[0].trans_id == trans_id
-    assert len(options._HOPS_MADE) <= options._HOPS_MADE_LIMIT
+    assert options._made_data_hopping.cache_info().currsize <= remembered
 
 
 @pytest.mark.parametrize("hops", [-1, 256])

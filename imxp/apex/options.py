@@ -9,6 +9,7 @@ it travels on; and it reads and writes the two options a relay acts on:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,18 +162,9 @@ def with_data_hopping(
             break
     if report_errors is None:
         report_errors = index is not None and _report_errors(result[index])
-    localize = None if index is None else result[index].localize
-    key = (no_more_than, trans_id, report_errors, localize)
-    made = _HOPS_MADE.get(key)
-    if made is None:
-        body = (
-            f"<dataHopping noMoreThan='{no_more_than}'"
-            f" reportErrors='{'true' if report_errors else 'false'}' />"
-        )
-        made = Option(DATA_HOPPING, False, "all", True, trans_id, localize, body)
-        if len(_HOPS_MADE) >= _HOPS_MADE_LIMIT:
-            _HOPS_MADE.clear()
-        _HOPS_MADE[key] = made
+    made = _made_data_hopping(
+        no_more_than, trans_id, report_errors, None if index is None else result[index].localize
+    )
     if index is None:
         result.append(made)
     else:
@@ -180,10 +172,17 @@ def with_data_hopping(
     return result
 
 
-# The dataHopping options made, by what they say: a relay counts the same few down
-# in data after data. Options are immutable, so one may stand in many data.
-_HOPS_MADE: dict[tuple[int, int, bool, str | None], Option] = {}
-_HOPS_MADE_LIMIT = 256
+# A relay counts the same few hop limits down in data after data; options are immutable,
+# so one made may stand in many data.
+@functools.lru_cache(maxsize=256)
+def _made_data_hopping(
+    no_more_than: int, trans_id: int, report_errors: bool, localize: str | None
+) -> Option:
+    body = (
+        f"<dataHopping noMoreThan='{no_more_than}'"
+        f" reportErrors='{'true' if report_errors else 'false'}' />"
+    )
+    return Option(DATA_HOPPING, False, "all", True, trans_id, localize, body)
 
 
 def _report_errors(option: Option) -> bool:
