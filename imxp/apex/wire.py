@@ -73,6 +73,7 @@ __all__ = [
 APEX_URI = "http://iana.org/beep/APEX"
 BEEP_XML = "application/beep+xml"
 MULTIPART_RELATED = "multipart/related"
+# The entity headers of a payload that is a control document alone (§4.1).
 _BEEP_XML_HEADERS = (("Content-Type", BEEP_XML),)
 
 # Bounds a peer cannot exceed; each refusal names the code a relay answers.
@@ -786,7 +787,8 @@ def _multipart(body: bytes, content_type: str, where: list[int] | None = None) -
         raise APEXError(500, f"multipart/related boundary {boundary[:80]!r} is not valid")
     if params.get("type", BEEP_XML).lower() != BEEP_XML:
         raise APEXError(500, f"multipart/related type must be {BEEP_XML}")
-    places = _split(body, boundary.encode("ascii"))
+    delimiting = boundary.encode("ascii")
+    places = _split(body, delimiting)
     raws = [body[at:end] for at, end in places]
     try:
         heads = [entity_headers(raw) for raw in raws]
@@ -814,7 +816,7 @@ def _multipart(body: bytes, content_type: str, where: list[int] | None = None) -
     if encoding is not None and encoding.strip().lower() not in _IDENTITY_ENCODINGS:
         raise APEXError(504, f"transfer encoding {encoding.strip().lower()[:32]} not supported")
     others = {cid: raws[i] for cid, i in by_id.items() if i != start}
-    element = _element(raws[start][at:], _Parts(others, boundary.encode("ascii")), where)
+    element = _element(raws[start][at:], _Parts(others, delimiting), where)
     if where:
         # From the control document's octets to the body's.
         where[:] = [places[start][0] + at + offset for offset in where]
@@ -874,10 +876,7 @@ def encode(element: APEXElement) -> Message:
     when a ``data`` element's content is a body part (§4.1)."""
     if isinstance(element, Data):
         return _encode_data(element)
-    if type(element) is OK:
-        # The answer to nearly every request a relay gets.
-        return Message(b"<ok />", headers=_BEEP_XML_HEADERS)
-    return Message(_xml(element).encode("utf-8"), BEEP_XML)
+    return Message(_xml(element).encode("utf-8"), headers=_BEEP_XML_HEADERS)
 
 
 def encode_onward(onward: Data, received: Received | None) -> Message:
@@ -1007,6 +1006,8 @@ def _party(tag: str, party: Originator | Recipient) -> str:
 
 
 def _xml(element: Attach | Bind | Terminate | OK | Error) -> str:
+    if isinstance(element, OK):
+        return "<ok />"  # the answer to nearly every request a relay gets: looked for first
     if isinstance(element, Attach):
         Endpoint.parse(element.endpoint)
         _check_trans_id(element.trans_id)
@@ -1022,8 +1023,6 @@ def _xml(element: Attach | Bind | Terminate | OK | Error) -> str:
         _check_code(element.code)
         attrs = f" transID='{element.trans_id}' code='{element.code}'"
         return _with_text("terminate", attrs, element.text, element.lang)
-    if isinstance(element, OK):
-        return "<ok />"
     if isinstance(element, Error):
         _check_code(element.code)
         return _with_text("error", f" code='{element.code}'", element.text, element.lang)
