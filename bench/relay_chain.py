@@ -3,7 +3,7 @@
 Run by hand (not part of the tests):
 
     python bench/relay_chain.py [--seconds 5] [--size 1024] [--depth 64] [--endpoints 5000]
-                                [--profile] [--skip rss|throughput]
+                                [--profile] [--skip rss|throughput|floor]
 
 What is measured, all in one run:
 
@@ -12,6 +12,11 @@ What is measured, all in one run:
   TLS session with both certificates checked and an APEX channel bound as a.test. Each data
   carries ``--size`` octets of content and no statusRequest, and Content-IDs and a boundary
   of its own, as a client's data do; every hop answers each data with ``ok``.
+* ``floor``: the same hops with BEEP alone: sender -> pass-through 1 -> pass-through 2 ->
+  receiver, each hop a BEEP session tuned to TLS as the relays' are, each pass-through
+  answering every MSG with ``ok`` and sending its payload on unread as a MSG of its own. It
+  is the least any relay built on :mod:`imxp.beep` can spend per data, so what the chain
+  spends above it is APEX's work: reading the data, deciding, and handing it on.
 * ``ceiling``: the same hops with the least Twisted can do on them: sender -> forwarder 1 ->
   forwarder 2 -> receiver, ``Int32StringReceiver`` over TLS with the same certificates and
   settings (:mod:`imxp.beep.tlsctx`, a client certificate on the middle hop as between
@@ -28,10 +33,10 @@ own BEEP session, TLS, SCRAM and attach (all as subaddresses of one user, so tha
 verifier serves them all), divided by their number; 8 logins run at once, and the time per
 login is printed too (SCRAM's 4096 PBKDF2 rounds are paid by the client).
 
-Process layout: each relay (and each forwarder) runs in a process of its own and the two
-endpoints in this one, so three busy processes share the machine's cores for either chain -
-two cores on the reference machine - and this process's own share (the sender's and the
-receiver's BEEP, TLS and bookkeeping) is in both figures alike. Relays log at ``warn``.
+Process layout: each relay (and each pass-through or forwarder) runs in a process of its own
+and the two endpoints in this one, so three busy processes share the machine's cores for each
+chain - two cores on the reference machine - and this process's own share (the sender's and
+the receiver's BEEP, TLS and bookkeeping) is in every figure alike. Relays log at ``warn``.
 
 Targets (issue): chain >= 20% of the ceiling; p99 < 20 ms at half load; RSS per idle
 endpoint <= 50 KB. ``--profile`` prints each relay's cProfile (own time, then cumulative)
@@ -58,7 +63,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor, task, threads
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -80,12 +85,13 @@ from imxp.beep.saslmech import ScramSHA256Client
 from imxp.beep.session import (
     Channel,
     ChannelHandler,
+    Profile,
     Request,
     Role,
     Session,
     SessionFactory,
 )
-from imxp.beep.tls import start_tls
+from imxp.beep.tls import TLSProfile, start_tls
 from imxp.beep.tlsctx import client_options, server_options
 from imxp.beep.users import UserStore
 from imxp.certs import create_ca, issue_server, load_certificates, load_issued
@@ -100,6 +106,8 @@ ACK = b"ok"
 # patch an encoded template instead of encoding every data afresh.
 SEQ_FIELD = b"seq=%012d;"
 SEQ_RE = re.compile(rb"seq=(\d{12});")
+# The BEEP floor's channels: a profile of this benchmark, not of APEX.
+FLOOR_URI = "http://imxp.invalid/bench/floor"
 
 
 def _quiet_logs() -> None:
@@ -225,6 +233,64 @@ def serve_forwarder(args: argparse.Namespace) -> None:
     reactor.run()
 
 
+class _PassOn(ChannelHandler):
+    """A floor hop: each MSG is answered ``ok`` and its payload sent on as it came."""
+
+    def __init__(self, onward: Channel) -> None:
+        self.onward = onward
+        self.ok = wire.encode(wire.OK())
+
+    def message_received(self, request: Request) -> Message:
+        self.onward.send(request.message).addErrback(_report_failure)
+        return self.ok
+
+
+class _FloorProfile(Profile):
+    uri = FLOOR_URI
+
+    def __init__(self, handler: Callable[[], ChannelHandler]) -> None:
+        self.handler = handler
+
+    def start(self, session: Session, channel: Channel, init: bytes | None) -> None:
+        channel.handler = self.handler()
+
+
+def _floor_factory(identity: Any, ca: Any, handler: Callable[[], ChannelHandler]) -> SessionFactory:
+    """A BEEP listener offering TLS tuning, as the relays do, and the floor profile."""
+    profiles = [TLSProfile(server_options(identity, ca)), _FloorProfile(handler)]
+    return SessionFactory(Role.LISTENER, profiles, SESSION)
+
+
+async def _floor_channel(port: int, name: str, ca: Any, identity: Any = None) -> Channel:
+    """A floor channel to ``port`` over a BEEP session tuned to TLS, ``name`` checked."""
+    factory = SessionFactory(Role.INITIATOR, [], SESSION)
+    session: Session = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        factory
+    )
+    await start_tls(session, client_options(name, ca, identity))
+    return await session.start_channel([FLOOR_URI])
+
+
+def serve_pass_through(args: argparse.Namespace) -> None:
+    """A floor hop: BEEP listener as ``--domain``, BEEP client of the next hop with a client
+    certificate (as relays are to each other); prints its port."""
+    _quiet_logs()
+    certdir: Path = args.certdir
+    ca = load_certificates(certdir / "ca.pem")
+    identity = load_issued(certdir / f"{args.domain}.pem", certdir / f"{args.domain}.key")
+    port, name = args.to.split("=", 1)
+
+    async def start() -> None:
+        onward = await _floor_channel(int(port), name, ca, identity)
+        factory = _floor_factory(identity, ca, lambda: _PassOn(onward))
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        print(listening.getHost().port, flush=True)
+
+    defer.ensureDeferred(start())
+    reactor.callWhenRunning(gc.freeze)
+    reactor.run()
+
+
 # -- the measures, run in this process -----------------------------------------------------------
 
 
@@ -298,14 +364,12 @@ async def _attach(
 
 
 class _BEEPChain(_Chain):
-    """fred@a.test at relay A sending to barney@b.test at relay B."""
+    """fred@a.test sending to barney@b.test on ``channel``: at relay A in the chain, at the
+    first pass-through in the floor."""
 
-    def __init__(
-        self, sender: tuple[Session, Channel], receiver: Session, books: _Books, size: int
-    ) -> None:
+    def __init__(self, channel: Channel, books: _Books, size: int) -> None:
         self.books = books
-        self.session, self.channel = sender
-        self.receiver = receiver
+        self.channel = channel
         filler = b"x" * max(0, size - len(SEQ_FIELD % 0))
         data = wire.Data(
             wire.Originator("fred@a.test", []),
@@ -330,8 +394,7 @@ class _BEEPChain(_Chain):
         return self.channel.send(Message(body, self.content_type.replace(self.token, token)))
 
     def close(self) -> None:
-        self.session.disconnect()
-        self.receiver.disconnect()
+        self.channel.session.disconnect()
 
 
 class _CeilingSender(Int32StringReceiver):
@@ -463,16 +526,17 @@ def _report_failure(failure: Failure) -> None:
 # -- orchestration ---------------------------------------------------------------------------
 
 
-def _spawn(
+async def _spawn(
     kind: str, domain: str, certdir: Path, *more: str, profile: bool = False
 ) -> tuple[subprocess.Popen[str], list[int]]:
     """Start ``bench/relay_chain.py --serve KIND --domain DOMAIN ...``; returns it and the
-    ports it printed."""
+    ports it printed. The reactor goes on meanwhile: a hop may be starting a session with
+    a listener of this process."""
     args = ["--serve", kind, "--domain", domain, "--certdir", str(certdir), *more]
     command = [sys.executable, __file__, *args, *(["--profile"] if profile else [])]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
+    line = await threads.deferToThread(proc.stdout.readline)
     if not line:
         raise SystemExit(f"{' '.join(args)} did not start")
     return proc, [int(p) for p in line.split()]
@@ -531,22 +595,45 @@ async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: 
 
 async def run_chain(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
     ca = load_certificates(certdir / "ca.pem")
-    relay_b, (b_edge, b_mesh) = _spawn("relay", "b.test", certdir, profile=args.profile)
+    relay_b, (b_edge, b_mesh) = await _spawn("relay", "b.test", certdir, profile=args.profile)
     route = f"b.test=127.0.0.1:{b_mesh}"
-    relay_a, (a_edge, _) = _spawn(
+    relay_a, (a_edge, _) = await _spawn(
         "relay", "a.test", certdir, "--route", route, profile=args.profile
     )
     try:
         books = _Books()
         receiver, _ = await _attach(b_edge, "b.test", "barney@b.test", ca, _Receiver(books))
-        sender = await _attach(a_edge, "a.test", "fred@a.test", ca, ChannelHandler())
-        chain = _BEEPChain(sender, receiver, books, args.size)
+        _, sending = await _attach(a_edge, "a.test", "fred@a.test", ca, ChannelHandler())
+        chain = _BEEPChain(sending, books, args.size)
         chain.processes = {"relay A": relay_a.pid, "relay B": relay_b.pid, "endpoints": os.getpid()}
         await _measure("chain", chain, args, figures)
         chain.close()
+        receiver.disconnect()
     finally:
         _stop(relay_a)
         _stop(relay_b)
+
+
+async def run_floor(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+    ca = load_certificates(certdir / "ca.pem")
+    books = _Books()
+    identity = load_issued(certdir / "b.test.pem", certdir / "b.test.key")
+    # Connected the other way round on the last hop, as the ceiling's is.
+    listening = reactor.listenTCP(
+        0, _floor_factory(identity, ca, lambda: _Receiver(books)), interface="127.0.0.1"
+    )
+    where = listening.getHost().port
+    second, (second_port,) = await _spawn("pass", "b.test", certdir, "--to", f"{where}=b.test")
+    first, (first_port,) = await _spawn("pass", "a.test", certdir, "--to", f"{second_port}=b.test")
+    try:
+        chain = _BEEPChain(await _floor_channel(first_port, "a.test", ca), books, args.size)
+        chain.processes = {"relay A": first.pid, "relay B": second.pid, "endpoints": os.getpid()}
+        await _measure("floor", chain, args, figures)
+        chain.close()
+    finally:
+        _stop(first)
+        _stop(second)
+        await listening.stopListening()
 
 
 async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
@@ -568,8 +655,10 @@ async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures
         interface="127.0.0.1",
     )
     where = listening.getHost().port
-    second, (second_port,) = _spawn("forward", "b.test", certdir, "--to", f"{where}=b.test")
-    first, (first_port,) = _spawn("forward", "a.test", certdir, "--to", f"{second_port}=b.test")
+    second, (second_port,) = await _spawn("forward", "b.test", certdir, "--to", f"{where}=b.test")
+    first, (first_port,) = await _spawn(
+        "forward", "a.test", certdir, "--to", f"{second_port}=b.test"
+    )
     try:
         client = endpoints.wrapClientTLS(
             client_options("a.test", ca),
@@ -593,7 +682,7 @@ async def run_rss(certdir: Path, args: argparse.Namespace, figures: _Figures) ->
     count = min(args.endpoints, limit - 64)
     if count < args.endpoints:
         print(f"fd limit {limit}: attaching {count} endpoints only", file=sys.stderr)
-    relay, (edge, _) = _spawn("relay", "a.test", certdir)
+    relay, (edge, _) = await _spawn("relay", "a.test", certdir)
     sessions: list[Session] = []
     try:
         # One endpoint first, so that what any first session brings (imports, TLS context
@@ -628,41 +717,45 @@ async def run_rss(certdir: Path, args: argparse.Namespace, figures: _Figures) ->
 
 
 def _report(figures: _Figures, args: argparse.Namespace) -> None:
-    """The table: each figure beside its ceiling and its target."""
+    """The table: each figure beside the BEEP floor's, the ceiling's and its target."""
     print()
     print(
         f"endpoint -> relay A -> relay B -> endpoint, TLS on every hop, {args.size}-octet "
         f"contents, {args.depth} in flight end to end"
     )
     print(
-        f"3 busy processes (both endpoints here, each relay/forwarder its own) on "
+        f"3 busy processes (both endpoints here, each relay/hop its own) on "
         f"{os.cpu_count()} cores; {args.seconds:g} s per measure"
     )
-    print(f"{'measure':<46}{'relay chain':>14}{'ceiling':>14}   target")
-    if figures.rate:
-        chain, ceiling = figures.rate["chain"], figures.rate["ceiling"]
+    names = [n for n in ("chain", "floor", "ceiling") if n in figures.rate]
+    titles = {"chain": "relay chain", "floor": "BEEP floor", "ceiling": "ceiling"}
+    print(f"{'measure':<46}" + "".join(f"{titles[n]:>14}" for n in names) + "   target")
+    if names:
+        ceiling = figures.rate["ceiling"]
         print(
-            f"{'messages/s end to end':<46}{chain:>14,.0f}{ceiling:>14,.0f}   "
-            f">= 20% of ceiling: {chain / ceiling:.1%}"
+            f"{'messages/s end to end':<46}"
+            + "".join(f"{figures.rate[n]:>14,.0f}" for n in names)
+            + f"   >= 20% of ceiling: {figures.rate['chain'] / ceiling:.1%}"
         )
+        if "floor" in names:
+            share = "  share of the ceiling"
+            print(f"{share:<46}" + "".join(f"{figures.rate[n] / ceiling:>14.1%}" for n in names))
         half = "  half of it: the load for latency (msg/s)"
-        print(f"{half:<46}{chain / 2:>14,.0f}{ceiling / 2:>14,.0f}")
+        print(f"{half:<46}" + "".join(f"{figures.rate[n] / 2:>14,.0f}" for n in names))
         for process in figures.cpu["chain"]:
             label = f"  CPU per message, {process} (us)"
             print(
-                f"{label:<46}{figures.cpu['chain'][process] * 1e6:>14.0f}"
-                f"{figures.cpu['ceiling'][process] * 1e6:>14.0f}"
+                f"{label:<46}" + "".join(f"{figures.cpu[n][process] * 1e6:>14.0f}" for n in names)
             )
         for label, values, target in (("p50", figures.p50, ""), ("p99", figures.p99, "< 20 ms")):
-            line = (
-                f"{f'latency {label} at half load (ms)':<46}"
-                f"{values['chain'] * 1e3:>14.2f}{values['ceiling'] * 1e3:>14.2f}   {target}"
+            line = f"{f'latency {label} at half load (ms)':<46}" + "".join(
+                f"{values[n] * 1e3:>14.2f}" for n in names
             )
-            print(line.rstrip())
+            print(f"{line}   {target}".rstrip())
     if figures.endpoints:
         print(
             f"{f'RSS per idle endpoint ({figures.endpoints:,} attached, KB)':<46}"
-            f"{figures.rss_per_endpoint / 1024:>14.1f}{'':>14}   <= 50 KB"
+            f"{figures.rss_per_endpoint / 1024:>14.1f}{'':>{14 * (len(names) - 1)}}   <= 50 KB"
         )
         print(
             f"{'login: TCP+TLS+SCRAM+attach, 8 at once (ms)':<46}"
@@ -680,10 +773,14 @@ def main() -> None:
         "--profile", action="store_true", help="print the relays' cProfile to stderr"
     )
     parser.add_argument(
-        "--skip", choices=["rss", "throughput"], action="append", default=[], help="leave out"
+        "--skip",
+        choices=["rss", "throughput", "floor"],
+        action="append",
+        default=[],
+        help="leave out",
     )
     # Internal: what the subprocesses are told.
-    parser.add_argument("--serve", choices=["relay", "forward"])
+    parser.add_argument("--serve", choices=["relay", "pass", "forward"])
     parser.add_argument("--domain")
     parser.add_argument("--certdir", type=Path)
     parser.add_argument("--route", action="append", default=[])
@@ -691,6 +788,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve == "relay":
         serve_relay(args)
+        return
+    if args.serve == "pass":
+        serve_pass_through(args)
         return
     if args.serve == "forward":
         serve_forwarder(args)
@@ -704,6 +804,8 @@ def main() -> None:
         async def measure(_reactor: object) -> None:
             if "throughput" not in args.skip:
                 await run_ceiling(certdir, args, figures)
+                if "floor" not in args.skip:
+                    await run_floor(certdir, args, figures)
                 await run_chain(certdir, args, figures)
             if "rss" not in args.skip:
                 await run_rss(certdir, args, figures)
