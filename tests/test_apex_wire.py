@@ -827,6 +827,9 @@ CONTROL = (
         (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1 + b"\r\n--xyz--", None),
         (MP, b"preamble\r\n--xyz\r\n" + CONTROL + b"\r\n--xyz \t\r\n" + PART_1 + b"\r\n--xyz--\r\n",
          None),
+        # The epilogue is ignored, delimiters and all.
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1 + b"\r\n--xyz--\r\n--xyz\r\nmore",
+         None),
         # No closing delimiter.
         (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1, 500),
         (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n" + PART_1 + b"\r\n--xyz", 500),
@@ -863,8 +866,12 @@ CONTROL = (
          + b"\r\n--xyz\r\n\r\nextra\r\n--xyz--", 501),
         (MP, b"--xyz\r\nContent-Type: application/beep+xml\r\n\r\n<ok/>\r\n--xyz\r\n"
          + PART_1 + b"\r\n--xyz--", 501),
-        # Too many parts.
+        # Too many parts; as many as may be are only unreferenced.
         (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n\r\nx" * MAX_PARTS + b"\r\n--xyz--", 553),
+        (MP, b"pre\r\n--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n\r\nx" * MAX_PARTS + b"\r\n--xyz--",
+         553),
+        (MP, b"--xyz\r\n" + CONTROL + b"\r\n--xyz\r\n\r\nx" * (MAX_PARTS - 1) + b"\r\n--xyz--",
+         501),
     ],
 )  # fmt: skip
 def test_malformed_multipart(content_type: str, body: bytes, code: int | None) -> None:

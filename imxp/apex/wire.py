@@ -727,57 +727,55 @@ def _careful_params(value: str) -> dict[str, str]:
 _SHORT_SEARCHES = 8
 
 
-def _delimiter_at(body: bytes, boundary: bytes, start: int) -> int:
-    """Where the first CRLF "--" ``boundary`` at or after ``start`` begins, or -1.
+def _has_delimiter(part: bytes, boundary: bytes) -> bool:
+    """Whether CRLF "--" ``boundary`` occurs in ``part``.
 
-    bytes.find is slow for a long needle in content that shares its characters
-    (about 3 ns an octet, against under 1 for CRLF "--"), so the short part is
-    searched for and the boundary checked where it is found. Content with many
-    lines starting "--" (a nested multipart, or one written to make us loop)
-    soon goes back to searching for the whole delimiter.
+    bytes.find is slow for a long needle in content that shares its characters,
+    so the short part is searched for and the boundary checked where it is found.
+    Content with many lines starting "--" (a nested multipart, or one written to
+    make us loop) soon goes back to searching for the whole delimiter.
     """
-    at = body.find(b"\r\n--", start)
+    at = part.find(b"\r\n--")
     for _ in range(_SHORT_SEARCHES):
-        if at < 0 or body.startswith(boundary, at + 4):
-            return at
-        at = body.find(b"\r\n--", at + 4)
-    return body.find(b"\r\n--" + boundary, at) if at >= 0 else -1
+        if at < 0 or part.startswith(boundary, at + 4):
+            return at >= 0
+        at = part.find(b"\r\n--", at + 4)
+    return part.find(b"\r\n--" + boundary, at) >= 0
 
 
-def _split(body: bytes, boundary: bytes) -> list[tuple[int, int]]:
-    """Where the body parts of a multipart body (RFC 2046 §5.1.1) lie in ``body``.
+def _split(body: bytes, boundary: bytes) -> list[tuple[int, bytes]]:
+    """The body parts of a multipart body (RFC 2046 §5.1.1), each with where it starts
+    in ``body``.
 
-    Each delimiter is CRLF "--" boundary (the very first may start the body),
-    then optional padding and CRLF; the close delimiter adds "--". A line that
-    starts with the delimiter but goes on with other characters is refused
-    rather than guessed at.
+    Each delimiter is CRLF "--" boundary (the very first may start the body), then
+    optional padding and CRLF; the close delimiter adds "--", and what follows it is
+    the epilogue. A line that starts with the delimiter but goes on with other
+    characters is refused rather than guessed at. One split finds every delimiter,
+    in C; it stops after the most a valid body can have.
     """
-    delimiter = b"--" + boundary
-    if body.startswith(delimiter):
-        at = 0
+    delimiter = b"\r\n--" + boundary
+    pieces = body.split(delimiter, MAX_PARTS + 1)
+    if body.startswith(delimiter[2:]):
+        at = len(delimiter) - 2
+        pieces[0] = pieces[0][at:]
+    elif len(pieces) == 1:
+        raise APEXError(500, "multipart body has no boundary delimiter")
     else:
-        at = _delimiter_at(body, boundary, 0)
-        if at < 0:
-            raise APEXError(500, "multipart body has no boundary delimiter")
-        at += 2
-    parts: list[tuple[int, int]] = []
-    while True:
-        at += len(delimiter)
-        if body.startswith(b"--", at):
+        at = len(pieces.pop(0)) + len(delimiter)  # the preamble, ignored
+    parts: list[tuple[int, bytes]] = []
+    for piece in pieces:
+        if piece.startswith(b"--"):
             if not parts:
                 raise APEXError(500, "multipart body has no parts")
             return parts
-        eol = body.find(b"\r\n", at)
-        if eol < 0 or body[at:eol].strip(b" \t"):
+        eol = piece.find(b"\r\n")
+        if eol < 0 or piece[:eol].strip(b" \t"):
             raise APEXError(500, "malformed multipart boundary line")
-        start = eol + 2
-        end = _delimiter_at(body, boundary, start)
-        if end < 0:
-            raise APEXError(500, "multipart body has no closing delimiter")
-        parts.append((start, end))
+        parts.append((at + eol + 2, piece[eol + 2 :]))
         if len(parts) > MAX_PARTS:
             raise APEXError(553, f"multipart body has more than {MAX_PARTS} parts")
-        at = end + 2
+        at += len(piece) + len(delimiter)
+    raise APEXError(500, "multipart body has no closing delimiter")
 
 
 def _multipart(body: bytes, content_type: str, where: list[int] | None = None) -> APEXElement:
@@ -789,7 +787,7 @@ def _multipart(body: bytes, content_type: str, where: list[int] | None = None) -
         raise APEXError(500, f"multipart/related type must be {BEEP_XML}")
     delimiting = boundary.encode("ascii")
     places = _split(body, delimiting)
-    raws = [body[at:end] for at, end in places]
+    raws = [raw for _, raw in places]
     try:
         heads = [entity_headers(raw) for raw in raws]
     except MessageError as e:
@@ -832,9 +830,7 @@ def _choose_boundary(parts: Iterable[bytes], reuse: bytes | None) -> bytes:
     """A boundary whose delimiter occurs in none of ``parts`` (RFC 2046 §5.1.1)."""
     parts = list(parts)
     candidate = reuse if reuse is not None else f"apex-{_unique()}".encode()
-    while any(
-        p.startswith(b"--" + candidate) or _delimiter_at(p, candidate, 0) >= 0 for p in parts
-    ):
+    while any(p.startswith(b"--" + candidate) or _has_delimiter(p, candidate) for p in parts):
         # Unpredictable this time: content written to hold our next boundaries must
         # not make us scan it again and again.
         candidate = b"apex-" + secrets.token_hex(16).encode()
