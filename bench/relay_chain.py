@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet import defer, endpoints, protocol, reactor, task, threads
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -204,9 +205,11 @@ class _Forward(Int32StringReceiver):
         self.next_hop.sendString(string)
 
 
-def serve_forwarder(args: argparse.Namespace) -> None:
-    """A ceiling forwarder: TLS listener as ``--domain``, TLS client of the next hop with a
-    client certificate (as relays are to each other); prints its port."""
+def _serve_hop(
+    args: argparse.Namespace, listen: Callable[[Any, Any, int, str], Awaitable[IListeningPort]]
+) -> None:
+    """A hop of the floor or the ceiling as ``--domain``: ``listen(identity, ca, port,
+    name)`` connects to the next hop, ``--to`` PORT=NAME, and listens; prints its port."""
     _quiet_logs()
     certdir: Path = args.certdir
     ca = load_certificates(certdir / "ca.pem")
@@ -214,9 +217,22 @@ def serve_forwarder(args: argparse.Namespace) -> None:
     port, name = args.to.split("=", 1)
 
     async def start() -> None:
+        listening = await listen(identity, ca, int(port), name)
+        print(listening.getHost().port, flush=True)
+
+    defer.ensureDeferred(start())
+    reactor.callWhenRunning(gc.freeze)
+    reactor.run()
+
+
+def serve_forwarder(args: argparse.Namespace) -> None:
+    """A ceiling forwarder: TLS listener, TLS client of the next hop with a client
+    certificate (as relays are to each other)."""
+
+    async def listen(identity: Any, ca: Any, port: int, name: str) -> IListeningPort:
         next_hop = endpoints.wrapClientTLS(
             client_options(name, ca, identity),
-            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", int(port)),
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port),
         )
         downstream = await next_hop.connect(protocol.Factory.forProtocol(_Acked))
 
@@ -224,13 +240,9 @@ def serve_forwarder(args: argparse.Namespace) -> None:
             next_hop = downstream
 
         factory = protocol.Factory.forProtocol(Forward)
-        listening = reactor.listenSSL(
-            0, factory, server_options(identity, ca), interface="127.0.0.1"
-        )
-        print(listening.getHost().port, flush=True)
+        return reactor.listenSSL(0, factory, server_options(identity, ca), interface="127.0.0.1")
 
-    defer.ensureDeferred(start())
-    reactor.run()
+    _serve_hop(args, listen)
 
 
 class _PassOn(ChannelHandler):
@@ -272,23 +284,15 @@ async def _floor_channel(port: int, name: str, ca: Any, identity: Any = None) ->
 
 
 def serve_pass_through(args: argparse.Namespace) -> None:
-    """A floor hop: BEEP listener as ``--domain``, BEEP client of the next hop with a client
-    certificate (as relays are to each other); prints its port."""
-    _quiet_logs()
-    certdir: Path = args.certdir
-    ca = load_certificates(certdir / "ca.pem")
-    identity = load_issued(certdir / f"{args.domain}.pem", certdir / f"{args.domain}.key")
-    port, name = args.to.split("=", 1)
+    """A floor hop: BEEP listener, BEEP client of the next hop with a client certificate
+    (as relays are to each other)."""
 
-    async def start() -> None:
-        onward = await _floor_channel(int(port), name, ca, identity)
+    async def listen(identity: Any, ca: Any, port: int, name: str) -> IListeningPort:
+        onward = await _floor_channel(port, name, ca, identity)
         factory = _floor_factory(identity, ca, lambda: _PassOn(onward))
-        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        print(listening.getHost().port, flush=True)
+        return reactor.listenTCP(0, factory, interface="127.0.0.1")
 
-    defer.ensureDeferred(start())
-    reactor.callWhenRunning(gc.freeze)
-    reactor.run()
+    _serve_hop(args, listen)
 
 
 # -- the measures, run in this process -----------------------------------------------------------
@@ -614,26 +618,47 @@ async def run_chain(certdir: Path, args: argparse.Namespace, figures: _Figures) 
         _stop(relay_b)
 
 
-async def run_floor(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
-    ca = load_certificates(certdir / "ca.pem")
-    books = _Books()
-    identity = load_issued(certdir / "b.test.pem", certdir / "b.test.key")
-    # Connected the other way round on the last hop, as the ceiling's is.
-    listening = reactor.listenTCP(
-        0, _floor_factory(identity, ca, lambda: _Receiver(books)), interface="127.0.0.1"
-    )
-    where = listening.getHost().port
-    second, (second_port,) = await _spawn("pass", "b.test", certdir, "--to", f"{where}=b.test")
-    first, (first_port,) = await _spawn("pass", "a.test", certdir, "--to", f"{second_port}=b.test")
+async def _measure_hops(
+    name: str,
+    kind: str,
+    certdir: Path,
+    receiving: IListeningPort,
+    chain_to: Callable[[int], Awaitable[_Chain]],
+    args: argparse.Namespace,
+    figures: _Figures,
+) -> None:
+    """Measure as ``name`` two hops of ``kind`` (``--serve``) in front of ``receiving``, a
+    listener of this process; ``chain_to(port)`` connects the sender to the first.
+
+    The last hop runs the other way round from the relay chain's (there barney connects
+    to relay B, here the second hop connects to the receiver): simpler, and TLS costs the
+    same once the handshake is done."""
+    where = receiving.getHost().port
+    second, (second_port,) = await _spawn(kind, "b.test", certdir, "--to", f"{where}=b.test")
+    first, (first_port,) = await _spawn(kind, "a.test", certdir, "--to", f"{second_port}=b.test")
     try:
-        chain = _BEEPChain(await _floor_channel(first_port, "a.test", ca), books, args.size)
+        chain = await chain_to(first_port)
         chain.processes = {"relay A": first.pid, "relay B": second.pid, "endpoints": os.getpid()}
-        await _measure("floor", chain, args, figures)
+        await _measure(name, chain, args, figures)
         chain.close()
     finally:
         _stop(first)
         _stop(second)
-        await listening.stopListening()
+        await receiving.stopListening()
+
+
+async def run_floor(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+    ca = load_certificates(certdir / "ca.pem")
+    books = _Books()
+    identity = load_issued(certdir / "b.test.pem", certdir / "b.test.key")
+    listening = reactor.listenTCP(
+        0, _floor_factory(identity, ca, lambda: _Receiver(books)), interface="127.0.0.1"
+    )
+
+    async def chain_to(port: int) -> _Chain:
+        return _BEEPChain(await _floor_channel(port, "a.test", ca), books, args.size)
+
+    await _measure_hops("floor", "pass", certdir, listening, chain_to, args, figures)
 
 
 async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
@@ -644,9 +669,6 @@ async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures
         pass
 
     Receiver.books = books
-    # The last hop runs the other way round from the relay chain's (there barney connects
-    # to relay B, here forwarder 2 connects to the receiver): simpler, and TLS costs the same
-    # once the handshake is done.
     identity = load_issued(certdir / "b.test.pem", certdir / "b.test.key")
     listening = reactor.listenSSL(
         0,
@@ -654,25 +676,15 @@ async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures
         server_options(identity, ca),
         interface="127.0.0.1",
     )
-    where = listening.getHost().port
-    second, (second_port,) = await _spawn("forward", "b.test", certdir, "--to", f"{where}=b.test")
-    first, (first_port,) = await _spawn(
-        "forward", "a.test", certdir, "--to", f"{second_port}=b.test"
-    )
-    try:
+
+    async def chain_to(port: int) -> _Chain:
         client = endpoints.wrapClientTLS(
-            client_options("a.test", ca),
-            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", first_port),
+            client_options("a.test", ca), endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
         )
         sender = await client.connect(protocol.Factory.forProtocol(_CeilingSender))
-        chain = _CeilingChain(sender, books, args.size)
-        chain.processes = {"relay A": first.pid, "relay B": second.pid, "endpoints": os.getpid()}
-        await _measure("ceiling", chain, args, figures)
-        chain.close()
-    finally:
-        _stop(first)
-        _stop(second)
-        await listening.stopListening()
+        return _CeilingChain(sender, books, args.size)
+
+    await _measure_hops("ceiling", "forward", certdir, listening, chain_to, args, figures)
 
 
 async def run_rss(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
