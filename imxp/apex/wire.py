@@ -787,9 +787,8 @@ def _multipart(body: bytes, content_type: str, where: list[int] | None = None) -
         raise APEXError(500, f"multipart/related type must be {BEEP_XML}")
     delimiting = boundary.encode("ascii")
     places = _split(body, delimiting)
-    raws = [raw for _, raw in places]
     try:
-        heads = [entity_headers(raw) for raw in raws]
+        heads = [entity_headers(raw) for _, raw in places]
     except MessageError as e:
         raise APEXError(500, f"body part: {e}") from None
     by_id: dict[str, int] = {}
@@ -813,15 +812,16 @@ def _multipart(body: bytes, content_type: str, where: list[int] | None = None) -
     encoding = control.get("content-transfer-encoding")
     if encoding is not None and encoding.strip().lower() not in _IDENTITY_ENCODINGS:
         raise APEXError(504, f"transfer encoding {encoding.strip().lower()[:32]} not supported")
-    others = {cid: raws[i] for cid, i in by_id.items() if i != start}
-    element = _element(raws[start][at:], _Parts(others, delimiting), where)
+    others = {cid: places[i][1] for cid, i in by_id.items() if i != start}
+    offset, raw = places[start]
+    element = _element(raw[at:], _Parts(others, delimiting), where)
     if where:
         # From the control document's octets to the body's.
-        where[:] = [places[start][0] + at + offset for offset in where]
+        where[:] = [offset + at + place for place in where]
     content = element.content if isinstance(element, Data) else None
     referenced = 1 if content is not None and content.kind == "part" else 0
     # Only one part can be referenced; forwarding would silently drop any other.
-    if len(raws) != 1 + referenced:
+    if len(places) != 1 + referenced:
         raise APEXError(501, "multipart/related has body parts that nothing references")
     return element
 
