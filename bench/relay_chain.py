@@ -3,7 +3,7 @@
 Run by hand (not part of the tests):
 
     python bench/relay_chain.py [--seconds 5] [--size 1024] [--depth 64] [--endpoints 5000]
-                                [--profile] [--skip rss|throughput|floor]
+                                [--load MSGS] [--profile] [--skip rss|throughput|floor]
 
 What is measured, all in one run:
 
@@ -27,11 +27,13 @@ For each chain: the highest rate - messages arriving at the recipient per second
 ``--seconds`` after a second of warm-up, with ``--depth`` messages in flight end to end
 (sent and not yet arrived: see :func:`max_rate` for why end to end) - then latency at half
 that rate: sends paced by the clock, latency from the send to the receipt at the recipient
-application, p50 and p99. Then RSS per idle attached endpoint: a fresh relay's VmRSS (read
-from /proc by this process) before and after ``--endpoints`` endpoints attach, each with its
-own BEEP session, TLS, SCRAM and attach (all as subaddresses of one user, so that one
-verifier serves them all), divided by their number; 8 logins run at once, and the time per
-login is printed too (SCRAM's 4096 PBKDF2 rounds are paid by the client).
+application, p50 and p99; with ``--load``, latency again at that fixed rate (a deployment's
+expected load, comparable from run to run as half of a drifting maximum is not), for each
+chain whose highest rate reaches it. Then RSS per idle attached endpoint: a fresh relay's
+VmRSS (read from /proc by this process) before and after ``--endpoints`` endpoints attach,
+each with its own BEEP session, TLS, SCRAM and attach (all as subaddresses of one user, so
+that one verifier serves them all), divided by their number; 8 logins run at once, and the
+time per login is printed too (SCRAM's 4096 PBKDF2 rounds are paid by the client).
 
 Process layout: each relay (and each pass-through or forwarder) runs in a process of its own
 and the two endpoints in this one, so three busy processes share the machine's cores for each
@@ -577,6 +579,8 @@ class _Figures:
     p50: dict[str, float] = field(default_factory=dict)
     p99: dict[str, float] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
+    # p50 and p99 at --load, per chain
+    at_load: dict[str, tuple[float, float]] = field(default_factory=dict)
     # CPU seconds per message at the highest rate, by process, per chain
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     rss_per_endpoint: float = float("nan")
@@ -595,6 +599,15 @@ async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: 
         f"p99 {p99 * 1e3:.2f} ms ({n} samples)",
         file=sys.stderr,
     )
+    # Above a chain's highest rate its queue would grow for the whole measure.
+    if args.load and args.load <= rate:
+        p50, p99, n = await latency(chain, args.load, args.seconds)
+        figures.at_load[name] = (p50, p99)
+        print(
+            f"{name}: at {args.load:,.0f} msg/s p50 {p50 * 1e3:.2f} ms p99 {p99 * 1e3:.2f} ms "
+            f"({n} samples)",
+            file=sys.stderr,
+        )
 
 
 async def run_chain(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
@@ -764,6 +777,14 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
                 f"{values[n] * 1e3:>14.2f}" for n in names
             )
             print(f"{line}   {target}".rstrip())
+        if figures.at_load:
+            line = f"{f'latency p50 / p99 at {args.load:,.0f} msg/s (ms)':<46}" + "".join(
+                f"{'{:.2f} / {:.2f}'.format(*(t * 1e3 for t in figures.at_load[n])):>14}"
+                if n in figures.at_load
+                else f"{'overloaded':>14}"
+                for n in names
+            )
+            print(line)
     if figures.endpoints:
         print(
             f"{f'RSS per idle endpoint ({figures.endpoints:,} attached, KB)':<46}"
@@ -781,6 +802,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="content octets per message")
     parser.add_argument("--depth", type=int, default=64)
     parser.add_argument("--endpoints", type=int, default=5000)
+    parser.add_argument(
+        "--load",
+        type=float,
+        help="also measure latency at this many msg/s (a deployment's expected load)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="print the relays' cProfile to stderr"
     )
