@@ -777,7 +777,7 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
                 f"{values[n] * 1e3:>14.2f}" for n in names
             )
             print(f"{line}   {target}".rstrip())
-        if figures.at_load:
+        if args.load:
             line = f"{f'latency p50 / p99 at {args.load:,.0f} msg/s (ms)':<46}" + "".join(
                 f"{'{:.2f} / {:.2f}'.format(*(t * 1e3 for t in figures.at_load[n])):>14}"
                 if n in figures.at_load
