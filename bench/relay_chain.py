@@ -765,6 +765,9 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
         if "floor" in names:
             share = "  share of the ceiling"
             print(f"{share:<46}" + "".join(f"{figures.rate[n] / ceiling:>14.1%}" for n in names))
+            # What APEX costs on top of BEEP, whatever the forwarders' scheduling did.
+            share = "  share of the BEEP floor"
+            print(f"{share:<46}{figures.rate['chain'] / figures.rate['floor']:>14.1%}")
         half = "  half of it: the load for latency (msg/s)"
         print(f"{half:<46}" + "".join(f"{figures.rate[n] / 2:>14,.0f}" for n in names))
         for process in figures.cpu["chain"]:
