@@ -10,7 +10,7 @@ event of a level left out costs no more than the call to make it, and no observe
 
 from __future__ import annotations
 
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from twisted import logger
 
@@ -27,17 +27,6 @@ class Logger(logger.Logger):
     """A :class:`twisted.logger.Logger` that drops an event of a level left out before
     building it: a relay makes one per recipient and hop, and building one costs more than
     the rest of a verdict."""
-
-    def __init__(self, namespace: str | None = None, source: object = None) -> None:
-        # Named, not defaulted: Twisted's default imports it again for every logger, and
-        # the descriptor below makes one each time a class's logger is used.
-        super().__init__(namespace, source, observer=globalLogPublisher)
-
-    def __get__(self, instance: object, owner: type | None = None) -> Logger:
-        # As twisted.logger.Logger's, less the observer, which is always the global one.
-        assert owner is not None
-        source = owner if instance is None else instance
-        return Logger(f"{owner.__module__}.{owner.__name__}", source)
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
         if level not in _left_out:
