@@ -592,22 +592,22 @@ async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: 
     rate, cpu = await max_rate(chain, args.seconds, args.depth)
     figures.rate[name] = rate
     figures.cpu[name] = cpu
-    p50, p99, n = await latency(chain, rate / 2, args.seconds)
-    figures.p50[name], figures.p99[name], figures.samples[name] = p50, p99, n
-    print(
-        f"{name}: {rate:,.0f} msg/s; at {rate / 2:,.0f} msg/s p50 {p50 * 1e3:.2f} ms "
-        f"p99 {p99 * 1e3:.2f} ms ({n} samples)",
-        file=sys.stderr,
-    )
-    # Above a chain's highest rate its queue would grow for the whole measure.
-    if args.load and args.load <= rate:
-        p50, p99, n = await latency(chain, args.load, args.seconds)
-        figures.at_load[name] = (p50, p99)
+    print(f"{name}: {rate:,.0f} msg/s", file=sys.stderr)
+
+    async def latency_at(load: float) -> tuple[float, float, int]:
+        p50, p99, n = await latency(chain, load, args.seconds)
         print(
-            f"{name}: at {args.load:,.0f} msg/s p50 {p50 * 1e3:.2f} ms p99 {p99 * 1e3:.2f} ms "
+            f"{name}: at {load:,.0f} msg/s p50 {p50 * 1e3:.2f} ms p99 {p99 * 1e3:.2f} ms "
             f"({n} samples)",
             file=sys.stderr,
         )
+        return p50, p99, n
+
+    figures.p50[name], figures.p99[name], figures.samples[name] = await latency_at(rate / 2)
+    # Above a chain's highest rate its queue would grow for the whole measure.
+    if args.load and args.load <= rate:
+        p50, p99, _ = await latency_at(args.load)
+        figures.at_load[name] = (p50, p99)
 
 
 async def run_chain(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
