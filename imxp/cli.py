@@ -363,9 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     _certs_parser(commands, command)
     _users_parser(commands, command)
 
+    # -c as for `twistd imxp`, so that one command line's habit serves the other.
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument(
-        "--config", type=Path, help="the relay's TOML configuration (default: built-in defaults)"
+        "-c",
+        "--config",
+        type=Path,
+        help="the relay's TOML configuration (default: built-in defaults)",
     )
     config.add_argument(
         "--dns",
@@ -574,6 +578,7 @@ def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]
     where = argparse.ArgumentParser(add_help=False)
     source = where.add_mutually_exclusive_group()
     source.add_argument(
+        "-c",
         "--config",
         type=Path,
         help="the relay's configuration; its users_file (default: built-in defaults, "

@@ -42,3 +42,38 @@ def test_the_client_library_example_uses_the_real_api() -> None:
     assert {"ClientError", "connect"} <= set(dir(imxp.client))
     client_methods = {"send_message", "incoming", "close"}
     assert client_methods <= set(dir(imxp.client.Client))
+
+
+def _imxp_command_lines() -> list[str]:
+    """The ``imxp`` command lines the README tells people to type: every one in its shell
+    blocks, and the inline ones that carry an option (the rest only name a command)."""
+    text = (ROOT / "README.md").read_text()
+    lines: list[str] = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            _, found, rest = line.partition(".venv/bin/imxp ")
+            if found:
+                lines.append(rest.rstrip(" &"))
+    for span in re.findall(r"`imxp ([^`]*)`", text):
+        if " -" in span:
+            lines.append(span)
+    return lines
+
+
+def test_every_imxp_command_line_in_the_readme_is_accepted() -> None:
+    """Each is parsed by the real argument parser, as the shell would split it; an option
+    the command does not have, or a value it refuses, fails here rather than for a reader."""
+    import shlex
+
+    from imxp.cli import build_parser
+
+    lines = _imxp_command_lines()
+    # The walk-through's certificates, users, send and listen, and the inline route and check.
+    assert len(lines) >= 12
+    assert any(line.startswith("route ") for line in lines)
+    parser = build_parser()
+    for line in lines:
+        try:
+            parser.parse_args(shlex.split(line))
+        except SystemExit:
+            raise AssertionError(f"README: `imxp {line}` is refused by imxp") from None
