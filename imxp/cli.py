@@ -99,7 +99,16 @@ from imxp.beep.tlsctx import client_options
 from imxp.beep.users import UserStore, UserStoreError
 from imxp.bootstrap import EXPIRY_WARNING
 from imxp.certs import Issued, create_ca, issue_client, issue_server, load_certificates, load_issued
-from imxp.client import Client, ClientError, Incoming, Outcome, Protection, connect, open_incoming
+from imxp.client import (
+    REPORT_TIMEOUT,
+    Client,
+    ClientError,
+    Incoming,
+    Outcome,
+    Protection,
+    connect,
+    open_incoming,
+)
 from imxp.config import Config, ConfigError, load, resolver_addresses
 from imxp.e2e import smime
 from imxp.e2e.cpim import CPIMError, CPIMMessage
@@ -324,7 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the content as it is (the default with --file or --type)",
     )
     send.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for the reports (30)"
+        "--timeout",
+        type=float,
+        default=REPORT_TIMEOUT,
+        help=f"seconds to wait for the reports ({REPORT_TIMEOUT:g}: longer than a relay's "
+        "default delivery_timeout, so that a next hop it cannot reach is reported as such)",
     )
     _key_options(send, sending=True)
 
@@ -356,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--as", dest="endpoint", type=_endpoint, required=True, metavar="ENDPOINT")
     chat.add_argument("peer", type=_endpoint, metavar="ENDPOINT", help="whom to chat with")
     chat.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for each line's report"
+        "--timeout",
+        type=float,
+        default=REPORT_TIMEOUT,
+        help=f"seconds to wait for each line's report ({REPORT_TIMEOUT:g})",
     )
     _key_options(chat, sending=True)
 

@@ -237,6 +237,26 @@ async def test_a_report_that_does_not_come_in_time_is_unknown(net: Net) -> None:
     assert codes(await fred.send([WILMA], b"still fine")) == {WILMA: 450}
 
 
+def test_by_default_the_sender_waits_out_a_relays_retries() -> None:
+    """A relay that cannot reach the next hop keeps trying for up to its delivery_timeout
+    and then reports 421; a sender that stopped waiting before that would only learn
+    "unknown", and the report would bounce off it. So every default wait for reports -
+    the library's and imxp send's and chat's - outlasts the relay's default."""
+    import inspect
+
+    from imxp.cli import build_parser
+    from imxp.config import Config
+
+    waits = [
+        inspect.signature(Client.send).parameters["timeout"].default,
+        inspect.signature(Client.send_message).parameters["timeout"].default,
+    ]
+    parser = build_parser()
+    for line in (["send", "--from", FRED, "--to", BARNEY, "hi"], ["chat", "--as", FRED, BARNEY]):
+        waits.append(parser.parse_args(line).timeout)
+    assert min(waits) > Config.delivery_timeout
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_data_the_relay_refuses_gives_every_recipient_its_code(net: Net) -> None:
     fred = await net.connect(FRED)

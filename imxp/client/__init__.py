@@ -6,6 +6,7 @@ See :mod:`imxp.client.edge` for the whole story and an example.
 
 from imxp.client.edge import (
     ERROR_KINDS,
+    REPORT_TIMEOUT,
     Client,
     ClientError,
     Incoming,
@@ -18,6 +19,7 @@ from imxp.client.edge import (
 
 __all__ = [
     "ERROR_KINDS",
+    "REPORT_TIMEOUT",
     "Client",
     "ClientError",
     "Incoming",

@@ -134,11 +134,19 @@ __all__ = [
     "Protection",
     "Termination",
     "Client",
+    "REPORT_TIMEOUT",
     "connect",
     "open_incoming",
 ]
 
 log = logs.Logger(namespace="imxp.client")
+
+#: How long :meth:`Client.send` waits for the final reports unless told otherwise. A relay
+#: keeps trying a next hop it cannot reach, and waits for an application's answer, for up
+#: to its ``delivery_timeout`` before it reports the failure; waiting longer than the
+#: default one means such a failure arrives as what it is (421 cannot connect, 451) rather
+#: than ending as unknown with its report bouncing off a client that has gone.
+REPORT_TIMEOUT = Config.delivery_timeout + 30.0
 
 #: The kinds of :class:`ClientError`, one per thing a person would do differently.
 ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refused", "protocol"})
@@ -578,7 +586,7 @@ class Client:
         media_type: str = "text/plain",
         *,
         originator: str | None = None,
-        timeout: float = 30.0,
+        timeout: float = REPORT_TIMEOUT,
         headers: Sequence[tuple[str, str]] = (),
     ) -> dict[str, Outcome]:
         """Send ``body`` to ``recipients`` and return each one's :class:`Outcome`.
@@ -673,7 +681,7 @@ class Client:
         *,
         cc: Sequence[str] = (),
         subject: str | None = None,
-        timeout: float = 30.0,
+        timeout: float = REPORT_TIMEOUT,
         protect: Protection | None = None,
     ) -> dict[str, Outcome]:
         """Send ``text`` as an instant message: ``message/cpim`` (RFC 3862) from
