@@ -448,13 +448,23 @@ def _parse_hop(value: str, default_port: int) -> _Hop:
         inner, _bracket, rest = hostport[1:].partition("]")
         if rest and not rest.startswith(":"):
             raise ValueError("expected [IPv6]:port")
-        host, port_text = str(ipaddress.IPv6Address(inner)), rest[1:]
+        try:
+            host = str(ipaddress.IPv6Address(inner))
+        except ValueError:
+            raise ValueError(f"{inner!r} is not an IPv6 address") from None
+        colon, port_text = rest[:1], rest[1:]
     elif hostport.count(":") == 1:
-        host_text, _colon, port_text = hostport.partition(":")
+        host_text, colon, port_text = hostport.partition(":")
         host = _host(host_text)
     else:
-        host, port_text = _host(hostport), ""
-    port = int(port_text) if port_text else default_port
+        host, colon, port_text = _host(hostport), "", ""
+    if not colon:
+        port = default_port
+    elif port_text.isascii() and port_text.isdigit():
+        port = int(port_text)
+    else:
+        # "host:" is more likely a port left out by mistake than a wish for the default.
+        raise ValueError(f"port {port_text!r} is not a number")
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
     return _Hop(host, port, _host(tls_name) if has_name else None)
