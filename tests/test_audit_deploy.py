@@ -143,6 +143,50 @@ async def test_sigterm_gives_unanswered_data_its_verdict_after_shutdown_grace(
         _stop(relay)
 
 
+@pytest_twisted.ensureDeferred
+async def test_sigterm_while_imxp_send_awaits_its_report_ends_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """``imxp send`` to a domain whose relay refuses connections; SIGTERM while ours still
+    retries it. When the grace is over the sender gets its 421, then detaches and closes
+    its session just as the relay releases it, so the relay's stop ends inside its read
+    of the sender's last frames. The rest of the reactor's shutdown must not run there:
+    it disconnects every connection, that one too, under the TLS layer still reading it
+    (an Unhandled Error in the log, AttributeError on bio_read)."""
+    edge, mesh = free_ports(2)
+    _prepare_users(tmp_path / "imxp-state", "fred")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refusing = s.getsockname()[1]
+    extra = f'shutdown_grace = 1.0\n[routes]\n"b.test" = "127.0.0.1:{refusing}"\n'
+    relay, log = _start(tmp_path, _config(tmp_path, edge, mesh, extra))
+    send = None
+    try:
+        await until(lambda: log.read_text().count("listening on") >= 2, "listeners", 20)
+        ca = tmp_path / "imxp-state" / "ca.pem"
+        argv = ["send", "--relay", f"127.0.0.1:{edge}", "--ca", str(ca)]
+        argv += ["--from", "fred@localhost", "--to", "barney@b.test", "hi"]
+        send = subprocess.Popen(
+            [sys.executable, "-m", "imxp", *argv],
+            env={**_env(), "IMXP_PASSWORD": PASSWORD},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        # A connection attempt to b.test's relay has failed: the data is in flight.
+        await until(lambda: "Stopping factory" in log.read_text(), "an attempt", 20)
+        relay.send_signal(signal.SIGTERM)
+        await until(lambda: send.poll() is not None, "imxp send to end", 10)
+        assert "barney@b.test: failed 421" in send.stdout.read().decode()
+        await until(lambda: relay.poll() is not None, "the relay to exit", 10)
+        text = log.read_text()
+        assert "relay for localhost stopped" in text
+        assert "Unhandled Error" not in text and "Traceback" not in text, text
+    finally:
+        if send is not None and send.poll() is None:
+            send.kill()
+        _stop(relay)
+
+
 class _Hung(_AppChannel):
     """An application that stopped answering (a suspended client: its TCP stays open)."""
 

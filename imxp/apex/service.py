@@ -16,7 +16,7 @@ from typing import Any
 from cryptography import x509
 from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, endpoints, error, task
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IResolver
 from twisted.names import client as dns_client
 from twisted.python.failure import Failure
@@ -162,6 +162,10 @@ class RelayService(service.Service):
         for session in list(self.sessions):
             session.disconnect()
         self.log.info("relay for {domain} stopped", domain=relay.domain, event="imxp.stopped")
+        # The last wait above may end inside a session's read (an application's close
+        # answered), and once this returns the reactor shuts down at once: it disconnects
+        # every connection, that one too, under the TLS layer that is still reading it.
+        await task.deferLater(self.reactor, 0, lambda: None)
 
 
 def build_relay(
