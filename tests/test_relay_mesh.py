@@ -30,7 +30,7 @@ import pytest
 import pytest_twisted
 from apexnet import App, RelayHandle, attach, start_relay
 from dnsserver import DNSServer, a, srv, start_dns_server
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.logger import LogEvent
 
 from imxp.apex import options as apex_options
@@ -449,6 +449,38 @@ async def test_unknown_unattached_and_unreachable(build_mesh: MeshBuilder) -> No
     assert found["bambam@b.test"][1] == "endpoint not attached"
     assert reporters(fred, trans_id) == {"apex=report@a.test", "apex=report@b.test"}
     mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_next_hop_that_never_greets_ends_in_a_report_at_the_deadline(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """mute.test's relay takes the TCP connection and says nothing, so the delivery
+    deadline comes while we wait for its greeting. Nothing was handed on, so the report
+    says the next hop could not be reached (421), not "outcome unknown" nor a local error;
+    and the half-made session does not stay open in no pool, to the peer's idle timeout."""
+    connections: list[protocol.Protocol] = []
+
+    class Mute(protocol.Protocol):
+        def connectionMade(self) -> None:
+            connections.append(self)
+
+    mute = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(Mute)
+    )
+    try:
+        mesh = await build_mesh()
+        mesh.publish("mute.test", mute.getHost().port)
+        fred = await mesh.attach(FRED)
+        trans_id = await mesh.send(fred, ["someone@mute.test"])
+        await mesh.settle()
+        assert outcome(fred, trans_id) == {"someone@mute.test": (421, "next hop unreachable")}
+        assert named(events, "apex.internal-error") == []
+        assert connections and all(not c.transport.connected for c in connections)
+    finally:
+        for c in connections:
+            c.transport.abortConnection()
+        await mute.stopListening()
 
 
 @pytest_twisted.ensureDeferred

@@ -12,7 +12,15 @@ from twisted.internet import defer, task
 from twisted.logger import capturedLogs
 from twisted.names import dns
 
-from imxp.apex.routing import EDGE_PORT, EDGE_SERVICE, MESH_PORT, NoRoute, Router, Target
+from imxp.apex.routing import (
+    EDGE_PORT,
+    EDGE_SERVICE,
+    MESH_PORT,
+    NoRoute,
+    Router,
+    Target,
+    open_session,
+)
 
 MESH = "_apex-mesh._tcp."
 
@@ -504,3 +512,20 @@ async def test_describe_other_rules(dns_server):
     assert "no route (permanent)" in await router.describe("bad_name.test")
     smart = Router(smart_host="smart.example", resolver=NoDNS())
     assert "smart host smart.example:912" in await smart.describe("a.test")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_attempt_given_up_is_a_cancellation() -> None:
+    """A delivery deadline or a stopping relay cancels an attempt still connecting.
+    Twisted's endpoints report that as ConnectingCancelledError, which the peer pool took
+    for a bug of its own (451 "local error in processing", a critical traceback in the
+    log) - or, HostnameEndpoint while it passed even an address through getaddrinfo, as a
+    DNSLookupError. open_session makes it the CancelledError whoever cancelled expects."""
+    from twisted.internet import protocol, reactor
+
+    target = Target("127.0.0.1", 9, "b.test", "static")
+    factory = protocol.Factory.forProtocol(protocol.Protocol)
+    attempt = defer.ensureDeferred(open_session(target, factory, reactor, timeout=5, resolver=None))
+    attempt.cancel()
+    with pytest.raises(defer.CancelledError):
+        await attempt

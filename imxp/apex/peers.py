@@ -199,6 +199,10 @@ class PeerPool:
                         # another of the domain's may (RFC 2782: each target in turn).
                         refused += 1
                     continue
+                except defer.CancelledError:
+                    # The deadline or the stop, while connecting: no next hop has the
+                    # data, so its outcome is known - not handed on - and ``last`` says why.
+                    return last
                 try:
                     await link.channel.send(message)
                 except (BEEPError, SessionClosed):
@@ -217,8 +221,7 @@ class PeerPool:
             try:
                 await wait
             except defer.CancelledError:
-                if not self._closing:
-                    raise
+                # The deadline or the stop, between attempts: as while connecting.
                 return last
             finally:
                 self._waits.discard(wait)

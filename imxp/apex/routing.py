@@ -546,13 +546,29 @@ async def open_session(
             raise error.DNSLookupError(f"no address records for {target.host}")
     failure: Exception | None = None
     for host in hosts:
-        endpoint = endpoints.HostnameEndpoint(reactor, host, target.port, timeout=timeout)
         try:
-            return await endpoint.connect(factory)
+            return await _endpoint(reactor, host, target.port, timeout).connect(factory)
+        except error.ConnectingCancelledError:
+            # The endpoint's word for its connect being cancelled (a delivery deadline, a
+            # stop); its callers, awaiting us, expect the usual one.
+            raise defer.CancelledError() from None
         except error.ConnectError as e:
             failure = e
     assert failure is not None
     raise failure
+
+
+def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A client endpoint for ``host``: for an address, straight to it - HostnameEndpoint
+    would pass even an address through getaddrinfo in a thread, and a connect cancelled
+    meanwhile would fail as a DNSLookupError rather than as cancelled."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 6:
+        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
 def is_ip_address(host: str) -> bool:

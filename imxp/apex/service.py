@@ -284,13 +284,33 @@ async def _connect(
     factory = SessionFactory(
         Role.INITIATOR, [APEXProfile(relay, Mode.MESH)], session_config, reactor
     )
-    where = f"{target.host}:{target.port}"
     try:
         session: Session = await open_session(
             target, factory, reactor, timeout=connect_timeout, resolver=resolver
         )
+    except (error.ConnectError, error.DNSLookupError) as e:
+        raise LinkFailed(421, f"cannot connect: {e}") from None
+    try:
+        return await _bound(session, target, relay, identity, trust)
+    except defer.CancelledError:
+        # Given up half way (a delivery deadline, a stop): a session that is no link
+        # would stay open, in no pool, until the peer's idle timeout.
+        session.disconnect()
+        raise
+
+
+async def _bound(
+    session: Session,
+    target: Target,
+    relay: Relay,
+    identity: Issued,
+    trust: Sequence[x509.Certificate],
+) -> Link:
+    """``session``, just connected to ``target``, greeted, tuned to TLS and bound."""
+    where = f"{target.host}:{target.port}"
+    try:
         await session.greeted()
-    except (error.ConnectError, error.DNSLookupError, SessionClosed) as e:
+    except SessionClosed as e:
         raise LinkFailed(421, f"cannot connect: {e}") from None
     except BEEPError as e:
         raise LinkFailed(421 if e.code == 421 else 554, f"refused the session: {e}") from None
