@@ -173,7 +173,7 @@ async def test_sigterm_while_imxp_send_awaits_its_report_ends_without_a_tracebac
             stderr=subprocess.STDOUT,
         )
         # A connection attempt to b.test's relay has failed: the data is in flight.
-        await until(lambda: "Stopping factory" in log.read_text(), "an attempt", 20)
+        await until(lambda: "no link to b.test" in log.read_text(), "an attempt", 20)
         relay.send_signal(signal.SIGTERM)
         await until(lambda: send.poll() is not None, "imxp send to end", 10)
         assert "barney@b.test: failed 421" in send.stdout.read().decode()

@@ -31,7 +31,7 @@ import pytest_twisted
 from apexnet import App, RelayHandle, attach, start_relay
 from dnsserver import DNSServer, a, srv, start_dns_server
 from twisted.internet import defer, endpoints, protocol, reactor
-from twisted.logger import LogEvent
+from twisted.logger import LogEvent, LogLevel
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
@@ -408,7 +408,9 @@ async def test_burst_each_recipient_reported_once(build_mesh: MeshBuilder) -> No
 
 
 @pytest_twisted.ensureDeferred
-async def test_unknown_unattached_and_unreachable(build_mesh: MeshBuilder) -> None:
+async def test_unknown_unattached_and_unreachable(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
     """§10 codes for each way a recipient fails, all in one data:
 
     * unknown endpoint at the final relay (550) and at our own (550);
@@ -449,6 +451,13 @@ async def test_unknown_unattached_and_unreachable(build_mesh: MeshBuilder) -> No
     assert found["bambam@b.test"][1] == "endpoint not attached"
     assert reporters(fred, trans_id) == {"apex=report@a.test", "apex=report@b.test"}
     mesh.assert_exactly_once()
+    # While the data waited, the operator saw each attempt fail; the links that came up
+    # are a.test's to b.test, and b.test's back for its reports.
+    failed = named(events, "apex.link-failed")
+    assert len(failed) >= 2
+    assert {(e["peer"], e["code"]) for e in failed} == {("dead.test", 421)}
+    assert all(e["log_level"] == LogLevel.warn and "cannot connect" in e["text"] for e in failed)
+    assert sorted(e["peer"] for e in named(events, "apex.link-up")) == ["a.test", "b.test"]
 
 
 @pytest_twisted.ensureDeferred

@@ -23,11 +23,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from imxp import logs
 from imxp.apex.routing import Target
 from imxp.beep.message import Message
 from imxp.beep.session import BEEPError, Channel, NotSent, Session, SessionClosed
 
 __all__ = ["Link", "LinkFailed", "PeerPool", "Verdict"]
+
+
+log = logs.Logger(namespace="imxp.apex.peers")
 
 
 class LinkFailed(Exception):
@@ -136,11 +140,28 @@ class PeerPool:
                 failure = Failure(LinkFailed(421, "connection attempt given up"))
             else:
                 failure = Failure()
+                if isinstance(e, LinkFailed):
+                    # Data waits on it and is tried again, if time allows, until its
+                    # verdict: meanwhile this is the operator's only sign of trouble.
+                    log.warn(
+                        "no link to {peer} at {where}: {code} {text}",
+                        peer=target.tls_name,
+                        where=target.address,
+                        code=e.code,
+                        text=e.text,
+                        event="apex.link-failed",
+                    )
             for d in waiters:
                 d.errback(failure)
             raise
         del self._connecting[key]
         self._links[key] = link
+        log.info(
+            "link to {peer} at {where} up",
+            peer=target.tls_name,
+            where=target.address,
+            event="apex.link-up",
+        )
 
         def gone(_: object) -> None:
             if self._links.get(key) is link:

@@ -72,6 +72,11 @@ class Target:
     source: str
     """Which rule produced it: "literal", "static", "smart-host", "srv" or "implicit"."""
 
+    @property
+    def address(self) -> str:
+        """``host:port``, with an IPv6 address in brackets."""
+        return _hostport(self)
+
 
 class NoRoute(Exception):
     """No way to reach ``domain``.

@@ -1765,6 +1765,11 @@ def _reply_complete(outstanding: _Outstanding, kind: bytes, payload: bytes) -> b
 class SessionFactory(Factory):
     """Builds sessions of one role with a set of profiles, counting sessions per peer."""
 
+    # Twisted's "Starting factory <...>" and "Stopping factory <...>" for every connection
+    # a relay makes to a peer say nothing an operator can use; what happened is logged
+    # by whoever connected, in words (imxp.apex.peers).
+    noisy = False
+
     def __init__(
         self,
         role: Role,
