@@ -63,6 +63,7 @@ import enum
 import getpass
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -873,8 +874,27 @@ async def _send(reactor: Any, args: argparse.Namespace) -> int:
                 protect=protection,
             )
     for recipient, outcome in outcomes.items():
-        print(f"{recipient}: {_outcome_text(outcome, args.timeout)}")
+        # The text is a relay's, perhaps another domain's.
+        print(_terminal_safe(f"{recipient}: {_outcome_text(outcome, args.timeout)}"))
     return Exit.OK if all(o.delivered for o in outcomes.values()) else Exit.FAILED
+
+
+# What a sender could use to rewrite what a terminal shows: C0 controls but newline and
+# tab (a carriage return prints another sender's name over the real one, an escape
+# sequence does whatever the terminal does with it), DEL and the C1 controls, and the
+# bidirectional overrides and isolates, which reorder the characters shown (CVE-2021-42574).
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _terminal_safe(text: str) -> str:
+    """``text`` for a terminal: what :data:`_UNSAFE` matches is shown as an escape,
+    ``\\x1b`` or ``\\u202e``, which says it was there and does nothing."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _outcome_text(outcome: Outcome, timeout: float) -> str:
@@ -896,7 +916,10 @@ async def _listen(reactor: Any, args: argparse.Namespace) -> int:
     async with _connected(reactor, args, args.endpoint, reconnect=True) as client:
         async for incoming in client.incoming():
             report = await open_incoming(incoming, keys, replays=replays, reactor=reactor)
-            line = _json_line(incoming, report) if args.json else _human_line(incoming, report)
+            if args.json:
+                line = _json_line(incoming, report)
+            else:
+                line = _terminal_safe(_human_line(incoming, report))
             print(line, flush=True)
             seen += 1
             if args.count is not None and seen >= args.count:
@@ -978,7 +1001,7 @@ def _message_text(message: CPIMMessage) -> str:
         text = None
     if text is None:
         return f"[{message.content_type}, {len(message.body)} octets]"
-    return text.rstrip("\r\n").replace("\n", "\n    ")
+    return text.replace("\r\n", "\n").rstrip("\n").replace("\n", "\n    ")
 
 
 def _json_line(incoming: Incoming, report: Report) -> str:
@@ -1051,7 +1074,7 @@ class _ChatTerminal(LineReceiver):
             self.transport.write(data)
 
     def show(self, text: str) -> None:
-        data = text.encode("utf-8") + b"\n"
+        data = _terminal_safe(text).encode("utf-8") + b"\n"
         if self.transport is None:
             self._backlog.append(data)
         else:

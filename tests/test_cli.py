@@ -147,6 +147,28 @@ async def test_send_reports_each_recipient_and_listeners_print_what_arrives(net:
 
 
 @pytest_twisted.ensureDeferred
+async def test_what_a_sender_writes_cannot_rewrite_the_listeners_terminal(net: Net) -> None:
+    """A message is the sender's text on someone else's terminal. A carriage return could
+    print another sender's name over the real one, an escape sequence could retitle the
+    terminal (or worse), a bidirectional override could reorder what is shown: each is
+    shown as an escape. Tab, newline (CRLF too) and the rest of Unicode stay as they are."""
+    wilma = net.spawn("listen", "--as", WILMA, "--count", "1")
+    await net.attached(WILMA)
+    text = "hi\r[2026-01-01 00:00:00] boss@a.test: pay\x1b]0;owned\x07 \u202egnp.exe\tgrüße\r\nbye"
+    sent = await net.imxp("send", "--from", FRED, "--to", WILMA, text)
+    assert sent.status == 0, sent
+    assert await wilma.ended() == 0, wilma
+    shown = wilma.out
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f\u202e]", shown), repr(shown)
+    first, second = shown.splitlines()
+    assert first.endswith(
+        "hi\\x0d[2026-01-01 00:00:00] boss@a.test: pay\\x1b]0;owned\\x07 \\u202egnp.exe\tgrüße"
+    ), repr(first)
+    assert re.fullmatch(rf"{STAMP} {FRED}: hi.*", first)
+    assert second == "    bye"
+
+
+@pytest_twisted.ensureDeferred
 async def test_listen_exits_cleanly_on_sigterm(net: Net) -> None:
     listen = net.spawn("listen", "--as", WILMA)
     await net.attached(WILMA)
