@@ -62,6 +62,7 @@ import dataclasses
 import enum
 import getpass
 import json
+import mimetypes
 import os
 import re
 import sys
@@ -317,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("--file", type=Path, help="send this file's content instead of TEXT")
     send.add_argument(
-        "--type", dest="media_type", help="media type of raw content (default text/plain)"
+        "--type",
+        dest="media_type",
+        help="media type of raw content (default: by the --file name, else text/plain for "
+        "UTF-8 and application/octet-stream for other content)",
     )
     form = send.add_mutually_exclusive_group()
     form.add_argument(
@@ -862,7 +866,7 @@ async def _send(reactor: Any, args: argparse.Namespace) -> int:
             ) from None
     async with _connected(reactor, args, args.sender, reconnect=False) as client:
         if raw:
-            media_type = args.media_type or "text/plain"
+            media_type = args.media_type or _media_type_of(args.file, content)
             outcomes = await client.send(args.to, content, media_type, timeout=args.timeout)
         else:
             outcomes = await client.send_message(
@@ -877,6 +881,21 @@ async def _send(reactor: Any, args: argparse.Namespace) -> int:
         # The text is a relay's, perhaps another domain's.
         print(_terminal_safe(f"{recipient}: {_outcome_text(outcome, args.timeout)}"))
     return Exit.OK if all(o.delivered for o in outcomes.values()) else Exit.FAILED
+
+
+def _media_type_of(file: Path | None, content: bytes) -> str:
+    """What raw content is, when --type does not say: by the file's name as far as it
+    tells, else text/plain for UTF-8 and application/octet-stream for anything else - not
+    text/plain for every file, which would have listeners print an image as text."""
+    if file is not None:
+        guessed, encoding = mimetypes.guess_type(file.name)
+        if guessed is not None and encoding is None:
+            return guessed
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    return "text/plain"
 
 
 # What a sender could use to rewrite what a terminal shows: C0 controls but newline and

@@ -169,6 +169,25 @@ async def test_what_a_sender_writes_cannot_rewrite_the_listeners_terminal(net: N
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_file_without_type_is_labelled_by_its_name_or_its_content(net: Net) -> None:
+    """Not text/plain for every file: a listener would print an image as text."""
+    barney = net.spawn("listen", "--as", BARNEY, "--json", "--count", "3")
+    await net.attached(BARNEY)
+    files = {
+        "photo.png": b"\x89PNG\r\n\x1a\n",
+        "blob": bytes(range(256)),
+        "notes": "grüße".encode(),
+    }
+    for name, content in files.items():
+        (net.tmp / name).write_bytes(content)
+        sent = await net.imxp("send", "--from", FRED, "--to", BARNEY, "--file", name)
+        assert sent.status == 0, sent
+    assert await barney.ended() == 0, barney
+    types = [json.loads(line)["media_type"] for line in barney.out.splitlines()]
+    assert types == ["image/png", "application/octet-stream", "text/plain"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_listen_exits_cleanly_on_sigterm(net: Net) -> None:
     listen = net.spawn("listen", "--as", WILMA)
     await net.attached(WILMA)
