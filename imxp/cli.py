@@ -64,7 +64,6 @@ import getpass
 import json
 import mimetypes
 import os
-import re
 import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -85,6 +84,7 @@ from twisted.names import error as dns_error
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from imxp import logs
 from imxp.apex.address import AddressError, Endpoint
 from imxp.apex.routing import (
     EDGE_PORT,
@@ -898,22 +898,11 @@ def _media_type_of(file: Path | None, content: bytes) -> str:
     return "text/plain"
 
 
-# What a sender could use to rewrite what a terminal shows: C0 controls but newline and
-# tab (a carriage return prints another sender's name over the real one, an escape
-# sequence does whatever the terminal does with it), DEL and the C1 controls, and the
-# bidirectional overrides and isolates, which reorder the characters shown (CVE-2021-42574).
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
 def _terminal_safe(text: str) -> str:
-    """``text`` for a terminal: what :data:`_UNSAFE` matches is shown as an escape,
-    ``\\x1b`` or ``\\u202e``, which says it was there and does nothing."""
-    return _UNSAFE.sub(_escape, text)
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    """``text`` for a terminal. What a sender writes could rewrite what it shows: a carriage
+    return prints another sender's name over the real one, an escape sequence does whatever
+    the terminal does with it, a bidirectional override reorders the line."""
+    return logs.escape_controls(text, lines=True)
 
 
 def _outcome_text(outcome: Outcome, timeout: float) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from twisted.application.service import MultiService
-from twisted.logger import Logger, capturedLogs
+from twisted.logger import Logger, capturedLogs, formatEventAsClassicLogText
 from twisted.python.usage import UsageError
 
 from imxp import logs
@@ -139,6 +139,23 @@ def test_log_level_leaves_out_the_relay_events_below_it(tmp_path: Path) -> None:
     assert [e["event"] for e in events] == ["apex.refused", "other"]
     # Named after the class it is declared on, as twisted.logger's own loggers are.
     assert events[0]["log_namespace"] == "imxp.apex.relay.Relay"
+
+
+def test_text_from_the_other_side_cannot_forge_a_log_line() -> None:
+    """A peer's error text or an application's answer goes into the relay's log. A newline
+    there would start a log line of the peer's making, an escape sequence would act on the
+    terminal of whoever reads the log: each control character is an escape by the time
+    any observer sees the event, and other values are left as they are."""
+    forged = "no\n2026-11-22T07:00:00+0000 [imxp.apex.relay.Relay#info] ok\x1b[2J \u202egrüße"
+    with capturedLogs() as events:
+        Relay.log.warn("refused: {code} {text}", code=550, text=forged, event="apex.refused")
+    [event] = events
+    assert event["code"] == 550
+    assert event["text"] == (
+        "no\\x0a2026-11-22T07:00:00+0000 [imxp.apex.relay.Relay#info] ok\\x1b[2J \\u202egrüße"
+    )
+    line = formatEventAsClassicLogText(event)
+    assert line is not None and line.count("\n") == 1 and line.endswith("\n")
 
 
 def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
