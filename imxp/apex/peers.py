@@ -214,7 +214,7 @@ class PeerPool:
                 try:
                     link = await self._link(target)
                 except LinkFailed as e:
-                    last = Verdict(e.code, f"{target.host}:{target.port}: {e.text}")
+                    last = Verdict(e.code, f"{target.address}: {e.text}")
                     if e.code >= 500:
                         # This relay will not take us (its certificate, a refused bind);
                         # another of the domain's may (RFC 2782: each target in turn).
@@ -259,7 +259,7 @@ class PeerPool:
             return Verdict(e.code, e.text), False
         if failure.check(NotSent):
             # Lost before a single octet went out: the next hop never saw it.
-            verdict = Verdict(421, f"{target.host}:{target.port}: session lost before sending")
+            verdict = Verdict(421, f"{target.address}: session lost before sending")
             return verdict, False
         if failure.check(SessionClosed):
             return Verdict(451, "session to the next hop was lost; outcome unknown"), True

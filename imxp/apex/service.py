@@ -307,7 +307,7 @@ async def _bound(
     trust: Sequence[x509.Certificate],
 ) -> Link:
     """``session``, just connected to ``target``, greeted, tuned to TLS and bound."""
-    where = f"{target.host}:{target.port}"
+    where = target.address
     try:
         await session.greeted()
     except SessionClosed as e:

@@ -822,7 +822,7 @@ class Client:
 
     async def _connect(self, target: Target, *, initial: bool) -> _Connection:
         settings = self._settings
-        where = f"{target.host}:{target.port}"
+        where = target.address
         connection = _Connection(where)
         # The relays' default window (the option's default, not a Config made here): the
         # client's data and reports need the same room in flight.
