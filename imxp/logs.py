@@ -26,8 +26,14 @@ __all__ = ["LEVELS", "Logger", "escape_controls", "set_level"]
 #: The level names, least severe first, as the ``log_level`` option takes them.
 LEVELS: tuple[str, ...] = ("debug", "info", "warn", "error", "critical")
 
-# The levels set_level leaves out.
-_left_out: frozenset[LogLevel] = frozenset()
+
+def _below(name: str) -> frozenset[LogLevel]:
+    """The levels less severe than ``name``."""
+    return frozenset(LogLevel.levelWithName(n) for n in LEVELS[: LEVELS.index(name)])
+
+
+# The levels left out: those below the log_level option's default until set_level is called.
+_left_out = _below("info")
 
 
 class Logger(logger.Logger):
@@ -65,5 +71,4 @@ def _escape(match: re.Match[str]) -> str:
 def set_level(name: str) -> None:
     """Log the events of level ``name`` (one of :data:`LEVELS`) and above, for the process."""
     global _left_out
-    least = LEVELS.index(name)
-    _left_out = frozenset(LogLevel.levelWithName(n) for n in LEVELS[:least])
+    _left_out = _below(name)
