@@ -588,6 +588,12 @@ def _certs_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]
     smime_cert.add_argument("--identity", required=True, metavar="LOCAL@DOMAIN")
 
 
+_USERNAME_HELP = (
+    "the login name: fred, for the endpoint fred@DOMAIN and its subaddresses; fred@DOMAIN "
+    "of the relay's domain is taken as fred (with --file, a name is stored as given)"
+)
+
+
 def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     users = commands.add_parser(
         "users",
@@ -613,10 +619,10 @@ def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]
         f"Add a user; the password comes from --password-file, ${PASSWORD_VARIABLE} or a prompt.",
         where,
     )
-    add.add_argument("name")
+    add.add_argument("name", help=_USERNAME_HELP)
     add.add_argument("--password-file", type=Path, metavar="FILE")
     remove = command(actions, "remove", _users_remove, "Remove a user.", where)
-    remove.add_argument("name")
+    remove.add_argument("name", help=_USERNAME_HELP)
     command(actions, "list", _users_list, "List the users, one per line.", where)
 
 
@@ -1267,48 +1273,84 @@ def _certs_smime(args: argparse.Namespace) -> int:
 # -- users ------------------------------------------------------------------------------------
 
 
-def _user_store(args: argparse.Namespace, *, create: bool = False) -> UserStore:
-    """The user file of ``args`` (--file, or users_file of --config). A missing file reads
-    as empty to the store; here it is an error (likely a wrong path) unless ``create``."""
-    path = args.file if args.file is not None else load(args.config).path("users_file")
+def _user_store(args: argparse.Namespace, *, create: bool = False) -> tuple[UserStore, str | None]:
+    """The user file of ``args`` (--file, or users_file of --config) and the domain its
+    relay serves (None with --file: not known). A missing file reads as empty to the store;
+    here it is an error (likely a wrong path) unless ``create``."""
+    if args.file is not None:
+        path, domain = args.file, None
+    else:
+        config = load(args.config)
+        path, domain = config.path("users_file"), config.domain
     missing = path.parent if create else path
     if not missing.exists():
         raise Failed(Exit.CONFIG, f"{missing} does not exist")
-    return UserStore(path)
+    return UserStore(path), domain
+
+
+def _username(name: str, domain: str | None) -> str:
+    """The username to store for ``name``: ``fred@DOMAIN`` of the relay's own domain is
+    ``fred``, the name a client logs in with by default for fred@DOMAIN (the relay takes
+    both for the same endpoint, RFC 3340 §4.5.1, but a login must find the name stored).
+    A name of another domain could never attach at this relay (553), so it is refused.
+    Without the domain (--file), the name is stored as given."""
+    if domain is None or "@" not in name:
+        return name
+    try:
+        endpoint = Endpoint.parse(name)
+    except AddressError as e:
+        raise Failed(Exit.USAGE, f"{name!r}: {e}") from None
+    if endpoint.subaddress is not None:
+        raise Failed(
+            Exit.USAGE, f"{name}: a user is an endpoint without a subaddress, which it may use"
+        )
+    if endpoint.domain != domain:  # both in the normal form of §2.2.1
+        raise Failed(
+            Exit.USAGE,
+            f"{name} is not of {domain}, the domain this relay serves: it could never attach here",
+        )
+    return endpoint.address
 
 
 def _users_add(args: argparse.Namespace) -> int:
     """``imxp users add NAME``: 1 if the user exists. Makes the file if need be."""
-    store = _user_store(args, create=True)
-    if args.name in store:
+    store, domain = _user_store(args, create=True)
+    name = _username(args.name, domain)
+    # fred and fred@DOMAIN are one endpoint (a file may hold either, from before).
+    same = {name, args.name} if domain is None else {name, f"{name}@{domain}"}
+    if any(n in store for n in same):
         print(f"imxp: {args.name} is already in {store.path}", file=sys.stderr)
         return Exit.FAILED
     password = _password(args.password_file, confirm=True)
     if password is None:
         raise _no_password()
     try:
-        store.add(args.name, password)
+        store.add(name, password)
     except UserStoreError as e:  # the name or the password is unacceptable (SASLprep)
         raise Failed(Exit.USAGE, str(e)) from None
-    print(f"added {args.name} to {store.path}")
+    shown = name if name == args.name else f"{name} ({args.name})"
+    print(f"added {shown} to {store.path}")
     return Exit.OK
 
 
 def _users_remove(args: argparse.Namespace) -> int:
-    """``imxp users remove NAME``: 1 if there is no such user."""
-    store = _user_store(args)
+    """``imxp users remove NAME``: 1 if there is no such user. ``fred@DOMAIN`` is fred,
+    or the name as given if a user file holds it so."""
+    store, domain = _user_store(args)
+    name = args.name if args.name in store else _username(args.name, domain)
     try:
-        store.remove(args.name)
+        store.remove(name)
     except KeyError:
         print(f"imxp: there is no user {args.name} in {store.path}", file=sys.stderr)
         return Exit.FAILED
-    print(f"removed {args.name} from {store.path}")
+    print(f"removed {name} from {store.path}")
     return Exit.OK
 
 
 def _users_list(args: argparse.Namespace) -> int:
     """``imxp users list``: the usernames, one per line."""
-    for name in _user_store(args).usernames():
+    store, _ = _user_store(args)
+    for name in store.usernames():
         print(name)
     return Exit.OK
 

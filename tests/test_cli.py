@@ -357,6 +357,35 @@ async def test_users_add_list_remove_and_a_running_relay_sees_them(net: Net) -> 
     assert gone.status == 1, gone
 
 
+@pytest_twisted.ensureDeferred
+async def test_users_named_as_endpoints_of_the_relays_domain_log_in_by_default(net: Net) -> None:
+    # An operator names the user as its endpoint, through the relay's own configuration.
+    config = str(relay_config(net, net.relays["a.test"].identity))
+    added = await net.imxp("users", "add", "dino@A.test", "-c", config, password="yabba dabba")
+    assert (added.status, added.out) == (
+        0,
+        f"added dino (dino@A.test) to {net.relays['a.test'].users.path}\n",
+    )
+    # The client's default login name for dino@a.test is dino, which is what is stored.
+    sent = await net.imxp(
+        "send", "--from", "dino@a.test", "--to", BARNEY, "hi", password="yabba dabba"
+    )
+    assert (sent.status, sent.out) == (1, f"{BARNEY}: failed 450 endpoint not attached\n"), sent
+    again = await net.imxp("users", "add", "dino", "-c", config, password="yabba dabba")
+    assert again.status == 1, again
+
+    # Names that could never attach at a.test are refused, and nothing is stored.
+    for name in ("dino@b.test", "dino/phone@a.test"):
+        refused = await net.imxp("users", "add", name, "-c", config, password="yabba dabba")
+        assert refused.status == 2, refused
+        assert one_error_line(refused).startswith(f"imxp: {name}"), refused
+    assert UserStore(net.relays["a.test"].users.path).usernames() == ["dino", "fred", "wilma"]
+
+    removed = await net.imxp("users", "remove", "dino@a.test", "-c", config)
+    assert removed.status == 0, removed
+    assert "dino" not in UserStore(net.relays["a.test"].users.path)
+
+
 # -- route -----------------------------------------------------------------------------------
 
 
