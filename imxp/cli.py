@@ -78,6 +78,13 @@ from service_identity.exceptions import CertificateError, VerificationError
 from twisted.internet import defer, endpoints, error, task
 from twisted.internet.interfaces import IResolver
 from twisted.internet.stdio import StandardIO
+from twisted.logger import (
+    LogLevel,
+    formatEvent,
+    globalLogBeginner,
+    globalLogPublisher,
+    textFileLogObserver,
+)
 from twisted.names import client as dns_client
 from twisted.names import dns
 from twisted.names import error as dns_error
@@ -108,6 +115,7 @@ from imxp.client import (
     Incoming,
     Outcome,
     Protection,
+    Termination,
     connect,
     open_incoming,
 )
@@ -182,8 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     if args.debug:
-        from twisted.logger import globalLogBeginner, textFileLogObserver
-
         # Our own stderr lines stay plain lines rather than becoming log events.
         globalLogBeginner.beginLoggingTo(
             [textFileLogObserver(sys.stderr)], redirectStandardIO=False
@@ -209,6 +215,10 @@ def _react(args: argparse.Namespace) -> int:
     """
     outcome: list[int] = []
     interrupted: list[bool] = []
+    if not args.debug:
+        # Rather than Twisted's buffer of the last 65,536 events, which a long listen
+        # would fill with one per message, kept for no one.
+        globalLogBeginner.beginLoggingTo([_without_debug], redirectStandardIO=False)
 
     async def body(reactor: Any) -> None:
         reactor.addSystemEventTrigger("before", "shutdown", interrupted.append, True)
@@ -224,6 +234,18 @@ def _react(args: argparse.Namespace) -> int:
     except SystemExit:
         pass  # react() always exits; the status is ours to choose
     return outcome[0] if outcome else args.interrupted
+
+
+def _without_debug(event: dict[str, Any]) -> None:
+    """What of the log a person sees without --debug: Python's warnings, and one line for
+    an error inside imxp or Twisted (--debug shows its traceback)."""
+    if "warning" in event:
+        print(formatEvent(event), file=sys.stderr)
+    elif event.get("log_level") is LogLevel.critical:
+        print(
+            f"imxp: internal error: {formatEvent(event)} (run with --debug for details)",
+            file=sys.stderr,
+        )
 
 
 def _report(e: Exception, debug: bool) -> int:
@@ -798,20 +820,36 @@ def _described_protection(protection: Protection) -> str:
 
 @asynccontextmanager
 async def _connected(
-    reactor: Any,
-    args: argparse.Namespace,
-    endpoint: str,
-    *,
-    reconnect: bool,
-    on_data: Callable[[Incoming], object] | None = None,
+    reactor: Any, args: argparse.Namespace, endpoint: str, *, reconnect: bool
 ) -> AsyncIterator[Client]:
     """A client attached as ``endpoint`` with the connection options of ``args``.
 
     The client is closed at the end of the block, and also when SIGINT or SIGTERM stops
     the reactor, so that the relay sees the endpoint leave. A ClientError anywhere in the
     block becomes :class:`Failed` with the status of its kind.
+
+    With ``reconnect`` (listen and chat, which run until stopped), a lost connection and
+    its return are said on stderr, and the client is closed once ``endpoint`` is attached
+    no longer for good (the relay ended the attachment, or refused it on reconnecting):
+    the block's ``client.incoming()`` ends, and the block with :class:`Failed` (7)
+    saying why, rather than waiting for data that can no longer come.
     """
     identity = _load_identity(args.cert, args.key) if args.cert is not None else None
+    made: list[Client] = []
+    ended: list[Failed] = []
+
+    def terminated(termination: Termination) -> None:
+        # A relay going away (421) is attached to again on reconnecting: endpoints keeps it.
+        if not made or made[0].endpoints:
+            return
+        text = f"{termination.code} {termination.text}".rstrip()
+        ended.append(Failed(Exit.REFUSED, f"{endpoint} is no longer attached: {text}"))
+        # Not from within the relay's terminate, which is still to be answered.
+        reactor.callLater(0, lambda: defer.ensureDeferred(made[0].close()))
+
+    notices = _ConnectionNotices() if reconnect and not args.debug else None
+    if notices is not None:
+        globalLogPublisher.addObserver(notices)
     try:
         client = await connect(
             endpoint,
@@ -825,8 +863,9 @@ async def _connected(
             resolver=_resolver([args.dns]) if args.dns is not None else None,
             reactor=reactor,
             reconnect=reconnect,
-            on_data=on_data,
+            on_terminated=terminated if reconnect else None,
         )
+        made.append(client)
 
         def close_on_shutdown() -> defer.Deferred[None]:
             return defer.ensureDeferred(client.close()).addTimeout(_CLOSE_TIMEOUT, reactor)
@@ -839,6 +878,40 @@ async def _connected(
             await client.close()
     except ClientError as e:
         raise Failed(_KIND_STATUS.get(e.kind, Exit.PROTOCOL), e.message) from e
+    finally:
+        if notices is not None:
+            globalLogPublisher.removeObserver(notices)
+    if ended:
+        raise ended[0]
+
+
+class _ConnectionNotices:
+    """A log observer saying on stderr what a person running listen or chat should know
+    of the connection, which the client re-makes by itself: that it was lost, why each
+    attempt to re-make it failed (each reason once), and that it is back."""
+
+    def __init__(self) -> None:
+        self._lost = False
+        self._reasons: set[str] = set()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        if name == "client.connection-lost":
+            self._lost = True
+            self._reasons.clear()
+            self._say(f"{formatEvent(event)}; connecting again")
+        elif name == "client.retry" and self._lost:
+            reason = str(event.get("error"))
+            if reason not in self._reasons:
+                self._reasons.add(reason)
+                self._say(f"cannot connect again yet: {reason}")
+        elif name == "client.connected" and self._lost:
+            self._lost = False
+            self._say(f"connected to the relay at {event.get('where')} again")
+
+    @staticmethod
+    def _say(text: str) -> None:
+        print(f"imxp: {text}", file=sys.stderr, flush=True)
 
 
 async def _send(reactor: Any, args: argparse.Namespace) -> int:
@@ -1097,7 +1170,7 @@ class _ChatTerminal(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r")
         if text.strip() == "/quit":
-            self._finish()
+            self.leave()
         elif text.strip() and not self._finishing:
             d = defer.ensureDeferred(self._deliver(text))
             self._pending.add(d)
@@ -1110,9 +1183,10 @@ class _ChatTerminal(LineReceiver):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         # End of input (Ctrl-D) leaves like /quit.
-        self._finish()
+        self.leave()
 
-    def _finish(self) -> None:
+    def leave(self) -> None:
+        """Take no more lines, and finish once the lines sent have their marks."""
         if self._finishing:
             return
         self._finishing = True
@@ -1150,7 +1224,6 @@ async def _chat(reactor: Any, args: argparse.Namespace) -> int:
     terminal = _ChatTerminal(send)
 
     async def show(incoming: Incoming) -> None:
-        # Opened in turn (the replay cache's lock), so lines keep their order.
         report = await open_incoming(incoming, keys, replays=replays, reactor=reactor)
         if report.scheme is not None and not report.presentable:
             terminal.show(_refusal(incoming, report))
@@ -1159,23 +1232,30 @@ async def _chat(reactor: Any, args: argparse.Namespace) -> int:
         text = _described(incoming) if message is None else _message_text(message)
         terminal.show(f"{incoming.originator}> {text}{_protection_note(report)}")
 
-    def received(incoming: Incoming) -> None:
-        defer.ensureDeferred(show(incoming)).addErrback(
-            lambda f: terminal.show(
-                f"warning: a message from {incoming.originator} could not be opened: "
-                f"{f.getErrorMessage()}"
-            )
-        )
+    async def receive() -> None:
+        # One at a time, so that lines keep their order.
+        async for incoming in client.incoming():
+            try:
+                await show(incoming)
+            except Exception as e:
+                terminal.show(
+                    f"warning: a message from {incoming.originator} could not be opened: {e}"
+                )
 
-    async with _connected(
-        reactor, args, args.endpoint, reconnect=True, on_data=received
-    ) as connected:
+    async with _connected(reactor, args, args.endpoint, reconnect=True) as connected:
         client = connected
         how = f"; messages {_described_protection(protection)}" if protection else ""
         terminal.show(f"chatting with {peer} as {args.endpoint}{how}; /quit or Ctrl-D to leave")
+        # The client ends incoming() when it can no longer receive (the connection lost
+        # for good, the attachment ended): then there is no chat left, whatever is typed.
+        receiving = defer.ensureDeferred(receive())
+        gone: list[Failure] = []
+        receiving.addErrback(gone.append).addBoth(lambda _: terminal.leave())
         stdio = StandardIO(terminal, reactor=reactor)
         await terminal.finished
         stdio.loseConnection()
+        if gone:
+            gone[0].raiseException()
     return Exit.OK
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from apexnet import attach
+from apexnet import attach, start_relay
 from clinet import Command, Net, start_net, until
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import defer
@@ -29,6 +29,7 @@ from imxp.certs import Issued, client_identity, create_ca, issue_server, load_is
 from imxp.cli import build_parser
 
 FRED, WILMA, BARNEY = "fred@a.test", "wilma@a.test", "barney@b.test"
+DOMAINS = ("a.test", "b.test")
 STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]"
 
 
@@ -196,6 +197,62 @@ async def test_listen_exits_cleanly_on_sigterm(net: Net) -> None:
     assert listen.err == ""
     relay = net.relays["a.test"].service.relay
     await until(lambda: not relay.attached, "wilma to be detached")
+
+
+@pytest_twisted.ensureDeferred
+async def test_listen_says_when_its_connection_is_lost_and_made_again(net: Net) -> None:
+    old = net.relays["b.test"]
+    edge, mesh = old.port("edge"), old.port("mesh")
+    listen = net.spawn("listen", "--as", BARNEY)
+    await net.attached(BARNEY)
+    await old.service.stopService()
+    await until(lambda: "lost the connection" in listen.err, "the loss to be said")
+
+    # Another relay for b.test on the same ports, with the same users.
+    net.relays["b.test"] = await start_relay(
+        "b.test",
+        net.ca,
+        net.tmp,
+        identity=old.identity,
+        edge_listen=[f"tcp:{edge}:interface=127.0.0.1"],
+        mesh_listen=[f"tcp:{mesh}:interface=127.0.0.1"],
+        resolver=net.dns.resolver(),
+    )
+    await net.attached(BARNEY)
+    await until(lambda: listen.err.endswith("again\n"), "the return to be said")
+    sent = await net.imxp("send", "--from", FRED, "--to", BARNEY, "welcome back")
+    assert sent.status == 0, sent
+    await listen.output("welcome back")
+    listen.signal("TERM")
+    assert await listen.ended() == 0, listen
+
+    said = listen.err.splitlines()
+    where = f"b.test:{edge}"
+    assert said[0] == f"imxp: lost the connection to the relay at {where}; connecting again"
+    # An attempt may have been made before the new relay listened: each reason is said once.
+    assert all(line.startswith("imxp: cannot connect again yet: ") for line in said[1:-1])
+    assert said[-1] == f"imxp: connected to the relay at {where} again"
+
+
+@pytest_twisted.ensureDeferred
+async def test_listen_and_chat_end_when_the_relay_ends_their_attachment(net: Net) -> None:
+    listen = net.spawn("listen", "--as", BARNEY)
+    chat = net.spawn("chat", "--as", WILMA, FRED, pty=True)
+    await net.attached(BARNEY)
+    await chat.output(f"chatting with {FRED}")
+
+    # Ended for good (not 421, after which they would attach again): nothing more can
+    # arrive, so neither waits on.
+    await defer.gatherResults(
+        [net.relays[d].service.relay.terminate_all(550, "removed by the operator") for d in DOMAINS]
+    )
+    assert await listen.ended() == 7, listen
+    assert (
+        one_error_line(listen)
+        == f"imxp: {BARNEY} is no longer attached: 550 removed by the operator"
+    )
+    assert await chat.ended() == 7, chat
+    assert f"imxp: {WILMA} is no longer attached: 550 removed by the operator" in chat.out
 
 
 # -- errors ----------------------------------------------------------------------------------
