@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
@@ -270,7 +272,16 @@ def load_certificates(path: StrPath) -> list[x509.Certificate]:
 
     :raises ValueError: if the file holds no PEM certificate.
     """
-    return x509.load_pem_x509_certificates(Path(path).read_bytes())
+    data = Path(path).read_bytes()
+    with warnings.catch_warnings():
+        # Roots in every system bundle (Go Daddy and Starfield G2, among others) have serial
+        # number 0, which RFC 5280 §4.1.2.2 forbids and cryptography warns of on each load:
+        # a line on stderr at every start of a relay that trusts them. They are the trust
+        # store's business, and OpenSSL verifies with them as it always has.
+        warnings.filterwarnings(
+            "ignore", "Parsed a serial number which wasn't positive", CryptographyDeprecationWarning
+        )
+        return x509.load_pem_x509_certificates(data)
 
 
 def load_issued(cert_path: StrPath, key_path: StrPath) -> Issued:
