@@ -851,7 +851,7 @@ async def _connected(
     if notices is not None:
         globalLogPublisher.addObserver(notices)
     try:
-        client = await connect(
+        client = await _attached(
             endpoint,
             password=args.password,
             relay=args.relay,
@@ -912,6 +912,26 @@ class _ConnectionNotices:
     @staticmethod
     def _say(text: str) -> None:
         print(f"imxp: {text}", file=sys.stderr, flush=True)
+
+
+async def _attached(endpoint: str, **options: Any) -> Client:
+    """:func:`connect`, with the way out of the one refusal a person meets by running two
+    commands as themself: §4.4.1 step 5 lets one application at a time attach as an
+    endpoint, so ``imxp send --from fred@…`` is refused while ``imxp listen --as fred@…``
+    runs. Each may use a subaddress of its own, which the same login may attach as."""
+    try:
+        return await connect(endpoint, **options)
+    except ClientError as e:
+        if (e.kind, e.code) != ("refused", 554):
+            raise
+        parsed = Endpoint.parse(endpoint)
+        spare = "cli" if parsed.subaddress != "cli" else "cli2"
+        raise ClientError(
+            e.kind,
+            f"{e.message} (by another application; this one may attach as a subaddress "
+            f"of its own, such as {parsed.address}/{spare}@{parsed.domain})",
+            e.code,
+        ) from e
 
 
 async def _send(reactor: Any, args: argparse.Namespace) -> int:

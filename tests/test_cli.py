@@ -290,6 +290,25 @@ async def test_each_error_has_its_exit_code_and_one_line(net: Net) -> None:
     assert "max_hops" in one_error_line(cases["bad config"][1])
 
 
+@pytest_twisted.ensureDeferred
+async def test_sending_as_an_endpoint_that_listens_says_how_to_do_both(net: Net) -> None:
+    listen = net.spawn("listen", "--as", WILMA, "--count", "1")
+    await net.attached(WILMA)
+    # One application at a time may attach as an endpoint (RFC 3340 §4.4.1 step 5).
+    refused = await net.imxp("send", "--from", WILMA, "--to", WILMA, "hello me")
+    assert refused.status == 7, refused
+    assert one_error_line(refused) == (
+        f"imxp: the relay refused to attach {WILMA} (554): {WILMA} is already attached (by "
+        "another application; this one may attach as a subaddress of its own, such as "
+        "wilma/cli@a.test)"
+    )
+    # As it says: the same login attaches as the subaddress, beside the listener.
+    sent = await net.imxp("send", "--from", "wilma/cli@a.test", "--to", WILMA, "hello me")
+    assert (sent.status, sent.out) == (0, f"{WILMA}: delivered (250)\n"), sent
+    assert await listen.ended() == 0, listen
+    assert "wilma/cli@a.test: hello me" in listen.out
+
+
 # -- chat ------------------------------------------------------------------------------------
 
 
