@@ -388,8 +388,11 @@ class Config:
     )
     max_sessions_per_peer: int = _option(
         32,
-        "BEEP sessions one peer address may have open at once, counted separately on edge "
-        "and mesh listeners; more are refused with 421.",
+        "BEEP sessions one peer address may have open at once before they authenticate "
+        "with SASL, counted separately on edge and mesh listeners; more are refused with "
+        "421. A session that has logged in counts no longer, so that the endpoints behind "
+        "one NAT address are not limited; relays, which authenticate by certificate, "
+        "always count.",
         check=_positive,
     )
     greeting_timeout: float = _option(

@@ -19,12 +19,20 @@ import pytest
 import pytest_twisted
 from apexnet import PASSWORD, RelayHandle, attach, free_ports, start_relay
 from dnsserver import DNSServer, a, srv
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import provider
 
 from imxp.beep.message import Message
-from imxp.beep.session import ChannelHandler, Request
+from imxp.beep.session import (
+    BEEPError,
+    ChannelHandler,
+    Request,
+    Role,
+    Session,
+    SessionConfig,
+    SessionFactory,
+)
 from imxp.certs import Issued, create_ca, issue_client, issue_server
 from imxp.client import Client, ClientError, Incoming, Outcome, Termination, connect
 from imxp.e2e import cpim
@@ -494,6 +502,39 @@ async def test_plain_and_external(net: Net) -> None:
 
     assert codes(await fred.send([WILMA], b"hi")) == {WILMA: 250}
     assert codes(await wilma.send([FRED], b"hi")) == {FRED: 250}
+
+
+# -- many people behind one address ----------------------------------------------------------
+
+
+async def anonymous_session(relay: RelayHandle) -> Session:
+    """A BEEP session to the relay's edge port that never logs in."""
+    factory = SessionFactory(Role.INITIATOR, [], SessionConfig(idle_timeout=None))
+    where = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port("edge"))
+    return await where.connect(factory)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_per_address_limit_spares_the_sessions_that_logged_in(net: Net) -> None:
+    """An office behind one NAT address: here, everyone on 127.0.0.1. Only the sessions
+    that have not logged in yet could be anyone's, and only they are limited."""
+    relay = await net.start("a.test", max_sessions_per_peer=2)
+    people = [await net.connect(e) for e in (FRED, WILMA, "fred/phone@a.test")]
+    assert all(p.connected for p in people)
+
+    first, second, third = [await anonymous_session(relay) for _ in range(3)]
+    await first.greeted()
+    await second.greeted()
+    with pytest.raises(BEEPError) as refused:  # §2.4: 421 instead of a greeting
+        await third.greeted()
+    assert refused.value.code == 421
+    assert "too many sessions from 127.0.0.1" in refused.value.text
+
+    # Once they are gone, one more person logs in: those who did never counted.
+    for session in (first, second, third):
+        session.disconnect()
+        await session.when_closed()
+    assert (await net.connect("wilma/phone@a.test")).connected
 
 
 # -- errors a person can act on --------------------------------------------------------------

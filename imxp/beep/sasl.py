@@ -224,6 +224,8 @@ class _ServerExchange(ChannelHandler):
         if self.profile.throttle is not None:
             self.profile.throttle.succeeded(self.host)
         self.state = _State.AUTHENTICATED
+        if session.on_authenticated is not None:
+            session.on_authenticated(session)
         return _encode_blob(success.data, _COMPLETE)
 
     def _end(self, code: int, text: str, *, attempt: bool) -> defer.Deferred[bytes]:

@@ -728,6 +728,8 @@ class Session(Protocol):
         self.unavailable: str | None = None
         #: Called once when the connection is gone (the factory counts sessions).
         self.on_lost: Callable[[Session], None] | None = None
+        #: Called when a peer has authenticated to this listener with SASL.
+        self.on_authenticated: Callable[[Session], None] | None = None
         self.peer = "?"
         self._gone = False
         self._closed_waiters: list[defer.Deferred[None]] = []
@@ -1783,12 +1785,17 @@ class SessionFactory(Factory):
         self.profiles = list(profiles)
         self.config = config or SessionConfig()
         self.clock = clock
-        #: Sessions at once from one peer address (listeners only; None: unlimited).
+        #: Sessions at once from one peer address that have not authenticated with SASL
+        #: (listeners only; None: unlimited).
         self.max_sessions_per_peer = max_sessions_per_peer
         self.on_session = on_session
         self._per_peer: dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> Session:
+        """A session for the connection from ``addr``, refused with 421 (§2.4) if too many
+        from its address are still anonymous. A session that authenticates with SASL
+        counts no longer: it is a user's, and the many users behind one NAT address must
+        not be limited as one peer is; until then it could be anyone's, many times over."""
         session = Session(self.role, self.profiles, self.config, self.clock)
         session.factory = self
         host = str(getattr(addr, "host", "?"))
@@ -1797,15 +1804,20 @@ class SessionFactory(Factory):
         limit = self.max_sessions_per_peer
         if self.role is Role.LISTENER and limit is not None and count > limit:
             session.unavailable = f"too many sessions from {host}"
+        counted = [session]
 
-        def lost(_: Session) -> None:
+        def uncount(_: Session) -> None:
+            if not counted:
+                return
+            counted.clear()
             remaining = self._per_peer.get(host, 1) - 1
             if remaining:
                 self._per_peer[host] = remaining
             else:
                 self._per_peer.pop(host, None)
 
-        session.on_lost = lost
+        session.on_lost = uncount
+        session.on_authenticated = uncount
         if self.on_session is not None:
             self.on_session(session)
         return session
