@@ -31,7 +31,7 @@ from imxp.beep.users import UserStore, UserStoreError
 from imxp.certs import Issued, create_ca, issue_server, load_certificates, load_issued
 from imxp.config import DEVELOPMENT_CA, Config, ConfigError
 
-__all__ = ["EXPIRY_WARNING", "Prepared", "prepare"]
+__all__ = ["EXPIRY_WARNING", "Prepared", "load_tls", "prepare"]
 
 EXPIRY_WARNING = timedelta(days=30)
 """A relay certificate expiring sooner than this is warned about at every start."""
@@ -101,6 +101,20 @@ def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -
         users=users,
         created=tuple(created),
     )
+
+
+def load_tls(config: Config, log: Logger) -> tuple[Issued, tuple[x509.Certificate, ...]]:
+    """The relay certificate with its key, and the trusted CAs, read again from the files
+    :func:`prepare` found (a renewed certificate: SIGHUP). Nothing is created; the same
+    warnings as at a start are logged.
+
+    :raises ConfigError: a file is missing or unusable; the message names the option.
+    """
+    cert_path = config.path("tls_certificate")
+    identity = _identity(config, cert_path, config.path("tls_key"))
+    trust_roots = _trust(config, config.paths("tls_trust"))
+    _check_certificate(config, cert_path, identity.certificate, log)
+    return identity, trust_roots
 
 
 def _ca_paths(state_dir: Path) -> tuple[Path, Path]:
@@ -215,7 +229,7 @@ def _identity(config: Config, cert_path: Path, key_path: Path) -> Issued:
         if not path.exists():
             hint = ""
             if config.tls_certificate is None and config.tls_key is None:
-                hint = "; with neither file there, a new development certificate is made"
+                hint = "; with neither file there, a start makes a new development certificate"
             raise ConfigError(config.source, name, f"{path} does not exist{hint}")
     try:
         load_certificates(cert_path)

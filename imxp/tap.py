@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import gc
 import pwd
-from typing import TYPE_CHECKING, ClassVar
+import signal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.python import usage
 
 from imxp import logs
-from imxp.bootstrap import Prepared, prepare
+from imxp.bootstrap import Prepared, load_tls, prepare
 from imxp.config import Config, ConfigError, load
 
 if TYPE_CHECKING:
     from twisted.application.service import IService
+
+    from imxp.apex.service import Credentials
 
 __all__ = ["Options", "makeService"]
 
@@ -85,4 +88,35 @@ def makeService(options: Options) -> IService:
     # long as the process. Frozen, it is left out of garbage collections: each full one
     # walked all of it, a pause of about 40 ms that showed in the relay's p99 latency.
     reactor.callWhenRunning(gc.freeze)
+    reactor.callWhenRunning(_reload_on_sighup, reactor, options.config, relay.credentials)
     return relay
+
+
+def _reload_on_sighup(reactor: Any, config: Config, credentials: Credentials) -> None:
+    """On SIGHUP, read the relay certificate, its key and the trusted CAs again, as mail and
+    chat servers do on reload: a renewed certificate is used from the next session on,
+    without a restart. Without this, SIGHUP would end the relay on the spot, dropping what
+    it had accepted. Other options still need a restart."""
+
+    def reload() -> None:
+        try:
+            identity, trust = load_tls(config, log)
+            credentials.use(identity, trust)
+        except (ConfigError, ValueError) as e:
+            log.error(
+                "SIGHUP: not reloaded, the relay goes on with the certificate it had: {error}",
+                error=str(e),
+                event="imxp.reload-failed",
+            )
+            return
+        log.info(
+            "SIGHUP: reloaded the relay certificate {path} (valid until {expires}) and {roots} "
+            "trusted CAs; new sessions use them",
+            path=str(config.path("tls_certificate")),
+            expires=identity.certificate.not_valid_after_utc.isoformat(),
+            roots=len(trust),
+            event="imxp.reloaded",
+        )
+
+    # A signal handler runs between any two bytecodes; the reload waits for the reactor.
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest_twisted
 from apexnet import App, _AppChannel, free_ports
 from clinet import until
+from cryptography import x509
 from twisted.internet import defer, endpoints, reactor
 
 from imxp.apex import options as apex_options
@@ -24,7 +25,7 @@ from imxp.beep.session import Request, Role, Session, SessionConfig, SessionFact
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
 from imxp.beep.users import UserStore
-from imxp.certs import load_certificates
+from imxp.certs import issue_server, load_certificates, load_issued
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "a password for the audit"
@@ -214,6 +215,68 @@ async def test_sigterm_exits_even_if_an_attached_application_does_not_answer(
         await until(lambda: relay.poll() is not None, "the relay to exit", 1.0 + 5.0)
         assert relay.returncode in (0, -signal.SIGTERM)
         assert "relay for localhost stopped" in log.read_text()
+    finally:
+        _stop(relay)
+
+
+# -- reload --------------------------------------------------------------------------------
+
+
+async def _presented(port: int, ca: Path) -> x509.Certificate:
+    """The certificate the relay shows a new session on ``port``."""
+    factory = SessionFactory(Role.INITIATOR, [], SessionConfig(idle_timeout=None))
+    where = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    session: Session = await where.connect(factory)
+    try:
+        await start_tls(session, client_options("localhost", load_certificates(ca)))
+        return session.peer_certificate
+    finally:
+        session.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_puts_a_renewed_certificate_to_work_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Certificates are renewed every few months (certbot's deploy hook, then `systemctl
+    reload imxp`). SIGHUP reads them again for new sessions; the sessions already made go
+    on, and a renewal that cannot be used is logged and changes nothing."""
+    edge, mesh = free_ports(2)
+    state = tmp_path / "imxp-state"
+    _prepare_users(state, "fred")
+    relay, log = _start(tmp_path, _config(tmp_path, edge, mesh))
+    try:
+        await until(lambda: log.read_text().count("listening on") >= 2, "listeners", 20)
+        ca_file = state / "ca.pem"
+        fred = await _attach(edge, ca_file, "fred@localhost")
+        first = await _presented(edge, ca_file)
+        ca = load_issued(ca_file, state / "ca.key")
+
+        # A key that is not the certificate's: not used, and the relay goes on as it was.
+        (state / "relay.key").write_bytes(issue_server(ca, ["localhost"]).key_pem())
+        relay.send_signal(signal.SIGHUP)
+        await until(lambda: "SIGHUP: not reloaded" in log.read_text(), "the refusal", 10)
+        assert "does not belong to the certificate" in log.read_text()
+        assert (await _presented(edge, ca_file)).serial_number == first.serial_number
+
+        renewed = issue_server(ca, ["localhost"], ips=["127.0.0.1"])
+        renewed.write(state / "relay.pem", state / "relay.key")
+        relay.send_signal(signal.SIGHUP)
+        await until(lambda: "SIGHUP: reloaded" in log.read_text(), "the reload", 10)
+        assert (await _presented(edge, ca_file)).serial_number == renewed.certificate.serial_number
+
+        # fred's session, made with the first certificate, still carries data.
+        data = wire.Data(
+            wire.Originator("fred@localhost", []),
+            [wire.Recipient("fred@localhost", [])],
+            [],
+            content=wire.Content.from_bytes(b"still here", "text/plain"),
+        )
+        reply = await fred.channel.send(wire.encode(data))
+        assert isinstance(wire.decode(reply), wire.OK)
+        await fred.wait("data", 1)
+        assert relay.poll() is None
+        assert "Traceback" not in log.read_text()
     finally:
         _stop(relay)
 

@@ -54,6 +54,7 @@ def test_make_service_hands_the_configuration_to_the_relay(
 ) -> None:
     made: list[Config] = []
     service = MultiService()
+    service.credentials = object()  # type: ignore[attr-defined]  # what SIGHUP reloads
 
     def make_relay_service(config: Config, **kwargs: Any) -> MultiService:
         made.append(config)

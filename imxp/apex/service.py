@@ -46,7 +46,34 @@ from imxp.bootstrap import Prepared, prepare
 from imxp.certs import Issued
 from imxp.config import Config, offered_mechanisms, resolver_addresses, session_config
 
-__all__ = ["RelayService", "build_relay", "make_relay_service"]
+__all__ = ["Credentials", "RelayService", "build_relay", "make_relay_service"]
+
+
+class Credentials:
+    """The relay's certificate and the CAs it trusts, as every TLS session it makes or
+    accepts from now on uses them: :meth:`use` puts a renewed certificate to work without
+    a restart (SIGHUP). Sessions already made keep what they were made with."""
+
+    def __init__(self, identity: Issued, trust: Sequence[x509.Certificate]) -> None:
+        edge, mesh = self._options(identity, trust)
+        self.edge_tls, self.mesh_tls = TLSProfile(edge), TLSProfile(mesh)
+        self.identity, self.trust = identity, tuple(trust)
+
+    def use(self, identity: Issued, trust: Sequence[x509.Certificate]) -> None:
+        """Use ``identity`` and ``trust`` from now on (ValueError, and no change, if
+        unusable)."""
+        edge, mesh = self._options(identity, trust)
+        self.edge_tls.options, self.mesh_tls.options = edge, mesh
+        self.identity, self.trust = identity, tuple(trust)
+
+    @staticmethod
+    def _options(identity: Issued, trust: Sequence[x509.Certificate]) -> tuple[Any, Any]:
+        roots = list(trust) or None
+        # A peer relay presents its server certificate, which public CAs now issue for
+        # serverAuth only; what it proves is checked when it binds (RFC 3340 §4.5.2).
+        return server_options(identity, roots), server_options(
+            identity, roots, server_auth_clients=True
+        )
 
 
 class RelayService(service.Service):
@@ -61,9 +88,11 @@ class RelayService(service.Service):
         listeners: Sequence[tuple[str, SessionFactory]],
         reactor: Any,
         *,
+        credentials: Credentials,
         shutdown_grace: float = 10.0,
     ) -> None:
         self.relay = relay
+        self.credentials = credentials
         self.pool = pool
         self.listeners = list(listeners)
         self.reactor = reactor
@@ -210,10 +239,11 @@ def build_relay(
         refusals=refusals,
     )
     relay: Relay
+    credentials = Credentials(identity, trust)
 
     async def connect(target: Target) -> Link:
         return await _connect(
-            target, relay, identity, trust, session_config, reactor, connect_timeout, resolver
+            target, relay, credentials, session_config, reactor, connect_timeout, resolver
         )
 
     pool = PeerPool(connect, reactor, max_retry=min(reconnect_max_delay, delivery_timeout))
@@ -226,11 +256,6 @@ def build_relay(
         max_hops=max_hops,
         delivery_timeout=delivery_timeout,
     )
-    roots = list(trust) or None
-    tls = TLSProfile(server_options(identity, roots))
-    # A peer relay presents its server certificate, which public CAs now issue for
-    # serverAuth only; what it proves is checked when it binds (RFC 3340 §4.5.2).
-    mesh_tls = TLSProfile(server_options(identity, roots, server_auth_clients=True))
     checkers: list[Any] = [users, ExternalChecker()]
     if allow_anonymous:
         checkers.append(AllowAnonymousAccess())
@@ -250,7 +275,7 @@ def build_relay(
 
     edge = SessionFactory(
         Role.LISTENER,
-        [tls, *sasl, APEXProfile(relay, Mode.EDGE)],
+        [credentials.edge_tls, *sasl, APEXProfile(relay, Mode.EDGE)],
         session_config,
         reactor,
         max_sessions_per_peer=max_sessions_per_peer,
@@ -258,22 +283,23 @@ def build_relay(
     )
     mesh = SessionFactory(
         Role.LISTENER,
-        [mesh_tls, APEXProfile(relay, Mode.MESH)],
+        [credentials.mesh_tls, APEXProfile(relay, Mode.MESH)],
         session_config,
         reactor,
         max_sessions_per_peer=max_sessions_per_peer,
         on_session=tracked,
     )
     listeners = [(d, edge) for d in edge_listen] + [(d, mesh) for d in mesh_listen]
-    relay_service = RelayService(relay, pool, listeners, reactor, shutdown_grace=shutdown_grace)
+    relay_service = RelayService(
+        relay, pool, listeners, reactor, credentials=credentials, shutdown_grace=shutdown_grace
+    )
     return relay_service
 
 
 async def _connect(
     target: Target,
     relay: Relay,
-    identity: Issued,
-    trust: Sequence[x509.Certificate],
+    credentials: Credentials,
     session_config: SessionConfig,
     reactor: IReactorTime,
     connect_timeout: float,
@@ -291,7 +317,7 @@ async def _connect(
     except (error.ConnectError, error.DNSLookupError) as e:
         raise LinkFailed(421, f"cannot connect: {e}") from None
     try:
-        return await _bound(session, target, relay, identity, trust)
+        return await _bound(session, target, relay, credentials.identity, credentials.trust)
     except defer.CancelledError:
         # Given up half way (a delivery deadline, a stop): a session that is no link
         # would stay open, in no pool, until the peer's idle timeout.
