@@ -14,7 +14,7 @@ from twisted.internet import defer, protocol, reactor, task
 from imxp.apex import wire
 from imxp.apex.peers import Link, LinkFailed, PeerPool, Verdict
 from imxp.apex.routing import NoRoute, Router, Target
-from imxp.apex.service import _connect
+from imxp.apex.service import Credentials, _connect
 from imxp.beep.message import Message
 from imxp.beep.session import SessionConfig
 
@@ -112,8 +112,7 @@ async def test_defect_next_hop_hanging_up_before_tls_is_not_a_permanent_failure(
             await _connect(
                 target,
                 Relay(),  # type: ignore[arg-type]
-                server_cert("a.test"),
-                [test_ca.certificate],
+                Credentials(server_cert("a.test"), [test_ca.certificate]),
                 config,
                 reactor,
                 5.0,
