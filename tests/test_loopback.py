@@ -585,6 +585,38 @@ def local_port(session: Session) -> int:
     return session.transport.getHost().port  # type: ignore[union-attr]
 
 
+def keepalive_of(session: Session) -> tuple[int, int, int, int]:
+    """SO_KEEPALIVE, and the idle time, interval and count of the probes, of the socket."""
+    # getHandle() is the TLS connection by now; tcp.Connection keeps the socket as well.
+    handle: socket.socket = session.transport.socket  # type: ignore[union-attr]
+    return (
+        handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    )
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keepalive options")
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_vanished_is_found_out_in_minutes_not_hours(net: Net) -> None:
+    """Both ends probe a silent connection after SessionConfig.keepalive (60 s) and give it
+    up after 4 unanswered probes over 60 s more, rather than the system's 2 h 11 min: an
+    application whose network changed under it may attach again as itself."""
+    async with net:
+        listener = await net.listen([EchoProfile()])
+        initiator = await net.connect(listener)
+        [accepted] = listener.sessions
+        assert keepalive_of(initiator) == keepalive_of(accepted) == (1, 60, 15, 4)
+
+        # None leaves the system's settings as they were.
+        system = socket.socket()
+        default_idle = system.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+        system.close()
+        other = await net.connect(listener, SessionConfig(keepalive=None))
+        assert keepalive_of(other)[:2] == (1, default_idle)
+
+
 @pytest_twisted.ensureDeferred
 async def test_session_over_the_per_peer_limit_gets_421(net: Net) -> None:
     async with net:
