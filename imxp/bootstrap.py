@@ -82,19 +82,16 @@ def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -
         and not key_path.exists()
     ):
         _development_certificate(config, cert_path, key_path, log, created)
-    identity = _identity(config, cert_path, key_path)
-    trust_paths = config.paths("tls_trust")
-    trust_roots = _trust(config, trust_paths)
+    identity, trust_roots = load_tls(config, log)
     users_path = config.path("users_file")
     users = _users(config, users_path, log, created)
-    _check_certificate(config, cert_path, identity.certificate, log)
     if owner is not None:
         _give(config, owner, _made(created, state_dir, cert_path, key_path, users_path))
     return Prepared(
         state_dir=state_dir,
         certificate_path=cert_path,
         key_path=key_path,
-        trust_paths=trust_paths,
+        trust_paths=config.paths("tls_trust"),
         users_path=users_path,
         identity=identity,
         trust_roots=trust_roots,
@@ -104,9 +101,10 @@ def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -
 
 
 def load_tls(config: Config, log: Logger) -> tuple[Issued, tuple[x509.Certificate, ...]]:
-    """The relay certificate with its key, and the trusted CAs, read again from the files
-    :func:`prepare` found (a renewed certificate: SIGHUP). Nothing is created; the same
-    warnings as at a start are logged.
+    """The relay certificate with its key, and the trusted CAs, loaded from the files the
+    configuration names, with a warning if the certificate does not name the domain or
+    expires soon: at a start (:func:`prepare`) and again for a renewed certificate
+    (SIGHUP). Nothing is created.
 
     :raises ConfigError: a file is missing or unusable; the message names the option.
     """
