@@ -1841,12 +1841,13 @@ class SessionFactory(Factory):
         limit = self.max_sessions_per_peer
         if self.role is Role.LISTENER and limit is not None and count > limit:
             session.unavailable = f"too many sessions from {host}"
-        counted = [session]
+        counted = True
 
         def uncount(_: Session) -> None:
+            nonlocal counted
             if not counted:
                 return
-            counted.clear()
+            counted = False
             remaining = self._per_peer.get(host, 1) - 1
             if remaining:
                 self._per_peer[host] = remaining
