@@ -16,7 +16,7 @@ import pytest_twisted
 from beepnet import connect, listen, shutdown
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.internet import defer, reactor, task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure as TwistedFailure
 from twisted.test import iosim
@@ -81,7 +81,7 @@ class Pair:
         self.L.peer_certificate = certificate.certificate if certificate else None
         self.L.tls_active = tls
         self.I = Session(Role.INITIATOR, (), clock=self.clock)
-        peer = IPv4Address("TCP", host, 40000)
+        peer = (IPv6Address if ":" in host else IPv4Address)("TCP", host, 40000)
         _, _, self.pump = iosim.connectedServerAndClient(
             lambda: self.L,
             lambda: self.I,
@@ -495,6 +495,34 @@ def test_piggybacked_failure_is_delayed_per_host(store):
     assert not d.called
     pair.advance(1.0)
     assert failure(d).code == 535
+
+
+def test_failures_count_against_the_ipv6_64_and_the_log_names_the_address(store):
+    clock = task.Clock()
+    throttle = FailureThrottle(clock, base=1.0, cap=30.0)
+    profiles = sasl_profiles(
+        ALL, portal_for(store), scram_store=store, throttle=throttle, clock=clock
+    )
+
+    def first_delay(host: str) -> float:
+        pair = Pair(profiles, clock=clock, host=host)
+        with capturedLogs() as events:
+            d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", "wrong password")))
+            waited = 0.0
+            while not d.called:
+                pair.advance(0.5)
+                waited += 0.5
+        assert failure(d).code == 535
+        (event,) = [e for e in events if e.get("event") == "beep.sasl-failure"]
+        assert event["peer"] == host
+        return waited
+
+    # A guesser hopping from address to address within its /64 meets a growing delay...
+    assert first_delay("2001:db8:1:2::a") == 1.0
+    assert first_delay("2001:db8:1:2::b") == 2.0
+    assert first_delay("2001:db8:1:2:ffff::c") == 4.0
+    # ...while another site's /64 starts afresh.
+    assert first_delay("2001:db8:1:3::a") == 1.0
 
 
 class RecordingRealm(PeerRealm):

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 
 from twisted.internet import defer, interfaces, task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Protocol
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -35,6 +35,8 @@ from imxp.beep.session import (
     SessionClosed,
     SessionConfig,
     SessionFactory,
+    peer_host,
+    peer_network,
 )
 
 ECHO = "http://example.com/echo"
@@ -855,6 +857,43 @@ def test_sessions_per_peer_limit_refuses_with_421():
     result(_flushed(first, first.I.close()))
     third = Pair(listener=factory.buildProtocol(peer), clock=clock)
     assert third.I.peer_greeting is not None
+
+
+def test_peers_are_counted_by_ipv4_address_or_ipv6_64():
+    """A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; they count as the IPv4
+    address. An IPv6 host may use any address of its /64, so the /64 is one peer."""
+    clock = task.Clock()
+    factory = SessionFactory(Role.LISTENER, [EchoProfile()], clock=clock, max_sessions_per_peer=1)
+
+    def greeted(address: IPv4Address | IPv6Address) -> bool:
+        pair = Pair(listener=factory.buildProtocol(address), clock=clock)
+        return pair.I.peer_greeting is not None
+
+    assert greeted(IPv4Address("TCP", "192.0.2.9", 5000))
+    assert not greeted(IPv6Address("TCP", "::ffff:192.0.2.9", 5001))
+    assert greeted(IPv6Address("TCP", "2001:db8:1:2::a", 5000))
+    assert not greeted(IPv6Address("TCP", "2001:db8:1:2:ffff::b", 5000))
+    assert greeted(IPv6Address("TCP", "2001:db8:1:3::a", 5000))
+
+
+def test_peer_is_shown_as_logs_and_limits_need_it():
+    assert peer_host(IPv6Address("TCP", "::ffff:192.0.2.9", 1)) == "192.0.2.9"
+    assert peer_host(IPv6Address("TCP", "2001:db8::1", 1)) == "2001:db8::1"
+    assert peer_host(IPv4Address("TCP", "192.0.2.9", 1)) == "192.0.2.9"
+    assert peer_network("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert peer_network("fe80::1%eth0") == "fe80::/64"
+    assert peer_network("192.0.2.9") == "192.0.2.9"
+    listener = Session(Role.LISTENER, [EchoProfile()], clock=task.Clock())
+    iosim.connectedServerAndClient(
+        lambda: listener,
+        lambda: Session(Role.INITIATOR, (), clock=task.Clock()),
+        serverTransportFactory=lambda p: iosim.FakeTransport(
+            p, True, peerAddress=IPv6Address("TCP", "2001:db8::7", 4711)
+        ),
+        greet=False,
+    )
+    # With the port after a colon, an IPv6 address needs brackets to be read back.
+    assert (listener.peer, listener.peer_host) == ("[2001:db8::7]:4711", "2001:db8::7")
 
 
 # -- loss of the session -------------------------------------------------------------------

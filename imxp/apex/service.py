@@ -38,6 +38,7 @@ from imxp.beep.session import (
     SessionClosed,
     SessionConfig,
     SessionFactory,
+    address_text,
 )
 from imxp.beep.tls import TLSProfile, start_tls
 from imxp.beep.tlsctx import client_options, server_options
@@ -150,7 +151,7 @@ class RelayService(service.Service):
             "relay for {domain} listening on {description} ({address})",
             domain=self.relay.domain,
             description=description,
-            address=str(port.getHost()),
+            address=address_text(port.getHost()),
             event="imxp.listening",
         )
 

@@ -63,6 +63,7 @@ from imxp.beep.session import (
     Request,
     Session,
     SessionClosed,
+    peer_network,
 )
 from imxp.beep.users import FailureThrottle
 from imxp.certs import client_identity
@@ -130,12 +131,6 @@ def _authenticated(session: Session) -> bool:
 def _certificate_identity(session: Session) -> str | None:
     certificate = session.peer_certificate
     return client_identity(certificate) if certificate is not None else None
-
-
-def _peer_host(session: Session) -> str:
-    # The throttle counts per address: with the port each connection would be a new peer.
-    host, sep, _port = session.peer.rpartition(":")
-    return host if sep else session.peer
 
 
 def _logout_when_closed(session: Session, logout: Callable[[], object]) -> None:
@@ -222,7 +217,7 @@ class _ServerExchange(ChannelHandler):
         session.authenticated_mechanism = self.mechanism.name
         _logout_when_closed(session, success.logout)
         if self.profile.throttle is not None:
-            self.profile.throttle.succeeded(self.host)
+            self.profile.throttle.succeeded(peer_network(self.host))
         self.state = _State.AUTHENTICATED
         if session.on_authenticated is not None:
             session.on_authenticated(session)
@@ -238,8 +233,9 @@ class _ServerExchange(ChannelHandler):
         delay = 0.0
         throttle = self.profile.throttle
         if attempt and throttle is not None:
-            throttle.failed(self.host)
-            delay = throttle.delay_for(self.host)
+            # Per address, not per connection; per /64 for IPv6 (peer_network).
+            throttle.failed(peer_network(self.host))
+            delay = throttle.delay_for(peer_network(self.host))
         log.warn(
             "SASL {mechanism} failed for {peer}: {code} {text}",
             mechanism=self.mechanism.name,
@@ -310,7 +306,7 @@ class SASLProfile(Profile):
     def start(
         self, session: Session, channel: Channel, init: bytes | None
     ) -> defer.Deferred[bytes]:
-        host = _peer_host(session)
+        host = session.peer_host
         mechanism = server_mechanism(
             self.name,
             self.portal,

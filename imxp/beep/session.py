@@ -13,6 +13,7 @@ by a :class:`ChannelHandler`. Sending a MSG returns a Deferred of the reply.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -129,6 +130,49 @@ def _probe_after(transport: Any, seconds: float) -> None:
                 handle.setsockopt(socket.IPPROTO_TCP, option, value)
             except OSError:
                 return
+
+
+def peer_host(address: Any) -> str:
+    """The IP address of a Twisted peer ``address`` as text, ``"?"`` when it has none.
+
+    A listener on ``tcp6:...:interface=\\:\\:`` takes IPv4 connections too (Linux's
+    default), and sees them as ``::ffff:192.0.2.1`` (RFC 4291 §2.5.5.2); that is the
+    IPv4 address here, so that logs and limits treat a peer alike on either listener.
+    """
+    host = str(getattr(address, "host", "?"))
+    try:
+        parsed = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else host
+
+
+def address_text(address: Any) -> str:
+    """A Twisted address as logs show it: ``192.0.2.1:4711``, ``[2001:db8::1]:4711`` (the
+    brackets keep the port apart), or the address's own text when it has no port."""
+    port = getattr(address, "port", None)
+    if port is None:
+        return str(address)
+    host = peer_host(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: The IPv6 prefix counted as one peer by the limits on anonymous sessions and failed logins.
+IPV6_PEER_PREFIX = 64
+
+
+def peer_network(host: str) -> str:
+    """What limits against abuse count as one peer: an IPv4 address, or the /64 of an IPv6
+    address. One host may be given a whole /64 (RFC 8273) and pick any address in it, so
+    a limit per IPv6 address would limit nothing."""
+    try:
+        parsed = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if parsed.version == 4:
+        return host
+    return str(ipaddress.ip_network(f"{parsed}/{IPV6_PEER_PREFIX}", strict=False))
 
 
 @dataclass
@@ -765,7 +809,10 @@ class Session(Protocol):
         self.on_lost: Callable[[Session], None] | None = None
         #: Called when a peer has authenticated to this listener with SASL.
         self.on_authenticated: Callable[[Session], None] | None = None
+        #: The peer's address as logs show it: ``192.0.2.1:4711`` or ``[2001:db8::1]:4711``.
         self.peer = "?"
+        #: The peer's IP address alone, an IPv4 one unmapped (:func:`peer_host`).
+        self.peer_host = "?"
         self._gone = False
         self._closed_waiters: list[defer.Deferred[None]] = []
         self._greeting_waiters: list[defer.Deferred[mgmt.Greeting]] = []
@@ -971,7 +1018,8 @@ class Session(Protocol):
         transport = self.transport
         assert transport is not None
         peer = transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.peer_host = peer_host(peer)
+        self.peer = address_text(peer)
         try:
             transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
             # Sessions the idle timeout spares still notice a peer that vanished.
@@ -1835,7 +1883,7 @@ class SessionFactory(Factory):
         not be limited as one peer is; until then it could be anyone's, many times over."""
         session = Session(self.role, self.profiles, self.config, self.clock)
         session.factory = self
-        host = str(getattr(addr, "host", "?"))
+        host = peer_network(peer_host(addr))
         count = self._per_peer.get(host, 0) + 1
         self._per_peer[host] = count
         limit = self.max_sessions_per_peer
