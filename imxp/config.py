@@ -254,15 +254,16 @@ class Config:
     edge_listen: tuple[str, ...] = _option(
         ("tcp:9913:interface=127.0.0.1",),
         "Twisted server endpoint strings where endpoints connect (endpoint-relay mode, "
-        'service `apex-edge`); in production `["tcp:913"]`. Not `ssl:` or `tls:`: TLS '
-        "starts inside the BEEP session.",
+        "service `apex-edge`); in production `['tcp6:913:interface=\\:\\:']`, every IPv6 "
+        "and (on Linux) IPv4 address, or `['tcp:913']` on a machine without IPv6. Not "
+        "`ssl:` or `tls:`: TLS starts inside the BEEP session.",
         check=_endpoints,
     )
     mesh_listen: tuple[str, ...] = _option(
         ("tcp:9912:interface=127.0.0.1",),
         "Twisted server endpoint strings where other relays connect (relay-relay mode, "
-        'service `apex-mesh`); in production `["tcp:912"]`. Not `ssl:` or `tls:`: TLS '
-        "starts inside the BEEP session.",
+        "service `apex-mesh`); in production `['tcp6:912:interface=\\:\\:']` as for "
+        "`edge_listen`. Not `ssl:` or `tls:`: TLS starts inside the BEEP session.",
         check=_endpoints,
     )
     state_dir: str = _option(

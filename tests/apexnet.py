@@ -233,10 +233,12 @@ async def attach(
     *,
     username: str | None = None,
     password: str = PASSWORD,
+    host: str = "127.0.0.1",
 ) -> App:
-    """Connect to the relay's edge port, TLS, SCRAM, and attach as ``endpoint``."""
+    """Connect to the relay's edge port at ``host``, TLS, SCRAM, and attach as ``endpoint``."""
     factory = SessionFactory(Role.INITIATOR, [], SessionConfig(window=65536, idle_timeout=None))
-    where = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port("edge"))
+    client = endpoints.TCP6ClientEndpoint if ":" in host else endpoints.TCP4ClientEndpoint
+    where = client(reactor, host, relay.port("edge"))
     session: Session = await where.connect(factory)
     await session.greeted()
     await start_tls(session, client_options(relay.domain, [ca.certificate]))

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import pytest
 import pytest_twisted
 from apexnet import App, RelayHandle, attach, start_relay
-from dnsserver import DNSServer, a, srv, start_dns_server
+from dnsserver import DNSServer, a, aaaa, srv, start_dns_server
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.logger import LogEvent, LogLevel
 
@@ -101,8 +101,11 @@ class Mesh:
         self.dns.set(f"_apex-mesh._tcp.{domain}", srv(0, 0, port, f"{domain}."))
         self.dns.set(domain, a("127.0.0.1"))
 
-    async def attach(self, endpoint: str, *, tls_name: str | None = None) -> App:
-        """An application attached at its domain's relay (TLS, SCRAM-SHA-256, attach).
+    async def attach(
+        self, endpoint: str, *, tls_name: str | None = None, host: str = "127.0.0.1"
+    ) -> App:
+        """An application attached at its domain's relay (TLS, SCRAM-SHA-256, attach),
+        connecting to ``host``.
 
         ``tls_name`` is the name the relay's certificate is checked for, when the test
         gave the relay a certificate for another name than its domain.
@@ -112,7 +115,7 @@ class Mesh:
         if tls_name is not None:
             # attach() checks the relay's certificate for ``relay.domain``.
             handle = dataclasses.replace(handle, domain=tls_name)
-        app = await attach(handle, self.ca, endpoint)
+        app = await attach(handle, self.ca, endpoint, host=host)
         self.apps.append(app)
         return app
 
@@ -338,6 +341,34 @@ async def test_a_to_b_delivered(build_mesh: MeshBuilder) -> None:
     # The final relay reports delivery; a's hand-over to b is no final verdict.
     assert reporters(fred, trans_id) == {"apex=report@b.test"}
     mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_ipv6_and_ipv4_on_one_dual_stack_listener(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """b.test listens on "::" as the production example does, and its host has only an
+    AAAA record: a.test reaches it over IPv6, an endpoint attaches over IPv6 and another
+    over IPv4, and logs show each peer's address as it is written."""
+    dual_stack = ("tcp6:0:interface=\\:\\:",)
+    mesh = await build_mesh(**{"b.test": {"edge_listen": dual_stack, "mesh_listen": dual_stack}})
+    mesh.dns.set("b.test", aaaa("::1"))
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY, host="::1")
+    bambam = await mesh.attach("bambam@b.test", host="127.0.0.1")
+
+    trans_id = await mesh.send(fred, [BARNEY, "bambam@b.test"])
+    await mesh.settle()
+
+    assert received(barney) == received(bambam) == [(FRED, BODY)]
+    assert codes(fred, trans_id) == {BARNEY: 250, "bambam@b.test": 250}
+    peers = {e["endpoint"]: e["peer"] for e in named(events, "apex.attached")}
+    assert peers[BARNEY].startswith("[::1]:")
+    assert peers["bambam@b.test"].startswith("127.0.0.1:")
+    (bound,) = [e for e in named(events, "apex.bound") if e["domain"] == "a.test"]
+    assert bound["peer"].startswith("[::1]:")
+    listening = [e["address"] for e in named(events, "imxp.listening")]
+    assert f"[::]:{mesh.relay('b.test').port('mesh')}" in listening
 
 
 @pytest_twisted.ensureDeferred
