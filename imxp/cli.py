@@ -1,7 +1,8 @@
 """The ``imxp`` command: use the mesh as an endpoint, and look after a relay.
 
 Endpoint commands (they connect to the home relay of the endpoint's domain, found by the
-SRV record ``_apex-edge._tcp.DOMAIN`` unless ``--relay`` names it, RFC 3340 §3.1)::
+SRV record ``_apex-edge._tcp.DOMAIN`` unless ``--relay`` names it, RFC 3340 §3.1; for
+``localhost``, the relay ``twistd -n imxp`` runs on built-in defaults)::
 
     imxp send --from fred@a.test --to barney@b.test "hello"
     imxp listen --as barney@b.test [--json] [--count N]
@@ -455,10 +456,15 @@ def _connection_options() -> argparse.ArgumentParser:
         "--relay",
         metavar="HOST:PORT",
         type=_host_port_text,
-        help="the relay to connect to (default: SRV _apex-edge._tcp.DOMAIN)",
+        help="the relay to connect to (default: SRV _apex-edge._tcp.DOMAIN; for localhost, "
+        "where `twistd -n imxp` listens)",
     )
     group.add_argument(
-        "--ca", type=Path, metavar="FILE", help="PEM CA bundle to trust (default: the system's)"
+        "--ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA bundle to trust (default: the system's; for localhost without --relay, "
+        "./imxp-state/ca.pem when there is one)",
     )
     group.add_argument("--tls-name", metavar="NAME", help="name the relay's certificate must carry")
     group.add_argument("--cert", type=Path, metavar="FILE", help="client certificate (EXTERNAL)")
@@ -835,6 +841,20 @@ async def _connected(
     saying why, rather than waiting for data that can no longer come.
     """
     identity = _load_identity(args.cert, args.key) if args.cert is not None else None
+    relay, ca = args.relay, args.ca
+    # How to trust the built-in relay's development CA, when it was not found.
+    hint = ""
+    if relay is None:
+        built_in = _built_in_relay(endpoint)
+        if built_in is not None:
+            relay, built_in_ca = built_in
+            if ca is None and built_in_ca.exists():
+                ca = built_in_ca
+            elif ca is None:
+                hint = (
+                    f" (there is no {built_in_ca} here: run this in the directory the relay "
+                    "runs in, or give --ca with the ca.pem of its imxp-state)"
+                )
     made: list[Client] = []
     ended: list[Failed] = []
 
@@ -854,8 +874,8 @@ async def _connected(
         client = await _attached(
             endpoint,
             password=args.password,
-            relay=args.relay,
-            trust=_load_trust(args.ca) if args.ca is not None else None,
+            relay=relay,
+            trust=_load_trust(ca) if ca is not None else None,
             tls_name=args.tls_name,
             client_certificate=identity,
             mechanism=args.mechanism,
@@ -877,7 +897,8 @@ async def _connected(
             reactor.removeSystemEventTrigger(trigger)
             await client.close()
     except ClientError as e:
-        raise Failed(_KIND_STATUS.get(e.kind, Exit.PROTOCOL), e.message) from e
+        message = e.message + hint if e.kind == "tls" else e.message
+        raise Failed(_KIND_STATUS.get(e.kind, Exit.PROTOCOL), message) from e
     finally:
         if notices is not None:
             globalLogPublisher.removeObserver(notices)
@@ -912,6 +933,18 @@ class _ConnectionNotices:
     @staticmethod
     def _say(text: str) -> None:
         print(f"imxp: {text}", file=sys.stderr, flush=True)
+
+
+def _built_in_relay(endpoint: str) -> tuple[str, Path] | None:
+    """For an endpoint of the domain of the relay that runs on built-in defaults
+    (``twistd -n imxp``: ``localhost``, which no DNS names, RFC 6761 §6.3), where that relay
+    listens for endpoints and the development CA it makes; else None."""
+    config = load(None)
+    if Endpoint.parse(endpoint).domain != config.domain:
+        return None
+    _description, address, port = _ports(config.edge_listen)[0]
+    # In the directory it runs in, as the relay's own state_dir is.
+    return f"{address}:{port}", config.path("state_dir") / "ca.pem"
 
 
 async def _attached(endpoint: str, **options: Any) -> Client:

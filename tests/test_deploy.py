@@ -78,6 +78,38 @@ async def test_twistd_imxp_runs_with_no_configuration_and_stops_on_sigterm(tmp_p
         assert await authenticate(session, scram, identity="fred") == "fred"
         session.disconnect()
 
+        # The imxp command, run where the relay runs, finds it with no --relay or --ca.
+        imxp = [sys.executable, "-m", "imxp"]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]),
+            "IMXP_PASSWORD": "a password for the test",
+        }
+        listen = subprocess.Popen(
+            [*imxp, "listen", "--as", "fred@localhost", "--count", "1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            await _until(lambda: "fred@localhost attached" in log.read_text(), 30, "listen")
+            send = subprocess.run(
+                [*imxp, "send", "--from", "fred/cli@localhost", "--to", "fred@localhost", "hi"],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert (send.returncode, send.stdout) == (0, "fred@localhost: delivered (250)\n")
+            out, _err = listen.communicate(timeout=30)
+            assert out.decode().rstrip().endswith("fred/cli@localhost: hi")
+        finally:
+            if listen.poll() is None:
+                listen.kill()
+                listen.wait()
+
         relay.send_signal(signal.SIGTERM)
         await _until(lambda: relay.poll() is not None, 20, "the relay to exit")
         # twistd ends by re-raising the signal once shut down, as Unix daemons do;
