@@ -182,6 +182,53 @@ def test_defect_one_data_timing_out_does_not_fail_another_sharing_its_connect() 
     assert not any(isinstance(e, defer.CancelledError) for e in failed), failed
 
 
+def test_defect_data_waiting_for_a_new_link_go_on_in_the_order_they_came() -> None:
+    """What one originator sends in a row to a domain with no link yet waits for the
+    connection. The data that set off the connection went on after all the others that
+    waited meanwhile, so a chat's first message arrived after its later ones."""
+    sent: list[bytes] = []
+
+    class Recording(OkChannel):
+        def send(self, message: Message) -> defer.Deferred[Message]:
+            sent.append(message.body)
+            return super().send(message)
+
+    connected: defer.Deferred[None] = defer.Deferred()
+
+    async def connect(target: Target) -> Link:
+        await connected
+        return Link(target, FakeSession(), Recording())  # type: ignore[arg-type]
+
+    pool = PeerPool(connect, task.Clock())
+    sendings = [pool.send([FIRST], Message(b"%d" % n), 60.0) for n in range(5)]
+    connected.callback(None)
+
+    assert sent == [b"0", b"1", b"2", b"3", b"4"]
+    assert all(s.result == Verdict(250) for s in sendings)
+
+
+def test_one_data_giving_up_leaves_the_connection_to_the_others_and_the_last_ends_it() -> None:
+    connect = Connector({"relay1.b.test": ["hang"]})
+    pool = PeerPool(connect, task.Clock())
+    first = pool.send([FIRST], Message(b"one"), 60.0)
+    second = pool.send([FIRST], Message(b"two"), 90.0)
+    for sending in (first, second):
+        sending.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    first.cancel()
+    assert not second.called
+    third = pool.send([FIRST], Message(b"three"), 90.0)
+    third.addErrback(lambda f: f.trap(defer.CancelledError))
+    assert connect.attempts == ["relay1.b.test"], "the attempt went on for the others"
+
+    second.cancel()
+    third.cancel()
+    # Nobody waits any more: the half-made connection is given up, and a new data
+    # connects afresh.
+    pool.send([FIRST], Message(b"four"), 90.0)
+    assert connect.attempts == ["relay1.b.test", "relay1.b.test"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_defect_service_not_available_is_cached_no_longer_than_its_ttl(dns_server):
     """RFC 2782: a lone SRV record with target "." says the service is not available; that

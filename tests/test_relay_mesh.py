@@ -439,6 +439,26 @@ async def test_burst_each_recipient_reported_once(build_mesh: MeshBuilder) -> No
 
 
 @pytest_twisted.ensureDeferred
+async def test_what_one_originator_sends_in_a_row_arrives_in_that_order(
+    build_mesh: MeshBuilder,
+) -> None:
+    """A chat's messages, sent without waiting for each other's reports, the first ones
+    while a.test has no link to b.test yet."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    wilma = await mesh.attach(WILMA)
+    lines = [b"line %d" % n for n in range(100)]
+
+    sends = [defer.ensureDeferred(mesh.send(fred, [BARNEY, WILMA], line)) for line in lines]
+    await defer.gatherResults(sends)
+    await mesh.settle()
+
+    assert [body for _, body in received(barney)] == lines
+    assert [body for _, body in received(wilma)] == lines
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_unattached_and_unreachable(
     build_mesh: MeshBuilder, events: list[LogEvent]
 ) -> None:

@@ -10,7 +10,9 @@ because the next hop may have taken it: that outcome is reported as unknown
 rather than risking a second delivery - unless not one octet of it had been
 written (:class:`~imxp.beep.session.NotSent`), which is retried. A next hop
 that is going away (421, or closing the session) gets nothing more on that
-session, so that its release completes with every data on it answered.
+session, so that its release completes with every data on it answered. Data
+for a next hop with no link yet share one connection attempt and go on in the
+order they came, as data on a link do.
 """
 
 from __future__ import annotations
@@ -70,6 +72,38 @@ _UNREACHABLE = Verdict(421, "next hop unreachable")
 Connector = Callable[[Target], Awaitable[Link]]
 
 
+class _Attempt:
+    """One connection attempt to a next hop, and the data waiting for it, in order."""
+
+    def __init__(self) -> None:
+        self.task: Deferred[None] | None = None
+        self._waiting: list[Deferred[Link]] = []
+
+    def wait(self) -> Deferred[Link]:
+        d: Deferred[Link] = Deferred(self._gave_up)
+        self._waiting.append(d)
+        return d
+
+    def _gave_up(self, d: Deferred[Link]) -> None:
+        # One data giving up (its deadline) must not end the attempt for the others;
+        # once none waits, nothing needs the link, and a half-made session is dropped.
+        if d in self._waiting:
+            self._waiting.remove(d)
+            if not self._waiting and self.task is not None:
+                self.task.cancel()
+
+    def settle(self, outcome: Link | Failure) -> None:
+        """Answer the waiting data in the order they came. Each goes on at once, so one
+        may give up another still waiting here; that one has its answer then."""
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                if isinstance(outcome, Failure):
+                    d.errback(outcome)
+                else:
+                    d.callback(outcome)
+
+
 class PeerPool:
     """The links of one relay to its next hops."""
 
@@ -86,7 +120,7 @@ class PeerPool:
         self._first_retry = first_retry
         self._max_retry = max_retry
         self._links: dict[tuple[str, int, str], Link] = {}
-        self._connecting: dict[tuple[str, int, str], list[defer.Deferred[Link]]] = {}
+        self._connecting: dict[tuple[str, int, str], _Attempt] = {}
         self._closing = False
         # Sends waiting to try again: ended at once when the pool closes.
         self._waits: set[Deferred[None]] = set()
@@ -121,13 +155,21 @@ class PeerPool:
         link = self._usable(key)
         if link is not None:
             return link
-        waiters = self._connecting.get(key)
-        if waiters is not None:
-            # Someone is already connecting there: share the attempt.
-            d: defer.Deferred[Link] = defer.Deferred()
-            waiters.append(d)
-            return await d
-        self._connecting[key] = waiters = []
+        attempt = self._connecting.get(key)
+        if attempt is not None:
+            return await attempt.wait()
+        # Data for the same next hop meanwhile wait on this one attempt.
+        attempt = self._connecting[key] = _Attempt()
+        waiting = attempt.wait()  # first: the attempt may end before ensureDeferred returns
+        attempt.task = defer.ensureDeferred(self._establish(target, key, attempt))
+        return await waiting
+
+    async def _establish(
+        self, target: Target, key: tuple[str, int, str], attempt: _Attempt
+    ) -> None:
+        """Connect to ``target`` for the data waiting on ``attempt``, and hand them the
+        link in the order they came: the data that set it off among them, so that what
+        an originator sends in a row to one domain reaches the next hop in that order."""
         try:
             link = await self._connect(target)
             if self._closing:
@@ -135,8 +177,8 @@ class PeerPool:
                 raise LinkFailed(421, "this relay is shutting down")
         except Exception as e:
             del self._connecting[key]
-            # One data giving up (its deadline) must not fail the others waiting here.
             if isinstance(e, defer.CancelledError):
+                # Every data waiting gave up (deadlines, a stop).
                 failure = Failure(LinkFailed(421, "connection attempt given up"))
             else:
                 failure = Failure()
@@ -151,9 +193,8 @@ class PeerPool:
                         text=e.text,
                         event="apex.link-failed",
                     )
-            for d in waiters:
-                d.errback(failure)
-            raise
+            attempt.settle(failure)
+            return
         del self._connecting[key]
         self._links[key] = link
         log.info(
@@ -168,9 +209,7 @@ class PeerPool:
                 del self._links[key]
 
         link.session.when_closed().addCallback(gone)
-        for d in waiters:
-            d.callback(link)
-        return link
+        attempt.settle(link)
 
     def send(self, targets: list[Target], message: Message, deadline: float) -> Deferred[Verdict]:
         """Hand ``message`` (an encoded data) to the first next hop that takes it."""
