@@ -101,6 +101,7 @@ from imxp.apex.routing import (
     MESH_SERVICE,
     NoRoute,
     Router,
+    host_port,
     is_ip_address,
 )
 from imxp.beep.session import BEEPError, Role, Session, SessionClosed, SessionConfig, SessionFactory
@@ -944,7 +945,7 @@ def _built_in_relay(endpoint: str) -> tuple[str, Path] | None:
         return None
     _description, address, port = _ports(config.edge_listen)[0]
     # In the directory it runs in, as the relay's own state_dir is.
-    return f"{address}:{port}", config.path("state_dir") / "ca.pem"
+    return host_port(address, port), config.path("state_dir") / "ca.pem"
 
 
 async def _attached(endpoint: str, **options: Any) -> Client:
@@ -1785,8 +1786,8 @@ async def _check_listeners(config: Config, reactor: Any, found: _Findings) -> No
             session = await _greeting(reactor, address, port)
         except (error.ConnectError, SessionClosed, BEEPError) as e:
             found.problem(
-                f"relay not running or not listening on {description} ({address}:{port}: "
-                f"{_short(e)}): start it ({start})"
+                f"relay not running or not listening on {description} "
+                f"({host_port(address, port)}: {_short(e)}): start it ({start})"
             )
             continue
         session.disconnect()
@@ -1813,7 +1814,7 @@ async def _check_peers(
             found.note(f"route {key}: each domain below {key[1:]} is checked when used")
             continue
         target = (await router.route(key))[0]
-        where = f"peer {key} at {target.host}:{target.port}"
+        where = f"peer {key} at {target.address}"
         try:
             session = await _greeting(reactor, target.host, target.port, resolver)
         except (error.ConnectError, error.DNSLookupError, SessionClosed, BEEPError) as e:

@@ -524,6 +524,25 @@ async def test_check_says_all_good_for_a_good_relay(net: Net) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_check_names_an_ipv6_listener_it_cannot_reach_readably(net: Net) -> None:
+    config = relay_config(net, net.relays["a.test"].identity)
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        closed = s.getsockname()[1]
+    text = config.read_text().replace(
+        f'edge_listen = ["tcp:{net.relays["a.test"].port("edge")}:interface=127.0.0.1"]',
+        f"edge_listen = ['tcp6:{closed}:interface=\\:\\:']",
+    )
+    config.write_text(text)
+    check = await net.imxp("check", "--config", str(config), "--dns", f"127.0.0.1:{net.dns.port}")
+    assert check.status == 1, check
+    assert (
+        f"problem: relay not running or not listening on tcp6:{closed}:interface=\\:\\: "
+        f"([::1]:{closed}: connection refused)"
+    ) in check.out
+
+
+@pytest_twisted.ensureDeferred
 async def test_check_reports_each_problem_with_its_fix(net: Net) -> None:
     config = relay_config(net, issue_server(net.ca, ["c.test"]), peer_name="wrong.test")
     check = await net.imxp("check", "--config", str(config), "--dns", f"127.0.0.1:{net.dns.port}")

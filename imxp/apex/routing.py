@@ -442,8 +442,12 @@ def _log_failure(domain: str, reason: str, permanent: bool) -> None:
 
 
 def _hostport(hop: Target | _Hop) -> str:
-    host = f"[{hop.host}]" if ":" in hop.host else hop.host
-    return f"{host}:{hop.port}"
+    return host_port(hop.host, hop.port)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets so that the port stands apart."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _parse_hop(value: str, default_port: int) -> _Hop:
