@@ -382,6 +382,14 @@ class Config:
         "Largest BEEP message accepted, in octets; a larger one is refused.",
         check=_positive,
     )
+    max_queued: int = _option(
+        16777216,
+        "Octets that may wait to be written to one endpoint or next-hop relay, held back by "
+        "its BEEP window while it does not read. Data for it beyond that is refused for "
+        "that recipient with 450, so that one peer that stops reading cannot fill the "
+        "relay's memory.",
+        check=_positive,
+    )
     max_channels: int = _option(
         257,
         "BEEP channels a session may have open at once besides channel zero.",

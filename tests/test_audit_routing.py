@@ -29,6 +29,8 @@ class OkChannel:
     def __init__(self) -> None:
         self._closing = False
         self.sent = 0
+        #: Octets waiting to be written (PeerPool refuses data beyond its max_queued).
+        self.queued_bytes = 0
 
     def send(self, message: Message) -> defer.Deferred[Message]:
         self.sent += 1
@@ -227,6 +229,32 @@ def test_one_data_giving_up_leaves_the_connection_to_the_others_and_the_last_end
     # connects afresh.
     pool.send([FIRST], Message(b"four"), 90.0)
     assert connect.attempts == ["relay1.b.test", "relay1.b.test"]
+
+
+def test_a_next_hop_that_stops_reading_is_refused_data_beyond_max_queued() -> None:
+    connect = Connector({"relay1.b.test": ["ok"]})
+    pool = PeerPool(connect, task.Clock(), max_queued=1000)
+    assert pool.send([FIRST], Message(b"one"), 60.0).result == Verdict(250)
+    (link,) = connect.links
+    link.channel.queued_bytes = 1001  # type: ignore[attr-defined]
+
+    refused = pool.send([FIRST], Message(b"two"), 60.0).result
+    assert refused.code == 450
+    assert refused.text == "relay1.b.test:912 is not reading: 1001 octets wait for it"
+    assert link.channel.sent == 1  # type: ignore[attr-defined]
+
+    # The same for data that waited while the link was being made.
+    busy = OkChannel()
+    busy.queued_bytes = 1001
+
+    async def connect_busy(target: Target) -> Link:
+        return Link(target, FakeSession(), busy)  # type: ignore[arg-type]
+
+    waiting = PeerPool(connect_busy, task.Clock(), max_queued=1000).send(
+        [FIRST], Message(b"three"), 60.0
+    )
+    assert waiting.result.code == 450
+    assert busy.sent == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -35,6 +35,7 @@ from twisted.logger import LogEvent, LogLevel
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
+from imxp.apex.address import Endpoint
 from imxp.beep import mgmt
 from imxp.beep.message import Message
 from imxp.beep.session import (
@@ -456,6 +457,42 @@ async def test_what_one_originator_sends_in_a_row_arrives_in_that_order(
 
     assert [body for _, body in received(barney)] == lines
     assert [body for _, body in received(wilma)] == lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endpoint_that_stops_reading_is_refused_data_beyond_max_queued(
+    build_mesh: MeshBuilder,
+) -> None:
+    """wilma's application stops reading its connection. What the relay has already handed
+    to her channel waits there, held back by her BEEP window; beyond ``max_queued`` octets
+    her data is refused with 450 at once, instead of the relay holding all of it."""
+    limit = 200_000
+    mesh = await build_mesh(**{"a.test": {"max_queued": limit}})
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    await mesh.attach(BARNEY)
+    wilma.session.transport.pauseProducing()
+    relay = mesh.relay("a.test").service.relay
+    body = b"x" * 50_000
+
+    trans_ids = [await mesh.send(fred, [WILMA], body) for _ in range(30)]
+    await mesh.settle()
+
+    queued = relay.attached[Endpoint.parse(WILMA)].channel.queued_bytes
+    assert queued <= limit + len(body) + 1000
+    verdicts = [outcome(fred, t)[WILMA] for t in trans_ids]
+    refused = [v for v in verdicts if v[0] == 450]
+    assert refused and all("endpoint is not reading" in text for _, text in refused)
+    # What was queued before had no answer within the delivery timeout: outcome unknown.
+    assert {code for code, _ in verdicts} == {450, 451}
+    # Nobody else waits for her.
+    other = await mesh.send(fred, [BARNEY], body)
+    await mesh.settle()
+    assert codes(fred, other) == {BARNEY: 250}
+
+    # Reading again, she gets what waited for her.
+    wilma.session.transport.resumeProducing()
+    await wilma.wait("data", len(verdicts) - len(refused))
 
 
 @pytest_twisted.ensureDeferred

@@ -272,6 +272,8 @@ class _FakeChannel:
         self.answers = list(answers)
         self._closing = False
         self.sent = 0
+        #: Octets waiting to be written (PeerPool refuses data beyond its max_queued).
+        self.queued_bytes = 0
 
     def send(self, message: Message) -> defer.Deferred[Message]:
         self.sent += 1

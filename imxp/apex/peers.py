@@ -114,11 +114,13 @@ class PeerPool:
         *,
         first_retry: float = 0.2,
         max_retry: float = 5.0,
+        max_queued: int = 16777216,
     ) -> None:
         self._connect = connect
         self._clock = clock
         self._first_retry = first_retry
         self._max_retry = max_retry
+        self._max_queued = max_queued
         self._links: dict[tuple[str, int, str], Link] = {}
         self._connecting: dict[tuple[str, int, str], _Attempt] = {}
         self._closing = False
@@ -216,6 +218,9 @@ class PeerPool:
         link = self._usable(self._key(targets[0])) if targets else None
         if link is None:
             return defer.ensureDeferred(self._send(targets, message, deadline))
+        backlog = self._backlog(link)
+        if backlog is not None:
+            return defer.succeed(backlog)
         # The usual case, a link that is up to the first choice: no coroutine until
         # something goes wrong.
         return link.channel.send(message).addCallbacks(
@@ -263,6 +268,9 @@ class PeerPool:
                     # The deadline or the stop, while connecting: no next hop has the
                     # data, so its outcome is known - not handed on - and ``last`` says why.
                     return last
+                backlog = self._backlog(link)
+                if backlog is not None:
+                    return backlog
                 try:
                     await link.channel.send(message)
                 except (BEEPError, SessionClosed):
@@ -286,6 +294,15 @@ class PeerPool:
             finally:
                 self._waits.discard(wait)
             delay = min(delay * 2, self._max_retry)
+
+    def _backlog(self, link: Link) -> Verdict | None:
+        """450 when more than ``max_queued`` octets already wait for ``link``'s next hop:
+        one that stops reading would otherwise have this relay hold all data for its
+        domain. Its originators learn at once, and may try again later."""
+        queued = link.channel.queued_bytes
+        if queued <= self._max_queued:
+            return None
+        return Verdict(450, f"{link.target.address} is not reading: {queued} octets wait for it")
 
     def _judge(self, failure: Failure, target: Target, link: Link) -> tuple[Verdict, bool]:
         """What sending on ``link`` failing with ``failure`` says, and whether that is final."""

@@ -172,6 +172,7 @@ class Relay:
         *,
         max_hops: int = 16,
         delivery_timeout: float = 60.0,
+        max_queued: int = 16777216,
     ) -> None:
         self.domain = domain
         self.policy = policy
@@ -180,6 +181,8 @@ class Relay:
         self.clock = clock
         self.max_hops = max_hops
         self.delivery_timeout = delivery_timeout
+        #: Octets waiting to be written to an application beyond which its data is refused.
+        self.max_queued = max_queued
         self.reports = ReportService(domain, self.send_internal)
         self._deadlines = _Deadlines(clock, delivery_timeout)
         self.attached: dict[Endpoint, APEXChannel] = {}
@@ -436,6 +439,13 @@ class Relay:
         channel = self.attached.get(endpoint)
         if channel is None or channel.channel is None:
             self._verdict(journey, identity, 450, "endpoint not attached", final=True)
+            return None
+        queued = channel.channel.queued_bytes
+        if queued > self.max_queued:
+            # An application that stops reading would have the relay hold all that is
+            # sent to it; refused, its originators learn at once (and may try later).
+            text = f"endpoint is not reading: {queued} octets already wait for it"
+            self._verdict(journey, identity, 450, text, final=True)
             return None
         # A final relay keeps every option as it hands the data over (§5): data for this
         # one recipient alone goes on as it came, with no need to encode it again.

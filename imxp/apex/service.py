@@ -220,6 +220,7 @@ def build_relay(
     delivery_timeout: float = 60.0,
     connect_timeout: float = 30.0,
     reconnect_max_delay: float = 300.0,
+    max_queued: int = 16777216,
     max_sessions_per_peer: int | None = 32,
     shutdown_grace: float = 10.0,
 ) -> RelayService:
@@ -247,7 +248,12 @@ def build_relay(
             target, relay, credentials, session_config, reactor, connect_timeout, resolver
         )
 
-    pool = PeerPool(connect, reactor, max_retry=min(reconnect_max_delay, delivery_timeout))
+    pool = PeerPool(
+        connect,
+        reactor,
+        max_retry=min(reconnect_max_delay, delivery_timeout),
+        max_queued=max_queued,
+    )
     relay = Relay(
         domain,
         policy,
@@ -256,6 +262,7 @@ def build_relay(
         reactor,
         max_hops=max_hops,
         delivery_timeout=delivery_timeout,
+        max_queued=max_queued,
     )
     checkers: list[Any] = [users, ExternalChecker()]
     if allow_anonymous:
@@ -404,6 +411,7 @@ def make_relay_service(
         delivery_timeout=config.delivery_timeout,
         connect_timeout=config.connect_timeout,
         reconnect_max_delay=config.reconnect_max_delay,
+        max_queued=config.max_queued,
         max_sessions_per_peer=config.max_sessions_per_peer,
         shutdown_grace=config.shutdown_grace,
     )
