@@ -315,6 +315,53 @@ async def test_receive_through_the_async_iterator(net: Net) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_data_before_the_application_reads_waits_for_it(net: Net) -> None:
+    """The README's program: send, then read the answer. A bot answers at once, so its
+    answer arrives while the sender still waits for its report, before it reads."""
+    fred = await net.connect(FRED)
+
+    def answer(incoming: Incoming) -> None:
+        defer.ensureDeferred(bot.send([incoming.originator], b"yabba dabba doo to you"))
+
+    bot = await net.connect(BARNEY, on_data=answer)
+
+    assert codes(await fred.send([BARNEY], b"yabba dabba doo")) == {BARNEY: 250}
+    incoming = fred.incoming()
+    first = await defer.ensureDeferred(anext(incoming)).addTimeout(5, reactor)
+    assert (first.originator, first.body) == (BARNEY, b"yabba dabba doo to you")
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_no_application_takes_is_refused_not_lost(net: Net, events) -> None:
+    """An application that only sends (imxp send) never reads: data to it is answered
+    450 once it has waited ``unclaimed_wait`` for a reader, so its sender is not told 250."""
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, unclaimed_wait=0.5)  # within the relay's delivery_timeout
+    started = reactor.seconds()
+
+    outcomes = await fred.send([BARNEY], b"anyone there?")
+
+    assert codes(outcomes) == {BARNEY: 450}
+    assert "no application took it" in outcomes[BARNEY].text
+    assert reactor.seconds() - started >= 0.5
+    assert [e["originator"] for e in events if e["event"] == "client.data-unclaimed"] == [FRED]
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_waiting_for_a_reader_is_refused_when_the_client_closes(net: Net) -> None:
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY, unclaimed_wait=30.0)
+    sending = defer.ensureDeferred(fred.send([BARNEY], b"still there?"))
+    await until(lambda: bool(barney._unclaimed))
+
+    await barney.close()
+
+    outcomes = await sending
+    assert codes(outcomes) == {BARNEY: 450}
+    assert outcomes[BARNEY].text == "the application ended before taking it"
+
+
+@pytest_twisted.ensureDeferred
 async def test_attach_a_subaddress_and_detach_it(net: Net) -> None:
     """RFC 3340 §2.2, §4.4.1: fred also attaches as fred/appl=im@a.test; data for it
     reaches him, and after detaching it is not attached any more (450)."""
@@ -497,8 +544,10 @@ async def test_reconnecting_gives_up_when_the_credentials_stop_working(net: Net)
 @pytest_twisted.ensureDeferred
 async def test_plain_and_external(net: Net) -> None:
     """PLAIN (always over TLS) and EXTERNAL with a client certificate (RFC 4422 App. A)."""
-    fred = await net.connect(FRED, mechanism="PLAIN")
-    wilma = await net.connect(WILMA, client_certificate=issue_client(net.ca, WILMA))
+    fred = await net.connect(FRED, mechanism="PLAIN", on_data=Inbox())
+    wilma = await net.connect(
+        WILMA, client_certificate=issue_client(net.ca, WILMA), on_data=Inbox()
+    )
 
     assert codes(await fred.send([WILMA], b"hi")) == {WILMA: 250}
     assert codes(await wilma.send([FRED], b"hi")) == {FRED: 250}

@@ -79,7 +79,7 @@ from urllib.parse import unquote
 
 from cryptography import x509
 from twisted.internet import defer, error, task, threads
-from twisted.internet.interfaces import IResolver
+from twisted.internet.interfaces import IDelayedCall, IResolver
 
 from imxp import logs
 from imxp.apex import wire
@@ -154,6 +154,12 @@ ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refuse
 _SERVICE_NOT_AVAILABLE = 421
 #: How long close() waits for the relay's answers before it just disconnects.
 _CLOSE_TIMEOUT = 5.0
+#: Seconds data waits, unanswered, for an ``incoming()`` iterator when neither one nor
+#: ``on_data`` takes it: well within a relay's ``delivery_timeout``, so that its sender
+#: hears 450 rather than "did not answer in time".
+UNCLAIMED_WAIT = 10.0
+#: Data that may wait so at once; more is refused with 450 at once.
+_UNCLAIMED_LIMIT = 1000
 #: How far a signed message's DateTime may be from now (RFC 3923 §6.9: five minutes).
 _WINDOW = timedelta(minutes=5)
 
@@ -338,6 +344,7 @@ class _Settings:
     reconnect: bool
     backoff: tuple[float, float]
     connect_timeout: float
+    unclaimed_wait: float
 
 
 def _key(identity: str) -> str:
@@ -373,7 +380,7 @@ class _APEXHandler(ChannelHandler):
         self.client = client
         self.connection = connection
 
-    def message_received(self, request: Request) -> Message:
+    def message_received(self, request: Request) -> Message | defer.Deferred[Message]:
         try:
             element = wire.decode(request.message)
         except wire.APEXError as e:
@@ -384,7 +391,10 @@ class _APEXHandler(ChannelHandler):
                 event="client.malformed",
             )
             raise BEEPError(e.code, e.text) from None
-        return wire.encode(self.client._received(self.connection, element))
+        answer = self.client._received(self.connection, element)
+        if isinstance(answer, defer.Deferred):
+            return answer.addCallback(wire.encode)
+        return wire.encode(answer)
 
 
 class _Pending:
@@ -472,6 +482,19 @@ class _Inbox:
             d.callback(None)
 
 
+@dataclass
+class _Unclaimed:
+    """Data waiting for an ``incoming()`` iterator, and its answer to the relay."""
+
+    incoming: Incoming
+    answer: defer.Deferred[wire.OK]
+    timer: IDelayedCall | None = None
+
+    def claimed(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+
+
 class _Closed(Exception):
     """close() was called while a send waited for the connection."""
 
@@ -509,6 +532,8 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._waiting: list[defer.Deferred[_Connection]] = []
         self._inboxes: list[_Inbox] = []
+        # Data nobody has taken yet, unanswered, oldest first.
+        self._unclaimed: deque[_Unclaimed] = deque()
         self._closing = False
         self._failure: ClientError | None = None
         self._sleep: defer.Deferred[None] | None = None
@@ -723,7 +748,8 @@ class Client:
         )
 
     def incoming(self) -> AsyncIterator[Incoming]:
-        """The data received from now on (status reports excluded), as an async iterator.
+        """The data received from now on (status reports excluded), as an async iterator;
+        the first one made also gets the data that waited for one (``unclaimed_wait``).
 
         It ends when the client is closed, and raises :class:`ClientError` when the
         connection is lost for good. Each call makes an iterator of its own; the
@@ -734,6 +760,11 @@ class Client:
             inbox.end(self._failure)
         else:
             self._inboxes.append(inbox)
+            while self._unclaimed:
+                waiting = self._unclaimed.popleft()
+                waiting.claimed()
+                inbox.put(waiting.incoming)
+                waiting.answer.callback(wire.OK())
         return self._drain(inbox)
 
     async def close(self) -> None:
@@ -754,6 +785,10 @@ class Client:
             pending.give_up("the client was closed before a status report arrived")
         for inbox in list(self._inboxes):
             inbox.end(None)
+        while self._unclaimed:
+            waiting = self._unclaimed.popleft()
+            waiting.claimed()
+            waiting.answer.errback(BEEPError(450, "the application ended before taking it"))
         if connection is not None and connection.session is not None:
             session = connection.session
             try:
@@ -1075,7 +1110,9 @@ class Client:
 
     # -- receiving (RFC 3340 §4.4.3, §4.4.4.2, §6.2) ------------------------------------
 
-    def _received(self, connection: _Connection, element: wire.APEXElement) -> wire.OK:
+    def _received(
+        self, connection: _Connection, element: wire.APEXElement
+    ) -> wire.OK | defer.Deferred[wire.OK]:
         if isinstance(element, wire.Data):
             return self._data(connection, element)
         if isinstance(element, wire.Terminate):
@@ -1083,7 +1120,7 @@ class Client:
         # §2.1: a relay does not attach or bind at an application.
         raise BEEPError(537, f"an application accepts no {type(element).__name__.lower()}")
 
-    def _data(self, connection: _Connection, data: wire.Data) -> wire.OK:
+    def _data(self, connection: _Connection, data: wire.Data) -> wire.OK | defer.Deferred[wire.OK]:
         try:
             originator = Endpoint.parse(data.originator.identity)
         except AddressError as e:
@@ -1117,6 +1154,8 @@ class Client:
             size=len(incoming.body),
             event="client.data-received",
         )
+        if not self._inboxes and self._on_data is None:
+            return self._hold(incoming)
         # A copy: a consumer that stops as it takes this leaves the list meanwhile.
         for inbox in list(self._inboxes):
             inbox.put(incoming)
@@ -1132,6 +1171,37 @@ class Client:
                 # The sender learns it was not processed, rather than a false 250.
                 raise BEEPError(451, "the application failed to process the data") from None
         return wire.OK()
+
+    def _hold(self, incoming: Incoming) -> defer.Deferred[wire.OK]:
+        """Data that arrived with no ``incoming()`` iterator or ``on_data`` to take it:
+        as when a program sends and only then reads, and the answer comes first. It waits
+        for the first iterator, unanswered, for ``unclaimed_wait`` seconds; then it is
+        refused with 450, so that its sender learns that nobody read it (RFC 3340
+        §4.4.4.2: the application's answer is the recipient's verdict), not that it was
+        delivered."""
+        if len(self._unclaimed) >= _UNCLAIMED_LIMIT:
+            self._unclaimed_refused(incoming)
+            raise BEEPError(450, "the application is not taking data")
+        answer: defer.Deferred[wire.OK] = defer.Deferred()
+        waiting = _Unclaimed(incoming, answer)
+        waiting.timer = self._clock.callLater(
+            self._settings.unclaimed_wait, self._unclaimed_expired, waiting
+        )
+        self._unclaimed.append(waiting)
+        return answer
+
+    def _unclaimed_expired(self, waiting: _Unclaimed) -> None:
+        self._unclaimed.remove(waiting)
+        self._unclaimed_refused(waiting.incoming)
+        wait = self._settings.unclaimed_wait
+        waiting.answer.errback(BEEPError(450, f"no application took it within {wait:g} s"))
+
+    def _unclaimed_refused(self, incoming: Incoming) -> None:
+        log.warn(
+            "data from {originator} refused: neither incoming() nor on_data took it",
+            originator=incoming.originator,
+            event="client.data-unclaimed",
+        )
 
     def _report(self, reporter: Endpoint, data: wire.Data) -> wire.OK:
         if data.content is None:
@@ -1335,6 +1405,7 @@ async def connect(
     on_terminated: Callable[[Termination], None] | None = None,
     backoff: tuple[float, float] = (1.0, 60.0),
     connect_timeout: float = 30.0,
+    unclaimed_wait: float = UNCLAIMED_WAIT,
 ) -> Client:
     """Attach to the relay of ``endpoint``'s domain as ``endpoint`` (RFC 3340 §2.1).
 
@@ -1359,6 +1430,10 @@ async def connect(
     :param on_terminated: called with a :class:`Termination` when the relay ends
         attachments (§4.4.3) or refuses to re-attach one after a reconnection.
     :param connect_timeout: seconds for a TCP connection and the relay's greeting.
+    :param unclaimed_wait: seconds data that arrives while no ``incoming()`` iterator
+        and no ``on_data`` can take it waits for an iterator, unanswered, before it is
+        refused with 450 (its sender is told that nobody read it); the first iterator
+        made gets what waits.
     :raises ClientError: with the ``kind`` of failure (see the module documentation).
     :raises ValueError: for an ``endpoint`` or ``relay`` that is malformed.
     """
@@ -1387,6 +1462,7 @@ async def connect(
         reconnect=reconnect,
         backoff=backoff,
         connect_timeout=connect_timeout,
+        unclaimed_wait=unclaimed_wait,
     )
     client = Client(str(parsed), settings, on_data, on_terminated)
     await client._establish(initial=True)
