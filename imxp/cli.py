@@ -101,10 +101,17 @@ from imxp.apex.routing import (
     MESH_SERVICE,
     NoRoute,
     Router,
-    host_port,
     is_ip_address,
 )
-from imxp.beep.session import BEEPError, Role, Session, SessionClosed, SessionConfig, SessionFactory
+from imxp.beep.session import (
+    BEEPError,
+    Role,
+    Session,
+    SessionClosed,
+    SessionConfig,
+    SessionFactory,
+    host_port,
+)
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
 from imxp.beep.users import UserStore, UserStoreError

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from imxp import logs
 from imxp.apex.address import is_literal, literal_address, normalise_domain
+from imxp.beep.session import host_port
 
 __all__ = [
     "MESH_SERVICE",
@@ -443,11 +444,6 @@ def _log_failure(domain: str, reason: str, permanent: bool) -> None:
 
 def _hostport(hop: Target | _Hop) -> str:
     return host_port(hop.host, hop.port)
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 address in brackets so that the port stands apart."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _parse_hop(value: str, default_port: int) -> _Hop:

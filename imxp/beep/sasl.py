@@ -234,8 +234,9 @@ class _ServerExchange(ChannelHandler):
         throttle = self.profile.throttle
         if attempt and throttle is not None:
             # Per address, not per connection; per /64 for IPv6 (peer_network).
-            throttle.failed(peer_network(self.host))
-            delay = throttle.delay_for(peer_network(self.host))
+            peer = peer_network(self.host)
+            throttle.failed(peer)
+            delay = throttle.delay_for(peer)
         log.warn(
             "SASL {mechanism} failed for {peer}: {code} {text}",
             mechanism=self.mechanism.name,

@@ -154,7 +154,11 @@ def address_text(address: Any) -> str:
     port = getattr(address, "port", None)
     if port is None:
         return str(address)
-    host = peer_host(address)
+    return host_port(peer_host(address), port)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets so that the port stands apart."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
