@@ -76,7 +76,7 @@ class Target:
     @property
     def address(self) -> str:
         """``host:port``, with an IPv6 address in brackets."""
-        return _hostport(self)
+        return host_port(self.host, self.port)
 
 
 class NoRoute(Exception):
@@ -104,7 +104,7 @@ class _Hop:
     tls_name: str | None  # None: the rule's default (see Router)
 
     def __str__(self) -> str:
-        return _hostport(self)
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ class Router:
         except NoRoute as e:
             return f"{domain}: no route (permanent): {e.reason}"
         if target is not None:
-            return f"{name}: {rule}\n  -> {_hostport(target)}, TLS name {target.tls_name}"
+            return f"{name}: {rule}\n  -> {target.address}, TLS name {target.tls_name}"
         cached = self._fresh(name)
         answer = cached or await self._answer(name)
         lines = [f"{name}: {rule}"]
@@ -257,7 +257,7 @@ class Router:
             return "\n".join(lines)
         targets = self._targets(name, answer)
         if answer.records:
-            order = ", ".join(_hostport(t) for t in targets)
+            order = ", ".join(t.address for t in targets)
             lines.append(f"  candidates in the order of this draw (RFC 2782): {order}")
         else:
             lines.append(
@@ -440,10 +440,6 @@ def _log_failure(domain: str, reason: str, permanent: bool) -> None:
         permanent=permanent,
         event="apex.route-failed",
     )
-
-
-def _hostport(hop: Target | _Hop) -> str:
-    return host_port(hop.host, hop.port)
 
 
 def _parse_hop(value: str, default_port: int) -> _Hop:
