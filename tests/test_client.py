@@ -289,6 +289,59 @@ async def test_a_failing_on_data_callback_is_reported_to_the_sender(net: Net) ->
     assert codes(outcomes) == {BARNEY: 451}
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_async_on_data_bot_answers_while_awaiting_its_own_send(net: Net) -> None:
+    """An ``async def`` on_data is run, not dropped as an unawaited coroutine; it may
+    await a send of its own, whose report arrives on the very channel it is answering."""
+    fred = await net.connect(FRED)
+    answered: list[dict[str, int | None]] = []
+
+    async def answer(incoming: Incoming) -> None:
+        answered.append(codes(await bot.send([incoming.originator], b"yabba dabba doo to you")))
+
+    bot = await net.connect(BARNEY, on_data=answer)
+    incoming = fred.incoming()
+
+    assert codes(await fred.send([BARNEY], b"yabba dabba doo")) == {BARNEY: 250}
+    first = await defer.ensureDeferred(anext(incoming)).addTimeout(5, reactor)
+    assert (first.originator, first.body) == (BARNEY, b"yabba dabba doo to you")
+    await until(lambda: answered == [{FRED: 250}])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_async_on_data_that_fails_at_once_is_reported_451(net: Net) -> None:
+    async def broken(incoming: Incoming) -> None:
+        raise RuntimeError("disk full")
+
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=broken)
+
+    assert codes(await fred.send([BARNEY], b"hello")) == {BARNEY: 451}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_async_on_data_that_fails_later_is_logged(net: Net, events) -> None:
+    """Once it awaits, the data is the application's (250); what fails after that is
+    the application's to log, and the library logs it."""
+
+    async def broken(incoming: Incoming) -> None:
+        await _sleep(0.01)
+        raise RuntimeError("disk full")
+
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=broken)
+
+    assert codes(await fred.send([BARNEY], b"hello")) == {BARNEY: 250}
+    await until(lambda: any(e["event"] == "client.on-data-failed" for e in events))
+    [failed] = [e for e in events if e["event"] == "client.on-data-failed"]
+    assert failed["originator"] == FRED
+    assert failed["log_failure"].check(RuntimeError)
+
+
+def _sleep(seconds: float) -> defer.Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
 # -- receiving ------------------------------------------------------------------------------
 
 
@@ -410,6 +463,21 @@ async def test_the_relays_terminate_is_answered(net: Net) -> None:
     assert terminations == [Termination((FRED,), 537, "account suspended")]
     assert fred.endpoints == ()  # ended on purpose: not re-attached
     assert relay.attached == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_async_on_terminated_runs(net: Net) -> None:
+    terminations: list[Termination] = []
+
+    async def ended(termination: Termination) -> None:
+        await _sleep(0.01)
+        terminations.append(termination)
+
+    await net.connect(FRED, on_terminated=ended)
+
+    await net.relays["a.test"].service.relay.terminate_all(537, "account suspended")
+
+    await until(lambda: terminations == [Termination((FRED,), 537, "account suspended")])
 
 
 @pytest_twisted.ensureDeferred

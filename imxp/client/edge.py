@@ -66,12 +66,13 @@ names someone else), ``refused`` (the relay will not attach us as that endpoint)
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import random
 import secrets
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
@@ -80,6 +81,7 @@ from urllib.parse import unquote
 from cryptography import x509
 from twisted.internet import defer, error, task, threads
 from twisted.internet.interfaces import IDelayedCall, IResolver
+from twisted.python.failure import Failure
 
 from imxp import logs
 from imxp.apex import wire
@@ -506,8 +508,8 @@ class Client:
         self,
         endpoint: str,
         settings: _Settings,
-        on_data: Callable[[Incoming], None] | None,
-        on_terminated: Callable[[Termination], None] | None,
+        on_data: Callable[[Incoming], Awaitable[None] | None] | None,
+        on_terminated: Callable[[Termination], Awaitable[None] | None] | None,
     ) -> None:
         #: The endpoint this client attached as first, and sends as by default.
         self.endpoint = endpoint
@@ -1161,7 +1163,14 @@ class Client:
             inbox.put(incoming)
         if self._on_data is not None:
             try:
-                self._on_data(incoming)
+                result = self._on_data(incoming)
+                if inspect.isawaitable(result):
+                    self._run(
+                        result,
+                        "on_data failed for data from {originator}",
+                        originator=incoming.originator,
+                        event="client.on-data-failed",
+                    )
             except Exception:
                 log.failure(
                     "on_data failed for data from {originator}",
@@ -1171,6 +1180,24 @@ class Client:
                 # The sender learns it was not processed, rather than a false 250.
                 raise BEEPError(451, "the application failed to process the data") from None
         return wire.OK()
+
+    def _run(self, awaitable: Awaitable[object], message: str, **fields: object) -> None:
+        """Run what an ``async def`` callback returned, rather than drop it unawaited.
+
+        It runs at once, up to its first ``await``, and a failure before then is raised
+        here as a plain callback's would be. From there it goes on by itself: awaiting it
+        before answering would hold back the answers to every later data on the channel
+        (RFC 3080 §2.6.1: replies go in order) for as long as it waits, e.g. for the
+        status report of a data it sends. A later failure is logged with ``message``.
+        """
+        running = defer.ensureDeferred(awaitable)  # type: ignore[arg-type]
+        early: list[Failure] = []
+        if running.called:
+            running.addErrback(early.append)
+            if early:
+                early[0].raiseException()
+            return
+        running.addErrback(lambda failure: log.failure(message, failure, **fields))
 
     def _hold(self, incoming: Incoming) -> defer.Deferred[wire.OK]:
         """Data that arrived with no ``incoming()`` iterator or ``on_data`` to take it:
@@ -1269,7 +1296,9 @@ class Client:
         if self._on_terminated is None:
             return
         try:
-            self._on_terminated(termination)
+            result = self._on_terminated(termination)
+            if inspect.isawaitable(result):
+                self._run(result, "on_terminated failed", event="client.on-terminated-failed")
         except Exception:
             log.failure("on_terminated failed", event="client.on-terminated-failed")
 
@@ -1401,8 +1430,8 @@ async def connect(
     resolver: IResolver | None = None,
     reactor: Any = None,
     reconnect: bool = True,
-    on_data: Callable[[Incoming], None] | None = None,
-    on_terminated: Callable[[Termination], None] | None = None,
+    on_data: Callable[[Incoming], Awaitable[None] | None] | None = None,
+    on_terminated: Callable[[Termination], Awaitable[None] | None] | None = None,
     backoff: tuple[float, float] = (1.0, 60.0),
     connect_timeout: float = 30.0,
     unclaimed_wait: float = UNCLAIMED_WAIT,
@@ -1426,9 +1455,13 @@ async def connect(
     :param reconnect: after a lost connection, connect and attach again with backoff
         (``backoff``: first and longest delay in seconds); otherwise the client fails.
     :param on_data: called with each :class:`Incoming` data; raising makes the relay
-        report 451 to its sender.
+        report 451 to its sender. It may be an ``async def``: it runs up to its first
+        ``await`` before the data is answered (raising there is the same 451), then
+        goes on by itself, so that a bot may await its own sends in it; a failure after
+        that is logged (``client.on-data-failed``).
     :param on_terminated: called with a :class:`Termination` when the relay ends
-        attachments (§4.4.3) or refuses to re-attach one after a reconnection.
+        attachments (§4.4.3) or refuses to re-attach one after a reconnection; it may be
+        an ``async def`` too.
     :param connect_timeout: seconds for a TCP connection and the relay's greeting.
     :param unclaimed_wait: seconds data that arrives while no ``incoming()`` iterator
         and no ``on_data`` can take it waits for an iterator, unanswered, before it is
