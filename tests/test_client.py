@@ -266,6 +266,23 @@ def test_by_default_the_sender_waits_out_a_relays_retries() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_thousands_of_sends_at_once_each_get_their_report(net: Net) -> None:
+    """A bot that sends without awaiting each send pipelines more data than the relay's
+    window takes; its answers to the reports coming back must not wait behind them."""
+    fred = await net.connect(FRED)
+    inbox = Inbox()
+    await net.connect(BARNEY, on_data=inbox)
+    bodies = [b"message %d" % n for n in range(2000)]
+
+    outcomes = await defer.gatherResults(
+        [defer.ensureDeferred(fred.send([BARNEY], body, timeout=30)) for body in bodies]
+    )
+
+    assert [codes(o) for o in outcomes] == [{BARNEY: 250}] * len(bodies)
+    assert [i.body for i in await inbox.wait(len(bodies))] == bodies
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_data_the_relay_refuses_gives_every_recipient_its_code(net: Net) -> None:
     fred = await net.connect(FRED)
     net.relays["a.test"].service.relay.accepting = False  # as while shutting down

@@ -539,6 +539,35 @@ def test_a_message_waits_for_the_window_rather_than_being_cut_to_fit():
         assert size > 1024 and [(f[3], f[4]) for f in frames] == [(False, size)] * 64
 
 
+def test_replies_go_ahead_of_msgs_not_yet_begun():
+    """A peer that has pipelined more MSGs than the window takes still answers the other
+    side's MSGs at once, behind only the message it has begun (RFC 3080 §2.2.1) and in
+    their order (§2.6.1): queued behind its own MSGs, the replies would wait for the
+    peer to answer those, and a pipelining client owed its relay replies without bound."""
+    profile = EchoProfile()
+    pair = Pair([profile])
+    d = pair.I.start_channel([ECHO], handler=Handler())
+    pair.flush()
+    channel = result(d)
+    bodies = [bytes([65 + n]) * 6000 for n in range(4)]  # each more than the window
+    replies = [channel.send(Message(body)) for body in bodies]
+    listener = profile.handlers[0].channel
+    pings = [listener.send(Message(b"ping %d" % n)) for n in range(2)]
+
+    pair.flush()
+
+    order = [frame for frame in pair.to_L.order if frame[:2] != ("SEQ", 1) and frame[1] == 1]
+    assert order == [
+        (MSG, 1, 0),  # begun before the pings arrived: finished first
+        (MSG, 1, 0),
+        (RPY, 1, 0),
+        (RPY, 1, 1),
+        *[(MSG, 1, msgno) for msgno in (1, 1, 2, 2, 3, 3)],
+    ]
+    assert [result(ping).body for ping in pings] == [b"ping 0", b"ping 1"]
+    assert [result(reply).body for reply in replies] == bodies
+
+
 def test_ten_megabyte_message():
     config = SessionConfig(max_message_size=16 << 20)
     pair, profile, channel = echo_pair(listener_config=config, initiator_config=config)

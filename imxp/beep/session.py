@@ -582,6 +582,13 @@ class Channel:
 
         Most messages are small and most windows open, so most take the first way and
         skip the queue's bookkeeping.
+
+        In the queue a reply goes ahead of the MSGs not yet begun, after the replies
+        before it (RFC 3080 §2.6.1 orders replies among themselves, and §2.2.1 only
+        forbids cutting into a message begun). Behind our own MSGs it would wait for
+        the peer to answer them, while the peer may be waiting for this reply, to a
+        MSG of its own, before it opens its window again: a sender pipelining
+        thousands of MSGs would leave its replies owed without bound.
         """
         session = self.session
         size = len(data)
@@ -613,10 +620,18 @@ class Channel:
         queue = self._queue
         if not isinstance(queue, deque):
             queue = self._queue = deque()
-        queue.append(out)
-        self._queued_bytes += size
-        if kind != MSG:
+        if kind == MSG:
+            queue.append(out)
+        else:
+            at = self._queued_replies
+            if queue and queue[0].kind == MSG and queue[0].offset:
+                at += 1  # a MSG begun is finished first
+            if at < len(queue):
+                queue.insert(at, out)
+            else:
+                queue.append(out)
             self._queued_replies += 1
+        self._queued_bytes += size
         session._ready_channel(self)
         if self._producer is not None:
             self._check_producer()
