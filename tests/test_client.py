@@ -283,6 +283,22 @@ async def test_thousands_of_sends_at_once_each_get_their_report(net: Net) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_more_recipients_than_a_data_takes_go_in_several(net: Net) -> None:
+    """A relay takes 1,000 recipients in a data (553 beyond); the library splits a longer
+    list, and each recipient still has its own outcome."""
+    fred = await net.connect(FRED)
+    inbox = Inbox()
+    await net.connect(BARNEY, on_data=inbox)
+    strangers = [f"stranger{n}@b.test" for n in range(1500)]
+
+    outcomes = await fred.send([*strangers[:1200], BARNEY, *strangers[1200:]], b"all hands")
+
+    assert codes(outcomes) == {BARNEY: 250} | {s: 550 for s in strangers}
+    [incoming] = await inbox.wait()
+    assert incoming.body == b"all hands"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_data_the_relay_refuses_gives_every_recipient_its_code(net: Net) -> None:
     fred = await net.connect(FRED)
     net.relays["a.test"].service.relay.accepting = False  # as while shutting down

@@ -623,7 +623,8 @@ class Client:
         statusResponse (§6.2) or ``timeout`` seconds have passed, after which the missing
         ones are unknown. If the relay refuses the data operation itself (e.g. 537),
         every recipient gets that code. During an outage the data waits for the
-        reconnection, within the same timeout. ``originator`` must be an endpoint this
+        reconnection, within the same timeout. More recipients than a relay takes in one
+        data (1,000) go in several data at once. ``originator`` must be an endpoint this
         client is attached as (the default is :attr:`endpoint`): the reports go to it.
         ``headers`` are further MIME headers of the content part.
 
@@ -642,12 +643,32 @@ class Client:
         sender = _key(originator) if originator is not None else self.endpoint
         if sender not in self._wanted:
             raise ValueError(f"{sender} is not attached: its status reports could not reach it")
+        content = wire.Content.from_bytes(body, media_type, headers)
+        if len(unique) <= wire.MAX_RECIPIENTS:
+            return await self._send(sender, unique, content, timeout)
+        # A relay takes at most so many recipients in one data: more go in several.
+        sending = [
+            defer.ensureDeferred(
+                self._send(sender, unique[at : at + wire.MAX_RECIPIENTS], content, timeout)
+            )
+            for at in range(0, len(unique), wire.MAX_RECIPIENTS)
+        ]
+        try:
+            batches = await defer.gatherResults(sending, consumeErrors=True)
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+        return {recipient: o for batch in batches for recipient, o in batch.items()}
+
+    async def _send(
+        self, sender: str, unique: list[str], content: wire.Content, timeout: float
+    ) -> dict[str, Outcome]:
+        """One data from ``sender`` to ``unique``, and their outcomes."""
         trans_id = self._new_trans_id()
         data = wire.Data(
             wire.Originator(sender),
             [wire.Recipient(r) for r in unique],
             [make_status_request(trans_id)],
-            content=wire.Content.from_bytes(body, media_type, headers),
+            content=content,
         )
         payload = wire.encode(data)
         pending = self._pending[trans_id] = _Pending(unique)
