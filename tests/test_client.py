@@ -34,7 +34,7 @@ from imxp.beep.session import (
     SessionFactory,
 )
 from imxp.certs import Issued, create_ca, issue_client, issue_server
-from imxp.client import Client, ClientError, Incoming, Outcome, Termination, connect
+from imxp.client import Client, ClientError, Incoming, Outcome, Termination, connect, edge
 from imxp.e2e import cpim
 
 FRED = "fred@a.test"
@@ -431,6 +431,31 @@ async def test_data_no_application_takes_is_refused_not_lost(net: Net, events) -
     assert "no application took it" in outcomes[BARNEY].text
     assert reactor.seconds() - started >= 0.5
     assert [e["originator"] for e in events if e["event"] == "client.data-unclaimed"] == [FRED]
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_for_an_iterator_no_longer_read_is_refused_past_a_bound(
+    net: Net, events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's program reads one answer with anext() and keeps the iterator: what
+    arrives after it is held for an iterator nobody reads. Past a bound it is refused
+    with 450, not held (and reported 250) until the process ends."""
+    monkeypatch.setattr(edge, "_UNCLAIMED_LIMIT", 3)
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY)
+    incoming = barney.incoming()
+    first = defer.ensureDeferred(anext(incoming))
+    assert codes(await fred.send([BARNEY], b"read")) == {BARNEY: 250}
+    assert (await first).body == b"read"
+
+    unread = [codes(await fred.send([BARNEY], b"unread %d" % n)) for n in range(4)]
+
+    assert unread == [{BARNEY: 250}] * 3 + [{BARNEY: 450}]
+    assert [e["originator"] for e in events if e["event"] == "client.data-unclaimed"] == [FRED]
+    # What was held is still there for the iterator.
+    held = [(await defer.ensureDeferred(anext(incoming))).body for _ in range(3)]
+    assert held == [b"unread 0", b"unread 1", b"unread 2"]
+    assert codes(await fred.send([BARNEY], b"read again")) == {BARNEY: 250}
 
 
 @pytest_twisted.ensureDeferred

@@ -160,7 +160,7 @@ _CLOSE_TIMEOUT = 5.0
 #: ``on_data`` takes it: well within a relay's ``delivery_timeout``, so that its sender
 #: hears 450 rather than "did not answer in time".
 UNCLAIMED_WAIT = 10.0
-#: Data that may wait so at once; more is refused with 450 at once.
+#: Data that may wait so at once, or unread by one iterator; more is refused with 450.
 _UNCLAIMED_LIMIT = 1000
 #: How far a signed message's DateTime may be from now (RFC 3923 §6.9: five minutes).
 _WINDOW = timedelta(minutes=5)
@@ -1179,9 +1179,17 @@ class Client:
         )
         if not self._inboxes and self._on_data is None:
             return self._hold(incoming)
+        taken = self._on_data is not None
         # A copy: a consumer that stops as it takes this leaves the list meanwhile.
         for inbox in list(self._inboxes):
-            inbox.put(incoming)
+            # An iterator kept but no longer read (as after one anext()) would hold
+            # what arrives, answered 250, until the process ends.
+            if len(inbox.items) < _UNCLAIMED_LIMIT:
+                inbox.put(incoming)
+                taken = True
+        if not taken:
+            self._unclaimed_refused(incoming)
+            raise BEEPError(450, f"the application is not reading: {_UNCLAIMED_LIMIT} data wait")
         if self._on_data is not None:
             try:
                 result = self._on_data(incoming)
