@@ -22,7 +22,7 @@ OpenPGP keys come from a keyring directory (``--gnupg-home``, else ``$GNUPGHOME`
 Operator commands::
 
     imxp certs ca|relay|endpoint|smime ...  development CA; relay, endpoint, S/MIME certificates
-    imxp users add|remove|list ...          the relay's SASL user file
+    imxp users add|password|remove|list ... the relay's SASL user file
     imxp route DOMAIN                       how the relay would reach a domain
     imxp check                              what is wrong with a relay's setup, and the fix
 
@@ -34,7 +34,7 @@ Exit status, for scripts:
 ====  ===========================================================================
 0     success
 1     send: some recipient was not delivered; check: problems found;
-      users: the user to add exists, or the one to remove does not
+      users: the user to add exists, or the one to change or remove does not
 2     usage error (bad arguments, no password available)
 3     authentication failed
 4     unknown domain: no relay for it in DNS (route: no route to the domain)
@@ -635,7 +635,8 @@ def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]
         "users",
         help="Manage the relay's SASL user file.",
         description="Manage the relay's SASL user file. A running relay sees changes at "
-        "the next login, and within a second for delivery; no restart is needed.",
+        "the next login, and within a second for delivery; within 5 s it logs out who "
+        "logged in as a user since removed or given a new password. No restart is needed.",
     )
     actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
     where = argparse.ArgumentParser(add_help=False)
@@ -657,7 +658,23 @@ def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]
     )
     add.add_argument("name", help=_USERNAME_HELP)
     add.add_argument("--password-file", type=Path, metavar="FILE")
-    remove = command(actions, "remove", _users_remove, "Remove a user.", where)
+    password = command(
+        actions,
+        "password",
+        _users_password,
+        "Give a user a new password (from --password-file, "
+        f"${PASSWORD_VARIABLE} or a prompt); a running relay logs out who used the old one.",
+        where,
+    )
+    password.add_argument("name", help=_USERNAME_HELP)
+    password.add_argument("--password-file", type=Path, metavar="FILE")
+    remove = command(
+        actions,
+        "remove",
+        _users_remove,
+        "Remove a user; a running relay logs out who logged in as it.",
+        where,
+    )
     remove.add_argument("name", help=_USERNAME_HELP)
     command(actions, "list", _users_list, "List the users, one per line.", where)
 
@@ -1471,6 +1488,27 @@ def _users_add(args: argparse.Namespace) -> int:
         raise Failed(Exit.USAGE, str(e)) from None
     shown = name if name == args.name else f"{name} ({args.name})"
     print(f"added {shown} to {store.path}")
+    return Exit.OK
+
+
+def _users_password(args: argparse.Namespace) -> int:
+    """``imxp users password NAME``: 1 if there is no such user."""
+    store, domain = _user_store(args)
+    name = args.name if args.name in store else _username(args.name, domain)
+    if name not in store:
+        print(f"imxp: there is no user {args.name} in {store.path}", file=sys.stderr)
+        return Exit.FAILED
+    password = _password(args.password_file, confirm=True)
+    if password is None:
+        raise _no_password()
+    try:
+        store.set_password(name, password)
+    except UserStoreError as e:  # a password SASLprep refuses
+        raise Failed(Exit.USAGE, str(e)) from None
+    except KeyError:  # removed meanwhile
+        print(f"imxp: there is no user {args.name} in {store.path}", file=sys.stderr)
+        return Exit.FAILED
+    print(f"new password for {name} in {store.path}")
     return Exit.OK
 
 

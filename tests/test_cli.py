@@ -426,11 +426,18 @@ async def test_users_add_list_remove_and_a_running_relay_sees_them(net: Net) -> 
     )
     assert (sent.status, sent.out) == (1, f"{BARNEY}: failed 450 endpoint not attached\n"), sent
 
+    changed = await net.imxp("users", "password", "dino", "--file", users, password="pebbles")
+    assert (changed.status, changed.out) == (0, f"new password for dino in {users}\n"), changed
+    sent = await net.imxp("send", "--from", "dino@a.test", "--to", BARNEY, "hi", password="pebbles")
+    assert sent.status == 1 and "450 endpoint not attached" in sent.out, sent
+
     removed = await net.imxp("users", "remove", "dino", "--file", users)
     assert removed.status == 0, removed
     assert "dino" not in UserStore(users)
     gone = await net.imxp("users", "remove", "dino", "--file", users)
     assert gone.status == 1, gone
+    nobody = await net.imxp("users", "password", "dino", "--file", users, password="pebbles")
+    assert nobody.status == 1 and "there is no user dino" in nobody.err, nobody
 
 
 @pytest_twisted.ensureDeferred

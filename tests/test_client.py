@@ -23,6 +23,7 @@ from twisted.internet import defer, endpoints, reactor, task
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import provider
 
+from imxp.apex.service import USERS_LOOK_SECONDS
 from imxp.beep.message import Message
 from imxp.beep.session import (
     BEEPError,
@@ -33,6 +34,7 @@ from imxp.beep.session import (
     SessionConfig,
     SessionFactory,
 )
+from imxp.beep.users import UserStore
 from imxp.certs import Issued, create_ca, issue_client, issue_server
 from imxp.client import Client, ClientError, Incoming, Outcome, Termination, connect, edge
 from imxp.e2e import cpim
@@ -665,6 +667,71 @@ async def test_reconnecting_gives_up_when_the_credentials_stop_working(net: Net)
 
 
 # -- SASL mechanisms ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_removed_from_the_user_file_is_logged_out(net: Net) -> None:
+    """`imxp users remove fred` on a running relay: fred's application, logged in before,
+    does not go on sending as fred. Its session ends within the relay's look at the file
+    (USERS_LOOK_SECONDS); logging in again fails, and the client says so."""
+    terminations: list[Termination] = []
+    fred = await net.connect(FRED, on_terminated=terminations.append)
+    ended, errors = until_it_ends(fred)
+    wilma = await net.connect(WILMA, on_data=Inbox())
+    relay = net.relays["a.test"]
+
+    UserStore(relay.users.path, iterations=4096).remove("fred")  # as the command does
+    await ended.addTimeout(USERS_LOOK_SECONDS + 5, reactor)
+
+    assert [(t.code, t.text) for t in terminations] == [
+        (421, "the password of fred was withdrawn or changed: log in again")
+    ]
+    assert [e.kind for e in errors] == ["auth"]
+    with pytest.raises(ClientError):
+        await fred.send([WILMA], b"still here?")
+    assert FRED not in {str(e) for e in relay.service.relay.attached}
+    assert codes(await wilma.send([FRED], b"fred?")) == {FRED: 550}  # the others go on
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_password_logs_out_who_logged_in_with_the_old(net: Net) -> None:
+    fred = await net.connect(FRED)
+    ended, errors = until_it_ends(fred)
+
+    UserStore(net.relays["a.test"].users.path, iterations=4096).set_password("fred", "n3w")
+    await ended.addTimeout(USERS_LOOK_SECONDS + 5, reactor)
+
+    assert [e.kind for e in errors] == ["auth"]
+    again = await net.connect(FRED, password="n3w", on_data=Inbox())
+    assert codes(await again.send([FRED], b"me again")) == {FRED: 250}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_file_the_relay_cannot_look_at_is_said_once(net: Net) -> None:
+    """A user file the relay cannot stat (here a symlink loop) is logged as an error once,
+    not at every look, and logs no one out."""
+    fred = await net.connect(FRED)
+    relay = net.relays["a.test"]
+    relay.users.path.unlink()
+    relay.users.path.symlink_to(relay.users.path)
+    errors: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        if event.get("event") == "imxp.users-unreadable":
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(3):
+            relay.service._look_at_users(relay.users)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+    assert [e["error"] for e in errors] == [
+        f"{relay.users.path}: Too many levels of symbolic links"
+    ]
+    assert fred.connected and FRED in {str(e) for e in relay.service.relay.attached}
 
 
 @pytest_twisted.ensureDeferred

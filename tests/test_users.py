@@ -151,6 +151,29 @@ def test_set_password(path):
     assert outcome(store.scram_keys("alice")).salt != old_salt
 
 
+def test_watchers_hear_of_users_removed_or_given_a_new_password(path):
+    """What a relay logs out: changes another process made, found by a re-read, and
+    changes made through this store alike; a file that cannot be read changes nothing."""
+    relay = UserStore(path)
+    for name in ("alice", "bob", "carol", "dave"):
+        relay.add(name, PASSWORD)
+    heard: list[frozenset[str]] = []
+    relay.watch(heard.append)
+    admin = UserStore(path)  # `imxp users` in another process
+
+    admin.remove("bob")
+    admin.set_password("carol", "new password")
+    admin.add("erin", PASSWORD)
+    relay.refresh()
+    relay.remove("dave")
+    relay.refresh()  # nothing new
+    path.write_text("not a user file\n")
+    relay.refresh()
+
+    assert heard == [frozenset({"bob", "carol"}), frozenset({"dave"})]
+    assert "alice" in relay and "erin" in relay
+
+
 @pytest.mark.parametrize(
     "name", ["", "a:b", "a\nb", "a\x00b", "a\rb", "#alice", "x" * 256, "\u00ad", "a\u0007"]
 )

@@ -751,10 +751,15 @@ class Relay:
         verdict now, as when its deadline passes."""
         self._deadlines.expire_all()
 
-    def terminate_all(self, code: int, text: str) -> defer.Deferred[None]:
-        """Tell every attached application its attachments end (§4.4.3)."""
+    def terminate_all(
+        self, code: int, text: str, session: Session | None = None
+    ) -> defer.Deferred[None]:
+        """Tell every attached application (or those of ``session``) its attachments
+        end (§4.4.3)."""
         sends = []
         for channel in {id(c): c for c in self.attached.values()}.values():
+            if session is not None and channel.session is not session:
+                continue
             if channel.channel is not None:
                 message = wire.encode(wire.Terminate(0, code, text))
                 sends.append(channel.channel.send(message).addErrback(lambda f: None))

@@ -5,7 +5,9 @@ apex-edge listeners (TLS, then SASL, then APEX); relays bind on the apex-mesh
 listeners (TLS with their certificate, then APEX). On SIGTERM the relay stops
 listening, refuses new data with 421, gives accepted data ``shutdown_grace``
 seconds to reach a verdict (which is reported if asked for), tells attached
-applications their attachments end, and releases every session.
+applications their attachments end, and releases every session. A user removed
+from the user file, or given a new password, is logged out within
+``USERS_LOOK_SECONDS``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ from imxp.config import Config, offered_mechanisms, resolver_addresses, session_
 
 __all__ = ["Credentials", "RelayService", "build_relay", "make_relay_service"]
 
+#: How often a relay looks at its user file for users removed or given a new password.
+USERS_LOOK_SECONDS = 5.0
+
 
 class Credentials:
     """The relay's certificate and the CAs it trusts, as every TLS session it makes or
@@ -91,6 +96,7 @@ class RelayService(service.Service):
         *,
         credentials: Credentials,
         shutdown_grace: float = 10.0,
+        users: UserStore | None = None,
     ) -> None:
         self.relay = relay
         self.credentials = credentials
@@ -102,10 +108,58 @@ class RelayService(service.Service):
         # Listeners privilegedStartService opened, for startService to leave alone.
         self._bound: set[str] = set()
         self.sessions: set[Session] = set()
+        self._users_look: task.LoopingCall | None = None
+        self._users_trouble: str | None = None
+        if users is not None:
+            users.watch(self._withdrawn)
+            self._users_look = task.LoopingCall(self._look_at_users, users)
+            self._users_look.clock = reactor
 
     def track(self, session: Session) -> None:
         self.sessions.add(session)
         session.when_closed().addCallback(lambda _: self.sessions.discard(session))
+
+    def _look_at_users(self, users: UserStore) -> None:
+        try:
+            users.refresh()
+        except OSError as e:
+            trouble = f"{users.path}: {e.strerror or e}"
+            if trouble != self._users_trouble:  # once, not every few seconds
+                self.log.error(
+                    "cannot look at the user file: {error}",
+                    error=trouble,
+                    event="imxp.users-unreadable",
+                )
+            self._users_trouble = trouble
+        else:
+            self._users_trouble = None
+
+    def _withdrawn(self, names: frozenset[str]) -> None:
+        """Users removed from the user file, or given a new password: each session that
+        logged in as one is ended (§4.4.3 terminate with 421, then the BEEP session
+        closed), as ending only its attachments would let the application attach again
+        on the session it has. An application that has the new password logs in again;
+        one that has not is refused."""
+        policy = self.relay.policy
+        endpoints = {policy.sasl_endpoint(name) for name in names} - {None}
+        for session in list(self.sessions):
+            identity = session.authenticated_identity
+            if identity is not None and policy.sasl_endpoint(identity) in endpoints:
+                defer.ensureDeferred(self._log_out(session, identity))
+
+    async def _log_out(self, session: Session, identity: str) -> None:
+        self.log.warn(
+            "{identity} was removed from the user file or given a new password: "
+            "ending its session from {peer}",
+            identity=identity,
+            peer=session.peer,
+            event="imxp.logged-out",
+        )
+        ending = self.relay.terminate_all(
+            421, f"the password of {identity} was withdrawn or changed: log in again", session
+        )
+        await self._at_most(ending, 2.0)
+        session.disconnect()
 
     def privilegedStartService(self) -> None:
         """Listen, as twistd does this part: before it sheds privileges (``--uid``), so
@@ -136,6 +190,9 @@ class RelayService(service.Service):
 
     def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().startService()
+        if self._users_look is not None:
+            # Logins look at the file themselves; this is for those already logged in.
+            self._users_look.start(USERS_LOOK_SECONDS, now=False)
         return defer.ensureDeferred(self._listen())
 
     async def _listen(self) -> None:
@@ -170,6 +227,8 @@ class RelayService(service.Service):
     async def _stop(self) -> None:
         relay = self.relay
         relay.accepting = False
+        if self._users_look is not None and self._users_look.running:
+            self._users_look.stop()
         self.log.info(
             "relay for {domain} stopping: {count} data in flight",
             domain=relay.domain,
@@ -299,7 +358,13 @@ def build_relay(
     )
     listeners = [(d, edge) for d in edge_listen] + [(d, mesh) for d in mesh_listen]
     relay_service = RelayService(
-        relay, pool, listeners, reactor, credentials=credentials, shutdown_grace=shutdown_grace
+        relay,
+        pool,
+        listeners,
+        reactor,
+        credentials=credentials,
+        shutdown_grace=shutdown_grace,
+        users=users,
     )
     return relay_service
 

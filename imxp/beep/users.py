@@ -190,6 +190,7 @@ class UserStore:
         self._looked: float | None = None
         # The secret line the file carries (or will carry from the next write).
         self._file_secret: bytes | None = None
+        self._watchers: list[Callable[[frozenset[str]], None]] = []
         self.reload()
 
     @property
@@ -253,6 +254,16 @@ class UserStore:
             users[name] = StoredKeys(salt, iterations, stored_key, server_key)
         return users, secret
 
+    def watch(self, callback: Callable[[frozenset[str]], None]) -> None:
+        """Call ``callback`` with the users a re-read finds removed or with a new
+        password, whenever it finds some: those logged in with the old one are no longer
+        who the file says may log in."""
+        self._watchers.append(callback)
+
+    def refresh(self) -> None:
+        """Look at the file now, and re-read it if it changed."""
+        self._fresh()
+
     def reload(self) -> None:
         """Re-read the file. On a malformed file, raise UserStoreError and keep the old data."""
         stamp = self._stamp()
@@ -260,9 +271,19 @@ class UserStore:
         mode = self.path.stat().st_mode if stamp is not None else 0
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warn("user file {path} is accessible to others", path=str(self.path))
-        self._users = users
         self._take_secret(secret)
         self._seen = stamp
+        self._replace(users)
+
+    def _replace(self, users: dict[str, StoredKeys]) -> None:
+        before, self._users = self._users, users
+        withdrawn = frozenset(name for name, keys in before.items() if users.get(name) != keys)
+        if withdrawn:
+            for callback in self._watchers:
+                try:
+                    callback(withdrawn)
+                except Exception:
+                    log.failure("acting on withdrawn users failed", event="imxp.users-watch-failed")
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -291,12 +312,12 @@ class UserStore:
                 self._seen = self._stamp()
         return self._users
 
-    def _write(self) -> None:
+    def _write(self, users: dict[str, StoredKeys]) -> None:
         lines = []
         if self._file_secret is not None:
             lines.append(f"{_SECRET_PREFIX}{_b64(self._file_secret)}")
-        for name in sorted(self._users):
-            k = self._users[name]
+        for name in sorted(users):
+            k = users[name]
             lines.append(
                 f"{name}:SCRAM-SHA-256${k.iterations}:{_b64(k.salt)}"
                 f"${_b64(k.stored_key)}:{_b64(k.server_key)}"
@@ -336,9 +357,9 @@ class UserStore:
         users, secret = self._read()
         self._take_secret(secret)
         apply(users)
-        self._users = users
-        self._write()
+        self._write(users)
         self._seen = self._stamp()
+        self._replace(users)
 
     # -- administration --------------------------------------------------------------------
 
