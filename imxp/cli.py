@@ -649,25 +649,23 @@ def _users_parser(commands: Any, command: Callable[..., argparse.ArgumentParser]
         "./imxp-state/users)",
     )
     source.add_argument("--file", type=Path, help="the user file itself")
-    add = command(
-        actions,
-        "add",
-        _users_add,
-        f"Add a user; the password comes from --password-file, ${PASSWORD_VARIABLE} or a prompt.",
-        where,
-    )
-    add.add_argument("name", help=_USERNAME_HELP)
-    add.add_argument("--password-file", type=Path, metavar="FILE")
-    password = command(
-        actions,
-        "password",
-        _users_password,
-        "Give a user a new password (from --password-file, "
-        f"${PASSWORD_VARIABLE} or a prompt); a running relay logs out who used the old one.",
-        where,
-    )
-    password.add_argument("name", help=_USERNAME_HELP)
-    password.add_argument("--password-file", type=Path, metavar="FILE")
+    for action, run, text in (
+        (
+            "add",
+            _users_add,
+            f"Add a user; the password comes from --password-file, ${PASSWORD_VARIABLE} or a "
+            "prompt.",
+        ),
+        (
+            "password",
+            _users_password,
+            "Give a user a new password (from --password-file, "
+            f"${PASSWORD_VARIABLE} or a prompt); a running relay logs out who used the old one.",
+        ),
+    ):
+        parser = command(actions, action, run, text, where)
+        parser.add_argument("name", help=_USERNAME_HELP)
+        parser.add_argument("--password-file", type=Path, metavar="FILE")
     remove = command(
         actions,
         "remove",
@@ -1496,8 +1494,7 @@ def _users_password(args: argparse.Namespace) -> int:
     store, domain = _user_store(args)
     name = args.name if args.name in store else _username(args.name, domain)
     if name not in store:
-        print(f"imxp: there is no user {args.name} in {store.path}", file=sys.stderr)
-        return Exit.FAILED
+        return _no_such_user(args.name, store)
     password = _password(args.password_file, confirm=True)
     if password is None:
         raise _no_password()
@@ -1506,10 +1503,14 @@ def _users_password(args: argparse.Namespace) -> int:
     except UserStoreError as e:  # a password SASLprep refuses
         raise Failed(Exit.USAGE, str(e)) from None
     except KeyError:  # removed meanwhile
-        print(f"imxp: there is no user {args.name} in {store.path}", file=sys.stderr)
-        return Exit.FAILED
+        return _no_such_user(args.name, store)
     print(f"new password for {name} in {store.path}")
     return Exit.OK
+
+
+def _no_such_user(name: str, store: UserStore) -> int:
+    print(f"imxp: there is no user {name} in {store.path}", file=sys.stderr)
+    return Exit.FAILED
 
 
 def _users_remove(args: argparse.Namespace) -> int:
@@ -1520,8 +1521,7 @@ def _users_remove(args: argparse.Namespace) -> int:
     try:
         store.remove(name)
     except KeyError:
-        print(f"imxp: there is no user {args.name} in {store.path}", file=sys.stderr)
-        return Exit.FAILED
+        return _no_such_user(args.name, store)
     print(f"removed {name} from {store.path}")
     return Exit.OK
 
