@@ -1489,10 +1489,16 @@ def _users_add(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _stored_user(args: argparse.Namespace) -> tuple[UserStore, str]:
+    """The user file and the name ``args.name`` has in it: ``fred@DOMAIN`` is fred, or
+    the name as given if the file holds it so."""
+    store, domain = _user_store(args)
+    return store, args.name if args.name in store else _username(args.name, domain)
+
+
 def _users_password(args: argparse.Namespace) -> int:
     """``imxp users password NAME``: 1 if there is no such user."""
-    store, domain = _user_store(args)
-    name = args.name if args.name in store else _username(args.name, domain)
+    store, name = _stored_user(args)
     if name not in store:
         return _no_such_user(args.name, store)
     password = _password(args.password_file, confirm=True)
@@ -1514,10 +1520,8 @@ def _no_such_user(name: str, store: UserStore) -> int:
 
 
 def _users_remove(args: argparse.Namespace) -> int:
-    """``imxp users remove NAME``: 1 if there is no such user. ``fred@DOMAIN`` is fred,
-    or the name as given if a user file holds it so."""
-    store, domain = _user_store(args)
-    name = args.name if args.name in store else _username(args.name, domain)
+    """``imxp users remove NAME``: 1 if there is no such user."""
+    store, name = _stored_user(args)
     try:
         store.remove(name)
     except KeyError:

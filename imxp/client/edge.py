@@ -644,8 +644,6 @@ class Client:
         if sender not in self._wanted:
             raise ValueError(f"{sender} is not attached: its status reports could not reach it")
         content = wire.Content.from_bytes(body, media_type, headers)
-        if len(unique) <= wire.MAX_RECIPIENTS:
-            return await self._send(sender, unique, content, timeout)
         # A relay takes at most so many recipients in one data: more go in several.
         sending = [
             defer.ensureDeferred(
