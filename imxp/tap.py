@@ -23,7 +23,7 @@ from imxp.config import Config, ConfigError, load
 if TYPE_CHECKING:
     from twisted.application.service import IService
 
-    from imxp.apex.service import Credentials
+    from imxp.apex.service import Credentials, RelayService
 
 __all__ = ["Options", "makeService"]
 
@@ -89,7 +89,28 @@ def makeService(options: Options) -> IService:
     # walked all of it, a pause of about 40 ms that showed in the relay's p99 latency.
     reactor.callWhenRunning(gc.freeze)
     reactor.callWhenRunning(_reload_on_sighup, reactor, options.config, relay.credentials)
+    reactor.addSystemEventTrigger("before", "shutdown", _stopping_already, reactor, relay)
     return relay
+
+
+def _stopping_already(reactor: Any, relay: RelayService) -> None:
+    """Once the relay is stopping, SIGTERM or SIGINT again only says so in the log (README,
+    Stopping). twistd's handler would ask the stopping reactor to stop again, which logs
+    ReactorNotRunning as a critical traceback; and the data in flight keeps its grace."""
+
+    def again(signum: int, frame: object) -> None:
+        reactor.callFromThread(
+            relay.log.warn,
+            "{signal} again: the relay is already stopping; data in flight has up to "
+            "{grace:g} s from the first signal (shutdown_grace), then sessions close; "
+            "SIGKILL would stop it at once, unreported",
+            signal=signal.Signals(signum).name,
+            grace=relay.shutdown_grace,
+            event="imxp.stopping",
+        )
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, again)
 
 
 def _reload_on_sighup(reactor: Any, config: Config, credentials: Credentials) -> None:

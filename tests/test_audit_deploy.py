@@ -153,7 +153,11 @@ async def test_sigterm_while_imxp_send_awaits_its_report_ends_without_a_tracebac
     its session just as the relay releases it, so the relay's stop ends inside its read
     of the sender's last frames. The rest of the reactor's shutdown must not run there:
     it disconnects every connection, that one too, under the TLS layer still reading it
-    (an Unhandled Error in the log, AttributeError on bio_read)."""
+    (an Unhandled Error in the log, AttributeError on bio_read).
+
+    The operator, impatient, sends SIGTERM again: that is said in the log, not answered
+    with twistd's ReactorNotRunning traceback. And the report, sent as the grace ends,
+    is logged as the sender answered it, not as unanswered (451) by the stop's haste."""
     edge, mesh = free_ports(2)
     _prepare_users(tmp_path / "imxp-state", "fred")
     with socket.socket() as s:
@@ -176,12 +180,16 @@ async def test_sigterm_while_imxp_send_awaits_its_report_ends_without_a_tracebac
         # A connection attempt to b.test's relay has failed: the data is in flight.
         await until(lambda: "no link to b.test" in log.read_text(), "an attempt", 20)
         relay.send_signal(signal.SIGTERM)
+        await until(lambda: "relay for localhost stopping" in log.read_text(), "stopping", 10)
+        relay.send_signal(signal.SIGTERM)
         await until(lambda: send.poll() is not None, "imxp send to end", 10)
         assert "barney@b.test: failed 421" in send.stdout.read().decode()
         await until(lambda: relay.poll() is not None, "the relay to exit", 10)
         text = log.read_text()
         assert "relay for localhost stopped" in text
         assert "Unhandled Error" not in text and "Traceback" not in text, text
+        assert "SIGTERM again: the relay is already stopping" in text
+        assert "fred@localhost from apex=report@localhost: 250" in text
     finally:
         if send is not None and send.poll() is None:
             send.kill()

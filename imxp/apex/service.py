@@ -54,6 +54,10 @@ __all__ = ["Credentials", "RelayService", "build_relay", "make_relay_service"]
 #: How often a relay looks at its user file for users removed or given a new password.
 USERS_LOOK_SECONDS = 5.0
 
+#: Once the shutdown grace is over, seconds each last step of a stop may take: answers to
+#: the reports it sent, to its terminates, and the release of each session.
+LAST_ANSWERS = 2.0
+
 
 class Credentials:
     """The relay's certificate and the CAs it trusts, as every TLS session it makes or
@@ -238,16 +242,20 @@ class RelayService(service.Service):
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         if not await self._at_most(relay.when_idle(), self.shutdown_grace):
-            # No more retrying, no more waiting for answers: what is still in flight
-            # reaches its verdict now (451, outcome unknown).
-            self.pool.closing = True
+            # No more waiting for answers, no more retrying: what is still in flight
+            # reaches its verdict now (451, outcome unknown; or why no next hop took it).
             relay.stop_waiting()
-            await relay.when_idle()
+            self.pool.closing = True
+            # The reports of those verdicts have only now been sent: an application
+            # answers in moments, and its report must not be logged as unanswered.
+            if not await self._at_most(relay.when_idle(), LAST_ANSWERS):
+                relay.stop_waiting()
+                await relay.when_idle()
         # An application that answers nothing must not hold the stop up for ever.
-        await self._at_most(relay.terminate_all(421, "relay shutting down"), 2.0)
+        await self._at_most(relay.terminate_all(421, "relay shutting down"), LAST_ANSWERS)
         await self.pool.close()
         closing = [s.close().addErrback(lambda f, s=s: s.disconnect()) for s in list(self.sessions)]
-        await self._at_most(defer.gatherResults(closing), 2.0)
+        await self._at_most(defer.gatherResults(closing), LAST_ANSWERS)
         for session in list(self.sessions):
             session.disconnect()
         self.log.info("relay for {domain} stopped", domain=relay.domain, event="imxp.stopped")
