@@ -19,7 +19,7 @@ import pytest
 import pytest_twisted
 from apexnet import PASSWORD, RelayHandle, attach, free_ports, start_relay
 from dnsserver import DNSServer, a, srv
-from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import provider
 
@@ -461,6 +461,81 @@ async def test_data_for_an_iterator_no_longer_read_is_refused_past_a_bound(
 
 
 @pytest_twisted.ensureDeferred
+async def test_data_a_loop_left_unread_goes_to_the_next_iterator(net: Net, events) -> None:
+    """A bot's loop takes its time over each data and then breaks (its "quit"): what came
+    meanwhile was answered 250, so the next loop gets it, in order, rather than nobody."""
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY)
+    first: list[bytes] = []
+    all_sent: defer.Deferred[None] = defer.Deferred()
+
+    async def loop() -> None:
+        async for incoming in barney.incoming():
+            first.append(incoming.body)
+            await all_sent
+            break
+
+    looping = defer.ensureDeferred(loop())
+    for body in (b"quit", b"one", b"two"):
+        assert codes(await fred.send([BARNEY], body)) == {BARNEY: 250}
+    all_sent.callback(None)
+    await looping
+
+    again = barney.incoming()
+    later = [
+        (await defer.ensureDeferred(anext(again)).addTimeout(5, reactor)).body for _ in range(2)
+    ]
+    assert (first, later) == ([b"quit"], [b"one", b"two"])
+    assert [e["count"] for e in events if e["event"] == "client.data-unread"] == [2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_loop_left_unread_goes_only_to_iterators_that_lack_it(net: Net) -> None:
+    """Two iterators: one made before the data came, one after. When the first ends
+    unread, the second gets what came before it was made, and nothing twice."""
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY)
+    early = barney.incoming()
+    assert (await _sent_and_read(fred, early, b"zero")) == b"zero"
+    assert codes(await fred.send([BARNEY], b"one")) == {BARNEY: 250}
+    late = barney.incoming()
+    assert codes(await fred.send([BARNEY], b"two")) == {BARNEY: 250}
+
+    await early.aclose()  # "one" and "two" unread; late has only "two"
+
+    read = [(await defer.ensureDeferred(anext(late)).addTimeout(5, reactor)).body for _ in range(2)]
+    assert read == [b"one", b"two"]
+    assert codes(await fred.send([BARNEY], b"three")) == {BARNEY: 250}
+    assert (await defer.ensureDeferred(anext(late)).addTimeout(5, reactor)).body == b"three"
+
+
+async def _sent_and_read(sender: Client, iterator: AsyncIterator[Incoming], body: bytes) -> bytes:
+    reading = defer.ensureDeferred(anext(iterator)).addTimeout(5, reactor)
+    assert codes(await sender.send([BARNEY], body)) == {BARNEY: 250}
+    return (await reading).body
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_waiting_for_a_reader_is_dropped_with_its_session(net: Net) -> None:
+    """Data waiting, unanswered, for a first iterator when the connection is lost: the
+    relay has told its sender the outcome is unknown (451). Handed to an iterator made
+    after the client reconnects, it would be read after that, and a sender that sends
+    again on 451 would have it read twice."""
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY, unclaimed_wait=30.0)
+    sending = defer.ensureDeferred(fred.send([BARNEY], b"held"))
+    await until(lambda: bool(barney._unclaimed))
+    session = barney._connection.session
+    session.transport.abortConnection()  # the network fails
+
+    outcomes = await sending
+    assert codes(outcomes) == {BARNEY: 451}
+    await until(lambda: barney.connected and barney._connection.session is not session)
+    incoming = barney.incoming()
+    assert (await _sent_and_read(fred, incoming, b"after")) == b"after"
+
+
+@pytest_twisted.ensureDeferred
 async def test_data_waiting_for_a_reader_is_refused_when_the_client_closes(net: Net) -> None:
     fred = await net.connect(FRED)
     barney = await net.connect(BARNEY, unclaimed_wait=30.0)
@@ -496,6 +571,25 @@ async def test_attach_a_subaddress_and_detach_it(net: Net) -> None:
     # ... and fred can send as the subaddress only while attached as it.
     with pytest.raises(ValueError, match="not attached"):
         await fred.send([WILMA], b"x", originator=subaddress)
+
+
+@pytest_twisted.ensureDeferred
+async def test_attaching_the_same_endpoint_twice_at_once_attaches_it_once(net: Net) -> None:
+    """A gateway attaches a subaddress from two places at once. Sent twice, the second
+    attach would be refused (554, attached already) and the refusal taken for the end
+    of the first: forgotten, not re-attached after a reconnection, not detachable."""
+    fred = await net.connect(FRED, on_data=Inbox())
+    wilma = await net.connect(WILMA)
+    subaddress = "fred/appl=im@a.test"
+
+    await defer.gatherResults(
+        [defer.ensureDeferred(fred.attach(subaddress)) for _ in range(2)], consumeErrors=True
+    ).addTimeout(5, reactor)
+
+    assert fred.endpoints == (FRED, subaddress)
+    assert codes(await wilma.send([subaddress], b"for the im app")) == {subaddress: 250}
+    await fred.detach(subaddress)
+    assert codes(await wilma.send([subaddress], b"gone?")) == {subaddress: 450}
 
 
 @pytest_twisted.ensureDeferred
@@ -666,6 +760,43 @@ async def test_reconnecting_gives_up_when_the_credentials_stop_working(net: Net)
         await fred.send([WILMA], b"hello")
 
 
+@pytest_twisted.ensureDeferred
+async def test_ended_tells_an_on_data_bot_that_the_client_gave_up(net: Net) -> None:
+    """A bot that takes its data with on_data reads no iterator that could raise: ended()
+    is what it awaits, and it fails with the reason once the client gives up."""
+    [port] = free_ports(1)
+    listen = [f"tcp:{port}:interface=127.0.0.1"]
+    old = await net.start("a.test", edge_listen=listen)
+    fred = await net.connect(FRED, on_data=Inbox())
+    ending = fred.ended()
+    assert not ending.called
+
+    await old.service.stopService()
+    await net.start("a.test", ("wilma",), edge_listen=listen)
+
+    with pytest.raises(ClientError) as caught:
+        await ending.addTimeout(10, reactor)
+    assert (caught.value.kind, caught.value.code) == ("auth", 535)
+    with pytest.raises(ClientError):
+        await fred.ended()  # and again for anyone who asks later
+
+
+@pytest_twisted.ensureDeferred
+async def test_ended_fires_once_close_has_finished_and_a_second_close_waits(net: Net) -> None:
+    fred = await net.connect(FRED)
+    ending = fred.ended()
+    first = defer.ensureDeferred(fred.close())
+    second = defer.ensureDeferred(fred.close())
+    assert not second.called  # the first is still releasing the session
+
+    await second.addTimeout(5, reactor)
+    # The relay has had the terminate and the release: fred is attached no more.
+    assert ending.called
+    assert FRED not in {str(e) for e in net.relays["a.test"].service.relay.attached}
+    await first
+    assert (await fred.ended()) is None
+
+
 # -- SASL mechanisms ----------------------------------------------------------------------------
 
 
@@ -818,6 +949,29 @@ async def test_unreachable_relay(net: Net) -> None:
     assert error.kind == "unreachable"
     assert error.message.startswith("no relay for a.test answers: ")
     assert all(f"a.test:{p}" in error.message for p in ports)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relay_address_where_something_else_listens(net: Net) -> None:
+    """An HTTP server at the relay's address: the client says it does not speak BEEP,
+    and why, rather than that the relay cannot be reached."""
+
+    class HTTP(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    where = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port = await where.listen(protocol.Factory.forProtocol(HTTP))
+    number = port.getHost().port
+    try:
+        error = await refused_with(net, FRED, relay=f"127.0.0.1:{number}")
+    finally:
+        await port.stopListening()
+    assert error.kind == "protocol"
+    assert error.message == (
+        f"the relay at 127.0.0.1:{number} does not speak BEEP: poorly formed "
+        "frame: unknown frame keyword b'HTTP/1.1'"
+    )
 
 
 @pytest_twisted.ensureDeferred

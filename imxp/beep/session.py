@@ -832,6 +832,11 @@ class Session(Protocol):
         self.peer = "?"
         #: The peer's IP address alone, an IPv4 one unmapped (:func:`peer_host`).
         self.peer_host = "?"
+        #: Why this side ended the session without a reply, if it did (:meth:`abort`).
+        self.aborted: str | None = None
+        #: True when it did so because the peer broke the protocol (§2.2.1.1): it speaks
+        #: something other than BEEP, or BEEP badly; False for a timeout.
+        self.violated = False
         self._gone = False
         self._closed_waiters: list[defer.Deferred[None]] = []
         self._greeting_waiters: list[defer.Deferred[mgmt.Greeting]] = []
@@ -955,10 +960,13 @@ class Session(Protocol):
             transport.unregisterProducer()
             transport.loseConnection()
 
-    def abort(self, reason: str) -> None:
-        """Terminate without a reply, as §2.2.1.1 requires for poorly formed frames."""
+    def abort(self, reason: str, *, violation: bool = True) -> None:
+        """Terminate without a reply, as §2.2.1.1 requires for poorly formed frames;
+        ``violation`` False when the peer broke no rule but kept us waiting."""
         if self._gone:
             return
+        self.aborted = reason
+        self.violated = violation
         self.log.warn(
             "terminating BEEP session with {peer}: {reason}",
             peer=self.peer,
@@ -1160,7 +1168,8 @@ class Session(Protocol):
         for timer in (self._greeting_timer, self._idle_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        lost = Failure(SessionClosed(f"session lost: {reason.getErrorMessage()}"))
+        why = self.aborted or reason.getErrorMessage()
+        lost = Failure(SessionClosed(f"session {'ended' if self.aborted else 'lost'}: {why}"))
         self._close_all_channels(lost)
         waiting, self._greeting_waiters = self._greeting_waiters, []
         for d in waiting:
@@ -1582,7 +1591,10 @@ class Session(Protocol):
 
     def _start_greeting_timer(self) -> None:
         self._greeting_timer = self.clock.callLater(
-            self.config.greeting_timeout, self.abort, "no greeting within the greeting timeout"
+            self.config.greeting_timeout,
+            self.abort,
+            f"no greeting within {self.config.greeting_timeout:g} s",
+            violation=False,
         )
 
     def _got_greeting(self, message: Message) -> None:

@@ -445,20 +445,32 @@ class _Pending:
 
 
 class _Inbox:
-    """Data waiting for one :meth:`Client.incoming` iterator."""
+    """Data waiting for one :meth:`Client.incoming` iterator, each with the place it
+    came in among all the client received (its arrival)."""
 
-    def __init__(self) -> None:
-        self.items: deque[Incoming] = deque()
+    def __init__(self, made: int) -> None:
+        #: The arrival of the first data this iterator got as it came.
+        self.made = made
+        self.items: deque[tuple[int, Incoming]] = deque()
         self.waiter: defer.Deferred[Incoming | None] | None = None
         self.ended = False
         self.error: ClientError | None = None
 
-    def put(self, item: Incoming) -> None:
+    def put(self, arrival: int, item: Incoming) -> None:
         waiter, self.waiter = self.waiter, None
         if waiter is not None:
             waiter.callback(item)
         else:
-            self.items.append(item)
+            self.items.append((arrival, item))
+
+    def put_first(self, earlier: list[tuple[int, Incoming]]) -> None:
+        """Data that came before this iterator was made, ahead of what it has."""
+        if not earlier:
+            return
+        self.items.extendleft(reversed(earlier))
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            waiter.callback(self.items.popleft()[1])
 
     def end(self, error: ClientError | None) -> None:
         self.ended = True
@@ -470,7 +482,7 @@ class _Inbox:
     def get(self) -> defer.Deferred[Incoming | None]:
         d: defer.Deferred[Incoming | None] = defer.Deferred()
         if self.items:
-            d.callback(self.items.popleft())
+            d.callback(self.items.popleft()[1])
         elif self.ended:
             self._finish(d)
         else:
@@ -488,6 +500,7 @@ class _Inbox:
 class _Unclaimed:
     """Data waiting for an ``incoming()`` iterator, and its answer to the relay."""
 
+    arrival: int
     incoming: Incoming
     answer: defer.Deferred[wire.OK]
     timer: IDelayedCall | None = None
@@ -536,7 +549,15 @@ class Client:
         self._inboxes: list[_Inbox] = []
         # Data nobody has taken yet, unanswered, oldest first.
         self._unclaimed: deque[_Unclaimed] = deque()
+        # Data answered 250 that an iterator, since ended, left unread: the next one's.
+        self._unread: deque[tuple[int, Incoming]] = deque()
+        # Data received so far (status reports aside): the next one's arrival.
+        self._arrivals = 0
+        # Endpoints being attached, and the calls that wait for the same attach.
+        self._attaching: dict[str, list[defer.Deferred[None]]] = {}
         self._closing = False
+        self._closed = False
+        self._ended: list[defer.Deferred[None]] = []
         self._failure: ClientError | None = None
         self._sleep: defer.Deferred[None] | None = None
         self._rng = random.Random()
@@ -556,8 +577,30 @@ class Client:
     async def attach(self, endpoint: str) -> None:
         """Attach as a further endpoint or a subaddress, e.g. ``fred/appl=im@a.test``
         (RFC 3340 §2.2, §4.4.1). Raises :class:`ClientError` ``refused`` when the relay
-        says no (537 not authorised, 553 another domain, 554 attached elsewhere)."""
+        says no (537 not authorised, 553 another domain, 554 attached elsewhere). Calls
+        for an endpoint already being attached wait for that attach and share its end."""
         key = _key(endpoint)
+        others = self._attaching.get(key)
+        if others is not None:
+            # Sent twice, the second attach would be refused (554, attached already),
+            # and that refusal taken for the end of the first.
+            same: defer.Deferred[None] = defer.Deferred()
+            others.append(same)
+            await same
+            return
+        others = self._attaching[key] = []
+        try:
+            await self._attach(key)
+        except BaseException as e:
+            del self._attaching[key]
+            for d in others:
+                d.errback(e.copy() if isinstance(e, ClientError) else e)
+            raise
+        del self._attaching[key]
+        for d in others:
+            d.callback(None)
+
+    async def _attach(self, key: str) -> None:
         while key not in self._wanted:
             try:
                 connection = await self._ready()
@@ -770,13 +813,16 @@ class Client:
 
     def incoming(self) -> AsyncIterator[Incoming]:
         """The data received from now on (status reports excluded), as an async iterator;
-        the first one made also gets the data that waited for one (``unclaimed_wait``).
+        the first one made also gets the data that waited for one (``unclaimed_wait``),
+        and any made after an iterator ended (``break``) what that one left unread.
 
         It ends when the client is closed, and raises :class:`ClientError` when the
         connection is lost for good. Each call makes an iterator of its own; the
         ``on_data`` callback sees the same data.
         """
-        inbox = _Inbox()
+        inbox = _Inbox(self._arrivals)
+        inbox.put_first(list(self._unread))
+        self._unread.clear()
         if self._closing or self._failure is not None:
             inbox.end(self._failure)
         else:
@@ -784,14 +830,33 @@ class Client:
             while self._unclaimed:
                 waiting = self._unclaimed.popleft()
                 waiting.claimed()
-                inbox.put(waiting.incoming)
+                inbox.put(waiting.arrival, waiting.incoming)
                 waiting.answer.callback(wire.OK())
         return self._drain(inbox)
 
+    def ended(self) -> defer.Deferred[None]:
+        """Fires once :meth:`close` has finished, and fails with :class:`ClientError` once
+        the client gives up on the relay for good: credentials refused on reconnecting, or
+        the connection lost without ``reconnect``. An application that takes its data
+        with ``on_data`` learns so of the end that an ``incoming()`` iterator raises."""
+        if self._failure is not None:
+            return defer.fail(self._failure.copy())
+        if self._closed:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._ended.append(d)
+        return d
+
     async def close(self) -> None:
         """Terminate every attachment (transID 0, RFC 3340 §4.4.3), then release the BEEP
-        session (RFC 3080 §2.4). Sends still waiting get their outcome now."""
+        session (RFC 3080 §2.4). Sends still waiting get their outcome now. A second call
+        returns when the first has finished."""
         if self._closing:
+            if not self._closed:
+                try:
+                    await self.ended()
+                except ClientError:
+                    pass  # given up before closing: nothing more to wait for
             return
         self._closing = True
         if self._sleep is not None:
@@ -822,6 +887,10 @@ class Client:
             session.disconnect()
             await session.when_closed()
         log.info("client for {endpoint} closed", endpoint=self.endpoint, event="client.closed")
+        self._closed = True
+        ended, self._ended = self._ended, []
+        for d in ended:
+            d.callback(None)
 
     # -- connecting ------------------------------------------------------------------
 
@@ -850,16 +919,17 @@ class Client:
     async def _establish(self, *, initial: bool) -> None:
         """Connect to the first relay that works, and attach as every wanted endpoint.
 
-        A relay that cannot be reached or fails TLS gives way to the next candidate (the
-        SRV order of RFC 2782); authentication and attach refusals end the attempt, as
-        every relay of the domain would say the same.
+        A relay that cannot be reached, fails TLS or speaks no BEEP gives way to the next
+        candidate (the SRV order of RFC 2782); authentication and attach refusals end the
+        attempt, as every relay of the domain would say the same.
         """
         failures: list[ClientError] = []
         for target in await self._targets():
             try:
                 connection = await self._connect(target, initial=initial)
             except ClientError as e:
-                if e.kind not in ("unreachable", "tls"):
+                # A "protocol" with a code is the relay refusing APEX, as all of them would.
+                if e.kind not in ("unreachable", "tls") and (e.kind, e.code) != ("protocol", None):
                     raise
                 log.warn("{error}", error=e.message, event="client.connect-failed")
                 failures.append(e)
@@ -886,8 +956,9 @@ class Client:
             window=Config.window, idle_timeout=None, greeting_timeout=settings.connect_timeout
         )
         factory = SessionFactory(Role.INITIATOR, [], config, settings.reactor)
+        session: Session | None = None
         try:
-            session: Session = await open_session(
+            session = await open_session(
                 target,
                 factory,
                 settings.reactor,
@@ -897,6 +968,11 @@ class Client:
             await session.greeted()
         except (error.ConnectError, error.DNSLookupError, SessionClosed) as e:
             reason = str(e).rstrip(".")
+            if session is not None and session.violated:
+                # Something listens there, but what it says is not a BEEP greeting.
+                raise ClientError(
+                    "protocol", f"the relay at {where} does not speak BEEP: {session.aborted}"
+                ) from None
             raise ClientError(
                 "unreachable", f"cannot reach the relay for {self._domain} at {where}: {reason}"
             ) from None
@@ -1054,6 +1130,13 @@ class Client:
         if self._connection is not connection:
             return
         self._connection = None
+        # Data still waiting for an iterator came on this session, which can no longer
+        # carry its answer: the relay has given it its verdict (451, outcome unknown).
+        # Handed to an iterator now, it would be read after its sender was told that.
+        while self._unclaimed:
+            waiting = self._unclaimed.popleft()
+            waiting.claimed()
+            waiting.answer.errback(SessionClosed("the session it came on was lost"))
         if self._closing:
             return
         log.warn(
@@ -1116,6 +1199,9 @@ class Client:
         inboxes, self._inboxes = self._inboxes, []
         for inbox in inboxes:
             inbox.end(failure)
+        ended, self._ended = self._ended, []
+        for d in ended:
+            d.errback(failure.copy())
 
     def _ready(self) -> defer.Deferred[_Connection]:
         """The current connection, once there is one."""
@@ -1175,15 +1261,17 @@ class Client:
             size=len(incoming.body),
             event="client.data-received",
         )
+        arrival = self._arrivals
+        self._arrivals += 1
         if not self._inboxes and self._on_data is None:
-            return self._hold(incoming)
+            return self._hold(arrival, incoming)
         taken = self._on_data is not None
         # A copy: a consumer that stops as it takes this leaves the list meanwhile.
         for inbox in list(self._inboxes):
             # An iterator kept but no longer read (as after one anext()) would hold
             # what arrives, answered 250, until the process ends.
             if len(inbox.items) < _UNCLAIMED_LIMIT:
-                inbox.put(incoming)
+                inbox.put(arrival, incoming)
                 taken = True
         if not taken:
             self._unclaimed_refused(incoming)
@@ -1226,7 +1314,7 @@ class Client:
             return
         running.addErrback(lambda failure: log.failure(message, failure, **fields))
 
-    def _hold(self, incoming: Incoming) -> defer.Deferred[wire.OK]:
+    def _hold(self, arrival: int, incoming: Incoming) -> defer.Deferred[wire.OK]:
         """Data that arrived with no ``incoming()`` iterator or ``on_data`` to take it:
         as when a program sends and only then reads, and the answer comes first. It waits
         for the first iterator, unanswered, for ``unclaimed_wait`` seconds; then it is
@@ -1237,7 +1325,7 @@ class Client:
             self._unclaimed_refused(incoming)
             raise BEEPError(450, "the application is not taking data")
         answer: defer.Deferred[wire.OK] = defer.Deferred()
-        waiting = _Unclaimed(incoming, answer)
+        waiting = _Unclaimed(arrival, incoming, answer)
         waiting.timer = self._clock.callLater(
             self._settings.unclaimed_wait, self._unclaimed_expired, waiting
         )
@@ -1349,6 +1437,22 @@ class Client:
         finally:
             if inbox in self._inboxes:
                 self._inboxes.remove(inbox)
+                if inbox.items and not self._closing:
+                    self._left_unread(list(inbox.items))
+
+    def _left_unread(self, left: list[tuple[int, Incoming]]) -> None:
+        """An iterator left by ``break`` (a bot's "quit") or an exception had not read
+        ``left``, answered 250 as it came: it goes to the iterators made since it came,
+        which did not get it, or else to the next one made, rather than nowhere."""
+        log.info(
+            "an incoming() iterator ended with {count} data unread; iterators made later get them",
+            count=len(left),
+            event="client.data-unread",
+        )
+        if not self._inboxes:
+            self._unread.extend(left)
+        for other in self._inboxes:
+            other.put_first([(arrival, item) for arrival, item in left if arrival < other.made])
 
 
 def _names(certificate: x509.Certificate, endpoint: str) -> bool:
