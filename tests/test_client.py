@@ -218,6 +218,25 @@ async def test_media_type_and_headers_travel_with_the_content(net: Net) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_mistakes_in_a_send_are_named_before_anything_is_sent(net: Net) -> None:
+    """One recipient given as a string, text given for bytes, no media type: said as such,
+    not as "endpoint 'b' has no '@domain'", a str/bytes TypeError deep inside, or content
+    whose receiver sees no media type but reads text/plain."""
+    fred = await net.connect(FRED)
+    with pytest.raises(TypeError, match=r"recipients is a list of endpoints: \['barney@b\.test'\]"):
+        await fred.send(BARNEY, b"hello")
+    with pytest.raises(TypeError, match=r"to is a list of endpoints"):
+        await fred.send_message(BARNEY, "hello")
+    with pytest.raises(TypeError, match="content is bytes"):
+        await fred.send([BARNEY], "hello")  # type: ignore[arg-type]
+    for media_type in ("", "text", "text/"):
+        with pytest.raises(ValueError, match="is not type/subtype"):
+            await fred.send([BARNEY], b"hello", media_type)
+    # With parameters, it is a media type still.
+    assert codes(await fred.send([BAMBAM], b"x", "text/plain; charset=utf-8")) == {BAMBAM: 450}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_report_that_does_not_come_in_time_is_unknown(net: Net) -> None:
     """The relay takes the data, but the recipient's application never answers it, so
     no final report can exist when the sender stops waiting: unknown, not a hang, and a

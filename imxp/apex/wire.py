@@ -96,6 +96,7 @@ _PLAIN_CONTENT_TYPE = re.compile(
     rf"[ \t]*{_MIME_TOKEN}/{_MIME_TOKEN}"
     rf'((?:[ \t]*;[ \t]*{_MIME_ATTRIBUTE}[ \t]*=[ \t]*(?:{_MIME_TOKEN}|"[ !#-\[\]-~]*"))*)[ \t]*'
 )
+_MEDIA_TYPE = re.compile(rf"{_MIME_TOKEN}/{_MIME_TOKEN}(?:[ \t]*;.*)?\Z", re.DOTALL)
 _MULTIPART_PARAMS = ("boundary", "start", "type")
 # Transfer encodings that leave the octets as they are (RFC 2045 §6.1); §4.1
 # says transformative ones should not be used, and we do not decode them.
@@ -246,6 +247,10 @@ class Content:
         defaults to ``binary``: BEEP is 8-bit clean and §4.1 advises against
         transformative encodings.
         """
+        if isinstance(body, str):
+            raise TypeError("content is bytes: encode the text (an instant message: send_message)")
+        if not _MEDIA_TYPE.match(media_type):
+            raise ValueError(f"media type {media_type!r} is not type/subtype (RFC 2045 §5.1)")
         cid = content_id or f"{_unique()}@apex.invalid"
         extra = list(headers)
         names = {name.lower() for name, _ in extra}

@@ -677,6 +677,7 @@ class Client:
         """
         if self._closing:
             raise RuntimeError("the client is closed")
+        _endpoints_not_one(recipients, "recipients")
         by_key: dict[str, str] = {}
         for recipient in recipients:
             by_key.setdefault(_key(recipient), recipient)  # the first spelling names it
@@ -784,6 +785,8 @@ class Client:
         :class:`~imxp.e2e.protect.E2EError`, before anything is sent, when it cannot be
         protected (no key or certificate for the sender or a recipient).
         """
+        _endpoints_not_one(to, "to")
+        _endpoints_not_one(cc, "cc")
         message = cpim.text_message(self.endpoint, to, text, cc=cc, subject=subject)
         content, content_type = cpim.build(message), cpim.MEDIA_TYPE
         if protect is not None:
@@ -1275,7 +1278,7 @@ class Client:
                 taken = True
         if not taken:
             self._unclaimed_refused(incoming)
-            raise BEEPError(450, f"the application is not reading: {_UNCLAIMED_LIMIT} data wait")
+            raise BEEPError(450, f"the application is behind: {_UNCLAIMED_LIMIT} data wait unread")
         if self._on_data is not None:
             try:
                 result = self._on_data(incoming)
@@ -1453,6 +1456,12 @@ class Client:
             self._unread.extend(left)
         for other in self._inboxes:
             other.put_first([(arrival, item) for arrival, item in left if arrival < other.made])
+
+
+def _endpoints_not_one(endpoints: Sequence[str], name: str) -> None:
+    # A str is a sequence too: of one-letter "endpoints", each without a domain.
+    if isinstance(endpoints, str):
+        raise TypeError(f"{name} is a list of endpoints: [{endpoints!r}], not {endpoints!r}")
 
 
 def _names(certificate: x509.Certificate, endpoint: str) -> bool:
