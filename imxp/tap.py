@@ -97,15 +97,17 @@ def _stopping_already(reactor: Any, relay: RelayService) -> None:
     """Once the relay is stopping, SIGTERM or SIGINT again only says so in the log (README,
     Stopping). twistd's handler would ask the stopping reactor to stop again, which logs
     ReactorNotRunning as a critical traceback; and the data in flight keeps its grace."""
+    from imxp.apex.service import LAST_ANSWERS
 
     def again(signum: int, frame: object) -> None:
         reactor.callFromThread(
             relay.log.warn,
             "{signal} again: the relay is already stopping; data in flight has up to "
-            "{grace:g} s from the first signal (shutdown_grace), then sessions close; "
-            "SIGKILL would stop it at once, unreported",
+            "{grace:g} s from the first signal (shutdown_grace), closing at most {last:g} s "
+            "more; SIGKILL would stop it at once, unreported",
             signal=signal.Signals(signum).name,
             grace=relay.shutdown_grace,
+            last=3 * LAST_ANSWERS,
             event="imxp.stopping",
         )
 

@@ -157,7 +157,7 @@ def test_defect_no_link_is_opened_after_the_pool_closed() -> None:
     pool = PeerPool(connect, clock)
     pool.send([FIRST], Message(b"data"), 300.0)
 
-    pool.close()
+    pool.close(2.0)
     clock.advance(10.0)
 
     assert all(link.session._gone for link in connect.links), "session left open"

@@ -30,12 +30,14 @@ import pytest
 import pytest_twisted
 from apexnet import App, RelayHandle, attach, start_relay
 from dnsserver import DNSServer, a, aaaa, srv, start_dns_server
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import LogEvent, LogLevel
+from twisted.protocols import portforward
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
 from imxp.apex.address import Endpoint
+from imxp.apex.service import LAST_ANSWERS
 from imxp.beep import mgmt
 from imxp.beep.message import Message
 from imxp.beep.session import (
@@ -342,6 +344,50 @@ async def test_a_to_b_delivered(build_mesh: MeshBuilder) -> None:
     # The final relay reports delivery; a's hand-over to b is no final verdict.
     assert reporters(fred, trans_id) == {"apex=report@b.test"}
     mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relay_stops_though_its_next_hop_stopped_answering(build_mesh: MeshBuilder) -> None:
+    """The next hop is frozen (SIGSTOP), or a network black hole lies between: the TCP
+    connection stays open and nothing comes back, so the release of our link is never
+    answered. The stop must not wait for it, or systemd kills the relay at TimeoutStopSec.
+    b.test is reached through a TCP forwarder that the test then turns into a black hole."""
+    mesh = await build_mesh()
+    forwarders: list[portforward.Proxy] = []
+
+    class Forwarders(portforward.ProxyFactory):
+        def buildProtocol(self, addr: object) -> portforward.Proxy:
+            forwarder = super().buildProtocol(addr)
+            forwarders.append(forwarder)
+            return forwarder
+
+    b_mesh = mesh.relays["b.test"].port("mesh")
+    listening = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Forwarders("127.0.0.1", b_mesh)
+    )
+    mesh.publish("b.test", listening.getHost().port)
+    fred = await mesh.attach(FRED)
+    await mesh.attach(BARNEY)
+    await mesh.send(fred, [BARNEY])
+    await mesh.settle()
+    assert forwarders, "a.test did not reach b.test through the forwarder"
+    for forwarder in forwarders:
+        forwarder.dataReceived = lambda data: None  # type: ignore[method-assign]
+    a = mesh.relays["a.test"].service
+
+    stopping = defer.ensureDeferred(a.stopService())
+    try:
+        # The grace, then at most LAST_ANSWERS for each of: reports, terminates, releases.
+        # Polled, not addTimeout: cancelling the stop would end the very wait under test.
+        deadline = reactor.seconds() + a.shutdown_grace + 3 * LAST_ANSWERS + 1
+        while not stopping.called and reactor.seconds() < deadline:
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert stopping.called, "the stop waits for the frozen next hop"
+    finally:
+        await listening.stopListening()
+        for forwarder in forwarders:
+            forwarder.transport.loseConnection()
+        await stopping
 
 
 @pytest_twisted.ensureDeferred

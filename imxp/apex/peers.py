@@ -331,13 +331,20 @@ class PeerPool:
             del self._links[key]
             link.session.close().addErrback(lambda f: link.session.disconnect())
 
-    def close(self) -> defer.Deferred[None]:
-        """Release every link (RFC 3080 §2.4) and stop retrying."""
+    def close(self, within: float) -> defer.Deferred[None]:
+        """Release every link (RFC 3080 §2.4) and stop retrying. A next hop that has not
+        let go within ``within`` seconds - it stopped answering, or a network black hole
+        keeps our release from it - is disconnected: a stop must not wait on a peer."""
         self.closing = True  # ends the waits of sends between attempts
         links, self._links = list(self._links.values()), {}
-        closing = [
-            link.session.close().addErrback(lambda f, s=link.session: s.disconnect())
-            for link in links
-            if not link.session._gone
-        ]
-        return defer.gatherResults(closing).addCallback(lambda _: None)
+        sessions = [link.session for link in links if not link.session._gone]
+        releasing = defer.gatherResults(
+            [s.close().addErrback(lambda f, s=s: s.disconnect()) for s in sessions]
+        )
+
+        def late(failure: Failure) -> None:
+            failure.trap(defer.TimeoutError)
+            for session in sessions:
+                session.disconnect()
+
+        return releasing.addTimeout(within, self._clock).addCallbacks(lambda _: None, late)

@@ -253,7 +253,7 @@ class RelayService(service.Service):
                 await relay.when_idle()
         # An application that answers nothing must not hold the stop up for ever.
         await self._at_most(relay.terminate_all(421, "relay shutting down"), LAST_ANSWERS)
-        await self.pool.close()
+        await self.pool.close(LAST_ANSWERS)
         closing = [s.close().addErrback(lambda f, s=s: s.disconnect()) for s in list(self.sessions)]
         await self._at_most(defer.gatherResults(closing), LAST_ANSWERS)
         for session in list(self.sessions):
