@@ -314,6 +314,30 @@ async def test_a_listen_address_in_use_stops_the_relay_with_an_error(tmp_path: P
         _stop(relay)
 
 
+def test_a_listen_address_in_use_stops_a_daemonised_relay_too(tmp_path: Path) -> None:
+    """The README's walk-through starts relays daemonised: twistd's first process waits for
+    the daemon to say it started. It must hear of the failure and exit 1, leaving no pid
+    file, rather than wait for ever."""
+    edge, mesh = free_ports(2)
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", edge))
+        holder.listen()
+        pidfile, log = tmp_path / "relay.pid", tmp_path / "relay.log"
+        config = _config(tmp_path, edge, mesh)
+        started = subprocess.run(
+            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={log}", "imxp", "--config", str(config)],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            timeout=60,
+        )
+    assert started.returncode == 1
+    assert "cannot listen on" in started.stderr.decode()
+    assert f"cannot listen on tcp:{edge}:interface=127.0.0.1" in log.read_text()
+    assert not pidfile.exists()
+
+
 def test_tls_from_the_first_octet_is_refused_like_ssl(tmp_path: Path) -> None:
     """config.py refuses `ssl:` listeners because BEEP starts TLS inside the session; the
     `tls:` endpoint of Twisted is the same thing (TLS from the first octet, with SNI) and

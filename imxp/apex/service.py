@@ -49,7 +49,7 @@ from imxp.bootstrap import Prepared, prepare
 from imxp.certs import Issued
 from imxp.config import Config, offered_mechanisms, resolver_addresses, session_config
 
-__all__ = ["Credentials", "RelayService", "build_relay", "make_relay_service"]
+__all__ = ["Credentials", "ListenFailed", "RelayService", "build_relay", "make_relay_service"]
 
 #: How often a relay looks at its user file for users removed or given a new password.
 USERS_LOOK_SECONDS = 5.0
@@ -57,6 +57,15 @@ USERS_LOOK_SECONDS = 5.0
 #: Once the shutdown grace is over, seconds each last step of a stop may take: answers to
 #: the reports it sent, to its terminates, and the release of each session.
 LAST_ANSWERS = 2.0
+
+
+class ListenFailed(SystemExit, Exception):
+    """A listener could not be had at start: the relay exits with status 1, naming it.
+
+    A SystemExit, so that ``twistd -n`` prints the line and exits; an Exception too,
+    because the daemonising twistd reports only Exceptions to the process waiting for
+    the start (its status pipe) - any other left that one waiting for ever.
+    """
 
 
 class Credentials:
@@ -188,7 +197,7 @@ class RelayService(service.Service):
                 )
                 for port in self.ports:
                     port.stopListening()
-                raise SystemExit(f"imxp: cannot listen on {description}: {reason}")
+                raise ListenFailed(f"imxp: cannot listen on {description}: {reason}")
             self._listening(description, outcome[0])
             self._bound.add(description)
 
