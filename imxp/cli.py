@@ -101,6 +101,7 @@ from imxp.apex.routing import (
     MESH_SERVICE,
     NoRoute,
     Router,
+    Target,
     is_ip_address,
 )
 from imxp.beep.session import (
@@ -1599,6 +1600,8 @@ class _Findings:
 async def _check(reactor: Any, args: argparse.Namespace) -> int:
     """``imxp check``: 0 when all is well, 1 when a problem was found."""
     found = _Findings()
+    if args.config is not None and _present(args.config, "configuration", found) is None:
+        return Exit.FAILED
     try:
         config = load(args.config)
     except ConfigError as e:
@@ -1619,12 +1622,48 @@ async def _check(reactor: Any, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _present(path: Path, what: str, found: _Findings) -> bool | None:
+    """Whether ``path`` exists; None, reported as a problem, when this user may not read
+    it, or not even look at it: a directory on the way is closed to it, as the relay's
+    state_dir (0700) is to other users and /etc/letsencrypt/live to all but root."""
+    try:
+        if not path.exists():
+            return False
+        with path.open("rb"):
+            return True
+    except PermissionError:
+        found.problem(
+            f"{what} {path} cannot be read by this user: run imxp check as the relay's user, "
+            "or give this one read access"
+        )
+        return None
+    except OSError:
+        return True  # a directory, say: reading it next tells what is wrong
+
+
+def _makes_development_certificate(config: Config) -> bool:
+    """Whether the relay's first start makes a development certificate, and with it the
+    development CA if there is none: only with neither tls_certificate nor tls_key set and
+    neither file in state_dir (imxp.bootstrap.prepare). Asked once a file in state_dir was
+    looked at, so this user may look there."""
+    return (
+        config.tls_certificate is None
+        and config.tls_key is None
+        and not config.path("tls_certificate").exists()
+        and not config.path("tls_key").exists()
+    )
+
+
 def _check_certificate(config: Config, found: _Findings) -> Issued | None:
-    """The relay certificate: readable, names the domain, not expiring, key matching."""
+    """The relay certificate: readable, names the domain, valid now and for a while, key
+    matching."""
     cert_path, key_path = config.path("tls_certificate"), config.path("tls_key")
     domain = config.domain
-    if not cert_path.exists():
-        if config.tls_certificate is None and not key_path.exists():
+    there = _present(cert_path, "certificate", found)
+    if there is None:
+        return None
+    if not there:
+        if _makes_development_certificate(config):
             found.note(
                 f"no relay certificate at {cert_path} yet: the relay makes a development "
                 f"certificate for {domain} on first start"
@@ -1650,9 +1689,17 @@ def _check_certificate(config: Config, found: _Findings) -> Issued | None:
         )
     else:
         found.ok(f"certificate {cert_path} names {domain}")
-    left = certificate.not_valid_after_utc - datetime.now(UTC)
+    now = datetime.now(UTC)
+    left = certificate.not_valid_after_utc - now
     expires = f"{certificate.not_valid_after_utc:%Y-%m-%d}"
-    if left.total_seconds() <= 0:
+    if certificate.not_valid_before_utc > now:
+        # Peers refuse it as they refuse an expired one (RFC 5280 §6.1.3).
+        found.problem(
+            f"certificate {cert_path} is not valid until "
+            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: check this machine's "
+            "clock, or keep the certificate it replaces until then"
+        )
+    elif left.total_seconds() <= 0:
         found.problem(f"certificate {cert_path} expired on {expires}: renew it")
     elif left < EXPIRY_WARNING:
         found.problem(
@@ -1660,8 +1707,10 @@ def _check_certificate(config: Config, found: _Findings) -> Issued | None:
         )
     else:
         found.ok(f"certificate {cert_path} is valid until {expires}")
-    if not key_path.exists():
+    there = _present(key_path, "key", found)
+    if there is False:
         found.problem(f"key {key_path} does not exist: set tls_key to the certificate's key")
+    if not there:
         return None
     try:
         identity = load_issued(cert_path, key_path)
@@ -1676,11 +1725,22 @@ def _check_trust(config: Config, found: _Findings) -> list[x509.Certificate]:
     """The CAs that peers' certificates must chain to."""
     roots: list[x509.Certificate] = []
     for path in config.paths("tls_trust"):
-        if not path.exists():
+        there = _present(path, "tls_trust file" if config.tls_trust else "development CA", found)
+        if there is None:
+            continue
+        if not there:
             if config.tls_trust:
                 found.problem(f"tls_trust file {path} does not exist: correct tls_trust")
-            else:
+            elif _makes_development_certificate(config):
                 found.note(f"no development CA at {path} yet: the relay makes one on first start")
+            else:
+                # The relay refuses to start (imxp.bootstrap._trust).
+                found.problem(
+                    f"tls_trust is empty and there is no development CA at {path}, which the "
+                    "relay makes only with a development certificate (tls_certificate and "
+                    "tls_key unset), so it will not start: set tls_trust to the PEM files of "
+                    "the CAs that peers' and endpoints' certificates chain to"
+                )
             continue
         try:
             roots += load_certificates(path)
@@ -1692,7 +1752,10 @@ def _check_trust(config: Config, found: _Findings) -> list[x509.Certificate]:
 def _check_users(config: Config, found: _Findings) -> None:
     """The user file: readable, well-formed, and nobody else's business."""
     path = config.path("users_file")
-    if not path.exists():
+    there = _present(path, "user file", found)
+    if there is None:
+        return
+    if not there:
         if config.users_file is None:
             found.note(f"no user file at {path} yet: the relay makes an empty one on first start")
         else:
@@ -1808,11 +1871,24 @@ async def _resolves(resolver: IResolver, host: str) -> bool:
     return True
 
 
+class _Ungreeted(SessionClosed):
+    """Something took the connection, but the session ended before its BEEP greeting,
+    which a relay sends at once (RFC 3080 §2.4): it is no relay, or a stuck one.
+    ``violated`` when what it sent was not BEEP (:attr:`Session.violated`)."""
+
+    def __init__(self, reason: str, violated: bool) -> None:
+        super().__init__(reason)
+        self.violated = violated
+
+
 async def _greeting(
     reactor: Any, host: str, port: int, resolver: IResolver | None = None
 ) -> Session:
     """A greeted BEEP session to ``host:port``; a host name is resolved through
-    ``resolver`` when given, as the relay resolves its next hops (RFC 2782)."""
+    ``resolver`` when given, as the relay resolves its next hops (RFC 2782).
+
+    :raises _Ungreeted: connected, but no greeting came.
+    """
     if resolver is not None and not is_ip_address(host):
         try:
             host = await resolver.getHostByName(host)
@@ -1823,24 +1899,56 @@ async def _greeting(
     )
     where = endpoints.HostnameEndpoint(reactor, host, port, timeout=_PROBE_TIMEOUT)
     session: Session = await where.connect(factory)
-    await session.greeted()
+    try:
+        await session.greeted()
+    except SessionClosed as e:
+        raise _Ungreeted(str(e), session.violated) from None
     return session
 
 
 async def _check_listeners(config: Config, reactor: Any, found: _Findings) -> None:
     """Each listener answers with a BEEP greeting."""
     start = "twistd imxp" + (f" --config {config.source}" if config.source else "")
-    for description, address, port in _ports([*config.mesh_listen, *config.edge_listen]):
-        try:
-            session = await _greeting(reactor, address, port)
-        except (error.ConnectError, SessionClosed, BEEPError) as e:
-            found.problem(
-                f"relay not running or not listening on {description} "
-                f"({host_port(address, port)}: {_short(e)}): start it ({start})"
-            )
-            continue
-        session.disconnect()
-        found.ok(f"a relay answers on {description}")
+    for option, listen in (
+        ("mesh_listen", config.mesh_listen),
+        ("edge_listen", config.edge_listen),
+    ):
+        for description, address, port in _ports(listen):
+            try:
+                session = await _greeting(reactor, address, port)
+            except error.ConnectError as e:
+                # Nothing took the connection: nothing listens there.
+                found.problem(
+                    f"relay not running or not listening on {description} "
+                    f"({host_port(address, port)}: {_short(e)}): start it ({start})"
+                )
+                continue
+            except _Ungreeted as e:
+                # Something took the connection but is no working relay: another program,
+                # which keeps the relay from listening there, or the relay stuck.
+                if e.violated:
+                    found.problem(
+                        f"a program that does not speak BEEP answers on {description} "
+                        f"({host_port(address, port)}: {_short(e)}): stop it, or give {option} "
+                        f"another port than {port}"
+                    )
+                else:
+                    found.problem(
+                        f"something takes connections on {description} but sends no BEEP "
+                        f"greeting ({host_port(address, port)}: {_short(e)}): another program "
+                        f"holds port {port}, or the relay is stuck; find which (ss -ltnp)"
+                    )
+                continue
+            except BEEPError as e:
+                # A BEEP listener's refusal (§2.4); an imxp relay's says why (e.g. 421, too
+                # many sessions from this address).
+                found.problem(
+                    f"a BEEP listener on {description} refuses sessions "
+                    f"({host_port(address, port)}: {e.code} {e.text}): see the relay's log"
+                )
+                continue
+            session.disconnect()
+            found.ok(f"a relay answers on {description}")
 
 
 async def _check_peers(
@@ -1851,30 +1959,39 @@ async def _check_peers(
     reactor: Any,
     found: _Findings,
 ) -> None:
-    """Each static route's relay proves its domain over TLS, as the relay will check it."""
-    if not config.routes:
-        return
-    if not trust:
-        found.note("no trust roots to verify peers with: peers not checked")
-        return
+    """Each static route's relay, and the smart host, proves over TLS the name the relay
+    will check."""
+    # (whom the findings name, where it is, what of the configuration names it)
+    hops: list[tuple[str, Target, str]] = []
     router = Router(static_routes=config.routes, resolver=resolver, clock=reactor)
     for key in config.routes:
         if key.startswith("."):
             found.note(f"route {key}: each domain below {key[1:]} is checked when used")
             continue
         target = (await router.route(key))[0]
-        where = f"peer {key} at {target.address}"
+        hops.append((f"peer {key} at {target.address}", target, "the route"))
+    if config.smart_host:
+        # A router with no static route sends every domain to the smart host.
+        smart = Router(smart_host=config.smart_host, clock=reactor)
+        target = (await smart.route(config.domain))[0]
+        hops.append((f"smart host {target.address}", target, "smart_host"))
+    if hops and not trust:
+        found.note("no trust roots to verify peers with: peers not checked")
+        return
+    for where, target, named_in in hops:
         try:
             session = await _greeting(reactor, target.host, target.port, resolver)
         except (error.ConnectError, error.DNSLookupError, SessionClosed, BEEPError) as e:
             found.problem(
-                f"{where} unreachable ({_short(e)}): correct the route or start that relay"
+                f"{where} unreachable ({_short(e)}): correct {named_in} or start that relay"
             )
             continue
         try:
             await start_tls(session, client_options(target.tls_name, trust, identity))
         except SessionClosed as e:
-            found.problem(f"{where}: TLS verification failed: {_tls_failure(e, target.tls_name)}")
+            found.problem(
+                f"{where}: TLS verification failed: {_tls_failure(e, target.tls_name, named_in)}"
+            )
             continue
         except BEEPError as e:
             found.problem(f"{where} refused TLS ({e.code} {e.text}): check that relay")
@@ -1884,8 +2001,9 @@ async def _check_peers(
         found.ok(f"{where} proves {target.tls_name} (TLS verified)")
 
 
-def _tls_failure(e: SessionClosed, name: str) -> str:
-    """What went wrong in a TLS handshake with a peer relay, and the fix.
+def _tls_failure(e: SessionClosed, name: str, named_in: str) -> str:
+    """What went wrong in a TLS handshake with a peer relay, and the fix; ``named_in`` is
+    what of the configuration names that relay (the route, smart_host).
 
     The session only has the reason's text: service_identity's verdict on the name, or
     OpenSSL's on the chain (ours, or the peer's alert about our certificate).
@@ -1894,7 +2012,7 @@ def _tls_failure(e: SessionClosed, name: str) -> str:
     if "Mismatch" in reason:
         return (
             f"its certificate does not name {name}: give that relay a certificate for {name}, "
-            "or name the one it has in the route (host:port=name)"
+            f"or name the one it has in {named_in} (host:port=name)"
         )
     if "certificate verify failed" in reason:
         return (

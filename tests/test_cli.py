@@ -11,18 +11,23 @@ test's directory and the same relays.
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import re
 import socket
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from apexnet import attach, start_relay
 from clinet import Command, Net, start_net, until
 from service_identity.cryptography import verify_certificate_hostname
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
 
 from imxp.beep.users import UserStore
 from imxp.certs import Issued, client_identity, create_ca, issue_server, load_issued
@@ -495,13 +500,17 @@ async def test_route_shows_the_srv_targets(net: Net) -> None:
 # -- check -----------------------------------------------------------------------------------
 
 
-def relay_config(net: Net, identity: Issued, *, peer_name: str = "") -> Path:
+def relay_config(
+    net: Net, identity: Issued, *, peer_name: str = "", smart_host: bool = False
+) -> Path:
     """A configuration for the running a.test relay, with ``identity`` as its certificate
-    and a static route to b.test (whose certificate must name ``peer_name`` if given)."""
+    and a static route to b.test (whose certificate must name ``peer_name`` if given), or
+    b.test's relay as its smart host instead."""
     a, b = net.relays["a.test"], net.relays["b.test"]
     identity.write(net.tmp / "a.pem", net.tmp / "a.key")
     path = net.tmp / "a.toml"
-    route = f"127.0.0.1:{b.port('mesh')}" + (f"={peer_name}" if peer_name else "")
+    hop = f"127.0.0.1:{b.port('mesh')}" + (f"={peer_name}" if peer_name else "")
+    routes = f'smart_host = "{hop}"' if smart_host else f'[routes]\n"b.test" = "{hop}"'
     path.write_text(
         f"""
 domain = "a.test"
@@ -513,11 +522,19 @@ tls_key = "{net.tmp / "a.key"}"
 tls_trust = ["{net.ca_file}"]
 users_file = "{a.users.path}"
 
-[routes]
-"b.test" = "{route}"
+{routes}
 """
     )
     return path
+
+
+async def run_check(net: Net, config: Path) -> Command:
+    return await net.imxp("check", "--config", str(config), "--dns", f"127.0.0.1:{net.dns.port}")
+
+
+def problems_in(command: Command | str) -> list[str]:
+    out = command if isinstance(command, str) else command.out
+    return [line for line in out.splitlines() if line.startswith("problem: ")]
 
 
 @pytest_twisted.ensureDeferred
@@ -564,3 +581,208 @@ async def test_check_reports_each_problem_with_its_fix(net: Net) -> None:
     assert "TLS verification failed" in problems[1]
     assert "its certificate does not name wrong.test" in problems[1]
     assert check.out.endswith("2 problems found\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_checks_the_smart_host_as_a_static_route(net: Net) -> None:
+    # Without a name, the smart host's certificate must name its host: b.test's does not.
+    unnamed = await run_check(
+        net, relay_config(net, net.relays["a.test"].identity, smart_host=True)
+    )
+    hop = f"127.0.0.1:{net.relays['b.test'].port('mesh')}"
+    assert problems_in(unnamed) == [
+        f"problem: smart host {hop}: TLS verification failed: its certificate does not name "
+        "127.0.0.1: give that relay a certificate for 127.0.0.1, or name the one it has in "
+        "smart_host (host:port=name)"
+    ], unnamed
+
+    named = relay_config(net, net.relays["a.test"].identity, peer_name="b.test", smart_host=True)
+    good = await run_check(net, named)
+    assert good.status == 0, good
+    assert f"ok: smart host {hop} proves b.test (TLS verified)\n" in good.out
+
+    nowhere = closed_port()
+    named.write_text(named.read_text().replace(hop, f"127.0.0.1:{nowhere}"))
+    down = await run_check(net, named)
+    assert problems_in(down) == [
+        f"problem: smart host 127.0.0.1:{nowhere} unreachable (connection refused): correct "
+        "smart_host or start that relay"
+    ], down
+
+
+def unreadable(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Make ``path`` one this user may not read: a file (0600, another user's) or a
+    directory (0700, another user's, as a relay's state_dir or /etc/letsencrypt/live), in
+    which no file can even be looked at. The tests run as root, whom modes do not stop."""
+    real_stat, real_open = Path.stat, Path.open
+
+    def denied(self: Path) -> PermissionError:
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    def stat(self: Path, **kwargs: Any) -> os.stat_result:
+        if path in self.parents:
+            raise denied(self)
+        return real_stat(self, **kwargs)
+
+    def open_(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == path or path in self.parents:
+            raise denied(self)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setattr(Path, "open", open_)
+
+
+async def check_here(net: Net, config: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """``imxp check`` in this process, where :func:`unreadable` applies: its output."""
+    dns = f"127.0.0.1:{net.dns.port}"
+    args = build_parser().parse_args(["check", "--config", str(config), "--dns", dns])
+    status = await args.run(reactor, args)
+    out = capsys.readouterr().out
+    assert status == 1, out
+    return out
+
+
+def cannot_read(what: str, path: Path) -> str:
+    return (
+        f"problem: {what} {path} cannot be read by this user: run imxp check as the relay's "
+        "user, or give this one read access"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_reports_files_in_a_directory_it_may_not_enter_and_goes_on(
+    net: Net, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = relay_config(net, net.relays["a.test"].identity)
+    live, state = net.tmp / "live", net.tmp / "state"
+    live.mkdir()
+    state.mkdir()
+    net.relays["a.test"].identity.write(live / "a.pem", live / "a.key")
+    (live / "extra-ca.pem").write_bytes(net.ca.cert_pem())
+    (state / "users").write_bytes(net.relays["a.test"].users.path.read_bytes())
+    config.write_text(
+        config.read_text()
+        .replace(str(net.tmp / "a.pem"), str(live / "a.pem"))
+        .replace(str(net.tmp / "a.key"), str(live / "a.key"))
+        .replace(f'"{net.ca_file}"', f'"{net.ca_file}", "{live / "extra-ca.pem"}"')
+        .replace(f'users_file = "{net.relays["a.test"].users.path}"\n', "")
+    )
+    unreadable(monkeypatch, live)
+    unreadable(monkeypatch, state)
+    out = await check_here(net, config, capsys)
+    assert problems_in(out) == [
+        cannot_read("certificate", live / "a.pem"),
+        cannot_read("tls_trust file", live / "extra-ca.pem"),
+        cannot_read("user file", state / "users"),
+    ], out
+    # The checks that need none of them still ran.
+    assert "ok: a relay answers on tcp:" in out
+    assert "SRV _apex-mesh._tcp.a.test" in out
+    assert "peer b.test at 127.0.0.1:" in out
+    assert out.endswith("3 problems found\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_says_a_key_it_may_not_read_cannot_be_read(
+    net: Net, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = relay_config(net, net.relays["a.test"].identity)
+    unreadable(monkeypatch, net.tmp / "a.key")
+    out = await check_here(net, config, capsys)
+    assert problems_in(out) == [cannot_read("key", net.tmp / "a.key")], out
+    assert out.endswith("1 problem found\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_says_a_configuration_it_may_not_read_cannot_be_read(
+    net: Net, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = relay_config(net, net.relays["a.test"].identity)
+    unreadable(monkeypatch, config)
+    out = await check_here(net, config, capsys)
+    assert out == cannot_read("configuration", config) + "\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_expects_what_a_first_start_makes(net: Net) -> None:
+    a = net.relays["a.test"]
+    config = net.tmp / "first.toml"
+    config.write_text(
+        f"""
+domain = "a.test"
+edge_listen = ["tcp:{a.port("edge")}:interface=127.0.0.1"]
+mesh_listen = ["tcp:{a.port("mesh")}:interface=127.0.0.1"]
+state_dir = "first"
+"""
+    )
+    checked = await run_check(net, config)
+    assert checked.status == 0, checked
+    state = net.tmp / "first"
+    for note in (
+        f"note: no relay certificate at {state / 'relay.pem'} yet: the relay makes a "
+        "development certificate for a.test on first start",
+        f"note: no development CA at {state / 'ca.pem'} yet: the relay makes one on first start",
+        f"note: no user file at {state / 'users'} yet: the relay makes an empty one on first start",
+    ):
+        assert f"{note}\n" in checked.out, checked
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_says_an_empty_tls_trust_stops_a_relay_with_its_own_certificate(
+    net: Net,
+) -> None:
+    config = relay_config(net, net.relays["a.test"].identity)
+    config.write_text(
+        config.read_text().replace(f'tls_trust = ["{net.ca_file}"]', "tls_trust = []")
+    )
+    checked = await run_check(net, config)
+    assert checked.status == 1, checked
+    assert problems_in(checked) == [
+        f"problem: tls_trust is empty and there is no development CA at "
+        f"{net.tmp / 'state/ca.pem'}, which the relay makes only with a development "
+        "certificate (tls_certificate and tls_key unset), so it will not start: set "
+        "tls_trust to the PEM files of the CAs that peers' and endpoints' certificates chain "
+        "to"
+    ], checked
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_reports_a_certificate_not_yet_valid(net: Net) -> None:
+    valid_from = datetime.now(UTC) + timedelta(days=2)
+    config = relay_config(net, issue_server(net.ca, ["a.test"], valid_from=valid_from))
+    checked = await run_check(net, config)
+    assert checked.status == 1, checked
+    assert (
+        f"problem: certificate {net.tmp / 'a.pem'} is not valid until "
+        f"{valid_from:%Y-%m-%d %H:%M} UTC: check this machine's clock, or keep the "
+        "certificate it replaces until then"
+    ) in problems_in(checked), checked
+
+
+class _NotBEEP(Protocol):
+    """What another program on a relay's port says: an SSH server's banner."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_tells_another_program_on_a_listeners_port_from_no_relay(net: Net) -> None:
+    other = reactor.listenTCP(0, Factory.forProtocol(_NotBEEP), interface="127.0.0.1")
+    try:
+        port = other.getHost().port
+        config = relay_config(net, net.relays["a.test"].identity)
+        edge = f"tcp:{net.relays['a.test'].port('edge')}:interface=127.0.0.1"
+        config.write_text(config.read_text().replace(edge, f"tcp:{port}:interface=127.0.0.1"))
+        checked = await run_check(net, config)
+    finally:
+        await other.stopListening()
+    assert checked.status == 1, checked
+    # Besides the SRV record naming the relay's edge port, no longer in edge_listen.
+    [problem] = [line for line in problems_in(checked) if f"tcp:{port}:" in line]
+    assert problem.startswith(
+        f"problem: a program that does not speak BEEP answers on tcp:{port}:interface=127.0.0.1 "
+        f"(127.0.0.1:{port}: session ended: "
+    ), checked
+    assert problem.endswith(f"): stop it, or give edge_listen another port than {port}"), checked
