@@ -78,8 +78,8 @@ def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -
     if (
         config.tls_certificate is None
         and config.tls_key is None
-        and not cert_path.exists()
-        and not key_path.exists()
+        and not _exists(config, "tls_certificate", cert_path)
+        and not _exists(config, "tls_key", key_path)
     ):
         _development_certificate(config, cert_path, key_path, log, created)
     identity, trust_roots = load_tls(config, log)
@@ -144,15 +144,30 @@ def _give(config: Config, owner: tuple[int, int], paths: list[Path]) -> None:
             ) from None
 
 
+def _exists(config: Config, name: str, path: Path) -> bool:
+    """Whether ``path``, the file of option ``name``, exists; a directory on the way that
+    the relay's user may not enter (say /etc/letsencrypt/live, 0700 root) is a ConfigError
+    naming the option, not a PermissionError traceback."""
+    try:
+        return path.exists()
+    except OSError as e:
+        raise ConfigError(
+            config.source,
+            name,
+            f"cannot look for {path}: {e.strerror}; the relay runs as uid {os.geteuid()}: "
+            "give that user access to the file and the directories above it",
+        ) from None
+
+
 def _check_configured(config: Config) -> None:
     """Refuse a configuration naming files that do not exist, before creating anything."""
     for name in ("tls_certificate", "tls_key", "users_file"):
         path = config.path(name)
-        if getattr(config, name) is not None and not path.exists():
+        if getattr(config, name) is not None and not _exists(config, name, path):
             raise ConfigError(config.source, name, f"{path} does not exist")
     if config.tls_trust:
         for path in config.paths("tls_trust"):
-            if not path.exists():
+            if not _exists(config, "tls_trust", path):
                 raise ConfigError(config.source, "tls_trust", f"{path} does not exist")
 
 
@@ -165,9 +180,9 @@ def _announce(
 
 def _state_dir(config: Config, log: Logger, created: list[str]) -> Path:
     path = config.path("state_dir")
-    if path.is_dir():
-        return path
-    if path.exists():
+    if _exists(config, "state_dir", path):
+        if path.is_dir():
+            return path
         raise ConfigError(config.source, "state_dir", f"{path} is not a directory")
     try:
         path.mkdir(mode=0o700, parents=True)
@@ -224,7 +239,7 @@ def _development_certificate(
 
 def _identity(config: Config, cert_path: Path, key_path: Path) -> Issued:
     for name, path in (("tls_certificate", cert_path), ("tls_key", key_path)):
-        if not path.exists():
+        if not _exists(config, name, path):
             hint = ""
             if config.tls_certificate is None and config.tls_key is None:
                 hint = "; with neither file there, a start makes a new development certificate"
@@ -242,7 +257,9 @@ def _identity(config: Config, cert_path: Path, key_path: Path) -> Issued:
 def _trust(config: Config, paths: tuple[Path, ...]) -> tuple[x509.Certificate, ...]:
     roots: list[x509.Certificate] = []
     for path in paths:
-        if not path.exists():  # only the development CA can be missing here
+        if not _exists(config, "tls_trust", path):
+            if config.tls_trust:  # a file named there, gone since the start (a reload)
+                raise ConfigError(config.source, "tls_trust", f"{path} does not exist")
             raise ConfigError(
                 config.source,
                 "tls_trust",
@@ -257,7 +274,7 @@ def _trust(config: Config, paths: tuple[Path, ...]) -> tuple[x509.Certificate, .
 
 
 def _users(config: Config, path: Path, log: Logger, created: list[str]) -> UserStore:
-    if not path.exists():  # unset, since _check_configured has seen to a configured one
+    if not _exists(config, "users_file", path):  # unset: _check_configured saw to one set
         try:
             # O_EXCL: never truncate a file that appeared meanwhile; 0600 like UserStore.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -292,8 +309,18 @@ def _check_certificate(
             path=str(path),
             domain=config.domain,
         )
+    now = datetime.now(UTC)
+    starts = certificate.not_valid_before_utc
+    if starts > now:
+        log.warn(
+            "the relay certificate {path} is not valid until {starts}: peers refuse it until then",
+            event="imxp.bootstrap",
+            what="certificate-not-yet-valid",
+            path=str(path),
+            starts=starts.isoformat(),
+        )
     expires = certificate.not_valid_after_utc
-    left = expires - datetime.now(UTC)
+    left = expires - now
     if left <= timedelta(0):
         text = "the relay certificate {path} expired on {expires}: peers refuse it; renew it"
     elif left < EXPIRY_WARNING:

@@ -292,7 +292,8 @@ class Config:
     tls_trust: tuple[str, ...] = _option(
         (),
         "PEM bundles of the CAs that peers' certificates must chain to. Empty: only the "
-        "development CA made on first start.",
+        "development CA made on first start, which is made only while `tls_certificate` and "
+        "`tls_key` are unset: with a certificate of your own, set this too.",
         check=_paths,
         path=True,
         state_file=DEVELOPMENT_CA,
@@ -603,6 +604,13 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(source, None, f"cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, None, f"not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 (TOML 1.0, "Spec"); a comment saved as Latin-1 is the usual cause.
+        line = e.object[: e.start].count(b"\n") + 1
+        octet = e.object[e.start]
+        raise ConfigError(
+            source, None, f"not UTF-8 (TOML files are): octet {octet:#04x} on line {line}"
+        ) from None
     for key in data:
         if key not in _SPECS:
             close = difflib.get_close_matches(key, _SPECS, n=1)

@@ -15,7 +15,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.logger import Logger, LogLevel, formatEvent
 
 from imxp.beep.users import UserStore
-from imxp.bootstrap import Prepared, prepare
+from imxp.bootstrap import Prepared, load_tls, prepare
 from imxp.certs import Issued, create_ca, issue_server
 from imxp.config import Config, ConfigError
 
@@ -247,3 +247,72 @@ def test_a_certificate_expiring_soon_is_warned_about(
     assert warning["what"] == "certificate-expiry"
     assert warning["log_level"] == LogLevel.warn
     assert text in formatEvent(warning)
+
+
+def test_a_certificate_not_yet_valid_is_warned_about(
+    tmp_path: Path, log: Logger, events: Events, test_ca: Issued
+) -> None:
+    """Issued for tomorrow (a clock, or a renewal, gone wrong): peers refuse it till then."""
+    prepare(config(tmp_path, domain="a.test"), log)
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    write_issued(
+        issue_server(test_ca, ["a.test"], valid_from=tomorrow), tmp_path / "state", "relay"
+    )
+    del events[:]
+    prepare(config(tmp_path, domain="a.test"), log)
+    [warning] = events
+    assert warning["what"] == "certificate-not-yet-valid"
+    assert warning["log_level"] == LogLevel.warn
+    assert "is not valid until" in formatEvent(warning)
+
+
+@pytest.mark.parametrize("option", ["tls_certificate", "tls_trust", "users_file", "state_dir"])
+def test_a_file_the_relay_may_not_look_for_is_refused_naming_the_option(
+    tmp_path: Path, log: Logger, monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    """Under a directory the relay's user may not enter (/etc/letsencrypt/live is 0700
+    root), looking for a file raises PermissionError: named as the option's trouble, with
+    the fix, rather than a traceback. (The tests run as root, who may enter anything, so
+    the refusal is the file system's answer played by the test.)"""
+    cert, key = prepare(config(tmp_path), log).certificate_path, tmp_path / "state" / "relay.key"
+    ca = tmp_path / "state" / "ca.pem"
+    settings = {"tls_certificate": str(cert), "tls_key": str(key), "tls_trust": [str(ca)]}
+    denied = {
+        "tls_certificate": cert,
+        "tls_trust": ca,
+        "users_file": tmp_path / "state" / "users",
+        "state_dir": tmp_path / "state",
+    }[option]
+    exists = Path.exists
+
+    def refusing(path: Path) -> bool:
+        if path == denied:
+            raise PermissionError(13, "Permission denied")
+        return exists(path)
+
+    monkeypatch.setattr(Path, "exists", refusing)
+    with pytest.raises(ConfigError) as e:
+        prepare(config(tmp_path, **settings), log)
+    assert e.value.option == option
+    assert f"cannot look for {denied}: Permission denied" in str(e.value)
+    assert "give that user access to the file and the directories above it" in str(e.value)
+
+
+def test_a_trusted_ca_file_gone_since_the_start_is_said_so(
+    tmp_path: Path, log: Logger, test_ca: Issued
+) -> None:
+    """A SIGHUP reads the files again: a tls_trust file removed meanwhile is missing, not
+    an "empty" tls_trust waiting for a development CA."""
+    prepared = prepare(config(tmp_path), log)
+    trust = tmp_path / "trust.pem"
+    trust.write_bytes(test_ca.cert_pem())
+    settings = {
+        "tls_certificate": str(prepared.certificate_path),
+        "tls_key": str(prepared.key_path),
+        "tls_trust": [str(trust)],
+    }
+    load_tls(config(tmp_path, **settings), log)
+    trust.unlink()
+    with pytest.raises(ConfigError) as e:
+        load_tls(config(tmp_path, **settings), log)
+    assert str(e.value) == f"{tmp_path / 'imxp.toml'}: option 'tls_trust': {trust} does not exist"

@@ -252,6 +252,12 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad = write(tmp_path, "domain = \n")
     with pytest.raises(ConfigError, match=r"imxp\.toml: not valid TOML: .*line 1"):
         load(bad)
+    # A comment saved by an editor in Latin-1: named, not a UnicodeDecodeError traceback.
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('domain = "example.org"\n# relais de l\'équipe\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load(latin1)
+    assert str(e.value) == f"{latin1}: not UTF-8 (TOML files are): octet 0xe9 on line 2"
 
 
 def test_paths_are_relative_to_the_file_then_to_state_dir(
