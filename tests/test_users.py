@@ -169,6 +169,12 @@ def test_watchers_hear_of_users_removed_or_given_a_new_password(path):
     relay.refresh()  # nothing new
     path.write_text("not a user file\n")
     relay.refresh()
+    # Moved away for a while (a restore, a hand edit): not "no users", which would log
+    # everyone out and refuse every login, which applications take as final.
+    path.rename(path.with_name("users.moved"))
+    relay.refresh()
+    assert "alice" in relay
+    path.with_name("users.moved").rename(path)
 
     assert heard == [frozenset({"bob", "carol"}), frozenset({"dave"})]
     assert "alice" in relay and "erin" in relay

@@ -213,6 +213,11 @@ class UserStore:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            if self._seen is not None:
+                # Moved away or deleted while in use (a restore, a hand edit): taken for
+                # "no users", everyone would be logged out and every login refused, which
+                # applications take as final. The relay keeps the users it has (_fresh).
+                raise UserStoreError(f"{self.path}: no longer there") from None
             return {}, None
         except UnicodeDecodeError as e:
             raise UserStoreError(f"{self.path}: not UTF-8: {e}") from None
