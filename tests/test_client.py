@@ -1010,9 +1010,20 @@ async def test_certificate_for_another_name(net: Net) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_certificate_from_an_untrusted_ca(net: Net) -> None:
-    error = await refused_with(net, FRED, trust=[create_ca("stranger").certificate])
+    """The client refuses the relay's certificate. The relay's operator, whose users call
+    about it, learns why from the relay's log: OpenSSL's alert."""
+    seen: list[LogEvent] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        error = await refused_with(net, FRED, trust=[create_ca("stranger").certificate])
+        await until(lambda: any(e.get("event") == "beep.tls-failed" for e in seen))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
     assert error.kind == "tls"
     assert "its certificate for a.test does not verify" in error.message
+    [failed] = [e for e in seen if e.get("event") == "beep.tls-failed"]
+    assert failed["peer"].startswith("127.0.0.1:")
+    assert failed["reason"] == "tlsv1 alert unknown ca"
 
 
 @pytest_twisted.ensureDeferred

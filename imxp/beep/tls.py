@@ -11,6 +11,7 @@ reach (RFC 6125) through service_identity.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 from twisted.internet import defer
@@ -18,6 +19,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.python.failure import Failure
 
 from imxp.beep import mgmt, xmlsafe
 from imxp.beep.message import Message
@@ -28,6 +30,7 @@ from imxp.beep.session import (
     Profile,
     Request,
     Session,
+    SessionClosed,
     StartReply,
 )
 
@@ -117,9 +120,32 @@ class TLSProfile(Profile):
                 session.tls_active = True
                 session.transport.startTLS(options)  # type: ignore[union-attr]
 
-            return lambda: session.tuning_reset(switch, greet_after_handshake=True)
+            def tune() -> None:
+                session.tuning_reset(switch, greet_after_handshake=True)
+                session.greeted().addErrback(_tls_failed, session)
+
+            return tune
 
         return waits.addCallback(ready)
+
+
+def _tls_failed(failure: Failure, session: Session) -> None:
+    """The session ended before the peer's greeting over TLS. The peer knows why; this
+    side's operator learns it only from this line: OpenSSL's reason when the handshake
+    failed (a certificate one side would not accept, no common version or cipher), else
+    that the peer went away, as a client does whose check of our name (RFC 6125) failed."""
+    failure.trap(SessionClosed)
+    text = str(failure.value)
+    said = re.findall(r"'([^']+)'\)", text)  # [('SSL routines', '', 'tlsv1 alert unknown ca')]
+    if said:
+        message, reason = "TLS with {peer} failed: {reason}", "; ".join(said)
+    else:
+        message = (
+            "TLS with {peer} ended before its greeting: {reason} (a peer hangs up so when "
+            "this relay's certificate does not name what it wanted)"
+        )
+        reason = text
+    session.log.warn(message, peer=session.peer, reason=reason, event="beep.tls-failed")
 
 
 async def start_tls(
