@@ -221,6 +221,14 @@ def _window(value: int) -> int:
     return value
 
 
+def _message_size(value: int) -> int:
+    # A greeting, a SASL exchange or a status report must fit: a relay allowing less
+    # refuses logins with 554, which applications show as a failed authentication.
+    if value < 4096:
+        raise ValueError(f"must be at least 4096, got {value!r}")
+    return value
+
+
 def _option(
     default: Any,
     doc: str,
@@ -380,8 +388,8 @@ class Config:
     )
     max_message_size: int = _option(
         1048576,
-        "Largest BEEP message accepted, in octets; a larger one is refused.",
-        check=_positive,
+        "Largest BEEP message accepted, in octets (4096 at least); a larger one is refused.",
+        check=_message_size,
     )
     max_queued: int = _option(
         16777216,
@@ -426,7 +434,8 @@ class Config:
         "The least severe events logged: debug, info, warn, error or critical. At info "
         "every recipient's verdict at each relay is a line (event apex.verdict), which a "
         "busy relay spends a fifth of its time writing; warn leaves those out and keeps "
-        "refusals (apex.refused) and the relay's own troubles.",
+        "refusals (apex.refused) and the relay's own troubles. The relay's start, reload, "
+        "log-outs and stop (events imxp.*) are logged at every level.",
         check=_log_level,
     )
     source: str | None = None

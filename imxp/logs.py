@@ -42,7 +42,9 @@ class Logger(logger.Logger):
     the rest of a verdict."""
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
-        if level not in _left_out:
+        # The relay process's own few events (imxp.*: its start, reload, log-outs, stop)
+        # are what an operator reads a quiet log for: never left out.
+        if level not in _left_out or str(kwargs.get("event", "")).startswith("imxp."):
             for key, value in kwargs.items():
                 # isprintable() is False for every character escape_controls takes, in C.
                 if type(value) is str and not value.isprintable():
@@ -69,6 +71,7 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def set_level(name: str) -> None:
-    """Log the events of level ``name`` (one of :data:`LEVELS`) and above, for the process."""
+    """Log the events of level ``name`` (one of :data:`LEVELS`) and above, for the process,
+    and the relay process's own (``imxp.*``) at every level."""
     global _left_out
     _left_out = _below(name)

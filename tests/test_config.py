@@ -225,6 +225,7 @@ def test_wrong_types(tmp_path: Path, line: str, option: str, expected: str) -> N
         ("connect_timeout = 0.0", "connect_timeout", "must be positive"),
         ("window = 1024", "window", "between 4096 and"),
         ("window = 2147483648", "window", "between 4096 and"),
+        ("max_message_size = 10", "max_message_size", "must be at least 4096, got 10"),
         ('state_dir = ""', "state_dir", "empty"),
         ('users_file = ""', "users_file", "empty"),
         ('tls_trust = ["ca.pem", ""]', "tls_trust", "empty"),

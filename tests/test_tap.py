@@ -17,6 +17,7 @@ from twisted.python.usage import UsageError
 
 from imxp import logs
 from imxp.apex.relay import Relay
+from imxp.apex.service import RelayService
 from imxp.config import Config
 from imxp.tap import Options, makeService
 
@@ -135,9 +136,11 @@ def test_log_level_leaves_out_the_relay_events_below_it(tmp_path: Path) -> None:
             Relay.log.info("a verdict", event="apex.verdict")
             Relay.log.warn("a refusal", event="apex.refused")
             Logger(namespace="elsewhere").info("another program's event", event="other")
+            # What an operator reads a quiet log for: the relay's start and stop.
+            RelayService.log.info("relay stopped", event="imxp.stopped")
     finally:
         logs.set_level("info")
-    assert [e["event"] for e in events] == ["apex.refused", "other"]
+    assert [e["event"] for e in events] == ["apex.refused", "other", "imxp.stopped"]
     # Named after the class it is declared on, as twisted.logger's own loggers are.
     assert events[0]["log_namespace"] == "imxp.apex.relay.Relay"
 
