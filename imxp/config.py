@@ -125,7 +125,13 @@ def _endpoints(values: tuple[str, ...]) -> tuple[str, ...]:
             # Parsing builds an endpoint object without listening; no reactor is needed.
             endpoint = serverFromString(None, description)
         except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
-            raise ValueError(f"{description!r} is not a server endpoint string: {e}") from None
+            hint = ""
+            if "interface=" in description and "::" in description.replace("\\:", ""):
+                # Colons separate the string's fields: an IPv6 address's are escaped.
+                hint = "; escape each colon of an IPv6 address, as in interface=\\:\\:"
+            raise ValueError(
+                f"{description!r} is not a server endpoint string: {e}{hint}"
+            ) from None
         # The TCP parser takes any integer; an out-of-range port would only fail at listen().
         port = getattr(endpoint, "_port", None)
         if isinstance(port, int) and not 0 <= port <= 65535:

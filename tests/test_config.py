@@ -201,6 +201,8 @@ def test_wrong_types(tmp_path: Path, line: str, option: str, expected: str) -> N
         ('domain = "[192.0.2.1]"', "domain", "address literal"),
         ('trusted_relays = ["ok.example", "-bad.example"]', "trusted_relays", "-bad"),
         ('edge_listen = ["foo:1"]', "edge_listen", "not a server endpoint string"),
+        # The README's production form, its IPv6 colons unescaped: said how to write it.
+        ('edge_listen = ["tcp6:913:interface=::"]', "edge_listen", "as in interface=\\:\\:"),
         ('edge_listen = [""]', "edge_listen", "not a server endpoint string"),
         ('mesh_listen = ["tcp:port"]', "mesh_listen", "'tcp:port'"),
         ('mesh_listen = ["tcp:70000"]', "mesh_listen", "port 70000 out of range"),
