@@ -115,7 +115,7 @@ from imxp.beep.session import (
 )
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
-from imxp.beep.users import UserStore, UserStoreError
+from imxp.beep.users import UserStore, UserStoreError, prepare_username
 from imxp.bootstrap import EXPIRY_WARNING
 from imxp.certs import Issued, create_ca, issue_client, issue_server, load_certificates, load_issued
 from imxp.client import (
@@ -1485,7 +1485,8 @@ def _users_add(args: argparse.Namespace) -> int:
         store.add(name, password)
     except UserStoreError as e:  # the name or the password is unacceptable (SASLprep)
         raise Failed(Exit.USAGE, str(e)) from None
-    shown = name if name == args.name else f"{name} ({args.name})"
+    stored = prepare_username(name)  # as SASLprep (RFC 4013) wrote it: ǅ is Dž
+    shown = stored if stored == args.name else f"{stored} ({args.name})"
     print(f"added {shown} to {store.path}")
     return Exit.OK
 
@@ -1772,7 +1773,8 @@ def _check_users(config: Config, found: _Findings) -> None:
             f"user file {path} is accessible to group or others (mode {mode:04o}): chmod 600 {path}"
         )
     else:
-        found.ok(f"user file {path}: {len(names)} users, mode {mode:04o}")
+        users = f"{len(names)} user{'' if len(names) == 1 else 's'}"
+        found.ok(f"user file {path}: {users}, mode {mode:04o}")
     if not names:
         found.note(f"no users yet: add one with imxp users add NAME --file {path}")
 

@@ -469,6 +469,12 @@ async def test_users_named_as_endpoints_of_the_relays_domain_log_in_by_default(n
         assert one_error_line(refused).startswith(f"imxp: {name}"), refused
     assert UserStore(net.relays["a.test"].users.path).usernames() == ["dino", "fred", "wilma"]
 
+    # SASLprep (RFC 4013) stores ǅ as Dž: what is said is the name a login must use.
+    titled = await net.imxp("users", "add", "\u01c5", "-c", config, password="yabba dabba")
+    stored = "D\u017e"
+    path = net.relays["a.test"].users.path
+    assert (titled.status, titled.out) == (0, f"added {stored} (\u01c5) to {path}\n"), titled
+
     removed = await net.imxp("users", "remove", "dino@a.test", "-c", config)
     assert removed.status == 0, removed
     assert "dino" not in UserStore(net.relays["a.test"].users.path)
