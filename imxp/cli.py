@@ -941,7 +941,12 @@ class _ConnectionNotices:
 
     def __call__(self, event: dict[str, Any]) -> None:
         name = event.get("event")
-        if name == "client.connection-lost":
+        if name == "client.terminated" and event.get("code") == 421:
+            # Attached again on reconnecting, unless the reason (a password withdrawn,
+            # say) is why that fails: the person reads it here first.
+            endpoints = ", ".join(event.get("endpoints", ()))
+            self._say(f"the relay ended the attachment of {endpoints}: 421 {event.get('text')}")
+        elif name == "client.connection-lost":
             self._lost = True
             self._reasons.clear()
             self._say(f"{formatEvent(event)}; connecting again")
