@@ -55,3 +55,27 @@ def test_expire_all_ends_every_wait_at_once() -> None:
         assert d.called
         d.addErrback(lambda f: f.trap(defer.CancelledError))
     assert answered.result == "ok"
+
+
+def test_a_watch_made_while_expiring_does_not_put_off_earlier_deadlines() -> None:
+    """A hand-over given up gives a verdict at once, whose report is delivered to the
+    originator here and watched in turn: that watch, a whole timeout away, must not put
+    off the data watched between the two (an operator's relay gave verdicts 35 s after a
+    20 s delivery_timeout)."""
+    clock = task.Clock()
+    deadlines = _Deadlines(clock, 20.0)
+    report: defer.Deferred[str] = defer.Deferred()
+    first: defer.Deferred[str] = defer.Deferred(lambda d: deadlines.watch(report))
+    deadlines.watch(first)
+    clock.advance(5)
+    second: defer.Deferred[str] = defer.Deferred()
+    deadlines.watch(second)
+    for d in (first, second, report):
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    clock.advance(15)  # the first is due, and its report is watched from now
+    assert first.called and not second.called
+    clock.advance(5)  # the second is due 20 s after it was watched
+    assert second.called and not report.called
+    clock.advance(15)
+    assert report.called

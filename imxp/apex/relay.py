@@ -831,7 +831,13 @@ class _Deadlines:
             _, d = watched.popleft()
             if not d.called:
                 d.cancel()
-        if watched and self._timer is None:
+        if self._timer is not None:
+            # A cancel above gave a verdict whose report was delivered here, and that
+            # delivery's watch set a timer for its own deadline, a whole timeout away:
+            # the earlier deadlines still watched would wait for it.
+            self._timer.cancel()
+            self._timer = None
+        if watched:
             self._timer = self._clock.callLater(watched[0][0] - now, self._expire)
 
 
