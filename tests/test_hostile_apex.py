@@ -417,6 +417,73 @@ async def test_a_next_hop_that_never_answers_still_gives_a_final_report(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_next_hop_that_answers_one_data_never_does_not_hold_up_the_rest(
+    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c.test takes one data and never answers it, then answers again. Replies come in
+    order on a channel (RFC 3080 §2.6.1): kept, the link would leave every later data to
+    c.test waiting behind that one until its deadline, for as long as it stays up."""
+    mesh = await mesh_of(**{"a.test": {"delivery_timeout": 0.5}})
+    answers = [defer.Deferred]
+
+    def answer() -> Any:
+        if answers:
+            return answers.pop()()
+        raise BEEPError(550, "not here")  # an answer: the point is that there is one
+
+    c = mesh.relay("c.test").service.relay
+    monkeypatch.setattr(APEXChannel, "message_received", hostile_at(c, answer))
+    fred = await mesh.attach(FRED)
+
+    await send(fred, [BETTY], [status(81)])
+    await fred.wait("reports", 1, timeout=3.0)
+    await send(fred, [BETTY], [status(82)])
+    await fred.wait("reports", 2, timeout=3.0)
+
+    assert reported(fred, 81) == {BETTY: [451]}
+    assert reported(fred, 82) == {BETTY: [550]}
+    await mesh.relay("c.test").service.stopService()
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        # An ERR coded 250 took nothing (RFC 3340 §10: refusals are 4xx or 5xx).
+        (BEEPError(250, "taken, honestly"), 554),
+        # An RPY that carries an error element is a refusal as an ERR is (§4.4.4.1 5.2).
+        (Message(b"<error code='550'>no</error>", mgmt.BEEP_XML), 550),
+        # An RPY that is no APEX element says nothing of what became of the data.
+        (Message(b"HTTP/1.1 200 OK", "text/plain"), 451),
+    ],
+    ids=["err-250", "rpy-error", "rpy-garbage"],
+)
+@pytest_twisted.ensureDeferred
+async def test_only_an_ok_from_the_next_hop_is_a_hand_over(
+    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch, answer: Any, code: int
+) -> None:
+    """Taken for "relayed", such answers left fred without a final report (and an ERR
+    250, taken for a passing refusal, had the data sent again seven times)."""
+    mesh = await mesh_of()
+    given: list[object] = []
+
+    def answering() -> Any:
+        given.append(answer)
+        if isinstance(answer, BEEPError):
+            raise answer
+        return answer
+
+    c = mesh.relay("c.test").service.relay
+    monkeypatch.setattr(APEXChannel, "message_received", hostile_at(c, answering))
+    fred = await mesh.attach(FRED)
+
+    await send(fred, [BETTY], [status(83)])
+    await fred.wait("reports", 1, timeout=3.0)
+
+    assert reported(fred, 83) == {BETTY: [code]}
+    assert len(given) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_long_diagnostic_from_a_next_hop_does_not_lose_the_report(
     mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from imxp import logs
+from imxp.apex import wire
 from imxp.apex.routing import Target
 from imxp.beep.message import Message
 from imxp.beep.session import BEEPError, Channel, NotSent, Session, SessionClosed
@@ -67,6 +68,27 @@ class Verdict:
 
 
 _UNREACHABLE = Verdict(421, "next hop unreachable")
+_TAKEN = Verdict(250)
+# The answer a relay nearly always gets, and the one imxp writes: known without parsing.
+_OK = wire.encode(wire.OK()).body
+
+
+def _taken(reply: Message) -> Verdict:
+    """The next hop's RPY as a verdict: 250 only for an ``ok`` element (RFC 3340 §4.4.4.1
+    step 5.2). An ``error`` element is a refusal as an ERR is; anything else says nothing
+    of what became of the data: outcome unknown."""
+    if reply.body == _OK:
+        return _TAKEN
+    try:
+        answer = wire.decode(reply)
+    except wire.APEXError:
+        answer = None
+    if isinstance(answer, wire.OK):
+        return _TAKEN
+    if isinstance(answer, wire.Error):
+        raise BEEPError(answer.code, answer.text)
+    return Verdict(451, "the next hop answered with neither ok nor error; outcome unknown")
+
 
 #: Makes a bound link to a target; fails with LinkFailed.
 Connector = Callable[[Target], Awaitable[Link]]
@@ -223,15 +245,18 @@ class PeerPool:
             return defer.succeed(backlog)
         # The usual case, a link that is up to the first choice: no coroutine until
         # something goes wrong.
-        return link.channel.send(message).addCallbacks(
-            lambda _: Verdict(250),
-            self._first_failed,
-            errbackArgs=(targets, message, deadline, link),
+        return (
+            link.channel.send(message)
+            .addCallback(_taken)
+            .addErrback(self._first_failed, targets, message, deadline, link)
         )
 
     def _first_failed(
         self, failure: Failure, targets: list[Target], message: Message, deadline: float, link: Link
     ) -> Verdict | Deferred[Verdict]:
+        if failure.check(defer.CancelledError):
+            self._abandon(link)
+            return failure  # type: ignore[return-value]
         verdict, final = self._judge(failure, targets[0], link)
         if final:
             return verdict
@@ -272,13 +297,16 @@ class PeerPool:
                 if backlog is not None:
                     return backlog
                 try:
-                    await link.channel.send(message)
+                    verdict = _taken(await link.channel.send(message))
                 except (BEEPError, SessionClosed):
                     last, final = self._judge(Failure(), target, link)
                     if final:
                         return last
                     continue
-                return Verdict(250)
+                except defer.CancelledError:
+                    self._abandon(link)
+                    raise
+                return verdict
             if (tried and refused == tried and not skip) or self._closing:
                 return last
             skip = 0
@@ -308,6 +336,11 @@ class PeerPool:
         """What sending on ``link`` failing with ``failure`` says, and whether that is final."""
         if failure.check(BEEPError):
             e = failure.value
+            if not 400 <= e.code <= 599:
+                # A refusal is 4xx or 5xx (RFC 3340 §10): an "error" coded 250 took
+                # nothing, and must not be taken for the hand-over it says it is.
+                text = f"the next hop refused it with code {e.code}, which no refusal has"
+                return Verdict(554, f"{text}: {e.text}" if e.text else text), True
             if e.code >= 500:
                 return Verdict(e.code, e.text), True
             if e.code == 421:
@@ -320,6 +353,22 @@ class PeerPool:
         if failure.check(SessionClosed):
             return Verdict(451, "session to the next hop was lost; outcome unknown"), True
         failure.raiseException()
+
+    def _abandon(self, link: Link) -> None:
+        """A data on ``link`` had no answer by its deadline (or the stop). Replies come
+        in order (RFC 3080 §2.6.1), so every data sent on it after would wait as long:
+        the link is dropped. Data on it not yet sent go again on a new one (NotSent);
+        those sent are reported unknown (451)."""
+        key = self._key(link.target)
+        if self._links.get(key) is link:
+            del self._links[key]
+            log.warn(
+                "{peer} at {where} answered no data in time: dropping the link",
+                peer=link.target.tls_name,
+                where=link.target.address,
+                event="apex.link-dropped",
+            )
+        link.session.disconnect()
 
     def _retire(self, link: Link) -> None:
         """The next hop is going away (421, RFC 3340 §10): queue nothing more on this
