@@ -445,6 +445,35 @@ async def test_a_next_hop_that_answers_one_data_never_does_not_hold_up_the_rest(
     await mesh.relay("c.test").service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_report_made_as_the_grace_ends_reaches_another_domain(
+    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b.test stops while barney's application, which took fred's data, never answers.
+    When the grace is over b.test gives its verdict, and the report must reach fred at
+    a.test (README, Stopping) - over a link b.test has yet to make, which the stop
+    refused at once ("421 next hop unreachable"), and the report was lost."""
+    mesh = await mesh_of(**{"b.test": {"delivery_timeout": 30.0}})
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    silent = barney.channel.handler
+    answering = _AppChannel.message_received
+
+    def message_received(self: _AppChannel, request: Request) -> Any:
+        return defer.Deferred() if self is silent else answering(self, request)
+
+    monkeypatch.setattr(_AppChannel, "message_received", message_received)
+    await send(fred, [BARNEY], [status(84)])
+    b = mesh.relay("b.test").service
+    while not b.relay.in_flight:
+        await sleep(0.02)
+
+    await b.stopService()
+
+    await fred.wait("reports", 1, timeout=3.0)
+    assert reported(fred, 84) == {BARNEY: [451]}
+
+
 @pytest.mark.parametrize(
     ("answer", "code"),
     [

@@ -254,9 +254,9 @@ class RelayService(service.Service):
             # No more waiting for answers, no more retrying: what is still in flight
             # reaches its verdict now (451, outcome unknown; or why no next hop took it).
             relay.stop_waiting()
-            self.pool.closing = True
-            # The reports of those verdicts have only now been sent: an application
-            # answers in moments, and its report must not be logged as unanswered.
+            # The reports of those verdicts have only now been sent, and get a moment:
+            # an application answers in moments, and a report for another domain may
+            # need a link of its own (so the pool is not closed yet).
             if not await self._at_most(relay.when_idle(), LAST_ANSWERS):
                 relay.stop_waiting()
                 await relay.when_idle()
