@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -250,6 +251,60 @@ def test_signed_and_encrypted_by_unknown_signer_is_not_verified(
     opened = barney.pgp.open(protected)
     assert opened.status == "bad-signature"
     assert "no public key" in opened.reason
+
+
+@pytest.mark.parametrize("kind", ["signed", "encrypted"])
+def test_octets_that_are_not_utf8_in_the_armor_give_a_verdict_not_a_hang(
+    fred: Person, barney: Person, kind: str
+) -> None:
+    """Lines of 0xff after the armor line, written by any sender or relay: gpg echoes them
+    on stderr, which python-gnupg's reader thread decoded as strict UTF-8 and died of;
+    gpg then blocked on the full pipe, and the listener with it, for good."""
+    protected = (
+        fred.pgp.sign(ENTITY, "fred@a.test")
+        if kind == "signed"
+        else fred.pgp.encrypt(ENTITY, ["barney@b.test"])
+    )
+    armor = (
+        b"-----BEGIN PGP SIGNATURE-----\r\n"
+        if kind == "signed"
+        else b"-----BEGIN PGP MESSAGE-----\r\n"
+    )
+    assert armor in protected
+    crafted = protected.replace(armor, armor + b"\xff\r\n" * 2000)
+    opened: list[object] = []
+    opening = threading.Thread(target=lambda: opened.append(barney.pgp.open(crafted)), daemon=True)
+    opening.start()
+    opening.join(30)
+    assert opened, "gpg is still running: the message hangs whoever opens it"
+    # gpg passes over junk among the armor's header lines: the rest is intact.
+    assert opened[0].status == kind
+
+
+def test_a_key_with_a_passphrase_and_none_given_says_so(tmp_path: Path, fred: Person) -> None:
+    """No pinentry is started (on a terminal it would take it over, and the messages after
+    wait behind it): the message cannot be decrypted, and the reason says what is needed."""
+    home = tmp_path / "locked"
+    home.mkdir(mode=0o700)
+    gpg(
+        home,
+        "--passphrase",
+        "sekrit",
+        "--quick-gen-key",
+        "<locked@b.test>",
+        "future-default",
+        "default",
+        "never",
+    )
+    gpg(fred.home, "--import", data=gpg(home, "--export", "locked@b.test").stdout)
+    try:
+        protected = fred.pgp.encrypt(ENTITY, ["locked@b.test"])
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
+        opened = OpenPGP(home).open(protected)
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False)
+    assert opened.status == "cannot-decrypt"
+    assert opened.reason == "the secret key needs its passphrase (--passphrase-file)"
 
 
 def test_signature_part_must_be_detached(fred: Person, barney: Person) -> None:

@@ -21,6 +21,7 @@ ask gpg's web of trust (``--trust-model always``). Put only correspondents' keys
 
 from __future__ import annotations
 
+import codecs
 import email.utils
 import os
 import re
@@ -76,6 +77,35 @@ _BARE_ADDRESS = re.compile(r"[^\s<>@]+@[^\s<>@]+")
 _GPG_TIMEOUT = 60  # seconds; a gpg that hangs (e.g. waiting for an agent) must not block us
 
 
+class _LenientUTF8Reader(codecs.StreamReader):
+    def decode(self, data: bytes, errors: str = "strict") -> tuple[str, int]:  # type: ignore[override]
+        return codecs.utf_8_decode(data, "replace", False)
+
+
+def _lenient_utf8(name: str) -> codecs.CodecInfo | None:
+    """UTF-8 whose decoding turns what is not UTF-8 into U+FFFD, for python-gnupg.
+
+    python-gnupg reads gpg's stderr (status lines, messages) in a thread of its own,
+    through ``codecs.getreader(GPG.encoding)`` with strict errors. gpg echoes octets of
+    a crafted armor header there: one that is not UTF-8 ended that thread, gpg then
+    blocked on its full stderr pipe, and every later message waited for it (and the
+    process, for its thread pool, at exit). Encoding, of passphrases too, is UTF-8's.
+    """
+    if name != "imxp_utf_8_lenient":  # as codecs normalises "imxp-utf-8-lenient"
+        return None
+    utf8 = codecs.lookup("utf-8")
+    return codecs.CodecInfo(
+        utf8.encode,
+        lambda data, errors="strict": codecs.utf_8_decode(data, "replace", True),
+        streamreader=_LenientUTF8Reader,
+        streamwriter=utf8.streamwriter,
+        name="imxp-utf-8-lenient",
+    )
+
+
+codecs.register(_lenient_utf8)
+
+
 class OpenPGP:
     """A user's OpenPGP keyring (``homedir``, a GNUPGHOME) and what RFC 3156 does with it.
 
@@ -85,7 +115,7 @@ class OpenPGP:
     def __init__(self, homedir: str | os.PathLike[str], *, gpgbinary: str = "gpg") -> None:
         self.homedir = Path(homedir)
         self._gpg = gnupg.GPG(gnupghome=str(self.homedir), gpgbinary=gpgbinary)
-        self._gpg.encoding = "utf-8"
+        self._gpg.encoding = "imxp-utf-8-lenient"
         # fingerprint -> (keyring state when listed, identities): see _identities.
         self._identity_cache: dict[str, tuple[tuple[object, ...], tuple[str, ...]]] = {}
 
@@ -214,9 +244,16 @@ class OpenPGP:
             rb"^Version:[ \t]*1[ \t]*\r?$", control, re.MULTILINE
         ):
             return Opened(b"", "cannot-decrypt", reason="no 'Version: 1' control part (§4)")
-        result = self._gpg.decrypt(data, passphrase=passphrase)
+        # Without a passphrase, no pinentry: on a terminal one would take it over, and
+        # every later message would wait behind a prompt nobody expects.
+        extra = [] if passphrase is not None else ["--pinentry-mode", "error"]
+        result = self._gpg.decrypt(data, passphrase=passphrase, extra_args=extra)
         if not result.ok:
-            return Opened(b"", "cannot-decrypt", reason=f"gpg: {result.status or _last(result)}")
+            if "No pinentry" in (result.stderr or ""):
+                reason = "the secret key needs its passphrase (--passphrase-file)"
+            else:
+                reason = f"gpg: {result.status or _last(result)}"
+            return Opened(b"", "cannot-decrypt", reason=reason)
         plain = result.data
         if result.valid or _problems(result) or result.fingerprint:
             return self._signature(result, plain, "signed-encrypted")  # §6.2
@@ -368,4 +405,4 @@ def _crlf(text: bytes) -> bytes:
 def _last(result: object) -> str:
     """The last line gpg wrote to stderr, for an error message."""
     lines = (getattr(result, "stderr", "") or "").strip().splitlines()
-    return lines[-1] if lines else "unknown error"
+    return lines[-1].removeprefix("gpg: ") if lines else "unknown error"
