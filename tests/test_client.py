@@ -10,6 +10,7 @@ unless a test says otherwise.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,18 @@ from imxp.beep.session import (
 )
 from imxp.beep.users import UserStore
 from imxp.certs import Issued, create_ca, issue_client, issue_server
-from imxp.client import Client, ClientError, Incoming, Outcome, Termination, connect, edge
+from imxp.client import (
+    Client,
+    ClientError,
+    Incoming,
+    Outcome,
+    Protection,
+    Termination,
+    connect,
+    edge,
+)
 from imxp.e2e import cpim
+from imxp.e2e.protect import Keys
 
 FRED = "fred@a.test"
 WILMA = "wilma@a.test"
@@ -196,6 +207,37 @@ async def test_send_across_domains_reports_each_recipient(net: Net) -> None:
     assert incoming.recipients == [BARNEY]
     assert incoming.media_type == "text/plain"
     assert incoming.body == BODY  # exactly the octets fred sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_protected_messages_sent_in_a_row_arrive_in_that_order(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat's lines, each protected in a thread: sent as each was done, they went in
+    the order gpg finished them. Here the first takes longest; the order must hold."""
+    started = 0
+
+    def protecting(content: bytes, *args: object, **kwargs: object) -> tuple[str, bytes]:
+        nonlocal started
+        started += 1
+        time.sleep(0.05 * (6 - started))  # the first is the slowest
+        return "application/octet-stream", content
+
+    monkeypatch.setattr(edge, "protect_cpim", protecting)
+    inbox = Inbox()
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=inbox)
+    protect = Protection("sign", "pgp", Keys())
+
+    await defer.gatherResults(
+        [
+            defer.ensureDeferred(fred.send_message([BARNEY], f"line {n}", protect=protect))
+            for n in range(5)
+        ]
+    )
+
+    texts = [cpim.parse(incoming.body).text() for incoming in await inbox.wait(5)]
+    assert texts == [f"line {n}" for n in range(5)]
 
 
 @pytest_twisted.ensureDeferred

@@ -558,6 +558,7 @@ class Client:
         self._closing = False
         self._closed = False
         self._ended: list[defer.Deferred[None]] = []
+        self._protecting = defer.DeferredLock()
         self._failure: ClientError | None = None
         self._sleep: defer.Deferred[None] | None = None
         self._rng = random.Random()
@@ -803,7 +804,10 @@ class Client:
             for recipient in recipients:
                 if not any(_names(certificate, recipient) for certificate in certificates):
                     raise E2EError(f"no S/MIME certificate for {recipient} to encrypt to")
-        return await threads.deferToThreadPool(
+        # One at a time: each goes on to be sent as it is done, so that what was sent in
+        # a row (a chat's lines) is sent in that order, not in the order gpg finished.
+        return await self._protecting.run(
+            threads.deferToThreadPool,
             self._clock,
             self._clock.getThreadPool(),
             protect_cpim,
