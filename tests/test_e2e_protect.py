@@ -290,6 +290,8 @@ def test_one_flipped_byte_on_the_wire_is_detected(
     assert not report.presentable
     assert len(report.problems) == 1
     assert report.cpim is None and report.entity == b""
+    # It was sent encrypted all the same: not to be taken for one sent in clear.
+    assert report.encrypted is (mode != "sign")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -300,6 +302,7 @@ def test_wrong_key_fails_cleanly(
     report = open_message(content_type, body, keys["mallory@a.test"], now=NOW)
     assert (report.status, report.presentable, report.cpim) == ("cannot-decrypt", False, None)
     assert report.problems[0].startswith("cannot decrypt: ")
+    assert report.encrypted
     # And without any key at all.
     report = open_message(content_type, body, Keys(), now=NOW)
     assert (report.status, report.presentable) == ("cannot-decrypt", False)

@@ -467,6 +467,7 @@ def open_message(
     scheme = scheme_of(headers)
     if scheme is None:
         return _judge(Opened(entity, "plain"), None, now, window, replays, recipient)
+    sealed = _sent_encrypted(headers)
     if scheme == "pgp":
         if keys.pgp is None:
             opened = _unopenable(headers, "no OpenPGP keyring to open it with")
@@ -476,7 +477,20 @@ def open_message(
         from imxp.e2e import smime
 
         opened = smime.open(entity, trust=keys.trust, key=keys.smime, now=now)
-    return _judge(opened, scheme, now, window, replays, recipient)
+    return _judge(opened, scheme, now, window, replays, recipient, sealed)
+
+
+def _sent_encrypted(headers: Message) -> bool:
+    """Whether the outer entity is an encrypted one (RFC 3156 §4, RFC 8551 §3.3): what
+    ``Report.encrypted`` says also of a message that then could not be decrypted, or was
+    decrypted to a bad signature."""
+    media_type = headers.get_content_type()
+    if media_type == "multipart/encrypted":
+        return True
+    smime_type = (param(headers, "smime-type") or "").lower()
+    return media_type in ("application/pkcs7-mime", "application/x-pkcs7-mime") and (
+        smime_type in ("enveloped-data", "authenveloped-data")
+    )
 
 
 def _unopenable(headers: Message, reason: str) -> Opened:
@@ -492,6 +506,7 @@ def _judge(
     window: timedelta,
     replays: ReplayCache | None,
     recipient: str | None,
+    sealed: bool = False,
 ) -> Report:
     status: ReportStatus = {
         "plain": "plain",
@@ -504,7 +519,7 @@ def _judge(
     report = Report(
         status,
         scheme=scheme,
-        encrypted=opened.status in ("encrypted", "signed-encrypted"),
+        encrypted=sealed or opened.status in ("encrypted", "signed-encrypted"),
         signer=opened.signer if opened.verified else None,
         fingerprint=opened.fingerprint,
         signed_at=opened.signed_at,
