@@ -1115,9 +1115,10 @@ def _shown(incoming: Incoming, report: Report) -> CPIMMessage | None:
 
 def _human_line(incoming: Incoming, report: Report) -> str:
     """``[2026-11-21 10:00:00] fred@a.test: hello``, dated as the message says (else when
-    it arrived), and what protected it: ``(signed by fred@a.test, encrypted)``; content
-    other than text is described by its media type and size. A protected message that
-    may not be shown is a warning line instead, saying why."""
+    it arrived), with what protected it before the colon, where no sender's text can
+    be: ``fred@a.test (signed by fred@a.test, encrypted): hello``; content other than
+    text is described by its media type and size. A protected message that may not be
+    shown is a warning line instead, saying why."""
     stamp = f"[{incoming.received.astimezone():%Y-%m-%d %H:%M:%S}]"
     if report.scheme is not None and not report.presentable:
         return f"{stamp} {_refusal(incoming, report)}"
@@ -1130,13 +1131,15 @@ def _human_line(incoming: Incoming, report: Report) -> str:
         sender = f"{sender} (via {incoming.originator})"
     when = message.date.astimezone()
     return (
-        f"[{when:%Y-%m-%d %H:%M:%S}] {sender}: {_message_text(message)}{_protection_note(report)}"
+        f"[{when:%Y-%m-%d %H:%M:%S}] {sender}{_protection_note(report)}: {_message_text(message)}"
     )
 
 
 def _protection_note(report: Report) -> str:
-    """``  (signed by fred@a.test, encrypted)``, ``  (encrypted, not signed)``, or nothing
-    for a plain message; notes on the protection follow."""
+    """`` (signed by fred@a.test, encrypted)``, `` (encrypted, not signed)``, or nothing
+    for a plain message; notes on the protection follow. It goes between the sender and
+    the text: after the text, a plain message ending in the same words - which a relay
+    could put in place of a signed one - looked just as signed."""
     if report.scheme is None:
         return ""
     if report.status == "signed-and-verified":
@@ -1144,7 +1147,7 @@ def _protection_note(report: Report) -> str:
     else:
         what = ["encrypted, not signed"]
     notes = "; ".join(report.problems)
-    return f"  ({', '.join(what)}{'; ' + notes if notes else ''})"
+    return f" ({', '.join(what)}{'; ' + notes if notes else ''})"
 
 
 def _refusal(incoming: Incoming, report: Report) -> str:
@@ -1312,7 +1315,7 @@ async def _chat(reactor: Any, args: argparse.Namespace) -> int:
             return
         message = _shown(incoming, report)
         text = _described(incoming) if message is None else _message_text(message)
-        terminal.show(f"{incoming.originator}> {text}{_protection_note(report)}")
+        terminal.show(f"{incoming.originator}{_protection_note(report)}> {text}")
 
     async def receive() -> None:
         # One at a time, so that lines keep their order.

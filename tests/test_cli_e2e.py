@@ -138,7 +138,7 @@ async def test_smime_signed_and_encrypted_then_a_forgery_as_a_listener_shows_the
         "--as",
         BARNEY,
         "--count",
-        "2",
+        "3",
         "--gnupg-home",
         homes[BARNEY],
         "--smime-cert",
@@ -171,10 +171,16 @@ async def test_smime_signed_and_encrypted_then_a_forgery_as_a_listener_shows_the
 
     wilma = load_issued(pems["wilma.pem"], pems["wilma.key"])
     await send_forged(net, "smime", Keys(smime=wilma))
+    # Plain, dressed as the genuine one is shown (as a relay could put in its place).
+    dressed = f"{TEXT}  (signed by {FRED}, encrypted)"
+    sent = await net.imxp("send", "--from", FRED, "--to", BARNEY, dressed)
+    assert sent.status == 0, sent
 
     assert await barney.ended() == 0, barney
-    genuine, forged = barney.out.splitlines()
-    assert re.fullmatch(rf"{STAMP} {FRED}: {TEXT}  \(signed by {FRED}, encrypted\)", genuine)
+    genuine, forged, plain = barney.out.splitlines()
+    assert re.fullmatch(rf"{STAMP} {FRED} \(signed by {FRED}, encrypted\): {TEXT}", genuine)
+    # The note's place, before the colon, is out of any sender's reach.
+    assert re.fullmatch(rf"{STAMP} {FRED}: {re.escape(dressed)}", plain)
     assert re.fullmatch(
         rf"{STAMP} warning: message from {WILMA} not shown \(signed-and-verified, S/MIME\): "
         rf"signer {WILMA} is not the From {FRED}",
@@ -207,7 +213,7 @@ async def test_chat_signs_its_lines_and_says_what_protected_the_others(
             [BARNEY], "hi", protect=Protection("encrypt", "pgp", keys)
         )
         assert outcomes[BARNEY].delivered, outcomes
-        await chat.output(f"{FRED}> hi  (encrypted, not signed)")
+        await chat.output(f"{FRED} (encrypted, not signed)> hi")
 
         chat.write(b"hello fred\n")
         await chat.output("✓ [hello fred]")
