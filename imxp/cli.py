@@ -791,7 +791,9 @@ def _keys(args: argparse.Namespace, *, pgp_needed: bool) -> Keys:
     """
     home = args.gnupg_home
     if home is not None and not home.is_dir():
-        raise Failed(Exit.CONFIG, f"--gnupg-home {home}: no such directory")
+        # No keyring to protect with is the failure the README names for send (10).
+        status = Exit.PROTECTION if pgp_needed else Exit.CONFIG
+        raise Failed(status, f"--gnupg-home {home}: no such directory")
     home = home or Path(os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
     if not home.is_dir() and pgp_needed:
         raise Failed(
