@@ -3,6 +3,7 @@ encrypted or both with OpenPGP or S/MIME, carried as APEX content, opened and ju
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -303,6 +304,12 @@ def test_wrong_key_fails_cleanly(
     assert (report.status, report.presentable, report.cpim) == ("cannot-decrypt", False, None)
     assert report.problems[0].startswith("cannot decrypt: ")
     assert report.encrypted
+    if scheme == "smime":
+        # Without its smime-type parameter (RFC 8551 §3.2.2 only says SHOULD) the CMS
+        # content itself still says it was sent encrypted.
+        bare = re.sub(r";\s*smime-type=[^;]*", "", content_type)
+        assert bare != content_type
+        assert open_message(bare, body, keys["mallory@a.test"], now=NOW).encrypted
     # And without any key at all.
     report = open_message(content_type, body, Keys(), now=NOW)
     assert (report.status, report.presentable) == ("cannot-decrypt", False)

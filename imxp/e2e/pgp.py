@@ -27,7 +27,9 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import replace
 from datetime import UTC, datetime
+from email.message import Message
 from pathlib import Path
 from typing import Literal
 
@@ -202,14 +204,21 @@ class OpenPGP:
                 return _bad(str(e))
             return self._verify(parts)
         if media_type == "multipart/encrypted":
-            if protocol != "application/pgp-encrypted":
-                return Opened(b"", "cannot-decrypt", reason=f"{protocol or 'no'} protocol")
-            try:
-                parts = split_multipart(body, param(headers, "boundary"))
-            except MIMEError as e:
-                return Opened(b"", "cannot-decrypt", reason=str(e))
-            return self._decrypt(parts, passphrase)
+            # Whatever comes of opening it, it came encrypted (Report.encrypted).
+            opened = self._open_encrypted(headers, body, protocol, passphrase)
+            return replace(opened, sent_encrypted=True)
         return Opened(raw, "plain")
+
+    def _open_encrypted(
+        self, headers: Message, body: bytes, protocol: str, passphrase: str | None
+    ) -> Opened:
+        if protocol != "application/pgp-encrypted":
+            return Opened(b"", "cannot-decrypt", reason=f"{protocol or 'no'} protocol")
+        try:
+            parts = split_multipart(body, param(headers, "boundary"))
+        except MIMEError as e:
+            return Opened(b"", "cannot-decrypt", reason=str(e))
+        return self._decrypt(parts, passphrase)
 
     def _verify(self, parts: list[bytes]) -> Opened:
         """RFC 3156 §5: two parts, the signed entity and an application/pgp-signature."""

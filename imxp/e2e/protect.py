@@ -116,7 +116,9 @@ class Opened:
     the certificate), ``identities`` every identity the signing key or certificate
     carries, ``fingerprint`` the key's or certificate's fingerprint, ``signed_at`` the
     time the signer claims to have signed. ``reason`` says why a signature is bad or
-    decryption failed, and notes anything else worth knowing.
+    decryption failed, and notes anything else worth knowing. ``sent_encrypted`` says it
+    came encrypted whatever came of it: also when it could not be decrypted, or was
+    decrypted to a bad signature.
     """
 
     entity: bytes
@@ -126,6 +128,7 @@ class Opened:
     signed_at: datetime | None = None
     reason: str = ""
     identities: tuple[str, ...] = ()
+    sent_encrypted: bool = False
 
     @property
     def verified(self) -> bool:
@@ -467,7 +470,6 @@ def open_message(
     scheme = scheme_of(headers)
     if scheme is None:
         return _judge(Opened(entity, "plain"), None, now, window, replays, recipient)
-    sealed = _sent_encrypted(headers)
     if scheme == "pgp":
         if keys.pgp is None:
             opened = _unopenable(headers, "no OpenPGP keyring to open it with")
@@ -477,26 +479,13 @@ def open_message(
         from imxp.e2e import smime
 
         opened = smime.open(entity, trust=keys.trust, key=keys.smime, now=now)
-    return _judge(opened, scheme, now, window, replays, recipient, sealed)
-
-
-def _sent_encrypted(headers: Message) -> bool:
-    """Whether the outer entity is an encrypted one (RFC 3156 §4, RFC 8551 §3.3): what
-    ``Report.encrypted`` says also of a message that then could not be decrypted, or was
-    decrypted to a bad signature."""
-    media_type = headers.get_content_type()
-    if media_type == "multipart/encrypted":
-        return True
-    smime_type = (param(headers, "smime-type") or "").lower()
-    return media_type in ("application/pkcs7-mime", "application/x-pkcs7-mime") and (
-        smime_type in ("enveloped-data", "authenveloped-data")
-    )
+    return _judge(opened, scheme, now, window, replays, recipient)
 
 
 def _unopenable(headers: Message, reason: str) -> Opened:
     if headers.get_content_type() == "multipart/signed":
         return Opened(b"", "bad-signature", reason=reason)
-    return Opened(b"", "cannot-decrypt", reason=reason)
+    return Opened(b"", "cannot-decrypt", reason=reason, sent_encrypted=True)
 
 
 def _judge(
@@ -506,7 +495,6 @@ def _judge(
     window: timedelta,
     replays: ReplayCache | None,
     recipient: str | None,
-    sealed: bool = False,
 ) -> Report:
     status: ReportStatus = {
         "plain": "plain",
@@ -519,7 +507,7 @@ def _judge(
     report = Report(
         status,
         scheme=scheme,
-        encrypted=sealed or opened.status in ("encrypted", "signed-encrypted"),
+        encrypted=opened.sent_encrypted or opened.status in ("encrypted", "signed-encrypted"),
         signer=opened.signer if opened.verified else None,
         fingerprint=opened.fingerprint,
         signed_at=opened.signed_at,

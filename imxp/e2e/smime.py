@@ -335,12 +335,12 @@ def _open(
     try:
         plain, note = _decrypted(der, key)
     except _CannotDecrypt as e:
-        return Opened(b"", "cannot-decrypt", reason=str(e))
+        return Opened(b"", "cannot-decrypt", reason=str(e), sent_encrypted=True)
     inner = _open(plain, trust, key, now, decrypt=False)
     if inner.status == "signed":
         return replace(inner, status="signed-encrypted", reason=note)
     if inner.status == "bad-signature":
-        return replace(inner, reason=f"decrypted, but {inner.reason}")
+        return replace(inner, reason=f"decrypted, but {inner.reason}", sent_encrypted=True)
     return Opened(plain, "encrypted", reason=note)
 
 
