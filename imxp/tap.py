@@ -97,7 +97,7 @@ def _stopping_already(reactor: Any, relay: RelayService) -> None:
     """Once the relay is stopping, SIGTERM or SIGINT again only says so in the log (README,
     Stopping). twistd's handler would ask the stopping reactor to stop again, which logs
     ReactorNotRunning as a critical traceback; and the data in flight keeps its grace."""
-    from imxp.apex.service import LAST_ANSWERS
+    from imxp.apex.service import STOP_AFTER_GRACE
 
     def again(signum: int, frame: object) -> None:
         reactor.callFromThread(
@@ -107,7 +107,7 @@ def _stopping_already(reactor: Any, relay: RelayService) -> None:
             "more; SIGKILL would stop it at once, unreported",
             signal=signal.Signals(signum).name,
             grace=relay.shutdown_grace,
-            last=3 * LAST_ANSWERS,
+            last=STOP_AFTER_GRACE,
             event="imxp.stopping",
         )
 

@@ -377,7 +377,8 @@ async def test_a_relay_stops_though_its_next_hop_stopped_answering(build_mesh: M
 
     stopping = defer.ensureDeferred(a.stopService())
     try:
-        # The grace, then at most LAST_ANSWERS for each of: reports, terminates, releases.
+        # The grace, then at most LAST_ANSWERS for each last step but the reports (nothing
+        # is in flight): terminates, the release of links, that of sessions.
         # Polled, not addTimeout: cancelling the stop would end the very wait under test.
         deadline = reactor.seconds() + a.shutdown_grace + 3 * LAST_ANSWERS + 1
         while not stopping.called and reactor.seconds() < deadline:

@@ -54,9 +54,13 @@ __all__ = ["Credentials", "ListenFailed", "RelayService", "build_relay", "make_r
 #: How often a relay looks at its user file for users removed or given a new password.
 USERS_LOOK_SECONDS = 5.0
 
-#: Once the shutdown grace is over, seconds each last step of a stop may take: answers to
-#: the reports it sent, to its terminates, and the release of each session.
+#: Seconds an answer that may never come is waited for: in each last step of a stop (the
+#: reports of the verdicts given when the grace is over, the terminates, the release of
+#: the links and of the sessions), and for the terminates of a user logged out.
 LAST_ANSWERS = 2.0
+
+#: The longest a stop takes once ``shutdown_grace`` is over: its four last steps.
+STOP_AFTER_GRACE = 4 * LAST_ANSWERS
 
 
 class ListenFailed(SystemExit, Exception):
@@ -171,7 +175,7 @@ class RelayService(service.Service):
         ending = self.relay.terminate_all(
             421, f"the password of {identity} was withdrawn or changed: log in again", session
         )
-        await self._at_most(ending, 2.0)
+        await self._at_most(ending, LAST_ANSWERS)
         session.disconnect()
 
     def privilegedStartService(self) -> None:
