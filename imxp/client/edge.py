@@ -878,10 +878,7 @@ class Client:
             pending.give_up("the client was closed before a status report arrived")
         for inbox in list(self._inboxes):
             inbox.end(None)
-        while self._unclaimed:
-            waiting = self._unclaimed.popleft()
-            waiting.claimed()
-            waiting.answer.errback(BEEPError(450, "the application ended before taking it"))
+        self._refuse_unclaimed(BEEPError(450, "the application ended before taking it"))
         if connection is not None and connection.session is not None:
             session = connection.session
             try:
@@ -1140,10 +1137,7 @@ class Client:
         # Data still waiting for an iterator came on this session, which can no longer
         # carry its answer: the relay has given it its verdict (451, outcome unknown).
         # Handed to an iterator now, it would be read after its sender was told that.
-        while self._unclaimed:
-            waiting = self._unclaimed.popleft()
-            waiting.claimed()
-            waiting.answer.errback(SessionClosed("the session it came on was lost"))
+        self._refuse_unclaimed(SessionClosed("the session it came on was lost"))
         if self._closing:
             return
         log.warn(
@@ -1283,43 +1277,48 @@ class Client:
         if not taken:
             self._unclaimed_refused(incoming)
             raise BEEPError(450, f"the application is behind: {_UNCLAIMED_LIMIT} data wait unread")
-        if self._on_data is not None:
-            try:
-                result = self._on_data(incoming)
-                if inspect.isawaitable(result):
-                    self._run(
-                        result,
-                        "on_data failed for data from {originator}",
-                        originator=incoming.originator,
-                        event="client.on-data-failed",
-                    )
-            except Exception:
-                log.failure(
-                    "on_data failed for data from {originator}",
-                    originator=incoming.originator,
-                    event="client.on-data-failed",
-                )
-                # The sender learns it was not processed, rather than a false 250.
-                raise BEEPError(451, "the application failed to process the data") from None
+        if self._on_data is not None and not self._call(
+            self._on_data,
+            incoming,
+            "on_data failed for data from {originator}",
+            originator=incoming.originator,
+            event="client.on-data-failed",
+        ):
+            # The sender learns it was not processed, rather than a false 250.
+            raise BEEPError(451, "the application failed to process the data")
         return wire.OK()
 
-    def _run(self, awaitable: Awaitable[object], message: str, **fields: object) -> None:
-        """Run what an ``async def`` callback returned, rather than drop it unawaited.
+    @staticmethod
+    def _call(
+        callback: Callable[[Any], Awaitable[None] | None],
+        argument: object,
+        message: str,
+        **fields: object,
+    ) -> bool:
+        """Call the application's ``callback`` with ``argument``: False if it failed.
 
-        It runs at once, up to its first ``await``, and a failure before then is raised
-        here as a plain callback's would be. From there it goes on by itself: awaiting it
-        before answering would hold back the answers to every later data on the channel
-        (RFC 3080 §2.6.1: replies go in order) for as long as it waits, e.g. for the
-        status report of a data it sends. A later failure is logged with ``message``.
+        An ``async def`` runs at once, up to its first ``await``, and a failure before
+        then counts as a plain callback's does; rather than dropped unawaited, it then
+        goes on by itself. Awaiting it before answering would hold back the answers to
+        every later data on the channel (RFC 3080 §2.6.1: replies go in order) for as
+        long as it waits, e.g. for the status report of a data it sends. Every failure,
+        early or late, is logged with ``message``.
         """
-        running = defer.ensureDeferred(awaitable)  # type: ignore[arg-type]
-        early: list[Failure] = []
-        if running.called:
-            running.addErrback(early.append)
-            if early:
-                early[0].raiseException()
-            return
-        running.addErrback(lambda failure: log.failure(message, failure, **fields))
+        try:
+            result = callback(argument)
+            if inspect.isawaitable(result):
+                running = defer.ensureDeferred(result)  # type: ignore[arg-type]
+                if not running.called:
+                    running.addErrback(lambda failure: log.failure(message, failure, **fields))
+                    return True
+                early: list[Failure] = []
+                running.addErrback(early.append)
+                if early:
+                    early[0].raiseException()
+        except Exception:
+            log.failure(message, **fields)
+            return False
+        return True
 
     def _hold(self, arrival: int, incoming: Incoming) -> defer.Deferred[wire.OK]:
         """Data that arrived with no ``incoming()`` iterator or ``on_data`` to take it:
@@ -1338,6 +1337,13 @@ class Client:
         )
         self._unclaimed.append(waiting)
         return answer
+
+    def _refuse_unclaimed(self, reason: Exception) -> None:
+        """Answer every data still waiting for a first iterator with ``reason``."""
+        while self._unclaimed:
+            waiting = self._unclaimed.popleft()
+            waiting.claimed()
+            waiting.answer.errback(reason)
 
     def _unclaimed_expired(self, waiting: _Unclaimed) -> None:
         self._unclaimed.remove(waiting)
@@ -1415,14 +1421,13 @@ class Client:
             self._notify(Termination((endpoint,), code, text))
 
     def _notify(self, termination: Termination) -> None:
-        if self._on_terminated is None:
-            return
-        try:
-            result = self._on_terminated(termination)
-            if inspect.isawaitable(result):
-                self._run(result, "on_terminated failed", event="client.on-terminated-failed")
-        except Exception:
-            log.failure("on_terminated failed", event="client.on-terminated-failed")
+        if self._on_terminated is not None:
+            self._call(
+                self._on_terminated,
+                termination,
+                "on_terminated failed",
+                event="client.on-terminated-failed",
+            )
 
     # -- helpers ---------------------------------------------------------------------
 
