@@ -31,7 +31,7 @@ from imxp.beep.users import UserStore, UserStoreError
 from imxp.certs import Issued, create_ca, issue_server, load_certificates, load_issued
 from imxp.config import DEVELOPMENT_CA, Config, ConfigError
 
-__all__ = ["EXPIRY_WARNING", "Prepared", "load_tls", "prepare"]
+__all__ = ["EXPIRY_WARNING", "Prepared", "load_tls", "makes_development_certificate", "prepare"]
 
 EXPIRY_WARNING = timedelta(days=30)
 """A relay certificate expiring sooner than this is warned about at every start."""
@@ -75,12 +75,7 @@ def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -
     created: list[str] = []
     state_dir = _state_dir(config, log, created)
     cert_path, key_path = config.path("tls_certificate"), config.path("tls_key")
-    if (
-        config.tls_certificate is None
-        and config.tls_key is None
-        and not _exists(config, "tls_certificate", cert_path)
-        and not _exists(config, "tls_key", key_path)
-    ):
+    if makes_development_certificate(config):
         _development_certificate(config, cert_path, key_path, log, created)
     identity, trust_roots = load_tls(config, log)
     users_path = config.path("users_file")
@@ -157,6 +152,18 @@ def _exists(config: Config, name: str, path: Path) -> bool:
             f"cannot look for {path}: {e.strerror}; the relay runs as uid {os.geteuid()}: "
             "give that user access to the file and the directories above it",
         ) from None
+
+
+def makes_development_certificate(config: Config) -> bool:
+    """Whether a start makes a development certificate (and the development CA, if there
+    is none): only with neither ``tls_certificate`` nor ``tls_key`` set and neither file
+    in ``state_dir``. ConfigError if the relay's user may not look there."""
+    return (
+        config.tls_certificate is None
+        and config.tls_key is None
+        and not _exists(config, "tls_certificate", config.path("tls_certificate"))
+        and not _exists(config, "tls_key", config.path("tls_key"))
+    )
 
 
 def _check_configured(config: Config) -> None:

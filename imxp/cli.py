@@ -116,7 +116,7 @@ from imxp.beep.session import (
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
 from imxp.beep.users import UserStore, UserStoreError, prepare_username
-from imxp.bootstrap import EXPIRY_WARNING
+from imxp.bootstrap import EXPIRY_WARNING, makes_development_certificate
 from imxp.certs import Issued, create_ca, issue_client, issue_server, load_certificates, load_issued
 from imxp.client import (
     REPORT_TIMEOUT,
@@ -1652,19 +1652,6 @@ def _present(path: Path, what: str, found: _Findings) -> bool | None:
         return True  # a directory, say: reading it next tells what is wrong
 
 
-def _makes_development_certificate(config: Config) -> bool:
-    """Whether the relay's first start makes a development certificate, and with it the
-    development CA if there is none: only with neither tls_certificate nor tls_key set and
-    neither file in state_dir (imxp.bootstrap.prepare). Asked once a file in state_dir was
-    looked at, so this user may look there."""
-    return (
-        config.tls_certificate is None
-        and config.tls_key is None
-        and not config.path("tls_certificate").exists()
-        and not config.path("tls_key").exists()
-    )
-
-
 def _check_certificate(config: Config, found: _Findings) -> Issued | None:
     """The relay certificate: readable, names the domain, valid now and for a while, key
     matching."""
@@ -1674,7 +1661,7 @@ def _check_certificate(config: Config, found: _Findings) -> Issued | None:
     if there is None:
         return None
     if not there:
-        if _makes_development_certificate(config):
+        if makes_development_certificate(config):
             found.note(
                 f"no relay certificate at {cert_path} yet: the relay makes a development "
                 f"certificate for {domain} on first start"
@@ -1742,7 +1729,7 @@ def _check_trust(config: Config, found: _Findings) -> list[x509.Certificate]:
         if not there:
             if config.tls_trust:
                 found.problem(f"tls_trust file {path} does not exist: correct tls_trust")
-            elif _makes_development_certificate(config):
+            elif makes_development_certificate(config):
                 found.note(f"no development CA at {path} yet: the relay makes one on first start")
             else:
                 # The relay refuses to start (imxp.bootstrap._trust).
