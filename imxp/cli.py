@@ -33,7 +33,8 @@ Exit status, for scripts:
 
 ====  ===========================================================================
 0     success
-1     send: some recipient was not delivered; check: problems found;
+1     send: some recipient was not delivered; chat: some line was not delivered;
+      check: problems found;
       users: the user to add exists, or the one to change or remove does not
 2     usage error (bad arguments, no password available)
 3     authentication failed
@@ -77,7 +78,7 @@ from cryptography import x509
 from service_identity.cryptography import verify_certificate_hostname
 from service_identity.exceptions import CertificateError, VerificationError
 from twisted.internet import defer, endpoints, error, task
-from twisted.internet.interfaces import IResolver
+from twisted.internet.interfaces import IHalfCloseableProtocol, IResolver
 from twisted.internet.stdio import StandardIO
 from twisted.logger import (
     LogLevel,
@@ -91,6 +92,7 @@ from twisted.names import dns
 from twisted.names import error as dns_error
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from imxp import logs
 from imxp.apex.address import AddressError, Endpoint
@@ -1228,15 +1230,20 @@ def _json_value(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+@implementer(IHalfCloseableProtocol)
 class _ChatTerminal(LineReceiver):
     """The terminal side of ``imxp chat``: typed lines go to ``send``; others' lines and
-    delivery marks are written as they come, even while a line is being typed."""
+    delivery marks are written as they come, even while a line is being typed.
+
+    ``send`` gives a line's mark and whether it was delivered; :attr:`undelivered`
+    counts the lines that were not, for the exit status."""
 
     delimiter = b"\n"
 
-    def __init__(self, send: Callable[[str], Awaitable[str]]) -> None:
+    def __init__(self, send: Callable[[str], Awaitable[tuple[str, bool]]]) -> None:
         self._send = send
         self.finished: defer.Deferred[None] = defer.Deferred()
+        self.undelivered = 0
         self._finishing = False
         self._pending: set[defer.Deferred[None]] = set()
         # Lines to show that arrive before the terminal is connected (just after attaching).
@@ -1264,12 +1271,21 @@ class _ChatTerminal(LineReceiver):
             d.addBoth(lambda _: self._pending.discard(d))
 
     async def _deliver(self, text: str) -> None:
-        mark = await self._send(text)
+        mark, delivered = await self._send(text)
+        if not delivered:
+            self.undelivered += 1
         excerpt = text if len(text) <= 40 else text[:39] + "…"
         self.show(f"  {mark} [{excerpt}]")
 
+    def readConnectionLost(self) -> None:
+        # End of input (Ctrl-D, or the end of a pipe) leaves like /quit; output stays
+        # open for the marks of the lines still on their way.
+        self.leave()
+
+    def writeConnectionLost(self) -> None:
+        """Nobody reads the marks any more (the terminal closed); the lines still go."""
+
     def connectionLost(self, reason: Failure | None = None) -> None:
-        # End of input (Ctrl-D) leaves like /quit.
         self.leave()
 
     def leave(self) -> None:
@@ -1291,22 +1307,22 @@ async def _chat(reactor: Any, args: argparse.Namespace) -> int:
     replays = ReplayCache()
     client: Client
 
-    async def send(text: str) -> str:
+    async def send(text: str) -> tuple[str, bool]:
         try:
             outcomes = await client.send_message(
                 [peer], text, timeout=args.timeout, protect=protection
             )
         except ClientError as e:
-            return f"✗ {e.message}"
+            return f"✗ {e.message}", False
         except E2EError as e:
-            return f"✗ not sent, cannot protect it: {e}"
+            return f"✗ not sent, cannot protect it: {e}", False
         # One recipient, however the library spells its address.
         (outcome,) = outcomes.values()
         if outcome.delivered:
-            return "✓"
+            return "✓", True
         if outcome.unknown:
-            return f"? {outcome.text or f'no report within {args.timeout:g}s'}"
-        return f"✗ {_outcome_text(outcome, args.timeout).removeprefix('failed ')}"
+            return f"? {outcome.text or f'no report within {args.timeout:g}s'}", False
+        return f"✗ {_outcome_text(outcome, args.timeout).removeprefix('failed ')}", False
 
     terminal = _ChatTerminal(send)
 
@@ -1343,7 +1359,7 @@ async def _chat(reactor: Any, args: argparse.Namespace) -> int:
         stdio.loseConnection()
         if gone:
             gone[0].raiseException()
-    return Exit.OK
+    return Exit.FAILED if terminal.undelivered else Exit.OK
 
 
 # -- certs ------------------------------------------------------------------------------------

@@ -345,6 +345,32 @@ async def test_chat_on_a_terminal(net: Net) -> None:
         barney.session.disconnect()
 
 
+@pytest_twisted.ensureDeferred
+async def test_chat_fed_from_a_pipe_marks_every_line_and_exits_as_send_does(net: Net) -> None:
+    """Input ends at once, before any line has its report: each line's mark is still
+    printed, and a line not delivered makes the exit status 1, as for ``imxp send``."""
+    barney = await attach(net.relays["b.test"], net.ca, BARNEY)
+    try:
+        chat = net.spawn("chat", "--as", FRED, BARNEY)
+        chat.write(b"one\ntwo\nthree\n")
+        chat.transport.closeStdin()
+        assert await chat.ended() == 0, chat
+        assert [line for line in chat.out.splitlines() if "[" in line] == [
+            "  ✓ [one]",
+            "  ✓ [two]",
+            "  ✓ [three]",
+        ], chat
+        await barney.wait("data", 3)
+    finally:
+        barney.session.disconnect()
+
+    failing = net.spawn("chat", "--as", FRED, "nobody@b.test")
+    failing.write(b"anyone?\n")
+    failing.transport.closeStdin()
+    assert await failing.ended() == 1, failing
+    assert "  ✗ 550 unknown endpoint identity [anyone?]" in failing.out, failing
+
+
 # -- certs -----------------------------------------------------------------------------------
 
 
