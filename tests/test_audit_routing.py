@@ -81,7 +81,7 @@ def test_defect_permanent_failure_at_one_relay_still_tries_the_next_target() -> 
     clock.advance(1.0)
 
     assert connect.attempts[:2] == ["relay1.b.test", "relay2.b.test"]
-    assert sending.result == Verdict(250)
+    assert sending.result == Verdict(250, hop=SECOND.address)
 
 
 @pytest_twisted.ensureDeferred
@@ -206,7 +206,7 @@ def test_defect_data_waiting_for_a_new_link_go_on_in_the_order_they_came() -> No
     connected.callback(None)
 
     assert sent == [b"0", b"1", b"2", b"3", b"4"]
-    assert all(s.result == Verdict(250) for s in sendings)
+    assert all(s.result == Verdict(250, hop=FIRST.address) for s in sendings)
 
 
 def test_one_data_giving_up_leaves_the_connection_to_the_others_and_the_last_ends_it() -> None:
@@ -234,7 +234,7 @@ def test_one_data_giving_up_leaves_the_connection_to_the_others_and_the_last_end
 def test_a_next_hop_that_stops_reading_is_refused_data_beyond_max_queued() -> None:
     connect = Connector({"relay1.b.test": ["ok"]})
     pool = PeerPool(connect, task.Clock(), max_queued=1000)
-    assert pool.send([FIRST], Message(b"one"), 60.0).result == Verdict(250)
+    assert pool.send([FIRST], Message(b"one"), 60.0).result == Verdict(250, hop=FIRST.address)
     (link,) = connect.links
     link.channel.queued_bytes = 1001  # type: ignore[attr-defined]
 
@@ -301,10 +301,10 @@ def test_concurrent_data_for_a_new_next_hop_share_one_connection() -> None:
     waiting.callback(None)
 
     assert connect.attempts == ["relay1.b.test"]
-    assert [d.result for d in sends] == [Verdict(250)] * 3
+    assert [d.result for d in sends] == [Verdict(250, hop=FIRST.address)] * 3
     assert connect.links[0].channel.sent == 3
     # The link is reused for later data.
-    assert pool.send([FIRST], Message(b"later"), 60.0).result == Verdict(250)
+    assert pool.send([FIRST], Message(b"later"), 60.0).result == Verdict(250, hop=FIRST.address)
     assert connect.attempts == ["relay1.b.test"]
 
 

@@ -31,7 +31,7 @@ import pytest_twisted
 from apexnet import App, RelayHandle, attach, start_relay
 from dnsserver import DNSServer, a, aaaa, srv, start_dns_server
 from twisted.internet import defer, endpoints, protocol, reactor, task
-from twisted.logger import LogEvent, LogLevel
+from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.protocols import portforward
 
 from imxp.apex import options as apex_options
@@ -344,6 +344,52 @@ async def test_a_to_b_delivered(build_mesh: MeshBuilder) -> None:
     # The final relay reports delivery; a's hand-over to b is no final verdict.
     assert reporters(fred, trans_id) == {"apex=report@b.test"}
     mesh.assert_exactly_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_status_request_for_every_hop_names_the_relay_that_took_the_data(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """targetHop "all" (RFC 3340 §5): a.test reports its hand-over too, naming the next hop
+    that took the data, which is how an originator or operator follows a route; each
+    relay's log says the same."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    data = wire.Data(
+        wire.Originator(FRED),
+        [wire.Recipient(BARNEY)],
+        [apex_options.make_status_request(41, target_hop="all")],
+        content=wire.Content.from_bytes(BODY, "text/plain"),
+    )
+    await fred.channel.send(wire.encode(data))
+    mesh.sent.append(Sent(fred, 41, [BARNEY]))
+    await mesh.settle()
+
+    assert received(barney) == [(FRED, BODY)]
+    by_reporter = {
+        sender: report.destinations
+        for sender, report in zip(fred.report_senders, fred.reports, strict=True)
+        if report.trans_id == 41
+    }
+    b_mesh = mesh.relay("b.test").port("mesh")
+    assert by_reporter["apex=report@a.test"] == [
+        (BARNEY, 250, f"relayed to b.test via b.test:{b_mesh}")
+    ]
+    assert by_reporter["apex=report@b.test"] == [(BARNEY, 250, "")]
+    verdicts = [e for e in named(events, "apex.verdict") if e["identity"] == BARNEY]
+    assert [formatEvent(e) for e in verdicts] == [
+        f"{BARNEY} from {FRED}: 250 relayed to b.test via b.test:{b_mesh}",
+        f"{BARNEY} from {FRED}: 250",
+    ]
+    # What is left for the fixture's exactly-once check: the final reports.
+    finals = [
+        (sender, report)
+        for sender, report in zip(fred.report_senders, fred.reports, strict=True)
+        if sender != "apex=report@a.test"
+    ]
+    fred.report_senders[:] = [sender for sender, _ in finals]
+    fred.reports[:] = [report for _, report in finals]
 
 
 @pytest_twisted.ensureDeferred

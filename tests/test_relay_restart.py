@@ -289,6 +289,7 @@ class _Next:
     """A next hop reached through links made in turn from ``channels``."""
 
     target = Target("127.0.0.1", 912, "b.test", "static")
+    taken = Verdict(250, hop="127.0.0.1:912")
 
     def __init__(self, *channels: _FakeChannel) -> None:
         self.channels = list(channels)
@@ -314,7 +315,7 @@ def _channel(*answers: Exception | None) -> _FakeChannel:
 def test_pool_retries_data_lost_with_a_session_before_any_octet_left() -> None:
     first, second = _channel(NotSent("session lost")), _channel(None)
     hop = _Next(first, second)
-    assert hop.send() == Verdict(250)
+    assert hop.send() == _Next.taken
     assert hop.connects == 2
 
 
@@ -328,7 +329,7 @@ def test_pool_reports_data_lost_with_a_session_after_it_left_as_unknown() -> Non
 def test_pool_leaves_a_session_whose_peer_said_421_and_releases_it() -> None:
     first, second = _channel(BEEPError(421, "relay is shutting down")), _channel(None)
     hop = _Next(first, second)
-    assert hop.send() == Verdict(250)
+    assert hop.send() == _Next.taken
     assert (first.sent, second.sent, hop.connects) == (1, 1, 2)
     assert first.session.released == 1
 
@@ -336,9 +337,9 @@ def test_pool_leaves_a_session_whose_peer_said_421_and_releases_it() -> None:
 def test_pool_queues_nothing_on_a_channel_its_peer_is_closing() -> None:
     first, second = _channel(None, None), _channel(None)
     hop = _Next(first, second)
-    assert hop.send() == Verdict(250)
+    assert hop.send() == _Next.taken
     first._closing = True  # the peer asked to release the session (RFC 3080 §2.3.1.3)
-    assert hop.send() == Verdict(250)
+    assert hop.send() == _Next.taken
     assert (first.sent, second.sent) == (1, 1)
 
 
@@ -369,7 +370,7 @@ def test_pool_judges_trouble_on_a_link_that_is_up_as_on_a_new_one(trouble: Excep
     goes wrong then means what it means on a new link."""
     fresh = _Next(_channel(trouble, None), _channel(None))
     used = _Next(_channel(None, trouble, None), _channel(None))
-    assert used.send() == Verdict(250)
+    assert used.send() == _Next.taken
     assert used.send() == fresh.send()
     assert used.connects == fresh.connects
     assert [c.sent for c in used.channels] == [fresh.channels[0].sent + 1, fresh.channels[1].sent]

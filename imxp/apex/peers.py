@@ -18,7 +18,7 @@ order they came, as data on a link do.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
@@ -46,6 +46,20 @@ class LinkFailed(Exception):
         self.text = text
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """The next hop's answer: 250 when it took the data (§4.4.4.1 step 5.2)."""
+
+    code: int
+    text: str = ""
+    hop: str = ""
+    """For 250, the next hop that took it (``host:port``)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 250
+
+
 @dataclass
 class Link:
     """A bound APEX channel on a session to one next hop."""
@@ -53,38 +67,30 @@ class Link:
     target: Target
     session: Session
     channel: Channel
+    taken: Verdict = field(init=False)
+    """The verdict of each data this next hop takes: made once, not per data."""
 
-
-@dataclass(frozen=True)
-class Verdict:
-    """The next hop's answer: 250 when it took the data (§4.4.4.1 step 5.2)."""
-
-    code: int
-    text: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.code == 250
+    def __post_init__(self) -> None:
+        self.taken = Verdict(250, hop=self.target.address)
 
 
 _UNREACHABLE = Verdict(421, "next hop unreachable")
-_TAKEN = Verdict(250)
 # The answer a relay nearly always gets, and the one imxp writes: known without parsing.
 _OK = wire.encode(wire.OK()).body
 
 
-def _taken(reply: Message) -> Verdict:
-    """The next hop's RPY as a verdict: 250 only for an ``ok`` element (RFC 3340 §4.4.4.1
-    step 5.2). An ``error`` element is a refusal as an ERR is; anything else says nothing
-    of what became of the data: outcome unknown."""
+def _taken(reply: Message, link: Link) -> Verdict:
+    """The RPY of ``link``'s next hop as a verdict: 250 only for an ``ok`` element (RFC
+    3340 §4.4.4.1 step 5.2). An ``error`` element is a refusal as an ERR is; anything
+    else says nothing of what became of the data: outcome unknown."""
     if reply.body == _OK:
-        return _TAKEN
+        return link.taken
     try:
         answer = wire.decode(reply)
     except wire.APEXError:
         answer = None
     if isinstance(answer, wire.OK):
-        return _TAKEN
+        return link.taken
     if isinstance(answer, wire.Error):
         raise BEEPError(answer.code, answer.text)
     return Verdict(451, "the next hop answered with neither ok nor error; outcome unknown")
@@ -247,7 +253,7 @@ class PeerPool:
         # something goes wrong.
         return (
             link.channel.send(message)
-            .addCallback(_taken)
+            .addCallback(_taken, link)
             .addErrback(self._first_failed, targets, message, deadline, link)
         )
 
@@ -297,7 +303,7 @@ class PeerPool:
                 if backlog is not None:
                     return backlog
                 try:
-                    verdict = _taken(await link.channel.send(message))
+                    verdict = _taken(await link.channel.send(message), link)
                 except (BEEPError, SessionClosed):
                     last, final = self._judge(Failure(), target, link)
                     if final:

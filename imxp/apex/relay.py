@@ -603,7 +603,7 @@ class Relay:
             if not verdict.check(defer.CancelledError):
                 return verdict
             verdict = Verdict(451, f"{domain} did not answer in time; outcome unknown")
-        text = f"relayed to {domain}" if verdict.ok else verdict.text
+        text = f"relayed to {domain} via {verdict.hop}" if verdict.ok else verdict.text
         for recipient in recipients:
             # Handed on: the next relay now answers for it, so this is not final.
             self._verdict(journey, recipient.identity, verdict.code, text, final=not verdict.ok)
@@ -642,9 +642,10 @@ class Relay:
             # takes, and then the originator would hear about none of them.
             text = text[: _MAX_DIAGNOSTIC - 3] + "..."
         self.log.info(
-            "{identity} from {originator}: {code} {text}",
+            "{identity} from {originator}: {outcome}",
             identity=identity,
             originator=str(journey.originator),
+            outcome=f"{code} {text}" if text else str(code),
             code=code,
             text=text,
             final=final,
