@@ -559,7 +559,9 @@ def _key_options(parser: argparse.ArgumentParser, *, sending: bool) -> None:
             action="append",
             default=[],
             metavar="FILE",
-            help="a recipient's S/MIME certificate (PEM), for --encrypt --smime; repeatable",
+            help="a recipient's S/MIME certificate (PEM), for --encrypt --smime; repeatable; "
+            "of a file's certificates, only those naming a recipient and usable now are "
+            "encrypted to",
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,79 @@ async def test_a_message_that_cannot_be_protected_is_not_sent(
         await fred.send_message(
             recipients[:1], TEXT, cc=recipients[1:], protect=protect(keys, certs)
         )
+    assert sent == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_smime_encrypts_only_to_the_recipients_certificates_among_those_given(
+    net: Net,
+    keys: dict[str, Keys],
+    certs: dict[str, Issued],
+    smime_ca: Issued,
+) -> None:
+    """A certificate file may hold more than the recipient's certificate: the CA's (a
+    chain file), someone else's, an expired one beside its renewal. Only the usable ones
+    naming a recipient are encrypted to: whoever holds another key cannot read it."""
+    expired = smime.issue_smime(
+        smime_ca, BARNEY, days=1, rsa_bits=2048, valid_from=datetime.now(UTC) - timedelta(days=9)
+    )
+    given = [
+        smime_ca.certificate,
+        certs[WILMA].certificate,
+        expired.certificate,
+        certs[BARNEY].certificate,
+    ]
+    fred, inbox = await fred_to_barney(net)
+    outcomes = await fred.send_message(
+        [BARNEY], TEXT, protect=Protection("encrypt", "smime", keys[FRED], given)
+    )
+    assert codes(outcomes) == {BARNEY: 250}
+    [incoming] = await inbox.wait()
+    report = await open_incoming(incoming, keys[BARNEY])
+    assert (report.encrypted, report.presentable) == (True, True), report.problems
+    for other in (keys[WILMA], replace(keys[BARNEY], smime=expired)):
+        opened = await open_incoming(incoming, other)
+        assert opened.status == "cannot-decrypt", opened
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (
+            lambda ca, _: smime.issue_smime(
+                ca, BARNEY, days=1, rsa_bits=2048, valid_from=datetime.now(UTC) - timedelta(9)
+            ),
+            "expired on",
+        ),
+        (
+            lambda ca, _: smime.issue_smime(
+                ca, BARNEY, rsa_bits=2048, valid_from=datetime.now(UTC) + timedelta(days=2)
+            ),
+            "is not valid before",
+        ),
+        (lambda _, other: smime.issue_smime(other, BARNEY, rsa_bits=2048), "is not trusted"),
+        (lambda ca, _: smime.issue_smime(ca, BARNEY, rsa_bits=None), "has no RSA key"),
+    ],
+    ids=["expired", "not-yet-valid", "untrusted", "not-rsa"],
+)
+@pytest_twisted.ensureDeferred
+async def test_smime_does_not_encrypt_to_a_certificate_it_cannot_use(
+    net: Net,
+    keys: dict[str, Keys],
+    smime_ca: Issued,
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[Issued, Issued], Issued],
+    why: str,
+) -> None:
+    """RFC 8550 §4: a certificate outside its validity, not chaining to the sender's
+    S/MIME trust anchors, or with a key imxp cannot encrypt to is not used; with no other
+    for the recipient, nothing is sent and the error says why."""
+    unusable = make(smime_ca, create_ca("a CA fred does not trust"))
+    fred = await net.connect(FRED)
+    sent = spy_on_send(fred, monkeypatch)
+    protect = Protection("encrypt", "smime", keys[FRED], [unusable.certificate])
+    with pytest.raises(E2EError, match=f"no usable S/MIME certificate for {BARNEY}: .*{why}"):
+        await fred.send_message([BARNEY], TEXT, protect=protect)
     assert sent == []
 
 

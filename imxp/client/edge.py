@@ -76,7 +76,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
-from urllib.parse import unquote
 
 from cryptography import x509
 from twisted.internet import defer, error, task, threads
@@ -118,7 +117,6 @@ from imxp.certs import Issued
 from imxp.config import Config
 from imxp.e2e import cpim
 from imxp.e2e.protect import (
-    E2EError,
     Keys,
     Mode,
     ReplayCache,
@@ -304,8 +302,9 @@ class Protection:
     using the sender's ``keys``.
 
     OpenPGP signs as the CPIM From and encrypts to its To and cc, each key found in
-    ``keys.pgp`` by its address. S/MIME signs with ``keys.smime`` and encrypts to
-    ``recipient_certificates``, which must name every recipient (RFC 8550 §3).
+    ``keys.pgp`` by its address. S/MIME signs with ``keys.smime`` and encrypts to those
+    of ``recipient_certificates`` that name a recipient (RFC 8550 §3) and can be used
+    (:func:`imxp.e2e.smime.encryption_certificates`); every recipient needs one.
     Raises ValueError for an unknown ``mode`` or ``scheme``.
     """
 
@@ -797,13 +796,15 @@ class Client:
     async def _protect(
         self, content: bytes, recipients: Sequence[str], protect: Protection
     ) -> tuple[str, bytes]:
-        certificates = protect.recipient_certificates
+        certificates = list(protect.recipient_certificates)
         if protect.scheme == "smime" and protect.mode != "sign":
+            from imxp.e2e import smime
+
             # gpg refuses a recipient it has no key for; S/MIME has only the certificates
-            # given, and one missing would leave that recipient unable to read it.
-            for recipient in recipients:
-                if not any(_names(certificate, recipient) for certificate in certificates):
-                    raise E2EError(f"no S/MIME certificate for {recipient} to encrypt to")
+            # given: each recipient needs one, and only theirs may be encrypted to.
+            certificates = smime.encryption_certificates(
+                recipients, certificates, protect.keys.trust
+            )
         # One at a time: each goes on to be sent as it is done, so that what was sent in
         # a row (a chat's lines) is sent in that order, not in the order gpg finished.
         return await self._protecting.run(
@@ -815,7 +816,7 @@ class Client:
             protect.mode,
             protect.scheme,
             protect.keys,
-            recipients=list(certificates) or None,
+            recipients=certificates or None,
         )
 
     def incoming(self) -> AsyncIterator[Incoming]:
@@ -1471,28 +1472,6 @@ def _endpoints_not_one(endpoints: Sequence[str], name: str) -> None:
     # A str is a sequence too: of one-letter "endpoints", each without a domain.
     if isinstance(endpoints, str):
         raise TypeError(f"{name} is a list of endpoints: [{endpoints!r}], not {endpoints!r}")
-
-
-def _names(certificate: x509.Certificate, endpoint: str) -> bool:
-    """Whether an S/MIME certificate is for ``endpoint``'s user: an rfc822Name (RFC 8550
-    §3) or ``im:`` URI (RFC 3923 §6.3) in its subjectAltName names the endpoint, or the
-    endpoint it is a subaddress of (RFC 3340 §2.2)."""
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return False
-    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
-    candidates = names.value.get_values_for_type(x509.RFC822Name) + [
-        unquote(uri[3:]) for uri in uris if uri[:3].lower() == "im:"
-    ]
-    wanted = Endpoint.parse(endpoint)
-    for name in candidates:
-        try:
-            if wanted.within(Endpoint.parse(name)):
-                return True
-        except AddressError:
-            continue
-    return False
 
 
 # One lock per replay cache: a ReplayCache is not thread-safe, and messages from one

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.message import Message
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 from urllib.parse import unquote
 
 from asn1crypto import cms, core
@@ -59,6 +59,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from imxp.apex.address import AddressError, Endpoint
 from imxp.certs import Issued, issue_smime
 from imxp.e2e.protect import (
     E2EError,
@@ -72,7 +73,9 @@ from imxp.e2e.protect import (
     split_multipart,
 )
 
-__all__ = ["issue_smime", "sign", "encrypt", "open"]
+__all__ = ["encrypt", "encryption_certificates", "issue_smime", "names", "open", "sign"]
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 _SIGNED_PROTOCOLS = ("application/pkcs7-signature", "application/x-pkcs7-signature")
 _PKCS7_MIME = ("application/pkcs7-mime", "application/x-pkcs7-mime")
@@ -204,6 +207,95 @@ def encrypt(entity: bytes, recipients: Sequence[x509.Certificate]) -> bytes:
     )
     content_info = _tlv(_SEQUENCE, _oid(_AUTH_ENVELOPED_DATA), _tlv(_EXPLICIT_0, envelope))
     return _pkcs7_mime("authEnveloped-data", content_info)
+
+
+def encryption_certificates(
+    recipients: Sequence[str],
+    certificates: Sequence[x509.Certificate],
+    trust: tuple[x509.Certificate, ...] = (),
+    now: datetime | None = None,
+) -> list[x509.Certificate]:
+    """The certificates among ``certificates`` to encrypt to for ``recipients``.
+
+    For each recipient, those that name it or the endpoint it is a subaddress of
+    (:func:`names`) and can be encrypted to now: within their validity, an RSA key,
+    keyUsage (when present) allowing keyEncipherment (RFC 8550 §4.4.2), and, with
+    ``trust``, a chain to it (the others given serve as intermediates). The rest are left
+    out - the CA of a chain file, an expired certificate beside its renewal, someone
+    else's - since whoever holds one of their keys could read the message.
+
+    Raises :class:`E2EError` naming a recipient for whom none is usable, and why.
+    """
+    now = now or datetime.now(UTC)
+    chosen: list[x509.Certificate] = []
+    for recipient in recipients:
+        candidates = [c for c in certificates if names(c, recipient)]
+        if not candidates:
+            raise E2EError(f"no S/MIME certificate for {recipient} to encrypt to")
+        problems = [_unusable(c, certificates, trust, now) for c in candidates]
+        usable = [c for c, problem in zip(candidates, problems, strict=True) if problem is None]
+        if not usable:
+            why = "; ".join(p for p in problems if p is not None)
+            raise E2EError(f"no usable S/MIME certificate for {recipient}: {why}")
+        chosen += [c for c in usable if c not in chosen]
+    return chosen
+
+
+def names(certificate: x509.Certificate, endpoint: str) -> bool:
+    """Whether an S/MIME certificate is for ``endpoint``'s user: an rfc822Name (RFC 8550
+    §3) or ``im:`` URI (RFC 3923 §6.3) in its subjectAltName names the endpoint, or the
+    endpoint it is a subaddress of (RFC 3340 §2.2)."""
+    try:
+        alternatives = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return False
+    uris = alternatives.value.get_values_for_type(x509.UniformResourceIdentifier)
+    candidates = alternatives.value.get_values_for_type(x509.RFC822Name) + [
+        unquote(uri[3:]) for uri in uris if uri[:3].lower() == "im:"
+    ]
+    wanted = Endpoint.parse(endpoint)
+    for name in candidates:
+        try:
+            if wanted.within(Endpoint.parse(name)):
+                return True
+        except AddressError:
+            continue
+    return False
+
+
+def _unusable(
+    cert: x509.Certificate,
+    given: Sequence[x509.Certificate],
+    trust: tuple[x509.Certificate, ...],
+    now: datetime,
+) -> str | None:
+    """Why ``cert`` may not be encrypted to at ``now``; None when it may."""
+    subject = cert.subject.rfc4514_string() or "a certificate without a subject"
+    if now < cert.not_valid_before_utc:
+        return f"{subject} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    if now > cert.not_valid_after_utc:
+        return f"{subject} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+        return f"{subject} has no RSA key, which imxp's S/MIME encryption needs"
+    # Checked here as well as by the verifier: without trust anchors there is no chain.
+    try:
+        _encryption_usage(None, cert, _extension(cert, x509.KeyUsage))
+        _email_protection(None, cert, _extension(cert, x509.ExtendedKeyUsage))
+    except ValueError as e:
+        return f"{subject}: {e}"
+    if trust:
+        try:
+            _verifier(trust, now, _encryption_usage).verify(cert, [c for c in given if c != cert])
+        except VerificationError as e:
+            return f"{subject} is not trusted: {e}"
+    return None
+
+
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _key_transport(cert: x509.Certificate, key: bytes) -> bytes:
@@ -522,13 +614,18 @@ def _check_signature(
         raise _Bad(f"unsupported signature: {e}") from None
 
 
-def _verifier(trust: tuple[x509.Certificate, ...], now: datetime) -> ClientVerifier:
+def _verifier(
+    trust: tuple[x509.Certificate, ...],
+    now: datetime,
+    usage: Callable[[Policy, x509.Certificate, x509.KeyUsage | None], None] | None = None,
+) -> ClientVerifier:
     """A chain verifier to ``trust`` at ``now``, with the end-entity rules of RFC 8550
-    §4.4.2 (keyUsage) and §4.4.4 (extendedKeyUsage) in place of TLS's."""
+    §4.4.2 (keyUsage: for signing, unless ``usage`` says otherwise) and §4.4.4
+    (extendedKeyUsage) in place of TLS's."""
     end_entity = (
         ExtensionPolicy.webpki_defaults_ee()
         .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _email_protection)
-        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _signing_usage)
+        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, usage or _signing_usage)
         # RFC 8550 §3: the address may be in the subject's emailAddress instead.
         .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
     )
@@ -542,7 +639,7 @@ def _verifier(trust: tuple[x509.Certificate, ...], now: datetime) -> ClientVerif
 
 
 def _email_protection(
-    _policy: Policy, _cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None
+    _policy: Policy | None, _cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None
 ) -> None:
     if usage is None:
         return
@@ -555,6 +652,13 @@ def _email_protection(
 def _signing_usage(_policy: Policy, _cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
     if usage is not None and not (usage.digital_signature or usage.content_commitment):
         raise ValueError("keyUsage allows neither digitalSignature nor nonRepudiation")
+
+
+def _encryption_usage(
+    _policy: Policy | None, _cert: x509.Certificate, usage: x509.KeyUsage | None
+) -> None:
+    if usage is not None and not usage.key_encipherment:
+        raise ValueError("keyUsage does not allow keyEncipherment")
 
 
 def _identities(cert: x509.Certificate) -> list[str]:
