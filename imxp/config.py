@@ -323,7 +323,8 @@ class Config:
     sasl_mechanisms: tuple[str, ...] = _option(
         ("SCRAM-SHA-256", "PLAIN", "EXTERNAL"),
         "SASL mechanisms offered, in order of preference. PLAIN is offered only under TLS; "
-        "EXTERNAL accepts the identity of a verified TLS client certificate.",
+        "EXTERNAL accepts the identity of a verified TLS client certificate. Empty (and "
+        "allow_anonymous false): no endpoint can log in, for a relay that only relays.",
         check=_mechanisms,
     )
     allow_anonymous: bool = _option(
@@ -341,8 +342,8 @@ class Config:
     smart_host: str = _option(
         "",
         '`"host:port"` of a relay that takes the traffic for every domain without a static '
-        "route, instead of DNS; its certificate must name `host` (or `name` given as "
-        '`"host:port=name"`). Empty: none.',
+        "route, instead of DNS (port 912 if left out); its certificate must name `host` (or "
+        '`name` given as `"host:port=name"`). Empty: none.',
         check=_smart_host,
     )
     dns_servers: tuple[str, ...] = _option(
@@ -439,8 +440,9 @@ class Config:
         "info",
         "The least severe events logged: debug, info, warn, error or critical. At info "
         "every recipient's verdict at each relay is a line (event apex.verdict), which a "
-        "busy relay spends a fifth of its time writing; warn leaves those out and keeps "
-        "refusals (apex.refused) and the relay's own troubles. The relay's start, reload, "
+        "busy relay spends a fifth of its time writing; warn leaves those out, refused "
+        "recipients (550, 537) among them, and keeps refused requests (apex.refused: a "
+        "whole data, attach or bind) and the relay's own troubles. The relay's start, reload, "
         "log-outs and stop (events imxp.*) are logged at every level.",
         check=_log_level,
     )

@@ -1044,7 +1044,8 @@ async def test_certificate_for_another_name(net: Net) -> None:
     port = handle.port("edge")
     assert error.message == (
         f"TLS with the relay at c.test:{port} failed: its certificate is not valid for c.test"
-        " (RFC 6125); if the relay is meant to be known by another name, say so as tls_name"
+        " (RFC 6125); if the relay is meant to be known by another name, say so as"
+        " tls_name (--tls-name)"
     )
     # Told to expect that name, the same relay is fine.
     await net.connect("fred@c.test", tls_name="other.test")

@@ -315,6 +315,25 @@ def test_wrong_key_fails_cleanly(
     assert (report.status, report.presentable) == ("cannot-decrypt", False)
 
 
+def test_a_signature_by_a_key_not_in_the_keyring_is_unchecked_not_bad(
+    keys: dict[str, Keys], certs: dict[str, Issued]
+) -> None:
+    """Fred's keyring has no key of mallory's: her message is not shown, and the reason
+    says the signature could not be checked and how to check it, not that it is bad,
+    which would say someone changed it on the way."""
+    content_type, body = protect(
+        keys, certs, "pgp", "sign", message("mallory@a.test"), signer="mallory@a.test"
+    )
+    report = open_message(content_type, body, keys["fred@a.test"], now=NOW)
+    assert (report.status, report.presentable) == ("signed-but-bad", False)
+    [problem] = report.problems
+    assert re.fullmatch(
+        r"signature not checked: the signer's key \(key [0-9A-F]{16}\) is not in this keyring "
+        r"\(import it, if you trust it, to check such signatures\)",
+        problem,
+    ), problem
+
+
 def test_missing_keys_on_receipt(keys: dict[str, Keys], certs: dict[str, Issued]) -> None:
     content_type, body = protect(keys, certs, "pgp", "sign", message())
     report = open_message(content_type, body, Keys(), now=NOW)

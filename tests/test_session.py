@@ -45,8 +45,9 @@ NOPE = "http://example.com/nope"
 
 
 class Handler(ChannelHandler):
-    """Echoes the body. ``fail`` gets ERR 550, ``boom`` raises a non-BEEP error,
-    ``many`` gets three ANS and a NUL, bodies starting ``slow`` wait for the test."""
+    """Echoes the body. ``fail`` gets ERR 550, raised; ``refuse`` ERR 553, returned;
+    ``boom`` raises a non-BEEP error, ``wrong`` returns what is no answer; ``many`` gets
+    three ANS and a NUL, bodies starting ``slow`` wait for the test."""
 
     def __init__(self) -> None:
         self.channel: Channel | None = None
@@ -65,6 +66,10 @@ class Handler(ChannelHandler):
             raise BEEPError(550, "nope")
         if body == b"boom":
             raise ValueError("a bug in the profile")
+        if body == b"refuse":
+            return BEEPError(553, "not this one")  # type: ignore[return-value]
+        if body == b"wrong":
+            return "a reply, mistaken for a Message"  # type: ignore[return-value]
         if body == b"many":
             for i in range(3):
                 request.answer(Message(b"a%d" % i))
@@ -394,6 +399,30 @@ def test_profile_exception_gives_451_and_session_goes_on():
     pair.flush()
     assert result(d).body == b"after"
     assert pair.start(ECHO).number == 3
+
+
+def test_a_profile_may_return_its_error_and_one_that_answers_wrongly_gives_451():
+    """A BEEPError returned is an ERR as one raised is; anything else a profile returns is
+    its fault, not the peer's: ERR 451, logged, and the session goes on."""
+    pair, profile, channel = echo_pair()
+    with capturedLogs() as events:
+        refused, wrong = channel.send(Message(b"refuse")), channel.send(Message(b"wrong"))
+        slow = channel.send(Message(b"slow"))
+        pair.flush()
+        profile.handlers[0].pending[0].callback(BEEPError(554, "later"))  # type: ignore[arg-type]
+        pair.flush()
+    errors = [failure(d) for d in (refused, wrong, slow)]
+    assert [(e.code, e.text) for e in errors] == [  # type: ignore[attr-defined]
+        (553, "not this one"),
+        (451, "local error in processing"),
+        (554, "later"),
+    ]
+    [fault] = [e for e in events if e.get("event") == "beep.profile-failure"]
+    assert "answered with str" in str(fault["log_failure"].value)
+    assert not pair.closed["L"] and not pair.closed["I"]
+    after = channel.send(Message(b"after"))
+    pair.flush()
+    assert result(after).body == b"after"  # type: ignore[attr-defined]
 
 
 def test_replies_go_in_msg_order_whatever_order_they_complete():

@@ -237,9 +237,11 @@ class ChannelHandler:
     def channel_opened(self, channel: Channel) -> None:
         """Called once the channel exists (before any of its frames arrive)."""
 
-    def message_received(self, request: Request) -> Message | defer.Deferred[Message] | None:
-        """Answer ``request``: return a reply (or a Deferred of one) for RPY, raise
-        :class:`BEEPError` for ERR, or return None and use the request's methods
+    def message_received(
+        self, request: Request
+    ) -> Message | BEEPError | defer.Deferred[Message] | defer.Deferred[BEEPError] | None:
+        """Answer ``request``: return a reply (or a Deferred of one) for RPY, raise or
+        return :class:`BEEPError` for ERR, or return None and use the request's methods
         (``answer``/``done`` for a one-to-many exchange)."""
         raise BEEPError(500, "this channel accepts no messages")
 
@@ -723,11 +725,22 @@ class Channel:
             return
         if isinstance(result, defer.Deferred):
             result.addCallbacks(
-                lambda message: None if request.finished else request.reply(message),
+                lambda answer: None if request.finished else self._answer(request, answer),
                 lambda f: self._dispatch_failed(request, f),
             )
         else:
-            request.reply(result)
+            self._answer(request, result)
+
+    def _answer(self, request: Request, answer: object) -> None:
+        """Send what the profile answered: a Message as RPY, a BEEPError as ERR."""
+        if isinstance(answer, Message):
+            request.reply(answer)
+        elif isinstance(answer, BEEPError):
+            request.error(answer.code, answer.text, answer.message)
+        else:
+            # Not the peer's doing: a fault of the profile, which the peer hears as 451.
+            wrong = TypeError(f"answered with {type(answer).__name__}, not Message or BEEPError")
+            self._dispatch_failed(request, Failure(wrong))
 
     def _dispatch_failed(self, request: Request, failure: Failure) -> None:
         if request.finished or (self.session._gone and failure.check(SessionClosed)):

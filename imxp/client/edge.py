@@ -1535,7 +1535,8 @@ def _tls_failure(where: str, name: str, reason: str) -> str:
     if "Mismatch" in reason:
         return (
             f"TLS with the relay at {where} failed: its certificate is not valid for {name}"
-            " (RFC 6125); if the relay is meant to be known by another name, say so as tls_name"
+            " (RFC 6125); if the relay is meant to be known by another name, say so as"
+            " tls_name (--tls-name)"
         )
     if "certificate verify failed" in reason:
         return (

@@ -72,6 +72,7 @@ _SIGNATURE_PROBLEMS = frozenset(
         "no public key",
     }
 )
+_NO_KEY = {"signature error", "no public key"}
 _COLON_ESCAPE = re.compile(rb"\\x([0-9A-Fa-f]{2})")
 # A uid's validity in gpg's colon listing (doc/DETAILS, field 2): revoked, expired, invalid.
 _DEAD_UID = (b"r", b"e", b"i")
@@ -287,8 +288,17 @@ class OpenPGP:
         and GOODSIG and nothing bad about any signature."""
         problems = _problems(result)
         if not result.valid or problems or not result.fingerprint:
-            why = "; ".join(problems) or result.status or "no valid signature"
             key = f" (key {result.key_id})" if result.key_id else ""
+            if set(problems) == _NO_KEY:
+                # gpg says ERRSIG and NO_PUBKEY: there is no key here to check it with.
+                return Opened(
+                    b"",
+                    "bad-signature",
+                    reason=f"the signer's key{key} is not in this keyring "
+                    "(import it, if you trust it, to check such signatures)",
+                    unchecked=True,
+                )
+            why = "; ".join(problems) or result.status or "no valid signature"
             return _bad(f"gpg: {why}{key}")
         primary = result.pubkey_fingerprint or result.fingerprint
         identities = self._identities(primary)

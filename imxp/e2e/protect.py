@@ -116,9 +116,10 @@ class Opened:
     the certificate), ``identities`` every identity the signing key or certificate
     carries, ``fingerprint`` the key's or certificate's fingerprint, ``signed_at`` the
     time the signer claims to have signed. ``reason`` says why a signature is bad or
-    decryption failed, and notes anything else worth knowing. ``sent_encrypted`` says it
-    came encrypted whatever came of it: also when it could not be decrypted, or was
-    decrypted to a bad signature.
+    decryption failed, and notes anything else worth knowing; ``unchecked`` that a bad
+    signature is one that could not be checked at all (no key for it), not one found
+    wrong. ``sent_encrypted`` says it came encrypted whatever came of it: also when it
+    could not be decrypted, or was decrypted to a bad signature.
     """
 
     entity: bytes
@@ -129,6 +130,7 @@ class Opened:
     reason: str = ""
     identities: tuple[str, ...] = ()
     sent_encrypted: bool = False
+    unchecked: bool = False
 
     @property
     def verified(self) -> bool:
@@ -519,7 +521,9 @@ def _judge(
         report.presentable = False
         return report
     if opened.status == "bad-signature":
-        report.problems.append(f"bad signature: {opened.reason}")
+        # Not shown either way (it may be anyone's), but a missing key is no tampering.
+        what = "signature not checked" if opened.unchecked else "bad signature"
+        report.problems.append(f"{what}: {opened.reason}")
         report.presentable = False
         return report
     if opened.reason:
