@@ -872,19 +872,25 @@ async def _connected(
     """
     identity = _load_identity(args.cert, args.key) if args.cert is not None else None
     relay, ca = args.relay, args.ca
-    # How to trust the built-in relay's development CA, when it was not found.
+    # How to trust the built-in relay's development CA, when it was not found. A relay of
+    # the built-in domain elsewhere (--relay) may well have the same CA, or says how.
     hint = ""
-    if relay is None:
-        built_in = _built_in_relay(endpoint)
-        if built_in is not None:
-            relay, built_in_ca = built_in
-            if ca is None and built_in_ca.exists():
-                ca = built_in_ca
-            elif ca is None:
-                hint = (
-                    f" (there is no {built_in_ca} here: run this in the directory the relay "
-                    "runs in, or give --ca with the ca.pem of its imxp-state)"
-                )
+    built_in = _built_in_relay(endpoint)
+    if built_in is not None:
+        built_in_relay, built_in_ca = built_in
+        if relay is None:
+            relay = built_in_relay
+        if ca is None and built_in_ca.exists():
+            ca = built_in_ca
+            hint = (
+                f" (the CA trusted was {built_in_ca}; for a relay with another state_dir, "
+                "give --ca with its ca.pem)"
+            )
+        elif ca is None:
+            hint = (
+                f" (there is no {built_in_ca} here: run this in the directory the relay "
+                "runs in, or give --ca with the ca.pem of its state_dir)"
+            )
     made: list[Client] = []
     ended: list[Failed] = []
 

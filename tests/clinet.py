@@ -122,14 +122,18 @@ class Net:
     relays: dict[str, RelayHandle] = field(default_factory=dict)
     running: list[Command] = field(default_factory=list)
 
-    def spawn(self, *args: str, password: str | None = PASSWORD, pty: bool = False) -> Command:
-        """Start ``python -m imxp ARGS``; connecting commands get ``--dns`` and ``--ca``.
+    def spawn(
+        self, *args: str, password: str | None = PASSWORD, pty: bool = False, ca: bool = True
+    ) -> Command:
+        """Start ``python -m imxp ARGS``; connecting commands get ``--dns`` and (unless not
+        ``ca``) ``--ca``.
 
         ``password`` goes into IMXP_PASSWORD (None: the variable is unset).
         """
         argv = list(args)
         if argv and argv[0] in CONNECTING:
-            argv[1:1] = ["--dns", f"127.0.0.1:{self.dns.port}", "--ca", str(self.ca_file)]
+            trust = ["--ca", str(self.ca_file)] if ca else []
+            argv[1:1] = ["--dns", f"127.0.0.1:{self.dns.port}", *trust]
         env = {k: v for k, v in os.environ.items() if k != "IMXP_PASSWORD"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         env["PYTHONUTF8"] = "1"
@@ -148,9 +152,9 @@ class Net:
         self.running.append(command)
         return command
 
-    async def imxp(self, *args: str, password: str | None = PASSWORD) -> Command:
+    async def imxp(self, *args: str, password: str | None = PASSWORD, ca: bool = True) -> Command:
         """Run ``python -m imxp ARGS`` to its end (see :meth:`spawn`)."""
-        command = self.spawn(*args, password=password)
+        command = self.spawn(*args, password=password, ca=ca)
         await command.ended()
         return command
 

@@ -299,6 +299,35 @@ async def test_each_error_has_its_exit_code_and_one_line(net: Net) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_relay_of_localhost_on_other_ports_is_trusted_through_the_local_ca(
+    net: Net, tmp_path: Path
+) -> None:
+    """For an endpoint @localhost the development CA in ./imxp-state is trusted also when
+    --relay names another port; when that is not the relay's CA, the error says which CA
+    was trusted and how to name the right one."""
+    relay = await start_relay("localhost", net.ca, tmp_path, users=("fred",))
+    try:
+        where = f"127.0.0.1:{relay.port('edge')}"
+        state = net.tmp / "imxp-state"
+        state.mkdir()
+        (state / "ca.pem").write_bytes(net.ca_file.read_bytes())
+        send = ("send", "--relay", where, "--from", "fred/cli@localhost", "--to", "fred@localhost")
+        # TLS, login and attach went well: fred@localhost is just not listening.
+        sent = await net.imxp(*send, "hi", ca=False)
+        assert (sent.status, sent.out) == (1, "fred@localhost: failed 450 endpoint not attached\n")
+
+        create_ca("another development CA").write(state / "ca.pem", state / "ca.key")
+        refused = await net.imxp(*send, "hi", ca=False)
+        assert refused.status == 6, refused
+        assert one_error_line(refused).endswith(
+            f"(the CA trusted was {state / 'ca.pem'}; for a relay with another state_dir, "
+            "give --ca with its ca.pem)"
+        )
+    finally:
+        await relay.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_sending_as_an_endpoint_that_listens_says_how_to_do_both(net: Net) -> None:
     listen = net.spawn("listen", "--as", WILMA, "--count", "1")
     await net.attached(WILMA)
