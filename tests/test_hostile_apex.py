@@ -138,14 +138,14 @@ async def hand_overs_within(
     return count
 
 
-def hostile_at(relay: Any, answer: Callable[[], Any]) -> Callable[..., Any]:
+def hostile_at(relay: Any, answer: Callable[[Request], Any]) -> Callable[..., Any]:
     """An APEXChannel.message_received under which ``relay`` answers every data with
-    ``answer()`` (or what it raises) instead of processing it."""
+    ``answer(request)`` (or what it raises) instead of processing it."""
     original = APEXChannel.message_received
 
     def message_received(self: APEXChannel, request: Request) -> Any:
         if self.relay is relay and isinstance(wire.decode(request.message), wire.Data):
-            return answer()
+            return answer(request)
         return original(self, request)
 
     return message_received
@@ -401,7 +401,7 @@ async def test_a_next_hop_that_never_answers_still_gives_a_final_report(
     mesh = await mesh_of(**{"a.test": {"delivery_timeout": 0.5}})
     c = mesh.relay("c.test")
     monkeypatch.setattr(
-        APEXChannel, "message_received", hostile_at(c.service.relay, defer.Deferred)
+        APEXChannel, "message_received", hostile_at(c.service.relay, lambda _: defer.Deferred())
     )
     fred = await mesh.attach(FRED)
     try:
@@ -426,7 +426,7 @@ async def test_a_next_hop_that_answers_one_data_never_does_not_hold_up_the_rest(
     mesh = await mesh_of(**{"a.test": {"delivery_timeout": 0.5}})
     answers = [defer.Deferred]
 
-    def answer() -> Any:
+    def answer(_: Request) -> Any:
         if answers:
             return answers.pop()()
         raise BEEPError(550, "not here")  # an answer: the point is that there is one
@@ -474,7 +474,23 @@ async def test_a_report_made_as_the_grace_ends_reaches_another_domain(
     assert reported(fred, 84) == {BARNEY: [451]}
 
 
-@pytest.mark.parametrize(
+class OneToMany:
+    """Answers a data with two ANS and a NUL (RFC 3080 §2.6.2), which no data asks for."""
+
+
+def answer_with(answer: Any, request: Request) -> Any:
+    if isinstance(answer, BEEPError):
+        raise answer
+    if isinstance(answer, OneToMany):
+        request.answer(wire.encode(wire.OK()))
+        request.answer(wire.encode(wire.OK()))
+        request.done()
+        return None
+    return answer
+
+
+#: Answers to a data other than ok, and the code each means for its recipient.
+NOT_OK = pytest.mark.parametrize(
     ("answer", "code"),
     [
         # An ERR coded 250 took nothing (RFC 3340 §10: refusals are 4xx or 5xx).
@@ -483,23 +499,31 @@ async def test_a_report_made_as_the_grace_ends_reaches_another_domain(
         (Message(b"<error code='550'>no</error>", mgmt.BEEP_XML), 550),
         # An RPY that is no APEX element says nothing of what became of the data.
         (Message(b"HTTP/1.1 200 OK", "text/plain"), 451),
+        # Nor do answers, even of ok: one ok is what takes a data (§4.4.4.1 5.2).
+        (OneToMany(), 451),
     ],
-    ids=["err-250", "rpy-error", "rpy-garbage"],
+    ids=["err-250", "rpy-error", "rpy-garbage", "ans-nul"],
 )
+
+
+@NOT_OK
 @pytest_twisted.ensureDeferred
 async def test_only_an_ok_from_the_next_hop_is_a_hand_over(
-    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch, answer: Any, code: int
+    mesh_of: MeshBuilder,
+    monkeypatch: pytest.MonkeyPatch,
+    events: list[LogEvent],
+    answer: Any,
+    code: int,
 ) -> None:
     """Taken for "relayed", such answers left fred without a final report (and an ERR
-    250, taken for a passing refusal, had the data sent again seven times)."""
+    250, taken for a passing refusal, had the data sent again seven times; answers, an
+    internal error in the relay)."""
     mesh = await mesh_of()
     given: list[object] = []
 
-    def answering() -> Any:
+    def answering(request: Request) -> Any:
         given.append(answer)
-        if isinstance(answer, BEEPError):
-            raise answer
-        return answer
+        return answer_with(answer, request)
 
     c = mesh.relay("c.test").service.relay
     monkeypatch.setattr(APEXChannel, "message_received", hostile_at(c, answering))
@@ -510,6 +534,32 @@ async def test_only_an_ok_from_the_next_hop_is_a_hand_over(
 
     assert reported(fred, 83) == {BETTY: [code]}
     assert len(given) == 1
+    # A verdict of its own, not an internal error of the relay's.
+    assert [e["event"] for e in events if "log_failure" in e] == []
+
+
+@NOT_OK
+@pytest_twisted.ensureDeferred
+async def test_only_an_ok_from_the_application_is_a_delivery(
+    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch, answer: Any, code: int
+) -> None:
+    """§4.4.4.2: the application takes a data with ok or refuses it; any other answer was
+    reported to the originator as delivered (250)."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    original = _AppChannel.message_received
+
+    def answering(self: _AppChannel, request: Request) -> Any:
+        if self.app is barney:
+            return answer_with(answer, request)
+        return original(self, request)
+
+    monkeypatch.setattr(_AppChannel, "message_received", answering)
+    await send(fred, [BARNEY], [status(85)])
+    await fred.wait("reports", 1, timeout=3.0)
+
+    assert reported(fred, 85) == {BARNEY: [code]}
 
 
 @pytest_twisted.ensureDeferred
@@ -521,7 +571,7 @@ async def test_a_long_diagnostic_from_a_next_hop_does_not_lose_the_report(
     limit, fred's session refuses it (554) and fred never hears about any of them."""
     mesh = await mesh_of()
 
-    def refuse() -> None:
+    def refuse(_: Request) -> None:
         raise BEEPError(554, "no " * 2000)
 
     monkeypatch.setattr(

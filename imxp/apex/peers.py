@@ -75,25 +75,17 @@ class Link:
 
 
 _UNREACHABLE = Verdict(421, "next hop unreachable")
-# The answer a relay nearly always gets, and the one imxp writes: known without parsing.
-_OK = wire.encode(wire.OK()).body
 
 
-def _taken(reply: Message, link: Link) -> Verdict:
-    """The RPY of ``link``'s next hop as a verdict: 250 only for an ``ok`` element (RFC
-    3340 §4.4.4.1 step 5.2). An ``error`` element is a refusal as an ERR is; anything
-    else says nothing of what became of the data: outcome unknown."""
-    if reply.body == _OK:
+def _taken(reply: Message | list[Message], link: Link) -> Verdict:
+    """The reply of ``link``'s next hop as a verdict (:func:`wire.reply_outcome`): a
+    refusal in it is raised as the ERR it is equivalent to."""
+    code, text = wire.reply_outcome(reply)
+    if code == 250:
         return link.taken
-    try:
-        answer = wire.decode(reply)
-    except wire.APEXError:
-        answer = None
-    if isinstance(answer, wire.OK):
-        return link.taken
-    if isinstance(answer, wire.Error):
-        raise BEEPError(answer.code, answer.text)
-    return Verdict(451, "the next hop answered with neither ok nor error; outcome unknown")
+    if code == 451:
+        return Verdict(451, f"the next hop {text}")
+    raise BEEPError(code, text)
 
 
 #: Makes a bound link to a target; fails with LinkFailed.

@@ -615,11 +615,19 @@ class Relay:
         """The application's answer to a data handed to it, as ``identity``'s verdict."""
         self._deadlines.watch(sending)
 
-        def answered(result: Message | Failure) -> Failure | None:
+        def answered(result: Message | list[Message] | Failure) -> Failure | None:
             if not isinstance(result, Failure):
-                code, text = 250, ""
+                # §4.4.4.2: the application answers ok, or refuses (an error in an RPY is
+                # read as the ERR it should have been).
+                code, text = wire.reply_outcome(result)
+                if code == 451:
+                    text = f"endpoint {text}"
             elif result.check(BEEPError):
                 code, text = result.value.code, result.value.text
+                if not 400 <= code <= 599:
+                    # A refusal is 4xx or 5xx (§10): an ERR coded 250 delivered nothing.
+                    text = f"endpoint refused it with code {code}, which no refusal has: {text}"
+                    code = 554
             elif result.check(defer.CancelledError):
                 code, text = 451, "endpoint did not answer in time"
             elif result.check(SessionClosed):

@@ -872,6 +872,30 @@ def _decode(message: Message, where: list[int] | None) -> APEXElement:
     raise APEXError(500, f"an APEX payload is {BEEP_XML} or {MULTIPART_RELATED}")
 
 
+def reply_outcome(reply: Message | list[Message]) -> tuple[int, str]:
+    """What a positive reply to a data says of it (RFC 3340 §4.4.4.1 step 5.2, §4.4.4.2):
+    250 only for an ``ok`` element; an ``error`` element is the refusal it carries, as an
+    ERR would be (4xx or 5xx, §10; any other code is taken for 554); anything else - a
+    one-to-many reply (a list of ANS), a payload that is not APEX - says nothing of what
+    became of the data: 451, outcome unknown."""
+    if type(reply) is not Message:
+        return 451, "answered with a one-to-many reply, not ok; outcome unknown"
+    if reply.body == _OK_BODY:
+        return 250, ""
+    try:
+        answer = decode(reply)
+    except APEXError:
+        answer = None
+    if isinstance(answer, OK):
+        return 250, ""
+    if isinstance(answer, Error):
+        if 400 <= answer.code <= 599:
+            return answer.code, answer.text
+        text = f"refused with code {answer.code}, which no refusal has"
+        return 554, f"{text}: {answer.text}" if answer.text else text
+    return 451, "answered with neither ok nor error; outcome unknown"
+
+
 def encode(element: APEXElement) -> Message:
     """The BEEP payload for ``element``: ``application/beep+xml``, or ``multipart/related``
     when a ``data`` element's content is a body part (§4.1)."""
@@ -1144,3 +1168,7 @@ def status_response_data(report: str | Endpoint, to: str, response: StatusRespon
         recipients=[Recipient(to)],
         content=Content("inline", raw, "Content"),
     )
+
+
+# The answer nearly every reply is, the one imxp writes: known without parsing.
+_OK_BODY = encode(OK()).body
