@@ -938,6 +938,35 @@ async def test_plain_and_external(net: Net) -> None:
     assert codes(await wilma.send([FRED], b"hi")) == {FRED: 250}
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "certificate"),
+    [
+        # Another domain's relay: its certificate verifies, and names evil.test.
+        ("evil.test@a.test", lambda ca: issue_server(ca, ["evil.test"])),
+        # Someone at another domain, attaching at this one as who they are.
+        ("barney@b.test", lambda ca: issue_client(ca, "barney@b.test")),
+    ],
+    ids=["relay-certificate", "another-domain"],
+)
+@pytest_twisted.ensureDeferred
+async def test_external_logs_in_only_endpoints_of_the_relays_domain(
+    net: Net, endpoint: str, certificate: Callable[[Issued], Issued]
+) -> None:
+    """Every certificate the relay's trust store verifies passed SASL EXTERNAL: a relay's
+    let its holder attach as evil.test@a.test, an endpoint nobody provisioned, and send
+    as it; with a public CA bundle as tls_trust, anyone's certificate would."""
+    a = net.handles[0]
+    with pytest.raises(ClientError) as refused:
+        await net.connect(
+            endpoint,
+            client_certificate=certificate(net.ca),
+            relay=f"127.0.0.1:{a.port('edge')}",
+            tls_name="a.test",
+        )
+    assert refused.value.kind == "auth", refused.value
+    assert not a.service.relay.attached
+
+
 # -- many people behind one address ----------------------------------------------------------
 
 

@@ -65,6 +65,19 @@ class AccessPolicy:
         except ValueError:
             return None
 
+    def may_log_in_by_certificate(self, certified: str) -> bool:
+        """SASL EXTERNAL (RFC 4422 Appendix A): whether a verified client certificate
+        naming ``certified`` may log in as it. Only as an endpoint of this domain (the
+        rfc822Name of ``imxp certs endpoint``): any certificate the trust store verifies -
+        another domain's relay's, someone's at another domain - would otherwise be a
+        login here, as ``evil.test@DOMAIN``."""
+        if "@" not in certified:
+            return False
+        try:
+            return Endpoint.parse(certified).domain == self.domain
+        except ValueError:
+            return False
+
     def may_attach(self, authenticated: str | None, endpoint: Endpoint) -> bool:
         """§4.5.1: the identity function, extended to subaddresses (§2.2)."""
         if authenticated is None:

@@ -344,7 +344,7 @@ def build_relay(
         delivery_timeout=delivery_timeout,
         max_queued=max_queued,
     )
-    checkers: list[Any] = [users, ExternalChecker()]
+    checkers: list[Any] = [users, ExternalChecker(policy.may_log_in_by_certificate)]
     if allow_anonymous:
         checkers.append(AllowAnonymousAccess())
     throttle = FailureThrottle(reactor)
