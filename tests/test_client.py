@@ -967,6 +967,31 @@ async def test_external_logs_in_only_endpoints_of_the_relays_domain(
     assert not a.service.relay.attached
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_relay_cannot_report_on_recipients_whose_data_it_never_saw(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c.test's relay, on the way to betty only, learns the transID it is asked to report
+    under, and reports barney@b.test refused under it: with one transID for the whole
+    data, the first final verdict won, and fred read "failed 550" for a delivered data."""
+    c = (await net.start("c.test", users=("betty",))).service.relay
+    deliver = c._deliver
+
+    def forging(journey: Any, recipient: Any, endpoint: Any) -> Any:
+        asked = journey.recipient_status.get(recipient.identity) or journey.status
+        c.reports.report(journey.originator, asked.trans_id, [(BARNEY, 550, "forged")])
+        return deliver(journey, recipient, endpoint)
+
+    monkeypatch.setattr(c, "_deliver", forging)
+    barney = Inbox()
+    await net.connect(BARNEY, on_data=barney)
+    fred = await net.connect(FRED)
+
+    outcomes = await fred.send([BARNEY, "betty@c.test"], b"hi", timeout=5.0)
+    assert codes(outcomes) == {BARNEY: 250, "betty@c.test": 450}
+    assert len(barney.items) == 1
+
+
 # -- many people behind one address ----------------------------------------------------------
 
 

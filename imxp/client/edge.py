@@ -399,22 +399,31 @@ class _APEXHandler(ChannelHandler):
 
 
 class _Pending:
-    """One :meth:`Client.send` waiting for the final status of each recipient."""
+    """One :meth:`Client.send` waiting for the final status of each recipient.
 
-    def __init__(self, recipients: list[str]) -> None:
+    ``asked`` gives each statusRequest transID the recipients it asks about: one per
+    recipient domain, so that a relay on the way to one domain, which sees that transID,
+    cannot report on the recipients of another (whose data it never saw)."""
+
+    def __init__(self, recipients: list[str], asked: dict[int, list[str]]) -> None:
         self.recipients = {_key(r): r for r in recipients}
+        self.asked = {trans_id: {_key(r) for r in group} for trans_id, group in asked.items()}
         self.outcomes: dict[str, Outcome] = {}
         self.done: defer.Deferred[None] = defer.Deferred()
         self.missing = ""
 
-    def report(self, identity: str, code: int, text: str, reporter_domain: str) -> None:
+    def report(
+        self, trans_id: int, identity: str, code: int, text: str, reporter_domain: str
+    ) -> None:
         try:
             key = _key(identity)
         except AddressError:
             return
         recipient = self.recipients.get(key)
-        if recipient is None or recipient in self.outcomes:
-            return  # not ours, or already final: the first final verdict stands
+        if recipient is None or recipient in self.outcomes or key not in self.asked[trans_id]:
+            # Not ours, already final (the first final verdict stands), or reported
+            # under another domain's transID by a relay that could only have guessed.
+            return
         if 200 <= code < 300 and Endpoint.parse(key).domain != reporter_domain:
             # Only the recipient's own domain delivers; success elsewhere is a hand-over
             # to the next relay (a trace of targetHop 'all', §5.1), not the end.
@@ -704,16 +713,30 @@ class Client:
     async def _send(
         self, sender: str, unique: list[str], content: wire.Content, timeout: float
     ) -> dict[str, Outcome]:
-        """One data from ``sender`` to ``unique``, and their outcomes."""
-        trans_id = self._new_trans_id()
-        data = wire.Data(
-            wire.Originator(sender),
-            [wire.Recipient(r) for r in unique],
-            [make_status_request(trans_id)],
-            content=content,
-        )
+        """One data from ``sender`` to ``unique``, and their outcomes.
+
+        Status is asked for per recipient domain (a statusRequest in each recipient
+        element, RFC 3340 §8.4, under one transID per domain): each relay on the way to a
+        domain learns only that domain's transID, and reports under it count only for
+        that domain's recipients. Data for one domain asks once, for the whole data."""
+        by_domain: dict[str, list[str]] = {}
+        for recipient in unique:
+            by_domain.setdefault(Endpoint.parse(_key(recipient)).domain, []).append(recipient)
+        taken: set[int] = set()
+        asked = {self._new_trans_id(taken): group for group in by_domain.values()}
+        if len(asked) == 1:
+            [trans_id] = asked
+            recipients = [wire.Recipient(r) for r in unique]
+            options = [make_status_request(trans_id)]
+        else:
+            ids = {r: trans_id for trans_id, group in asked.items() for r in group}
+            recipients = [wire.Recipient(r, [make_status_request(ids[r])]) for r in unique]
+            options = []
+        data = wire.Data(wire.Originator(sender), recipients, options, content=content)
         payload = wire.encode(data)
-        pending = self._pending[trans_id] = _Pending(unique)
+        pending = _Pending(unique, asked)
+        for trans_id in asked:
+            self._pending[trans_id] = pending
         deadline = self._clock.seconds() + timeout
         pending.missing = f"no status report within {timeout:g} s"
         try:
@@ -733,7 +756,7 @@ class Client:
                 # A relay that took the data may still deliver it: outcome unknown.
                 log.warn(
                     "relay did not answer data for transID {trans_id} in time",
-                    trans_id=trans_id,
+                    trans_id=min(asked),
                     event="client.send-unanswered",
                 )
                 return pending.result()
@@ -751,7 +774,7 @@ class Client:
                 # can still reach us after re-attaching. Sending again could deliver twice.
                 log.warn(
                     "session lost while sending transID {trans_id}; waiting for reports",
-                    trans_id=trans_id,
+                    trans_id=min(asked),
                     event="client.send-interrupted",
                 )
             if not pending.done.called:
@@ -762,7 +785,8 @@ class Client:
                     pass
             return pending.result()
         finally:
-            del self._pending[trans_id]
+            for trans_id in asked:
+                del self._pending[trans_id]
 
     async def send_message(
         self,
@@ -1383,7 +1407,7 @@ class Client:
         pending = self._pending.get(response.trans_id)
         if pending is not None:
             for identity, code, text in response.destinations:
-                pending.report(identity, code, text, reporter.domain)
+                pending.report(response.trans_id, identity, code, text, reporter.domain)
         return wire.OK()
 
     def _terminated(self, connection: _Connection, terminate: wire.Terminate) -> wire.OK:
@@ -1432,12 +1456,15 @@ class Client:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _new_trans_id(self) -> int:
-        # §6.1.1: unpredictable, so that a report for someone else's earlier data under
-        # the same endpoint is unlikely to match.
+    def _new_trans_id(self, taken: set[int]) -> int:
+        """A transID in use neither by a data awaiting reports nor in ``taken``, which it
+        joins. §6.1.1: unpredictable, so that a report for someone else's earlier data
+        under the same endpoint is unlikely to match, and a relay that saw one of a data's
+        transIDs cannot guess another."""
         while True:
             trans_id = secrets.randbelow(wire.MAX_TRANS_ID) + 1
-            if trans_id not in self._pending:
+            if trans_id not in self._pending and trans_id not in taken:
+                taken.add(trans_id)
                 return trans_id
 
     async def _drain(self, inbox: _Inbox) -> AsyncIterator[Incoming]:
