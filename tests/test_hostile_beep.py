@@ -432,3 +432,60 @@ def test_nothing_is_answered_after_the_release_ok() -> None:
     assert wire.read_one().kind == RPY and wire.hung_up
     wire.feed_rfc(RFC_START_TWO.replace("MSG 0 1", "MSG 0 2"))
     assert wire.read() == [] and 1 not in wire.session.channels
+
+
+# -- messages begun and never finished (RFC 3081 §3.1) ------------------------------------
+
+STALLED = "beep.peer-stalled"
+
+
+def fill_unfinished(wire: Wire, channels: list[int], target: int) -> dict[int, int]:
+    """Send '*' frames of one MSG on each of ``channels``, up to ``target`` octets each, as
+    far as the session's windows let: the octets sent on each, all of them held unfinished."""
+    sent = dict.fromkeys(channels, 0)
+    progress = True
+    while progress:
+        progress = False
+        for number in channels:
+            room = min(right_edge(wire, number) - wire.theirs[number], target - sent[number])
+            if room > 0:
+                first = b"\r\n" if not sent[number] else b""
+                wire.send(MSG, number, 0, first + b"x" * (room - len(first)), more=True)
+                sent[number] += room
+                progress = True
+        wire.read()
+    return sent
+
+
+def test_unfinished_messages_on_many_channels_hold_no_more_than_the_budget() -> None:
+    """A peer that begins a MSG on each of many channels with '*' frames and never sends
+    the last (nothing it need authenticate for): the window is reopened as they arrive
+    for max_long_messages of them, each of which may grow to max_message_size; every
+    other stalls once a window's worth is held unfinished, where it could grow to
+    max_message_size too. One beep.peer-stalled event says so; the session goes on, and
+    when a long message ends a stalled one may grow in its place."""
+    config = SessionConfig(max_message_size=65536, max_long_messages=2)  # a 4096 window
+    wire = greeted_listener(RecordingProfile(OTP), config=config)
+    channels = [1 + 2 * n for n in range(8)]
+    for number in channels:
+        start = mgmt.Start(number, (mgmt.ProfileElement(OTP),))
+        wire.send(MSG, 0, number, XML_HEAD + start.to_xml().encode())
+    assert [f.kind for f in wire.read()] == [RPY] * len(channels)
+    target = config.max_message_size - 1000
+    with capturedLogs() as events:
+        sent = fill_unfinished(wire, channels, target)
+    budget = config.max_long_messages * config.max_message_size
+    assert sum(sent.values()) <= budget + len(channels) * config.window, sent
+    long = [number for number in channels if sent[number] == target]
+    stalled = [number for number in channels if number not in long]
+    assert len(long) == config.max_long_messages
+    assert all(right_edge(wire, number) <= config.window for number in stalled)
+    assert len([e for e in events if e.get("event") == STALLED]) == 1
+    assert not wire.aborted
+
+    wire.send(MSG, long[0], 0, b"")  # the end of one long message
+    assert [(f.kind, f.channel) for f in wire.read()] == [(RPY, long[0])]
+    grown = [number for number in stalled if right_edge(wire, number) > config.window]
+    assert len(grown) == 1
+    fill_unfinished(wire, grown, target - sent[grown[0]])
+    assert wire.theirs[grown[0]] >= target and not wire.aborted

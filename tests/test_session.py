@@ -608,6 +608,30 @@ def test_ten_megabyte_message():
     assert all(f[4] <= 4096 for f in pair.to_L.of(MSG, 1))
 
 
+def test_long_messages_on_more_channels_than_max_long_messages_all_arrive_whole():
+    """Messages of max_message_size on twice max_long_messages channels at once: each
+    arrives whole, and the listener never holds more of them unfinished than
+    max_long_messages beyond a window per channel, the others waiting their turn
+    (RFC 3081 §3.1) rather than stalling for good."""
+    config = SessionConfig(max_message_size=256 * 1024)
+    # The echo's reply has a Content-Type header more: the initiator takes larger ones.
+    pair = Pair([EchoProfile()], listener_config=config)
+    channels = [pair.start(ECHO) for _ in range(2 * config.max_long_messages)]
+    size = config.max_message_size - len(Message().to_payload())
+    bodies = [os.urandom(size) for _ in channels]
+    replies = [channel.send(Message(body)) for channel, body in zip(channels, bodies, strict=True)]
+    pair.flush()
+    assert [result(d).body for d in replies] == bodies
+    held = dict.fromkeys([c.number for c in channels], 0)
+    peak = 0
+    for kind, number, _msgno, more, octets, _ in pair.to_L.frames:
+        if kind == MSG and number:
+            held[number] = held[number] + octets if more else 0
+            peak = max(peak, sum(held.values()))
+    budget = config.max_long_messages * config.max_message_size
+    assert config.max_message_size < peak <= budget + len(channels) * config.window
+
+
 def test_message_over_the_limit_gets_pre_emptive_554():
     config = SessionConfig(max_message_size=100_000)
     pair, profile, channel = echo_pair(listener_config=config)

@@ -193,6 +193,18 @@ class SessionConfig:
     max_channels: int = 257
     #: MSGs received on one channel and not yet answered.
     max_pending_requests: int = 1024
+    #: Messages longer than half their channel's window that the peer may be sending at
+    #: once. The octets of a message not yet complete are charged against its channel's
+    #: window as those of MSGs being processed are, so the peer can leave at most a window
+    #: unfinished on each channel; only for this many messages at once is the window
+    #: reopened as they arrive, up to max_message_size each, and the peer's other long
+    #: messages wait, stalled by their windows (RFC 3081 §3.1), until one of these is
+    #: complete. What a session holds of messages not yet complete is thus at most this
+    #: many max_message_size plus a window per channel; reopened for all, each of 257
+    #: channels could hold max_message_size, 257 MiB a session by default. 2: relays and
+    #: applications carry their data on one channel, and a second lets a long message on
+    #: another go at the same time, for 1 MiB more a session.
+    max_long_messages: int = 2
     #: Seconds to wait for the peer's greeting.
     greeting_timeout: float = 30.0
     #: Seconds without any frame before an idle session is closed (None: never).
@@ -219,6 +231,9 @@ class SessionConfig:
             raise ValueError("frame_size must be positive")
         if self.frames_per_turn < 1:
             raise ValueError("frames_per_turn must be positive")
+        if self.max_long_messages < 1:
+            # None could be longer than the window: the peer would wait for ever.
+            raise ValueError("max_long_messages must be positive")
 
 
 @dataclass(frozen=True)
@@ -431,6 +446,7 @@ class Channel:
         "_held",
         "_idle_waiters",
         "_in_discard",
+        "_in_long",
         "_in_msgno",
         "_in_parts",
         "_in_ready",
@@ -497,8 +513,11 @@ class Channel:
         self._last_kind = b""
         self._in_msgno: int | None = None
         self._in_parts: list[bytes] = []
+        # Octets of the message being reassembled (0 when there is none, or it is dropped).
         self._in_size = 0
         self._in_discard = False
+        # Whether that message is one of the session's max_long_messages (see _seq_for).
+        self._in_long = False
         # A list, not a deque: few requests wait at once, and an empty list is 56 octets.
         self._requests: list[Request] = []
         self._request_msgnos: set[int] = set()
@@ -863,6 +882,10 @@ class Session(Protocol):
         self._greet_on_handshake = False
         self._refusal: Failure | None = None
         self._request_overhead = -(-self.config.window // self.config.max_pending_requests)
+        # Of max_long_messages, those not being received now (see _seq_for).
+        self._long_left = self.config.max_long_messages
+        # Whether a peer stalled for want of them was logged since one was last free.
+        self._stall_logged = False
         self._greeting_timer: interfaces.IDelayedCall | None = None
         self._idle_timer: interfaces.IDelayedCall | None = None
         self._last_activity = 0.0
@@ -1285,6 +1308,7 @@ class Session(Protocol):
                 # §2.6.3: a pre-emptive negative reply; the rest of the MSG is ignored.
                 channel._in_discard = True
                 channel._in_parts = []
+                self._unfinished_ended(channel)
                 self._too_large(channel, limit, "refusing a message")
                 self._new_request(channel, msgno, None, 0).error(
                     554, f"message exceeds the limit of {limit} octets"
@@ -1299,7 +1323,22 @@ class Session(Protocol):
         if channel._in_discard:
             return
         parts, channel._in_parts = channel._in_parts, []
+        self._unfinished_ended(channel)
         self._msg_complete(channel, msgno, parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _unfinished_ended(self, channel: Channel) -> None:
+        """The message ``channel`` was reassembling is complete, or dropped: its octets
+        are no longer held as unfinished, and if it was a long one, another may be."""
+        channel._in_size = 0
+        if not channel._in_long:
+            return
+        channel._in_long = False
+        self._long_left += 1
+        self._stall_logged = False
+        for other in self._channels.values():
+            if other._in_size and not other._in_long:
+                # Perhaps stalled for want of it (see _seq_for).
+                self._update_window(other)
 
     def _msg_complete(self, channel: Channel, msgno: int, payload: bytes) -> None:
         # Each request is charged at least window/max_pending_requests, so the
@@ -1521,10 +1560,36 @@ class Session(Protocol):
         processed stay charged against the window, so a slow profile throttles
         its peer rather than letting requests pile up in memory. The right edge
         never moves left (RFC 1122 §4.2.2.16, as §3.1.4 asks).
+
+        So do the octets of a message not yet complete, up to half the window;
+        beyond, the window is reopened for them only if the message is one of
+        the session's ``max_long_messages``. Otherwise the peer waits, stalled,
+        with a window's worth unfinished, until one of those is complete; a peer
+        sending '*' frames on every channel and never the last can make the
+        session hold no more.
         """
         channel._window_dirty = False
         window = channel._window
         offer = window - channel._held
+        unfinished = channel._in_size
+        if unfinished and not channel._in_long:
+            if offer - unfinished >= window // 2:
+                offer -= unfinished
+            elif self._long_left:
+                self._long_left -= 1
+                channel._in_long = True
+            else:
+                offer -= unfinished
+                if not self._stall_logged and not self._gone:
+                    self._stall_logged = True
+                    self.log.warn(
+                        "stalling {peer} on channel {channel}: {limit} messages longer than "
+                        "the window are arriving already",
+                        peer=self.peer,
+                        channel=channel.number,
+                        limit=self.config.max_long_messages,
+                        event="beep.peer-stalled",
+                    )
         if offer < window // 2 or self._gone or not channel._announced:
             return None
         new_limit = (channel._recv_seqno + offer) % _MOD
@@ -1817,6 +1882,11 @@ class Session(Protocol):
         channel._requests.clear()
         channel._request_msgnos.clear()
         channel._held = 0
+        if channel._in_long:
+            # Only when the session ends or is tuned (a channel is closed once idle, with
+            # nothing unfinished), so no other channel is woken to take it.
+            channel._in_long = False
+            self._long_left += 1
         not_sent: Failure | None = None
         for pending in outstanding.values():
             if not pending.deferred.called:
