@@ -489,3 +489,20 @@ def test_unfinished_messages_on_many_channels_hold_no_more_than_the_budget() -> 
     assert len(grown) == 1
     fill_unfinished(wire, grown, target - sent[grown[0]])
     assert wire.theirs[grown[0]] >= target and not wire.aborted
+
+
+def test_a_session_whose_only_activity_is_an_unfinished_message_is_idle() -> None:
+    """idle_timeout is about traffic: a peer that sends part of a MSG and then nothing
+    holds the session no longer than one that sends nothing, while frames of the message
+    still coming keep it open as any traffic does."""
+    config = SessionConfig(idle_timeout=60)
+    wire = listener_with_channel_1(RecordingProfile(OTP), config)
+    for _ in range(3):
+        wire.send(MSG, 1, 0, b"\r\npart", more=True)
+        wire.clock.advance(40)
+    assert not wire.hung_up
+    with capturedLogs() as events:
+        wire.clock.advance(21)
+    assert wire.hung_up
+    (idle,) = [e for e in events if e.get("event") == "beep.idle-timeout"]
+    assert idle["unfinished"] == 1

@@ -780,10 +780,12 @@ class Channel:
 
     # -- idleness, for close ---------------------------------------------
 
+    def _busy(self) -> bool:
+        """Whether we are at work on this channel: sending, awaiting a reply, answering."""
+        return bool(self._queue or self._outstanding or self._requests)
+
     def _idle(self) -> bool:
-        return not (
-            self._queue or self._outstanding or self._requests or self._in_msgno is not None
-        )
+        return not self._busy() and self._in_msgno is None
 
     def _when_idle(self) -> defer.Deferred[None]:
         if self._idle():
@@ -1916,15 +1918,18 @@ class Session(Protocol):
         if timeout is None or self._gone:
             return
         quiet = self.clock.seconds() - self._last_activity
-        busy = any(
-            not c._idle() or c.handler.keeps_session_open()
-            for c in list(self._channels.values())[1:]
-        )
+        channels = list(self._channels.values())
+        # A message the peer has begun and left unfinished is no work of ours: a session
+        # whose only activity it is has had no traffic, and is idle.
+        busy = any(c._busy() or c.handler.keeps_session_open() for c in channels[1:])
         if quiet >= timeout and not busy:
+            unfinished = sum(c._in_msgno is not None for c in channels)
             self.log.info(
-                "closing BEEP session with {peer} after {seconds:.0f}s idle",
+                "closing BEEP session with {peer} after {seconds:.0f}s idle"
+                + (", unfinished messages from it: {unfinished}" if unfinished else ""),
                 peer=self.peer,
                 seconds=quiet,
+                unfinished=unfinished,
                 event="beep.idle-timeout",
             )
             self.disconnect()
