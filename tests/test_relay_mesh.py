@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,9 +31,10 @@ import pytest
 import pytest_twisted
 from apexnet import App, RelayHandle, attach, start_relay
 from dnsserver import DNSServer, a, aaaa, srv, start_dns_server
-from twisted.internet import defer, endpoints, protocol, reactor, task
-from twisted.logger import LogEvent, LogLevel, formatEvent
+from twisted.internet import defer, endpoints, error, protocol, reactor, task
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols import portforward
+from zope.interface import provider
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
@@ -686,6 +688,63 @@ async def test_unroutable_domain_again_from_the_cache(build_mesh: MeshBuilder) -
             "someone@nowhere.test": (550, "no route to nowhere.test: no such domain")
         }
         assert reporters(fred, trans_id) == {"apex=report@a.test"}
+    mesh.assert_exactly_once()
+
+
+class OutOfSockets:
+    """The mesh's resolver, except that for names under nowhere.test an AAAA query
+    cannot be sent: twisted.names raises CannotListenError (EMFILE) when it has no file
+    descriptor left for the query's socket."""
+
+    def __init__(self, resolver: Any) -> None:
+        self.resolver = resolver
+
+    def lookupIPV6Address(self, name: str, *args: Any) -> defer.Deferred:
+        if name.endswith(".nowhere.test"):
+            raise error.CannotListenError("", 0, OSError(errno.EMFILE, "Too many open files"))
+        return self.resolver.lookupIPV6Address(name, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.resolver, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dns_query_that_cannot_be_sent_is_a_temporary_no_route(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """Out of sockets for DNS queries, a relay gave every such recipient 451 "internal
+    error in the router" with a critical traceback each. DNS failing for now is a
+    temporary no route: 451 with the reason, one route-failed event per domain, and the
+    recipients whose domains are known go on as usual."""
+    failures: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def tracebacks(event: LogEvent) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    mesh = await build_mesh(**{"a.test": lambda m: {"resolver": OutOfSockets(m.dns.resolver())}})
+    fred = await mesh.attach(FRED)
+    gone = [f"someone@d{i}.nowhere.test" for i in range(3)]
+    globalLogPublisher.addObserver(tracebacks)
+    try:
+        trans_id = await mesh.send(fred, [*gone, BARNEY])
+        await mesh.settle()
+    finally:
+        globalLogPublisher.removeObserver(tracebacks)
+
+    found = outcome(fred, trans_id)
+    for recipient in gone:
+        domain = recipient.split("@")[1]
+        reason = f"DNS lookup failed: cannot query {domain}: Too many open files"
+        assert found[recipient] == (451, f"no route to {domain}: {reason}")
+    assert found[BARNEY][0] == 450  # b.test was routed: barney is just not attached
+    assert not failures, [formatEvent(e) for e in failures]
+    failed = named(events, "apex.route-failed")
+    assert sorted((e["domain"], e["permanent"]) for e in failed) == [
+        (r.split("@")[1], False) for r in gone
+    ]
+    assert named(events, "apex.internal-error") == []
     mesh.assert_exactly_once()
 
 

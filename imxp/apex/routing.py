@@ -24,7 +24,7 @@ import ipaddress
 import random
 import socket
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,20 @@ EDGE_SERVICE = "_apex-edge._tcp"
 MESH_PORT = 912  # RFC 3340 §8.2
 EDGE_PORT = 913  # RFC 3340 §8.3
 
+#: Lookups of uncached domains a Router has under way at once; the others wait their turn.
+#: twisted.names opens a UDP socket per query, and a lookup has at most two queries out at
+#: once (A and AAAA of an implicit route): at most 64 sockets, a sixteenth of the 1024
+#: descriptors a service gets by default, the rest being left to the sessions. A resolver
+#: answering in 50 ms still completes some 300 lookups a second (SRV, then A and AAAA),
+#: and the usual data's domain is in the cache and waits for none.
+MAX_LOOKUPS = 32
+#: The longest the router waits for one query. twisted.names gives up by itself after
+#: 1+3+11+45 = 60 s, so this only ends a query that will never be answered: one the
+#: resolver joined to an earlier query of the same name that it could not send (it keeps
+#: that one waiting for ever), or a resolver's bug. Without it, such a query would hold
+#: one of the MAX_LOOKUPS for good, and its domain's data would wait for ever.
+QUERY_TIMEOUT = 90.0
+
 log = logs.Logger(namespace="imxp.apex.routing")
 
 
@@ -77,6 +91,15 @@ class Target:
     def address(self) -> str:
         """``host:port``, with an IPv6 address in brackets."""
         return host_port(self.host, self.port)
+
+
+class _NotAsked(Exception):
+    """The resolver could not send a query: it raised instead of answering with a
+    Deferred (twisted.names does when it cannot open a socket, e.g. EMFILE)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class NoRoute(Exception):
@@ -142,7 +165,9 @@ class Router:
     records (implicit routes, permanent failures) for ``negative_ttl``; temporary failures
     not at all, so that delivery resumes as soon as DNS does. At most ``max_cache`` domains
     are kept, the least recently used going first. Concurrent lookups for one domain share
-    one query.
+    one query; at most ``max_lookups`` domains are looked up at once, the others waiting
+    their turn (a data may name a thousand domains), and no query is waited for longer
+    than ``query_timeout`` seconds.
     """
 
     def __init__(
@@ -157,6 +182,8 @@ class Router:
         rng: random.Random | None = None,
         negative_ttl: float = 60.0,
         max_cache: int = 10_000,
+        max_lookups: int = MAX_LOOKUPS,
+        query_timeout: float = QUERY_TIMEOUT,
     ) -> None:
         """``resolver`` defaults to ``twisted.names.client.createResolver()`` (hosts file,
         cache, the servers of resolv.conf). Raises ValueError for a malformed static route or
@@ -191,6 +218,8 @@ class Router:
         self._max_cache = max_cache
         self._cache: OrderedDict[str, _Answer] = OrderedDict()
         self._pending: dict[str, list[Deferred[_Answer]]] = {}
+        self._lookups = defer.DeferredSemaphore(max_lookups)
+        self._query_timeout = query_timeout
         # What _configured made of each domain: the configuration does not change, and a
         # relay routes every data it forwards. Bounded like the answer cache.
         self._rules: dict[str, tuple[str, Target | None, str]] = {}
@@ -335,8 +364,12 @@ class Router:
         d: Deferred[_Answer] = Deferred()
         waiting.append(d)
         if len(waiting) == 1:
-            defer.ensureDeferred(self._lookup(name)).addBoth(self._settle, name)
+            # Started now if fewer than max_lookups are under way, else when one ends.
+            self._lookups.run(self._start_lookup, name).addBoth(self._settle, name)
         return d
+
+    def _start_lookup(self, name: str) -> Deferred[_Answer]:
+        return defer.ensureDeferred(self._lookup(name))
 
     def _settle(self, result: _Answer | Failure, name: str) -> None:
         if isinstance(result, Failure):
@@ -356,7 +389,7 @@ class Router:
         """Ask DNS: the SRV set of RFC 2782 ("Usage rules"), else the implicit route."""
         qname = f"{self._service}.{name}"
         try:
-            answers, _authority, _additional = await self._dns().lookupService(qname)
+            answers, _authority, _additional = await self._ask(self._dns().lookupService, qname)
         except Exception as e:
             if not _nonexistent(e):
                 return self._failure(name, _dns_reason(e, qname), permanent=False)
@@ -388,8 +421,12 @@ class Router:
         implicit MX, RFC 5321 §5.1), so that a misspelt domain fails now, permanently,
         instead of as a connection failure retried for days."""
         resolver = self._dns()
-        # Both queries are started before either is awaited, so they run in parallel.
-        queries = [resolver.lookupAddress(name), resolver.lookupIPV6Address(name)]
+        # Both queries are started before either is awaited, so they run in parallel; each
+        # is awaited, whatever became of the other.
+        queries = [
+            self._ask(resolver.lookupAddress, name),
+            self._ask(resolver.lookupIPV6Address, name),
+        ]
         found = False
         errors: list[Exception] = []
         for query in queries:
@@ -408,6 +445,35 @@ class Router:
         if len(errors) == len(queries):
             return self._failure(name, "no such domain", permanent=True)
         return self._failure(name, "no SRV and no address records", permanent=True)
+
+    def _ask(self, lookup: Callable[[str], Deferred[Any]], qname: str) -> Deferred[Any]:
+        """``lookup(qname)``, failing with :class:`_NotAsked` rather than raising when the
+        query cannot be sent, and with a TimeoutError after ``query_timeout``."""
+        try:
+            query = lookup(qname)
+        except Exception as e:
+            return defer.fail(_NotAsked(e))
+        if query.called:
+            return query  # answered at once (a hosts file, a cache): nothing to time
+        answer: Deferred[Any] = Deferred()
+
+        def give_up() -> None:
+            answer.errback(defer.TimeoutError(f"no answer for {qname}"))
+
+        timer = self._clock.callLater(self._query_timeout, give_up)
+
+        def answered(result: object) -> None:
+            # Consumed here in any case: a query given up on must not end, later, as an
+            # "Unhandled error in Deferred".
+            if timer.active():
+                timer.cancel()
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+
+        query.addBoth(answered)
+        return answer
 
     def _failure(
         self,
@@ -514,6 +580,15 @@ def _nonexistent(e: Exception) -> bool:
 
 
 def _dns_reason(e: Exception, qname: str) -> str:
+    if isinstance(e, _NotAsked):
+        # Our side's trouble (out of sockets, say), not the domain's: temporary.
+        cause = e.cause
+        socket_error = getattr(cause, "socketError", None)
+        if isinstance(socket_error, OSError) and socket_error.strerror:
+            detail = socket_error.strerror
+        else:
+            detail = str(cause) or type(cause).__name__
+        return f"DNS lookup failed: cannot query {qname}: {detail}"
     if isinstance(e, defer.TimeoutError):
         return f"DNS timeout looking up {qname}"
     if isinstance(e, dns_error.DNSServerError):
@@ -583,9 +658,15 @@ def is_ip_address(host: str) -> bool:
 
 async def _addresses(resolver: IResolver, host: str) -> list[str]:
     """The A then AAAA addresses of ``host``; none when both lookups fail or are empty."""
-    results = await defer.DeferredList(
-        [resolver.lookupAddress(host), resolver.lookupIPV6Address(host)], consumeErrors=True
-    )
+    queries: list[Deferred[Any]] = []
+    for lookup in (resolver.lookupAddress, resolver.lookupIPV6Address):
+        # A query that cannot be sent (twisted.names raises then) fails like one that is
+        # not answered, and leaves the other one awaited rather than orphaned.
+        try:
+            queries.append(lookup(host))
+        except Exception:
+            queries.append(defer.fail())
+    results = await defer.DeferredList(queries, consumeErrors=True)
     addresses = []
     for ok, result in results:
         if not ok:
