@@ -401,9 +401,9 @@ class Config:
     max_queued: int = _option(
         16777216,
         "Octets that may wait to be written to one endpoint or next-hop relay, held back by "
-        "its BEEP window while it does not read. Data for it beyond that is refused for "
-        "that recipient with 450, so that one peer that stops reading cannot fill the "
-        "relay's memory.",
+        "its BEEP window while it does not read, or while the connection to it is being "
+        "made. Data for it beyond that is refused for that recipient with 450, so that one "
+        "peer that stops reading, or never answers, cannot fill the relay's memory.",
         check=_positive,
     )
     max_channels: int = _option(

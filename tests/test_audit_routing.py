@@ -257,6 +257,118 @@ def test_a_next_hop_that_stops_reading_is_refused_data_beyond_max_queued() -> No
     assert busy.sent == 0
 
 
+class Connecting:
+    """Connection attempts that wait until the test ends them: ``up()`` makes the last
+    one a link, ``down()`` fails it."""
+
+    def __init__(self, channel: type[OkChannel] = OkChannel) -> None:
+        self.channel = channel
+        self.attempts: list[defer.Deferred[None]] = []
+        self.links: list[Link] = []
+
+    async def __call__(self, target: Target) -> Link:
+        attempt: defer.Deferred[None] = defer.Deferred()
+        self.attempts.append(attempt)
+        await attempt
+        link = Link(target, FakeSession(), self.channel())  # type: ignore[arg-type]
+        self.links.append(link)
+        return link
+
+    def up(self) -> Link:
+        self.attempts[-1].callback(None)
+        return self.links[-1]
+
+    def down(self) -> None:
+        self.attempts[-1].errback(LinkFailed(421, "cannot connect"))
+
+
+def data(octets: int) -> Message:
+    return Message(b"x" * octets)
+
+
+def test_data_for_a_next_hop_still_connecting_beyond_max_queued_is_refused_at_once() -> None:
+    """max_queued stops one next hop from filling the relay's memory, but only counted
+    what waits on a link that is up. A next hop that takes the TCP connection and never
+    greets had the relay take 800 data of 1000 KiB for it (RSS 50 -> 1619 MB), held until
+    their deadlines. What waits for the connection counts too: beyond max_queued a data is
+    refused with 450 at once, and those let in go on when the link comes up, in order."""
+    connect = Connecting()
+    pool = PeerPool(connect, task.Clock(), max_queued=1000)
+    waiting = [pool.send([FIRST], data(400), 60.0) for _ in range(3)]  # 0, 400, 800 wait
+
+    refused = pool.send([FIRST], data(400), 60.0)
+    assert refused.called, "the data waits with more than max_queued octets before it"
+    assert refused.result == Verdict(
+        450, "relay1.b.test:912 is not connected yet: 1200 octets wait for it"
+    )
+    assert not any(d.called for d in waiting)
+    assert len(connect.attempts) == 1
+
+    link = connect.up()
+    assert [d.result for d in waiting] == [Verdict(250, hop=FIRST.address)] * 3
+    assert link.channel.sent == 3  # type: ignore[attr-defined]
+
+
+def test_data_waiting_to_try_a_next_hop_again_count_against_max_queued() -> None:
+    """Between attempts (backoff) a data waits for the next hop as much as during one."""
+    connect = Connecting()
+    clock = task.Clock()
+    pool = PeerPool(connect, clock, max_queued=1000)
+    waiting = [pool.send([FIRST], data(600), 60.0) for _ in range(2)]
+    connect.down()  # both wait to try again
+    assert not any(d.called for d in waiting)
+
+    refused = pool.send([FIRST], data(600), 60.0)
+    assert refused.called
+    assert refused.result.code == 450
+    assert "1200 octets wait" in refused.result.text
+
+    next_wake(clock)
+    connect.up()
+    assert [d.result for d in waiting] == [Verdict(250, hop=FIRST.address)] * 2
+
+
+class SlowChannel(OkChannel):
+    """Answers each data with ok when the test says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[defer.Deferred[Message]] = []
+
+    def send(self, message: Message) -> defer.Deferred[Message]:
+        self.sent += 1
+        self.answers.append(defer.Deferred())
+        return self.answers[-1]
+
+
+def test_octets_waiting_for_a_next_hop_count_until_sent_or_given_their_verdict() -> None:
+    connect = Connecting(SlowChannel)
+    pool = PeerPool(connect, task.Clock(), max_queued=1000)
+
+    def fill() -> list[defer.Deferred[Verdict]]:
+        """Two data of 600 octets let in to wait; a third refused."""
+        let_in = [pool.send([FIRST], data(600), 60.0) for _ in range(2)]
+        assert not any(d.called for d in let_in)
+        refused = pool.send([FIRST], data(600), 60.0)
+        assert refused.called and refused.result.code == 450
+        return let_in
+
+    # Given their verdicts (here their deadlines, while connecting): counted no more.
+    for d in fill():
+        d.cancel()
+        assert d.result.code == 421
+    # Sent on the link that came up (their answers still to come): counted no more.
+    second = fill()
+    link = connect.up()
+    assert link.channel.sent == 2  # type: ignore[attr-defined]
+    link.session._gone = True  # type: ignore[attr-defined]
+    fill()  # wait for a new connection: from nothing again
+    assert len(connect.attempts) == 3
+    for answer in link.channel.answers:  # type: ignore[attr-defined]
+        answer.callback(wire.encode(wire.OK()))
+    assert [d.result.code for d in second] == [250, 250]
+
+
 @pytest_twisted.ensureDeferred
 async def test_defect_service_not_available_is_cached_no_longer_than_its_ttl(dns_server):
     """RFC 2782: a lone SRV record with target "." says the service is not available; that

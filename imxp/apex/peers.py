@@ -12,7 +12,8 @@ written (:class:`~imxp.beep.session.NotSent`), which is retried. A next hop
 that is going away (421, or closing the session) gets nothing more on that
 session, so that its release completes with every data on it answered. Data
 for a next hop with no link yet share one connection attempt and go on in the
-order they came, as data on a link do.
+order they came, as data on a link do. What waits for a next hop, on its link's
+queue or for a link to it, is bounded by ``max_queued``.
 """
 
 from __future__ import annotations
@@ -124,6 +125,32 @@ class _Attempt:
                     d.callback(outcome)
 
 
+class _Unsent:
+    """One data's octets while it waits for a next hop with no link to take it (on a
+    connection attempt, or between attempts), counted for that next hop in ``totals``."""
+
+    __slots__ = ("key", "size", "totals")
+
+    def __init__(self, totals: dict[tuple[str, int, str], int], size: int) -> None:
+        self.totals = totals
+        self.size = size
+        self.key: tuple[str, int, str] | None = None
+
+    def wait_for(self, key: tuple[str, int, str] | None) -> None:
+        """Count it for ``key`` from now on; None: it waits for no next hop any more."""
+        if key == self.key:
+            return
+        if self.key is not None:
+            left = self.totals.get(self.key, 0) - self.size
+            if left > 0:
+                self.totals[self.key] = left
+            else:
+                del self.totals[self.key]
+        if key is not None:
+            self.totals[key] = self.totals.get(key, 0) + self.size
+        self.key = key
+
+
 class PeerPool:
     """The links of one relay to its next hops."""
 
@@ -143,6 +170,9 @@ class PeerPool:
         self._max_queued = max_queued
         self._links: dict[tuple[str, int, str], Link] = {}
         self._connecting: dict[tuple[str, int, str], _Attempt] = {}
+        # Octets of the data waiting for each next hop with no link to take them. Once
+        # sent, a data counts in its link's channel's queued_bytes instead.
+        self._unsent: dict[tuple[str, int, str], int] = {}
         self._closing = False
         # Sends waiting to try again: ended at once when the pool closes.
         self._waits: set[Deferred[None]] = set()
@@ -270,7 +300,25 @@ class PeerPool:
         last: Verdict = _UNREACHABLE,
     ) -> Verdict:
         """Try ``targets`` in turn (the first ``skip`` of them already tried), again and
-        again with backoff until ``deadline``."""
+        again with backoff until ``deadline``.
+
+        While ``message`` waits for a next hop with no link, it counts against that next
+        hop's ``max_queued``: between attempts, against the first choice, tried next."""
+        unsent = _Unsent(self._unsent, len(message.body))
+        try:
+            return await self._try(targets, message, deadline, skip, last, unsent)
+        finally:
+            unsent.wait_for(None)
+
+    async def _try(
+        self,
+        targets: list[Target],
+        message: Message,
+        deadline: float,
+        skip: int,
+        last: Verdict,
+        unsent: _Unsent,
+    ) -> Verdict:
         delay = self._first_retry
         while True:
             tried = refused = 0
@@ -278,6 +326,11 @@ class PeerPool:
                 if self._closing:
                     return last
                 tried += 1
+                key = self._key(target)
+                if self._usable(key) is None:
+                    crowded = self._crowded(target, key, unsent)
+                    if crowded is not None:
+                        return crowded
                 try:
                     link = await self._link(target)
                 except LinkFailed as e:
@@ -291,6 +344,7 @@ class PeerPool:
                     # The deadline or the stop, while connecting: no next hop has the
                     # data, so its outcome is known - not handed on - and ``last`` says why.
                     return last
+                unsent.wait_for(None)  # sent now, or refused: the link's queue counts it
                 backlog = self._backlog(link)
                 if backlog is not None:
                     return backlog
@@ -310,6 +364,10 @@ class PeerPool:
             skip = 0
             if self._clock.seconds() + delay > deadline:
                 return last
+            if targets:
+                crowded = self._crowded(targets[0], self._key(targets[0]), unsent)
+                if crowded is not None:
+                    return crowded
             wait = task.deferLater(self._clock, delay, lambda: None)
             self._waits.add(wait)
             try:
@@ -329,6 +387,23 @@ class PeerPool:
         if queued <= self._max_queued:
             return None
         return Verdict(450, f"{link.target.address} is not reading: {queued} octets wait for it")
+
+    def _crowded(
+        self, target: Target, key: tuple[str, int, str], unsent: _Unsent
+    ) -> Verdict | None:
+        """``unsent`` is to wait for ``target``, which has no link to take it: 450 when
+        more than ``max_queued`` octets already do, else it is counted for ``target``. A
+        next hop that takes the TCP connection and never greets would otherwise have this
+        relay hold all data for its domain until their deadlines. A data that waits
+        already (for another of the domain's relays, or to try again after a failed
+        attempt) was let in then, and is not refused on moving."""
+        if unsent.key is None:
+            waiting = self._unsent.get(key, 0)
+            if waiting > self._max_queued:
+                text = f"{target.address} is not connected yet: {waiting} octets wait for it"
+                return Verdict(450, text)
+        unsent.wait_for(key)
+        return None
 
     def _judge(self, failure: Failure, target: Target, link: Link) -> tuple[Verdict, bool]:
         """What sending on ``link`` failing with ``failure`` says, and whether that is final."""
