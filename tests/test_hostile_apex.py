@@ -563,6 +563,31 @@ async def test_only_an_ok_from_the_application_is_a_delivery(
 
 
 @pytest_twisted.ensureDeferred
+async def test_data_reported_undelivered_to_a_stalled_application_never_reaches_it(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """An application that stops reading (a process stopped, a laptop asleep): the data
+    its window does not take wait in the relay's queue. At the deadline the originator is
+    told 451; those still waiting were delivered all the same once it read again, so a
+    sender that tried again had them twice. Its session is dropped instead: what was
+    never sent is never delivered, and the report says so."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    wilma.session.transport.pauseProducing()  # it reads nothing more, nor opens its window
+    bodies = [bytes([65 + n]) * 40_000 for n in range(3)]
+    for n, body in enumerate(bodies):
+        await send(fred, [WILMA], [status(90 + n)], body=body)
+    await fred.wait("reports", 3, timeout=5.0)
+    assert reported(fred, 90) == reported(fred, 91) == reported(fred, 92) == {WILMA: [451]}
+    assert [e["identity"] for e in named(events, "apex.endpoint-dropped")] == [WILMA]
+
+    wilma.session.transport.resumeProducing()
+    await sleep(0.5)
+    assert bodies[2] not in [d.content.body for d in wilma.data if d.content is not None]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_long_diagnostic_from_a_next_hop_does_not_lose_the_report(
     mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,7 @@ from imxp.beep.session import (
     BEEPError,
     Channel,
     ChannelHandler,
+    NotSent,
     Profile,
     Request,
     Session,
@@ -458,7 +459,7 @@ class Relay:
                 data.originator, [recipient], data.options, data.content_ref, data.content
             )
             message = wire.encode(one)
-        return self._answer(channel.channel.send(message), journey, identity)
+        return self._answer(channel.channel, message, journey, identity)
 
     def _to_service(self, journey: _Journey, endpoint: Endpoint) -> tuple[int, str]:
         """Data for a well-known endpoint of this domain (§6)."""
@@ -610,9 +611,11 @@ class Relay:
         return None
 
     def _answer(
-        self, sending: defer.Deferred[Message], journey: _Journey, identity: str
+        self, channel: Channel, message: Message, journey: _Journey, identity: str
     ) -> defer.Deferred[None]:
-        """The application's answer to a data handed to it, as ``identity``'s verdict."""
+        """The application's answer to a data handed to it on ``channel``, as
+        ``identity``'s verdict."""
+        sending = channel.send(message)
         self._deadlines.watch(sending)
 
         def answered(result: Message | list[Message] | Failure) -> Failure | None:
@@ -629,7 +632,10 @@ class Relay:
                     text = f"endpoint refused it with code {code}, which no refusal has: {text}"
                     code = 554
             elif result.check(defer.CancelledError):
-                code, text = 451, "endpoint did not answer in time"
+                code, text = 451, "endpoint did not answer in time; outcome unknown"
+                self._drop_unanswering(channel, identity)
+            elif result.check(NotSent):
+                code, text = 451, "endpoint's session was lost before it was sent; not delivered"
             elif result.check(SessionClosed):
                 code, text = 451, "endpoint's session was lost; outcome unknown"
             else:
@@ -638,6 +644,22 @@ class Relay:
             return None
 
         return sending.addBoth(answered)
+
+    def _drop_unanswering(self, channel: Channel, identity: str) -> None:
+        """An application answered no data to ``identity`` by its deadline. Replies come
+        in order (RFC 3080 §2.6.1): whatever was sent it after waits as long, and what
+        waits unsent would be delivered once it reads again, after its originator was
+        told 451. Its session is dropped: data not yet sent is then never delivered
+        (NotSent), and the application, when it is back, attaches again."""
+        session = channel.session
+        if session._gone:
+            return
+        self.log.warn(
+            "{identity} answered no data in time: dropping its session",
+            identity=identity,
+            event="apex.endpoint-dropped",
+        )
+        session.disconnect()
 
     def _verdict(
         self, journey: _Journey, identity: str, code: int, text: str, *, final: bool
