@@ -789,6 +789,22 @@ async def test_reconnects_and_reattaches_after_a_relay_restart(
 
 
 @pytest_twisted.ensureDeferred
+async def test_sends_that_give_up_during_an_outage_are_not_kept(net: Net) -> None:
+    """A gateway sending on while its relay is down: each send ends 421, not sent, at its
+    timeout, and leaves nothing behind (20,000 such sends were all kept until the
+    connection came back, and for ever when it did not)."""
+    old = await net.start("a.test")
+    fred = await net.connect(FRED, relay=f"127.0.0.1:{old.port('edge')}")
+    await old.service.stopService()
+    await until(lambda: not fred.connected)
+
+    outcomes = [await fred.send([WILMA], b"anyone?", timeout=0.05) for _ in range(20)]
+
+    assert {o[WILMA].code for o in outcomes} == {421}
+    assert fred._waiting == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_without_reconnect_a_lost_connection_ends_the_client(net: Net) -> None:
     fred = await net.connect(FRED, reconnect=False)
     consuming, errors = until_it_ends(fred)

@@ -553,7 +553,9 @@ class Client:
         self._wanted: list[str] = [endpoint]
         self._connection: _Connection | None = None
         self._pending: dict[int, _Pending] = {}
-        self._waiting: list[defer.Deferred[_Connection]] = []
+        # Those waiting for a connection, in the order they came (a dict as ordered set:
+        # one that gives up, a send's timeout during an outage, leaves at once).
+        self._waiting: dict[defer.Deferred[_Connection], None] = {}
         self._inboxes: list[_Inbox] = []
         # Data nobody has taken yet, unanswered, oldest first.
         self._unclaimed: deque[_Unclaimed] = deque()
@@ -894,7 +896,7 @@ class Client:
         if self._sleep is not None:
             self._sleep.cancel()
         connection, self._connection = self._connection, None
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = self._waiting, {}
         for d in waiting:
             if not d.called:
                 d.errback(_Closed())
@@ -1149,7 +1151,7 @@ class Client:
             endpoints=list(connection.attached.values()),
             event="client.connected",
         )
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = self._waiting, {}
         for d in waiting:
             if not d.called:
                 d.callback(connection)
@@ -1216,7 +1218,7 @@ class Client:
             event="client.failed",
         )
         self._failure = failure
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = self._waiting, {}
         for d in waiting:
             if not d.called:
                 d.errback(failure.copy())
@@ -1237,8 +1239,8 @@ class Client:
             return defer.fail(self._failure.copy())
         if self._closing:
             return defer.fail(_Closed())
-        d: defer.Deferred[_Connection] = defer.Deferred()
-        self._waiting.append(d)
+        d: defer.Deferred[_Connection] = defer.Deferred(lambda d: self._waiting.pop(d, None))
+        self._waiting[d] = None
         return d
 
     # -- receiving (RFC 3340 §4.4.3, §4.4.4.2, §6.2) ------------------------------------
