@@ -551,6 +551,21 @@ async def test_data_a_loop_left_unread_goes_to_the_next_iterator(net: Net, event
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_iterator_dropped_before_its_first_step_keeps_nothing(net: Net) -> None:
+    """``it = client.incoming()`` and then no loop after all: what it was given, answered
+    250, stayed with it, read by nobody, and no later iterator got it."""
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY)
+    dropped = barney.incoming()
+    assert codes(await fred.send([BARNEY], b"for whoever reads")) == {BARNEY: 250}
+    del dropped
+
+    again = barney.incoming()
+    arrived = await defer.ensureDeferred(anext(again)).addTimeout(5, reactor)
+    assert arrived.body == b"for whoever reads"
+
+
+@pytest_twisted.ensureDeferred
 async def test_what_a_loop_left_unread_goes_only_to_iterators_that_lack_it(net: Net) -> None:
     """Two iterators: one made before the data came, one after. When the first ends
     unread, the second gets what came before it was made, and nothing twice."""

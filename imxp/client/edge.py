@@ -866,7 +866,11 @@ class Client:
                 waiting.claimed()
                 inbox.put(waiting.arrival, waiting.incoming)
                 waiting.answer.callback(wire.OK())
-        return self._drain(inbox)
+        iterator = self._drain(inbox)
+        # One dropped before its first step never runs _drain's finally: what it was
+        # given, answered 250, would stay with it, read by nobody.
+        weakref.finalize(iterator, self._forsaken, inbox).atexit = False
+        return iterator
 
     def ended(self) -> defer.Deferred[None]:
         """Fires once :meth:`close` has finished, and fails with :class:`ClientError` once
@@ -1477,10 +1481,14 @@ class Client:
                     return
                 yield item
         finally:
-            if inbox in self._inboxes:
-                self._inboxes.remove(inbox)
-                if inbox.items and not self._closing:
-                    self._left_unread(list(inbox.items))
+            self._forsaken(inbox)
+
+    def _forsaken(self, inbox: _Inbox) -> None:
+        """An iterator ended, or was dropped: what it did not read goes on to others."""
+        if inbox in self._inboxes:
+            self._inboxes.remove(inbox)
+            if inbox.items and not self._closing:
+                self._left_unread(list(inbox.items))
 
     def _left_unread(self, left: list[tuple[int, Incoming]]) -> None:
         """An iterator left by ``break`` (a bot's "quit") or an exception had not read
