@@ -6,13 +6,16 @@ import base64
 import os
 import re
 import stat
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_twisted
 from scramp import ScramMechanism
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure as TwistedFailure
 
@@ -22,6 +25,7 @@ from imxp.beep.users import (
     RECHECK_SECONDS,
     ExternalChecker,
     FailureThrottle,
+    Throttled,
     UserStore,
     UserStoreError,
     derive_keys,
@@ -358,6 +362,33 @@ def test_configured_decoy_secret(path):
 # ------------------------------------------------------------------------- ExternalChecker
 
 
+@pytest_twisted.ensureDeferred
+async def test_password_hashing_can_leave_the_reactor_thread(path, monkeypatch):
+    """A relay's store runs the PBKDF2 of a PLAIN login in the reactor's threads: in the
+    reactor thread, a flood of guesses held up every session. The outcome is the same."""
+    from twisted.internet import reactor
+
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    threads: list[int] = []
+    real = users_module.derive_keys
+
+    def derive(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(users_module, "derive_keys", derive)
+    store.hash_in_threads(reactor)
+    d = store.requestAvatarId(UsernamePassword(b"alice", PASSWORD.encode()))
+    assert not d.called  # answered from the thread in a later turn of the reactor
+    assert await d == "alice"
+    with pytest.raises(UnauthorizedLogin):
+        await store.requestAvatarId(UsernamePassword(b"alice", b"wrong"))
+    with pytest.raises(UnauthorizedLogin):  # SASLprep refuses the password, in the thread
+        await store.requestAvatarId(UsernamePassword(b"alice", "pass\u0007word".encode()))
+    assert len(threads) == 3 and threading.get_ident() not in threads
+
+
 def test_external_checker_policies():
     assert outcome(ExternalChecker().requestAvatarId(ExternalIdentity("a.test"))) == "a.test"
     allowed = ExternalChecker({"a.test"})
@@ -402,21 +433,83 @@ def test_throttle_success_resets():
     throttle.succeeded("192.0.2.99")  # unknown addresses are fine
 
 
-def test_throttle_forgets_after_quiet_period():
+def test_throttle_forgets_one_failure_per_quiet_period():
     clock = Clock()
-    throttle = FailureThrottle(clock, forget_after=600)
+    throttle = FailureThrottle(clock, forget_after=60)
     throttle.failed("192.0.2.1")
     throttle.failed("192.0.2.1")
-    clock.advance(599)
+    clock.advance(59)
     assert throttle.delay_for("192.0.2.1") == 2.0
-    throttle.failed("192.0.2.1")  # the window restarts at each failure
-    clock.advance(599)
+    throttle.failed("192.0.2.1")  # the period restarts at each failure
+    clock.advance(59)
     assert throttle.delay_for("192.0.2.1") == 4.0
     clock.advance(1)
+    assert throttle.delay_for("192.0.2.1") == 2.0
+    clock.advance(60)
+    assert throttle.delay_for("192.0.2.1") == 1.0
+    throttle.failed("192.0.2.1")  # counted from what is left: 1 + 1
+    assert throttle.delay_for("192.0.2.1") == 2.0
+    clock.advance(120)
     assert throttle.delay_for("192.0.2.1") == 0.0
     assert len(throttle) == 0
+
+
+def test_throttle_counts_failures_only_up_to_the_cap():
+    """So that a guesser who stops is forgotten within cap-many periods."""
+    clock = Clock()
+    throttle = FailureThrottle(clock, base=1.0, cap=30.0, forget_after=60)
+    for _ in range(100):
+        throttle.failed("192.0.2.1")
+    assert throttle.delay_for("192.0.2.1") == 30.0
+    clock.advance(60)
+    assert throttle.delay_for("192.0.2.1") == 16.0
+    clock.advance(5 * 60)
+    assert throttle.delay_for("192.0.2.1") == 0.0
+
+
+def turn_of(throttle: FailureThrottle, address: str) -> tuple[Deferred, list[Any]]:
+    """The turn asked for, and a list that holds its outcome once there is one."""
+    d = throttle.turn(address)
+    box: list[Any] = []
+    d.addBoth(box.append)
+    return d, box
+
+
+def test_throttle_turns_come_one_at_a_time_and_after_the_delay():
+    clock = Clock()
+    throttle = FailureThrottle(clock, base=1.0, cap=30.0)
+    _, first = turn_of(throttle, "192.0.2.1")
+    _, second = turn_of(throttle, "192.0.2.1")
+    _, elsewhere = turn_of(throttle, "192.0.2.2")
+    # A clean address goes at once, but one attempt at a time; other addresses meanwhile.
+    assert len(first) == 1 and second == [] and len(elsewhere) == 1
+    first[0](False)
+    clock.advance(0.999)
+    assert second == []
+    clock.advance(0.001)
+    assert len(second) == 1
+    second[0](None)  # no verdict (a challenge): the next need not wait
+    _, third = turn_of(throttle, "192.0.2.1")
+    assert len(third) == 1
+    third[0](True)  # success forgets the failures
+    elsewhere[0](None)
+    assert len(throttle) == 0
+
+
+def test_throttle_turns_refuse_beyond_the_waiting_room_and_can_be_given_up():
+    clock = Clock()
+    throttle = FailureThrottle(clock, max_waiting=2)
     throttle.failed("192.0.2.1")
-    assert throttle.delay_for("192.0.2.1") == 1.0
+    waiting = [turn_of(throttle, "192.0.2.1") for _ in range(4)]
+    assert [box for _, box in waiting[:2]] == [[], []]
+    refused = [box[0] for _, box in waiting[2:]]
+    assert all(isinstance(f, TwistedFailure) and f.check(Throttled) for f in refused)
+    # Counted so that a flood is logged once: the first refusal of a burst is 1.
+    assert [f.value.burst for f in refused] == [1, 2]
+    waiting[0][0].cancel()  # the session went: its place is given up
+    clock.advance(1)
+    assert waiting[0][1][0].check(CancelledError)
+    assert len(waiting[1][1]) == 1 and callable(waiting[1][1][0])
 
 
 def test_throttle_memory_is_bounded():
@@ -452,6 +545,8 @@ def test_throttle_rejects_bad_parameters():
         FailureThrottle(Clock(), max_addresses=0)
     with pytest.raises(ValueError):
         FailureThrottle(Clock(), forget_after=0)
+    with pytest.raises(ValueError):
+        FailureThrottle(Clock(), max_waiting=0)
 
 
 def test_a_running_store_sees_users_another_process_adds(tmp_path):

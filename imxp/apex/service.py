@@ -347,6 +347,8 @@ def build_relay(
     checkers: list[Any] = [users, ExternalChecker(policy.may_log_in_by_certificate)]
     if allow_anonymous:
         checkers.append(AllowAnonymousAccess())
+    # PBKDF2 for PLAIN logins in threads: in the reactor it would hold up every session.
+    users.hash_in_threads(reactor)
     throttle = FailureThrottle(reactor)
     sasl = sasl_profiles(
         list(sasl_mechanisms),

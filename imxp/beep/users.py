@@ -34,18 +34,19 @@ import secrets
 import stat
 import tempfile
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from scramp import ScramException
 from scramp.utils import saslprep
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from imxp import logs
@@ -59,12 +60,15 @@ from imxp.beep.saslmech import (
 __all__ = [
     "DEFAULT_ITERATIONS",
     "MAX_USERNAME_OCTETS",
+    "MAX_WAITING",
     "MIN_ITERATIONS",
     "RECHECK_SECONDS",
     "ExternalChecker",
     "FailureThrottle",
+    "Throttled",
     "UserStore",
     "UserStoreError",
+    "Verdict",
     "derive_keys",
     "prepare_username",
 ]
@@ -164,8 +168,9 @@ class UserStore:
     still lose one change; administration is expected to be serial.
 
     Checking a PLAIN password costs one PBKDF2 run (``iterations`` rounds, a few ms at the
-    default) in the calling thread; unknown users cost the same so that timing does not
-    reveal who exists.
+    default); unknown users cost the same so that timing does not reveal who exists. It
+    runs in the calling thread until :meth:`hash_in_threads` names a reactor whose threads
+    are to do it, as a relay's must: in the reactor it would hold up every session.
     """
 
     credentialInterfaces = (IUsernamePassword, ISCRAMCredentials)
@@ -191,7 +196,14 @@ class UserStore:
         # The secret line the file carries (or will carry from the next write).
         self._file_secret: bytes | None = None
         self._watchers: list[Callable[[frozenset[str]], None]] = []
+        self._hash: Callable[..., Deferred[StoredKeys]] = maybeDeferred
         self.reload()
+
+    def hash_in_threads(self, reactor: Any) -> None:
+        """From now on, run the PBKDF2 of password checks in ``reactor``'s thread pool
+        (an ``IReactorThreads``), not in the thread that asks. Only the hashing moves:
+        the file is read, and the result compared, in the reactor thread."""
+        self._hash = functools.partial(threads.deferToThreadPool, reactor, reactor.getThreadPool())
 
     @property
     def _secret(self) -> bytes:
@@ -458,14 +470,22 @@ class UserStore:
             secret = password.decode("utf-8") if isinstance(password, bytes) else password
             name = prepare_username(name)
             keys = self._fresh().get(name)
-            # Unknown users get the same PBKDF2 work as known ones.
-            reference = keys if keys is not None else self.decoy_keys(name)
-            candidate = derive_keys(secret, reference.salt, reference.iterations)
         except (UnicodeDecodeError, UserStoreError):
             return fail(UnauthorizedLogin("unusable username or password"))
-        if keys is not None and hmac.compare_digest(candidate.stored_key, keys.stored_key):
-            return succeed(name)
-        return fail(UnauthorizedLogin("bad username or password"))
+        # Unknown users get the same PBKDF2 work as known ones.
+        reference = keys if keys is not None else self.decoy_keys(name)
+
+        def compare(candidate: StoredKeys) -> str:
+            if keys is not None and hmac.compare_digest(candidate.stored_key, keys.stored_key):
+                return name
+            raise UnauthorizedLogin("bad username or password")
+
+        def unusable(failure: Any) -> NoReturn:
+            failure.trap(UserStoreError)  # the password fails SASLprep
+            raise UnauthorizedLogin("unusable username or password")
+
+        d = self._hash(derive_keys, secret, reference.salt, reference.iterations)
+        return d.addCallbacks(compare, unusable)
 
 
 @implementer(ICredentialsChecker)
@@ -498,14 +518,59 @@ class ExternalChecker:
         return fail(UnauthorizedLogin(f"identity {identity!r} not allowed"))
 
 
-class FailureThrottle:
-    """Slows down repeated authentication failures from one peer address.
+#: Attempts of one address that may wait their turn at a FailureThrottle by default: as many
+#: as the sessions a listener lets one address have before login, by default.
+MAX_WAITING = 32
 
-    ``delay_for(address)`` is 0 without recent failures, else ``base * 2**(n-1)`` capped at
-    ``cap`` for n failures, each within ``forget_after`` seconds of the one before. The glue
-    calls :meth:`failed` and then delays the failure reply by :meth:`delay_for`. Memory is
-    bounded: at most ``max_addresses`` are tracked, the longest-quiet evicted first. Pass
-    the host alone, not host and port, or each connection counts as a new peer.
+
+class Throttled(Exception):
+    """An attempt refused at once: too many from its peer address wait their turn
+    (:meth:`FailureThrottle.turn`). ``burst`` counts the refusals since one of the
+    address's attempts last had its turn, so that a flood can be logged once."""
+
+    def __init__(self, address: str, burst: int) -> None:
+        super().__init__(f"too many authentication attempts from {address} at once")
+        self.address = address
+        self.burst = burst
+
+
+#: What a turn is ended with: True the credentials were right, False wrong, None no
+#: verdict (a challenge, or nothing was checked).
+Verdict = bool | None
+
+
+class _Peer:
+    """What a :class:`FailureThrottle` knows of one peer address."""
+
+    __slots__ = ("busy", "failures", "last", "refused", "timer", "waiting")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last = 0.0  # when the last failure was
+        self.busy = False  # an attempt has its turn
+        self.waiting: deque[Deferred[Callable[[Verdict], None]]] = deque()
+        self.timer: IDelayedCall | None = None
+        self.refused = 0
+
+
+class FailureThrottle:
+    """Paces the authentication attempts of one peer address by its recent failures.
+
+    Before the glue checks an attempt it waits for the address's :meth:`turn`, and ends
+    the turn with the verdict. The attempts of one address are checked one at a time, and
+    after n failures the next no sooner than ``min(cap, base * 2**(n-1))`` seconds after
+    the last: the delay comes before the work, so that attempts sent in parallel, on one
+    session or on many, gain nothing. Meanwhile up to ``max_waiting`` attempts wait their
+    turn, in order; more are refused at once (:class:`Throttled`).
+
+    Failures decay: one is forgotten for every ``forget_after`` seconds without a new one,
+    so that a user who mistyped is soon back to no delay, while a guesser at full speed
+    stays at ``cap``, which is then the guessing rate of one address (n counts no higher
+    than where the delay reaches ``cap``). A success forgets them all.
+
+    Memory is bounded: at most ``max_addresses`` are tracked, the longest-quiet evicted
+    first (attempts waiting there are refused). Pass the host alone, not host and port,
+    or each connection counts as a new peer (the glue passes the IPv6 /64).
     """
 
     def __init__(
@@ -513,48 +578,154 @@ class FailureThrottle:
         clock: IReactorTime,
         base: float = 1.0,
         cap: float = 30.0,
-        forget_after: float = 600.0,
+        forget_after: float = 60.0,
         max_addresses: int = 10_000,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
-        if base < 0 or cap < 0 or forget_after <= 0 or max_addresses < 1:
+        if base < 0 or cap < 0 or forget_after <= 0 or max_addresses < 1 or max_waiting < 1:
             raise ValueError("bad throttle parameters")
         self._clock = clock
         self.base = base
         self.cap = cap
         self.forget_after = forget_after
         self.max_addresses = max_addresses
-        # address -> (failures, time of the last one); ordered oldest last failure first.
-        self._entries: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.max_waiting = max_waiting
+        # Failures are counted no further than where the delay reaches the cap.
+        self._most = 1
+        while self._most < 64 and base * 2.0 ** (self._most - 1) < cap:
+            self._most += 1
+        # address -> what we know; ordered longest-quiet first.
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._peers)
+
+    # -- counting --------------------------------------------------------------------------
+
+    def _failures(self, peer: _Peer, now: float) -> int:
+        if not peer.failures:
+            return 0
+        quiet = max(0.0, now - peer.last)  # the reactor's clock may be set back
+        return max(0, peer.failures - int(quiet // self.forget_after))
+
+    def _delay(self, failures: int) -> float:
+        if not failures:
+            return 0.0
+        return min(self.cap, self.base * 2.0 ** (failures - 1))
+
+    def _idle(self, peer: _Peer, now: float) -> bool:
+        return not (peer.busy or peer.waiting or self._failures(peer, now))
 
     def _expire(self, now: float) -> None:
-        while self._entries:
-            address, (_, last) = next(iter(self._entries.items()))
-            if now - last < self.forget_after:
+        while self._peers:
+            address, peer = next(iter(self._peers.items()))
+            if not self._idle(peer, now):
                 break
-            del self._entries[address]
+            del self._peers[address]
+
+    def _touch(self, address: str, now: float) -> _Peer:
+        """The entry of ``address``, made the most recent; others evicted past the bound."""
+        self._expire(now)
+        peer = self._peers.pop(address, None) or _Peer()
+        self._peers[address] = peer
+        while len(self._peers) > self.max_addresses:
+            evicted, old = self._peers.popitem(last=False)
+            self._evicted(evicted, old)
+        return peer
+
+    def _evicted(self, address: str, peer: _Peer) -> None:
+        if peer.timer is not None and peer.timer.active():
+            peer.timer.cancel()
+        peer.timer = None
+        waiting, peer.waiting = peer.waiting, deque()
+        for d in waiting:
+            peer.refused += 1
+            d.errback(Throttled(address, peer.refused))
+
+    def _drop_if_idle(self, address: str, peer: _Peer) -> None:
+        if self._peers.get(address) is peer and self._idle(peer, self._clock.seconds()):
+            if peer.timer is not None and peer.timer.active():
+                peer.timer.cancel()
+            del self._peers[address]
 
     def delay_for(self, address: str) -> float:
+        """The delay the failures of ``address`` impose now, counted from its last one."""
         now = self._clock.seconds()
         self._expire(now)
-        entry = self._entries.get(address)
-        if entry is None:
-            return 0.0
-        # The exponent is bounded in failed(), so this cannot overflow.
-        return min(self.cap, self.base * 2.0 ** (entry[0] - 1))
+        peer = self._peers.get(address)
+        return 0.0 if peer is None else self._delay(self._failures(peer, now))
 
     def failed(self, address: str) -> None:
         now = self._clock.seconds()
-        self._expire(now)
-        count = self._entries.pop(address, (0, now))[0]
-        self._entries[address] = (min(count + 1, 64), now)
-        while len(self._entries) > self.max_addresses:
-            self._entries.popitem(last=False)
+        peer = self._touch(address, now)
+        peer.failures = min(self._failures(peer, now) + 1, self._most)
+        peer.last = now
 
     def succeeded(self, address: str) -> None:
-        self._entries.pop(address, None)
+        peer = self._peers.get(address)
+        if peer is not None:
+            peer.failures = 0
+            self._drop_if_idle(address, peer)
+
+    # -- turns -----------------------------------------------------------------------------
+
+    def turn(self, address: str) -> Deferred[Callable[[Verdict], None]]:
+        """Fires when an attempt from ``address`` may be checked, with the function that
+        ends its turn: call it once, with the verdict (:data:`Verdict`).
+
+        Fails with :class:`Throttled` at once when ``max_waiting`` attempts wait already,
+        or later if the address is evicted meanwhile. Cancel it to give up the place.
+        """
+        now = self._clock.seconds()
+        peer = self._touch(address, now)
+        if len(peer.waiting) >= self.max_waiting:
+            peer.refused += 1
+            return fail(Throttled(address, peer.refused))
+
+        def withdraw(d: Deferred[Callable[[Verdict], None]]) -> None:
+            if d in peer.waiting:
+                peer.waiting.remove(d)
+                if not peer.waiting and peer.timer is not None and peer.timer.active():
+                    peer.timer.cancel()
+                self._drop_if_idle(address, peer)
+
+        d: Deferred[Callable[[Verdict], None]] = Deferred(withdraw)
+        peer.waiting.append(d)
+        self._next(address, peer)
+        return d
+
+    def _next(self, address: str, peer: _Peer) -> None:
+        """Give the first waiting attempt its turn, now or when the delay has passed."""
+        if peer.busy or not peer.waiting or self._peers.get(address) is not peer:
+            return
+        now = self._clock.seconds()
+        failures = self._failures(peer, now)
+        ready = min(peer.last, now) + self._delay(failures) if failures else now
+        if ready > now:
+            if peer.timer is None or not peer.timer.active():
+                peer.timer = self._clock.callLater(ready - now, self._next, address, peer)
+            return
+        peer.busy = True
+        peer.refused = 0
+        ended = False
+
+        def end(verdict: Verdict) -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            current = self._peers.get(address) is peer
+            if current:
+                peer.busy = False
+            if verdict is True:
+                self.succeeded(address)
+            elif verdict is False:
+                self.failed(address)
+            if current:
+                self._next(address, peer)
+                self._drop_if_idle(address, peer)
+
+        peer.waiting.popleft().callback(end)
 
 
 def _keep_owner(new: str, old: Path) -> None:
