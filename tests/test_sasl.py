@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 from beepnet import connect, listen, shutdown
-from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.checkers import AllowAnonymousAccess, ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure as TwistedFailure
 from twisted.test import iosim
+from zope.interface import implementer
 
 from imxp.beep import mgmt
 from imxp.beep.message import Message
@@ -449,67 +451,64 @@ def test_concurrent_exchanges_only_one_wins(store):
 # -- throttle and logout ---------------------------------------------------------------
 
 
-def test_failures_are_delayed_and_success_resets(store):
+def test_after_a_failure_the_next_attempt_waits_and_success_resets(store):
     clock = task.Clock()
     throttle = FailureThrottle(clock, base=1.0, cap=30.0)
-    profiles = sasl_profiles(
-        ALL, portal_for(store), scram_store=store, throttle=throttle, clock=clock
-    )
+    profiles = sasl_profiles(ALL, portal_for(store), scram_store=store, throttle=throttle)
     pair = Pair(profiles, clock=clock)
-    # The ERR to a wrong SCRAM proof waits base seconds after the first failure...
+    # A failure is answered at once...
+    error = failure(pair.run(authenticate(pair.I, ScramSHA256Client("alice", "wrong password"))))
+    assert error.code == 535
+    # ...and the next attempt is worked on base seconds later...
     d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", "wrong password")))
-    assert not d.called
     pair.advance(0.999)
     assert not d.called
     pair.advance(0.001)
     assert failure(d).code == 535
-    # ...and twice as long after the second.
-    d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", "wrong password")))
+    # ...the one after that twice as long after the second failure.
+    d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", PASSWORD)))
     pair.advance(1.999)
-    assert not d.called
+    assert pair.L.authenticated_identity is None
     pair.advance(0.001)
-    assert failure(d).code == 535
-    # Success is not delayed and forgets the address's failures.
-    result(pair.run(authenticate(pair.I, ScramSHA256Client("alice", PASSWORD))))
+    result(d)
+    assert pair.L.authenticated_identity == "alice"
+    # Success forgets the address's failures: a new connection starts afresh.
     assert throttle.delay_for(HOST) == 0
-    # A new connection from the same host starts from the base delay again.
+    assert len(throttle) == 0
     again = Pair(profiles, clock=clock)
     d = again.run(authenticate(again.I, ScramSHA256Client("alice", "wrong password")))
-    again.advance(0.999)
-    assert not d.called
-    again.advance(0.001)
     assert failure(d).code == 535
 
 
-def test_piggybacked_failure_is_delayed_per_host(store):
+def test_other_hosts_failures_do_not_delay_this_one(store):
     clock = task.Clock()
     throttle = FailureThrottle(clock, base=1.0, cap=30.0)
-    profiles = sasl_profiles(
-        ALL, portal_for(store), scram_store=store, throttle=throttle, clock=clock
-    )
+    profiles = sasl_profiles(ALL, portal_for(store), scram_store=store, throttle=throttle)
     for _ in range(3):
         throttle.failed("198.51.100.1")
     pair = Pair(profiles, clock=clock, tls=True)
     d = pair.run(authenticate(pair.I, PlainClient("alice", "wrong", tls_active=True)))
-    # Another host's failures do not count here: only this host's first delay.
-    assert not d.called
-    pair.advance(1.0)
     assert failure(d).code == 535
+    d = pair.run(authenticate(pair.I, PlainClient("alice", PASSWORD, tls_active=True)))
+    # Only this host's first failure counts here.
+    pair.advance(0.999)
+    assert not d.called
+    pair.advance(0.001)
+    result(d)
 
 
 def test_failures_count_against_the_ipv6_64_and_the_log_names_the_address(store):
     clock = task.Clock()
     throttle = FailureThrottle(clock, base=1.0, cap=30.0)
-    profiles = sasl_profiles(
-        ALL, portal_for(store), scram_store=store, throttle=throttle, clock=clock
-    )
+    profiles = sasl_profiles(ALL, portal_for(store), scram_store=store, throttle=throttle)
 
-    def first_delay(host: str) -> float:
+    def waited(host: str) -> float:
         pair = Pair(profiles, clock=clock, host=host)
         with capturedLogs() as events:
             d = pair.run(authenticate(pair.I, ScramSHA256Client("alice", "wrong password")))
             waited = 0.0
             while not d.called:
+                assert waited < 60, "never answered"
                 pair.advance(0.5)
                 waited += 0.5
         assert failure(d).code == 535
@@ -518,11 +517,233 @@ def test_failures_count_against_the_ipv6_64_and_the_log_names_the_address(store)
         return waited
 
     # A guesser hopping from address to address within its /64 meets a growing delay...
-    assert first_delay("2001:db8:1:2::a") == 1.0
-    assert first_delay("2001:db8:1:2::b") == 2.0
-    assert first_delay("2001:db8:1:2:ffff::c") == 4.0
+    assert waited("2001:db8:1:2::a") == 0.0
+    assert waited("2001:db8:1:2::b") == 1.0
+    assert waited("2001:db8:1:2:ffff::c") == 2.0
     # ...while another site's /64 starts afresh.
-    assert first_delay("2001:db8:1:3::a") == 1.0
+    assert waited("2001:db8:1:3::a") == 0.0
+
+
+# -- guessing is slowed before the work, not after it ---------------------------------
+
+
+@implementer(ICredentialsChecker)
+class CheckRecorder:
+    """Passes password checks to ``store``, noting when each was made; with ``park``,
+    holds each until the test lets it go (as a check in a thread takes its time)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, store: UserStore, clock: task.Clock, *, park: bool = False) -> None:
+        self.store = store
+        self.clock = clock
+        self.park = park
+        self.times: list[float] = []
+        self.parked: list[tuple[Any, defer.Deferred[Any]]] = []
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        self.times.append(self.clock.seconds())
+        if not self.park:
+            return self.store.requestAvatarId(credentials)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.parked.append((credentials, d))
+        return d
+
+    def release(self) -> None:
+        credentials, d = self.parked.pop(0)
+        self.store.requestAvatarId(credentials).chainDeferred(d)
+
+
+def plain_blob(password: str, username: str = "alice") -> bytes:
+    return b"<blob>" + b64(f"\0{username}\0{password}".encode()) + b"</blob>"
+
+
+def plain_guesser(store: UserStore, clock: task.Clock, **throttle: Any) -> Any:
+    """A PLAIN listener with a throttle on ``clock``, and what checks passwords for it."""
+    checker = CheckRecorder(store, clock, park=throttle.pop("park", False))
+    profiles = sasl_profiles(
+        ["PLAIN"], make_portal([checker]), throttle=FailureThrottle(clock, **throttle)
+    )
+    return profiles, checker, profiles[0].throttle
+
+
+@pytest.mark.parametrize("how", ["piggybacked on starts", "sent on open channels"])
+def test_attempts_sent_at_once_on_one_session_are_checked_one_at_a_time(store, how):
+    """The flood: guesses sent in parallel on one session's channels. One is checked;
+    each other one is refused unchecked with 450, "requested action not taken (e.g., lock
+    already in use)" (RFC 3080 §8), and the burst is logged once, not twice a guess."""
+    clock = task.Clock()
+    profiles, checker, _ = plain_guesser(store, clock, park=True)
+    pair = Pair(profiles, clock=clock, tls=True)
+    uri = profile_uri("PLAIN")
+    with capturedLogs() as events:
+        if how == "piggybacked on starts":
+            sent = [
+                pair.I.start_channel([mgmt.ProfileElement(uri, plain_blob(f"guess {i}"))])
+                for i in range(5)
+            ]
+        else:
+            channels = [pair.start("PLAIN") for _ in range(5)]
+            sent = [
+                c.send(Message(plain_blob(f"guess {i}"), mgmt.BEEP_XML))
+                for i, c in enumerate(channels)
+            ]
+        pair.advance(0)  # the listener yields to the reactor after frames_per_turn frames
+        assert len(checker.parked) == 1
+        checker.release()
+        pair.flush()
+    assert checker.times == [0.0]
+    if how == "piggybacked on starts":
+        codes = [error_of(result(d).start_reply)[0] for d in sent]
+    else:
+        codes = [failure(d).code for d in sent]
+    assert codes == [535, 450, 450, 450, 450]
+    assert [e["event"] for e in events if str(e.get("event")).startswith("beep.sasl")] == [
+        "beep.sasl-busy",
+        "beep.sasl-failure",
+    ]
+    # Once the one at work is answered, the session may try again (after the delay).
+    d = pair.run(authenticate(pair.I, PlainClient("alice", PASSWORD, tls_active=True)))
+    pair.advance(1.0)
+    checker.release()
+    pair.flush()
+    result(d)
+
+
+def test_a_password_sent_before_the_delay_has_passed_waits_for_it(store):
+    """The right password right behind a wrong one, without waiting for its answer: it
+    is checked, and accepted, only once the delay the failure caused has passed."""
+    clock = task.Clock()
+    profiles, checker, _ = plain_guesser(store, clock)
+    pair = Pair(profiles, clock=clock, tls=True)
+    guess = pair.run(authenticate(pair.I, PlainClient("alice", "wrong", tls_active=True)))
+    right = pair.run(authenticate(pair.I, PlainClient("alice", PASSWORD, tls_active=True)))
+    assert pair.L.authenticated_identity is None
+    assert checker.times == [0.0]
+    pair.advance(0.999)
+    assert pair.L.authenticated_identity is None
+    pair.advance(0.001)
+    assert pair.L.authenticated_identity == "alice"
+    assert checker.times == [0.0, 1.0]
+    result(right)
+    assert failure(guess).code == 535
+
+
+def test_guessing_rate_is_bounded_however_many_sessions_and_channels(store):
+    """A guesser with 8 sessions from one address, each sending five guesses at once,
+    and five more as soon as the first of them is answered: in a minute its passwords are
+    checked one at a time, each after the delay its failures so far impose (1 s,
+    doubling), as for a guesser who sends one at a time."""
+    clock = task.Clock()
+    profiles, checker, _ = plain_guesser(store, clock)
+    sessions = [Pair(profiles, clock=clock, tls=True) for _ in range(8)]
+    answered: list[defer.Deferred[Any] | None] = [None] * len(sessions)
+    guesses = 0
+    while clock.seconds() < 60:
+        for n, pair in enumerate(sessions):
+            last = answered[n]
+            if last is None or last.called:
+                answered[n] = None
+                for _ in range(5):
+                    guesses += 1
+                    client = PlainClient("alice", f"guess {guesses}", tls_active=True)
+                    d = pair.run(authenticate(pair.I, client))
+                    d.addErrback(lambda f: f.trap(BEEPError))
+                    answered[n] = answered[n] or d
+        clock.advance(0.25)
+        for pair in sessions:
+            pair.flush()
+    assert guesses > 10 * len(checker.times)
+    assert checker.times == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0]
+
+
+def test_failures_on_one_session_slow_the_other_sessions_of_the_address(store):
+    clock = task.Clock()
+    profiles, checker, _ = plain_guesser(store, clock)
+    guesser, user = (Pair(profiles, clock=clock, tls=True) for _ in range(2))
+    guess = guesser.run(authenticate(guesser.I, PlainClient("alice", "wrong", tls_active=True)))
+    login = user.run(authenticate(user.I, PlainClient("alice", PASSWORD, tls_active=True)))
+    assert user.L.authenticated_identity is None
+    user.advance(0.999)
+    assert user.L.authenticated_identity is None
+    user.advance(0.001)
+    assert user.L.authenticated_identity == "alice"
+    result(login)
+    guesser.flush()
+    assert failure(guess).code == 535
+    # Guesses sent at once on three sessions of another address: checked one at a time.
+    others = [Pair(profiles, clock=clock, tls=True, host="192.0.2.99") for _ in range(3)]
+    checker.times.clear()
+    start = clock.seconds()
+    sent = [p.run(authenticate(p.I, PlainClient("alice", "x", tls_active=True))) for p in others]
+    for _ in range(40):
+        clock.advance(0.25)
+        for p in others:
+            p.flush()
+    assert [t - start for t in checker.times] == [0.0, 1.0, 3.0]
+    assert [failure(d).code for d in sent] == [535, 535, 535]
+
+
+def test_a_user_who_mistyped_logs_in_after_the_short_first_delay(store):
+    """A person retypes the password once the mistyped one is refused: accepted one
+    second (the first delay) after the mistype. Failures decay, one a minute: someone who
+    mistyped five times and comes back three minutes later waits 4 s, not the cap."""
+    clock = task.Clock()
+    profiles = sasl_profiles(["PLAIN"], portal_for(store), throttle=FailureThrottle(clock))
+
+    def attempt(password: str) -> object:
+        """A login on a new session once the last one is answered: its error code, or ""."""
+        pair = Pair(profiles, clock=clock, tls=True)
+        start = clock.seconds()
+        d = pair.run(authenticate(pair.I, PlainClient("alice", password, tls_active=True)))
+        while not d.called:
+            assert clock.seconds() - start < 60, "never answered"
+            pair.advance(0.25)
+        d.addErrback(lambda f: f.trap(BEEPError) and f.value.code)
+        return result(d)
+
+    start = clock.seconds()
+    assert attempt("correct horse batery") == 535
+    assert attempt(PASSWORD) == ""
+    assert clock.seconds() - start == 1.0
+    # Five mistypes, a pause, one more, then the right one.
+    for _ in range(5):
+        assert attempt("correct horse batery") == 535
+    clock.advance(180)
+    start = clock.seconds()
+    assert attempt("correct horse batery") == 535
+    assert attempt(PASSWORD) == ""
+    assert clock.seconds() - start == 4.0
+
+
+def test_the_peer_table_stays_bounded_and_what_it_forgets_waits_no_more(store):
+    """Many addresses, each with failures and an attempt waiting for its turn: the table
+    keeps max_addresses of them; the waiting attempts of those it evicts are refused with
+    454 (temporary authentication failure, RFC 3080 §8) unchecked, not kept."""
+    clock = task.Clock()
+    profiles, checker, throttle = plain_guesser(store, clock, max_addresses=4)
+    waiting = []
+    for i in range(10):
+        host = f"198.51.100.{i}"
+        guesser, user = (Pair(profiles, clock=clock, tls=True, host=host) for _ in range(2))
+        guess = guesser.run(authenticate(guesser.I, PlainClient("alice", "x", tls_active=True)))
+        login = user.run(authenticate(user.I, PlainClient("alice", PASSWORD, tls_active=True)))
+        assert user.L.authenticated_identity is None
+        waiting.append((user, login))
+        assert len(throttle) <= 4
+        guesser.flush()
+        assert failure(guess).code == 535
+    assert len(checker.times) == 10  # only the guesses: every login waits or was refused
+    for user, login in waiting[:6]:
+        user.flush()
+        assert failure(login).code == 454
+        assert user.L.authenticated_identity is None
+    clock.advance(1)
+    for user, login in waiting[6:]:
+        user.flush()
+        result(login)
+        assert user.L.authenticated_identity == "alice"
+    assert len(throttle) == 0
 
 
 class RecordingRealm(PeerRealm):

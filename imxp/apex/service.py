@@ -44,7 +44,7 @@ from imxp.beep.session import (
 )
 from imxp.beep.tls import TLSProfile, start_tls
 from imxp.beep.tlsctx import client_options, server_options
-from imxp.beep.users import ExternalChecker, FailureThrottle, UserStore
+from imxp.beep.users import MAX_WAITING, ExternalChecker, FailureThrottle, UserStore
 from imxp.bootstrap import Prepared, prepare
 from imxp.certs import Issued
 from imxp.config import Config, offered_mechanisms, resolver_addresses, session_config
@@ -349,13 +349,14 @@ def build_relay(
         checkers.append(AllowAnonymousAccess())
     # PBKDF2 for PLAIN logins in threads: in the reactor it would hold up every session.
     users.hash_in_threads(reactor)
-    throttle = FailureThrottle(reactor)
+    # One line of waiting attempts per address has room for each session the listener
+    # lets it have before login (each session has one exchange at work at a time).
+    throttle = FailureThrottle(reactor, max_waiting=max_sessions_per_peer or MAX_WAITING)
     sasl = sasl_profiles(
         list(sasl_mechanisms),
         make_portal(checkers),
         scram_store=users,
         throttle=throttle,
-        clock=reactor,
         require_tls=True,
     )
     relay_service: RelayService

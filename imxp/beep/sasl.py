@@ -12,8 +12,14 @@ challenge straight away - an empty one for the client-first mechanisms we have (
 ``<blob status='continue'>``, success as ``<blob status='complete'>`` and failure as an
 ``<error>``: inside the reply to ``start`` when it comes at once (the channel is created
 all the same, §4.1.1), as ERR to a MSG later. Each channel carries one exchange; after a
-failure or an abort the client starts a new channel. Failed attempts are slowed per peer
-address by a :class:`~imxp.beep.users.FailureThrottle`.
+failure or an abort the client starts a new channel.
+
+Guessing is slowed before the work, not after it: a session has one exchange at work at a
+time (another one's blob meanwhile gets 450), and each blob waits for its peer address's
+turn at a :class:`~imxp.beep.users.FailureThrottle`, which after failures comes only once
+their delay has passed, whichever session of the address the attempt comes on. Each
+failure is logged once (``beep.sasl-failure``); refusals of a flood once per burst
+(``beep.sasl-busy``, ``beep.sasl-throttled``).
 
 Initiator side: :func:`authenticate` runs a :class:`~imxp.beep.saslmech.ClientMechanism`
 over a new channel and closes that channel afterwards (RFC 3080 does not ask for it; it
@@ -29,12 +35,11 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 from collections.abc import Callable, Iterable
-from typing import NoReturn
 from xml.etree.ElementTree import Element
 
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer
 from twisted.python.failure import Failure as TwistedFailure
 
 from imxp import logs
@@ -50,7 +55,6 @@ from imxp.beep.saslmech import (
     LoginPortal,
     SASLClientError,
     ServerMechanism,
-    Step,
     Success,
     profile_uri,
     server_mechanism,
@@ -65,7 +69,7 @@ from imxp.beep.session import (
     SessionClosed,
     peer_network,
 )
-from imxp.beep.users import FailureThrottle
+from imxp.beep.users import FailureThrottle, Throttled, Verdict
 from imxp.certs import client_identity
 
 __all__ = ["SASLProfile", "authenticate", "sasl_profiles"]
@@ -117,10 +121,6 @@ def _blob(element: Element) -> tuple[str, bytes]:
     return status, data
 
 
-def _raise(error: Exception) -> NoReturn:
-    raise error
-
-
 # -- listener side ---------------------------------------------------------------------
 
 
@@ -155,6 +155,40 @@ class _State(enum.Enum):
     AUTHENTICATED = "authenticated"
 
 
+class _Turns:
+    """The SASL exchanges of one session, listener side: one at work at a time.
+
+    An exchange is at work from a blob's arrival to its answer, the wait for its peer
+    address's turn (:meth:`FailureThrottle.turn`) included. A blob of another exchange
+    meanwhile ends that exchange with 450, "requested action not taken (e.g., lock already
+    in use)" (RFC 3080 §8), unchecked: the lock is the session's one authentication
+    (§4), and a client that waits for each answer, as RFC 4422 §3 has it, never meets it.
+    Without this a client could have a password checked on each of its channels at once.
+    """
+
+    __slots__ = ("refused", "wait", "working")
+
+    def __init__(self) -> None:
+        self.working: _ServerExchange | None = None
+        # The turn the one at work waits for, given up if the session goes.
+        self.wait: defer.Deferred[Callable[[Verdict], None]] | None = None
+        # Exchanges refused while this one works: the first is logged, not the burst.
+        self.refused = 0
+
+    def closed(self, _: object) -> None:
+        wait, self.wait = self.wait, None
+        if wait is not None:
+            wait.cancel()
+
+
+def _turns(session: Session) -> _Turns:
+    turns = session.sasl_turns
+    if turns is None:
+        turns = session.sasl_turns = _Turns()
+        session.when_closed().addCallback(turns.closed)
+    return turns
+
+
 class _ServerExchange(ChannelHandler):
     """One authentication exchange on one channel, server side (RFC 3080 §4.1.1-§4.1.3)."""
 
@@ -167,6 +201,12 @@ class _ServerExchange(ChannelHandler):
         self.host = host
         self.state = _State.OPEN
 
+    @functools.cached_property
+    def network(self) -> str:
+        """What the throttle counts as the peer: its address, the /64 for IPv6 (not
+        worked out for the exchanges a flood has refused at once)."""
+        return peer_network(self.host)
+
     def message_received(self, request: Request) -> defer.Deferred[Message]:
         if request.message.content_type != mgmt.BEEP_XML:
             raise BEEPError(500, f"SASL blobs travel as {mgmt.BEEP_XML}")
@@ -176,80 +216,145 @@ class _ServerExchange(ChannelHandler):
     def respond(self, content: bytes | None) -> defer.Deferred[bytes]:
         """The reply blob to the client's blob (None: a ``start`` without one).
 
-        Fails with :class:`BEEPError` carrying the code of the ``<error>`` to send.
+        Fails with :class:`BEEPError` carrying the code of the ``<error>`` to send, or
+        with :class:`SessionClosed` when the session went while the blob waited its turn.
         """
-        if self.state is _State.AUTHENTICATED:
+        if self.state is _State.AUTHENTICATED or _authenticated(self.session):
             # §4: "no additional attempts at authentication are allowed".
             return defer.fail(BEEPError(550, "already authenticated"))
         if self.state is _State.ENDED:
             return defer.fail(BEEPError(550, "this exchange has ended; start a new channel"))
         if self.state is _State.BUSY:
             return defer.fail(BEEPError(500, "the previous blob is not answered yet"))
+        turns = _turns(self.session)
+        if turns.working is not None:
+            # Before the blob is even parsed: a flood of these should cost next to nothing.
+            return defer.fail(self._busy(turns))
         response = None
         if content is not None:
             try:
                 status, response = _blob(_parse_xml(content))
             except BEEPError as e:
-                return self._end(e.code, e.text, attempt=False)
+                return defer.fail(self._end(e.code, e.text))
             if status == _ABORT:
                 # RFC 4422 §3.5: an aborted exchange ends with the outcome failure.
-                return self._end(535, "authentication aborted by the client", attempt=False)
+                return defer.fail(self._end(535, "authentication aborted by the client"))
             if status == _COMPLETE:
-                return self._end(501, "only the server sends status='complete'", attempt=False)
+                return defer.fail(self._end(501, "only the server sends status='complete'"))
+        turns.working = self
         self.state = _State.BUSY
-        return self.mechanism.step(response).addCallback(self._stepped)
+        return defer.ensureDeferred(self._work(turns, response))
 
-    def _stepped(self, step: Step) -> bytes | defer.Deferred[bytes]:
-        if isinstance(step, Challenge):
-            self.state = _State.OPEN
-            return _encode_blob(step.data, _CONTINUE)
-        if isinstance(step, Success):
-            return self._succeeded(step)
-        return self._end(step.code, step.text, attempt=True)
+    async def _work(self, turns: _Turns, response: bytes | None) -> bytes:
+        """Wait for the address's turn, then step the mechanism: the throttle's delay
+        comes before the work, so that what it slows is the checking of passwords."""
+        end: Callable[[Verdict], None] | None = None
+        verdict: Verdict = None
+        try:
+            throttle = self.profile.throttle
+            if throttle is not None:
+                turns.wait = throttle.turn(self.network)
+                try:
+                    end = await turns.wait
+                except Throttled as e:
+                    raise self._throttled(e) from None
+                except defer.CancelledError:
+                    self.state = _State.ENDED
+                    raise SessionClosed("session closed while the exchange waited") from None
+                finally:
+                    turns.wait = None
+                if self.session.transport is None:
+                    # Gone before the wait began (closed() ran then): nobody to answer.
+                    self.state = _State.ENDED
+                    raise SessionClosed("session closed while the exchange waited")
+            step = await self.mechanism.step(response)
+            if isinstance(step, Challenge):
+                self.state = _State.OPEN
+                return _encode_blob(step.data, _CONTINUE)
+            if isinstance(step, Success):
+                verdict = True
+                return self._succeeded(step)
+            if end is not None:
+                # Counted before it is logged, so that the log says the delay it causes.
+                end, ending = None, end
+                ending(False)
+            raise self._end(step.code, step.text, step.reason, step.username)
+        finally:
+            if end is not None:
+                end(verdict)
+            if turns.working is self:
+                turns.working = None
+                turns.refused = 0
 
-    def _succeeded(self, success: Success) -> bytes | defer.Deferred[bytes]:
+    def _succeeded(self, success: Success) -> bytes:
         session = self.session
         if _authenticated(session):
-            # Exchanges ran on two channels at once and the other one won (§4: one success).
+            # Another exchange got there first (§4: one success); not the peer's fault.
             success.logout()
-            return self._end(550, "already authenticated", attempt=False)
+            self.state = _State.ENDED
+            raise BEEPError(550, "already authenticated")
         session.authenticated_identity = success.identity
         session.authenticated_mechanism = self.mechanism.name
         _logout_when_closed(session, success.logout)
-        if self.profile.throttle is not None:
-            self.profile.throttle.succeeded(peer_network(self.host))
         self.state = _State.AUTHENTICATED
         if session.on_authenticated is not None:
             session.on_authenticated(session)
         return _encode_blob(success.data, _COMPLETE)
 
-    def _end(self, code: int, text: str, *, attempt: bool) -> defer.Deferred[bytes]:
-        """End the exchange with an error; a failed ``attempt`` at credentials is throttled.
+    def _end(
+        self, code: int, text: str, reason: str | None = None, username: str | None = None
+    ) -> BEEPError:
+        """End the exchange with an error, logged once (``reason`` for the log only).
 
-        Malformed blobs and aborts tell a guesser nothing, so only the mechanism's verdicts
-        count against the peer address and wait before they are sent.
+        ``delay`` in the log is how long the address's next attempt will wait: only the
+        mechanism's verdicts count against it (in :meth:`_work`), since malformed blobs and
+        aborts tell a guesser nothing.
         """
         self.state = _State.ENDED
-        delay = 0.0
         throttle = self.profile.throttle
-        if attempt and throttle is not None:
-            # Per address, not per connection; per /64 for IPv6 (peer_network).
-            peer = peer_network(self.host)
-            throttle.failed(peer)
-            delay = throttle.delay_for(peer)
         log.warn(
-            "SASL {mechanism} failed for {peer}: {code} {text}",
+            "SASL {mechanism} refused {username!r} from {peer}: {reason} ({code})"
+            if username is not None
+            else "SASL {mechanism} refused from {peer}: {reason} ({code})",
             mechanism=self.mechanism.name,
+            username=username,
             peer=self.host,
             code=code,
             text=text,
-            delay=delay,
+            reason=reason or text,
+            delay=throttle.delay_for(self.network) if throttle is not None else 0.0,
             event="beep.sasl-failure",
         )
-        error = BEEPError(code, text)
-        if delay <= 0:
-            return defer.fail(error)
-        return task.deferLater(self.profile.clock, delay, _raise, error)
+        return BEEPError(code, text)
+
+    def _busy(self, turns: _Turns) -> BEEPError:
+        self.state = _State.ENDED
+        turns.refused += 1
+        if turns.refused == 1:
+            log.warn(
+                "SASL {mechanism} refused from {peer}: another exchange of the session is at "
+                "work (450); further ones until it is done are not logged",
+                mechanism=self.mechanism.name,
+                peer=self.host,
+                code=450,
+                event="beep.sasl-busy",
+            )
+        return BEEPError(450, "another authentication exchange of this session is at work")
+
+    def _throttled(self, refusal: Throttled) -> BEEPError:
+        self.state = _State.ENDED
+        if refusal.burst == 1:
+            log.warn(
+                "SASL {mechanism} refused from {peer}: too many attempts from {network} wait "
+                "their turn (454); further ones until one has its turn are not logged",
+                mechanism=self.mechanism.name,
+                peer=self.host,
+                network=self.network,
+                code=454,
+                event="beep.sasl-throttled",
+            )
+        # RFC 3080 §8: 454 temporary authentication failure.
+        return BEEPError(454, "too many authentication attempts from this address; try later")
 
 
 def _error_content(failure: TwistedFailure) -> bytes:
@@ -262,8 +367,8 @@ class SASLProfile(Profile):
     """The listening side of one SASL mechanism's profile (RFC 3080 §4.1).
 
     ``portal`` decides who may log in (see :func:`imxp.beep.saslmech.make_portal`);
-    ``scram_store`` gives SCRAM-SHA-256 its keys; ``throttle`` slows repeated failures from
-    one address, waiting on ``clock`` (the reactor by default).
+    ``scram_store`` gives SCRAM-SHA-256 its keys; ``throttle`` paces the attempts of one
+    peer address by its failures (shared by all the profiles of a listener).
 
     Offered (in the greeting and at ``start``) until the session has an authenticated
     identity (§4); EXTERNAL only when the TLS client certificate names someone (§4.1.3);
@@ -278,19 +383,15 @@ class SASLProfile(Profile):
         *,
         scram_store: ISCRAMKeyStore | None = None,
         throttle: FailureThrottle | None = None,
-        clock: IReactorTime | None = None,
         require_tls: bool = False,
     ) -> None:
         if name not in SERVER_MECHANISMS:
             raise ValueError(f"unsupported SASL mechanism {name!r}")
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.name = name
         self.uri = profile_uri(name)
         self.portal = portal
         self.scram_store = scram_store
         self.throttle = throttle
-        self.clock = clock
         self.require_tls = require_tls
 
     def offered(self, session: Session) -> bool:
@@ -329,7 +430,6 @@ def sasl_profiles(
     *,
     scram_store: ISCRAMKeyStore | None = None,
     throttle: FailureThrottle | None = None,
-    clock: IReactorTime | None = None,
     require_tls: bool = False,
 ) -> list[SASLProfile]:
     """One :class:`SASLProfile` per mechanism name, sharing portal, store and throttle.
@@ -343,7 +443,6 @@ def sasl_profiles(
             portal,
             scram_store=scram_store,
             throttle=throttle,
-            clock=clock,
             require_tls=require_tls,
         )
         for name in names

@@ -154,10 +154,16 @@ class Success:
 
 @dataclass(frozen=True)
 class Failure:
-    """The exchange failed; reply with an ``<error>`` of this RFC 3080 §8 code and text."""
+    """The exchange failed; reply with an ``<error>`` of this RFC 3080 §8 code and text.
+
+    ``reason`` and ``username`` are for the log only: the peer sees the same text for an
+    unknown user as for a wrong password, the operator sees which it was.
+    """
 
     code: int
     text: str
+    reason: str = field(default="", compare=False)
+    username: str | None = field(default=None, compare=False)
 
 
 Step: TypeAlias = Challenge | Success | Failure
@@ -363,7 +369,12 @@ class _ServerBase:
                 username=self._username,
                 peer=self._peer,
             )
-            result = Failure(ReplyCode.TEMPORARY_FAILURE, "temporary authentication failure")
+            result = Failure(
+                ReplyCode.TEMPORARY_FAILURE,
+                "temporary authentication failure",
+                "internal error",
+                self._username,
+            )
         self._busy = False
         if isinstance(result, Success):
             self._done = True
@@ -383,15 +394,8 @@ class _ServerBase:
         return self._refused(refusal)
 
     def _refused(self, refusal: _Refuse) -> Failure:
-        log.info(
-            "SASL {mechanism} refused {username!r} from {peer}: {reason} ({code})",
-            mechanism=self.name,
-            username=self._username,
-            peer=self._peer,
-            reason=refusal.reason,
-            code=refusal.code,
-        )
-        return Failure(refusal.code, refusal.text)
+        # Not logged here: the glue logs each failure once, with what it knows besides.
+        return Failure(refusal.code, refusal.text, refusal.reason, self._username)
 
     async def _step(self, response: bytes | None, first: bool) -> Step:
         raise NotImplementedError

@@ -847,6 +847,8 @@ class Session(Protocol):
         #: The authorised identity from SASL (RFC 3080 §4), None until then.
         self.authenticated_identity: str | None = None
         self.authenticated_mechanism: str | None = None
+        #: Where the listener side of SASL keeps its exchanges' turns (imxp.beep.sasl).
+        self.sasl_turns: Any = None
         #: The peer's certificate (cryptography x509) once TLS is active.
         self.peer_certificate: Any = None
         self.tls_active = False
