@@ -68,6 +68,7 @@ __all__ = [
     "decoded_body",
     "base64_lines",
     "param",
+    "is_one_of",
 ]
 
 Mode = Literal["sign", "encrypt", "sign+encrypt"]
@@ -565,11 +566,11 @@ def _check_signed(
 ) -> None:
     message = report.cpim
     assert message is not None
-    if not _signer_is_sender(message.sender, opened.identities or (opened.signer or "",)):
+    if not is_one_of(message.sender, opened.identities or (opened.signer or "",)):
         report.problems.append(f"signer {opened.signer} is not the From {message.sender}")
         report.presentable = False
     if recipient is not None and not any(
-        _signer_is_sender(recipient, [addressee]) for addressee in [*message.to, *message.cc]
+        is_one_of(recipient, [addressee]) for addressee in [*message.to, *message.cc]
     ):
         report.problems.append(
             f"not addressed to {recipient} (To/cc: {', '.join([*message.to, *message.cc])}): "
@@ -601,12 +602,13 @@ def _check_signed(
             report.presentable = False
 
 
-def _signer_is_sender(sender: str, identities: Sequence[str]) -> bool:
-    """Whether the CPIM From is one of the signer's identities, or a subaddress of one
-    (RFC 3923 §6.3 ignores the resource part; RFC 3340 §2.2 subaddresses are its kin).
-    Also whether a recipient is an addressee, or a subaddress of one."""
+def is_one_of(address: str, identities: Sequence[str]) -> bool:
+    """Whether ``address`` is one of ``identities``, or a subaddress of one (RFC 3340
+    §2.2): the CPIM From one of the signer's identities (RFC 3923 §6.3 ignores the
+    resource part; subaddresses are its kin), a recipient an addressee, an endpoint
+    one a certificate names. What does not parse as an endpoint is none of them."""
     try:
-        endpoint = Endpoint.parse(sender)
+        endpoint = Endpoint.parse(address)
     except AddressError:
         return False
     for identity in identities:

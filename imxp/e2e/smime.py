@@ -59,7 +59,6 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from imxp.apex.address import AddressError, Endpoint
 from imxp.certs import Issued, issue_smime
 from imxp.e2e.protect import (
     E2EError,
@@ -68,6 +67,7 @@ from imxp.e2e.protect import (
     base64_lines,
     build_multipart,
     decoded_body,
+    is_one_of,
     param,
     split_entity,
     split_multipart,
@@ -253,14 +253,7 @@ def names(certificate: x509.Certificate, endpoint: str) -> bool:
     candidates = alternatives.value.get_values_for_type(x509.RFC822Name) + [
         unquote(uri[3:]) for uri in uris if uri[:3].lower() == "im:"
     ]
-    wanted = Endpoint.parse(endpoint)
-    for name in candidates:
-        try:
-            if wanted.within(Endpoint.parse(name)):
-                return True
-        except AddressError:
-            continue
-    return False
+    return is_one_of(endpoint, candidates)
 
 
 def _unusable(
