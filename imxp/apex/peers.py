@@ -76,16 +76,18 @@ class Link:
 
 
 _UNREACHABLE = Verdict(421, "next hop unreachable")
+# Who answered, in the texts of wire.reply_outcome and wire.refusal.
+_NEXT_HOP = "the next hop"
 
 
 def _taken(reply: Message | list[Message], link: Link) -> Verdict:
     """The reply of ``link``'s next hop as a verdict (:func:`wire.reply_outcome`): a
     refusal in it is raised as the ERR it is equivalent to."""
-    code, text = wire.reply_outcome(reply)
+    code, text = wire.reply_outcome(reply, _NEXT_HOP)
     if code == 250:
         return link.taken
     if code == 451:
-        return Verdict(451, f"the next hop {text}")
+        return Verdict(451, text)
     raise BEEPError(code, text)
 
 
@@ -408,17 +410,12 @@ class PeerPool:
     def _judge(self, failure: Failure, target: Target, link: Link) -> tuple[Verdict, bool]:
         """What sending on ``link`` failing with ``failure`` says, and whether that is final."""
         if failure.check(BEEPError):
-            e = failure.value
-            if not 400 <= e.code <= 599:
-                # A refusal is 4xx or 5xx (RFC 3340 §10): an "error" coded 250 took
-                # nothing, and must not be taken for the hand-over it says it is.
-                text = f"the next hop refused it with code {e.code}, which no refusal has"
-                return Verdict(554, f"{text}: {e.text}" if e.text else text), True
-            if e.code >= 500:
-                return Verdict(e.code, e.text), True
-            if e.code == 421:
+            code, text = wire.refusal(failure.value.code, failure.value.text, _NEXT_HOP)
+            if code >= 500:
+                return Verdict(code, text), True
+            if code == 421:
                 self._retire(link)
-            return Verdict(e.code, e.text), False
+            return Verdict(code, text), False
         if failure.check(NotSent):
             # Lost before a single octet went out: the next hop never saw it.
             verdict = Verdict(421, f"{target.address}: session lost before sending")

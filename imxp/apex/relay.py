@@ -622,15 +622,9 @@ class Relay:
             if not isinstance(result, Failure):
                 # §4.4.4.2: the application answers ok, or refuses (an error in an RPY is
                 # read as the ERR it should have been).
-                code, text = wire.reply_outcome(result)
-                if code == 451:
-                    text = f"endpoint {text}"
+                code, text = wire.reply_outcome(result, "endpoint")
             elif result.check(BEEPError):
-                code, text = result.value.code, result.value.text
-                if not 400 <= code <= 599:
-                    # A refusal is 4xx or 5xx (§10): an ERR coded 250 delivered nothing.
-                    text = f"endpoint refused it with code {code}, which no refusal has: {text}"
-                    code = 554
+                code, text = wire.refusal(result.value.code, result.value.text, "endpoint")
             elif result.check(defer.CancelledError):
                 code, text = 451, "endpoint did not answer in time; outcome unknown"
                 self._drop_unanswering(channel, identity)

@@ -872,14 +872,14 @@ def _decode(message: Message, where: list[int] | None) -> APEXElement:
     raise APEXError(500, f"an APEX payload is {BEEP_XML} or {MULTIPART_RELATED}")
 
 
-def reply_outcome(reply: Message | list[Message]) -> tuple[int, str]:
-    """What a positive reply to a data says of it (RFC 3340 §4.4.4.1 step 5.2, §4.4.4.2):
-    250 only for an ``ok`` element; an ``error`` element is the refusal it carries, as an
-    ERR would be (4xx or 5xx, §10; any other code is taken for 554); anything else - a
-    one-to-many reply (a list of ANS), a payload that is not APEX - says nothing of what
-    became of the data: 451, outcome unknown."""
+def reply_outcome(reply: Message | list[Message], who: str) -> tuple[int, str]:
+    """What a positive reply to a data, from ``who`` (a next hop, an application), says of
+    it (RFC 3340 §4.4.4.1 step 5.2, §4.4.4.2): 250 only for an ``ok`` element; an
+    ``error`` element is the :func:`refusal` it carries, as an ERR would be; anything else
+    - a one-to-many reply (a list of ANS), a payload that is not APEX - says nothing of
+    what became of the data: 451, outcome unknown."""
     if type(reply) is not Message:
-        return 451, "answered with a one-to-many reply, not ok; outcome unknown"
+        return 451, f"{who} answered with a one-to-many reply, not ok; outcome unknown"
     if reply.body == _OK_BODY:
         return 250, ""
     try:
@@ -889,11 +889,18 @@ def reply_outcome(reply: Message | list[Message]) -> tuple[int, str]:
     if isinstance(answer, OK):
         return 250, ""
     if isinstance(answer, Error):
-        if 400 <= answer.code <= 599:
-            return answer.code, answer.text
-        text = f"refused with code {answer.code}, which no refusal has"
-        return 554, f"{text}: {answer.text}" if answer.text else text
-    return 451, "answered with neither ok nor error; outcome unknown"
+        return refusal(answer.code, answer.text, who)
+    return 451, f"{who} answered with neither ok nor error; outcome unknown"
+
+
+def refusal(code: int, text: str, who: str) -> tuple[int, str]:
+    """The code and text of ``who``'s refusal of a data: as given when the code is one a
+    refusal has, 4xx or 5xx (RFC 3340 §10); else 554, for an "error" coded 250 took
+    nothing and must not be taken for the delivery or hand-over it says it is."""
+    if 400 <= code <= 599:
+        return code, text
+    said = f"{who} refused it with code {code}, which no refusal has"
+    return 554, f"{said}: {text}" if text else said
 
 
 def encode(element: APEXElement) -> Message:
