@@ -820,6 +820,77 @@ async def test_sends_that_give_up_during_an_outage_are_not_kept(net: Net) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_endpoint_taken_meanwhile_leaves_the_others_reattached(
+    net: Net, events: list[LogEvent]
+) -> None:
+    """fred, a gateway, is attached as himself and two subaddresses when his connection
+    is lost; before he is back, another application of his takes one of them. On
+    reconnecting the relay refuses that one (554, RFC 3340 §4.4.1 step 5): the others
+    are attached again and receive, the one taken is reported through on_terminated,
+    and reconnecting stops there (it failed whole, and again for ever, attaching none)."""
+    im, gw = "fred/appl=im@a.test", "fred/appl=gw@a.test"
+    inbox = Inbox()
+    terminations: list[Termination] = []
+    # The first attempt comes 0.5 s or more after the loss: the other application's turn.
+    fred = await net.connect(
+        FRED, on_data=inbox, on_terminated=terminations.append, backoff=(1.0, 1.0)
+    )
+    wilma = await net.connect(WILMA)
+    await fred.attach(im)
+    await fred.attach(gw)
+    relay = net.relays["a.test"]
+
+    fred._connection.session.transport.abortConnection()  # the network fails
+    await until(lambda: {str(e) for e in relay.service.relay.attached} == {WILMA})
+    other = await attach(relay, net.ca, im)
+    try:
+        assert not fred.connected, "fred came back before the other application attached"
+        await until(lambda: fred.connected)
+
+        assert [(t.endpoints, t.code) for t in terminations] == [((im,), 554)]
+        assert fred.endpoints == (FRED, gw)
+        assert codes(await wilma.send([FRED, gw], b"both?")) == {FRED: 250, gw: 250}
+        assert codes(await wilma.send([im], b"for the other")) == {im: 250}
+        assert [i.recipients for i in await inbox.wait(2)] == [[FRED], [gw]]
+        assert [d.content.body for d in other.data] == [b"for the other"]
+        names = [e["event"] for e in events]
+        assert names.count("client.attach-refused") == 1
+        attempts = names.count("client.reconnect-scheduled")
+        await _sleep(1.2)  # more than the backoff: any further attempt would show
+        assert [e["event"] for e in events].count("client.reconnect-scheduled") == attempts
+    finally:
+        other.session.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_waits_for_the_relay_to_let_go_of_the_lost_session(
+    net: Net, events: list[LogEvent]
+) -> None:
+    """Every endpoint refused with 554 on reconnecting: that may be the relay still
+    holding the lost session's attachments, which it lets go of once it notices the loss
+    (RFC 3340 §6.1.1), so the client tries again, and is attached as all of them then.
+    An application here holds fred for the time the relay would."""
+    terminations: list[Termination] = []
+    fred = await net.connect(FRED, on_terminated=terminations.append, backoff=(1.0, 1.0))
+    await fred.attach("fred/appl=im@a.test")
+    relay = net.relays["a.test"]
+
+    fred._connection.session.transport.abortConnection()
+    await until(lambda: not relay.service.relay.attached)
+    holders = [await attach(relay, net.ca, e) for e in (FRED, "fred/appl=im@a.test")]
+    try:
+        await until(lambda: any(e["event"] == "client.retry" for e in events))
+        assert not fred.connected
+    finally:
+        for holder in holders:
+            holder.session.disconnect()
+    await until(lambda: fred.connected)
+
+    assert fred.endpoints == (FRED, "fred/appl=im@a.test")
+    assert terminations == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_without_reconnect_a_lost_connection_ends_the_client(net: Net) -> None:
     fred = await net.connect(FRED, reconnect=False)
     consuming, errors = until_it_ends(fred)

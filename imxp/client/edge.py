@@ -7,7 +7,9 @@ SCRAM-SHA-256 by default, PLAIN over TLS, EXTERNAL with a client certificate), a
 as the endpoint on an APEX channel (RFC 3340 §4.2, §4.4.1). The :class:`Client` it returns
 sends data and waits for each recipient's final status report (§5.1, §6.2), receives data
 through a callback or an async iterator (§4.4.4.2), answers the relay's terminate
-(§4.4.3), and reconnects and re-attaches after a lost connection.
+(§4.4.3), and reconnects and re-attaches after a lost connection: an endpoint the relay
+then refuses (554: another application attached as it meanwhile) goes to ``on_terminated``
+as a :class:`Termination`, and the others work on.
 
 Example (with Twisted's reactor running the coroutine)::
 
@@ -1090,7 +1092,13 @@ class Client:
 
     async def _open_apex(self, connection: _Connection, *, initial: bool) -> None:
         """The APEX channel, with the first attach riding on its start (RFC 3340 §4.2),
-        then an attach for each further wanted endpoint."""
+        then an attach for each further wanted endpoint.
+
+        A refusal fails the first connection (:func:`connect` raises it). On reconnecting,
+        an endpoint refused is given up and reported (:meth:`_refused`), and the others
+        stay attached: one endpoint taken by another application must not keep a gateway
+        from all the rest. Only a 554 while none is attached makes the attempt fail, to
+        be tried again."""
         session = connection.session
         assert session is not None
         wanted = list(self._wanted)
@@ -1136,14 +1144,21 @@ class Client:
                     "unreachable", f"the relay at {connection.where} went away: {e}"
                 ) from None
             connection.attached[trans_id] = endpoint
-        for endpoint, code, text in refusals:
-            # 554: the relay still holds the attachment of the session we lost; it lets go
-            # once it notices, so a later attempt succeeds.
-            if initial or code == 554:
-                raise ClientError(
-                    "refused", f"the relay refused to attach {endpoint} ({code}): {text}", code
-                )
-            self._refused(endpoint, code, text)
+        # 554, attached already (§4.4.1 step 5), may be the relay still holding the
+        # attachments of the session we lost, until it notices the loss. They all end
+        # together, with its channel (§6.1.1): while none of ours is attached again, a
+        # later attempt may succeed. Once one is, a 554 is another application's
+        # attachment, and trying again would only be refused again.
+        held = not connection.attached
+        ending = [r for r in refusals if initial or (held and r[1] == 554)]
+        for refusal in refusals:
+            if refusal not in ending:
+                self._refused(*refusal)
+        if ending:
+            endpoint, code, text = ending[0]
+            raise ClientError(
+                "refused", f"the relay refused to attach {endpoint} ({code}): {text}", code
+            )
 
     def _connected(self, connection: _Connection) -> None:
         session = connection.session
@@ -1620,6 +1635,8 @@ async def connect(
     :param reactor: provides TCP and time; by default the global reactor.
     :param reconnect: after a lost connection, connect and attach again with backoff
         (``backoff``: first and longest delay in seconds); otherwise the client fails.
+        An endpoint the relay then refuses to attach is no longer attached (see
+        ``on_terminated``); the others are.
     :param on_data: called with each :class:`Incoming` data; raising makes the relay
         report 451 to its sender. It may be an ``async def``: it runs up to its first
         ``await`` before the data is answered (raising there is the same 451), then
