@@ -891,6 +891,46 @@ async def test_reconnecting_waits_for_the_relay_to_let_go_of_the_lost_session(
 
 
 @pytest_twisted.ensureDeferred
+async def test_data_the_lost_session_never_carried_is_sent_on_the_next(net: Net) -> None:
+    """Two sends as the connection fails. The first, larger than the relay's window, was
+    partly written: it may have reached the relay, so it is not sent again (the relays
+    promise nothing twice) and its outcome is unknown. The second waited whole behind it
+    (NotSent: the relay never saw a byte of it), so it goes on the next session once fred
+    has reconnected, and is delivered, once."""
+    fred = await net.connect(FRED)
+    barney = Inbox()
+    await net.connect(BARNEY, on_data=barney)
+    session = fred._connection.session
+
+    partly = defer.ensureDeferred(fred.send([BARNEY], b"x" * 200_000, timeout=2.0))
+    unsent = defer.ensureDeferred(fred.send([BARNEY], b"never went out", timeout=10.0))
+    session.transport.abortConnection()  # the network fails before anything more is written
+
+    assert codes(await unsent) == {BARNEY: 250}
+    assert fred._connection.session is not session
+    assert codes(await partly) == {BARNEY: None}
+    assert [i.body for i in barney.items] == [b"never went out"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_never_sent_and_no_reconnection_in_time_says_not_sent(net: Net) -> None:
+    """As above, but the client is not back within the send's timeout: data it knows it
+    never sent ends 421, said to be not sent, rather than "no status report" as if it
+    might have been delivered."""
+    fred = await net.connect(FRED, backoff=(5.0, 5.0))  # no new attempt within the test
+    session = fred._connection.session
+
+    partly = defer.ensureDeferred(fred.send([BARNEY], b"x" * 200_000, timeout=0.5))
+    unsent = defer.ensureDeferred(fred.send([BARNEY], b"never went out", timeout=0.5))
+    session.transport.abortConnection()
+
+    outcomes = await unsent
+    assert codes(outcomes) == {BARNEY: 421}
+    assert outcomes[BARNEY].text.startswith("not sent: ")
+    assert codes(await partly) == {BARNEY: None}
+
+
+@pytest_twisted.ensureDeferred
 async def test_without_reconnect_a_lost_connection_ends_the_client(net: Net) -> None:
     fred = await net.connect(FRED, reconnect=False)
     consuming, errors = until_it_ends(fred)

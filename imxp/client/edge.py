@@ -106,6 +106,7 @@ from imxp.beep.session import (
     BEEPError,
     Channel,
     ChannelHandler,
+    NotSent,
     Request,
     Role,
     Session,
@@ -679,7 +680,11 @@ class Client:
         statusResponse (§6.2) or ``timeout`` seconds have passed, after which the missing
         ones are unknown. If the relay refuses the data operation itself (e.g. 537),
         every recipient gets that code. During an outage the data waits for the
-        reconnection, within the same timeout. More recipients than a relay takes in one
+        reconnection, within the same timeout; so does data whose session was lost before
+        an octet of it was written (the relay never saw it), which then goes on the new
+        session. Data that may have reached the relay is never sent again, as that could
+        deliver it twice: its outcome is what the reports say, or unknown. Data not sent
+        within the timeout ends 421, "not sent". More recipients than a relay takes in one
         data (1,000) go in several data at once. ``originator`` must be an endpoint this
         client is attached as (the default is :attr:`endpoint`): the reports go to it.
         ``headers`` are further MIME headers of the content part.
@@ -743,44 +748,67 @@ class Client:
             self._pending[trans_id] = pending
         deadline = self._clock.seconds() + timeout
         pending.missing = f"no status report within {timeout:g} s"
+        # The outcome when no connection comes in time to send it on.
+        unsent = f"not sent: no connection to the relay in {timeout:g} s"
+        lost: _Connection | None = None
         try:
-            try:
-                connection = await self._ready().addTimeout(timeout, self._clock)
-            except defer.TimeoutError:
-                pending.settle_all(421, f"not sent: no connection to the relay in {timeout:g} s")
-                return pending.result()
-            except _Closed:
-                pending.settle_all(421, "not sent: the client was closed")
-                return pending.result()
-            assert connection.channel is not None
-            try:
+            while True:
                 left = max(0.0, deadline - self._clock.seconds())
-                await connection.channel.send(payload).addTimeout(left, self._clock)
-            except defer.TimeoutError:
-                # A relay that took the data may still deliver it: outcome unknown.
-                log.warn(
-                    "relay did not answer data for transID {trans_id} in time",
-                    trans_id=min(asked),
-                    event="client.send-unanswered",
-                )
-                return pending.result()
-            except BEEPError as e:
-                log.warn(
-                    "relay refused data to {recipients}: {code} {text}",
-                    recipients=unique,
-                    code=e.code,
-                    text=e.text,
-                    event="client.data-refused",
-                )
-                pending.settle_all(e.code, e.text)
-            except SessionClosed:
-                # The relay may have taken the data before the session went: its reports
-                # can still reach us after re-attaching. Sending again could deliver twice.
-                log.warn(
-                    "session lost while sending transID {trans_id}; waiting for reports",
-                    trans_id=min(asked),
-                    event="client.send-interrupted",
-                )
+                try:
+                    connection = await self._ready(lost).addTimeout(left, self._clock)
+                except defer.TimeoutError:
+                    pending.settle_all(421, unsent)
+                    return pending.result()
+                except _Closed:
+                    pending.settle_all(421, "not sent: the client was closed")
+                    return pending.result()
+                assert connection.channel is not None
+                try:
+                    left = max(0.0, deadline - self._clock.seconds())
+                    await connection.channel.send(payload).addTimeout(left, self._clock)
+                except defer.TimeoutError:
+                    # A relay that took the data may still deliver it: outcome unknown.
+                    log.warn(
+                        "relay did not answer data for transID {trans_id} in time",
+                        trans_id=min(asked),
+                        event="client.send-unanswered",
+                    )
+                    return pending.result()
+                except BEEPError as e:
+                    log.warn(
+                        "relay refused data to {recipients}: {code} {text}",
+                        recipients=unique,
+                        code=e.code,
+                        text=e.text,
+                        event="client.data-refused",
+                    )
+                    pending.settle_all(e.code, e.text)
+                except NotSent:
+                    # Lost before an octet of it was written: the relay never saw it, so
+                    # the next session carries it, under the same transIDs, and it can
+                    # arrive only once.
+                    log.info(
+                        "session lost before data for transID {trans_id} went out;"
+                        " it goes on the next one",
+                        trans_id=min(asked),
+                        event="client.send-again",
+                    )
+                    lost = connection
+                    unsent = (
+                        "not sent: the connection to the relay was lost before it went out,"
+                        f" and was not back within {timeout:g} s"
+                    )
+                    continue
+                except SessionClosed:
+                    # The relay may have taken the data before the session went: its
+                    # reports can still reach us after re-attaching. Sending again could
+                    # deliver twice.
+                    log.warn(
+                        "session lost while sending transID {trans_id}; waiting for reports",
+                        trans_id=min(asked),
+                        event="client.send-interrupted",
+                    )
+                break
             if not pending.done.called:
                 left = max(0.0, deadline - self._clock.seconds())
                 try:
@@ -1250,9 +1278,11 @@ class Client:
         for d in ended:
             d.errback(failure.copy())
 
-    def _ready(self) -> defer.Deferred[_Connection]:
-        """The current connection, once there is one."""
-        if self._connection is not None:
+    def _ready(self, lost: _Connection | None = None) -> defer.Deferred[_Connection]:
+        """The current connection, once there is one; not ``lost``, whose session has
+        ended even while it is still current (its channels fail before the session
+        says it has closed)."""
+        if self._connection is not None and self._connection is not lost:
             return defer.succeed(self._connection)
         if self._failure is not None:
             return defer.fail(self._failure.copy())
