@@ -931,6 +931,24 @@ async def test_data_never_sent_and_no_reconnection_in_time_says_not_sent(net: Ne
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_attach_the_lost_session_cut_short_is_made_on_the_next(net: Net) -> None:
+    """attach() under way as the connection fails is made again once fred is back. It
+    sent again at once on the session going away, which failed at once, and so on: a
+    loop that never yielded, and hung the reactor."""
+    fred = await net.connect(FRED)
+    session = fred._connection.session
+
+    attaching = defer.ensureDeferred(fred.attach("fred/appl=im@a.test"))
+    session.transport.abortConnection()
+    await attaching.addTimeout(5, reactor)
+
+    assert fred._connection.session is not session
+    assert fred.endpoints == (FRED, "fred/appl=im@a.test")
+    relay = net.relays["a.test"].service.relay
+    assert sorted(str(e) for e in relay.attached) == ["fred/appl=im@a.test", FRED]
+
+
+@pytest_twisted.ensureDeferred
 async def test_without_reconnect_a_lost_connection_ends_the_client(net: Net) -> None:
     fred = await net.connect(FRED, reconnect=False)
     consuming, errors = until_it_ends(fred)

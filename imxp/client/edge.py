@@ -615,9 +615,10 @@ class Client:
             d.callback(None)
 
     async def _attach(self, key: str) -> None:
+        lost: _Connection | None = None
         while key not in self._wanted:
             try:
-                connection = await self._ready()
+                connection = await self._ready(lost)
             except _Closed:
                 raise RuntimeError("the client is closed") from None
             assert connection.channel is not None
@@ -630,7 +631,11 @@ class Client:
                     "refused", f"the relay refused to attach {key} ({e.code}): {e.text}", e.code
                 ) from None
             except SessionClosed:
-                continue  # attached on the next connection, if the relay agrees then
+                # Attached on the next connection, if the relay agrees then. Until the
+                # session says it has closed, this lost one is still the current: sending
+                # on it again would fail at once, and again, without end.
+                lost = connection
+                continue
             connection.attached[trans_id] = key
             self._wanted.append(key)
             log.info("attached as {endpoint}", endpoint=key, event="client.attached")
