@@ -279,6 +279,33 @@ async def test_mistakes_in_a_send_are_named_before_anything_is_sent(net: Net) ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_timeout_or_text_of_the_wrong_kind_is_named_at_the_call(net: Net) -> None:
+    """timeout=None failed deep inside, adding None to the clock; timeout=-1 on an
+    assertion of the reactor's; send_message(to, b"...") on bytes having no encode().
+    Each is said at the call, with what is expected, and nothing is sent."""
+    barney = Inbox()
+    await net.connect(BARNEY, on_data=barney)
+    fred = await net.connect(FRED)
+    for timeout in (None, "90", True):
+        with pytest.raises(TypeError, match=r"timeout is seconds \(a number\), not "):
+            await fred.send([BARNEY], b"x", timeout=timeout)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"timeout is seconds \(a number\), not "):
+            await fred.send_message([BARNEY], "x", timeout=timeout)  # type: ignore[arg-type]
+    for timeout in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"timeout is seconds, more than 0 and finite, not "):
+            await fred.send([BARNEY], b"x", timeout=timeout)
+        with pytest.raises(ValueError, match=r"timeout is seconds, more than 0 and finite, not "):
+            await fred.send_message([BARNEY], "x", timeout=timeout)
+    with pytest.raises(
+        TypeError, match=r"text is a str, not bytes \(content as bytes goes with send\(\)"
+    ):
+        await fred.send_message([BARNEY], b"hello")  # type: ignore[arg-type]
+
+    assert codes(await fred.send([BARNEY], b"only this", timeout=5)) == {BARNEY: 250}
+    assert [i.body for i in barney.items] == [b"only this"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_report_that_does_not_come_in_time_is_unknown(net: Net) -> None:
     """The relay takes the data, but the recipient's application never answers it, so
     no final report can exist when the sender stops waiting: unknown, not a hang, and a

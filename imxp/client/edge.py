@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import random
 import secrets
 import weakref
@@ -695,12 +696,14 @@ class Client:
         ``headers`` are further MIME headers of the content part.
 
         Raises :class:`ClientError` when the client has given up on the relay (a lost
-        connection without ``reconnect``, or credentials refused on reconnecting), and
-        RuntimeError after :meth:`close`.
+        connection without ``reconnect``, or credentials refused on reconnecting),
+        RuntimeError after :meth:`close`, and TypeError or ValueError, before anything is
+        sent, for a ``timeout`` that is not a number of seconds more than 0 and finite.
         """
         if self._closing:
             raise RuntimeError("the client is closed")
         _endpoints_not_one(recipients, "recipients")
+        _timeout_is_seconds(timeout)
         by_key: dict[str, str] = {}
         for recipient in recipients:
             by_key.setdefault(_key(recipient), recipient)  # the first spelling names it
@@ -845,9 +848,18 @@ class Client:
         done in a thread of the reactor's pool. Raises
         :class:`~imxp.e2e.protect.E2EError`, before anything is sent, when it cannot be
         protected (no key or certificate for the sender or a recipient).
+
+        ``text`` is a str (content already bytes goes with :meth:`send`); ``timeout`` is
+        as for :meth:`send`, and a wrong one is said before any protecting is done.
         """
         _endpoints_not_one(to, "to")
         _endpoints_not_one(cc, "cc")
+        if not isinstance(text, str):
+            raise TypeError(
+                f"text is a str, not {type(text).__name__}"
+                " (content as bytes goes with send(), with its media type)"
+            )
+        _timeout_is_seconds(timeout)
         message = cpim.text_message(self.endpoint, to, text, cc=cc, subject=subject)
         content, content_type = cpim.build(message), cpim.MEDIA_TYPE
         if protect is not None:
@@ -1553,6 +1565,17 @@ class Client:
             self._unread.extend(left)
         for other in self._inboxes:
             other.put_first([(arrival, item) for arrival, item in left if arrival < other.made])
+
+
+def _timeout_is_seconds(timeout: float) -> None:
+    """A send's ``timeout``: more than 0, or the data could not even be handed to the
+    relay, and finite, as the reactor's timers need. None is not "no timeout": waiting
+    for ever for a report that may never come is what the timeout is there to prevent
+    (the default is :data:`REPORT_TIMEOUT`)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout is seconds (a number), not {timeout!r}")
+    if not 0 < timeout < math.inf:  # NaN is neither
+        raise ValueError(f"timeout is seconds, more than 0 and finite, not {timeout!r}")
 
 
 def _endpoints_not_one(endpoints: Sequence[str], name: str) -> None:
