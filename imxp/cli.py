@@ -64,6 +64,7 @@ import dataclasses
 import enum
 import getpass
 import json
+import math
 import mimetypes
 import os
 import sys
@@ -373,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=REPORT_TIMEOUT,
         help=f"seconds to wait for the reports ({REPORT_TIMEOUT:g}: longer than a relay's "
         "default delivery_timeout, so that a next hop it cannot reach is reported as such)",
@@ -409,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("peer", type=_endpoint, metavar="ENDPOINT", help="whom to chat with")
     chat.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=REPORT_TIMEOUT,
         help=f"seconds to wait for each line's report ({REPORT_TIMEOUT:g})",
     )
@@ -689,6 +690,15 @@ def _endpoint(text: str) -> str:
     except AddressError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _seconds(text: str) -> float:
+    """A timeout as the client library takes it (more than 0 and finite), so that a wrong
+    one is a usage error here rather than a failure after connecting."""
+    value = float(text)
+    if not 0 < value < math.inf:  # NaN is neither
+        raise argparse.ArgumentTypeError(f"seconds, more than 0 and finite, not {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -96,6 +96,22 @@ def test_every_subcommand_has_help(words: list[str], capsys: pytest.CaptureFixtu
     assert f"usage: imxp {' '.join(words)}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+@pytest.mark.parametrize(
+    "words", [["send", "--from", FRED, "--to", BARNEY], ["chat", "--as", FRED]]
+)
+def test_a_timeout_that_is_no_wait_is_a_usage_error(
+    words: list[str], timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The library refuses such a timeout at the send, after the command has connected:
+    said there, it was an internal error (or, for 0, every outcome unknown)."""
+    peer = [BARNEY] if words[0] == "chat" else ["hello"]
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args([*words, "--timeout", timeout, *peer])
+    assert raised.value.code == 2
+    assert f"--timeout: seconds, more than 0 and finite, not {timeout}" in capsys.readouterr().err
+
+
 # -- send and listen -------------------------------------------------------------------------
 
 
