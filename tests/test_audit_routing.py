@@ -11,7 +11,7 @@ from dnsserver import srv
 from test_relay_restart import FakeSession
 from twisted.internet import defer, protocol, reactor, task
 
-from imxp.apex import wire
+from imxp.apex import peers, wire
 from imxp.apex.peers import Link, LinkFailed, PeerPool, Verdict
 from imxp.apex.routing import NoRoute, Router, Target
 from imxp.apex.service import Credentials, _connect
@@ -455,3 +455,125 @@ def test_unreachable_next_hops_are_retried_with_bounded_backoff_until_the_deadli
     assert clock.seconds() <= 20.0
     assert sending.result.code == 421
     assert connect.attempts[:4] == ["relay1.b.test", "relay2.b.test"] * 2
+
+
+# -- a next hop that is down, with real sockets ----------------------------------------------
+
+
+class ClosesAtOnce(protocol.Protocol):
+    """A next hop that takes each TCP connection and drops it before greeting (a relay
+    restarting behind a load balancer, a firewall that resets): a connection attempt that
+    fails, temporarily (421), as a refused one does."""
+
+    def connectionMade(self) -> None:
+        self.factory.accepted += 1  # type: ignore[attr-defined]
+        self.transport.loseConnection()
+
+
+class RealConnector:
+    """``service._connect`` over real sockets, counting attempts and telling when none
+    is under way (the pool's backoff runs on a task.Clock; the sockets on the reactor)."""
+
+    def __init__(self, server_cert, test_ca) -> None:
+        self.credentials = Credentials(server_cert("a.test"), [test_ca.certificate])
+        self.busy = 0
+        self.attempts = 0
+        self._idle: list[defer.Deferred[None]] = []
+
+    async def __call__(self, target: Target) -> Link:
+        class Relay:
+            domain = "a.test"
+
+        self.attempts += 1
+        self.busy += 1
+        try:
+            config = SessionConfig(window=65536, idle_timeout=None)
+            return await _connect(target, Relay(), self.credentials, config, reactor, 5.0, None)  # type: ignore[arg-type]
+        finally:
+            self.busy -= 1
+            if not self.busy:
+                # Once the pool has the outcome: not from within the attempt.
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    reactor.callLater(0, d.callback, None)
+
+    async def idle(self) -> None:
+        """Until no connection attempt is under way."""
+        if self.busy:
+            d: defer.Deferred[None] = defer.Deferred()
+            self._idle.append(d)
+            await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_defect_data_for_a_next_hop_that_is_down_share_its_attempts_and_backoff(
+    server_cert, test_ca, events
+) -> None:
+    """Each data ran a connect-and-retry loop of its own: a next hop that was down got a
+    connection attempt per data and retry (3,225 for 1,000 data in 10 s), each with an
+    apex.link-failed warning. As a mail queue does it, the pool makes one attempt at a time
+    per next hop, with one backoff for all that wait for it: here attempts at 0, 1, 3, 7,
+    11, 15 and 19 s (doubling, at most 4 s apart) for 120 data arriving over 12 s, each
+    attempt one warning, and each data its one verdict by its deadline."""
+    factory = protocol.Factory.forProtocol(ClosesAtOnce)
+    factory.accepted = 0  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        target = Target("127.0.0.1", port.getHost().port, "b.test", "static")
+        connect = RealConnector(server_cert, test_ca)
+        clock = task.Clock()
+        pool = PeerPool(connect, clock, first_retry=1.0, max_retry=4.0)
+        sendings: list[defer.Deferred[Verdict]] = []
+        for second in range(30):
+            if second < 12:
+                # Ten data a second, each with a deadline 10 s on.
+                deadline = clock.seconds() + 10.0
+                sendings += [pool.send([target], Message(b"data"), deadline) for _ in range(10)]
+            await connect.idle()
+            clock.advance(1.0)
+            await connect.idle()
+    finally:
+        await port.stopListening()
+
+    assert connect.attempts == 7
+    assert factory.accepted == 7  # type: ignore[attr-defined]
+    failed = [e for e in events if e["event"] == "apex.link-failed"]
+    assert len(failed) == 7
+    verdicts = [d.result for d in sendings]
+    assert len(verdicts) == 120
+    assert {v.code for v in verdicts} == {421}
+    assert all("cannot connect" in v.text for v in verdicts)
+
+
+def test_a_next_hop_in_its_backoff_is_passed_over_for_the_next_target_without_an_attempt() -> None:
+    """RFC 2782: each target in turn. A data that comes while the first is backing off
+    after a failed attempt goes straight to the second, as the data that saw it fail did."""
+    down = LinkFailed(421, "cannot connect")
+    connect = Connector({"relay1.b.test": [down], "relay2.b.test": ["ok"]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock)
+
+    first = pool.send([FIRST, SECOND], Message(b"one"), 60.0)
+    clock.advance(0.1)
+    second = pool.send([FIRST, SECOND], Message(b"two"), 60.0)
+
+    assert connect.attempts == ["relay1.b.test", "relay2.b.test"]
+    assert first.result == second.result == Verdict(250, hop=SECOND.address)
+
+
+def test_the_pool_remembers_a_bounded_number_of_next_hops_that_failed(monkeypatch) -> None:
+    """What is kept of a next hop that failed outlives the data that waited for it (so
+    that the next data do not try it again at once), but a relay that failed to reach a
+    great many does not keep them all: the least recently failed go first, never one
+    being connected to."""
+    monkeypatch.setattr(peers, "MAX_REMEMBERED", 2)
+    down = LinkFailed(421, "cannot connect")
+    hosts = [f"relay{n}.b.test" for n in range(4)]
+    connect = Connector({host: [down] for host in hosts} | {"slow.b.test": ["hang"]})
+    pool = PeerPool(connect, task.Clock())
+    slow = pool.send([Target("slow.b.test", 912, "b.test", "srv")], Message(b"x"), 60.0)
+    for host in hosts:
+        pool.send([Target(host, 912, "b.test", "srv")], Message(b"x"), 0.1)
+
+    assert [key[0] for key in pool._hops] == ["slow.b.test", "relay3.b.test"]
+    slow.cancel()

@@ -646,6 +646,46 @@ async def test_unknown_unattached_and_unreachable(
 
 
 @pytest_twisted.ensureDeferred
+async def test_defect_data_queued_for_a_next_hop_that_is_down_do_not_storm_it(
+    build_mesh: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """Every data ran its own connect-and-retry loop, so a next hop that was down got a
+    connection attempt, and the operator an apex.link-failed warning, per data and retry:
+    here some 35 for 30 data. As a mail queue does, the relay makes one attempt at a time
+    for the next hop, with one backoff (0.2 s, then doubling) for all data waiting for it,
+    and each data still ends in one report: 421, the next hop unreachable."""
+    accepted: list[protocol.Protocol] = []
+
+    class ClosesAtOnce(protocol.Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+            self.transport.loseConnection()
+
+    down = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(ClosesAtOnce)
+    )
+    try:
+        mesh = await build_mesh()
+        mesh.publish("down.test", down.getHost().port)
+        fred = await mesh.attach(FRED)
+        trans_ids = [await mesh.send(fred, ["someone@down.test"]) for _ in range(30)]
+        await mesh.settle()
+    finally:
+        await down.stopListening()
+
+    for trans_id in trans_ids:
+        code, text = outcome(fred, trans_id)["someone@down.test"]
+        assert code == 421 and "cannot connect" in text, (code, text)
+    mesh.assert_exactly_once()
+    # Within the delivery timeout of 1 s the backoff allows attempts at 0, 0.2 and 0.6 s
+    # (and 1.4 s, for data sent late): far fewer than data.
+    failed = named(events, "apex.link-failed")
+    assert 1 <= len(accepted) <= 6
+    assert len(failed) == len(accepted)
+    assert {e["peer"] for e in failed} == {"down.test"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_next_hop_that_never_greets_ends_in_a_report_at_the_deadline(
     build_mesh: MeshBuilder, events: list[LogEvent]
 ) -> None:

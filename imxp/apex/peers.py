@@ -12,18 +12,22 @@ written (:class:`~imxp.beep.session.NotSent`), which is retried. A next hop
 that is going away (421, or closing the session) gets nothing more on that
 session, so that its release completes with every data on it answered. Data
 for a next hop with no link yet share one connection attempt and go on in the
-order they came, as data on a link do. What waits for a next hop, on its link's
+order they came, as data on a link do. As a mail queue keeps one backoff per
+destination, a next hop is tried by one attempt at a time, and after a failed
+one not again before its backoff is out, whatever number of data wait for it:
+they all wait for that next attempt. What waits for a next hop, on its link's
 queue or for a link to it, is bounded by ``max_queued``.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from imxp import logs
@@ -33,6 +37,12 @@ from imxp.beep.message import Message
 from imxp.beep.session import BEEPError, Channel, NotSent, Session, SessionClosed
 
 __all__ = ["Link", "LinkFailed", "PeerPool", "Verdict"]
+
+#: Next hops that failed whose backoff the pool remembers once no data waits for them, so
+#: that data coming later do not try them again at once; beyond it, the least recently
+#: failed are forgotten. Data for other domains may name any next hop (SRV), so a relay
+#: that once failed to reach many would otherwise keep them all.
+MAX_REMEMBERED = 4096
 
 
 log = logs.Logger(namespace="imxp.apex.peers")
@@ -100,31 +110,84 @@ class _Attempt:
 
     def __init__(self) -> None:
         self.task: Deferred[None] | None = None
-        self._waiting: list[Deferred[Link]] = []
+        self.waiting: list[Deferred[Link]] = []
 
     def wait(self) -> Deferred[Link]:
         d: Deferred[Link] = Deferred(self._gave_up)
-        self._waiting.append(d)
+        self.waiting.append(d)
         return d
 
     def _gave_up(self, d: Deferred[Link]) -> None:
         # One data giving up (its deadline) must not end the attempt for the others;
         # once none waits, nothing needs the link, and a half-made session is dropped.
-        if d in self._waiting:
-            self._waiting.remove(d)
-            if not self._waiting and self.task is not None:
+        if d in self.waiting:
+            self.waiting.remove(d)
+            if not self.waiting and self.task is not None:
                 self.task.cancel()
 
     def settle(self, outcome: Link | Failure) -> None:
         """Answer the waiting data in the order they came. Each goes on at once, so one
         may give up another still waiting here; that one has its answer then."""
-        waiting, self._waiting = self._waiting, []
+        waiting, self.waiting = self.waiting, []
         for d in waiting:
             if not d.called:
                 if isinstance(outcome, Failure):
                     d.errback(outcome)
                 else:
                     d.callback(outcome)
+
+
+class _NextHop:
+    """What the pool knows of one next hop it has no link to: the connection attempt
+    under way, and after one failed, when the next may be made. A next hop that is down
+    would otherwise get an attempt, and its operator a warning, per data and retry."""
+
+    __slots__ = ("attempt", "delay", "failure", "retry_at", "timer", "waiting")
+
+    def __init__(self, first_retry: float) -> None:
+        self.attempt: _Attempt | None = None
+        self.failure: LinkFailed | None = None
+        """The last attempt's failure, if it failed: given, until ``retry_at``, to the
+        data that come for it meanwhile, in place of an attempt of their own."""
+        self.retry_at = 0.0
+        self.delay = first_retry
+        """How long the next failed attempt puts off the one after it."""
+        self.waiting: list[Deferred[None]] = []
+        """The data waiting for ``retry_at``, in the order they came."""
+        self.timer: IDelayedCall | None = None
+
+    def failed(self, failure: LinkFailed, now: float, max_retry: float) -> None:
+        self.failure = failure
+        self.retry_at = now + self.delay
+        self.delay = min(self.delay * 2, max_retry)
+
+    def backing_off(self, now: float) -> LinkFailed | None:
+        """The last failure, anew, while no attempt may be made yet; else None."""
+        failure = self.failure
+        if failure is None or self.retry_at <= now:
+            return None
+        return LinkFailed(failure.code, failure.text)
+
+    def wait(self, clock: IReactorTime) -> Deferred[None]:
+        """Fires at ``retry_at``: one timer for every data waiting, which then go on in
+        the order they came, so that the first makes the attempt and the others join it."""
+        d: Deferred[None] = Deferred(self._gave_up)
+        self.waiting.append(d)
+        if self.timer is None:
+            self.timer = clock.callLater(max(0.0, self.retry_at - clock.seconds()), self._due)
+        return d
+
+    def _gave_up(self, d: Deferred[None]) -> None:
+        self.waiting.remove(d)
+        if not self.waiting and self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _due(self) -> None:
+        self.timer = None
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(None)
 
 
 class _Unsent:
@@ -171,7 +234,9 @@ class PeerPool:
         self._max_retry = max_retry
         self._max_queued = max_queued
         self._links: dict[tuple[str, int, str], Link] = {}
-        self._connecting: dict[tuple[str, int, str], _Attempt] = {}
+        # The next hops being connected to, or that failed, the least recently failed
+        # first: one attempt at a time each, and one backoff.
+        self._hops: OrderedDict[tuple[str, int, str], _NextHop] = OrderedDict()
         # Octets of the data waiting for each next hop with no link to take them. Once
         # sent, a data counts in its link's channel's queued_bytes instead.
         self._unsent: dict[tuple[str, int, str], int] = {}
@@ -204,22 +269,28 @@ class PeerPool:
             return link
         return None
 
-    async def _link(self, target: Target) -> Link:
-        key = self._key(target)
+    async def _link(self, target: Target, key: tuple[str, int, str]) -> Link:
+        """A link to ``target`` (``key``); fails with LinkFailed."""
         link = self._usable(key)
         if link is not None:
             return link
-        attempt = self._connecting.get(key)
-        if attempt is not None:
-            return await attempt.wait()
+        hop = self._hops.get(key)
+        if hop is None:
+            hop = self._hops[key] = _NextHop(self._first_retry)
+        elif hop.attempt is not None:
+            return await hop.attempt.wait()
+        else:
+            failure = hop.backing_off(self._clock.seconds())
+            if failure is not None:
+                raise failure
         # Data for the same next hop meanwhile wait on this one attempt.
-        attempt = self._connecting[key] = _Attempt()
+        attempt = hop.attempt = _Attempt()
         waiting = attempt.wait()  # first: the attempt may end before ensureDeferred returns
-        attempt.task = defer.ensureDeferred(self._establish(target, key, attempt))
+        attempt.task = defer.ensureDeferred(self._establish(target, key, hop, attempt))
         return await waiting
 
     async def _establish(
-        self, target: Target, key: tuple[str, int, str], attempt: _Attempt
+        self, target: Target, key: tuple[str, int, str], hop: _NextHop, attempt: _Attempt
     ) -> None:
         """Connect to ``target`` for the data waiting on ``attempt``, and hand them the
         link in the order they came: the data that set it off among them, so that what
@@ -230,26 +301,33 @@ class PeerPool:
                 link.session.disconnect()
                 raise LinkFailed(421, "this relay is shutting down")
         except Exception as e:
-            del self._connecting[key]
+            hop.attempt = None
             if isinstance(e, defer.CancelledError):
                 # Every data waiting gave up (deadlines, a stop).
+                self._forget(key, hop)
                 failure = Failure(LinkFailed(421, "connection attempt given up"))
             else:
                 failure = Failure()
                 if isinstance(e, LinkFailed):
+                    hop.failed(e, self._clock.seconds(), self._max_retry)
+                    self._remember(key)
                     # Data waits on it and is tried again, if time allows, until its
-                    # verdict: meanwhile this is the operator's only sign of trouble.
+                    # verdict: meanwhile this is the operator's only sign of trouble, one
+                    # line per attempt however many data wait.
                     log.warn(
-                        "no link to {peer} at {where}: {code} {text}",
+                        "no link to {peer} at {where}: {code} {text} ({waiting} data waiting)",
                         peer=target.tls_name,
                         where=target.address,
                         code=e.code,
                         text=e.text,
+                        waiting=len(attempt.waiting),
                         event="apex.link-failed",
                     )
             attempt.settle(failure)
             return
-        del self._connecting[key]
+        hop.attempt = None
+        hop.failure = None
+        self._forget(key, hop)
         self._links[key] = link
         log.info(
             "link to {peer} at {where} up",
@@ -264,6 +342,23 @@ class PeerPool:
 
         link.session.when_closed().addCallback(gone)
         attempt.settle(link)
+
+    def _forget(self, key: tuple[str, int, str], hop: _NextHop) -> None:
+        """Drop ``hop`` when it has nothing to remember: no attempt, no failure. Data
+        waiting for its retry are woken by its timer all the same."""
+        if hop.attempt is None and hop.failure is None and self._hops.get(key) is hop:
+            del self._hops[key]
+
+    def _remember(self, key: tuple[str, int, str]) -> None:
+        """Keep the failure of ``key``'s next hop, the most recent; forget the least recent
+        beyond MAX_REMEMBERED, but never one being connected to (a second attempt would
+        start beside it)."""
+        self._hops.move_to_end(key)
+        excess = len(self._hops) - MAX_REMEMBERED
+        if excess > 0:
+            idle = [k for k, hop in self._hops.items() if hop.attempt is None][:excess]
+            for k in idle:
+                del self._hops[k]
 
     def send(self, targets: list[Target], message: Message, deadline: float) -> Deferred[Verdict]:
         """Hand ``message`` (an encoded data) to the first next hop that takes it."""
@@ -305,7 +400,7 @@ class PeerPool:
         again with backoff until ``deadline``.
 
         While ``message`` waits for a next hop with no link, it counts against that next
-        hop's ``max_queued``: between attempts, against the first choice, tried next."""
+        hop's ``max_queued``: between attempts, against the one it waits to try."""
         unsent = _Unsent(self._unsent, len(message.body))
         try:
             return await self._try(targets, message, deadline, skip, last, unsent)
@@ -321,20 +416,24 @@ class PeerPool:
         last: Verdict,
         unsent: _Unsent,
     ) -> Verdict:
+        # The delay before this data goes again to a next hop that refused it for now on
+        # its link; a next hop that could not be reached has a backoff of its own instead.
         delay = self._first_retry
+        keys = [self._key(target) for target in targets]
         while True:
             tried = refused = 0
-            for target in targets[skip:]:
+            # _first_failed: the first choice refused it for now, on its link.
+            refused_for_now = skip > 0
+            for target, key in zip(targets[skip:], keys[skip:], strict=True):
                 if self._closing:
                     return last
                 tried += 1
-                key = self._key(target)
                 if self._usable(key) is None:
                     crowded = self._crowded(target, key, unsent)
                     if crowded is not None:
                         return crowded
                 try:
-                    link = await self._link(target)
+                    link = await self._link(target, key)
                 except LinkFailed as e:
                     last = Verdict(e.code, f"{target.address}: {e.text}")
                     if e.code >= 500:
@@ -356,6 +455,7 @@ class PeerPool:
                     last, final = self._judge(Failure(), target, link)
                     if final:
                         return last
+                    refused_for_now = True
                     continue
                 except defer.CancelledError:
                     self._abandon(link)
@@ -364,13 +464,26 @@ class PeerPool:
             if (tried and refused == tried and not skip) or self._closing:
                 return last
             skip = 0
-            if self._clock.seconds() + delay > deadline:
+            # Whichever comes first: the next attempt at one of the next hops that could not
+            # be reached (shared with every data waiting for it), or this data's own delay.
+            at, first, hop = float("inf"), 0, None
+            for index, key in enumerate(keys):
+                candidate = self._hops.get(key)
+                if candidate is not None and candidate.failure is not None:
+                    if candidate.retry_at < at:
+                        at, first, hop = candidate.retry_at, index, candidate
+            if refused_for_now and self._clock.seconds() + delay < at:
+                at, first, hop = self._clock.seconds() + delay, 0, None
+            if at > deadline:
                 return last
-            if targets:
-                crowded = self._crowded(targets[0], self._key(targets[0]), unsent)
-                if crowded is not None:
-                    return crowded
-            wait = task.deferLater(self._clock, delay, lambda: None)
+            crowded = self._crowded(targets[first], keys[first], unsent)
+            if crowded is not None:
+                return crowded
+            if hop is None:
+                wait = task.deferLater(self._clock, delay, lambda: None)
+                delay = min(delay * 2, self._max_retry)
+            else:
+                wait = hop.wait(self._clock)
             self._waits.add(wait)
             try:
                 await wait
@@ -379,7 +492,6 @@ class PeerPool:
                 return last
             finally:
                 self._waits.discard(wait)
-            delay = min(delay * 2, self._max_retry)
 
     def _backlog(self, link: Link) -> Verdict | None:
         """450 when more than ``max_queued`` octets already wait for ``link``'s next hop:
