@@ -472,6 +472,58 @@ def test_many_domains_at_once_are_looked_up_a_bounded_number_at_a_time():
     assert clock.getDelayedCalls() == []
 
 
+def test_lookups_waiting_for_their_turn_are_bounded_and_one_domain_waits_once():
+    """Behind a resolver that never answers, the domains of data that kept coming waited
+    for a turn without bound, in number and in time. Beyond ``max_waiting`` a domain is a
+    temporary no route at once, logged once; data for a domain already waiting share its
+    lookup and are not counted again."""
+    slow = Slow()
+    clock = task.Clock()
+    router = Router(resolver=slow, clock=clock, max_lookups=2, max_waiting=3)
+    with capturedLogs() as events:
+        let_in = [router.route(f"d{i}.nowhere.test") for i in range(5)]  # 2 asked, 3 waiting
+        again = router.route("d4.nowhere.test")
+        refused = router.route("d5.nowhere.test").addErrback(failed_with, NoRoute)
+
+    assert refused.called, "a lookup waits for its turn behind max_waiting others"
+    assert not refused.result.permanent
+    assert refused.result.reason == "DNS lookup failed: too many lookups waiting"
+    logged = [e for e in events if e.get("event") == "apex.route-failed"]
+    assert [(e["domain"], e["permanent"]) for e in logged] == [("d5.nowhere.test", False)]
+    assert not again.called and not any(d.called for d in let_in)
+    assert slow.asked == [MESH + "d0.nowhere.test", MESH + "d1.nowhere.test"]
+
+    slow.answer_all()  # each ends in its answer, the waiting ones asked in turn
+    for d in [*let_in, again]:
+        assert isinstance(d.addErrback(failed_with, NoRoute).result, NoRoute)
+        assert d.result.reason == "no such domain"
+    assert len(slow.asked) == 3 * 5
+
+
+def test_no_lookup_waits_for_its_turn_longer_than_query_timeout():
+    """A resolver slow enough that lookups take longer than QUERY_TIMEOUT (here each query
+    answered just in time) kept the domains waiting behind them for many turns: a lookup
+    that has not had its turn after QUERY_TIMEOUT is a temporary no route."""
+    slow = Slow()
+    clock = task.Clock()
+    router = Router(resolver=slow, clock=clock, max_lookups=1)
+    first = router.route("first.nowhere.test").addErrback(failed_with, NoRoute)
+    second = router.route("second.nowhere.test").addErrback(failed_with, NoRoute)
+    clock.advance(QUERY_TIMEOUT - 1)
+    name, srv_query = slow.waiting.pop(0)
+    srv_query.errback(dns_error.DNSNameError(name))  # just in time; A and AAAA go out
+    assert slow.asked == [MESH + "first.nowhere.test"] + ["first.nowhere.test"] * 2
+    assert not first.called and not second.called
+
+    clock.advance(1)
+    assert second.result.reason == "DNS lookup failed: too many lookups waiting"
+    assert not second.result.permanent
+    assert MESH + "second.nowhere.test" not in slow.asked
+    slow.answer_all()
+    assert first.result.reason == "no such domain"
+    assert clock.getDelayedCalls() == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_query_that_cannot_be_sent_fails_the_route_temporarily_and_quietly():
     """twisted.names raises at once when it cannot open a socket for a query. That was

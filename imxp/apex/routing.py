@@ -63,6 +63,13 @@ EDGE_PORT = 913  # RFC 3340 §8.3
 #: answering in 50 ms still completes some 300 lookups a second (SRV, then A and AAAA),
 #: and the usual data's domain is in the cache and waits for none.
 MAX_LOOKUPS = 32
+#: Lookups of uncached domains waiting for their turn past which a further domain is not
+#: looked up but given a temporary no route at once (451): behind a resolver that never
+#: answers, the domains of data that keep coming would otherwise queue without bound.
+#: More than the domains one data may name (wire.MAX_RECIPIENTS), so that such a data, on a
+#: cold cache, is never refused by it. None waits for its turn longer than QUERY_TIMEOUT
+#: either: after that the resolver is too slow for the domains before it.
+MAX_WAITING_LOOKUPS = 1024
 #: The longest the router waits for one query. twisted.names gives up by itself after
 #: 1+3+11+45 = 60 s, so this only ends a query that will never be answered: one the
 #: resolver joined to an earlier query of the same name that it could not send (it keeps
@@ -166,8 +173,9 @@ class Router:
     not at all, so that delivery resumes as soon as DNS does. At most ``max_cache`` domains
     are kept, the least recently used going first. Concurrent lookups for one domain share
     one query; at most ``max_lookups`` domains are looked up at once, the others waiting
-    their turn (a data may name a thousand domains), and no query is waited for longer
-    than ``query_timeout`` seconds.
+    their turn (a data may name a thousand domains): at most ``max_waiting`` of them, and
+    for no longer than ``query_timeout`` seconds, which is also the longest any query is
+    waited for. A domain beyond those is a temporary no route ("too many lookups waiting").
     """
 
     def __init__(
@@ -183,6 +191,7 @@ class Router:
         negative_ttl: float = 60.0,
         max_cache: int = 10_000,
         max_lookups: int = MAX_LOOKUPS,
+        max_waiting: int = MAX_WAITING_LOOKUPS,
         query_timeout: float = QUERY_TIMEOUT,
     ) -> None:
         """``resolver`` defaults to ``twisted.names.client.createResolver()`` (hosts file,
@@ -219,6 +228,7 @@ class Router:
         self._cache: OrderedDict[str, _Answer] = OrderedDict()
         self._pending: dict[str, list[Deferred[_Answer]]] = {}
         self._lookups = defer.DeferredSemaphore(max_lookups)
+        self._max_waiting = max_waiting
         self._query_timeout = query_timeout
         # What _configured made of each domain: the configuration does not change, and a
         # relay routes every data it forwards. Bounded like the answer cache.
@@ -364,12 +374,37 @@ class Router:
         d: Deferred[_Answer] = Deferred()
         waiting.append(d)
         if len(waiting) == 1:
-            # Started now if fewer than max_lookups are under way, else when one ends.
-            self._lookups.run(self._start_lookup, name).addBoth(self._settle, name)
+            self._take_turn(name)
         return d
 
-    def _start_lookup(self, name: str) -> Deferred[_Answer]:
-        return defer.ensureDeferred(self._lookup(name))
+    def _take_turn(self, name: str) -> None:
+        """Look ``name`` up now if fewer than max_lookups are under way, else when one
+        ends - unless max_waiting wait already, or its turn is query_timeout away."""
+        lookups = self._lookups
+        if not lookups.tokens and len(lookups.waiting) >= self._max_waiting:
+            self._settle(self._too_many(name), name)
+            return
+        turn = lookups.acquire()
+        if not turn.called:
+            turn.addTimeout(self._query_timeout, self._clock)
+        turn.addCallbacks(
+            self._start_lookup, self._no_turn, callbackArgs=(name,), errbackArgs=(name,)
+        ).addBoth(self._settle, name)
+
+    def _start_lookup(self, _turn: object, name: str) -> Deferred[_Answer]:
+        def done(result: _Answer | Failure) -> _Answer | Failure:
+            self._lookups.release()
+            return result
+
+        return defer.ensureDeferred(self._lookup(name)).addBoth(done)
+
+    def _no_turn(self, failure: Failure, name: str) -> _Answer:
+        failure.trap(defer.TimeoutError)
+        return self._too_many(name)
+
+    def _too_many(self, name: str) -> _Answer:
+        # Our resolver's trouble, not the domain's: temporary, and not cached.
+        return self._failure(name, "DNS lookup failed: too many lookups waiting", False)
 
     def _settle(self, result: _Answer | Failure, name: str) -> None:
         if isinstance(result, Failure):
