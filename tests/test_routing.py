@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 import pytest_twisted
 from dnsserver import a, aaaa, srv
-from twisted.internet import defer, error, task
-from twisted.logger import capturedLogs
+from twisted.internet import defer, error, reactor, task
+from twisted.logger import capturedLogs, formatEvent
 from twisted.names import dns
 from twisted.names import error as dns_error
 from twisted.python.failure import Failure
@@ -586,6 +586,27 @@ def test_a_query_never_answered_ends_after_query_timeout():
         gc.collect()
     assert not [e for e in events if e.get("log_failure") is not None]
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_query_logs_no_protocol_start_and_stop(dns_server):
+    """twisted.names makes a DNSDatagramProtocol per query, and Twisted logged each one's
+    start and stop at info ("Starting protocol <twisted.names.dns.DNSDatagramProtocol
+    object at 0x...>", "Stopping protocol ..."): two lines of every relay's log per query,
+    whatever its log_level, that say nothing an operator can use. A query that fails is
+    still logged, as apex.route-failed."""
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "relay.a.test"))
+    router = dns_router(dns_server)
+    with capturedLogs() as events:
+        assert hosts(await router.route("a.test")) == ["relay.a.test"]
+        await no_route(router, "nowhere.test")
+        # The query's port is closed on the reactor's next turn, and its protocol stopped.
+        await task.deferLater(reactor, 0, lambda: None)
+
+    texts = [formatEvent(e) for e in events]
+    assert not [t for t in texts if "DNSDatagramProtocol object" in t], texts
+    failed = [e for e in events if e.get("event") == "apex.route-failed"]
+    assert [e["domain"] for e in failed] == ["nowhere.test"]
 
 
 # -- the cache ---------------------------------------------------------------------------

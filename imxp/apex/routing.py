@@ -79,6 +79,13 @@ QUERY_TIMEOUT = 90.0
 
 log = logs.Logger(namespace="imxp.apex.routing")
 
+# twisted.names makes a DNSDatagramProtocol for each query, inside its Resolver, and Twisted
+# logs each one's start and stop at info: two lines per query in every relay's log, whatever
+# its log_level (which governs imxp's own events only), that say nothing an operator can
+# use. ``noisy`` is Twisted's switch for just those two lines, off for the class since the
+# Resolver makes the instances; what goes wrong with a lookup is logged as apex.route-failed.
+dns.DNSDatagramProtocol.noisy = False
+
 
 @dataclass(frozen=True)
 class Target:
