@@ -1326,3 +1326,19 @@ async def test_mechanism_the_relay_does_not_offer(net: Net) -> None:
     error = await refused_with(net, "fred@c.test", mechanism="PLAIN")
     assert error.kind == "auth"
     assert error.message.endswith("does not offer SASL PLAIN (it offers SCRAM-SHA-256)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_relays_mesh_port_is_named_as_the_wrong_service(net: Net) -> None:
+    """The relay-relay port (apex-mesh) offers no SASL: relays prove themselves with
+    their certificates (RFC 3340 §4.5.2). An endpoint that reaches it is at the wrong
+    service, which no password would change: it is told to use the edge port."""
+    mesh = net.relays["a.test"].port("mesh")
+    error = await refused_with(net, FRED, relay=f"127.0.0.1:{mesh}")
+    assert error.kind == "protocol"
+    assert error.code is None
+    assert error.message == (
+        f"the relay at 127.0.0.1:{mesh} offers no SASL mechanism, so no endpoint can log in"
+        " there: it looks like a relay's mesh port (apex-mesh, for relays); endpoints"
+        " connect to its edge port (apex-edge: 913, or 9913 in imxp's default configuration)"
+    )

@@ -63,7 +63,8 @@ Errors a person can act on are :class:`ClientError` with a ``kind``: ``auth`` (w
 password, mechanism not offered), ``unknown-domain`` (DNS says the domain does not exist),
 ``unreachable`` (no relay answers), ``tls`` (the relay's certificate does not verify or
 names someone else), ``refused`` (the relay will not attach us as that endpoint),
-``protocol`` (the relay speaks something else).
+``protocol`` (the relay speaks something else, or is at a service that is not for
+endpoints: its mesh port, where no SASL is offered).
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ _CLOSE_TIMEOUT = 5.0
 UNCLAIMED_WAIT = 10.0
 #: Data that may wait so at once, or unread by one iterator; more is refused with 450.
 _UNCLAIMED_LIMIT = 1000
+#: Where a relay on imxp's default configuration (``edge_listen``) takes endpoints: the
+#: port a person trying imxp out, who reached another, most likely meant.
+_DEFAULT_EDGE_PORT = int(Config.edge_listen[0].split(":")[1])
 #: How far a signed message's DateTime may be from now (RFC 3923 §6.9: five minutes).
 _WINDOW = timedelta(minutes=5)
 
@@ -1104,6 +1108,18 @@ class Client:
         offered = greeting.profiles if greeting is not None else ()
         if profile_uri(name) not in offered:
             others = [m for m in map(mechanism_name, offered) if m]
+            if not others:
+                # What tells the two services apart from here: on the relay-relay port
+                # (apex-mesh, RFC 3340 §3.1) relays prove themselves by certificate
+                # (§4.5.2), and no SASL is offered. An edge port offering none (a relay
+                # that only relays) looks the same; neither is a matter of credentials.
+                raise ClientError(
+                    "protocol",
+                    f"the relay at {where} offers no SASL mechanism, so no endpoint can log"
+                    " in there: it looks like a relay's mesh port (apex-mesh, for relays);"
+                    f" endpoints connect to its edge port (apex-edge: {EDGE_PORT}, or"
+                    f" {_DEFAULT_EDGE_PORT} in imxp's default configuration)",
+                )
             raise ClientError(
                 "auth",
                 f"the relay at {where} does not offer SASL {name}"
