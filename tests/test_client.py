@@ -461,6 +461,46 @@ async def test_an_async_on_data_that_fails_later_is_logged(net: Net, events) -> 
     assert failed["log_failure"].check(RuntimeError)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_slow_async_on_data_is_refused_450_past_its_limit(net: Net, events) -> None:
+    """A gateway's on_data awaits something slow (a database) for each data. With
+    ``on_data_limit`` handlers running past their answer, more data is refused with 450
+    at once and its handler never started, rather than answered 250 with ever more
+    handlers, and their memory, behind the answer; once one ends, data is taken again.
+    The refusal is the application's: an iterator made beside on_data does not get it."""
+    gates: list[defer.Deferred[None]] = []
+    handled: list[bytes] = []
+
+    async def slow(incoming: Incoming) -> None:
+        gate: defer.Deferred[None] = defer.Deferred()
+        gates.append(gate)
+        await gate
+        handled.append(incoming.body)
+
+    with pytest.raises(ValueError, match="at least 1"):
+        await net.connect(BARNEY, on_data=slow, on_data_limit=0)
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY, on_data=slow, on_data_limit=2)
+    seen = barney.incoming()
+
+    taken = [codes(await fred.send([BARNEY], b"slow %d" % n)) for n in range(2)]
+    busy = await fred.send([BARNEY], b"one too many")
+
+    assert taken == [{BARNEY: 250}] * 2
+    assert codes(busy) == {BARNEY: 450}
+    assert busy[BARNEY].text == "the application is busy: 2 data are still being handled"
+    assert len(gates) == 2
+    assert [e["originator"] for e in events if e["event"] == "client.data-busy"] == [FRED]
+
+    gates[0].callback(None)
+    assert codes(await fred.send([BARNEY], b"room again")) == {BARNEY: 250}
+    for gate in gates[1:]:
+        gate.callback(None)
+    assert handled == [b"slow 0", b"slow 1", b"room again"]
+    bodies = [(await defer.ensureDeferred(anext(seen))).body for _ in range(3)]
+    assert bodies == [b"slow 0", b"slow 1", b"room again"]
+
+
 def _sleep(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
 

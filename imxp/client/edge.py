@@ -165,6 +165,10 @@ _CLOSE_TIMEOUT = 5.0
 UNCLAIMED_WAIT = 10.0
 #: Data that may wait so at once, or unread by one iterator; more is refused with 450.
 _UNCLAIMED_LIMIT = 1000
+#: How many ``async def`` on_data handlers may run at once past their data's answer,
+#: unless told otherwise: as many data as an iterator may hold unread, answered 250 and
+#: not yet done with, and so as much memory.
+ON_DATA_LIMIT = _UNCLAIMED_LIMIT
 #: Where a relay on imxp's default configuration (``edge_listen``) takes endpoints: the
 #: port a person trying imxp out, who reached another, most likely meant.
 _DEFAULT_EDGE_PORT = int(Config.edge_listen[0].split(":")[1])
@@ -354,6 +358,7 @@ class _Settings:
     backoff: tuple[float, float]
     connect_timeout: float
     unclaimed_wait: float
+    on_data_limit: int
 
 
 def _key(identity: str) -> str:
@@ -546,6 +551,9 @@ class Client:
         self._clock = settings.reactor
         self._domain = Endpoint.parse(endpoint).domain
         self._on_data = on_data
+        # The on_data handlers answered and still running (an async def past its first
+        # await), at most on_data_limit of them.
+        self._handling: set[defer.Deferred[None]] = set()
         self._on_terminated = on_terminated
         self._router = (
             Router(
@@ -1371,6 +1379,21 @@ class Client:
             size=len(incoming.body),
             event="client.data-received",
         )
+        limit = self._settings.on_data_limit
+        if self._on_data is not None and len(self._handling) >= limit:
+            # Not waited for: the relay drops a session that leaves a data unanswered for
+            # its delivery_timeout, and an answer held back holds back those of every
+            # later data on the channel (RFC 3080 §2.6.1), the status reports the running
+            # handlers may await among them. Refused, the sender may try again later, as
+            # past an iterator's unread bound. Before any iterator gets it: the
+            # application as a whole refused it.
+            log.warn(
+                "data from {originator} refused: {count} on_data handlers still running",
+                originator=incoming.originator,
+                count=limit,
+                event="client.data-busy",
+            )
+            raise BEEPError(450, f"the application is busy: {limit} data are still being handled")
         arrival = self._arrivals
         self._arrivals += 1
         if not self._inboxes and self._on_data is None:
@@ -1390,6 +1413,7 @@ class Client:
             self._on_data,
             incoming,
             "on_data failed for data from {originator}",
+            running=self._handling,
             originator=incoming.originator,
             event="client.on-data-failed",
         ):
@@ -1402,26 +1426,31 @@ class Client:
         callback: Callable[[Any], Awaitable[None] | None],
         argument: object,
         message: str,
+        *,
+        running: set[defer.Deferred[None]] | None = None,
         **fields: object,
     ) -> bool:
         """Call the application's ``callback`` with ``argument``: False if it failed.
 
         An ``async def`` runs at once, up to its first ``await``, and a failure before
         then counts as a plain callback's does; rather than dropped unawaited, it then
-        goes on by itself. Awaiting it before answering would hold back the answers to
-        every later data on the channel (RFC 3080 §2.6.1: replies go in order) for as
-        long as it waits, e.g. for the status report of a data it sends. Every failure,
-        early or late, is logged with ``message``.
+        goes on by itself, in ``running`` until it ends. Awaiting it before answering
+        would hold back the answers to every later data on the channel (RFC 3080 §2.6.1:
+        replies go in order) for as long as it waits, e.g. for the status report of a
+        data it sends. Every failure, early or late, is logged with ``message``.
         """
         try:
             result = callback(argument)
             if inspect.isawaitable(result):
-                running = defer.ensureDeferred(result)  # type: ignore[arg-type]
-                if not running.called:
-                    running.addErrback(lambda failure: log.failure(message, failure, **fields))
+                going = defer.ensureDeferred(result)  # type: ignore[arg-type]
+                if not going.called:
+                    going.addErrback(lambda failure: log.failure(message, failure, **fields))
+                    if running is not None:
+                        running.add(going)
+                        going.addBoth(lambda _: running.discard(going))
                     return True
                 early: list[Failure] = []
-                running.addErrback(early.append)
+                going.addErrback(early.append)
                 if early:
                     early[0].raiseException()
         except Exception:
@@ -1690,6 +1719,7 @@ async def connect(
     backoff: tuple[float, float] = (1.0, 60.0),
     connect_timeout: float = 30.0,
     unclaimed_wait: float = UNCLAIMED_WAIT,
+    on_data_limit: int = ON_DATA_LIMIT,
 ) -> Client:
     """Attach to the relay of ``endpoint``'s domain as ``endpoint`` (RFC 3340 §2.1).
 
@@ -1715,7 +1745,8 @@ async def connect(
         report 451 to its sender. It may be an ``async def``: it runs up to its first
         ``await`` before the data is answered (raising there is the same 451), then
         goes on by itself, so that a bot may await its own sends in it; a failure after
-        that is logged (``client.on-data-failed``).
+        that is logged (``client.on-data-failed``), and its sender, told 250, does not
+        learn of it. At most ``on_data_limit`` run so at once.
     :param on_terminated: called with a :class:`Termination` when the relay ends
         attachments (§4.4.3) or refuses to re-attach one after a reconnection; it may be
         an ``async def`` too.
@@ -1724,14 +1755,27 @@ async def connect(
         and no ``on_data`` can take it waits for an iterator, unanswered, before it is
         refused with 450 (its sender is told that nobody read it); the first iterator
         made gets what waits.
+    :param on_data_limit: how many ``async def`` ``on_data`` handlers may be running at
+        once past their data's answer (a slow one awaiting a database, say). While so
+        many run, further data is refused with 450 at once, ``on_data`` not called for
+        it (``client.data-busy``), and its sender may try again later; an iterator past
+        1,000 unread does the same. The data is not held unanswered until one ends: the
+        relay would drop the session once it waited its ``delivery_timeout`` (60 s by
+        default), and every later answer on the channel, status reports for the
+        handlers' own sends among them, would wait behind it (RFC 3080 §2.6.1).
     :raises ClientError: with the ``kind`` of failure (see the module documentation).
-    :raises ValueError: for an ``endpoint`` or ``relay`` that is malformed.
+    :raises ValueError: for an ``endpoint`` or ``relay`` that is malformed, or an
+        ``on_data_limit`` less than 1 (TypeError for one that is not an int).
     """
     if reactor is None:
         from twisted.internet import reactor
     parsed = Endpoint.parse(endpoint)
     if relay is not None:
         _host_port(relay)
+    if isinstance(on_data_limit, bool) or not isinstance(on_data_limit, int):
+        raise TypeError(f"on_data_limit is a number of handlers, not {on_data_limit!r}")
+    if on_data_limit < 1:
+        raise ValueError(f"on_data_limit is at least 1 handler, not {on_data_limit}")
     chosen = mechanism or ("EXTERNAL" if client_certificate is not None else SCRAM_SHA_256)
     if chosen not in (SCRAM_SHA_256, "PLAIN", "EXTERNAL"):
         raise ValueError(f"SASL mechanism {chosen} is not supported here")
@@ -1753,6 +1797,7 @@ async def connect(
         backoff=backoff,
         connect_timeout=connect_timeout,
         unclaimed_wait=unclaimed_wait,
+        on_data_limit=on_data_limit,
     )
     client = Client(str(parsed), settings, on_data, on_terminated)
     await client._establish(initial=True)
