@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import tracemalloc
 from collections.abc import Iterable
 
 import pytest
@@ -213,6 +215,34 @@ def test_large_frame_in_64k_chunks() -> None:
     assert big.payload == payload
     assert got[1] == small
     assert parser.buffered == 0
+
+
+@pytest.mark.parametrize("read", [1, 2, 3])
+def test_a_frame_arriving_in_tiny_reads_holds_memory_in_proportion_to_its_octets(
+    read: int,
+) -> None:
+    """A peer can hand a frame over a few octets per TCP segment (or TLS record): what
+    the parser holds of it until it is complete must be about its octets, not a bytes
+    object and a list entry, 10 to 30 times as much, for each read."""
+    size = 16384
+    payload = b"x" * size
+    stream = serialize_frame(MSG, 1, 0, False, 0, payload)
+    header = stream.index(b"\r\n") + 2
+    parser = FrameParser()
+    assert parser.feed(stream[:header]) == []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        end = header + size
+        for at in range(header, end, read):
+            assert parser.feed(stream[at : min(at + read, end)]) == []
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * size, f"{grown} octets held for {size} octets in {read}-octet reads"
+    (frame,) = parser.feed(stream[header + size :])
+    assert isinstance(frame, Frame) and frame.payload == payload
 
 
 # --------------------------------------------------------------------------- garbage

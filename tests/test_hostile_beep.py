@@ -303,6 +303,40 @@ def test_empty_intermediate_frames_do_not_grow_memory(kind: bytes) -> None:
     assert grown < 48 * 1024, f"{grown} octets kept for 25000 empty frames"
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize("kind", [MSG, RPY, ANS])
+def test_a_message_in_tiny_frames_holds_memory_in_proportion_to_its_octets(
+    kind: bytes, size: int
+) -> None:
+    """A message, reply or answer sent in frames of a few octets, left unfinished: what
+    the session holds of it must be about its octets. Kept as one bytes object per frame
+    in a list, each octet cost 10 to 30 more, so max_message_size on each of a session's
+    channels cost that many times max_message_size."""
+    wire, pending = waiting_for_answers()
+    swallow(pending)
+    ansno = 0 if kind == ANS else None
+    msgno = 7 if kind == MSG else 0
+    octets = LIMIT - 4096
+
+    def trickle() -> None:
+        sent = 0
+        while sent < octets:
+            room = min(right_edge(wire, 1) - wire.theirs[1], octets - sent)
+            assert room >= size, "the window did not reopen"
+            frames = []
+            for _ in range(room // size):
+                frames.append(wire.frame(kind, 1, msgno, b"x" * size, more=True, ansno=ansno))
+                sent += size
+            wire.feed(b"".join(frames))
+            settle(wire)
+            wire.read()
+            wire.seqs[:-1] = []  # so that the test's own bookkeeping doesn't grow
+
+    grown = retained(trickle)
+    assert not wire.aborted
+    assert grown < 2 * octets, f"{grown} octets kept for {octets} octets in {size}-octet frames"
+
+
 # -- poorly formed replies on another channel (§2.2.2.1) ----------------------------------
 
 

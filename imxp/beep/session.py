@@ -38,6 +38,7 @@ from imxp.beep.frames import (
     FrameError,
     FrameParser,
     SeqFrame,
+    add_piece,
     serialize_frame,
     serialize_seq,
 )
@@ -400,12 +401,12 @@ class _Outstanding:
 
     def begin(self) -> None:
         """Set up reassembly, at the first frame of a fragmented or one-to-many reply."""
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | bytearray] = []
         self.size = 0
         self.toobig = False
         self.answers: list[Message] = []
         # ansno -> frames of an answer being reassembled
-        self.partial: dict[int, list[bytes]] = {}
+        self.partial: dict[int, list[bytes | bytearray]] = {}
 
     def discard(self) -> None:
         """The one-to-many exchange has failed: keep nothing more of it (toobig)."""
@@ -512,7 +513,7 @@ class Channel:
         self._last_msgno = -1
         self._last_kind = b""
         self._in_msgno: int | None = None
-        self._in_parts: list[bytes] = []
+        self._in_parts: list[bytes | bytearray] = []
         # Octets of the message being reassembled (0 when there is none, or it is dropped).
         self._in_size = 0
         self._in_discard = False
@@ -1320,7 +1321,7 @@ class Session(Protocol):
             elif frame.payload:
                 # An empty intermediate frame costs no window: kept, a peer could
                 # send them without end.
-                channel._in_parts.append(frame.payload)
+                add_piece(channel._in_parts, frame.payload)
         if frame.more:
             return
         channel._in_msgno = None
@@ -1328,7 +1329,7 @@ class Session(Protocol):
             return
         parts, channel._in_parts = channel._in_parts, []
         self._unfinished_ended(channel)
-        self._msg_complete(channel, msgno, parts[0] if len(parts) == 1 else b"".join(parts))
+        self._msg_complete(channel, msgno, b"".join(parts))
 
     def _unfinished_ended(self, channel: Channel) -> None:
         """The message ``channel`` was reassembling is complete, or dropped: its octets
@@ -1425,7 +1426,7 @@ class Session(Protocol):
                 outstanding.toobig = True
                 outstanding.parts = []
             elif frame.payload:
-                outstanding.parts.append(frame.payload)
+                add_piece(outstanding.parts, frame.payload)
         if frame.more:
             return
         del channel._outstanding[msgno]
@@ -1437,8 +1438,7 @@ class Session(Protocol):
                 BEEPError(554, f"reply exceeds the limit of {limit} octets")
             )
         else:
-            parts = outstanding.parts
-            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            payload = b"".join(outstanding.parts)
             if not channel.number:
                 problem = _mgmt_reply_problem(kind, payload)
                 if problem is not None:
@@ -1494,7 +1494,7 @@ class Session(Protocol):
         if parts is None:
             parts = outstanding.partial[ansno] = []
         if frame.payload:
-            parts.append(frame.payload)
+            add_piece(parts, frame.payload)
         if frame.more:
             return
         del outstanding.partial[ansno]
