@@ -24,6 +24,7 @@ from test_session_wire import (
     RFC_START_TLS,
     RFC_START_TWO,
     TERMINATED,
+    TLS,
     RecordingProfile,
     Wire,
     greeted_listener,
@@ -493,13 +494,15 @@ def fill_unfinished(wire: Wire, channels: list[int], target: int) -> dict[int, i
 
 def test_unfinished_messages_on_many_channels_hold_no_more_than_the_budget() -> None:
     """A peer that begins a MSG on each of many channels with '*' frames and never sends
-    the last (nothing it need authenticate for): the window is reopened as they arrive
+    the last (logged in: one that has not gets few channels, see below): the window is
+    reopened as they arrive
     for max_long_messages of them, each of which may grow to max_message_size; every
     other stalls once a window's worth is held unfinished, where it could grow to
     max_message_size too. One beep.peer-stalled event says so; the session goes on, and
     when a long message ends a stalled one may grow in its place."""
     config = SessionConfig(max_message_size=65536, max_long_messages=2)  # a 4096 window
     wire = greeted_listener(RecordingProfile(OTP), config=config)
+    wire.session.authenticated_identity = "mallory"  # as SASL sets it
     channels = [1 + 2 * n for n in range(8)]
     for number in channels:
         start = mgmt.Start(number, (mgmt.ProfileElement(OTP),))
@@ -540,3 +543,38 @@ def test_a_session_whose_only_activity_is_an_unfinished_message_is_idle() -> Non
     assert wire.hung_up
     (idle,) = [e for e in events if e.get("event") == "beep.idle-timeout"]
     assert idle["unfinished"] == 1
+
+
+# -- a peer that has not said who it is (RFC 3080 §3, §4) ----------------------------------
+
+START_REFUSED = "beep.start-refused"
+
+
+def test_a_peer_that_has_not_authenticated_may_open_few_channels() -> None:
+    """Before TLS a relay offers the TLS profile alone, and a peer could start as many
+    channels of it as max_channels allows: on each it may leave a window of a message
+    unfinished (RFC 3081 §3.1.4), so with the relays' 128 KiB windows one session that never
+    said who it is held 34 MiB. Beyond max_channels_unauthenticated its starts get ERR 550
+    (RFC 3080 §2.3.1.2), one beep.start-refused event says so, and the session goes on,
+    holding of unfinished messages a window on each channel it has, beside the
+    max_long_messages that any session may be sending."""
+    config = SessionConfig(window=131072)
+    wire = greeted_listener(TLSProfile(None), config=config)  # type: ignore[arg-type]
+    allowed = config.max_channels_unauthenticated
+    channels = [1 + 2 * n for n in range(allowed + 8)]
+    with capturedLogs() as events:
+        for msgno, number in enumerate(channels, 1):
+            start = mgmt.Start(number, (mgmt.ProfileElement(TLS),))
+            wire.send(MSG, 0, msgno, XML_HEAD + start.to_xml().encode())
+    replies = wire.read()
+    assert [f.kind for f in replies] == [RPY] * allowed + [ERR] * 8
+    codes = {mgmt.parse(Message.from_payload(f.payload).body).code for f in replies[allowed:]}
+    assert codes == {550}
+    assert len([e for e in events if e.get("event") == START_REFUSED]) == 1
+    assert terminated(events) == [] and not wire.aborted
+    opened = channels[:allowed]
+    assert sorted(wire.session.channels) == [0, *opened]
+
+    sent = fill_unfinished(wire, opened, config.max_message_size - 1000)
+    budget = config.max_long_messages * config.max_message_size + allowed * config.window
+    assert sum(sent.values()) <= budget, sent

@@ -374,7 +374,10 @@ def payload(tag: str, size: int) -> bytes:
 async def test_channels_at_once_replies_match_and_keep_each_channels_order(net: Net) -> None:
     profile = ServedBy(DELAYED_URI, DelayedEcho)
     async with net:
-        listener = await net.listen([profile])
+        # The client says who it is neither by SASL nor by a certificate: the listener
+        # must let it have this many channels all the same.
+        config = SessionConfig(max_channels_unauthenticated=5)
+        listener = await net.listen([profile], config)
         client = await net.connect(listener)
         channels = await defer.gatherResults(
             [client.start_channel([DELAYED_URI]) for _ in range(5)]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from beepnet import connect, listen, shutdown
+from beepnet import ECHO_URI, EchoProfile, connect, listen, shutdown
 from twisted.cred.checkers import AllowAnonymousAccess, ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer, reactor, task
@@ -576,14 +576,16 @@ def test_attempts_sent_at_once_on_one_session_are_checked_one_at_a_time(store, h
     profiles, checker, _ = plain_guesser(store, clock, park=True)
     pair = Pair(profiles, clock=clock, tls=True)
     uri = profile_uri("PLAIN")
+    # As many as the session's channels before login allow, but for one to log in after.
+    guesses = pair.L.config.max_channels_unauthenticated - 1
     with capturedLogs() as events:
         if how == "piggybacked on starts":
             sent = [
                 pair.I.start_channel([mgmt.ProfileElement(uri, plain_blob(f"guess {i}"))])
-                for i in range(5)
+                for i in range(guesses)
             ]
         else:
-            channels = [pair.start("PLAIN") for _ in range(5)]
+            channels = [pair.start("PLAIN") for _ in range(guesses)]
             sent = [
                 c.send(Message(plain_blob(f"guess {i}"), mgmt.BEEP_XML))
                 for i, c in enumerate(channels)
@@ -597,7 +599,7 @@ def test_attempts_sent_at_once_on_one_session_are_checked_one_at_a_time(store, h
         codes = [error_of(result(d).start_reply)[0] for d in sent]
     else:
         codes = [failure(d).code for d in sent]
-    assert codes == [535, 450, 450, 450, 450]
+    assert codes == [535] + [450] * (guesses - 1)
     assert [e["event"] for e in events if str(e.get("event")).startswith("beep.sasl")] == [
         "beep.sasl-busy",
         "beep.sasl-failure",
@@ -767,6 +769,43 @@ def test_logout_runs_when_the_session_ends_and_the_factory_hook_stays(store):
     pair.flush()
     assert calls == ["factory"]
     assert realm.logouts == ["alice"]
+
+
+# -- channels before and after login ----------------------------------------------------
+
+
+def start_echoes(pair: Pair, count: int) -> list[defer.Deferred[Any]]:
+    starts = [pair.I.start_channel([ECHO_URI]) for _ in range(count)]
+    pair.flush()
+    while not all(d.called for d in starts):
+        pair.advance(0)  # the turns in which the listener takes up the starts it was sent
+    return starts
+
+
+def test_until_it_has_logged_in_a_peer_may_open_few_channels(store):
+    """Each channel lets a peer leave a window of a message unfinished (RFC 3081 §3.1.4),
+    so one that has not said who it is gets max_channels_unauthenticated, room for the
+    tuning profiles' channels, and ERR 550 beyond (RFC 3080 §2.3.1.2). Once it has logged
+    in it gets as many as max_channels allows, as an application using many needs."""
+    profiles = [*sasl_profiles(ALL, portal_for(store), scram_store=store), EchoProfile()]
+    pair = Pair(profiles, tls=True)
+    allowed = pair.L.config.max_channels_unauthenticated
+    *opened, refused = start_echoes(pair, allowed + 1)
+    channels = [result(d) for d in opened]
+    assert failure(refused).code == 550
+    closed = channels[0].close()  # room for the login's channel
+    pair.flush()
+    result(closed)
+    result(pair.run(authenticate(pair.I, PlainClient("alice", PASSWORD, tls_active=True))))
+    assert all(isinstance(result(d), Channel) for d in start_echoes(pair, 4 * allowed))
+
+
+def test_a_peer_whose_certificate_verified_needs_no_login_for_many_channels(fred):
+    """A TLS client certificate that verified says who the peer is, as a relay's does on
+    the mesh, where no SASL follows (RFC 3340 §4.5.2)."""
+    pair = Pair([EchoProfile()], certificate=fred, tls=True)
+    allowed = pair.L.config.max_channels_unauthenticated
+    assert all(isinstance(result(d), Channel) for d in start_echoes(pair, 4 * allowed))
 
 
 # -- over real loopback TCP, after TLS ----------------------------------------------------

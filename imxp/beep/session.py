@@ -192,6 +192,14 @@ class SessionConfig:
     max_message_size: int = 1 << 20
     #: Channels (besides zero) open at once; §2.3 asks for at least 257.
     max_channels: int = 257
+    #: Channels (besides zero) open at once while the peer has not said who it is (see
+    #: Session.peer_authenticated); more are refused with ERR 550. On each channel a peer
+    #: may leave a window of a message unfinished (RFC 3081 §3.1.4): with max_channels of
+    #: a relay's 128 KiB windows, a peer that never logged in made its session hold 34 MiB.
+    #: Before TLS and SASL it needs channels for those tuning profiles only (RFC 3080 §3,
+    #: §4): one for TLS, one for a SASL exchange, and room for a next attempt while the
+    #: last one's channel is closing.
+    max_channels_unauthenticated: int = 4
     #: MSGs received on one channel and not yet answered.
     max_pending_requests: int = 1024
     #: Messages longer than half their channel's window that the peer may be sending at
@@ -235,6 +243,9 @@ class SessionConfig:
         if self.max_long_messages < 1:
             # None could be longer than the window: the peer would wait for ever.
             raise ValueError("max_long_messages must be positive")
+        if self.max_channels_unauthenticated < 1:
+            # A peer could not even start TLS or SASL, and so never get more.
+            raise ValueError("max_channels_unauthenticated must be positive")
 
 
 @dataclass(frozen=True)
@@ -891,6 +902,9 @@ class Session(Protocol):
         self._long_left = self.config.max_long_messages
         # Whether a peer stalled for want of them was logged since one was last free.
         self._stall_logged = False
+        # Whether a start was refused for max_channels_unauthenticated: logged once, since
+        # a peer may ask again and again.
+        self._start_refusal_logged = False
         self._greeting_timer: interfaces.IDelayedCall | None = None
         self._idle_timer: interfaces.IDelayedCall | None = None
         self._last_activity = 0.0
@@ -906,6 +920,18 @@ class Session(Protocol):
     @property
     def channels(self) -> dict[int, Channel]:
         return self._channels
+
+    @property
+    def peer_authenticated(self) -> bool:
+        """Whether the peer has said who it is: by a TLS certificate (RFC 3080 §3.1; the
+        contexts of :mod:`imxp.beep.tlsctx` let none through that does not verify), or, to
+        a listener, by logging in with SASL (§4.1). An initiator's SASL login says who the
+        initiator is, not who its peer is."""
+        if self.peer_certificate is not None:
+            return True
+        return self.role is Role.LISTENER and (
+            self.authenticated_identity is not None or self.authenticated_mechanism is not None
+        )
 
     def greeted(self) -> defer.Deferred[mgmt.Greeting]:
         """Fires with the peer's greeting (the new one, after a tuning reset)."""
@@ -1731,8 +1757,20 @@ class Session(Protocol):
             raise BEEPError(501, f"number attribute in <start> element must be {parity}-valued")
         if number in self._channels or number in self._reserved:
             raise BEEPError(550, f"channel {number} is already in use")
-        if len(self._channels) - 1 + len(self._reserved) >= self.config.max_channels:
+        channels = len(self._channels) - 1 + len(self._reserved)
+        if channels >= self.config.max_channels:
             raise BEEPError(550, f"no more than {self.config.max_channels} channels")
+        limit = self.config.max_channels_unauthenticated
+        if channels >= limit and not self.peer_authenticated:
+            if not self._start_refusal_logged:
+                self._start_refusal_logged = True
+                self.log.warn(
+                    "refusing {peer} more than {limit} channels before it authenticates",
+                    peer=self.peer,
+                    limit=limit,
+                    event="beep.start-refused",
+                )
+            raise BEEPError(550, f"no more than {limit} channels before authentication")
         if start.server_name is not None and self.server_name is None:
             if not self.accept_server_name(start.server_name):
                 raise BEEPError(550, f"will not act as {start.server_name}")
