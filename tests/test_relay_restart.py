@@ -355,6 +355,16 @@ def test_session_lost_tells_msgs_never_written_from_msgs_under_way() -> None:
     assert isinstance(failure(queued, NotSent), NotSent)
 
 
+def test_a_msg_sent_once_the_session_is_gone_is_known_never_written() -> None:
+    # A sender that learns of the loss only by sending (the client, racing its reconnect;
+    # the relay, handing data to an application whose session just went) may send it again
+    # on the next session: the peer never saw an octet of it.
+    pair, _profile, channel = echo_pair()
+    pair.I.disconnect()
+    pair.flush()
+    assert isinstance(failure(channel.send(Message(b"late")), NotSent), NotSent)
+
+
 @pytest.mark.parametrize(
     "trouble",
     [

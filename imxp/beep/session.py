@@ -554,10 +554,10 @@ class Channel:
         reply, with the list of ANS messages once NUL arrives (when ``on_answer``
         is given each answer goes there as it completes and the list is empty).
         A negative reply fails it with :class:`BEEPError`; a lost session with
-        :class:`SessionClosed`.
+        :class:`SessionClosed`, or :class:`NotSent` when no octet of it was written.
         """
         if self.session._gone:
-            return defer.fail(SessionClosed("session is closed"))
+            return defer.fail(NotSent("session is closed"))
         if self._closing:
             return defer.fail(BEEPError(550, "channel is closing"))
         outstanding = self._outstanding
