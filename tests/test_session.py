@@ -28,6 +28,7 @@ from imxp.beep.session import (
     BEEPError,
     Channel,
     ChannelHandler,
+    NotSent,
     Profile,
     Request,
     Role,
@@ -718,7 +719,7 @@ def test_close_waits_for_outstanding_replies():
     assert result(closing) is None
     assert 1 not in pair.I.channels and 1 not in pair.L.channels
     assert handler.closed == [None] and own.closed == [None]
-    assert failure(channel.send(Message(b"late")), BEEPError).code == 550
+    assert isinstance(failure(channel.send(Message(b"late")), NotSent), NotSent)
 
 
 def test_close_crossing_a_msg_from_the_other_side():
@@ -820,6 +821,23 @@ def test_release_waits_for_busy_channels():
     profile.handlers[0].pending[0].callback(Message(b"ok"))
     pair.flush()
     assert result(reply).body == b"ok" and result(released) is None
+    assert pair.closed == {"L": True, "I": True}
+
+
+def test_a_msg_sent_while_the_peer_releases_the_session_is_known_never_written():
+    # A relay shutting down releases its endpoints' sessions (§2.4). Data the endpoint
+    # sends meanwhile is not written: NotSent, so the client sends it again on its next
+    # session, rather than taking it for the relay's refusal of it (it was a 550).
+    pair, profile, channel = echo_pair()
+    pair.L.close()
+    # Sent before the release reaches us, and answered only after it has.
+    reply = channel.send(Message(b"slow"))
+    pair.flush()
+    assert not pair.closed["I"]
+    assert isinstance(failure(channel.send(Message(b"late")), NotSent), NotSent)
+    profile.handlers[0].pending[0].callback(Message(b"ok"))
+    pair.flush()
+    assert result(reply).body == b"ok"
     assert pair.closed == {"L": True, "I": True}
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from beepnet import ECHO_URI, EchoProfile, connect, listen, shutdown
+from twisted.internet import reactor
 
 from imxp.beep.message import Message
-from imxp.beep.session import SessionClosed
+from imxp.beep.session import SessionClosed, SessionConfig
 from imxp.beep.tls import TLS_URI, TLSProfile, start_tls
 from imxp.beep.tlsctx import client_options, server_options
 from imxp.certs import client_identity, create_ca, issue_client
@@ -59,3 +60,29 @@ async def test_untrusted_ca_is_refused(test_ca, server_cert):
     with pytest.raises(SessionClosed):
         await start_tls(session, client_options("relay.a.test", [other_ca.certificate]))
     await shutdown(listener, session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_closing_tls_while_our_writes_wait_still_ends_the_session(
+    test_ca, server_cert
+):
+    # A relay shutting down closes TLS while its endpoint's writes are paused (its TCP
+    # buffer full). Twisted's TLS then closes the connection under the session, still its
+    # paused producer; once the buffer drained the connection waited for it to go, reading
+    # nothing, and the session never learned it had ended: a client never reconnected.
+    config = SessionConfig(window=1 << 20, max_message_size=4 << 20)
+    tls = TLSProfile(server_options(server_cert("relay.a.test"), [test_ca.certificate]))
+    listener = await listen([tls, EchoProfile()], config)
+    session = await connect(listener, config=config)
+    await start_tls(session, client_options("relay.a.test", [test_ca.certificate]))
+    channel = await session.start_channel([ECHO_URI])
+    await channel.send(Message(b"warm", "text/plain"))
+    # More than the transport buffers before it pauses its producer (64 KiB), at once.
+    big = channel.send(Message(b"x" * (1 << 20), "application/octet-stream"))
+    big.addErrback(lambda failure: failure.trap(SessionClosed))
+    listener.sessions[-1].disconnect()
+    closed = session.when_closed()
+    # Not a measure of time: a session that never ends would leave the test waiting for ever.
+    await closed.addTimeout(30, reactor)
+    await big
+    await shutdown(listener)

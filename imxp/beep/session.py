@@ -99,8 +99,8 @@ class SessionClosed(Exception):
 
 
 class NotSent(SessionClosed):
-    """The session or channel ended before any octet of our MSG was written: the peer
-    never saw it, so sending it again cannot make it arrive twice."""
+    """The session or channel ended, or was closing, before any octet of our MSG was
+    written: the peer never saw it, so sending it again cannot make it arrive twice."""
 
 
 #: Unanswered keepalive probes after which the system takes the peer for gone.
@@ -559,7 +559,8 @@ class Channel:
         if self.session._gone:
             return defer.fail(NotSent("session is closed"))
         if self._closing:
-            return defer.fail(BEEPError(550, "channel is closing"))
+            # Not the peer's refusal of this MSG: it never saw it (§2.3.1.3, §2.4).
+            return defer.fail(NotSent("channel is closing"))
         outstanding = self._outstanding
         msgno = self._next_msgno
         # §2.2.1.1: a msgno differs from every MSG still awaiting its reply.
@@ -1252,6 +1253,14 @@ class Session(Protocol):
         self._paused = True
 
     def resumeProducing(self) -> None:
+        transport = self.transport
+        if transport is not None and getattr(transport, "disconnecting", False):
+            # The connection is closing under us: TLS closes it when the peer closes TLS
+            # (close_notify). Twisted then waits for its producer to go before it closes,
+            # and reads nothing meanwhile; had our writes been paused, this session would
+            # never learn that it had ended (Twisted #8901).
+            transport.unregisterProducer()
+            return
         self._paused = False
         self._flush()
 
