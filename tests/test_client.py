@@ -390,13 +390,42 @@ async def test_more_recipients_than_a_data_takes_go_in_several(net: Net) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_a_data_the_relay_refuses_gives_every_recipient_its_code(net: Net) -> None:
-    fred = await net.connect(FRED)
+    # Without reconnect: with it, a 421 waits for the next connection (the test below).
+    fred = await net.connect(FRED, reconnect=False)
     net.relays["a.test"].service.relay.accepting = False  # as while shutting down
 
     outcomes = await fred.send([BARNEY, WILMA], b"hello")
 
     assert codes(outcomes) == {BARNEY: 421, WILMA: 421}
     assert outcomes[BARNEY].text == "relay is shutting down"
+
+
+@pytest_twisted.ensureDeferred
+async def test_data_a_relay_shutting_down_refused_goes_on_the_next_connection(net: Net) -> None:
+    """A relay shutting down refuses data with 421: it took none of it. Then it ends its
+    sessions, and the client reconnects (to the relay restarted, or the domain's next):
+    the data goes there, once, rather than ending 421 as if it had failed."""
+    fred = await net.connect(FRED, backoff=(0.1, 0.1))
+    barney = Inbox()
+    await net.connect(BARNEY, on_data=barney)
+    relay = net.relays["a.test"].service.relay
+    relay.accepting = False
+    session = fred._connection.session
+
+    def shut_down(event: LogEvent) -> None:
+        if event.get("event") == "client.send-again" and not relay.accepting:
+            relay.accepting = True  # the relay that starts in its place
+            reactor.callLater(0, session.transport.abortConnection)
+
+    globalLogPublisher.addObserver(shut_down)
+    try:
+        outcomes = await fred.send([BARNEY], b"after the restart", timeout=10.0)
+    finally:
+        globalLogPublisher.removeObserver(shut_down)
+
+    assert codes(outcomes) == {BARNEY: 250}
+    assert fred._connection.session is not session
+    assert [i.body for i in barney.items] == [b"after the restart"]
 
 
 @pytest_twisted.ensureDeferred

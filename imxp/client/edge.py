@@ -699,11 +699,12 @@ class Client:
         ones are unknown. If the relay refuses the data operation itself (e.g. 537),
         every recipient gets that code. During an outage the data waits for the
         reconnection, within the same timeout; so does data whose session was lost before
-        an octet of it was written (the relay never saw it), which then goes on the new
-        session. Data that may have reached the relay is never sent again, as that could
-        deliver it twice: its outcome is what the reports say, or unknown. Data not sent
-        within the timeout ends 421, "not sent". More recipients than a relay takes in one
-        data (1,000) go in several data at once. ``originator`` must be an endpoint this
+        an octet of it was written (the relay never saw it), or that the relay refused
+        with 421 as it shut down, which then goes on the new session. Data that may have
+        reached the relay is never sent again, as that could deliver it twice: its
+        outcome is what the reports say, or unknown. Data not sent within the timeout
+        ends 421, "not sent". More recipients than a relay takes in one data (1,000) go
+        in several data at once. ``originator`` must be an endpoint this
         client is attached as (the default is :attr:`endpoint`): the reports go to it.
         ``headers`` are further MIME headers of the content part.
 
@@ -795,6 +796,21 @@ class Client:
                     )
                     return pending.result()
                 except BEEPError as e:
+                    if e.code == 421 and self._settings.reconnect:
+                        # §10: the relay is shutting down and did not take it; the one
+                        # it restarts as, or the next the domain has, may.
+                        log.info(
+                            "relay closing, data for transID {trans_id} goes on the next"
+                            " connection: {text}",
+                            trans_id=min(asked),
+                            text=e.text,
+                            event="client.send-again",
+                        )
+                        lost = connection
+                        unsent = (
+                            f"not sent: {e.text}, and no other relay took it within {timeout:g} s"
+                        )
+                        continue
                     log.warn(
                         "relay refused data to {recipients}: {code} {text}",
                         recipients=unique,
@@ -804,9 +820,9 @@ class Client:
                     )
                     pending.settle_all(e.code, e.text)
                 except NotSent:
-                    # Lost before an octet of it was written: the relay never saw it, so
-                    # the next session carries it, under the same transIDs, and it can
-                    # arrive only once.
+                    # Lost before an octet of it was written (or on a session the relay
+                    # is closing): the relay never saw it, so the next session carries
+                    # it, under the same transIDs, and it can arrive only once.
                     log.info(
                         "session lost before data for transID {trans_id} went out;"
                         " it goes on the next one",
