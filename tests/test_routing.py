@@ -516,11 +516,51 @@ def test_no_lookup_waits_for_its_turn_longer_than_query_timeout():
     assert not first.called and not second.called
 
     clock.advance(1)
-    assert second.result.reason == "DNS lookup failed: too many lookups waiting"
+    # Said as what happened: it waited its turn, behind lookups that took that long.
+    assert second.result.reason == (
+        f"no DNS lookup slot within {QUERY_TIMEOUT:g} s: 1 lookups under way"
+    )
     assert not second.result.permanent
     assert MESH + "second.nowhere.test" not in slow.asked
     slow.answer_all()
     assert first.result.reason == "no such domain"
+    assert clock.getDelayedCalls() == []
+
+
+def test_one_caller_giving_up_leaves_the_shared_lookup_to_the_others():
+    """Data for one domain share its lookup, and each gives up at its own delivery
+    deadline by cancelling its route. That must end its own wait only: the lookup goes
+    on, a later route joins it rather than starting another, and each caller still
+    waiting gets the answer - none an AlreadyCalledError, none a second query."""
+    slow = Slow()
+    clock = task.Clock()
+    router = Router(resolver=slow, clock=clock)
+    first = router.route("slow.test")
+    second = router.route("slow.test").addErrback(failed_with, NoRoute)
+    first.cancel()
+    assert isinstance(first.result, Failure) and first.result.check(defer.CancelledError)
+    first.addErrback(lambda f: None)
+    third = router.route("slow.test").addErrback(failed_with, NoRoute)
+    assert router.lookups() == (1, 0)
+    assert slow.asked == [MESH + "slow.test"]
+
+    slow.answer_all()
+    for d in (second, third):
+        assert d.result.reason == "no such domain"
+    assert slow.asked == [MESH + "slow.test"] + ["slow.test"] * 2
+    assert router.lookups() == (0, 0)
+
+    # Every caller gone before the answer: the answer is still cached for later ones.
+    alone = router.route("alone.test")
+    alone.cancel()
+    alone.addErrback(lambda f: None)
+    again = router.route("alone.test").addErrback(failed_with, NoRoute)
+    again.cancel()
+    again.addErrback(lambda f: None)
+    slow.answer_all()
+    assert slow.asked.count(MESH + "alone.test") == 1
+    with pytest.raises(NoRoute, match="no such domain"):
+        router.known("alone.test")
     assert clock.getDelayedCalls() == []
 
 

@@ -182,7 +182,9 @@ class Router:
     one query; at most ``max_lookups`` domains are looked up at once, the others waiting
     their turn (a data may name a thousand domains): at most ``max_waiting`` of them, and
     for no longer than ``query_timeout`` seconds, which is also the longest any query is
-    waited for. A domain beyond those is a temporary no route ("too many lookups waiting").
+    waited for. A domain beyond ``max_waiting`` is a temporary no route ("too many lookups
+    waiting"), and so is one that waited ``query_timeout`` for its turn ("no DNS lookup
+    slot"). Cancelling what :meth:`route` returned stops that caller's wait only.
     """
 
     def __init__(
@@ -274,6 +276,12 @@ class Router:
             return name, [target]
         cached = self._fresh(name)
         return name, None if cached is None else self._targets(name, cached)
+
+    def lookups(self) -> tuple[int, int]:
+        """(domains being looked up, domains waiting for their turn): what a caller that
+        gave up waiting for :meth:`route` was behind."""
+        lookups = self._lookups
+        return lookups.limit - lookups.tokens, len(lookups.waiting)
 
     def describe(self, domain: str) -> Deferred[str]:
         """A human-readable account of how ``domain`` is routed and why (``imxp route``)."""
@@ -377,10 +385,22 @@ class Router:
         cached = self._fresh(name)
         if cached is not None:
             return defer.succeed(cached)
-        waiting = self._pending.setdefault(name, [])
-        d: Deferred[_Answer] = Deferred()
+        waiting = self._pending.get(name)
+        first = waiting is None
+        if waiting is None:
+            waiting = self._pending[name] = []
+
+        def leave(d: Deferred[_Answer]) -> None:
+            # One data giving up (its delivery deadline) stops waiting alone: the lookup
+            # goes on for the others, and later data, and its answer is cached. A canceller
+            # of our own rather than none, so that the Deferred is let go of now, not
+            # when the lookup ends; _settle skips it if it is already being settled.
+            if self._pending.get(name) is waiting:
+                waiting.remove(d)
+
+        d: Deferred[_Answer] = Deferred(leave)
         waiting.append(d)
-        if len(waiting) == 1:
+        if first:  # not "the only one waiting": those before it may all have left
             self._take_turn(name)
         return d
 
@@ -407,7 +427,13 @@ class Router:
 
     def _no_turn(self, failure: Failure, name: str) -> _Answer:
         failure.trap(defer.TimeoutError)
-        return self._too_many(name)
+        # It did wait: what kept it waiting is lookups that take that long, not a queue
+        # too long to join (_too_many).
+        reason = (
+            f"no DNS lookup slot within {self._query_timeout:g} s: "
+            f"{self._lookups.limit} lookups under way"
+        )
+        return self._failure(name, reason, False)
 
     def _too_many(self, name: str) -> _Answer:
         # Our resolver's trouble, not the domain's: temporary, and not cached.
@@ -425,7 +451,8 @@ class Router:
             while len(self._cache) > self._max_cache:
                 self._cache.popitem(last=False)
         for d in self._pending.pop(name):
-            d.callback(result)
+            if not d.called:  # given up on by a callback of one before it
+                d.callback(result)
 
     async def _lookup(self, name: str) -> _Answer:
         """Ask DNS: the SRV set of RFC 2782 ("Usage rules"), else the implicit route."""
