@@ -373,7 +373,9 @@ class Config:
     )
     delivery_timeout: float = _option(
         60.0,
-        "Seconds to wait for a next hop's or an endpoint's answer before reporting failure.",
+        "Seconds a recipient waits at this relay for its verdict: for its next hop to be "
+        "found (DNS), then for that next hop's or its endpoint's answer. Past it, its "
+        "failure is reported (451).",
         check=_positive,
     )
     connect_timeout: float = _option(

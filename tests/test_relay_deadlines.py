@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from twisted.internet import defer, task
+from twisted.logger import capturedLogs
+from twisted.names import dns
+from twisted.names import error as dns_error
 
-from imxp.apex.relay import _Deadlines
+from imxp.apex import wire
+from imxp.apex.policy import AccessPolicy
+from imxp.apex.relay import Relay, _Deadlines
+from imxp.apex.routing import Router
 
 
 def test_each_watched_deferred_is_cancelled_at_its_own_deadline_and_not_before() -> None:
@@ -79,3 +85,156 @@ def test_a_watch_made_while_expiring_does_not_put_off_earlier_deadlines() -> Non
     assert second.called and not report.called
     clock.advance(15)
     assert report.called
+
+
+# -- a route that takes too long (imxp.apex.relay.Relay._forward_remote) -----------------
+
+
+class BlackHole:
+    """A resolver whose queries the test answers (NXDOMAIN), or nobody does."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[str, defer.Deferred]] = []
+
+    def _query(self, name: str) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append((name, d))
+        return d
+
+    lookupService = lookupAddress = lookupIPV6Address = _query
+
+    def answer_all(self) -> None:
+        while self.waiting:
+            name, d = self.waiting.pop(0)
+            d.errback(dns_error.DNSNameError(name))
+
+    def answer_srv(self, target: str) -> None:
+        name, d = self.waiting.pop(0)
+        record = dns.Record_SRV(0, 0, 912, target)
+        d.callback(([dns.RRHeader(name, dns.SRV, payload=record, ttl=300)], [], []))
+
+
+class Pool:
+    """A peer pool whose next hops take each data and never answer; ``None`` as
+    ``sent``: one the test expects no hand-over of."""
+
+    def __init__(self, sent: list[tuple[list, float]] | None) -> None:
+        self.sent = sent
+
+    def send(self, targets: list, message: object, deadline: float) -> defer.Deferred:
+        if self.sent is None:
+            raise AssertionError(f"handed on to {targets} though the deadline had passed")
+        self.sent.append((targets, deadline))
+        return defer.Deferred()
+
+
+def relay_behind(
+    resolver: BlackHole,
+    clock: task.Clock,
+    sent: list[tuple[list, float]] | None = None,
+    **router: object,
+) -> Relay:
+    return Relay(
+        "a.test",
+        AccessPolicy("a.test", lambda local: True),
+        Router(resolver=resolver, clock=clock, **router),  # type: ignore[arg-type]
+        Pool(sent),  # type: ignore[arg-type]
+        clock,
+        delivery_timeout=60.0,
+    )
+
+
+def send(relay: Relay, *recipients: str) -> None:
+    originator = wire.Originator("apex=report@a.test")
+    content = wire.Content.from_bytes(b"hello", "text/plain")
+    relay.send_internal(
+        wire.Data(originator, [wire.Recipient(r) for r in recipients], content=content)
+    )
+
+
+def verdicts(events: list[dict]) -> dict[str, tuple[int, str]]:
+    return {e["identity"]: (e["code"], e["text"]) for e in events if e["event"] == "apex.verdict"}
+
+
+def test_data_waiting_for_a_route_get_their_verdict_at_the_delivery_deadline() -> None:
+    """Behind a DNS server that does not answer, data waited for their route up to
+    QUERY_TIMEOUT (90 s), and then their hand-over had delivery_timeout more: the client
+    library, waiting REPORT_TIMEOUT (90 s), gave up on reports still to come. The wait for
+    a route counts against delivery_timeout; giving up leaves the lookup to the data
+    that came later, which get its answer."""
+    dns = BlackHole()
+    clock = task.Clock()
+    relay = relay_behind(dns, clock)
+    with capturedLogs() as events:
+        send(relay, "fred@slow.test")
+        clock.advance(30)
+        send(relay, "wilma@slow.test")
+        clock.advance(29.9)
+        assert relay.in_flight == 2 and verdicts(events) == {}
+        clock.advance(0.1)
+        assert verdicts(events) == {
+            "fred@slow.test": (
+                451,
+                "no route to slow.test: no DNS answer within 60 s "
+                "(1 lookups under way, 0 waiting for a turn)",
+            )
+        }
+        dns.answer_all()  # the one lookup, still under way, answers the data still waiting
+        assert verdicts(events)["wilma@slow.test"] == (
+            550,
+            "no route to slow.test: no such domain",
+        )
+    assert relay.in_flight == 0
+    clock.advance(30)  # wilma's deadline passes with nothing left to give up on
+    assert clock.getDelayedCalls() == []
+
+
+def test_data_for_several_domains_are_not_handed_on_after_the_deadline() -> None:
+    """A data for a domain routed at once and one whose lookup does not end: at the
+    deadline each recipient has its 451, and the routed one is not handed on then, when
+    there is no time left to wait for the next hop's answer."""
+    dns = BlackHole()
+    clock = task.Clock()
+    relay = relay_behind(dns, clock, static_routes={"fast.test": "relay.fast.test"}, max_lookups=1)
+    with capturedLogs() as events:
+        send(relay, "x@first.test")  # takes the one lookup slot
+        send(relay, "fred@fast.test", "wilma@slow.test")
+        clock.advance(60)
+    assert verdicts(events) == {
+        "x@first.test": (
+            451,
+            "no route to first.test: no DNS answer within 60 s "
+            "(1 lookups under way, 1 waiting for a turn)",
+        ),
+        "fred@fast.test": (
+            451,
+            "not handed on to fast.test within 60 s: finding the next hops of this data "
+            "took that long",
+        ),
+        "wilma@slow.test": (
+            451,
+            "no route to slow.test: no DNS answer within 60 s "
+            "(1 lookups under way, 1 waiting for a turn)",
+        ),
+    }
+    assert relay.in_flight == 0
+
+
+def test_a_hand_over_after_a_slow_route_has_what_is_left_of_the_deadline() -> None:
+    """A route found after 45 s leaves the hand-over 15 s, not a delivery_timeout more."""
+    dns = BlackHole()
+    clock = task.Clock()
+    sent: list[tuple[list, float]] = []
+    relay = relay_behind(dns, clock, sent)
+    with capturedLogs() as events:
+        send(relay, "fred@slow.test")
+        clock.advance(45)
+        dns.answer_srv("relay.slow.test")
+        assert [(t.host, deadline) for (t,), deadline in sent] == [("relay.slow.test", 60.0)]
+        clock.advance(14.9)
+        assert verdicts(events) == {}
+        clock.advance(0.1)
+    assert verdicts(events) == {
+        "fred@slow.test": (451, "slow.test did not answer in time; outcome unknown")
+    }
+    assert relay.in_flight == 0

@@ -471,7 +471,12 @@ class Relay:
         self, journey: _Journey, remote: dict[str, list[tuple[wire.Recipient, Endpoint]]]
     ) -> defer.Deferred[None] | None:
         """§4.4.4.1 step 5.2: recipients whose domains have the same next hops travel
-        together, in one data per next hop."""
+        together, in one data per next hop.
+
+        Each recipient has its verdict here within ``delivery_timeout`` of now, the time
+        spent finding its next hop (DNS) included: the client library waits for reports
+        only a little longer than that (imxp.client.REPORT_TIMEOUT)."""
+        deadline = self.clock.seconds() + self.delivery_timeout
         domains = list(remote)
         if len(domains) == 1:
             domain = domains[0]
@@ -481,11 +486,26 @@ class Relay:
                 self._no_route(journey, domain, remote[domain], e)
                 return None
             if known is not None:
-                return self._forward_routed([known], journey, domains, remote)
+                sending = self._forward_routed([known], journey, domains, remote, deadline)
+                if sending is not None and not sending.called:
+                    # A next hop that took the MSG may never answer; the originator is
+                    # still promised a final answer, as for an application that does
+                    # not (_answer).
+                    self._deadlines.watch(sending)
+                return sending
             routes = self._route(journey, domain, remote[domain]).addCallback(lambda t: [t])
         else:
             routes = defer.gatherResults([self._route(journey, d, remote[d]) for d in domains])
-        return routes.addCallback(self._forward_routed, journey, domains, remote)
+        forwarding = routes.addCallback(self._forward_routed, journey, domains, remote, deadline)
+        # Watched as a whole, routes and hand-overs, through a Deferred that fires only
+        # once all is done: _Deadlines takes a Deferred that has fired for one that is
+        # done, and ``forwarding`` fires with the routes, then waits on the hand-overs.
+        # Cancelling it cancels what it waits on at the time, routes or hand-overs.
+        done: defer.Deferred[None] = defer.Deferred(lambda _: forwarding.cancel())
+        forwarding.chainDeferred(done)
+        if not done.called:
+            self._deadlines.watch(done)
+        return done
 
     def _forward_routed(
         self,
@@ -493,14 +513,20 @@ class Relay:
         journey: _Journey,
         domains: list[str],
         remote: dict[str, list[tuple[wire.Recipient, Endpoint]]],
+        deadline: float,
     ) -> defer.Deferred[None] | None:
+        if self.clock.seconds() >= deadline:
+            # The deadline passed while routes were awaited (those given up on had their
+            # verdicts then: routes None): a hand-over begun now would be given up at once.
+            self._not_handed_on(journey, domains, routes, remote)
+            return None
         if len(domains) == 1:
             # The usual data, for one domain: nothing to group.
             targets = routes[0]
             if targets is None:
                 return None
             recipients = [recipient for recipient, _ in remote[domains[0]]]
-            sending = _guarded(self._forward, journey, targets, domains[0], recipients)
+            sending = _guarded(self._forward, journey, targets, domains[0], recipients, deadline)
             journey.received = None
             return sending
         hops: dict[frozenset[Target], tuple[list[Target], list[str], list[wire.Recipient]]] = {}
@@ -511,12 +537,30 @@ class Relay:
             names.append(domain)
             recipients.extend(recipient for recipient, _ in remote[domain])
         waiting = [
-            _guarded(self._forward, journey, targets, ", ".join(names), recipients)
+            _guarded(self._forward, journey, targets, ", ".join(names), recipients, deadline)
             for targets, names, recipients in hops.values()
         ]
         # Every hand-over is written; data waiting on its verdicts need not hold it.
         journey.received = None
         return _all(waiting)
+
+    def _not_handed_on(
+        self,
+        journey: _Journey,
+        domains: list[str],
+        routes: list[list[Target] | None],
+        remote: dict[str, list[tuple[wire.Recipient, Endpoint]]],
+    ) -> None:
+        """451 for the recipients routed but not handed on by the deadline."""
+        for domain, targets in zip(domains, routes, strict=True):
+            if targets is None:
+                continue  # its verdicts are in: no route
+            text = (
+                f"not handed on to {domain} within {self.delivery_timeout:g} s: "
+                "finding the next hops of this data took that long"
+            )
+            for recipient, _ in remote[domain]:
+                self._verdict(journey, recipient.identity, 451, text, final=True)
 
     def _route(
         self, journey: _Journey, domain: str, group: list[tuple[wire.Recipient, Endpoint]]
@@ -524,6 +568,15 @@ class Relay:
         """The next hops for ``domain``; without any, its recipients' verdicts."""
 
         def no_route(failure: Failure) -> None:
+            if failure.check(defer.CancelledError):
+                # The delivery deadline: the lookup goes on for others (Router.route).
+                under_way, waiting = self.router.lookups()
+                reason = (
+                    f"no DNS answer within {self.delivery_timeout:g} s "
+                    f"({under_way} lookups under way, {waiting} waiting for a turn)"
+                )
+                self._no_route(journey, domain, group, NoRoute(domain, reason, False))
+                return
             failure.trap(NoRoute)
             self._no_route(journey, domain, group, failure.value)
 
@@ -548,8 +601,10 @@ class Relay:
         targets: list[Target],
         domain: str,
         recipients: list[wire.Recipient],
+        deadline: float,
     ) -> defer.Deferred[None] | None:
-        """Hand one data with ``recipients`` to the first of ``targets`` that takes it.
+        """Hand one data with ``recipients`` to the first of ``targets`` that takes it,
+        trying until ``deadline``.
 
         None when the verdicts are in at once; else fires once they are."""
         options = _forwarded(journey.data.options)
@@ -585,12 +640,7 @@ class Relay:
             data.content_ref,
             data.content,
         )
-        deadline = self.clock.seconds() + self.delivery_timeout
         sending = self.pool.send(targets, wire.encode_onward(onward, journey.received), deadline)
-        if not sending.called:
-            # A next hop that took the MSG may never answer; the originator is still
-            # promised a final answer, as for an application that does not (_answer).
-            self._deadlines.watch(sending)
         return sending.addBoth(self._handed_on, journey, domain, recipients)
 
     def _handed_on(

@@ -147,10 +147,11 @@ __all__ = [
 log = logs.Logger(namespace="imxp.client")
 
 #: How long :meth:`Client.send` waits for the final reports unless told otherwise. A relay
-#: keeps trying a next hop it cannot reach, and waits for an application's answer, for up
-#: to its ``delivery_timeout`` before it reports the failure; waiting longer than the
-#: default one means such a failure arrives as what it is (421 cannot connect, 451) rather
-#: than ending as unknown with its report bouncing off a client that has gone.
+#: looks for a next hop (DNS) and keeps trying one it cannot reach, or waits for an
+#: application's answer, for up to its ``delivery_timeout`` in all before it reports the
+#: failure; waiting longer than the default one means such a failure arrives as what it
+#: is (421 cannot connect, 451) rather than ending as unknown with its report bouncing off
+#: a client that has gone.
 REPORT_TIMEOUT = Config.delivery_timeout + 30.0
 
 #: The kinds of :class:`ClientError`, one per thing a person would do differently.
