@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import io
 import random
 from collections import Counter
 
@@ -11,7 +12,8 @@ import pytest
 import pytest_twisted
 from dnsserver import a, aaaa, srv
 from twisted.internet import defer, error, reactor, task
-from twisted.logger import capturedLogs, formatEvent
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher, textFileLogObserver
 from twisted.names import dns
 from twisted.names import error as dns_error
 from twisted.python.failure import Failure
@@ -647,6 +649,34 @@ async def test_a_query_logs_no_protocol_start_and_stop(dns_server):
     assert not [t for t in texts if "DNSDatagramProtocol object" in t], texts
     failed = [e for e in events if e.get("event") == "apex.route-failed"]
     assert [e["domain"] for e in failed] == ["nowhere.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_query_writes_no_port_start_and_close_to_the_relays_log(dns_server):
+    """Each DNS query opens a UDP port of its own, and Twisted's UDP port wrote two lines
+    for each ("DNSDatagramProtocol starting on 41234", "(UDP Port 41234 Closed)") to the
+    relay's log - twistd's text observer, whatever log_level - with nothing an operator
+    can use. Gone, and only those: another UDP port's lines and the route's failure stay."""
+    dns_server.set(MESH + "a.test", srv(0, 0, 912, "relay.a.test"))
+    router = dns_router(dns_server)
+    written = io.StringIO()
+    observer = textFileLogObserver(written)  # what twistd writes the relay's log with
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert hosts(await router.route("a.test")) == ["relay.a.test"]
+        await no_route(router, "nowhere.test")
+        other = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
+        number = other.getHost().port
+        await other.stopListening()
+        # The queries' ports are closed on the reactor's next turn.
+        await task.deferLater(reactor, 0, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+    lines = written.getvalue().splitlines()
+    ports = [line.split("] ", 1)[1] for line in lines if "starting on" in line or "Port" in line]
+    assert ports == [f"DatagramProtocol starting on {number}", f"(UDP Port {number} Closed)"]
+    assert any("no route to nowhere.test" in line for line in lines), lines
 
 
 # -- the cache ---------------------------------------------------------------------------

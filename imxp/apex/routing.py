@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, endpoints, error, udp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IResolver
 from twisted.names import dns
@@ -85,6 +86,44 @@ log = logs.Logger(namespace="imxp.apex.routing")
 # use. ``noisy`` is Twisted's switch for just those two lines, off for the class since the
 # Resolver makes the instances; what goes wrong with a lookup is logged as apex.route-failed.
 dns.DNSDatagramProtocol.noisy = False
+
+
+class _UDPLog:
+    """twisted.python.log as twisted.internet.udp uses it, less the two lines each DNS
+    query's port logs: "DNSDatagramProtocol starting on N" and "(UDP Port N Closed)".
+
+    Those come from the port itself, unconditionally (it has no ``noisy`` switch), at info,
+    and go to twistd's own observer, which no log_level filters. Anything else - another
+    UDP port's lines, an error reading a datagram - passes through.
+    """
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        # Ports a DNS query started and has not closed: their close is the other line.
+        self._dns_ports: set[str] = set()
+
+    def msg(self, *message: object, **kw: object) -> None:
+        text = message[0] if len(message) == 1 and not kw else None
+        if isinstance(text, str):
+            started = _DNS_PORT_STARTED.fullmatch(text)
+            if started is not None:
+                self._dns_ports.add(started[1])
+                return
+            closed = _PORT_CLOSED.fullmatch(text)
+            if closed is not None and closed[1] in self._dns_ports:
+                self._dns_ports.discard(closed[1])
+                return
+        self._log.msg(*message, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+
+_DNS_PORT_STARTED = re.compile(r"DNSDatagramProtocol starting on (\d+)")
+_PORT_CLOSED = re.compile(r"\(UDP Port (\d+) Closed\)")
+# Replaced where twisted.internet.udp looks it up: Twisted has no switch for those two
+# lines, and the other way to them is a copy of its Port.
+udp.log = _UDPLog(udp.log)  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
