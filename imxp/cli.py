@@ -64,7 +64,6 @@ import dataclasses
 import enum
 import getpass
 import json
-import math
 import mimetypes
 import os
 import sys
@@ -129,6 +128,7 @@ from imxp.client import (
     Outcome,
     Protection,
     Termination,
+    check_timeout,
     connect,
     open_incoming,
 )
@@ -693,11 +693,13 @@ def _endpoint(text: str) -> str:
 
 
 def _seconds(text: str) -> float:
-    """A timeout as the client library takes it (more than 0 and finite), so that a wrong
-    one is a usage error here rather than a failure after connecting."""
-    value = float(text)
-    if not 0 < value < math.inf:  # NaN is neither
-        raise argparse.ArgumentTypeError(f"seconds, more than 0 and finite, not {text}")
+    """A timeout as the client library takes it (its check_timeout), so that a wrong one
+    is a usage error here rather than a failure after connecting."""
+    try:
+        value = float(text)
+        check_timeout(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds, more than 0 and finite, not {text}") from None
     return value
 
 

@@ -96,7 +96,7 @@ def test_every_subcommand_has_help(words: list[str], capsys: pytest.CaptureFixtu
     assert f"usage: imxp {' '.join(words)}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e400", "ninety"])
 @pytest.mark.parametrize(
     "words", [["send", "--from", FRED, "--to", BARNEY], ["chat", "--as", FRED]]
 )

@@ -13,6 +13,7 @@ from imxp.client.edge import (
     Outcome,
     Protection,
     Termination,
+    check_timeout,
     connect,
     open_incoming,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Outcome",
     "Protection",
     "Termination",
+    "check_timeout",
     "connect",
     "open_incoming",
 ]

@@ -71,9 +71,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import math
 import random
 import secrets
+import sys
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -140,6 +140,7 @@ __all__ = [
     "Termination",
     "Client",
     "REPORT_TIMEOUT",
+    "check_timeout",
     "connect",
     "open_incoming",
 ]
@@ -717,7 +718,7 @@ class Client:
         if self._closing:
             raise RuntimeError("the client is closed")
         _endpoints_not_one(recipients, "recipients")
-        _timeout_is_seconds(timeout)
+        check_timeout(timeout)
         by_key: dict[str, str] = {}
         for recipient in recipients:
             by_key.setdefault(_key(recipient), recipient)  # the first spelling names it
@@ -888,7 +889,7 @@ class Client:
                 f"text is a str, not {type(text).__name__}"
                 " (content as bytes goes with send(), with its media type)"
             )
-        _timeout_is_seconds(timeout)
+        check_timeout(timeout)
         message = cpim.text_message(self.endpoint, to, text, cc=cc, subject=subject)
         content, content_type = cpim.build(message), cpim.MEDIA_TYPE
         if protect is not None:
@@ -1629,14 +1630,15 @@ class Client:
             other.put_first([(arrival, item) for arrival, item in left if arrival < other.made])
 
 
-def _timeout_is_seconds(timeout: float) -> None:
-    """A send's ``timeout``: more than 0, or the data could not even be handed to the
-    relay, and finite, as the reactor's timers need. None is not "no timeout": waiting
-    for ever for a report that may never come is what the timeout is there to prevent
-    (the default is :data:`REPORT_TIMEOUT`)."""
+def check_timeout(timeout: float) -> None:
+    """Raise TypeError or ValueError unless ``timeout`` is what :meth:`Client.send` takes:
+    seconds, more than 0, or the data could not even be handed to the relay, and finite
+    as a float, as the reactor's timers need (an int beyond the largest float is not).
+    None is not "no timeout": waiting for ever for a report that may never come is what
+    the timeout is there to prevent (the default is :data:`REPORT_TIMEOUT`)."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout is seconds (a number), not {timeout!r}")
-    if not 0 < timeout < math.inf:  # NaN is neither
+    if not 0 < timeout <= sys.float_info.max:  # NaN is neither; an int is compared exactly
         raise ValueError(f"timeout is seconds, more than 0 and finite, not {timeout!r}")
 
 
