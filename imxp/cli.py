@@ -106,6 +106,7 @@ from imxp.apex.routing import (
     Target,
     is_ip_address,
 )
+from imxp.apex.wire import check_media_type
 from imxp.beep.session import (
     BEEPError,
     Role,
@@ -355,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--type",
         dest="media_type",
+        type=_media_type,
         help="media type of raw content (default: by the --file name, else text/plain for "
         "UTF-8 and application/octet-stream for other content)",
     )
@@ -701,6 +703,16 @@ def _seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"seconds, more than 0 and finite, not {text}") from None
     return value
+
+
+def _media_type(text: str) -> str:
+    """A media type as the client library takes it, so that a wrong one is a usage error
+    here rather than an unexpected error after connecting."""
+    try:
+        check_media_type(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _positive_int(text: str) -> int:

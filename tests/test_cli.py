@@ -112,6 +112,22 @@ def test_a_timeout_that_is_no_wait_is_a_usage_error(
     assert f"--timeout: seconds, more than 0 and finite, not {timeout}" in capsys.readouterr().err
 
 
+def test_a_media_type_that_is_none_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """--type 'bad type' was taken, and the library's ValueError after connecting ended the
+    command as "unexpected error: ValueError", exit 9: it is a bad argument (exit 2)."""
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(
+            ["send", "--from", FRED, "--to", BARNEY, "--type", "bad type", "hello"]
+        )
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --type: media type 'bad type' is not type/subtype (RFC 2045 §5.1)" in err
+    args = build_parser().parse_args(
+        ["send", "--from", FRED, "--to", BARNEY, "--type", "text/plain; charset=utf-8", "hi"]
+    )
+    assert args.media_type == "text/plain; charset=utf-8"
+
+
 # -- send and listen -------------------------------------------------------------------------
 
 

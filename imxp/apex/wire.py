@@ -61,6 +61,7 @@ __all__ = [
     "APEXElement",
     "StatusResponse",
     "Received",
+    "check_media_type",
     "decode",
     "decode_received",
     "encode",
@@ -213,6 +214,13 @@ class Recipient:
     options: list[Option] = field(default_factory=list)
 
 
+def check_media_type(media_type: str) -> None:
+    """Raise ValueError unless ``media_type`` is ``type/subtype``, parameters allowed
+    (RFC 2045 §5.1): what :meth:`Content.from_bytes` takes."""
+    if not _MEDIA_TYPE.match(media_type):
+        raise ValueError(f"media type {media_type!r} is not type/subtype (RFC 2045 §5.1)")
+
+
 @dataclass(frozen=True, slots=True)
 class Content:
     """The content of a ``data`` element, as the exact octets that carry it (§4.1, §4.4.4.1).
@@ -249,8 +257,7 @@ class Content:
         """
         if isinstance(body, str):
             raise TypeError("content is bytes: encode the text (an instant message: send_message)")
-        if not _MEDIA_TYPE.match(media_type):
-            raise ValueError(f"media type {media_type!r} is not type/subtype (RFC 2045 §5.1)")
+        check_media_type(media_type)
         cid = content_id or f"{_unique()}@apex.invalid"
         extra = list(headers)
         names = {name.lower() for name, _ in extra}
