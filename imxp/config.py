@@ -277,7 +277,8 @@ class Config:
         ("tcp:9912:interface=127.0.0.1",),
         "Twisted server endpoint strings where other relays connect (relay-relay mode, "
         "service `apex-mesh`); in production `['tcp6:912:interface=\\:\\:']` as for "
-        "`edge_listen`. Not `ssl:` or `tls:`: TLS starts inside the BEEP session.",
+        "`edge_listen`. Not `ssl:` or `tls:`: TLS starts inside the BEEP session. Either "
+        "list may be empty, for a relay of one kind, but not both.",
         check=_endpoints,
     )
     state_dir: str = _option(
@@ -460,6 +461,15 @@ class Config:
                 except ValueError as e:
                     raise ConfigError(self.source, spec.name, str(e)) from None
             object.__setattr__(self, spec.name, value)
+        if not self.edge_listen and not self.mesh_listen:
+            # Either alone makes a relay of one kind; neither, one nobody can reach, which
+            # would start and `imxp check` would pass.
+            raise ConfigError(
+                self.source,
+                None,
+                "options 'edge_listen' and 'mesh_listen' are both empty: the relay would "
+                "listen for neither endpoints nor relays",
+            )
         base = Path(self.source).parent if self.source is not None else Path.cwd()
         object.__setattr__(self, "state_dir", str(_resolve(base, self.state_dir)))
 

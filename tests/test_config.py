@@ -242,6 +242,20 @@ def test_invalid_values(tmp_path: Path, line: str, option: str, fragment: str) -
     assert fragment in str(e.value)
 
 
+def test_a_relay_that_would_listen_on_nothing_is_refused(tmp_path: Path) -> None:
+    """Both lists empty started a relay nobody could reach, and `imxp check` said all good."""
+    path = write(tmp_path, "edge_listen = []\nmesh_listen = []\n")
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert str(e.value) == (
+        f"{path}: options 'edge_listen' and 'mesh_listen' are both empty: the relay would "
+        "listen for neither endpoints nor relays"
+    )
+    # Either alone is a relay of one kind: for endpoints only, or a hub for relays.
+    assert load(write(tmp_path, "edge_listen = []\n")).mesh_listen
+    assert load(write(tmp_path, "mesh_listen = []\n")).edge_listen
+
+
 def test_a_config_made_directly_is_checked_too() -> None:
     with pytest.raises(ConfigError) as e:
         Config(max_hops=0)
