@@ -22,11 +22,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import pytest_twisted
-from twisted.internet import error, reactor
+from twisted.internet import defer, error, reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.names import authority, client, dns, server
+from twisted.names import error as dns_error
 
-__all__ = ["DNSServer", "a", "aaaa", "dns_server", "srv", "start_dns_server"]
+__all__ = ["DNSServer", "SlowResolver", "a", "aaaa", "dns_server", "srv", "start_dns_server"]
 
 # Short enough for fast timeout tests, long enough for a loaded CI machine on loopback.
 DEFAULT_TIMEOUT = (0.5,)
@@ -153,3 +154,35 @@ async def dns_server():
     running = start_dns_server()
     yield running
     await running.stop()
+
+
+class SlowResolver:
+    """A resolver whose queries wait until the test answers them, in the order they were
+    asked, as a slow DNS server's do - or for ever, as a black hole's; it counts the
+    queries under way, each of which would hold a UDP socket in twisted.names."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[str, defer.Deferred]] = []
+        self.asked: list[str] = []
+        self.most = 0
+
+    def _query(self, name: str) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.asked.append(name)
+        self.waiting.append((name, d))
+        self.most = max(self.most, len(self.waiting))
+        return d
+
+    lookupService = lookupAddress = lookupIPV6Address = _query
+
+    def answer_all(self) -> None:
+        """NXDOMAIN for every query under way."""
+        while self.waiting:
+            name, d = self.waiting.pop(0)
+            d.errback(dns_error.DNSNameError(name))
+
+    def answer_srv(self, target: str) -> None:
+        """The oldest query under way answered with one SRV record naming ``target``."""
+        name, d = self.waiting.pop(0)
+        record = dns.Record_SRV(0, 0, 912, target)
+        d.callback(([dns.RRHeader(name, dns.SRV, payload=record, ttl=300)], [], []))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from dnsserver import SlowResolver
 from twisted.internet import defer, task
 from twisted.logger import capturedLogs
-from twisted.names import dns
-from twisted.names import error as dns_error
 
 from imxp.apex import wire
 from imxp.apex.policy import AccessPolicy
@@ -90,30 +89,6 @@ def test_a_watch_made_while_expiring_does_not_put_off_earlier_deadlines() -> Non
 # -- a route that takes too long (imxp.apex.relay.Relay._forward_remote) -----------------
 
 
-class BlackHole:
-    """A resolver whose queries the test answers (NXDOMAIN), or nobody does."""
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[str, defer.Deferred]] = []
-
-    def _query(self, name: str) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.waiting.append((name, d))
-        return d
-
-    lookupService = lookupAddress = lookupIPV6Address = _query
-
-    def answer_all(self) -> None:
-        while self.waiting:
-            name, d = self.waiting.pop(0)
-            d.errback(dns_error.DNSNameError(name))
-
-    def answer_srv(self, target: str) -> None:
-        name, d = self.waiting.pop(0)
-        record = dns.Record_SRV(0, 0, 912, target)
-        d.callback(([dns.RRHeader(name, dns.SRV, payload=record, ttl=300)], [], []))
-
-
 class Pool:
     """A peer pool whose next hops take each data and never answer; ``None`` as
     ``sent``: one the test expects no hand-over of."""
@@ -129,7 +104,7 @@ class Pool:
 
 
 def relay_behind(
-    resolver: BlackHole,
+    resolver: SlowResolver,
     clock: task.Clock,
     sent: list[tuple[list, float]] | None = None,
     **router: object,
@@ -162,7 +137,7 @@ def test_data_waiting_for_a_route_get_their_verdict_at_the_delivery_deadline() -
     library, waiting REPORT_TIMEOUT (90 s), gave up on reports still to come. The wait for
     a route counts against delivery_timeout; giving up leaves the lookup to the data
     that came later, which get its answer."""
-    dns = BlackHole()
+    dns = SlowResolver()
     clock = task.Clock()
     relay = relay_behind(dns, clock)
     with capturedLogs() as events:
@@ -193,7 +168,7 @@ def test_data_for_several_domains_are_not_handed_on_after_the_deadline() -> None
     """A data for a domain routed at once and one whose lookup does not end: at the
     deadline each recipient has its 451, and the routed one is not handed on then, when
     there is no time left to wait for the next hop's answer."""
-    dns = BlackHole()
+    dns = SlowResolver()
     clock = task.Clock()
     relay = relay_behind(dns, clock, static_routes={"fast.test": "relay.fast.test"}, max_lookups=1)
     with capturedLogs() as events:
@@ -222,7 +197,7 @@ def test_data_for_several_domains_are_not_handed_on_after_the_deadline() -> None
 
 def test_a_hand_over_after_a_slow_route_has_what_is_left_of_the_deadline() -> None:
     """A route found after 45 s leaves the hand-over 15 s, not a delivery_timeout more."""
-    dns = BlackHole()
+    dns = SlowResolver()
     clock = task.Clock()
     sent: list[tuple[list, float]] = []
     relay = relay_behind(dns, clock, sent)

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import pytest_twisted
-from dnsserver import a, aaaa, srv
+from dnsserver import SlowResolver, a, aaaa, srv
 from twisted.internet import defer, error, reactor, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import capturedLogs, formatEvent, globalLogPublisher, textFileLogObserver
@@ -398,31 +398,6 @@ def failed_with(failure, kind):
     return failure.value
 
 
-class Slow:
-    """A resolver whose queries wait until the test answers them (NXDOMAIN), one at a
-    time in the order they were asked, as a slow DNS server's do; it counts the queries
-    under way, each of which would hold a UDP socket in twisted.names."""
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[str, defer.Deferred]] = []
-        self.asked: list[str] = []
-        self.most = 0
-
-    def _query(self, name: str) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.asked.append(name)
-        self.waiting.append((name, d))
-        self.most = max(self.most, len(self.waiting))
-        return d
-
-    lookupService = lookupAddress = lookupIPV6Address = _query
-
-    def answer_all(self) -> None:
-        while self.waiting:
-            name, d = self.waiting.pop(0)
-            d.errback(dns_error.DNSNameError(name))
-
-
 class OutOfSockets:
     """twisted.names out of file descriptors half way through a lookup: the SRV query
     is answered (NXDOMAIN), the A query goes out, and the AAAA query cannot be sent -
@@ -448,7 +423,7 @@ def test_many_domains_at_once_are_looked_up_a_bounded_number_at_a_time():
     socket per query they ran out the relay's file descriptors. Now at most MAX_LOOKUPS
     domains are looked up at once (two queries each at most), the others waiting their
     turn; each still ends in its answer, which is cached."""
-    slow = Slow()
+    slow = SlowResolver()
     clock = task.Clock()
     router = Router(resolver=slow, clock=clock)
     domains = [f"d{i}.nowhere.test" for i in range(10 * MAX_LOOKUPS)]
@@ -479,7 +454,7 @@ def test_lookups_waiting_for_their_turn_are_bounded_and_one_domain_waits_once():
     for a turn without bound, in number and in time. Beyond ``max_waiting`` a domain is a
     temporary no route at once, logged once; data for a domain already waiting share its
     lookup and are not counted again."""
-    slow = Slow()
+    slow = SlowResolver()
     clock = task.Clock()
     router = Router(resolver=slow, clock=clock, max_lookups=2, max_waiting=3)
     with capturedLogs() as events:
@@ -506,7 +481,7 @@ def test_no_lookup_waits_for_its_turn_longer_than_query_timeout():
     """A resolver slow enough that lookups take longer than QUERY_TIMEOUT (here each query
     answered just in time) kept the domains waiting behind them for many turns: a lookup
     that has not had its turn after QUERY_TIMEOUT is a temporary no route."""
-    slow = Slow()
+    slow = SlowResolver()
     clock = task.Clock()
     router = Router(resolver=slow, clock=clock, max_lookups=1)
     first = router.route("first.nowhere.test").addErrback(failed_with, NoRoute)
@@ -534,7 +509,7 @@ def test_one_caller_giving_up_leaves_the_shared_lookup_to_the_others():
     deadline by cancelling its route. That must end its own wait only: the lookup goes
     on, a later route joins it rather than starting another, and each caller still
     waiting gets the answer - none an AlreadyCalledError, none a second query."""
-    slow = Slow()
+    slow = SlowResolver()
     clock = task.Clock()
     router = Router(resolver=slow, clock=clock)
     first = router.route("slow.test")
@@ -603,7 +578,7 @@ def test_a_query_never_answered_ends_after_query_timeout():
     """twisted.names, having failed to send a query, keeps it waiting for ever, and joins
     every later query of that name to it. Such a query must not hold a lookup's place (nor
     its domain's data) for ever: it is given up after QUERY_TIMEOUT, as a DNS timeout."""
-    slow = Slow()
+    slow = SlowResolver()
     clock = task.Clock()
     router = Router(resolver=slow, clock=clock)
     with capturedLogs() as events:
