@@ -83,6 +83,8 @@ class OptionSpec:
     """For a path option: the file in ``state_dir`` used while the option is unset."""
     check: Callable[[Any], Any] | None = None
     """Validates a value of the right type, returning it in normal form (ValueError if bad)."""
+    reload: bool = False
+    """Whether a reload (SIGHUP) puts a changed value to work; others take a restart."""
 
     @property
     def type_name(self) -> str:
@@ -242,9 +244,18 @@ def _option(
     check: Callable[[Any], Any] | None = None,
     path: bool = False,
     state_file: str | None = None,
+    reload: bool = False,
 ) -> Any:
     """A :class:`Config` field that is an option (see :class:`OptionSpec`)."""
-    metadata = {"option": {"doc": doc, "check": check, "path": path, "state_file": state_file}}
+    metadata = {
+        "option": {
+            "doc": doc,
+            "check": check,
+            "path": path,
+            "state_file": state_file,
+            "reload": reload,
+        }
+    }
     if isinstance(default, Mapping):
         # dataclasses refuse a mapping as a shared default, even a read-only one.
         return field(default_factory=lambda: MappingProxyType(dict(default)), metadata=metadata)
@@ -296,6 +307,7 @@ class Config:
         check=_path,
         path=True,
         state_file="relay.pem",
+        reload=True,
     )
     tls_key: str | None = _option(
         None,
@@ -303,6 +315,7 @@ class Config:
         check=_path,
         path=True,
         state_file="relay.key",
+        reload=True,
     )
     tls_trust: tuple[str, ...] = _option(
         (),
@@ -312,6 +325,7 @@ class Config:
         check=_paths,
         path=True,
         state_file=DEVELOPMENT_CA,
+        reload=True,
     )
     users_file: str | None = _option(
         None,
@@ -339,6 +353,7 @@ class Config:
         "below example.org; a value ending in `=name` expects a certificate for `name` "
         "rather than for the destination domain.",
         check=_routes,
+        reload=True,
     )
     smart_host: str = _option(
         "",
@@ -346,6 +361,7 @@ class Config:
         "route, instead of DNS (port 912 if left out); its certificate must name `host` (or "
         '`name` given as `"host:port=name"`). Empty: none.',
         check=_smart_host,
+        reload=True,
     )
     dns_servers: tuple[str, ...] = _option(
         (),
@@ -358,6 +374,7 @@ class Config:
         "Domains whose authenticated relays may relay data for any originator "
         "(RFC 3340 §4.5.2); relays of other domains may only send data from their own.",
         check=_domains,
+        reload=True,
     )
     refuse_data: Mapping[str, tuple[str, ...]] = _option(
         {},
@@ -366,6 +383,7 @@ class Config:
         'domain, e.g. `"fred@example.org" = ["@spam.test"]`. Such data gets 537, '
         "access denied; subaddresses share their endpoint's refusals.",
         check=_refusals,
+        reload=True,
     )
     max_hops: int = _option(
         16,
@@ -448,6 +466,7 @@ class Config:
         "whole data, attach or bind) and the relay's own troubles. The relay's start, reload, "
         "log-outs and stop (events imxp.*) are logged at every level.",
         check=_log_level,
+        reload=True,
     )
     source: str | None = None
     """The file this configuration was read from; None for the built-in default."""
@@ -700,7 +719,8 @@ def reference_markdown() -> str:
             default = f"`{spec.state_file}` in `state_dir`"
         else:
             default = f"`{_toml(spec.default)}`"
-        lines.append(f"- **`{spec.name}`** ({spec.type_name}, default {default}): {spec.doc}")
+        doc = f"{spec.doc} A reload (SIGHUP) applies a change." if spec.reload else spec.doc
+        lines.append(f"- **`{spec.name}`** ({spec.type_name}, default {default}): {doc}")
     return "\n".join(lines) + "\n"
 
 

@@ -18,12 +18,12 @@ from twisted.python import usage
 
 from imxp import logs
 from imxp.bootstrap import Prepared, load_tls, prepare
-from imxp.config import Config, ConfigError, load
+from imxp.config import OPTIONS, Config, ConfigError, load
 
 if TYPE_CHECKING:
     from twisted.application.service import IService
 
-    from imxp.apex.service import Credentials, RelayService
+    from imxp.apex.service import RelayService
 
 __all__ = ["Options", "makeService"]
 
@@ -88,7 +88,7 @@ def makeService(options: Options) -> IService:
     # long as the process. Frozen, it is left out of garbage collections: each full one
     # walked all of it, a pause of about 40 ms that showed in the relay's p99 latency.
     reactor.callWhenRunning(gc.freeze)
-    reactor.callWhenRunning(_reload_on_sighup, reactor, options.config, relay.credentials)
+    reactor.callWhenRunning(_reload_on_sighup, reactor, options, relay)
     reactor.addSystemEventTrigger("before", "shutdown", _stopping_already, reactor, relay)
     return relay
 
@@ -115,31 +115,56 @@ def _stopping_already(reactor: Any, relay: RelayService) -> None:
         signal.signal(signum, again)
 
 
-def _reload_on_sighup(reactor: Any, config: Config, credentials: Credentials) -> None:
-    """On SIGHUP, read the relay certificate, its key and the trusted CAs again, as mail and
-    chat servers do on reload: a renewed certificate is used from the next session on,
-    without a restart. Without this, SIGHUP would end the relay on the spot, dropping what
-    it had accepted. Other options still need a restart."""
+def _reload_on_sighup(reactor: Any, options: Options, relay: RelayService) -> None:
+    """On SIGHUP, read the configuration file and the TLS files it names again, as mail and
+    chat servers do on reload: a renewed certificate is used from the next session on, and
+    changed routes, smart host, trusted relays, access refusals and log level from the next
+    data on, without a restart (:func:`imxp.apex.service.reconfigure`). An option that
+    takes a restart (a listening address, say) is named in a warning and left as it was; a
+    file that cannot be used changes nothing. Without this, SIGHUP would end the relay on
+    the spot, dropping what it had accepted."""
+    from imxp.apex.service import reconfigure
+
+    started = current = options.config
 
     def reload() -> None:
+        nonlocal current
         try:
+            config = load(options["config"])
             identity, trust = load_tls(config, log)
-            credentials.use(identity, trust)
+            reconfigure(relay, config, identity, trust)
         except (ConfigError, ValueError) as e:
             log.error(
-                "SIGHUP: not reloaded, the relay goes on with the certificate it had: {error}",
+                "SIGHUP: not reloaded, the relay goes on as it was: {error}",
                 error=str(e),
                 event="imxp.reload-failed",
             )
             return
+        applied = [s.name for s in OPTIONS if s.reload and _differs(current, config, s.name)]
+        current = config
         log.info(
-            "SIGHUP: reloaded the relay certificate {path} (valid until {expires}) and {roots} "
-            "trusted CAs; new sessions use them",
+            "SIGHUP: reloaded {source}: the relay certificate {path} (valid until {expires}) "
+            "and {roots} trusted CAs for new sessions; {applied}",
+            source=config.source or "the built-in configuration",
             path=str(config.path("tls_certificate")),
             expires=identity.certificate.not_valid_after_utc.isoformat(),
             roots=len(trust),
+            applied=f"changed: {', '.join(applied)}" if applied else "no option changed",
             event="imxp.reloaded",
         )
+        later = [s.name for s in OPTIONS if not s.reload and _differs(started, config, s.name)]
+        if later:
+            log.warn(
+                "SIGHUP: {options} changed in {source}, which takes a restart; until then the "
+                "relay goes on as it started",
+                options=", ".join(later),
+                source=config.source or "the built-in configuration",
+                event="imxp.reload-restart-needed",
+            )
 
     # A signal handler runs between any two bytecodes; the reload waits for the reactor.
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+
+
+def _differs(old: Config, new: Config, name: str) -> bool:
+    return bool(getattr(old, name) != getattr(new, name))

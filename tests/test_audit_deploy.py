@@ -289,6 +289,75 @@ async def test_sighup_puts_a_renewed_certificate_to_work_without_a_restart(
         _stop(relay)
 
 
+def _data(trans_id: int) -> wire.Data:
+    return wire.Data(
+        wire.Originator("fred@localhost", []),
+        [wire.Recipient("barney@localhost", [])],
+        [apex_options.make_status_request(trans_id)],
+        content=wire.Content.from_bytes(b"hello", "text/plain"),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_applies_a_changed_configuration_and_names_what_takes_a_restart(
+    tmp_path: Path,
+) -> None:
+    """An operator edits the file and runs `systemctl reload imxp`, as for Postfix or
+    Prosody: access refusals and the log level change for the data that follows, without
+    dropping the attached applications; an option that takes a restart is named, not
+    silently ignored; and a file that does not parse changes nothing."""
+    edge, mesh = free_ports(2)
+    _prepare_users(tmp_path / "imxp-state", "fred", "barney")
+    config = _config(tmp_path, edge, mesh)
+    relay, log = _start(tmp_path, config)
+    try:
+        await until(lambda: log.read_text().count("listening on") >= 2, "listeners", 20)
+        ca = tmp_path / "imxp-state" / "ca.pem"
+        barney = await _attach(edge, ca, "barney@localhost")
+        fred = await _attach(edge, ca, "fred@localhost")
+
+        async def outcome(trans_id: int) -> int:
+            # A verdict given at once is reported before the data's ok is sent.
+            reports = len(fred.reports)
+            await fred.channel.send(wire.encode(_data(trans_id)))
+            await fred.wait("reports", reports + 1)
+            report = fred.reports[-1]
+            assert report.trans_id == trans_id
+            ((_, code, _),) = report.destinations
+            return code
+
+        assert await outcome(1) == 250
+        verdict = "barney@localhost from fred@localhost: 250"
+        assert log.read_text().count(verdict) == 1
+
+        refusal = '[refuse_data]\n"barney@localhost" = ["@localhost"]\n'
+        _config(tmp_path, edge, mesh, "max_hops = 5\n" + refusal)
+        relay.send_signal(signal.SIGHUP)
+        await until(lambda: "SIGHUP: reloaded" in log.read_text(), "the reload", 10)
+        text = log.read_text()
+        assert "changed: refuse_data" in text
+        assert "max_hops changed in" in text and "takes a restart" in text
+        assert await outcome(2) == 537
+
+        config.write_text("max_hops = \n")
+        relay.send_signal(signal.SIGHUP)
+        await until(lambda: "SIGHUP: not reloaded" in log.read_text(), "the refusal", 10)
+        assert str(config) in log.read_text()
+        assert await outcome(3) == 537
+
+        _config(tmp_path, edge, mesh, 'log_level = "warn"\n')
+        relay.send_signal(signal.SIGHUP)
+        await until(lambda: log.read_text().count("SIGHUP: reloaded") == 2, "the reload", 10)
+        assert "changed: refuse_data, log_level" in log.read_text()
+        assert await outcome(4) == 250
+        assert log.read_text().count(verdict) == 1
+        assert len(barney.data) == 2
+        assert relay.poll() is None
+        assert "Traceback" not in log.read_text()
+    finally:
+        _stop(relay)
+
+
 # -- listeners -----------------------------------------------------------------------------
 
 

@@ -160,6 +160,21 @@ async def test_static_route_with_tls_name_and_ipv6_host():
     assert await router.route("b.test") == [Target("192.0.2.9", MESH_PORT, "b.test", "static")]
 
 
+def test_new_routes_take_over_from_the_next_data_and_a_bad_one_changes_nothing():
+    """A reload (SIGHUP) hands the router the routes the file now has: a domain it has
+    already routed goes the new way, not the way remembered for it."""
+    router = Router(static_routes={"b.test": "old.example"}, resolver=NoDNS())
+    assert router.known("b.test") == [Target("old.example", MESH_PORT, "b.test", "static")]
+    router.use_routes({"b.test": "new.example:1912"}, "smart.example")
+    assert router.known("b.test") == [Target("new.example", 1912, "b.test", "static")]
+    [smart] = router.known("c.test") or []
+    assert smart.source == "smart-host"
+    with pytest.raises(ValueError, match=r"static route 'd\.test'"):
+        router.use_routes({"b.test": "other.example", "d.test": "bad host:x"}, None)
+    assert router.known("b.test") == [Target("new.example", 1912, "b.test", "static")]
+    assert router.known("c.test") == [smart]
+
+
 @pytest_twisted.ensureDeferred
 async def test_smart_host_takes_what_has_no_static_route():
     router = Router(

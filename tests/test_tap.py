@@ -55,7 +55,6 @@ def test_make_service_hands_the_configuration_to_the_relay(
 ) -> None:
     made: list[Config] = []
     service = MultiService()
-    service.credentials = object()  # type: ignore[attr-defined]  # what SIGHUP reloads
 
     def make_relay_service(config: Config, **kwargs: Any) -> MultiService:
         made.append(config)
@@ -63,6 +62,7 @@ def test_make_service_hands_the_configuration_to_the_relay(
 
     fake = types.ModuleType("imxp.apex.service")
     fake.make_relay_service = make_relay_service  # type: ignore[attr-defined]
+    fake.reconfigure = lambda *args: None  # type: ignore[attr-defined]  # what SIGHUP calls
     monkeypatch.setitem(sys.modules, "imxp.apex.service", fake)
     path = tmp_path / "relay.toml"
     path.write_text("")

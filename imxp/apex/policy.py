@@ -43,8 +43,15 @@ class AccessPolicy:
     ) -> None:
         self.domain = domain
         self._known_local = known_local
+        self.use(trusted_relays, refusals)
+
+    def use(
+        self, trusted_relays: Collection[str], refusals: Mapping[str, Collection[str]] | None
+    ) -> None:
+        """Decide by ``trusted_relays`` and ``refusals`` from now on (a reload). Raises
+        ValueError, and changes nothing, for a malformed domain or endpoint."""
         # §2.2.1: domains in the one form they are compared in (A-labels, no final dot).
-        self.trusted_relays = frozenset(normalise_domain(d) for d in trusted_relays)
+        trusted = frozenset(normalise_domain(d) for d in trusted_relays)
         self._refusals = {
             str(Endpoint.parse(recipient)): frozenset(
                 f"@{normalise_domain(p[1:])}" if p.startswith("@") else str(Endpoint.parse(p))
@@ -52,6 +59,7 @@ class AccessPolicy:
             )
             for recipient, patterns in (refusals or {}).items()
         }
+        self.trusted_relays = trusted
 
     def is_local(self, endpoint: Endpoint) -> bool:
         return endpoint.domain == self.domain

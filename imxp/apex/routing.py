@@ -250,24 +250,7 @@ class Router:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self._service = service
         self._default_port = default_port
-        self._static: dict[str, _Hop] = {}
-        for key, value in (static_routes or {}).items():
-            if key == "*":
-                raise ValueError("a static route for '*' is what smart_host is for")
-            if is_literal(key):
-                raise ValueError(f"{key!r}: a domain literal always goes to its own address")
-            try:
-                if key.startswith("."):
-                    pattern = "." + normalise_domain(key[1:])
-                else:
-                    pattern = normalise_domain(key)
-                self._static[pattern] = _parse_hop(value, default_port)
-            except ValueError as e:
-                raise ValueError(f"static route {key!r} = {value!r}: {e}") from None
-        try:
-            self._smart_host = None if smart_host is None else _parse_hop(smart_host, default_port)
-        except ValueError as e:
-            raise ValueError(f"smart host {smart_host!r}: {e}") from None
+        self._static, self._smart_host = self._configured_hops(static_routes, smart_host)
         self._resolver = resolver
         self._clock = clock
         self._rng = rng or random.Random()
@@ -278,9 +261,42 @@ class Router:
         self._lookups = defer.DeferredSemaphore(max_lookups)
         self._max_waiting = max_waiting
         self._query_timeout = query_timeout
-        # What _configured made of each domain: the configuration does not change, and a
-        # relay routes every data it forwards. Bounded like the answer cache.
+        # What _configured made of each domain: a relay routes every data it forwards.
+        # Bounded like the answer cache; forgotten when the configured hops change.
         self._rules: dict[str, tuple[str, Target | None, str]] = {}
+
+    def use_routes(self, static_routes: Mapping[str, str], smart_host: str | None) -> None:
+        """Route by ``static_routes`` and ``smart_host`` from now on (a reload). Raises
+        ValueError, and changes nothing, for a malformed one.
+
+        DNS answers stay cached: they do not depend on the configuration. Data already on
+        its way to a next hop goes on there."""
+        self._static, self._smart_host = self._configured_hops(static_routes, smart_host)
+        self._rules = {}
+
+    def _configured_hops(
+        self, static_routes: Mapping[str, str] | None, smart_host: str | None
+    ) -> tuple[dict[str, _Hop], _Hop | None]:
+        default_port = self._default_port
+        static: dict[str, _Hop] = {}
+        for key, value in (static_routes or {}).items():
+            if key == "*":
+                raise ValueError("a static route for '*' is what smart_host is for")
+            if is_literal(key):
+                raise ValueError(f"{key!r}: a domain literal always goes to its own address")
+            try:
+                if key.startswith("."):
+                    pattern = "." + normalise_domain(key[1:])
+                else:
+                    pattern = normalise_domain(key)
+                static[pattern] = _parse_hop(value, default_port)
+            except ValueError as e:
+                raise ValueError(f"static route {key!r} = {value!r}: {e}") from None
+        try:
+            smart = None if smart_host is None else _parse_hop(smart_host, default_port)
+        except ValueError as e:
+            raise ValueError(f"smart host {smart_host!r}: {e}") from None
+        return static, smart
 
     def route(self, domain: str) -> Deferred[list[Target]]:
         """The candidates for ``domain`` in the order to try them; errback :class:`NoRoute`.

@@ -49,7 +49,14 @@ from imxp.bootstrap import Prepared, prepare
 from imxp.certs import Issued
 from imxp.config import Config, offered_mechanisms, resolver_addresses, session_config
 
-__all__ = ["Credentials", "ListenFailed", "RelayService", "build_relay", "make_relay_service"]
+__all__ = [
+    "Credentials",
+    "ListenFailed",
+    "RelayService",
+    "build_relay",
+    "make_relay_service",
+    "reconfigure",
+]
 
 #: How often a relay looks at its user file for users removed or given a new password.
 USERS_LOOK_SECONDS = 5.0
@@ -504,3 +511,28 @@ def make_relay_service(
         max_sessions_per_peer=config.max_sessions_per_peer,
         shutdown_grace=config.shutdown_grace,
     )
+
+
+def reconfigure(
+    relay_service: RelayService,
+    config: Config,
+    identity: Issued,
+    trust: Sequence[x509.Certificate],
+) -> None:
+    """Put to work what ``config`` says of the options a reload applies (those whose
+    :attr:`~imxp.config.OptionSpec.reload` is set), with ``identity`` and ``trust`` loaded
+    from its TLS files. New sessions use the certificate; data accepted from now on is
+    routed and admitted by the new routes and access settings, while data already on its
+    way to a next hop goes on there.
+
+    Raises ValueError, and changes nothing, for a certificate and key that cannot be used
+    together. The routes and access settings of a :class:`Config` were checked when it was
+    made, so once the certificate is in use the rest cannot fail.
+    """
+    relay_service.credentials.use(identity, trust)
+    relay = relay_service.relay
+    relay.router.use_routes(dict(config.routes), config.smart_host or None)
+    relay.policy.use(
+        config.trusted_relays, {recipient: list(o) for recipient, o in config.refuse_data.items()}
+    )
+    logs.set_level(config.log_level)
