@@ -389,6 +389,7 @@ class Config:
         16,
         "The dataHopping limit (RFC 3342 §4) put on data entering the mesh here.",
         check=_positive,
+        reload=True,
     )
     delivery_timeout: float = _option(
         60.0,

@@ -331,12 +331,12 @@ async def test_sighup_applies_a_changed_configuration_and_names_what_takes_a_res
         assert log.read_text().count(verdict) == 1
 
         refusal = '[refuse_data]\n"barney@localhost" = ["@localhost"]\n'
-        _config(tmp_path, edge, mesh, "max_hops = 5\n" + refusal)
+        _config(tmp_path, edge, mesh, "connect_timeout = 5.0\n" + refusal)
         relay.send_signal(signal.SIGHUP)
         await until(lambda: "SIGHUP: reloaded" in log.read_text(), "the reload", 10)
         text = log.read_text()
         assert "changed: refuse_data" in text
-        assert "max_hops changed in" in text and "takes a restart" in text
+        assert "connect_timeout changed in" in text and "takes a restart" in text
         assert await outcome(2) == 537
 
         config.write_text("max_hops = \n")
@@ -345,13 +345,16 @@ async def test_sighup_applies_a_changed_configuration_and_names_what_takes_a_res
         assert str(config) in log.read_text()
         assert await outcome(3) == 537
 
-        _config(tmp_path, edge, mesh, 'log_level = "warn"\n')
+        _config(tmp_path, edge, mesh, 'log_level = "warn"\nmax_hops = 5\n')
         relay.send_signal(signal.SIGHUP)
         await until(lambda: log.read_text().count("SIGHUP: reloaded") == 2, "the reload", 10)
-        assert "changed: refuse_data, log_level" in log.read_text()
+        assert "changed: refuse_data, max_hops, log_level" in log.read_text()
         assert await outcome(4) == 250
         assert log.read_text().count(verdict) == 1
         assert len(barney.data) == 2
+        # RFC 3342 §4: the hop limit put on data entering the mesh here is the new one.
+        limits = [apex_options.data_hopping(data.options) for data in barney.data]
+        assert [found[1].no_more_than for found in limits if found] == [16, 5]
         assert relay.poll() is None
         assert "Traceback" not in log.read_text()
     finally:
