@@ -33,7 +33,8 @@ Exit status, for scripts:
 
 ====  ===========================================================================
 0     success
-1     send: some recipient was not delivered; chat: some line was not delivered;
+1     send: some recipient was not delivered, or is not known to be (no report in
+      time, or a relay's 451 "... outcome unknown"); chat: likewise some line;
       check: problems found;
       users: the user to add exists, or the one to change or remove does not
 2     usage error (bad arguments, no password available)
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "send",
         _send,
         "Send a message and print each recipient's delivery status (exit 1 if any was "
-        "not delivered).",
+        "not delivered, or is not known to be).",
         connection,
         connects=True,
         asynchronous=True,

@@ -31,7 +31,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from imxp.beep.users import UserStore
 from imxp.certs import Issued, client_identity, create_ca, issue_server, load_issued
-from imxp.cli import build_parser
+from imxp.cli import _outcome_text, build_parser
+from imxp.client import Outcome
 
 FRED, WILMA, BARNEY = "fred@a.test", "wilma@a.test", "barney@b.test"
 DOMAINS = ("a.test", "b.test")
@@ -110,6 +111,16 @@ def test_a_timeout_that_is_no_wait_is_a_usage_error(
         build_parser().parse_args([*words, "--timeout", timeout, *peer])
     assert raised.value.code == 2
     assert f"--timeout: seconds, more than 0 and finite, not {timeout}" in capsys.readouterr().err
+
+
+def test_an_outcome_a_relay_does_not_know_is_printed_unknown() -> None:
+    """A relay's 451 "... outcome unknown" is shown as unknown with the relay's words, not
+    as "failed 451": the data has often arrived. Not delivered, it still makes send and
+    chat exit 1."""
+    unknown = Outcome(BARNEY, 451, "b.test did not answer in time; outcome unknown")
+    failed = Outcome(BARNEY, 451, "the application failed to process the data")
+    assert _outcome_text(unknown, 90) == "unknown (b.test did not answer in time; outcome unknown)"
+    assert _outcome_text(failed, 90) == "failed 451 the application failed to process the data"
 
 
 def test_a_media_type_that_is_none_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import provider
 
+from imxp.apex import wire
 from imxp.apex.service import USERS_LOOK_SECONDS
 from imxp.beep.message import Message
 from imxp.beep.session import (
@@ -336,6 +337,43 @@ async def test_a_report_that_does_not_come_in_time_is_unknown(net: Net) -> None:
     assert codes(await fred.send([WILMA], b"still fine")) == {WILMA: 450}
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_relay_that_does_not_know_the_outcome_reports_unknown(net: Net) -> None:
+    """The relay hands the data to wilma's application, which never answers: by its
+    delivery_timeout the relay reports 451 "... outcome unknown" (RFC 3340 §10 has no code
+    for it). wilma may well have it, so it is unknown, not a failure to send again; its
+    code and text stay as the relay gave them."""
+    relay = await net.start("c.test", ("fred", "wilma"), delivery_timeout=0.3)
+    fred = await net.connect("fred@c.test")
+    wilma = await attach(relay, net.ca, "wilma@c.test")
+
+    class Silent(ChannelHandler):
+        def message_received(self, request: Request) -> defer.Deferred[Message]:
+            return defer.Deferred()
+
+    wilma.channel.handler = Silent()
+    try:
+        [outcome] = (await fred.send(["wilma@c.test"], b"are you there?", timeout=5)).values()
+    finally:
+        wilma.session.disconnect()
+
+    assert (outcome.code, outcome.text) == (
+        451,
+        f"endpoint did not answer in time; {wire.OUTCOME_UNKNOWN}",
+    )
+    assert outcome.unknown and not outcome.delivered
+
+
+def test_only_a_451_that_says_the_outcome_is_unknown_is_unknown() -> None:
+    """The rule is the relay's wording (wire.OUTCOME_UNKNOWN) on a 451: any other 451 is
+    a failure, and the same words under another code are that code's."""
+    said = wire.outcome_unknown("the next hop answered with neither ok nor error")
+    assert Outcome(BARNEY, 451, said).unknown
+    assert not Outcome(BARNEY, 451, "the application failed to process the data").unknown
+    assert not Outcome(BARNEY, 450, said).unknown
+    assert Outcome(BARNEY, None, "no status report within 1 s").unknown
+
+
 def test_by_default_the_sender_waits_out_a_relays_retries() -> None:
     """A relay that cannot reach the next hop keeps trying for up to its delivery_timeout
     and then reports 421; a sender that stopped waiting before that would only learn
@@ -440,6 +478,7 @@ async def test_a_failing_on_data_callback_is_reported_to_the_sender(net: Net) ->
     outcomes = await fred.send([BARNEY], b"hello")
 
     assert codes(outcomes) == {BARNEY: 451}
+    assert not outcomes[BARNEY].unknown  # the application said it failed
 
 
 @pytest_twisted.ensureDeferred

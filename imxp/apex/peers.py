@@ -533,7 +533,7 @@ class PeerPool:
             verdict = Verdict(421, f"{target.address}: session lost before sending")
             return verdict, False
         if failure.check(SessionClosed):
-            return Verdict(451, "session to the next hop was lost; outcome unknown"), True
+            return Verdict(451, wire.outcome_unknown("session to the next hop was lost")), True
         failure.raiseException()
 
     def _abandon(self, link: Link) -> None:

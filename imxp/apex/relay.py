@@ -653,7 +653,7 @@ class Relay:
         if isinstance(verdict, Failure):
             if not verdict.check(defer.CancelledError):
                 return verdict
-            verdict = Verdict(451, f"{domain} did not answer in time; outcome unknown")
+            verdict = Verdict(451, wire.outcome_unknown(f"{domain} did not answer in time"))
         text = f"relayed to {domain} via {verdict.hop}" if verdict.ok else verdict.text
         for recipient in recipients:
             # Handed on: the next relay now answers for it, so this is not final.
@@ -676,12 +676,12 @@ class Relay:
             elif result.check(BEEPError):
                 code, text = wire.refusal(result.value.code, result.value.text, "endpoint")
             elif result.check(defer.CancelledError):
-                code, text = 451, "endpoint did not answer in time; outcome unknown"
+                code, text = 451, wire.outcome_unknown("endpoint did not answer in time")
                 self._drop_unanswering(channel, identity)
             elif result.check(NotSent):
                 code, text = 451, "endpoint's session was lost before it was sent; not delivered"
             elif result.check(SessionClosed):
-                code, text = 451, "endpoint's session was lost; outcome unknown"
+                code, text = 451, wire.outcome_unknown("endpoint's session was lost")
             else:
                 return result
             self._verdict(journey, identity, code, text, final=True)

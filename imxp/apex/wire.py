@@ -879,6 +879,26 @@ def _decode(message: Message, where: list[int] | None) -> APEXElement:
     raise APEXError(500, f"an APEX payload is {BEEP_XML} or {MULTIPART_RELATED}")
 
 
+#: How the text of a 451 verdict ends when the data was handed on (to a next hop, to an
+#: application) and what became of it could not be learned: RFC 3340 §10 has no code for
+#: "unknown", so the text is the only place to say it. The data may well have arrived,
+#: and a sender that took such a 451 for a failure and sent again could deliver it twice;
+#: the client library reads it back (:func:`says_outcome_unknown`).
+OUTCOME_UNKNOWN = "outcome unknown"
+
+
+def outcome_unknown(reason: str) -> str:
+    """The text of a 451 verdict (RFC 3340 §10) for data handed on whose fate could not be
+    learned: ``reason``, then :data:`OUTCOME_UNKNOWN`."""
+    return f"{reason}; {OUTCOME_UNKNOWN}"
+
+
+def says_outcome_unknown(code: int | None, text: str) -> bool:
+    """Whether a final status (RFC 3340 §6.2) of ``code`` and ``text`` is a relay saying it
+    does not know what became of the data: a 451 made by :func:`outcome_unknown`."""
+    return code == 451 and text.endswith(OUTCOME_UNKNOWN)
+
+
 def reply_outcome(reply: Message | list[Message], who: str) -> tuple[int, str]:
     """What a positive reply to a data, from ``who`` (a next hop, an application), says of
     it (RFC 3340 §4.4.4.1 step 5.2, §4.4.4.2): 250 only for an ``ok`` element; an
@@ -886,7 +906,7 @@ def reply_outcome(reply: Message | list[Message], who: str) -> tuple[int, str]:
     - a one-to-many reply (a list of ANS), a payload that is not APEX - says nothing of
     what became of the data: 451, outcome unknown."""
     if type(reply) is not Message:
-        return 451, f"{who} answered with a one-to-many reply, not ok; outcome unknown"
+        return 451, outcome_unknown(f"{who} answered with a one-to-many reply, not ok")
     if reply.body == _OK_BODY:
         return 250, ""
     try:
@@ -897,7 +917,7 @@ def reply_outcome(reply: Message | list[Message], who: str) -> tuple[int, str]:
         return 250, ""
     if isinstance(answer, Error):
         return refusal(answer.code, answer.text, who)
-    return 451, f"{who} answered with neither ok nor error; outcome unknown"
+    return 451, outcome_unknown(f"{who} answered with neither ok nor error")
 
 
 def refusal(code: int, text: str, who: str) -> tuple[int, str]:

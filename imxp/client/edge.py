@@ -204,6 +204,14 @@ class Outcome:
     relay's refusal of the data operation itself, or 421 when the data could not be
     handed to the relay at all within the timeout; None when no final report arrived in
     time (the data may or may not have been delivered).
+
+    :attr:`unknown` is true then, and also for a final report in which a relay says it
+    does not know: it handed the data on (to the next relay, or to the recipient's
+    application) and could not learn what became of it. §10 has no code for that, so an
+    imxp relay reports 451 with a text ending "outcome unknown"
+    (:data:`imxp.apex.wire.OUTCOME_UNKNOWN`), kept here as ``code`` and ``text``. Such
+    data has often arrived: sending it again may deliver it twice. A relay of another
+    implementation may word it otherwise, and its 451 then stands as a failure.
     """
 
     recipient: str
@@ -216,7 +224,7 @@ class Outcome:
 
     @property
     def unknown(self) -> bool:
-        return self.code is None
+        return self.code is None or wire.says_outcome_unknown(self.code, self.text)
 
 
 @dataclass(frozen=True)
