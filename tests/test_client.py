@@ -861,6 +861,72 @@ async def test_close_terminates_and_releases(net: Net) -> None:
     assert [i async for i in fred.incoming()] == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_close_lets_a_running_on_data_handler_end_and_send(net: Net, events) -> None:
+    """A bot is closed while its ``async def`` on_data still works on a data it took
+    (answered 250). close() refuses new data (450), waits for the handler, which sends an
+    answer of its own and gets its report over the connection still up, and only then
+    lets go: the bot's answer is neither a RuntimeError nor left without its outcome."""
+    gate: defer.Deferred[None] = defer.Deferred()
+    answered: list[dict[str, int | None]] = []
+    started: list[Incoming] = []
+
+    async def bot(incoming: Incoming) -> None:
+        started.append(incoming)
+        await gate
+        answered.append(codes(await barney.send([incoming.originator], b"bye")))
+
+    fred_inbox = Inbox()
+    fred = await net.connect(FRED, on_data=fred_inbox)
+    barney = await net.connect(BARNEY, on_data=bot)
+    assert codes(await fred.send([BARNEY], b"hello")) == {BARNEY: 250}
+
+    closing = defer.ensureDeferred(barney.close())
+    late = await fred.send([BARNEY], b"too late")
+    assert not closing.called
+    gate.callback(None)
+    await closing.addTimeout(5, reactor)
+
+    assert answered == [{FRED: 250}]
+    assert [i.body for i in fred_inbox.items] == [b"bye"]
+    assert codes(late) == {BARNEY: 450}
+    assert late[BARNEY].text == "the application ended before taking it"
+    assert [i.body for i in started] == [b"hello"]  # not started for the late one
+    assert not any(e["event"] == "client.handlers-cancelled" for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_cancels_an_on_data_handler_that_does_not_end(
+    net: Net, events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler that would await for ever does not hold close() up, nor stay pending
+    for ever: past the grace it is cancelled, sees CancelledError where it waits, and
+    close() says how many it cancelled (not each as an on_data failure)."""
+    monkeypatch.setattr(edge, "_CLOSE_TIMEOUT", 0.3)
+    seen: list[str] = []
+
+    async def stuck(incoming: Incoming) -> None:
+        try:
+            await defer.Deferred()  # never fires
+        except defer.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY, on_data=stuck)
+    assert codes(await fred.send([BARNEY], b"hello")) == {BARNEY: 250}
+
+    await defer.ensureDeferred(barney.close()).addTimeout(5, reactor)
+
+    assert seen == ["cancelled"]
+    assert not barney._handling
+    [cancelled] = [e for e in events if e["event"] == "client.handlers-cancelled"]
+    assert cancelled["count"] == 1
+    assert not any(e["event"] == "client.on-data-failed" for e in events)
+    with pytest.raises(RuntimeError):
+        await barney.send([FRED], b"too late")
+
+
 # -- instant messages (RFC 3862, draft-klyne) ---------------------------------------------
 
 

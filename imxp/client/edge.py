@@ -159,8 +159,11 @@ REPORT_TIMEOUT = Config.delivery_timeout + 30.0
 ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refused", "protocol"})
 #: RFC 3340 §10: "service not available", what a relay says as it shuts down.
 _SERVICE_NOT_AVAILABLE = 421
-#: How long close() waits for the relay's answers before it just disconnects.
+#: How long close() waits for the ``on_data`` handlers still running to end, and then for
+#: the relay's answers before it just disconnects.
 _CLOSE_TIMEOUT = 5.0
+#: Why data is refused (450) once the client is closing.
+_ENDED = "the application ended before taking it"
 #: Seconds data waits, unanswered, for an ``incoming()`` iterator when neither one nor
 #: ``on_data`` takes it: well within a relay's ``delivery_timeout``, so that its sender
 #: hears 450 rather than "did not answer in time".
@@ -592,6 +595,9 @@ class Client:
         # Endpoints being attached, and the calls that wait for the same attach.
         self._attaching: dict[str, list[defer.Deferred[None]]] = {}
         self._closing = False
+        # close() has let go of the connection, after the on_data handlers' grace:
+        # nothing more is sent.
+        self._released = False
         self._closed = False
         self._ended: list[defer.Deferred[None]] = []
         self._protecting = defer.DeferredLock()
@@ -720,10 +726,12 @@ class Client:
 
         Raises :class:`ClientError` when the client has given up on the relay (a lost
         connection without ``reconnect``, or credentials refused on reconnecting),
-        RuntimeError after :meth:`close`, and TypeError or ValueError, before anything is
-        sent, for a ``timeout`` that is not a number of seconds more than 0 and finite.
+        RuntimeError once :meth:`close` has let go of the connection (at once, unless
+        ``on_data`` handlers are still running: those may send until they end), and
+        TypeError or ValueError, before anything is sent, for a ``timeout`` that is not a
+        number of seconds more than 0 and finite.
         """
-        if self._closing:
+        if self._released:
             raise RuntimeError("the client is closed")
         _endpoints_not_one(recipients, "recipients")
         check_timeout(timeout)
@@ -971,9 +979,18 @@ class Client:
         return d
 
     async def close(self) -> None:
-        """Terminate every attachment (transID 0, RFC 3340 §4.4.3), then release the BEEP
-        session (RFC 3080 §2.4). Sends still waiting get their outcome now. A second call
-        returns when the first has finished."""
+        """Take no more data, let the ``on_data`` handlers still running end, terminate
+        every attachment (transID 0, RFC 3340 §4.4.3), then release the BEEP session (RFC
+        3080 §2.4).
+
+        From the call on, data is refused with 450 (RFC 3340 §4.4.4.2: its sender learns
+        that the application did not take it), ``incoming()`` iterators end after what
+        they hold, and the client does not reconnect. An ``async def`` ``on_data`` still
+        running gets up to 5 seconds to end, with the connection still up: a bot's
+        handler may send, and await the reports. One still running then is cancelled (a
+        CancelledError at the ``await`` it is in; ``client.handlers-cancelled`` logs how
+        many). Only then do sends still waiting get their outcome (unknown), and later
+        ones raise RuntimeError. A second call returns when the first has finished."""
         if self._closing:
             if not self._closed:
                 try:
@@ -984,17 +1001,30 @@ class Client:
         self._closing = True
         if self._sleep is not None:
             self._sleep.cancel()
-        connection, self._connection = self._connection, None
+        # No connection comes any more: those waiting for one (sends during an outage)
+        # hear so now, rather than after the handlers' grace.
         waiting, self._waiting = self._waiting, {}
         for d in waiting:
             if not d.called:
                 d.errback(_Closed())
-        # Copies: what each wakes runs at once and takes itself off these books.
-        for pending in list(self._pending.values()):
-            pending.give_up("the client was closed before a status report arrived")
+        # A copy: what each wakes runs at once and takes itself off these books.
         for inbox in list(self._inboxes):
             inbox.end(None)
-        self._refuse_unclaimed(BEEPError(450, "the application ended before taking it"))
+        self._refuse_unclaimed(BEEPError(450, _ENDED))
+        running = await self._handlers_ended()
+        self._released = True
+        if running:
+            log.warn(
+                "{count} on_data handlers still running after {timeout:g} s are cancelled",
+                count=len(running),
+                timeout=_CLOSE_TIMEOUT,
+                event="client.handlers-cancelled",
+            )
+            for going in running:
+                going.cancel()
+        connection, self._connection = self._connection, None
+        for pending in list(self._pending.values()):
+            pending.give_up("the client was closed before a status report arrived")
         if connection is not None and connection.session is not None:
             session = connection.session
             try:
@@ -1011,6 +1041,22 @@ class Client:
         ended, self._ended = self._ended, []
         for d in ended:
             d.callback(None)
+
+    async def _handlers_ended(self) -> list[defer.Deferred[None]]:
+        """Wait up to :data:`_CLOSE_TIMEOUT` for the ``on_data`` handlers still running to
+        end: those still running then."""
+        if not self._handling:
+            return []
+        ended: defer.Deferred[None] = defer.Deferred()
+        # A copy: each handler leaves the set as it ends.
+        defer.DeferredList(list(self._handling)).addCallback(
+            lambda _: None if ended.called else ended.callback(None)
+        )
+        try:
+            await ended.addTimeout(_CLOSE_TIMEOUT, self._clock)
+        except defer.TimeoutError:
+            pass
+        return list(self._handling)
 
     # -- connecting ------------------------------------------------------------------
 
@@ -1389,6 +1435,15 @@ class Client:
         if not mine:
             # §4.4.4.2 steps 2-3: no recipient we are attached as.
             raise BEEPError(550, "not attached as any recipient of this data")
+        if self._closing:
+            # The iterators have ended, and close() waits for the on_data handlers that
+            # run to end, not for ones started meanwhile: nobody would take it.
+            log.info(
+                "data from {originator} refused: the client is closing",
+                originator=data.originator.identity,
+                event="client.data-closing",
+            )
+            raise BEEPError(450, _ENDED)
         content = data.content
         incoming = Incoming(
             originator=data.originator.identity,
@@ -1447,8 +1502,8 @@ class Client:
             raise BEEPError(451, "the application failed to process the data")
         return wire.OK()
 
-    @staticmethod
     def _call(
+        self,
         callback: Callable[[Any], Awaitable[None] | None],
         argument: object,
         message: str,
@@ -1463,14 +1518,17 @@ class Client:
         goes on by itself, in ``running`` until it ends. Awaiting it before answering
         would hold back the answers to every later data on the channel (RFC 3080 §2.6.1:
         replies go in order) for as long as it waits, e.g. for the status report of a
-        data it sends. Every failure, early or late, is logged with ``message``.
+        data it sends. Every failure, early or late, is logged with ``message``, but for
+        the cancellation of one :meth:`close` gave up waiting for, which it logs itself.
         """
         try:
             result = callback(argument)
             if inspect.isawaitable(result):
                 going = defer.ensureDeferred(result)  # type: ignore[arg-type]
                 if not going.called:
-                    going.addErrback(lambda failure: log.failure(message, failure, **fields))
+                    going.addErrback(
+                        self._failed_later, message, fields, cancellable=running is not None
+                    )
                     if running is not None:
                         running.add(going)
                         going.addBoth(lambda _: running.discard(going))
@@ -1483,6 +1541,13 @@ class Client:
             log.failure(message, **fields)
             return False
         return True
+
+    def _failed_later(
+        self, failure: Failure, message: str, fields: dict[str, object], *, cancellable: bool
+    ) -> None:
+        if cancellable and self._released and failure.check(defer.CancelledError):
+            return  # close() cancelled it, and logged that once for all it cancelled
+        log.failure(message, failure, **fields)
 
     def _hold(self, arrival: int, incoming: Incoming) -> defer.Deferred[wire.OK]:
         """Data that arrived with no ``incoming()`` iterator or ``on_data`` to take it:
@@ -1773,7 +1838,8 @@ async def connect(
         ``await`` before the data is answered (raising there is the same 451), then
         goes on by itself, so that a bot may await its own sends in it; a failure after
         that is logged (``client.on-data-failed``), and its sender, told 250, does not
-        learn of it. At most ``on_data_limit`` run so at once.
+        learn of it. At most ``on_data_limit`` run so at once; :meth:`Client.close`
+        gives those still running a few seconds to end, then cancels them.
     :param on_terminated: called with a :class:`Termination` when the relay ends
         attachments (§4.4.3) or refuses to re-attach one after a reconnection; it may be
         an ``async def`` too.
