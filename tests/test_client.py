@@ -1184,6 +1184,62 @@ async def test_reconnecting_gives_up_when_the_credentials_stop_working(net: Net)
 
 
 @pytest_twisted.ensureDeferred
+async def test_reconnecting_gives_up_when_the_relay_takes_no_endpoints_any_more(
+    net: Net,
+) -> None:
+    """The relay comes back with its mesh port where its edge port was (its configuration
+    changed): it answers in BEEP but offers no SASL, and every attempt would meet that
+    again. As for a password refused, the client stops and says why, not tries for ever."""
+    [port] = free_ports(1)
+    listen = [f"tcp:{port}:interface=127.0.0.1"]
+    old = await net.start("a.test", edge_listen=listen)
+    fred = await net.connect(FRED, relay=f"127.0.0.1:{port}")
+    consuming, errors = until_it_ends(fred)
+    await old.service.stopService()
+    await net.start("a.test", mesh_listen=listen)
+    await consuming.addTimeout(10, reactor)
+
+    [error] = errors
+    assert (error.kind, error.code) == ("protocol", None)
+    assert error.message.startswith(f"the relay at 127.0.0.1:{port} offers no SASL mechanism")
+    with pytest.raises(ClientError, match="offers no SASL mechanism"):
+        await fred.ended()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_tries_again_past_something_that_speaks_no_beep(
+    net: Net, events: list[LogEvent]
+) -> None:
+    """Something that is no BEEP peer at the relay's port while the relay is away says
+    nothing of what will listen there next: the client tries again, and is back once the
+    relay is."""
+
+    class HTTP(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    [port] = free_ports(1)
+    listen = [f"tcp:{port}:interface=127.0.0.1"]
+    old = await net.start("a.test", edge_listen=listen)
+    fred = await net.connect(FRED, relay=f"127.0.0.1:{port}")
+    await old.service.stopService()
+    where = endpoints.TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+    http = await where.listen(protocol.Factory.forProtocol(HTTP))
+    try:
+        await until(
+            lambda: any(
+                "does not speak BEEP" in e["error"] for e in events if e["event"] == "client.retry"
+            )
+        )
+    finally:
+        await http.stopListening()
+    await net.start("a.test", edge_listen=listen)
+
+    await until(lambda: fred.connected)
+    assert not fred.ended().called
+
+
+@pytest_twisted.ensureDeferred
 async def test_ended_tells_an_on_data_bot_that_the_client_gave_up(net: Net) -> None:
     """A bot that takes its data with on_data reads no iterator that could raise: ended()
     is what it awaits, and it fails with the reason once the client gives up."""
@@ -1517,3 +1573,22 @@ async def test_the_relays_mesh_port_is_named_as_the_wrong_service(net: Net) -> N
         " there: it looks like a relay's mesh port (apex-mesh, for relays); endpoints"
         " connect to its edge port (apex-edge: 913, or 9913 in imxp's default configuration)"
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_relays_that_all_answer_but_take_no_endpoints_are_a_protocol_error(
+    net: Net,
+) -> None:
+    """Both SRV targets of a.test are relays' mesh ports (a zone that names the wrong
+    service): each is tried, and each answers in BEEP that no endpoint logs in there. The
+    relays were reached: that is "protocol", both named, not "unreachable"."""
+    first = net.relays["a.test"]
+    second = await net.start("a.test")
+    meshes = [first.port("mesh"), second.port("mesh")]
+    net.dns.set("_apex-edge._tcp.a.test", *(srv(0, 1, p, "a.test.") for p in meshes))
+
+    error = await refused_with(net, FRED)
+
+    assert (error.kind, error.code) == ("protocol", None)
+    assert error.message.startswith("no relay for a.test takes endpoints: ")
+    assert all(f"a.test:{p} offers no SASL mechanism" in error.message for p in meshes)

@@ -199,6 +199,17 @@ class ClientError(Exception):
         return ClientError(self.kind, self.message, self.code)
 
 
+class _NotBEEP(ClientError):
+    """``protocol``: what answers at a relay's address does not speak BEEP (RFC 3080
+    §2.2), or, of several relays that all failed so, one did not. Unlike a relay that
+    speaks BEEP and will not let endpoints log in or use APEX, which every relay of the
+    domain would repeat, that says nothing of the others, nor of what listens there later
+    (another service, while a relay restarts)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("protocol", message)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What became of one recipient of :meth:`Client.send`.
@@ -725,7 +736,8 @@ class Client:
         ``headers`` are further MIME headers of the content part.
 
         Raises :class:`ClientError` when the client has given up on the relay (a lost
-        connection without ``reconnect``, or credentials refused on reconnecting),
+        connection without ``reconnect``, or a refusal on reconnecting; see
+        :meth:`ended`),
         RuntimeError once :meth:`close` has let go of the connection (at once, unless
         ``on_data`` handlers are still running: those may send until they end), and
         TypeError or ValueError, before anything is sent, for a ``timeout`` that is not a
@@ -967,9 +979,11 @@ class Client:
 
     def ended(self) -> defer.Deferred[None]:
         """Fires once :meth:`close` has finished, and fails with :class:`ClientError` once
-        the client gives up on the relay for good: credentials refused on reconnecting, or
-        the connection lost without ``reconnect``. An application that takes its data
-        with ``on_data`` learns so of the end that an ``incoming()`` iterator raises."""
+        the client gives up on the relay for good: on reconnecting, credentials refused
+        (``auth``), or relays that answer but take no endpoints (``protocol``: no SASL
+        offered, APEX refused), which every further attempt would meet again; or the
+        connection lost without ``reconnect``. An application that takes its data with
+        ``on_data`` learns so of the end that an ``incoming()`` iterator raises."""
         if self._failure is not None:
             return defer.fail(self._failure.copy())
         if self._closed:
@@ -1085,9 +1099,12 @@ class Client:
     async def _establish(self, *, initial: bool) -> None:
         """Connect to the first relay that works, and attach as every wanted endpoint.
 
-        A relay that cannot be reached, fails TLS or speaks no BEEP gives way to the next
-        candidate (the SRV order of RFC 2782); authentication and attach refusals end the
-        attempt, as every relay of the domain would say the same.
+        A relay that cannot be reached, fails TLS, speaks no BEEP or offers no SASL gives
+        way to the next candidate (the SRV order of RFC 2782); authentication and attach
+        refusals end the attempt, as every relay of the domain would say the same. When
+        every candidate failed, the error is a TLS failure if there was one, else the one
+        failure or one naming them all: ``protocol`` if every relay answered, else
+        ``unreachable``.
         """
         failures: list[ClientError] = []
         for target in await self._targets():
@@ -1110,6 +1127,12 @@ class Client:
         if tls or len(failures) == 1:
             raise (tls or failures)[0]
         reasons = "; ".join(e.message for e in failures)
+        if all(e.kind == "protocol" for e in failures):
+            # Every relay was reached and answered: not unreachable, but not for endpoints.
+            message = f"no relay for {self._domain} takes endpoints: {reasons}"
+            if any(isinstance(e, _NotBEEP) for e in failures):
+                raise _NotBEEP(message)
+            raise ClientError("protocol", message)
         raise ClientError("unreachable", f"no relay for {self._domain} answers: {reasons}")
 
     async def _connect(self, target: Target, *, initial: bool) -> _Connection:
@@ -1136,8 +1159,8 @@ class Client:
             reason = str(e).rstrip(".")
             if session is not None and session.violated:
                 # Something listens there, but what it says is not a BEEP greeting.
-                raise ClientError(
-                    "protocol", f"the relay at {where} does not speak BEEP: {session.aborted}"
+                raise _NotBEEP(
+                    f"the relay at {where} does not speak BEEP: {session.aborted}"
                 ) from None
             raise ClientError(
                 "unreachable", f"cannot reach the relay for {self._domain} at {where}: {reason}"
@@ -1361,9 +1384,8 @@ class Client:
                 await self._establish(initial=False)
                 return
             except ClientError as e:
-                if e.kind in ("auth", "refused") and e.code != 554:
-                    # Every further attempt would be refused the same way (and failed
-                    # logins would be throttled by the relay): a person has to act.
+                if _for_good(e):
+                    # Trying again would meet the same answer for ever: a person has to act.
                     self._fail(e)
                     return
                 log.warn("reconnecting failed: {error}", error=e.message, event="client.retry")
@@ -1703,6 +1725,24 @@ class Client:
             other.put_first([(arrival, item) for arrival, item in left if arrival < other.made])
 
 
+def _for_good(error: ClientError) -> bool:
+    """Whether every further attempt to reconnect would end as ``error`` did, so that a
+    person has to act: what :meth:`Client._establish` raises at once, as every relay of
+    the domain would say the same, or what every relay of it said.
+
+    Credentials refused (and failed logins would be throttled by the relay), an attach
+    refused, but for 554, which may be the relay still holding the lost session's
+    attachments (RFC 3340 §6.1.1); and a relay that answers in BEEP but offers endpoints
+    no SASL (RFC 3080 §4.1) or refuses APEX (RFC 3340 §4.2), as a relay restarted with
+    another configuration, or a mesh port now where the edge port was, would for ever.
+    Not a relay that cannot be reached, fails TLS, or is something that does not speak
+    BEEP, any of which may be over by the next attempt.
+    """
+    if error.kind == "protocol":
+        return not isinstance(error, _NotBEEP)
+    return error.kind in ("auth", "refused") and error.code != 554
+
+
 def check_timeout(timeout: float) -> None:
     """Raise TypeError or ValueError unless ``timeout`` is what :meth:`Client.send` takes:
     seconds, more than 0, or the data could not even be handed to the relay, and finite
@@ -1830,8 +1870,9 @@ async def connect(
     :param resolver: DNS for SRV and address lookups; by default the system's servers.
     :param reactor: provides TCP and time; by default the global reactor.
     :param reconnect: after a lost connection, connect and attach again with backoff
-        (``backoff``: first and longest delay in seconds); otherwise the client fails.
-        An endpoint the relay then refuses to attach is no longer attached (see
+        (``backoff``: first and longest delay in seconds), until a refusal that every
+        further attempt would meet (see :meth:`Client.ended`); otherwise the client
+        fails. An endpoint the relay then refuses to attach is no longer attached (see
         ``on_terminated``); the others are.
     :param on_data: called with each :class:`Incoming` data; raising makes the relay
         report 451 to its sender. It may be an ``async def``: it runs up to its first
