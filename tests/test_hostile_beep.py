@@ -545,6 +545,29 @@ def test_a_session_whose_only_activity_is_an_unfinished_message_is_idle() -> Non
     assert idle["unfinished"] == 1
 
 
+def test_a_close_waiting_for_a_refused_message_to_end_is_answered() -> None:
+    """A MSG over max_message_size gets its ERR 554 before it ends (§2.6.3), and a peer may
+    ask to close the channel before the frame that ends it: a sender whose message was
+    answered has nothing more outstanding there. The close waits for that frame, since
+    the channel has a message in progress (§2.3.1.3), and then gets its ok."""
+    config = SessionConfig(max_message_size=8192)
+    wire = listener_with_channel_1(RecordingProfile(OTP), config)
+    refusal: list[Frame] = []
+    while not refusal:
+        room = right_edge(wire, 1) - wire.theirs[1]
+        wire.send(MSG, 1, 0, b"x" * min(room, 1000), more=True)
+        refusal = wire.read()
+    assert [(f.kind, f.channel) for f in refusal] == [(ERR, 1)]
+    close = mgmt.Close(1, 200).to_xml().encode()
+    wire.send(MSG, 0, 2, XML_HEAD + close)
+    assert wire.read() == []  # the message on channel 1 is still in progress
+    wire.send(MSG, 1, 0, b"")
+    (ok,) = wire.read()
+    assert (ok.kind, ok.channel, ok.msgno) == (RPY, 0, 2)
+    assert isinstance(mgmt.parse(Message.from_payload(ok.payload).body), mgmt.OK)
+    assert 1 not in wire.session.channels and not wire.aborted
+
+
 # -- a peer that has not said who it is (RFC 3080 §3, §4) ----------------------------------
 
 START_REFUSED = "beep.start-refused"

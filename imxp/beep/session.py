@@ -1361,6 +1361,8 @@ class Session(Protocol):
             return
         channel._in_msgno = None
         if channel._in_discard:
+            # Refused, and answered, before it ended: a close may have waited for this.
+            channel._maybe_idle()
             return
         parts, channel._in_parts = channel._in_parts, []
         self._unfinished_ended(channel)
