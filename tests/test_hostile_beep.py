@@ -38,6 +38,7 @@ from imxp.beep import mgmt
 from imxp.beep.frames import ANS, ERR, MSG, NUL, RPY, Frame
 from imxp.beep.message import Message
 from imxp.beep.session import (
+    TUNING_MESSAGE_SIZE,
     Channel,
     Profile,
     Role,
@@ -87,13 +88,22 @@ def settle(wire: Wire) -> None:
 
 def retained(action: Callable[[], None]) -> int:
     """Octets of Python memory still allocated after ``action`` than before it."""
+    return retained_after(action)[0]
+
+
+def retained_after(*actions: Callable[[], None]) -> list[int]:
+    """Octets of Python memory still allocated after each of ``actions`` than before the
+    first (memory allocated before, and freed meanwhile, is not seen)."""
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        action()
-        gc.collect()
-        return tracemalloc.get_traced_memory()[0] - before
+        grown = []
+        for action in actions:
+            action()
+            gc.collect()
+            grown.append(tracemalloc.get_traced_memory()[0] - before)
+        return grown
     finally:
         tracemalloc.stop()
 
@@ -601,3 +611,152 @@ def test_a_peer_that_has_not_authenticated_may_open_few_channels() -> None:
     sent = fill_unfinished(wire, opened, config.max_message_size - 1000)
     budget = config.max_long_messages * config.max_message_size + allowed * config.window
     assert sum(sent.values()) <= budget, sent
+
+
+# -- long messages from a peer that has not said who it is ---------------------------------
+
+EARLY_REFUSED = "beep.message-too-large-unauthenticated"
+
+
+def relay_like(**settings: int) -> SessionConfig:
+    """A relay's session limits: its window and max_message_size, and the bound on messages
+    before authentication that build_relay sets."""
+    return SessionConfig(
+        window=131072, max_message_size_unauthenticated=TUNING_MESSAGE_SIZE, **settings
+    )
+
+
+def start(wire: Wire, numbers: list[int], uri: str = OTP) -> None:
+    for number in numbers:
+        element = mgmt.Start(number, (mgmt.ProfileElement(uri),))
+        wire.send(MSG, 0, 1000 + number, XML_HEAD + element.to_xml().encode())
+    assert [(f.kind, f.channel) for f in wire.read()] == [(RPY, 0)] * len(numbers)
+
+
+def send_in_frames(
+    wire: Wire, number: int, msgno: int, payload: bytes, frame: int = 1000
+) -> list[Frame]:
+    """``payload`` as a MSG in frames of ``frame`` octets, each within the window; the
+    frames the session wrote meanwhile."""
+    written: list[Frame] = []
+    sent = 0
+    while sent < len(payload):
+        room = right_edge(wire, number) - wire.theirs[number]
+        assert room > 0, f"the window closed after {sent} octets"
+        chunk = payload[sent : sent + min(room, frame)]
+        sent += len(chunk)
+        wire.send(MSG, number, msgno, chunk, more=sent < len(payload))
+        written += wire.read()
+    return written
+
+
+def error_text(frame: Frame) -> tuple[int, str]:
+    element = mgmt.parse(Message.from_payload(frame.payload).body)
+    assert isinstance(element, mgmt.Error)
+    return element.code, element.text
+
+
+def test_a_peer_that_has_not_authenticated_sends_no_message_longer_than_its_bound() -> None:
+    """A relay takes TLS and SASL from a peer that has not said who it is and nothing else,
+    none of it longer than TUNING_MESSAGE_SIZE. A longer MSG, however many frames it comes
+    in, gets the pre-emptive ERR 554 of one over max_message_size (RFC 3080 §2.6.3), saying
+    that it is the limit before authentication; it is logged once a session, the rest of
+    the message is dropped, and the session and its other channels go on. Once the peer
+    has logged in, max_message_size applies."""
+    config = relay_like()
+    profile = RecordingProfile(OTP)
+    wire = greeted_listener(profile, config=config)
+    start(wire, [1, 3])
+    limit = TUNING_MESSAGE_SIZE
+    body = b"\r\n" + b"x" * limit  # the headers' CRLF makes it one octet too many
+    with capturedLogs() as events:
+        refusals = send_in_frames(wire, 1, 0, body) + send_in_frames(wire, 3, 0, body)
+        wire.send(MSG, 1, 1, b"\r\nstill here")
+        (answer,) = wire.read()
+    assert [(f.kind, f.channel, f.msgno) for f in refusals] == [(ERR, 1, 0), (ERR, 3, 0)]
+    for refusal in refusals:
+        assert error_text(refusal) == (
+            554,
+            f"message exceeds the limit of {limit} octets before authentication",
+        )
+    assert (answer.kind, answer.channel, answer.payload) == (RPY, 1, b"\r\nre:still here")
+    assert [e["limit"] for e in events if e.get("event") == EARLY_REFUSED] == [limit]
+    assert [e for e in events if e.get("event") == "beep.message-too-large"] == []
+    assert terminated(events) == [] and not wire.aborted
+    assert [h.received for h in profile.handlers] == [[b"still here"], []]
+
+    # One of the bound exactly is taken, on a channel that refused one.
+    replies = send_in_frames(wire, 3, 1, body[:limit])
+    assert {(f.kind, f.channel) for f in replies} == {(RPY, 3)}
+    assert profile.handlers[1].received == [body[2:limit]]
+
+    wire.session.authenticated_identity = "alice"  # as SASL sets it (imxp.beep.sasl)
+    long = b"\r\n" + b"y" * (config.max_message_size - 2)
+    (reply,) = send_in_frames(wire, 1, 2, long, frame=16384)
+    assert (reply.kind, reply.channel) == (RPY, 1)
+    assert profile.handlers[0].received[-1] == long[2:]
+
+
+def test_a_peer_that_has_not_authenticated_has_no_long_messages() -> None:
+    """The window is reopened as they arrive for max_long_messages messages longer than
+    half of it (RFC 3081 §3.1.4); none of them is a message of a peer that has not said
+    who it is. Here one begins a message while a MSG being processed holds half the window
+    of its channel: the message waits for that MSG's answer rather than take the one long
+    message there is, which the peer has for another once it has logged in."""
+    config = SessionConfig(window=16384, max_message_size_unauthenticated=8192, max_long_messages=1)
+    profile = RecordingProfile(OTP)
+    wire = greeted_listener(profile, config=config)
+    start(wire, [1, 3])
+    wire.send(MSG, 1, 0, b"\r\nslow" + b"x" * 8184)  # 8192 octets, held while processed
+    wire.send(MSG, 1, 1, b"\r\n" + b"y" * 98, more=True)
+    assert wire.read() == []
+    with capturedLogs() as events:
+        wire.session.authenticated_identity = "alice"  # as SASL sets it
+        long = b"\r\n" + b"z" * 49998
+        (reply,) = send_in_frames(wire, 3, 0, long, frame=4096)
+    assert (reply.kind, reply.channel) == (RPY, 3)
+    assert [e for e in events if e.get("event") == STALLED] == []
+
+    profile.handlers[0].pending[0].callback(Message(b"done"))
+    wire.send(MSG, 1, 1, b"y" * 100)
+    assert [(f.kind, f.channel, f.msgno) for f in wire.read()] == [(RPY, 1, 0), (RPY, 1, 1)]
+    assert not wire.aborted
+
+
+def test_what_a_peer_that_has_not_authenticated_makes_a_session_hold_is_bounded() -> None:
+    """A peer that never logs in begins a message on channel zero and on each channel it
+    may open before then, and sends as much of each as it is let: at the bound the session
+    holds about that many bounds, and beyond, each is refused and the rest dropped as it
+    comes. Without the bound, two of them grew to max_message_size and every other to a
+    window: 2.3 MiB a session with a relay's limits, 74 MiB for the max_sessions_per_peer
+    sessions of one address; with it, 0.3 MiB and 10 MiB."""
+    config = relay_like()
+    wire = greeted_listener(TLSProfile(None), config=config)  # type: ignore[arg-type]
+    opened = [1 + 2 * n for n in range(config.max_channels_unauthenticated)]
+    start(wire, opened, TLS)
+    channels = [0, *opened]
+    refusals: list[Frame] = []
+    held: dict[int, int] = {}
+    dropped: dict[int, int] = {}
+    bound = TUNING_MESSAGE_SIZE
+    rest = config.max_message_size - bound - 1
+
+    def up_to_the_bound() -> None:
+        held.update(fill_unfinished(wire, channels, bound))
+
+    def beyond() -> None:
+        for number in channels:
+            wire.send(MSG, number, 0, b"x", more=True)
+        refusals.extend(wire.read())
+        dropped.update(fill_unfinished(wire, channels, rest))
+
+    with capturedLogs() as events:
+        holding, after = retained_after(up_to_the_bound, beyond)
+    assert held == dict.fromkeys(channels, bound)
+    assert len(channels) * bound < holding < 1.25 * len(channels) * bound
+    assert [(f.kind, f.channel) for f in refusals] == [(ERR, n) for n in channels]
+    assert {error_text(f)[0] for f in refusals} == {554}
+    assert dropped == dict.fromkeys(channels, rest)
+    assert after < 0.1 * len(channels) * bound, (holding, after)
+    assert len([e for e in events if e.get("event") == EARLY_REFUSED]) == 1
+    assert terminated(events) == [] and not wire.aborted

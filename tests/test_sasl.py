@@ -27,6 +27,7 @@ from imxp.beep import mgmt
 from imxp.beep.message import Message
 from imxp.beep.sasl import SASLProfile, authenticate, sasl_profiles
 from imxp.beep.saslmech import (
+    MAX_RESPONSE_OCTETS,
     AnonymousClient,
     ClientMechanism,
     ExternalClient,
@@ -37,7 +38,15 @@ from imxp.beep.saslmech import (
     make_portal,
     profile_uri,
 )
-from imxp.beep.session import BEEPError, Channel, Profile, Role, Session
+from imxp.beep.session import (
+    TUNING_MESSAGE_SIZE,
+    BEEPError,
+    Channel,
+    Profile,
+    Role,
+    Session,
+    SessionConfig,
+)
 from imxp.beep.tls import TLSProfile, start_tls
 from imxp.beep.tlsctx import client_options, server_options
 from imxp.beep.users import ExternalChecker, FailureThrottle, UserStore
@@ -66,7 +75,8 @@ def portal_for(store: UserStore, realm: PeerRealm | None = None) -> Any:
 
 
 class Pair:
-    """A listener and an initiator connected in memory; the listener sees ``host``."""
+    """A listener and an initiator connected in memory; the listener sees ``host`` and has
+    ``config``."""
 
     def __init__(
         self,
@@ -76,9 +86,10 @@ class Pair:
         host: str = HOST,
         certificate: Issued | None = None,
         tls: bool = False,
+        config: SessionConfig | None = None,
     ) -> None:
         self.clock = clock or task.Clock()
-        self.L = Session(Role.LISTENER, profiles, clock=self.clock)
+        self.L = Session(Role.LISTENER, profiles, config, clock=self.clock)
         # What a TLS handshake would have set (Session.handshakeCompleted).
         self.L.peer_certificate = certificate.certificate if certificate else None
         self.L.tls_active = tls
@@ -806,6 +817,36 @@ def test_a_peer_whose_certificate_verified_needs_no_login_for_many_channels(fred
     pair = Pair([EchoProfile()], certificate=fred, tls=True)
     allowed = pair.L.config.max_channels_unauthenticated
     assert all(isinstance(result(d), Channel) for d in start_echoes(pair, 4 * allowed))
+
+
+# -- messages before login ----------------------------------------------------------------
+
+
+def test_the_longest_sasl_messages_come_well_within_a_relays_bound_before_login(store):
+    """A relay takes no message longer than TUNING_MESSAGE_SIZE from a peer that has not
+    logged in (SessionConfig.max_message_size_unauthenticated). The longest element the
+    SASL profile takes, or one carrying the longest response a mechanism takes, is far
+    shorter: it comes to the profile, whose answer is its own. What is longer than the
+    bound is refused before it is all there."""
+    config = SessionConfig(window=131072, max_message_size_unauthenticated=TUNING_MESSAGE_SIZE)
+    pair = Pair(sasl_profiles(ALL, portal_for(store), scram_store=store), tls=True, config=config)
+
+    def answer(mechanism: str, element: bytes) -> BEEPError:
+        channel = pair.start(mechanism)
+        sent = pair.send(channel, element)
+        pair.advance(60)  # an attempt after a failure waits (FailureThrottle)
+        return failure(sent)
+
+    password = "x" * (MAX_RESPONSE_OCTETS - len("\0alice\0"))
+    assert answer("PLAIN", plain_blob(password)).code == 535
+    longest = b"<blob>" + b" " * (2 * MAX_RESPONSE_OCTETS - 13) + b"</blob>"
+    taken = answer(SCRAM, longest)  # white space: the mechanism finds no GS2 header in it
+    assert (taken.code, taken.text) == (501, "malformed GS2 header")
+    refused = answer(SCRAM, b"<blob>" + b" " * TUNING_MESSAGE_SIZE + b"</blob>")
+    assert refused.code == 554 and refused.text.endswith("before authentication")
+    done = pair.run(authenticate(pair.I, ScramSHA256Client("alice", PASSWORD)))
+    pair.advance(60)
+    result(done)
 
 
 # -- over real loopback TCP, after TLS ----------------------------------------------------

@@ -58,12 +58,20 @@ __all__ = [
     "SessionConfig",
     "SessionFactory",
     "StartReply",
+    "TUNING_MESSAGE_SIZE",
 ]
 
 _MOD = 1 << 32
 _HALF = 1 << 31
 # Channel-zero traffic is small XML (a profile's init content is <= 4K, §2.3.1.2).
 _MAX_MGMT_MESSAGE = 65536
+
+#: Room enough for every message of a peer that only tunes the session before it says who
+#: it is (TLS and SASL, RFC 3080 §3.1, §4.1): a start carries at most 4096 octets of a
+#: profile's content (§2.3.1.2), TLS's ready is no longer (imxp.beep.tls) and a SASL blob
+#: at most 8192 (imxp.beep.sasl). A SessionConfig.max_message_size_unauthenticated for
+#: those that need nothing more before login, as relays (RFC 3340 §3, §4.5).
+TUNING_MESSAGE_SIZE = 65536
 
 
 def _mgmt(element: Any) -> Message:
@@ -190,6 +198,13 @@ class SessionConfig:
     frame_size: int = 16384
     #: Largest reassembled message we accept; larger ones get a pre-emptive ERR 554.
     max_message_size: int = 1 << 20
+    #: Largest message, reply or answer taken while the peer has not said who it is (see
+    #: Session.peer_authenticated), and no more than half the window: longer ones are
+    #: refused as for max_message_size, and none is one of the max_long_messages before
+    #: then. None: max_message_size applies from the start. A peer that never logs in
+    #: could otherwise make its session hold max_long_messages of max_message_size; one
+    #: that only tunes the session before it does needs TUNING_MESSAGE_SIZE.
+    max_message_size_unauthenticated: int | None = None
     #: Channels (besides zero) open at once; §2.3 asks for at least 257.
     max_channels: int = 257
     #: Channels (besides zero) open at once while the peer has not said who it is (see
@@ -246,6 +261,11 @@ class SessionConfig:
         if self.max_channels_unauthenticated < 1:
             # A peer could not even start TLS or SASL, and so never get more.
             raise ValueError("max_channels_unauthenticated must be positive")
+        if (
+            self.max_message_size_unauthenticated is not None
+            and self.max_message_size_unauthenticated < 1
+        ):
+            raise ValueError("max_message_size_unauthenticated must be positive")
 
 
 @dataclass(frozen=True)
@@ -906,6 +926,8 @@ class Session(Protocol):
         # Whether a start was refused for max_channels_unauthenticated: logged once, since
         # a peer may ask again and again.
         self._start_refusal_logged = False
+        # Likewise for a message over max_message_size_unauthenticated.
+        self._early_refusal_logged = False
         self._greeting_timer: interfaces.IDelayedCall | None = None
         self._idle_timer: interfaces.IDelayedCall | None = None
         self._last_activity = 0.0
@@ -1349,9 +1371,9 @@ class Session(Protocol):
                 channel._in_discard = True
                 channel._in_parts = []
                 self._unfinished_ended(channel)
-                self._too_large(channel, limit, "refusing a message")
+                when = self._too_large(channel, limit, "refusing a message")
                 self._new_request(channel, msgno, None, 0).error(
-                    554, f"message exceeds the limit of {limit} octets"
+                    554, f"message exceeds the limit of {limit} octets{when}"
                 )
             elif frame.payload:
                 # An empty intermediate frame costs no window: kept, a peer could
@@ -1415,7 +1437,7 @@ class Session(Protocol):
             and not frame.more
             and outstanding.sending is None
             and channel.number
-            and len(frame.payload) <= self.config.max_message_size
+            and len(frame.payload) <= self._message_limit(channel)
         ):
             # The common case: a whole RPY in one frame to a MSG completely sent.
             del channel._outstanding[msgno]
@@ -1449,8 +1471,9 @@ class Session(Protocol):
                 pass  # failed at a poorly formed answer
             elif outstanding.toobig:
                 limit = self._message_limit(channel)
+                when = self._limit_note(channel, limit)
                 outstanding.deferred.errback(
-                    BEEPError(554, f"an answer exceeded the limit of {limit} octets")
+                    BEEPError(554, f"an answer exceeded the limit of {limit} octets{when}")
                 )
             else:
                 outstanding.deferred.callback(outstanding.answers)
@@ -1470,9 +1493,9 @@ class Session(Protocol):
         if outstanding.toobig:
             if not channel.number:
                 self._poorly_formed_mgmt_reply(outstanding, f"reply over {limit} octets")
-            self._too_large(channel, limit, "discarding a reply")
+            when = self._too_large(channel, limit, "discarding a reply")
             outstanding.deferred.errback(
-                BEEPError(554, f"reply exceeds the limit of {limit} octets")
+                BEEPError(554, f"reply exceeds the limit of {limit} octets{when}")
             )
         else:
             payload = b"".join(outstanding.parts)
@@ -1561,18 +1584,58 @@ class Session(Protocol):
         else:
             outstanding.answers.append(message)
 
-    def _too_large(self, channel: Channel, limit: int, action: str) -> None:
-        self.log.warn(
-            "{action} over {limit} octets on channel {channel} from {peer}",
-            action=action,
-            limit=limit,
-            channel=channel.number,
-            peer=self.peer,
-            event="beep.message-too-large",
-        )
+    def _too_large(self, channel: Channel, limit: int, action: str) -> str:
+        """Log that a message, reply or answer over ``limit`` octets is refused or
+        discarded; returns :meth:`_limit_note` for the error's text."""
+        note = self._limit_note(channel, limit)
+        if not note:
+            self.log.warn(
+                "{action} over {limit} octets on channel {channel} from {peer}",
+                action=action,
+                limit=limit,
+                channel=channel.number,
+                peer=self.peer,
+                event="beep.message-too-large",
+            )
+        elif not self._early_refusal_logged:
+            # Once a session: a peer that has not said who it is may try again and again.
+            self._early_refusal_logged = True
+            self.log.warn(
+                "{action} over {limit} octets on channel {channel} from {peer}, which has "
+                "not authenticated",
+                action=action,
+                limit=limit,
+                channel=channel.number,
+                peer=self.peer,
+                event="beep.message-too-large-unauthenticated",
+            )
+        return note
+
+    def _limit_note(self, channel: Channel, limit: int) -> str:
+        """What an error's text adds to ``limit``: that it is the limit before the peer
+        authenticates, when it is (see :meth:`_message_limit`)."""
+        usual = _MAX_MGMT_MESSAGE if channel.number == 0 else self.config.max_message_size
+        return " before authentication" if limit < usual else ""
 
     def _message_limit(self, channel: Channel) -> int:
-        return _MAX_MGMT_MESSAGE if channel.number == 0 else self.config.max_message_size
+        """The longest message, reply or answer taken on ``channel`` now."""
+        limit = _MAX_MGMT_MESSAGE if channel.number == 0 else self.config.max_message_size
+        early = self._early_limit()
+        return limit if early is None or early >= limit else early
+
+    def _early_limit(self) -> int | None:
+        """``max_message_size_unauthenticated`` as it applies now: None when it does not
+        (there is none, or the peer has authenticated).
+
+        No more than half the window: until the peer authenticates, no message of it is
+        one of the ``max_long_messages`` for which the window is reopened as it arrives
+        (see :meth:`_seq_for`), and one longer than the window would wait for ever. Half
+        a window always gets its window, once the peer's MSGs being processed, whose
+        octets are charged against it too, are answered."""
+        bound = self.config.max_message_size_unauthenticated
+        if bound is None or self.peer_authenticated:
+            return None
+        return min(bound, self.config.window // 2)
 
     # -- flow control out: SEQ (RFC 3081 §3.1.4) ---------------------------
 
@@ -1607,14 +1670,18 @@ class Session(Protocol):
         the session's ``max_long_messages``. Otherwise the peer waits, stalled,
         with a window's worth unfinished, until one of those is complete; a peer
         sending '*' frames on every channel and never the last can make the
-        session hold no more.
+        session hold no more. A peer that has not authenticated, where
+        ``max_message_size_unauthenticated`` is set, has no long messages at all.
         """
         channel._window_dirty = False
         window = channel._window
         offer = window - channel._held
         unfinished = channel._in_size
         if unfinished and not channel._in_long:
-            if offer - unfinished >= window // 2:
+            if offer - unfinished >= window // 2 or self._early_limit() is not None:
+                # Before the peer authenticates no message is long: none is longer than
+                # half the window (see _early_limit), and if the octets held of its MSGs
+                # being processed leave too little room, it waits for them.
                 offer -= unfinished
             elif self._long_left:
                 self._long_left -= 1
