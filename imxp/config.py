@@ -35,7 +35,7 @@ from imxp.apex.address import Endpoint, is_literal, normalise_domain
 from imxp.apex.routing import Router
 from imxp.beep.frames import MAX_31
 from imxp.beep.saslmech import SERVER_MECHANISMS
-from imxp.beep.session import SessionConfig
+from imxp.beep.session import TUNING_MESSAGE_SIZE, SessionConfig
 
 __all__ = [
     "Config",
@@ -417,7 +417,10 @@ class Config:
     )
     max_message_size: int = _option(
         1048576,
-        "Largest BEEP message accepted, in octets (4096 at least); a larger one is refused.",
+        "Largest BEEP message accepted, in octets (4096 at least); a larger one is refused. "
+        "From a peer that has not yet authenticated (with SASL, or a TLS certificate that "
+        f"verified) it is the least of this, {TUNING_MESSAGE_SIZE // 1024} KiB and half of "
+        "`window`: before login a peer needs room for TLS and SASL only.",
         check=_message_size,
     )
     max_queued: int = _option(

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from apexnet import App, _AppChannel
+from apexnet import PASSWORD, App, _AppChannel
 from dnsserver import srv
 from test_relay_mesh import (
     BARNEY,
@@ -30,11 +30,12 @@ from test_relay_mesh import (
     Mesh,
     MeshBuilder,
     Settings,
+    codes,
     fake_relay,
     meshes,
     named,
 )
-from twisted.internet import defer, reactor
+from twisted.internet import defer, endpoints, reactor
 from twisted.logger import LogEvent
 
 from imxp.apex import options as apex_options
@@ -42,7 +43,11 @@ from imxp.apex import wire
 from imxp.apex.relay import APEXChannel
 from imxp.beep import mgmt
 from imxp.beep.message import Message
-from imxp.beep.session import BEEPError, Request
+from imxp.beep.sasl import authenticate
+from imxp.beep.saslmech import ScramSHA256Client
+from imxp.beep.session import BEEPError, Request, Role, SessionConfig, SessionFactory
+from imxp.beep.tls import TLS_URI, start_tls
+from imxp.beep.tlsctx import client_options
 from imxp.certs import Issued
 
 
@@ -744,3 +749,61 @@ def test_a_utf16_control_document_is_refused() -> None:
     with pytest.raises(wire.APEXError) as refused:
         wire.decode(Message(text.encode("utf-16"), wire.BEEP_XML))
     assert refused.value.code == 500
+
+
+# -- a peer that has not logged in (RFC 3080 §3.1, §4.1; RFC 3340 §3) ---------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_has_not_logged_in_sends_a_relay_no_long_message(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """Before a peer logs in, a relay takes TLS and SASL from it and nothing else: APEX
+    is for those that have (attach after SASL, bind with a certificate that verified). A
+    session that has not sends a message far longer than those need, in many frames,
+    before TLS and again after it: each gets ERR 554 before it is complete, saying that it
+    is the limit before authentication, logged once for the session. The session goes on:
+    it logs in, attaches, and its data of nearly max_message_size goes through the mesh;
+    the other sessions of the relay never noticed."""
+    mesh = await mesh_of()
+    wilma = await mesh.attach(WILMA)
+    relay = mesh.relays["a.test"]
+    config = SessionConfig(window=65536, idle_timeout=None, frame_size=2048)
+    where = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port("edge"))
+    session = await where.connect(SessionFactory(Role.INITIATOR, [], config))
+    mesh.peers.append(session)
+    await session.greeted()
+    long = Message(b"x" * 200_000, "application/octet-stream")
+
+    tuning = await session.start_channel([TLS_URI])  # before TLS, the one profile offered
+    with pytest.raises(BEEPError) as before_tls:
+        await tuning.send(long)
+    await tuning.close()
+    await start_tls(session, client_options("a.test", [mesh.ca.certificate]))
+    apex = await session.start_channel([wire.APEX_URI], handler=_AppChannel({}))
+    with pytest.raises(BEEPError) as before_sasl:
+        await apex.send(long)
+    for refused in (before_tls.value, before_sasl.value):
+        assert refused.code == 554
+        assert refused.text.endswith(" octets before authentication"), refused.text
+    (logged,) = named(events, "beep.message-too-large-unauthenticated")
+    assert logged["peer"] == f"127.0.0.1:{session.transport.getHost().port}"
+    await send(wilma, [WILMA], body=b"not disturbed")
+    await wilma.wait("data", 1)
+
+    await authenticate(session, ScramSHA256Client("fred", PASSWORD), identity="fred")
+    holder: dict[str, App] = {}
+    attached = await session.start_channel(
+        [mgmt.ProfileElement(wire.APEX_URI, wire.encode(wire.Attach(FRED, 1, [])).body)],
+        handler=_AppChannel(holder),
+    )
+    assert isinstance(wire.decode(Message(attached.start_reply or b"", mgmt.BEEP_XML)), wire.OK)
+    fred = holder["app"] = App(FRED, session, attached)
+    barney = await mesh.attach(BARNEY)
+    body = b"y" * ((1 << 20) - 16384)  # max_message_size, less room for the markup
+    trans_id = await fred.send([BARNEY], body)
+    await fred.wait("reports", 1)
+    assert codes(fred, trans_id) == {BARNEY: 250}
+    assert [data.content.body for data in barney.data if data.content] == [body]
+    assert len(named(events, "beep.message-too-large-unauthenticated")) == 1
+    assert named(events, "beep.message-too-large") == []

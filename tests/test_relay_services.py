@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from imxp.apex import wire
 from imxp.apex.service import build_relay
 from imxp.beep.session import (
+    TUNING_MESSAGE_SIZE,
     BEEPError,
     SessionConfig,
 )
@@ -84,6 +85,27 @@ def test_dns_servers_are_the_only_servers_asked(test_ca: Issued, tmp_path: Path)
     resolver = service.relay.router._resolver
     assert resolver.servers == [("192.0.2.53", 53)]
     assert not resolver.dynServers
+
+
+@pytest.mark.parametrize("given", [None, 4096])
+def test_a_relay_takes_no_long_message_from_a_peer_before_it_logs_in(
+    test_ca: Issued, tmp_path: Path, given: int | None
+) -> None:
+    """Before a peer logs in a relay takes TLS and SASL from it and nothing else, on edge
+    and mesh listeners: TUNING_MESSAGE_SIZE is room for those, unless the session config
+    given sets a bound of its own."""
+    service = build_relay(
+        domain="a.test",
+        identity=issue_server(test_ca, ["a.test"]),
+        trust=[test_ca.certificate],
+        users=UserStore(tmp_path / "users"),
+        edge_listen=["tcp:0:interface=127.0.0.1"],
+        mesh_listen=["tcp:0:interface=127.0.0.1"],
+        session_config=SessionConfig(max_message_size_unauthenticated=given),
+        reactor=reactor,
+    )
+    bounds = {factory.config.max_message_size_unauthenticated for _, factory in service.listeners}
+    assert bounds == {given or TUNING_MESSAGE_SIZE}
 
 
 @pytest_twisted.ensureDeferred

@@ -12,6 +12,7 @@ from the user file, or given a new password, is logged out within
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ from imxp.beep.message import Message
 from imxp.beep.sasl import sasl_profiles
 from imxp.beep.saslmech import make_portal
 from imxp.beep.session import (
+    TUNING_MESSAGE_SIZE,
     BEEPError,
     Role,
     Session,
@@ -311,7 +313,20 @@ def build_relay(
     max_sessions_per_peer: int | None = 32,
     shutdown_grace: float = 10.0,
 ) -> RelayService:
-    """Assemble a relay from its ingredients (see :mod:`imxp.config` for each)."""
+    """Assemble a relay from its ingredients (see :mod:`imxp.config` for each).
+
+    Its sessions take no message longer than ``TUNING_MESSAGE_SIZE`` from a peer that has
+    not authenticated, unless ``session_config`` sets another bound: until then a relay
+    takes TLS and SASL from a peer and nothing else. It offers APEX over TLS only, an
+    attach needs a SASL login and a bind a certificate that verified (RFC 3340 §3, §4.5),
+    and on a session it opened it waits for the next hop's certificate before it binds.
+    Without the bound, a peer that never logs in could make each of its sessions hold
+    ``max_long_messages`` messages of ``max_message_size``.
+    """
+    if session_config.max_message_size_unauthenticated is None:
+        session_config = dataclasses.replace(
+            session_config, max_message_size_unauthenticated=TUNING_MESSAGE_SIZE
+        )
     if resolver is None and dns_servers:
         # Only these servers: createResolver would also ask those of /etc/resolv.conf.
         resolver = dns_client.Resolver(servers=list(dns_servers), reactor=reactor)
