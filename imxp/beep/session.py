@@ -1614,12 +1614,16 @@ class Session(Protocol):
     def _limit_note(self, channel: Channel, limit: int) -> str:
         """What an error's text adds to ``limit``: that it is the limit before the peer
         authenticates, when it is (see :meth:`_message_limit`)."""
-        usual = _MAX_MGMT_MESSAGE if channel.number == 0 else self.config.max_message_size
-        return " before authentication" if limit < usual else ""
+        return " before authentication" if limit < self._usual_limit(channel) else ""
+
+    def _usual_limit(self, channel: Channel) -> int:
+        """The longest message, reply or answer taken on ``channel`` from a peer that has
+        authenticated."""
+        return _MAX_MGMT_MESSAGE if channel.number == 0 else self.config.max_message_size
 
     def _message_limit(self, channel: Channel) -> int:
         """The longest message, reply or answer taken on ``channel`` now."""
-        limit = _MAX_MGMT_MESSAGE if channel.number == 0 else self.config.max_message_size
+        limit = self._usual_limit(channel)
         early = self._early_limit()
         return limit if early is None or early >= limit else early
 
