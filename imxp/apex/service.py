@@ -547,8 +547,6 @@ def reconfigure(
     relay_service.credentials.use(identity, trust)
     relay = relay_service.relay
     relay.max_hops = config.max_hops
-    relay.router.use_routes(dict(config.routes), config.smart_host or None)
-    relay.policy.use(
-        config.trusted_relays, {recipient: list(o) for recipient, o in config.refuse_data.items()}
-    )
+    relay.router.use_routes(config.routes, config.smart_host or None)
+    relay.policy.use(config.trusted_relays, config.refuse_data)
     logs.set_level(config.log_level)
