@@ -243,6 +243,38 @@ async def test_a_data_hopping_report_without_transid_is_no_internal_error(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_bug_after_the_hand_over_reports_the_outcome_unknown(
+    mesh_of: MeshBuilder, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug of the relay's own that strikes once wilma's application has the data: the
+    451 that keeps fred's promise of one report says the outcome is unknown (as a lost
+    session does), not a failure fred would send again on - wilma has the data."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    reply_outcome = wire.reply_outcome
+    bugs = [RuntimeError("a bug reading the application's ok")]
+
+    def buggy(reply: Any, who: str) -> tuple[int, str]:
+        if bugs:
+            raise bugs.pop()
+        return reply_outcome(reply, who)
+
+    monkeypatch.setattr(wire, "reply_outcome", buggy)
+
+    await send(fred, [WILMA], [status(74)])
+    await mesh.settle()
+
+    assert len(wilma.data) == 1
+    [(code, text)] = [
+        entry for (tid, _), entries in fred.outcomes().items() if tid == 74 for entry in entries
+    ]
+    assert code == 451
+    assert wire.says_outcome_unknown(code, text)
+    assert len(named(events, "apex.internal-error")) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_more_than_zero_sets_no_hop_limit(mesh_of: MeshBuilder) -> None:
     """RFC 3342 §4 (and the §6 DTD's default): the option acts only when noMoreThan is
     non-zero. Today 0 is taken as a limit already spent: 554 at the first relay."""

@@ -754,7 +754,11 @@ class Relay:
 
     def _carry_failed(self, failure: Failure, journey: _Journey) -> None:
         """A bug of ours: logged, and every recipient without a verdict yet gets 451, so
-        that the originator still hears once about each (§4.4.4.1 step 5)."""
+        that the originator still hears once about each (§4.4.4.1 step 5).
+
+        The bug may have struck after the data was handed to an application or a next
+        hop, and nothing here says whether it was: the 451 says the outcome is unknown,
+        so that a sender does not take it for a failure, send again and deliver twice."""
         self.log.failure(
             "carrying data from {originator} failed",
             failure=failure,
@@ -763,9 +767,8 @@ class Relay:
         )
         for recipient in journey.data.recipients:
             if recipient.identity not in journey.settled:
-                self._verdict(
-                    journey, recipient.identity, 451, "local error in processing", final=True
-                )
+                text = wire.outcome_unknown("local error in processing")
+                self._verdict(journey, recipient.identity, 451, text, final=True)
 
     def _journey_end(self, result: Failure | None, journey: _Journey) -> None:
         """Every recipient has its verdict here: the reports go, the journey ends."""
