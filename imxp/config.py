@@ -344,7 +344,10 @@ class Config:
     )
     allow_anonymous: bool = _option(
         False,
-        "Also offer SASL ANONYMOUS (RFC 4505): peers may authenticate without an account.",
+        "Also offer SASL ANONYMOUS (RFC 4505): peers may authenticate without an account. "
+        "Such a login may attach as `anonymous@DOMAIN` or a subaddress of it "
+        "(`anonymous/guest@DOMAIN`), never as an endpoint with an account, and its session "
+        "still counts against `max_sessions_per_peer`.",
     )
     routes: Mapping[str, str] = _option(
         {},
@@ -441,8 +444,8 @@ class Config:
         "BEEP sessions one peer address may have open at once before they authenticate "
         "with SASL, counted separately on edge and mesh listeners; more are refused with "
         "421. A session that has logged in counts no longer, so that the endpoints behind "
-        "one NAT address are not limited; relays, which authenticate by certificate, "
-        "always count.",
+        "one NAT address are not limited; relays, which authenticate by certificate, and "
+        "anonymous logins always count.",
         check=_positive,
     )
     greeting_timeout: float = _option(

@@ -44,8 +44,8 @@ from imxp.apex.relay import APEXChannel
 from imxp.beep import mgmt
 from imxp.beep.message import Message
 from imxp.beep.sasl import authenticate
-from imxp.beep.saslmech import ScramSHA256Client
-from imxp.beep.session import BEEPError, Request, Role, SessionConfig, SessionFactory
+from imxp.beep.saslmech import AnonymousClient, ScramSHA256Client
+from imxp.beep.session import BEEPError, Request, Role, Session, SessionConfig, SessionFactory
 from imxp.beep.tls import TLS_URI, start_tls
 from imxp.beep.tlsctx import client_options
 from imxp.certs import Issued
@@ -839,3 +839,70 @@ async def test_a_peer_that_has_not_logged_in_sends_a_relay_no_long_message(
     assert [data.content.body for data in barney.data if data.content] == [body]
     assert len(named(events, "beep.message-too-large-unauthenticated")) == 1
     assert named(events, "beep.message-too-large") == []
+
+
+# -- SASL ANONYMOUS (allow_anonymous) ------------------------------------------------------
+
+
+# As imxp.config.offered_mechanisms makes them for allow_anonymous = true.
+ANONYMOUS_TOO = {"allow_anonymous": True, "sasl_mechanisms": ["SCRAM-SHA-256", "ANONYMOUS"]}
+
+
+async def anonymous_login(mesh: Mesh, domain: str) -> Session:
+    """A session to ``domain``'s edge that logs in with ANONYMOUS (RFC 4505)."""
+    where = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", mesh.relays[domain].port("edge"))
+    config = SessionConfig(window=65536, idle_timeout=None)
+    session = await where.connect(SessionFactory(Role.INITIATOR, [], config))
+    mesh.peers.append(session)
+    await start_tls(session, client_options(domain, [mesh.ca.certificate]))
+    await authenticate(session, AnonymousClient("guest"))
+    return session
+
+
+async def attach_answer(session: Session, endpoint: str) -> wire.APEXElement:
+    """What the relay answers an attach as ``endpoint`` riding on the APEX start."""
+    attach = wire.encode(wire.Attach(endpoint, 1, [])).body
+    channel = await session.start_channel(
+        [mgmt.ProfileElement(wire.APEX_URI, attach)], handler=_AppChannel({})
+    )
+    return wire.decode(Message(channel.start_reply or b"", mgmt.BEEP_XML))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_anonymous_login_attaches_as_no_account(mesh_of: MeshBuilder) -> None:
+    """ANONYMOUS logs in as the placeholder identity ``anonymous``, which names nobody
+    (imxp.beep.saslmech.Success). It may attach as anonymous@a.test or a subaddress, but
+    not as anyone with an account - not even one called "anonymous", whose data a peer
+    without a password would otherwise take."""
+    mesh = await mesh_of(**{"a.test": ANONYMOUS_TOO})
+    guest = await anonymous_login(mesh, "a.test")
+
+    refused = await attach_answer(guest, FRED)
+    assert isinstance(refused, wire.Error)
+    assert (refused.code, refused.text) == (537, f"an anonymous login may not attach as {FRED}")
+    assert isinstance(await attach_answer(guest, "anonymous/guest@a.test"), wire.OK)
+
+    mesh.relays["a.test"].users.add("anonymous", PASSWORD)
+    other = await anonymous_login(mesh, "a.test")
+    refused = await attach_answer(other, "anonymous/other@a.test")
+    assert isinstance(refused, wire.Error)
+    assert refused.code == 537
+    # The account's owner logs in with the password and attaches as it.
+    owner = await mesh.attach("anonymous@a.test")
+    assert owner.endpoint == "anonymous@a.test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_logins_count_against_the_per_address_limit(mesh_of: MeshBuilder) -> None:
+    """A login says who a session is, so it no longer counts against its address's
+    sessions (max_sessions_per_peer). ANONYMOUS says nobody: such sessions could be
+    anyone's, many times over, and still count; else with allow_anonymous one address
+    could open sessions without end."""
+    mesh = await mesh_of(**{"a.test": {**ANONYMOUS_TOO, "max_sessions_per_peer": 2}})
+    await anonymous_login(mesh, "a.test")
+    await anonymous_login(mesh, "a.test")
+
+    with pytest.raises(BEEPError) as refused:
+        await anonymous_login(mesh, "a.test")
+    assert refused.value.code == 421
+    assert "too many sessions from 127.0.0.1" in refused.value.text

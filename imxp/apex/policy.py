@@ -86,12 +86,21 @@ class AccessPolicy:
         except ValueError:
             return False
 
-    def may_attach(self, authenticated: str | None, endpoint: Endpoint) -> bool:
-        """§4.5.1: the identity function, extended to subaddresses (§2.2)."""
+    def may_attach(
+        self, authenticated: str | None, endpoint: Endpoint, *, anonymous: bool = False
+    ) -> bool:
+        """§4.5.1: the identity function, extended to subaddresses (§2.2).
+
+        An ``anonymous`` login (SASL ANONYMOUS, RFC 4505) has a placeholder for its
+        identity, ``anonymous``: it may attach as that endpoint or a subaddress of it,
+        but never as an account's, or a peer without a password would attach as the
+        user who has an account of that name and take the data sent to them."""
         if authenticated is None:
             return False
         allowed = self.sasl_endpoint(authenticated)
-        return allowed is not None and endpoint.within(allowed)
+        if allowed is None or not endpoint.within(allowed):
+            return False
+        return not (anonymous and self.exists(endpoint))
 
     def exists(self, endpoint: Endpoint) -> bool:
         """Whether ``endpoint`` names an endpoint of this domain (a user in the store)."""

@@ -219,8 +219,10 @@ class Relay:
         identity = channel.session.authenticated_identity
         if identity is None:
             return self._refuse(channel, 530, "authentication required")
-        if not self.policy.may_attach(identity, endpoint):
-            return self._refuse(channel, 537, f"{identity} may not attach as {endpoint}")
+        anonymous = channel.session.authenticated_anonymously
+        if not self.policy.may_attach(identity, endpoint, anonymous=anonymous):
+            who = "an anonymous login" if anonymous else identity
+            return self._refuse(channel, 537, f"{who} may not attach as {endpoint}")
         unknown = apex_options.check_must_understand(attach.options, final=True)
         if unknown is not None:
             return self._refuse(channel, 504, f"option {unknown.name} not implemented")

@@ -295,6 +295,7 @@ class _ServerExchange(ChannelHandler):
             raise BEEPError(550, "already authenticated")
         session.authenticated_identity = success.identity
         session.authenticated_mechanism = self.mechanism.name
+        session.authenticated_anonymously = success.anonymous
         _logout_when_closed(session, success.logout)
         self.state = _State.AUTHENTICATED
         if session.on_authenticated is not None:

@@ -880,6 +880,9 @@ class Session(Protocol):
         #: The authorised identity from SASL (RFC 3080 §4), None until then.
         self.authenticated_identity: str | None = None
         self.authenticated_mechanism: str | None = None
+        #: True when the SASL login was ANONYMOUS (RFC 4505): ``authenticated_identity`` is
+        #: then a placeholder that names nobody, and grants nothing by its name.
+        self.authenticated_anonymously = False
         #: Where the listener side of SASL keeps its exchanges' turns (imxp.beep.sasl).
         self.sasl_turns: Any = None
         #: The peer's certificate (cryptography x509) once TLS is active.
@@ -2121,7 +2124,8 @@ class SessionFactory(Factory):
         """A session for the connection from ``addr``, refused with 421 (§2.4) if too many
         from its address are still anonymous. A session that authenticates with SASL
         counts no longer: it is a user's, and the many users behind one NAT address must
-        not be limited as one peer is; until then it could be anyone's, many times over."""
+        not be limited as one peer is; until then it could be anyone's, many times over.
+        So can a session that logged in with ANONYMOUS (RFC 4505), which still counts."""
         session = Session(self.role, self.profiles, self.config, self.clock)
         session.factory = self
         host = peer_network(peer_host(addr))
@@ -2143,8 +2147,12 @@ class SessionFactory(Factory):
             else:
                 self._per_peer.pop(host, None)
 
+        def authenticated(session: Session) -> None:
+            if not session.authenticated_anonymously:
+                uncount(session)
+
         session.on_lost = uncount
-        session.on_authenticated = uncount
+        session.on_authenticated = authenticated
         if self.on_session is not None:
             self.on_session(session)
         return session
