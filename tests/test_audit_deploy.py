@@ -365,6 +365,40 @@ async def test_sighup_applies_a_changed_configuration_and_names_what_takes_a_res
 
 
 @pytest_twisted.ensureDeferred
+async def test_sigusr1_logs_what_the_relay_is_doing(tmp_path: Path) -> None:
+    """An operator asks a running relay what it is doing, as Exim's exiwhat does: SIGUSR1
+    logs its sessions, attached endpoints and data in flight, and each next hop with its
+    link or its trouble - here one that refuses connections, with the data for it
+    waiting - at any log level, and the relay goes on."""
+    edge, mesh, closed = free_ports(3)
+    _prepare_users(tmp_path / "imxp-state", "fred")
+    extra = f'log_level = "warn"\n[routes]\n"down.test" = "127.0.0.1:{closed}"\n'
+    relay, log = _start(tmp_path, _config(tmp_path, edge, mesh, extra))
+    try:
+        await until(lambda: "listening on" in log.read_text(), "listeners", 20)
+        fred = await _attach(edge, tmp_path / "imxp-state" / "ca.pem", "fred@localhost")
+        data = wire.Data(
+            wire.Originator("fred@localhost", []),
+            [wire.Recipient("barney@down.test", [])],
+            [],
+            content=wire.Content.from_bytes(b"for later", "text/plain"),
+        )
+        assert isinstance(wire.decode(await fred.channel.send(wire.encode(data))), wire.OK)
+        await until(lambda: "no link to down.test" in log.read_text(), "the failed link", 10)
+
+        relay.send_signal(signal.SIGUSR1)
+        await until(lambda: "status: next hop" in log.read_text(), "the status", 10)
+        text = log.read_text()
+        assert "status: sessions 1 (1 logged in); endpoints attached 1" in text
+        assert "data in flight 1; next hops 1;" in text
+        assert f"status: next hop down.test at 127.0.0.1:{closed}: backing off" in text
+        assert relay.poll() is None
+        assert "Traceback" not in text
+    finally:
+        _stop(relay)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_listen_address_in_use_stops_the_relay_with_an_error(tmp_path: Path) -> None:
     """Another process holds the edge port. The relay cannot serve its endpoints, so it must
     say so and exit non-zero (systemd then reports the failure) rather than run on, silent,

@@ -6,6 +6,7 @@ existing tests did not.
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 from dnsserver import srv
 from test_relay_restart import FakeSession
@@ -577,3 +578,32 @@ def test_the_pool_remembers_a_bounded_number_of_next_hops_that_failed(monkeypatc
 
     assert [key[0] for key in pool._hops] == ["slow.b.test", "relay3.b.test"]
     slow.cancel()
+
+
+def test_the_pools_status_names_each_next_hop_linked_connecting_or_backing_off() -> None:
+    """What an operator sees on SIGUSR1 (imxp.status-next-hop): which next hops have a
+    link, which are being connected to, and which failed, with why and when the next
+    attempt may be made; and the octets of data waiting for each."""
+    down = LinkFailed(421, "cannot connect")
+    slow = Target("slow.c.test", 912, "c.test", "srv")
+    connect = Connector({"relay1.b.test": ["ok"], "relay2.b.test": [down], "slow.c.test": ["hang"]})
+    clock = task.Clock()
+    pool = PeerPool(connect, clock)
+    pool.send([FIRST], Message(b"taken"), 60.0)
+    failing = pool.send([SECOND], Message(b"12345"), 60.0)
+    hanging = pool.send([slow], Message(b"123"), 60.0)
+    clock.advance(0.05)
+
+    linked, backing_off, connecting = sorted(pool.status(), key=lambda hop: hop.where)
+    assert (linked.peer, linked.where, linked.state) == ("b.test", "relay1.b.test:912", "linked")
+    assert (backing_off.where, backing_off.state) == ("relay2.b.test:912", "backing off")
+    assert backing_off.failure == "421 cannot connect"
+    assert backing_off.retry_in == pytest.approx(0.15)
+    assert backing_off.queued == len(b"12345")
+    assert (connecting.peer, connecting.state, connecting.queued) == ("c.test", "connecting", 3)
+    assert str(backing_off) == (
+        "b.test at relay2.b.test:912: backing off, 5 octets waiting, "
+        "next attempt in 0.2 s after 421 cannot connect"
+    )
+    failing.cancel()
+    hanging.cancel()

@@ -34,9 +34,9 @@ from imxp import logs
 from imxp.apex import wire
 from imxp.apex.routing import Target
 from imxp.beep.message import Message
-from imxp.beep.session import BEEPError, Channel, NotSent, Session, SessionClosed
+from imxp.beep.session import BEEPError, Channel, NotSent, Session, SessionClosed, host_port
 
-__all__ = ["Link", "LinkFailed", "PeerPool", "Verdict"]
+__all__ = ["Link", "LinkFailed", "NextHopStatus", "PeerPool", "Verdict"]
 
 #: Next hops that failed whose backoff the pool remembers once no data waits for them, so
 #: that data coming later do not try them again at once; beyond it, the least recently
@@ -99,6 +99,30 @@ def _taken(reply: Message | list[Message], link: Link) -> Verdict:
     if code == 451:
         return Verdict(451, text)
     raise BEEPError(code, text)
+
+
+@dataclass(frozen=True)
+class NextHopStatus:
+    """What the pool knows of one next hop, as an operator asks for it (``imxp.status``)."""
+
+    peer: str
+    """The name its certificate must carry."""
+    where: str
+    """``host:port``."""
+    state: str
+    """``linked``, ``connecting``, or ``backing off`` after a failed attempt."""
+    queued: int
+    """Octets of data waiting for it: to be written to its link, or for a link."""
+    failure: str = ""
+    """While backing off: the failed attempt's code and text."""
+    retry_in: float = 0.0
+    """While backing off: seconds until the next attempt may be made."""
+
+    def __str__(self) -> str:
+        said = f"{self.peer} at {self.where}: {self.state}, {self.queued} octets waiting"
+        if self.state == "backing off":
+            said += f", next attempt in {self.retry_in:.1f} s after {self.failure}"
+        return said
 
 
 #: Makes a bound link to a target; fails with LinkFailed.
@@ -359,6 +383,25 @@ class PeerPool:
             idle = [k for k, hop in self._hops.items() if hop.attempt is None][:excess]
             for k in idle:
                 del self._hops[k]
+
+    def status(self) -> list[NextHopStatus]:
+        """Each next hop with a link, a connection attempt, or a failure remembered."""
+        now = self._clock.seconds()
+        found = []
+        for key, link in self._links.items():
+            queued = link.channel.queued_bytes + self._unsent.get(key, 0)
+            found.append(NextHopStatus(key[2], link.target.address, "linked", queued))
+        for (host, port, name), hop in self._hops.items():
+            if (host, port, name) in self._links:
+                continue
+            where, unsent = host_port(host, port), self._unsent.get((host, port, name), 0)
+            if hop.attempt is not None or hop.failure is None:
+                found.append(NextHopStatus(name, where, "connecting", unsent))
+            else:
+                failure = f"{hop.failure.code} {hop.failure.text}"
+                retry_in = max(0.0, hop.retry_at - now)
+                found.append(NextHopStatus(name, where, "backing off", unsent, failure, retry_in))
+        return found
 
     def send(self, targets: list[Target], message: Message, deadline: float) -> Deferred[Verdict]:
         """Hand ``message`` (an encoded data) to the first next hop that takes it."""

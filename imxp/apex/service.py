@@ -134,6 +134,7 @@ class RelayService(service.Service):
         # Listeners privilegedStartService opened, for startService to leave alone.
         self._bound: set[str] = set()
         self.sessions: set[Session] = set()
+        self._started_at: float | None = None
         self._users_look: task.LoopingCall | None = None
         self._users_trouble: str | None = None
         if users is not None:
@@ -216,6 +217,7 @@ class RelayService(service.Service):
 
     def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().startService()
+        self._started_at = self.reactor.seconds()
         if self._users_look is not None:
             # Logins look at the file themselves; this is for those already logged in.
             self._users_look.start(USERS_LOOK_SECONDS, now=False)
@@ -237,6 +239,43 @@ class RelayService(service.Service):
             address=address_text(port.getHost()),
             event="imxp.listening",
         )
+
+    def log_status(self) -> None:
+        """Log what the relay is doing, as an operator asks for it (SIGUSR1, as Exim's
+        exiwhat does): one ``imxp.status`` line for the relay, then one
+        ``imxp.status-next-hop`` line for each next hop it has a link to, is connecting
+        to, or is waiting to try again."""
+        relay = self.relay
+        channels = {id(c): c.channel for c in relay.attached.values() if c.channel is not None}
+        up = self.reactor.seconds() - (self._started_at or self.reactor.seconds())
+        next_hops = self.pool.status()
+        self.log.info(
+            "status: sessions {sessions} ({logged_in} logged in); endpoints attached "
+            "{attached} ({to_endpoints} octets waiting for them); data in flight {in_flight}; "
+            "next hops {next_hop_count}; up {up:.0f} s; certificate valid until {expires}",
+            sessions=len(self.sessions),
+            logged_in=sum(1 for s in self.sessions if s.authenticated_identity is not None),
+            attached=len(relay.attached),
+            to_endpoints=sum(channel.queued_bytes for channel in channels.values()),
+            in_flight=relay.in_flight,
+            next_hop_count=len(next_hops),
+            up=up,
+            expires=self.credentials.identity.certificate.not_valid_after_utc.isoformat(),
+            accepting=relay.accepting,
+            event="imxp.status",
+        )
+        for hop in next_hops:
+            self.log.info(
+                "status: next hop {next_hop}",
+                next_hop=str(hop),
+                peer=hop.peer,
+                where=hop.where,
+                state=hop.state,
+                queued=hop.queued,
+                failure=hop.failure,
+                retry_in=hop.retry_in,
+                event="imxp.status-next-hop",
+            )
 
     async def _at_most(self, waiting: defer.Deferred[Any], seconds: float) -> bool:
         """Wait for ``waiting`` at most ``seconds`` (then cancel it); whether it fired."""
