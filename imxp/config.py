@@ -398,8 +398,10 @@ class Config:
         60.0,
         "Seconds a recipient waits at this relay for its verdict: for its next hop to be "
         "found (DNS), then for that next hop's or its endpoint's answer. Past it, its "
-        "failure is reported (451).",
+        "failure is reported (451). After a reload, a shorter timeout also cuts the wait "
+        "of the recipients already waiting to that many seconds from then.",
         check=_positive,
+        reload=True,
     )
     connect_timeout: float = _option(
         30.0,
@@ -408,8 +410,10 @@ class Config:
     )
     reconnect_max_delay: float = _option(
         300.0,
-        "Longest wait, in seconds, between attempts to reach a peer relay.",
+        "Longest wait, in seconds, between attempts to reach a peer relay (never more "
+        "than `delivery_timeout`).",
         check=_positive,
+        reload=True,
     )
     window: int = _option(
         131072,

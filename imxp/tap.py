@@ -119,11 +119,12 @@ def _stopping_already(reactor: Any, relay: RelayService) -> None:
 def _reload_on_sighup(reactor: Any, options: Options, relay: RelayService) -> None:
     """On SIGHUP, read the configuration file and the TLS files it names again, as mail and
     chat servers do on reload: a renewed certificate is used from the next session on, and
-    changed routes, smart host, trusted relays, access refusals, hop limit and log level from
-    the next data on, without a restart (:func:`imxp.apex.service.reconfigure`). An option that
-    takes a restart (a listening address, say) is named in a warning and left as it was; a
-    file that cannot be used changes nothing. Without this, SIGHUP would end the relay on
-    the spot, dropping what it had accepted."""
+    changed routes, smart host, trusted relays, access refusals, hop limit, delivery timeout,
+    reconnect backoff and log level from the next data on, without a restart
+    (:func:`imxp.apex.service.reconfigure`). An option that takes a restart (a listening
+    address, say) is named in a warning and left as it was; a file that cannot be used
+    changes nothing. Without this, SIGHUP would end the relay on the spot, dropping what
+    it had accepted."""
     from imxp.apex.service import reconfigure
 
     started = current = options.config

@@ -365,6 +365,37 @@ async def test_sighup_applies_a_changed_configuration_and_names_what_takes_a_res
 
 
 @pytest_twisted.ensureDeferred
+async def test_sighup_with_a_shorter_delivery_timeout_cuts_the_waits_under_way(
+    tmp_path: Path,
+) -> None:
+    """A relay waits 10 minutes for an application that has stopped answering; the
+    operator lowers delivery_timeout and reloads. The data already waiting gets its
+    verdict within the new timeout, not the old one, and the originator its report."""
+    edge, mesh = free_ports(2)
+    _prepare_users(tmp_path / "imxp-state", "fred", "barney")
+    _config(tmp_path, edge, mesh, "delivery_timeout = 600.0\n")
+    relay, log = _start(tmp_path, tmp_path / "relay.toml")
+    try:
+        await until(lambda: log.read_text().count("listening on") >= 2, "listeners", 20)
+        ca = tmp_path / "imxp-state" / "ca.pem"
+        barney = await _attach(edge, ca, "barney@localhost", _Silent)
+        fred = await _attach(edge, ca, "fred@localhost")
+        await fred.channel.send(wire.encode(_data(1)))
+        await barney.wait("data", 1)
+
+        _config(tmp_path, edge, mesh, "delivery_timeout = 1.0\n")
+        relay.send_signal(signal.SIGHUP)
+        await until(lambda: "SIGHUP: reloaded" in log.read_text(), "the reload", 10)
+        assert "changed: delivery_timeout" in log.read_text()
+        await fred.wait("reports", 1, timeout=10)
+        ((_, code, text),) = fred.reports[0].destinations
+        assert (code, text) == (451, "endpoint did not answer in time; outcome unknown")
+        assert "takes a restart" not in log.read_text()
+    finally:
+        _stop(relay)
+
+
+@pytest_twisted.ensureDeferred
 async def test_sigusr1_logs_what_the_relay_is_doing(tmp_path: Path) -> None:
     """An operator asks a running relay what it is doing, as Exim's exiwhat does: SIGUSR1
     logs its sessions, attached endpoints and data in flight, and each next hop with its

@@ -86,6 +86,32 @@ def test_a_watch_made_while_expiring_does_not_put_off_earlier_deadlines() -> Non
     assert report.called
 
 
+def test_a_reloaded_timeout_holds_for_new_watches_and_a_shorter_one_for_all() -> None:
+    """A reload (SIGHUP) changes delivery_timeout. A longer one is for the data from then
+    on; a shorter one also cuts the wait of what was watched already - were it left, the
+    deadlines would no longer fall due in the order they came, and a new data's would
+    wait behind the old ones'."""
+    clock = task.Clock()
+    deadlines = _Deadlines(clock, 60.0)
+    old, newer, newest = defer.Deferred(), defer.Deferred(), defer.Deferred()
+    for d in (old, newer, newest):
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+    deadlines.watch(old)  # due at 60
+    clock.advance(10)
+    deadlines.use_timeout(90.0)
+    deadlines.watch(newer)  # due at 100
+    clock.advance(50)
+    assert old.called and not newer.called
+
+    deadlines.use_timeout(5.0)  # newer is now due at 65 at the latest
+    deadlines.watch(newest)  # due at 65 too
+    clock.advance(4.9)
+    assert not newer.called and not newest.called
+    clock.advance(0.1)
+    assert newer.called and newest.called
+    assert clock.getDelayedCalls() == []
+
+
 # -- a route that takes too long (imxp.apex.relay.Relay._forward_remote) -----------------
 
 

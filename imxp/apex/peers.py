@@ -255,7 +255,8 @@ class PeerPool:
         self._connect = connect
         self._clock = clock
         self._first_retry = first_retry
-        self._max_retry = max_retry
+        #: The longest backoff between attempts to reach a next hop (a reload changes it).
+        self.max_retry = max_retry
         self._max_queued = max_queued
         self._links: dict[tuple[str, int, str], Link] = {}
         # The next hops being connected to, or that failed, the least recently failed
@@ -333,7 +334,7 @@ class PeerPool:
             else:
                 failure = Failure()
                 if isinstance(e, LinkFailed):
-                    hop.failed(e, self._clock.seconds(), self._max_retry)
+                    hop.failed(e, self._clock.seconds(), self.max_retry)
                     self._remember(key)
                     # Data waits on it and is tried again, if time allows, until its
                     # verdict: meanwhile this is the operator's only sign of trouble, one
@@ -524,7 +525,7 @@ class PeerPool:
                 return crowded
             if hop is None:
                 wait = task.deferLater(self._clock, delay, lambda: None)
-                delay = min(delay * 2, self._max_retry)
+                delay = min(delay * 2, self.max_retry)
             else:
                 wait = hop.wait(self._clock)
             self._waits.add(wait)

@@ -794,6 +794,12 @@ class Relay:
             for d in waiters:
                 d.callback(None)
 
+    def use_delivery_timeout(self, timeout: float) -> None:
+        """Give recipients ``timeout`` seconds for their verdicts from now on (a reload).
+        A shorter one also holds for those already waiting: at most ``timeout`` from now."""
+        self.delivery_timeout = timeout
+        self._deadlines.use_timeout(timeout)
+
     def when_idle(self) -> defer.Deferred[None]:
         """Fires once no accepted data is still being carried."""
         if not self.in_flight:
@@ -896,6 +902,20 @@ class _Deadlines:
         watched.append((self._clock.seconds() + self._timeout, d))
         if self._timer is None:
             self._timer = self._clock.callLater(self._timeout, self._expire)
+
+    def use_timeout(self, timeout: float) -> None:
+        """Watch with ``timeout`` from now on. Were it shorter, what is watched from now
+        would fall due before what was watched already: those are brought forward to now
+        plus ``timeout`` at the latest, so that the deadlines stay in the order they came."""
+        shorter = timeout < self._timeout
+        self._timeout = timeout
+        if not shorter or not self._watched:
+            return
+        now = self._clock.seconds()
+        self._watched = deque((min(due, now + timeout), d) for due, d in self._watched)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._clock.callLater(max(0.0, self._watched[0][0] - now), self._expire)
 
     def expire_all(self) -> None:
         watched, self._watched = self._watched, deque()

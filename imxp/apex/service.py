@@ -392,6 +392,7 @@ def build_relay(
     pool = PeerPool(
         connect,
         reactor,
+        # A next hop's backoff never outlasts the data waiting for it.
         max_retry=min(reconnect_max_delay, delivery_timeout),
         max_queued=max_queued,
     )
@@ -577,7 +578,8 @@ def reconfigure(
     :attr:`~imxp.config.OptionSpec.reload` is set), with ``identity`` and ``trust`` loaded
     from its TLS files. New sessions use the certificate; data accepted from now on is
     routed and admitted by the new routes and access settings, while data already on its
-    way to a next hop goes on there.
+    way to a next hop goes on there; the new delivery timeout holds for the recipients
+    waiting from now on, and a shorter one for those already waiting too.
 
     Raises ValueError, and changes nothing, for a certificate and key that cannot be used
     together. The routes and access settings of a :class:`Config` were checked when it was
@@ -586,6 +588,8 @@ def reconfigure(
     relay_service.credentials.use(identity, trust)
     relay = relay_service.relay
     relay.max_hops = config.max_hops
+    relay.use_delivery_timeout(config.delivery_timeout)
+    relay_service.pool.max_retry = min(config.reconnect_max_delay, config.delivery_timeout)
     relay.router.use_routes(config.routes, config.smart_host or None)
     relay.policy.use(config.trusted_relays, config.refuse_data)
     logs.set_level(config.log_level)
