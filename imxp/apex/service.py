@@ -268,12 +268,7 @@ class RelayService(service.Service):
             self.log.info(
                 "status: next hop {next_hop}",
                 next_hop=str(hop),
-                peer=hop.peer,
-                where=hop.where,
-                state=hop.state,
-                queued=hop.queued,
-                failure=hop.failure,
-                retry_in=hop.retry_in,
+                **dataclasses.asdict(hop),
                 event="imxp.status-next-hop",
             )
 
