@@ -837,13 +837,18 @@ class Relay:
         verdict now, as when its deadline passes."""
         self._deadlines.expire_all()
 
+    def applications(self) -> list[APEXChannel]:
+        """The channel of each attached application, once however many endpoints it is
+        attached as."""
+        return list({id(c): c for c in self.attached.values()}.values())
+
     def terminate_all(
         self, code: int, text: str, session: Session | None = None
     ) -> defer.Deferred[None]:
         """Tell every attached application (or those of ``session``) its attachments
         end (§4.4.3)."""
         sends = []
-        for channel in {id(c): c for c in self.attached.values()}.values():
+        for channel in self.applications():
             if session is not None and channel.session is not session:
                 continue
             if channel.channel is not None:

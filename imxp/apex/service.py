@@ -246,7 +246,7 @@ class RelayService(service.Service):
         ``imxp.status-next-hop`` line for each next hop it has a link to, is connecting
         to, or is waiting to try again."""
         relay = self.relay
-        channels = {id(c): c.channel for c in relay.attached.values() if c.channel is not None}
+        channels = [c.channel for c in relay.applications() if c.channel is not None]
         up = self.reactor.seconds() - (self._started_at or self.reactor.seconds())
         next_hops = self.pool.status()
         self.log.info(
@@ -256,7 +256,7 @@ class RelayService(service.Service):
             sessions=len(self.sessions),
             logged_in=sum(1 for s in self.sessions if s.authenticated_identity is not None),
             attached=len(relay.attached),
-            to_endpoints=sum(channel.queued_bytes for channel in channels.values()),
+            to_endpoints=sum(channel.queued_bytes for channel in channels),
             in_flight=relay.in_flight,
             next_hop_count=len(next_hops),
             up=up,
@@ -387,8 +387,7 @@ def build_relay(
     pool = PeerPool(
         connect,
         reactor,
-        # A next hop's backoff never outlasts the data waiting for it.
-        max_retry=min(reconnect_max_delay, delivery_timeout),
+        max_retry=_longest_backoff(reconnect_max_delay, delivery_timeout),
         max_queued=max_queued,
     )
     relay = Relay(
@@ -563,6 +562,12 @@ def make_relay_service(
     )
 
 
+def _longest_backoff(reconnect_max_delay: float, delivery_timeout: float) -> float:
+    """The longest wait between attempts to reach a next hop: ``reconnect_max_delay``, but
+    never longer than the data waiting for it may wait."""
+    return min(reconnect_max_delay, delivery_timeout)
+
+
 def reconfigure(
     relay_service: RelayService,
     config: Config,
@@ -584,7 +589,9 @@ def reconfigure(
     relay = relay_service.relay
     relay.max_hops = config.max_hops
     relay.use_delivery_timeout(config.delivery_timeout)
-    relay_service.pool.max_retry = min(config.reconnect_max_delay, config.delivery_timeout)
+    relay_service.pool.max_retry = _longest_backoff(
+        config.reconnect_max_delay, config.delivery_timeout
+    )
     relay.router.use_routes(config.routes, config.smart_host or None)
     relay.policy.use(config.trusted_relays, config.refuse_data)
     logs.set_level(config.log_level)
