@@ -722,6 +722,28 @@ def test_close_waits_for_outstanding_replies():
     assert isinstance(failure(channel.send(Message(b"late")), NotSent), NotSent)
 
 
+def test_close_goes_after_the_last_frame_of_the_reply_that_made_the_channel_idle():
+    # §2.3.1.3: the listener closes its channel once it is idle, its reply to the
+    # initiator's MSG sent. When the reply's last frame and the close leave in one
+    # write, the close must follow it: ahead of it, the initiator would be asked to
+    # close a channel on which it still awaits a reply.
+    pair, profile, channel = echo_pair()
+    reply = channel.send(Message(b"slow"))
+    pair.flush()
+    body = b"r" * 20_000
+    pair.L.pauseProducing()
+    profile.handlers[0].pending[0].callback(Message(body))
+    closing = pair.L.channels[1].close()
+    pair.L.resumeProducing()
+    pair.flush()
+    assert result(reply).body == body
+    assert result(closing) is None and 1 not in pair.I.channels
+    order = pair.to_I.order
+    last_rpy = max(i for i, f in enumerate(order) if f[:2] == (RPY, 1))
+    close = min(i for i, f in enumerate(order) if f[:2] == (MSG, 0))
+    assert last_rpy < close
+
+
 def test_close_crossing_a_msg_from_the_other_side():
     pair = Pair([EchoProfile()], [EchoProfile()])
     theirs = result(_flushed(pair, pair.L.start_channel([ECHO])))
@@ -1084,6 +1106,47 @@ def test_producer_paused_when_crossing_high_water():
     pair.flush()
     assert len([result(d) for d in replies]) == 6
     channel.unregister_producer()
+
+
+@implementer(interfaces.IPushProducer)
+class SendingProducer(Producer):
+    """Writes more as soon as it is resumed, as a producer streaming a file would."""
+
+    def __init__(self, channel: Channel, bodies: list[bytes]) -> None:
+        super().__init__()
+        self.channel = channel
+        self.bodies = bodies
+        self.replies: list[defer.Deferred[Message]] = []
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        while self.bodies:
+            self.replies.append(self.channel.send(Message(self.bodies.pop(0))))
+
+
+def test_a_producer_resumed_while_frames_are_written_sends_after_them():
+    # The channel's queue drains below the low-water mark in the middle of a batch of
+    # frames: what the producer sends on being resumed must follow that batch on the
+    # wire, or the peer sees sequence numbers out of order (RFC 3081 §3.1.4) and ends the
+    # session.
+    pair, profile, channel = echo_pair(
+        initiator_config=SessionConfig(send_high_water=50_000),
+        listener_config=SessionConfig(window=65_536),
+    )
+    producer = SendingProducer(channel, [b"after %d" % i for i in range(3)])
+    channel.register_producer(producer)
+    # The transport's buffer is full for a while: everything queues.
+    pair.I.pauseProducing()
+    replies = [channel.send(Message(b"x" * 10_000)) for _ in range(6)]
+    assert producer.events == ["pause"]
+    pair.I.resumeProducing()
+    pair.flush()
+    assert producer.events == ["pause", "resume"]
+    assert pair.I.aborted is None and pair.L.aborted is None
+    assert [result(d).body for d in replies + producer.replies] == [b"x" * 10_000] * 6 + [
+        b"after %d" % i for i in range(3)
+    ]
+    assert profile.handlers[0].received[-3:] == [b"after %d" % i for i in range(3)]
 
 
 def test_transport_pause_stops_frame_writes():

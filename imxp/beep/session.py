@@ -1725,10 +1725,18 @@ class Session(Protocol):
 
     def _flush(self) -> None:
         """Write what the peer's windows allow, a frame per ready channel in turn
-        (RFC 3081 §3.1.4), SEQ frames first."""
+        (RFC 3081 §3.1.4), SEQ frames first.
+
+        What a drained queue sets off - a close waiting for its channel to be idle
+        (§2.3.1.3), a producer resumed - may write at once; it waits until these frames
+        are written, or it would go ahead of them: a close ahead of the reply that made
+        its channel idle, or a channel's next frames ahead of its earlier ones, whose
+        sequence numbers the peer would refuse.
+        """
         if self._gone or self.transport is None:
             return
         parts: list[bytes] = []
+        drained: list[Channel] | None = None
         if self._dirty_windows:
             dirty, self._dirty_windows = self._dirty_windows, []
             for channel in dirty:
@@ -1765,15 +1773,22 @@ class Session(Protocol):
                     ready.append(channel)
                 else:
                     channel._in_ready = False
-                    channel._maybe_idle()
-                if channel._producer is not None:
-                    channel._check_producer()
+                if channel._idle_waiters or channel._producer is not None:
+                    if drained is None:
+                        drained = [channel]
+                    elif channel not in drained:
+                        drained.append(channel)
         if parts:
             self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
         if self._after_write:
             hooks, self._after_write = self._after_write, []
             for hook in hooks:
                 hook()
+        if drained is not None:
+            for channel in drained:
+                channel._maybe_idle()
+                if channel._producer is not None:
+                    channel._check_producer()
 
     # -- channel management -------------------------------------------------
 
