@@ -335,6 +335,16 @@ class Config:
         path=True,
         state_file="users",
     )
+    control_socket: str | None = _option(
+        None,
+        "The Unix socket where `imxp status` and `imxp reload` reach the running relay, "
+        "made with mode 0600: only the relay's user (and root) may use it. Unset: "
+        "`control` in `state_dir`. If it cannot be made (a path longer than 107 octets, "
+        "another relay using it), the relay logs why and runs without it.",
+        check=_path,
+        path=True,
+        state_file="control",
+    )
     sasl_mechanisms: tuple[str, ...] = _option(
         ("SCRAM-SHA-256", "PLAIN", "EXTERNAL"),
         "SASL mechanisms offered, in order of preference. PLAIN is offered only under TLS; "

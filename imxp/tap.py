@@ -9,11 +9,15 @@ daemonises. An exception from :func:`makeService` would end twistd with a traceb
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import pwd
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from twisted.internet import defer
+from twisted.logger import formatEvent
 from twisted.python import usage
 
 from imxp import logs
@@ -88,8 +92,11 @@ def makeService(options: Options) -> IService:
     # long as the process. Frozen, it is left out of garbage collections: each full one
     # walked all of it, a pause of about 40 ms that showed in the relay's p99 latency.
     reactor.callWhenRunning(gc.freeze)
-    reactor.callWhenRunning(_reload_on_sighup, reactor, options, relay)
+    reload = _Reloader(options, relay)
+    reactor.callWhenRunning(_reload_on_sighup, reactor, reload)
     reactor.callWhenRunning(_status_on_sigusr1, reactor, relay)
+    # Once twistd has shed its privileges (--uid): the socket is the relay user's.
+    reactor.callWhenRunning(_control, reactor, options.config, relay, reload)
     reactor.addSystemEventTrigger("before", "shutdown", _stopping_already, reactor, relay)
     return relay
 
@@ -116,56 +123,76 @@ def _stopping_already(reactor: Any, relay: RelayService) -> None:
         signal.signal(signum, again)
 
 
-def _reload_on_sighup(reactor: Any, options: Options, relay: RelayService) -> None:
-    """On SIGHUP, read the configuration file and the TLS files it names again, as mail and
-    chat servers do on reload: a renewed certificate is used from the next session on, and
-    changed routes, smart host, trusted relays, access refusals, hop limit, delivery timeout,
-    reconnect backoff and log level from the next data on, without a restart
+class _Reloader:
+    """Reads the configuration file and the TLS files it names again, as mail and chat
+    servers do on reload: a renewed certificate is used from the next session on, and
+    changed routes, smart host, trusted relays, access refusals, hop limit, delivery
+    timeout, reconnect backoff and log level from the next data on, without a restart
     (:func:`imxp.apex.service.reconfigure`). An option that takes a restart (a listening
     address, say) is named in a warning and left as it was; a file that cannot be used
-    changes nothing. Without this, SIGHUP would end the relay on the spot, dropping what
-    it had accepted."""
-    from imxp.apex.service import reconfigure
+    changes nothing. Called with what asked for it (SIGHUP, ``imxp reload``), it returns
+    whether the relay reloaded and what it logged."""
 
-    started = current = options.config
+    def __init__(self, options: Options, relay: RelayService) -> None:
+        self.options = options
+        self.relay = relay
+        self.started = self.current = options.config
 
-    def reload() -> None:
-        nonlocal current
+    def __call__(self, trigger: str) -> tuple[bool, str]:
+        from imxp.apex.service import reconfigure
+
         try:
-            config = load(options["config"])
+            config = load(self.options["config"])
             identity, trust = load_tls(config, log)
-            reconfigure(relay, config, identity, trust)
+            reconfigure(self.relay, config, identity, trust)
         except (ConfigError, ValueError) as e:
-            log.error(
-                "SIGHUP: not reloaded, the relay goes on as it was: {error}",
+            return False, _logged(
+                log.error,
+                "{trigger}: not reloaded, the relay goes on as it was: {error}",
+                trigger=trigger,
                 error=str(e),
                 event="imxp.reload-failed",
             )
-            return
-        applied = [s.name for s in OPTIONS if s.reload and _differs(current, config, s.name)]
-        current = config
-        log.info(
-            "SIGHUP: reloaded {source}: the relay certificate {path} (valid until {expires}) "
+        applied = [s.name for s in OPTIONS if s.reload and _differs(self.current, config, s.name)]
+        self.current = config
+        source = config.source or "the built-in configuration"
+        said = _logged(
+            log.info,
+            "{trigger}: reloaded {source}: the relay certificate {path} (valid until {expires}) "
             "and {roots} trusted CAs for new sessions; {applied}",
-            source=config.source or "the built-in configuration",
+            trigger=trigger,
+            source=source,
             path=str(config.path("tls_certificate")),
             expires=identity.certificate.not_valid_after_utc.isoformat(),
             roots=len(trust),
             applied=f"changed: {', '.join(applied)}" if applied else "no option changed",
             event="imxp.reloaded",
         )
-        later = [s.name for s in OPTIONS if not s.reload and _differs(started, config, s.name)]
+        later = [s.name for s in OPTIONS if not s.reload and _differs(self.started, config, s.name)]
         if later:
-            log.warn(
-                "SIGHUP: {options} changed in {source}, which takes a restart; until then the "
-                "relay goes on as it started",
+            said += "\n" + _logged(
+                log.warn,
+                "{trigger}: {options} changed in {source}, which takes a restart; until then "
+                "the relay goes on as it started",
+                trigger=trigger,
                 options=", ".join(later),
-                source=config.source or "the built-in configuration",
+                source=source,
                 event="imxp.reload-restart-needed",
             )
+        return True, said
 
+
+def _logged(emit: Callable[..., None], format: str, **fields: Any) -> str:
+    """Log an event, and return its text for the one who asked (``imxp reload``)."""
+    emit(format, **fields)
+    return formatEvent({"log_format": format, **fields})
+
+
+def _reload_on_sighup(reactor: Any, reload: _Reloader) -> None:
+    """On SIGHUP, reload (:class:`_Reloader`). Without this, SIGHUP would end the relay on
+    the spot, dropping what it had accepted."""
     # A signal handler runs between any two bytecodes; the reload waits for the reactor.
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload, "SIGHUP"))
 
 
 def _status_on_sigusr1(reactor: Any, relay: RelayService) -> None:
@@ -173,6 +200,14 @@ def _status_on_sigusr1(reactor: Any, relay: RelayService) -> None:
     attached endpoints, data in flight, and each next hop's link or trouble. Python's
     default for SIGUSR1 would end the relay on the spot."""
     signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(relay.log_status))
+
+
+def _control(reactor: Any, config: Config, relay: RelayService, reload: _Reloader) -> None:
+    """The control socket, for ``imxp status`` and ``imxp reload`` (:mod:`imxp.control`)."""
+    from imxp import control
+
+    factory = control.ControlFactory(lambda: dataclasses.asdict(relay.status()), reload)
+    defer.ensureDeferred(control.listen(reactor, config.path("control_socket"), factory))
 
 
 def _differs(old: Config, new: Config, name: str) -> bool:

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from imxp import logs
 from imxp.apex import wire
-from imxp.apex.peers import Link, LinkFailed, PeerPool
+from imxp.apex.peers import Link, LinkFailed, NextHopStatus, PeerPool
 from imxp.apex.policy import AccessPolicy
 from imxp.apex.relay import APEXChannel, APEXProfile, Mode, Relay
 from imxp.apex.routing import Router, Target, open_session
@@ -55,6 +55,7 @@ __all__ = [
     "Credentials",
     "ListenFailed",
     "RelayService",
+    "RelayStatus",
     "build_relay",
     "make_relay_service",
     "reconfigure",
@@ -105,6 +106,38 @@ class Credentials:
         # serverAuth only; what it proves is checked when it binds (RFC 3340 §4.5.2).
         return server_options(identity, roots), server_options(
             identity, roots, server_auth_clients=True
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayStatus:
+    """What the relay is doing, as an operator asks for it (SIGUSR1, ``imxp status``)."""
+
+    domain: str
+    sessions: int
+    """BEEP sessions on the listeners."""
+    logged_in: int
+    """Of those, the ones that have logged in with SASL."""
+    attached: int
+    """Endpoints attached."""
+    to_endpoints: int
+    """Octets waiting to be written to the attached applications."""
+    in_flight: int
+    """Data accepted and not yet given a verdict for every recipient."""
+    up: float
+    """Seconds since the relay started."""
+    expires: str
+    """When the relay certificate stops being valid (ISO 8601)."""
+    accepting: bool
+    """False once the relay is stopping: new data is refused with 421."""
+    next_hops: tuple[NextHopStatus, ...]
+
+    def __str__(self) -> str:
+        return (
+            f"sessions {self.sessions} ({self.logged_in} logged in); endpoints attached "
+            f"{self.attached} ({self.to_endpoints} octets waiting for them); data in flight "
+            f"{self.in_flight}; next hops {len(self.next_hops)}; up {self.up:.0f} s; "
+            f"certificate valid until {self.expires}"
         )
 
 
@@ -240,31 +273,40 @@ class RelayService(service.Service):
             event="imxp.listening",
         )
 
-    def log_status(self) -> None:
-        """Log what the relay is doing, as an operator asks for it (SIGUSR1, as Exim's
-        exiwhat does): one ``imxp.status`` line for the relay, then one
-        ``imxp.status-next-hop`` line for each next hop it has a link to, is connecting
-        to, or is waiting to try again."""
+    def status(self) -> RelayStatus:
+        """What the relay is doing now."""
         relay = self.relay
         channels = [c.channel for c in relay.applications() if c.channel is not None]
-        up = self.reactor.seconds() - (self._started_at or self.reactor.seconds())
-        next_hops = self.pool.status()
-        self.log.info(
-            "status: sessions {sessions} ({logged_in} logged in); endpoints attached "
-            "{attached} ({to_endpoints} octets waiting for them); data in flight {in_flight}; "
-            "next hops {next_hop_count}; up {up:.0f} s; certificate valid until {expires}",
+        now = self.reactor.seconds()
+        return RelayStatus(
+            domain=relay.domain,
             sessions=len(self.sessions),
             logged_in=sum(1 for s in self.sessions if s.authenticated_identity is not None),
             attached=len(relay.attached),
             to_endpoints=sum(channel.queued_bytes for channel in channels),
             in_flight=relay.in_flight,
-            next_hop_count=len(next_hops),
-            up=up,
+            up=now - (self._started_at if self._started_at is not None else now),
             expires=self.credentials.identity.certificate.not_valid_after_utc.isoformat(),
             accepting=relay.accepting,
+            next_hops=tuple(self.pool.status()),
+        )
+
+    def log_status(self) -> None:
+        """Log what the relay is doing, as an operator asks for it (SIGUSR1, as Exim's
+        exiwhat does): one ``imxp.status`` line for the relay, then one
+        ``imxp.status-next-hop`` line for each next hop it has a link to, is connecting
+        to, or is waiting to try again."""
+        status = self.status()
+        fields = {f.name: getattr(status, f.name) for f in dataclasses.fields(status)}
+        del fields["next_hops"]
+        self.log.info(
+            "status: {summary}",
+            summary=str(status),
+            next_hop_count=len(status.next_hops),
+            **fields,
             event="imxp.status",
         )
-        for hop in next_hops:
+        for hop in status.next_hops:
             self.log.info(
                 "status: next hop {next_hop}",
                 next_hop=str(hop),

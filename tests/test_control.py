@@ -1,0 +1,145 @@
+"""The relay's control socket (imxp.control): one command in, one JSON answer out, and every
+wrong command answered with its reason and logged, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task, threads
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+
+from imxp import control
+
+
+class _Relay:
+    def __init__(self, reloads: bool = True) -> None:
+        self.reloads = reloads
+        self.asked: list[str] = []
+
+    def status(self) -> dict[str, Any]:
+        self.asked.append("status")
+        return {"domain": "a.test", "in_flight": 3}
+
+    def reload(self, trigger: str) -> tuple[bool, str]:
+        self.asked.append(trigger)
+        if self.reloads:
+            return True, f"{trigger}: reloaded"
+        return False, f"{trigger}: not reloaded, the relay goes on as it was: bad file"
+
+
+def _exchange(
+    sent: bytes, relay: _Relay | None = None, clock: task.Clock | None = None
+) -> tuple[dict[str, Any] | None, StringTransport]:
+    relay = relay or _Relay()
+    protocol = control.ControlFactory(relay.status, relay.reload).buildProtocol(None)
+    assert protocol is not None
+    if clock is not None:
+        protocol.callLater = clock.callLater  # type: ignore[attr-defined]
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(sent)
+    written = transport.value()
+    return (json.loads(written) if written else None), transport
+
+
+def test_status_is_answered_with_the_relays_status_and_the_connection_closed() -> None:
+    answer, transport = _exchange(b"status\n")
+    assert answer == {"ok": True, "status": {"domain": "a.test", "in_flight": 3}}
+    assert transport.disconnecting
+
+
+def test_reload_answers_what_the_reload_said_or_why_it_was_refused() -> None:
+    relay = _Relay()
+    answer, _ = _exchange(b"reload\r\n", relay)
+    assert answer == {"ok": True, "said": "imxp reload: reloaded"}
+    assert relay.asked == ["imxp reload"]
+    answer, _ = _exchange(b"reload\n", _Relay(reloads=False))
+    assert answer is not None and answer["ok"] is False
+    assert answer["error"].endswith("not reloaded, the relay goes on as it was: bad file")
+
+
+@pytest.mark.parametrize("sent", [b"stop\n", b"\xff\xfe\n", b"\n"])
+def test_an_unknown_command_is_refused_with_the_known_ones_and_logged(sent: bytes) -> None:
+    relay = _Relay()
+    with capturedLogs() as events:
+        answer, transport = _exchange(sent, relay)
+    assert answer is not None and answer["ok"] is False
+    assert "unknown command" in answer["error"] and "known: status, reload" in answer["error"]
+    assert transport.disconnecting and relay.asked == []
+    assert [e["event"] for e in events] == ["imxp.control-refused"]
+
+
+def test_an_overlong_line_is_refused_without_being_acted_on() -> None:
+    relay = _Relay()
+    answer, transport = _exchange(b"status" * 100 + b"\n", relay)
+    assert answer == {"ok": False, "error": f"a command is at most {control.MAX_COMMAND} octets"}
+    assert transport.disconnecting and relay.asked == []
+
+
+def test_a_connection_that_sends_no_command_is_closed() -> None:
+    clock = task.Clock()
+    answer, transport = _exchange(b"sta", clock=clock)
+    assert answer is None and not transport.disconnecting
+    clock.advance(control.COMMAND_TIMEOUT)
+    assert json.loads(transport.value())["ok"] is False
+    assert transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_path_too_long_for_a_unix_socket_is_logged_and_the_relay_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / ("x" * 120)
+    relay = _Relay()
+    with capturedLogs() as events:
+        port = await control.listen(
+            reactor, path, control.ControlFactory(relay.status, relay.reload)
+        )
+    assert port is None and not path.exists()
+    (event,) = [e for e in events if e.get("event") == "imxp.control-failed"]
+    assert "longer than 107 octets" in event["reason"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ask_gets_the_answer_over_the_socket(tmp_path: Path) -> None:
+    path = tmp_path / "control"
+    relay = _Relay()
+    port = await control.listen(reactor, path, control.ControlFactory(relay.status, relay.reload))
+    assert port is not None
+    try:
+        answer = await threads.deferToThread(control.ask, path, "status")
+        assert answer == {"ok": True, "status": {"domain": "a.test", "in_flight": 3}}
+    finally:
+        await port.stopListening()
+    assert not path.exists()
+
+
+def test_ask_says_when_no_relay_answers_or_the_answer_is_not_a_relays(tmp_path: Path) -> None:
+    with pytest.raises(control.ControlError, match="no relay answers at") as raised:
+        control.ask(tmp_path / "control", "status")
+    assert raised.value.unreachable
+    # Something else listens there and answers nonsense.
+    path = tmp_path / "other"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen()
+
+        def nonsense() -> None:
+            connection, _ = other.accept()
+            with connection:
+                connection.recv(100)
+                connection.sendall(b"220 hello\r\n")
+
+        answering = threading.Thread(target=nonsense)
+        answering.start()
+        with pytest.raises(control.ControlError, match="not the relay's") as raised:
+            control.ask(path, "status", timeout=5)
+        answering.join()
+    assert not raised.value.unreachable
