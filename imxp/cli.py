@@ -25,6 +25,8 @@ Operator commands::
     imxp users add|password|remove|list ... the relay's SASL user file
     imxp route DOMAIN                       how the relay would reach a domain
     imxp check                              what is wrong with a relay's setup, and the fix
+    imxp status                             what a running relay is doing
+    imxp reload                             a running relay reads its files again
 
 Passwords never go on the command line: ``--password-file FILE``, else the environment
 variable ``IMXP_PASSWORD``, else a prompt when standard input is a terminal.
@@ -40,12 +42,13 @@ Exit status, for scripts:
 2     usage error (bad arguments, no password available)
 3     authentication failed
 4     unknown domain: no relay for it in DNS (route: no route to the domain)
-5     relay unreachable (route: DNS failed for now)
+5     relay unreachable (route: DNS failed for now; status, reload: no relay answers
+      on the control socket)
 6     TLS verification failure: the relay's certificate is not trusted or names another
       domain
 7     refused by the relay (e.g. attach refused with 537)
 8     configuration error: a bad configuration file, or a file that is missing, unusable
-      or (certs) already there
+      or (certs) already there; reload: the relay refused the files and goes on as it was
 9     other protocol error, or an unexpected internal error
 10    protection failed: the message could not be signed or encrypted (no OpenPGP
       keyring, no key or certificate for the sender or a recipient)
@@ -69,7 +72,7 @@ import mimetypes
 import os
 import sys
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,7 +98,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imxp import logs
+from imxp import control, logs
 from imxp.apex.address import AddressError, Endpoint
 from imxp.apex.routing import (
     EDGE_PORT,
@@ -459,6 +462,32 @@ def build_parser() -> argparse.ArgumentParser:
         "listeners, peers; each problem is one line with its fix (exit 1 if any).",
         config,
         **looking,
+    )
+    running = argparse.ArgumentParser(add_help=False)
+    running.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="the running relay's TOML configuration, which names its control_socket "
+        "(default: built-in defaults, ./imxp-state/control)",
+    )
+    status = command(
+        commands,
+        "status",
+        _status,
+        "Ask a running relay what it is doing: sessions, attached endpoints, data in flight, "
+        "and each next hop's link or trouble. Run as the relay's user or root.",
+        running,
+    )
+    status.add_argument("--json", action="store_true", help="print the relay's answer as JSON")
+    command(
+        commands,
+        "reload",
+        _reload,
+        "Make a running relay read its configuration and TLS files again, as SIGHUP does, and "
+        "say what changed; exit 8 if the relay refused them and goes on as it was. Run as "
+        "the relay's user or root.",
+        running,
     )
     return parser
 
@@ -1596,6 +1625,66 @@ def _users_list(args: argparse.Namespace) -> int:
     store, _ = _user_store(args)
     for name in store.usernames():
         print(name)
+    return Exit.OK
+
+
+# -- status, reload ---------------------------------------------------------------------------
+
+
+def _ask_relay(args: argparse.Namespace, command: str) -> Mapping[str, Any]:
+    """The answer to ``command`` from the relay that ``args.config`` describes, through its
+    control socket (:mod:`imxp.control`)."""
+    path = load(args.config).path("control_socket")
+    try:
+        return control.ask(path, command)
+    except control.ControlError as e:
+        raise Failed(Exit.UNREACHABLE if e.unreachable else Exit.CONFIG, str(e)) from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    """``imxp status``: what the running relay is doing."""
+    answer = _ask_relay(args, "status")
+    if not answer["ok"]:
+        raise Failed(Exit.PROTOCOL, f"the relay says: {answer.get('error')}")
+    status = answer["status"]
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return Exit.OK
+    doing = "accepting data" if status["accepting"] else "stopping: new data is refused (421)"
+    print(f"relay for {status['domain']}: up {_duration(status['up'])}, {doing}")
+    print(
+        f"sessions: {status['sessions']} ({status['logged_in']} logged in); endpoints "
+        f"attached: {status['attached']} ({status['to_endpoints']} octets waiting for them)"
+    )
+    print(f"data in flight: {status['in_flight']}")
+    print(f"certificate valid until: {status['expires']}")
+    hops = status["next_hops"]
+    print(f"next hops: {len(hops)}")
+    for hop in hops:
+        line = f"  {hop['peer']} at {hop['where']}: {hop['state']}, {hop['queued']} octets waiting"
+        if hop["state"] == "backing off":
+            line += f"; next attempt in {hop['retry_in']:.1f} s, after {hop['failure']}"
+        print(line)
+    return Exit.OK
+
+
+def _duration(seconds: float) -> str:
+    minutes, second = divmod(int(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    days, hour = divmod(hours, 24)
+    if days:
+        return f"{days} d {hour} h"
+    if hours:
+        return f"{hours} h {minute} min"
+    return f"{minutes} min {second} s" if minutes else f"{second} s"
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """``imxp reload``: the running relay reads its files again; 8 if it refused them."""
+    answer = _ask_relay(args, "reload")
+    if not answer["ok"]:
+        raise Failed(Exit.CONFIG, str(answer.get("error")))
+    print(answer["said"])
     return Exit.OK
 
 

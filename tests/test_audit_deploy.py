@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest_twisted
 from apexnet import App, _AppChannel, free_ports
 from clinet import until
 from cryptography import x509
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, endpoints, reactor, utils
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
@@ -425,6 +427,76 @@ async def test_sigusr1_logs_what_the_relay_is_doing(tmp_path: Path) -> None:
         assert f"status: next hop down.test at 127.0.0.1:{closed}: backing off" in text
         assert relay.poll() is None
         assert "Traceback" not in text
+    finally:
+        _stop(relay)
+
+
+async def _imxp(directory: Path, *args: str) -> tuple[int, str, str]:
+    """Run the ``imxp`` command; its exit status, standard output and standard error."""
+    out, err, code = await utils.getProcessOutputAndValue(
+        sys.executable, ["-m", "imxp", *args], env=_env(), path=str(directory)
+    )
+    return code, out.decode(), err.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_imxp_status_and_imxp_reload_ask_the_running_relay(tmp_path: Path) -> None:
+    """The operator asks the relay itself rather than reading its log, as with postqueue or
+    prosodyctl: `imxp status` prints what it is doing, `--json` the same for a monitoring
+    script, and `imxp reload` says what the reload changed, or exits 8 with the reason the
+    relay refused the file while it goes on as it was. Only the relay's user may ask (the
+    socket's mode is 0600), and with the relay gone the command says no relay answers."""
+    edge, mesh, closed = free_ports(3)
+    _prepare_users(tmp_path / "imxp-state", "fred")
+    extra = f'log_level = "warn"\n[routes]\n"down.test" = "127.0.0.1:{closed}"\n'
+    config = _config(tmp_path, edge, mesh, extra)
+    relay, log = _start(tmp_path, config)
+    socket_path = tmp_path / "imxp-state" / "control"
+    try:
+        await until(lambda: socket_path.exists(), "the control socket", 20)
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+        fred = await _attach(edge, tmp_path / "imxp-state" / "ca.pem", "fred@localhost")
+        data = wire.Data(
+            wire.Originator("fred@localhost", []),
+            [wire.Recipient("barney@down.test", [])],
+            [],
+            content=wire.Content.from_bytes(b"for later", "text/plain"),
+        )
+        assert isinstance(wire.decode(await fred.channel.send(wire.encode(data))), wire.OK)
+        await until(lambda: "no link to down.test" in log.read_text(), "the failed link", 10)
+
+        code, out, err = await _imxp(tmp_path, "status", "--config", str(config))
+        assert (code, err) == (0, "")
+        assert "relay for localhost: up " in out and ", accepting data" in out
+        assert "endpoints attached: 1 " in out and "data in flight: 1\n" in out
+        assert f"down.test at 127.0.0.1:{closed}: backing off" in out
+        code, out, err = await _imxp(tmp_path, "status", "--json", "--config", str(config))
+        status = json.loads(out)
+        assert status["attached"] == 1 and status["in_flight"] == 1
+        assert [hop["state"] for hop in status["next_hops"]] == ["backing off"]
+
+        config.write_text(
+            config.read_text().replace("[routes]", "delivery_timeout = 30.0\n[routes]")
+        )
+        code, out, err = await _imxp(tmp_path, "reload", "--config", str(config))
+        assert (code, err) == (0, "")
+        assert out.startswith("imxp reload: reloaded ") and "changed: delivery_timeout" in out
+        assert "imxp reload: reloaded" in log.read_text()
+
+        # A file the command reads (it names the socket) but the relay cannot use.
+        _config(tmp_path, edge, mesh, 'tls_certificate = "renewed.pem"\n')
+        code, out, err = await _imxp(tmp_path, "reload", "--config", str(config))
+        assert code == 8 and "not reloaded, the relay goes on as it was" in err
+        assert "renewed.pem does not exist" in err
+        code, out, err = await _imxp(tmp_path, "status", "--config", str(config))
+        assert code == 0 and "data in flight: 1\n" in out
+
+        relay.send_signal(signal.SIGTERM)
+        await until(lambda: relay.poll() is not None, "the relay to stop", 30)
+        assert not socket_path.exists()
+        code, out, err = await _imxp(tmp_path, "status", "--config", str(config))
+        assert code == 5 and f"no relay answers at {socket_path}" in err
+        assert "Traceback" not in log.read_text()
     finally:
         _stop(relay)
 
