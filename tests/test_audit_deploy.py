@@ -397,6 +397,19 @@ async def test_sighup_with_a_shorter_delivery_timeout_cuts_the_waits_under_way(
         _stop(relay)
 
 
+async def _for_a_next_hop_that_is_down(fred: App, log: Path) -> None:
+    """fred sends a data for down.test, whose route leads to a closed port; it waits in
+    flight once the relay has tried that next hop and failed."""
+    data = wire.Data(
+        wire.Originator("fred@localhost", []),
+        [wire.Recipient("barney@down.test", [])],
+        [],
+        content=wire.Content.from_bytes(b"for later", "text/plain"),
+    )
+    assert isinstance(wire.decode(await fred.channel.send(wire.encode(data))), wire.OK)
+    await until(lambda: "no link to down.test" in log.read_text(), "the failed link", 10)
+
+
 @pytest_twisted.ensureDeferred
 async def test_sigusr1_logs_what_the_relay_is_doing(tmp_path: Path) -> None:
     """An operator asks a running relay what it is doing, as Exim's exiwhat does: SIGUSR1
@@ -410,14 +423,7 @@ async def test_sigusr1_logs_what_the_relay_is_doing(tmp_path: Path) -> None:
     try:
         await until(lambda: "listening on" in log.read_text(), "listeners", 20)
         fred = await _attach(edge, tmp_path / "imxp-state" / "ca.pem", "fred@localhost")
-        data = wire.Data(
-            wire.Originator("fred@localhost", []),
-            [wire.Recipient("barney@down.test", [])],
-            [],
-            content=wire.Content.from_bytes(b"for later", "text/plain"),
-        )
-        assert isinstance(wire.decode(await fred.channel.send(wire.encode(data))), wire.OK)
-        await until(lambda: "no link to down.test" in log.read_text(), "the failed link", 10)
+        await _for_a_next_hop_that_is_down(fred, log)
 
         relay.send_signal(signal.SIGUSR1)
         await until(lambda: "status: next hop" in log.read_text(), "the status", 10)
@@ -456,14 +462,7 @@ async def test_imxp_status_and_imxp_reload_ask_the_running_relay(tmp_path: Path)
         await until(lambda: socket_path.exists(), "the control socket", 20)
         assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
         fred = await _attach(edge, tmp_path / "imxp-state" / "ca.pem", "fred@localhost")
-        data = wire.Data(
-            wire.Originator("fred@localhost", []),
-            [wire.Recipient("barney@down.test", [])],
-            [],
-            content=wire.Content.from_bytes(b"for later", "text/plain"),
-        )
-        assert isinstance(wire.decode(await fred.channel.send(wire.encode(data))), wire.OK)
-        await until(lambda: "no link to down.test" in log.read_text(), "the failed link", 10)
+        await _for_a_next_hop_that_is_down(fred, log)
 
         code, out, err = await _imxp(tmp_path, "status", "--config", str(config))
         assert (code, err) == (0, "")
