@@ -1664,7 +1664,8 @@ def _status(args: argparse.Namespace) -> int:
         line = f"  {hop['peer']} at {hop['where']}: {hop['state']}, {hop['queued']} octets waiting"
         if hop["state"] == "backing off":
             line += f"; next attempt in {hop['retry_in']:.1f} s, after {hop['failure']}"
-        print(line)
+        # A failure's text may be a peer's: no escape sequence of its reaches the terminal.
+        print(logs.escape_controls(line))
     return Exit.OK
 
 

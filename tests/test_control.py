@@ -16,6 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
 from imxp import control
+from imxp.cli import main
 
 
 class _Relay:
@@ -143,3 +144,44 @@ def test_ask_says_when_no_relay_answers_or_the_answer_is_not_a_relays(tmp_path: 
             control.ask(path, "status", timeout=5)
         answering.join()
     assert not raised.value.unreachable
+
+
+def test_imxp_status_shows_a_next_hops_failure_without_its_control_characters(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The failure's text can be a next hop's own error text: an escape sequence in it must
+    # not act on the operator's terminal, nor a newline make a line of the peer's making.
+    hop = {
+        "peer": "evil.test",
+        "where": "192.0.2.7:912",
+        "state": "backing off",
+        "queued": 667,
+        "failure": "550 no\x1b[2J\nnext hop c.test at 192.0.2.8:912: linked",
+        "retry_in": 3.2,
+    }
+    status = {
+        "domain": "a.test",
+        "sessions": 2,
+        "logged_in": 1,
+        "attached": 1,
+        "to_endpoints": 0,
+        "in_flight": 1,
+        "up": 3725.0,
+        "expires": "2027-02-19T08:00:00+00:00",
+        "accepting": True,
+        "next_hops": [hop],
+    }
+    asked: list[tuple[Path, str]] = []
+
+    def ask(path: Path, command: str) -> dict[str, Any]:
+        asked.append((path, command))
+        return {"ok": True, "status": status}
+
+    monkeypatch.setattr(control, "ask", ask)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert asked == [(Path.cwd() / "imxp-state" / "control", "status")]
+    assert out.startswith("relay for a.test: up 1 h 2 min, accepting data\n")
+    assert "data in flight: 1\n" in out and "next hops: 1\n" in out
+    assert "\x1b" not in out and "550 no\\x1b[2J\\x0anext hop c.test" in out
+    assert out.count("\n") == 6
