@@ -100,6 +100,7 @@ from zope.interface import implementer
 
 from imxp import control, logs
 from imxp.apex.address import AddressError, Endpoint
+from imxp.apex.peers import NextHopStatus
 from imxp.apex.routing import (
     EDGE_PORT,
     EDGE_SERVICE,
@@ -1661,11 +1662,8 @@ def _status(args: argparse.Namespace) -> int:
     hops = status["next_hops"]
     print(f"next hops: {len(hops)}")
     for hop in hops:
-        line = f"  {hop['peer']} at {hop['where']}: {hop['state']}, {hop['queued']} octets waiting"
-        if hop["state"] == "backing off":
-            line += f"; next attempt in {hop['retry_in']:.1f} s, after {hop['failure']}"
         # A failure's text may be a peer's: no escape sequence of its reaches the terminal.
-        print(logs.escape_controls(line))
+        print(f"  {logs.escape_controls(str(NextHopStatus(**hop)))}")
     return Exit.OK
 
 
