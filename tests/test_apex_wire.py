@@ -1378,3 +1378,237 @@ def test_a_data_handed_on_reads_as_the_data_written_anew(data: Data, options: li
     onward = dataclasses.replace(received_data, options=options)
     sent = decode(wire_trip(wire.encode_onward(onward, received)))
     assert sent == decode(wire_trip(encode(onward))) == dataclasses.replace(data, options=options)
+
+
+# --------------------------------------------------------------- data as imxp writes it
+
+
+def both_ways(message: Message) -> tuple[Data | APEXError, Data | None, list[int], list[int]]:
+    """What the general reading and the reading of data as imxp writes it make of
+    ``message``, a multipart/related, with where each found the per-data options."""
+    content_type = message.header("Content-Type") or ""
+    general_where: list[int] = []
+    written_where: list[int] = []
+    # First: the general way remembers the options it reads.
+    written = wire._as_written(message.body, content_type, written_where)
+    try:
+        general: Data | APEXError = wire._multipart(message.body, content_type, general_where)
+    except APEXError as e:
+        general = e
+    return general, written, general_where, written_where
+
+
+def assert_read_alike(message: Message) -> Data | None:
+    """The reading of data as written, when it reads ``message`` at all, reads it as the
+    general one does: the same data, content, boundary and options' place."""
+    general, written, general_where, written_where = both_ways(message)
+    if written is not None:
+        assert isinstance(general, Data), general
+        assert written == general
+        assert written.content is not None and general.content is not None
+        assert written.content.boundary == general.content.boundary
+        assert written_where == general_where
+    return written
+
+
+STATUS_REQUEST = Option("statusRequest", target_hop="final", trans_id=7)
+AS_SENT = [
+    Data(Originator("fred@a.example"), [Recipient("barney@b.example")]),
+    Data(
+        Originator("fred/appl=im@a.example"),
+        [Recipient("barney@b.example"), Recipient("wilma@c.example"), Recipient("[192.0.2.1]@x")],
+        [STATUS_REQUEST],
+    ),
+    Data(
+        Originator("fred@a.example"),
+        [Recipient("barney@b.example")],
+        with_data_hopping([STATUS_REQUEST], 15, 7, report_errors=True),
+    ),
+]
+
+
+def as_sent(data: Data, content: bytes = b"hello\r\n") -> Message:
+    """``data`` with a body part of ``content``, as a client or relay sends it."""
+    part = Content.from_bytes(content, "text/plain; charset=utf-8")
+    return wire_trip(encode(dataclasses.replace(data, content=part)))
+
+
+@pytest.mark.parametrize("data", AS_SENT)
+def test_data_as_imxp_writes_it_is_read_without_the_xml_parser(data: Data) -> None:
+    """Every data a client or relay sends takes the short way, once its options were read
+    (as the first data that carries them is), and reads as the general way reads it."""
+    message = as_sent(data)
+    decode(message)  # the options' first reading
+    written = assert_read_alike(message)
+    assert written is not None
+    assert dataclasses.replace(written, content=None, content_ref="") == dataclasses.replace(
+        data, content=None, content_ref=""
+    )
+    assert wire.decode_received(message)[1] is not None
+
+
+def test_data_handed_on_by_a_relay_is_read_without_the_xml_parser() -> None:
+    data, received = wire.decode_received(as_sent(AS_SENT[2]))
+    assert isinstance(data, Data)
+    options = with_data_hopping(data.options, 14, 7, report_errors=True)
+    onward = wire_trip(wire.encode_onward(dataclasses.replace(data, options=options), received))
+    decode(onward)
+    assert assert_read_alike(onward) is not None
+
+
+def test_options_never_read_before_go_the_general_way() -> None:
+    unheard = Option("neverSeenBefore", trans_id=12345, body="<x y='1' />")
+    message = as_sent(dataclasses.replace(AS_SENT[0], options=[unheard]))
+    assert both_ways(message)[1] is None
+    decode(message)
+    assert assert_read_alike(message) is not None
+
+
+def start_id(message: Message) -> bytes:
+    return (message.header("Content-Type") or "").split('start="<')[1].split(">")[0].encode()
+
+
+def content_id(message: Message) -> bytes:
+    return message.body.split(b'content="cid:')[1].split(b'"')[0]
+
+
+def written_otherwise(message: Message, old: bytes, new: bytes) -> Message:
+    assert old in message.body
+    return Message(message.body.replace(old, new, 1), headers=message.headers)
+
+
+# Rewritings of a data as imxp writes it; {B} stands for its boundary.
+WRITTEN_OTHERWISE = [
+    # content holding the boundary delimiter: a third part, and a refusal
+    (b"hello", b"he\r\n--{B}\r\nllo"),
+    (b"hello", b"he\r\n--{B}--llo"),
+    (b"\r\n\r\nhello", b"\r\n\r\n--{B}hello"),
+    # content whose headers start with the boundary, right after a delimiter's CRLF
+    (b"\r\nContent-Type: text/plain", b"\r\n--{B}x: y\r\nContent-Type: text/plain"),
+    # a content reference naming no part, written with an escape, or with a fragment
+    (b'content="cid:', b'content="cid:x'),
+    (b'@apex.invalid"', b'%40apex.invalid"'),
+    (b'@apex.invalid"', b'@apex.invalid#x"'),
+    # attribute values with references
+    (b'identity="fred', b'identity="&#102;red'),
+    (b'identity="barney', b'identity="&amp;barney'),
+    # an identity that is no endpoint
+    (b"barney@b.example", b"barney@@b.example"),
+    # no originator, or the parties out of order
+    (b'<originator identity="fred/appl=im@a.example" />', b""),
+    (b'<originator identity="fred/appl=im@a.example" />', b'<recipient identity="x@y.example" />'
+     b'<originator identity="fred/appl=im@a.example" />'),
+    # text where none may be, or outside the document
+    (b"</data>", b"x</data>"),
+    (b"</data>", b"</data>x"),
+    (b"</data>", b"</datx>"),
+    # a preamble, an epilogue, padding after a delimiter
+    (b"--{B}\r\nContent-Type: a", b"preamble\r\n--{B}\r\nContent-Type: a"),
+    (b"\r\n--{B}--", b"\r\n--{B}--\r\nepilogue"),
+    (b"--{B}\r\nContent-Type: t", b"--{B} \r\nContent-Type: t"),
+    # the parts' headers otherwise
+    (b"Content-Type: text/plain", b"Content-Type:\xfftext/plain"),
+    (b"Content-Type: application/beep+xml\r\n", b"Content-Type: application/beep+xml\r\nX: y\r\n"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("old", "new"), WRITTEN_OTHERWISE)
+def test_data_written_otherwise_goes_the_general_way(old: bytes, new: bytes) -> None:
+    """Whatever differs from the form imxp writes, refused or not by the general way, is
+    left to it."""
+    message = as_sent(AS_SENT[1])
+    decode(message)
+    boundary = (message.header("Content-Type") or "").split('"')[1].encode()
+    old, new = old.replace(b"{B}", boundary), new.replace(b"{B}", boundary)
+    general, written, _, _ = both_ways(written_otherwise(message, old, new))
+    assert written is None, general
+
+
+def test_more_options_than_a_data_may_have_go_the_general_way() -> None:
+    options = [Option(f"o{n}", trans_id=n + 1) for n in range(wire.MAX_OPTIONS + 1)]
+    message = as_sent(dataclasses.replace(AS_SENT[0], options=options))
+    for option in options:  # each read before, as the only option of a data
+        decode(as_sent(dataclasses.replace(AS_SENT[0], options=[option])))
+    general, written, _, _ = both_ways(message)
+    assert written is None and isinstance(general, APEXError) and general.code == 553
+
+
+def test_more_recipients_than_a_data_may_have_go_the_general_way() -> None:
+    recipients = [Recipient(f"r{n}@b.example") for n in range(MAX_RECIPIENTS + 1)]
+    message = as_sent(dataclasses.replace(AS_SENT[0], recipients=recipients))
+    general, written, _, _ = both_ways(message)
+    assert written is None and isinstance(general, APEXError) and general.code == 553
+
+
+def test_content_named_as_the_control_document_goes_the_general_way() -> None:
+    message = as_sent(AS_SENT[0])
+    decode(message)
+    changed = Message(
+        message.body.replace(content_id(message), start_id(message)), headers=message.headers
+    )
+    general, written, _, _ = both_ways(changed)
+    assert written is None and isinstance(general, APEXError)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ('"; start="<', '";  start="<'),
+        ("multipart/related;", "Multipart/Related;"),
+        ('type="application/beep+xml"', 'type="application/beep+xml"; charset=utf-8'),
+        ('boundary="', 'boundary="x'),
+    ],
+)
+def test_content_types_written_otherwise_go_the_general_way(old: str, new: str) -> None:
+    message = as_sent(AS_SENT[0])
+    decode(message)
+    content_type = message.header("Content-Type") or ""
+    assert old in content_type
+    changed = Message(message.body, content_type.replace(old, new, 1))
+    assert both_ways(changed)[1] is None
+
+
+def test_a_start_written_with_a_quoted_pair_goes_the_general_way() -> None:
+    """RFC 822's quoted-pair: email reads start="<\\\\x>" as "\\x", which names no part here."""
+    message = as_sent(AS_SENT[0])
+    decode(message)
+    start = start_id(message)
+    changed = Message(
+        message.body.replace(start, b"\\\\" + start),
+        (message.header("Content-Type") or "").replace(start.decode(), "\\\\" + start.decode()),
+    )
+    general, written, _, _ = both_ways(changed)
+    assert written is None and isinstance(general, APEXError)
+
+
+@SETTINGS
+@given(
+    st.sampled_from(range(len(AS_SENT))),
+    CONTENT_BYTES,
+    st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 8), st.binary(max_size=8)), max_size=4),
+)
+def test_data_as_written_and_mutated_is_read_alike_both_ways(
+    which: int, content: bytes, edits: list[tuple[int, int, bytes]]
+) -> None:
+    """The short way never takes what the general way refuses, nor reads anything
+    otherwise: payloads as imxp writes them, with slices replaced by junk."""
+    message = as_sent(AS_SENT[which], content)
+    decode(message)
+    payload = message.to_payload()
+    for at, length, junk in edits:
+        at %= len(payload) + 1
+        payload = payload[:at] + junk + payload[at + length :]
+    try:
+        mutated = Message.from_payload(payload)
+    except MessageError:
+        return
+    assert_read_alike(mutated)
+
+
+@SETTINGS
+@given(DATA)
+def test_any_data_is_read_alike_both_ways(data: Data) -> None:
+    message = wire_trip(encode(data))
+    if isinstance(data.content, Content) and data.content.kind == "part":
+        decode(message)
+        assert_read_alike(message)
