@@ -1607,6 +1607,7 @@ def test_data_as_written_and_mutated_is_read_alike_both_ways(
 @SETTINGS
 @given(DATA)
 def test_any_data_is_read_alike_both_ways(data: Data) -> None:
+    """Whatever parties, options and content a data has, both ways read it alike."""
     message = wire_trip(encode(data))
     if isinstance(data.content, Content) and data.content.kind == "part":
         decode(message)
