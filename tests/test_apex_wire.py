@@ -1392,18 +1392,28 @@ def test_a_data_handed_on_reads_as_the_data_written_anew(data: Data, options: li
 # --------------------------------------------------------------- data as imxp writes it
 
 
-def both_ways(message: Message) -> tuple[Data | APEXError, Data | None, list[int], list[int]]:
+def both_ways(
+    message: Message,
+) -> tuple[wire.APEXElement | APEXError, Data | None, list[int], list[int]]:
     """What the general reading and the reading of data as imxp writes it make of
-    ``message``, a multipart/related, with where each found the per-data options."""
+    ``message``, with where each found the per-data options."""
     content_type = message.header("Content-Type") or ""
     general_where: list[int] = []
     written_where: list[int] = []
     # First: the general way remembers the options it reads.
-    written = wire._as_written(message.body, content_type, written_where)
-    try:
-        general: Data | APEXError = wire._multipart(message.body, content_type, general_where)
-    except APEXError as e:
-        general = e
+    general: wire.APEXElement | APEXError
+    if content_type == BEEP_XML:
+        written = wire._report_as_written(message.body, written_where)
+        try:
+            general = wire._element(message.body, wire._NO_PARTS, general_where)
+        except APEXError as e:
+            general = e
+    else:
+        written = wire._as_written(message.body, content_type, written_where)
+        try:
+            general = wire._multipart(message.body, content_type, general_where)
+        except APEXError as e:
+            general = e
     return general, written, general_where, written_where
 
 
@@ -1612,3 +1622,104 @@ def test_any_data_is_read_alike_both_ways(data: Data) -> None:
     if isinstance(data.content, Content) and data.content.kind == "part":
         decode(message)
         assert_read_alike(message)
+
+
+# --------------------------------------------------------------- reports as imxp writes them
+
+REPORTS = [
+    StatusResponse(1, [("barney@b.example", 250, "")]),
+    StatusResponse(2147483647, [("barney@b.example", 250, "relayed to b.example via [::1]:912")]),
+    StatusResponse(
+        7,
+        [
+            ("barney@b.example", 550, "unknown endpoint identity"),
+            ("wilma/appl=im@b.example", 451, "endpoint's session was lost; outcome unknown"),
+            ("[192.0.2.1]@x", 450, 'no route to x: "no such domain"'),
+        ],
+    ),
+]
+
+
+def report(response: StatusResponse, options: list[Option] | None = None) -> Message:
+    """The report service's data carrying ``response`` to fred, as a relay hands it on."""
+    data = status_response_data("b.example", "fred@a.example", response)
+    return wire_trip(encode(dataclasses.replace(data, options=options or [])))
+
+
+@pytest.mark.parametrize("hopping", [False, True])
+@pytest.mark.parametrize("response", REPORTS)
+def test_reports_as_imxp_writes_them_are_read_without_the_xml_parser(
+    response: StatusResponse, hopping: bool
+) -> None:
+    """The report that comes back for each data a client sends takes the short way, and
+    reads as the general way reads it: content and all."""
+    message = report(response, with_data_hopping([], 15, 3) if hopping else None)
+    decode(message)
+    written = assert_read_alike(message)
+    assert written is not None and written.content is not None
+    assert decode_status_response(written.content.body) == response
+    assert wire.decode_received(message)[1] is not None
+
+
+# Rewritings of a report as imxp writes it.
+REPORTS_WRITTEN_OTHERWISE = [
+    (b"<data ", b"<?xml version='1.0'?><data "),
+    (b"</data>", b"</data>\n"),
+    (b'content="#Content"', b'content="#Other"'),
+    (b'Name="Content"', b'Name="Other"'),
+    (b"unknown endpoint", b"unknown &amp; endpoint"),
+    (b"unknown endpoint", b"unknown ]]> endpoint"),
+    (b"unknown endpoint", b"unknown <x/> endpoint"),
+    (b"unknown endpoint", b"unknown \xc3\xa9 endpoint"),
+    (b"</reply>", b"</reply><x/>"),
+    (b"</destination>", b"</destination> "),
+    (b"code='550'", b"code='55'"),
+    (b"transID='7'>", b"transID='7' >"),
+    (b"transID='7'>", b"transID='<7'>"),
+    (b'identity="fred@a.example"', b'identity="fred@@a.example"'),
+    (b'identity="wilma', b'identity="wi&#108;ma'),
+    (b'<recipient identity="fred@a.example" />', b""),
+    (b"</statusResponse>", b"</statusresponse>"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("old", "new"), REPORTS_WRITTEN_OTHERWISE)
+def test_reports_written_otherwise_go_the_general_way(old: bytes, new: bytes) -> None:
+    message = report(REPORTS[2])
+    decode(message)
+    general, written, _, _ = both_ways(written_otherwise(message, old, new))
+    assert written is None, general
+
+
+def test_reports_longer_than_a_control_document_may_be_go_the_general_way() -> None:
+    many = [(f"r{n}@b.example", 550, "unknown endpoint identity") for n in range(15000)]
+    message = report(StatusResponse(1, many))
+    assert len(message.body) > wire.MAX_XML
+    general, written, _, _ = both_ways(message)
+    assert written is None and isinstance(general, APEXError) and general.code == 500
+
+
+@SETTINGS
+@given(st.sampled_from(REPORTS), st.booleans(), EDITS)
+def test_reports_as_written_and_mutated_are_read_alike_both_ways(
+    response: StatusResponse, hopping: bool, edits: list[tuple[int, int, bytes]]
+) -> None:
+    message = report(response, with_data_hopping([], 15, 3) if hopping else None)
+    decode(message)
+    changed = mutated(message.to_payload(), edits)
+    if changed is not None:
+        assert_read_alike(changed)
+
+
+@SETTINGS
+@given(
+    st.lists(st.tuples(IDENTITY, st.integers(100, 599), DIAGNOSTIC), min_size=1, max_size=3),
+    st.integers(1, 2147483647),
+    OPTIONS,
+)
+def test_any_report_is_read_alike_both_ways(
+    destinations: list[tuple[str, int, str]], trans_id: int, options: list[Option]
+) -> None:
+    message = report(StatusResponse(trans_id, destinations), options)
+    decode(message)
+    assert_read_alike(message)

@@ -131,7 +131,8 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _VERBATIM = frozenset({"option", "data-content"})
 # The end of a control document that ends with data's end tag (white space may follow).
 _DATA_END = re.compile(rb"</data[ \t\r\n]*>[ \t\r\n]*\Z")
-# The payload of a data as :func:`_encode_data` writes it, read by :func:`_as_written`.
+# Payloads of data as imxp writes them, read by :func:`_as_written` and
+# :func:`_report_as_written`.
 # An attribute value here is printable ASCII without the characters that would need a
 # reference or end it (XML 1.0 §3.1): the octets are then the value as expat gives it.
 # The start parameter leaves out a backslash too: email reads a quoted-pair in it (RFC 822 §3.3).
@@ -140,13 +141,24 @@ _WRITTEN_TYPE = re.compile(
     rf' start="<([!#-;=?-\[\]-~]+)>"; type="application/beep\+xml"'
 )
 _WRITTEN_VALUE = rb"[ !#-%'-;=?-~]*"
-# content="cid:..." without "%" escapes or a fragment: the Content-ID as it is.
-_WRITTEN_DATA = re.compile(
-    rb'<data content="cid:([!$\'-;=?-~]+)"><originator identity="(' + _WRITTEN_VALUE + rb')" />'
-    rb'((?:<recipient identity="' + _WRITTEN_VALUE + rb'" />)+)'
+_WRITTEN_PARTIES = (
+    rb'<originator identity="(?P<originator>' + _WRITTEN_VALUE + rb')" />'
+    rb'(?P<recipients>(?:<recipient identity="' + _WRITTEN_VALUE + rb'" />)+)'
 )
+# content="cid:..." without "%" escapes or a fragment: the Content-ID as it is.
+_WRITTEN_DATA = re.compile(rb'<data content="cid:(?P<cid>[!$\'-;=?-~]+)">' + _WRITTEN_PARTIES)
 _WRITTEN_RECIPIENT = re.compile(rb'<recipient identity="(' + _WRITTEN_VALUE + rb')" />')
 _WRITTEN_OPTION = re.compile(rb"<option [^<>]*/>|<option [^<>]*>.*?</option>", re.DOTALL)
+# A report as the report service writes it (status_response_data), to its end. Text is
+# character data without markup, references or "]]>" (XML 1.0 §2.4).
+_WRITTEN_REPORT = re.compile(rb'<data content="#Content">' + _WRITTEN_PARTIES)
+_WRITTEN_ID = rb"'[0-9]{1,10}'"
+_WRITTEN_STATUS_RESPONSE = re.compile(
+    rb"<data-content Name=\"Content\"><statusResponse transID=" + _WRITTEN_ID + rb">(?:"
+    rb'<destination identity="' + _WRITTEN_VALUE + rb'">'
+    rb"<reply code='[0-9]{3}' transID=" + _WRITTEN_ID + rb"(?: />|>[ -%'-;=?-~]*</reply>)"
+    rb"</destination>)+</statusResponse></data-content></data>"
+)
 _DATA_END_TAG = b"</data>"
 _TARGET_HOPS = ("this", "final", "all")
 _T = TypeVar("_T")
@@ -866,8 +878,7 @@ def _as_written(body: bytes, content_type: str, where: list[int] | None) -> Data
     document, then the content it references), the control document
     ``<data content="cid:..."><originator .../><recipient .../>...</data>`` with
     attribute values that need no reference, per-data options only, and each option
-    element one that :func:`_options` has read before (it was then an element of a
-    well-formed document, so it is one wherever it stands: there is no DTD). What
+    element one that :func:`_options` has read before (:func:`_written_options`). What
     matches is therefore well-formed, and it is read exactly as :func:`_multipart` reads
     it; anything else, bad or merely written otherwise, goes there, as does any data
     that would be refused, so that the refusal and its code are that path's.
@@ -900,26 +911,71 @@ def _as_written(body: bytes, content_type: str, where: list[int] | None) -> Data
     options_end = end - len(_DATA_END_TAG)
     if control is None or body[options_end:end] != _DATA_END_TAG:
         return None
-    options: list[Option] = []
-    options_at = next_at = control.end()
-    while next_at < options_end and len(options) < MAX_OPTIONS:
-        element = _WRITTEN_OPTION.match(body, next_at, options_end)
-        option = _OPTIONS_READ.get(element[0]) if element is not None else None
-        if option is None:
-            return None
-        options.append(option)
-        next_at = element.end()
-    identities = _WRITTEN_RECIPIENT.findall(control[3])
-    if next_at != options_end or len(identities) > MAX_RECIPIENTS:
+    read = _written_options(body, control.end(), options_end)
+    parties = _written_parties(control)
+    if read is None or read[1] != options_end or parties is None:
         return None
     try:
         headers, _ = entity_headers(part)
     except MessageError:
         return None
-    cid = control[1].decode("ascii")
+    cid = control["cid"].decode("ascii")
     if _content_id(headers.get("content-id")) != cid or cid == start:
         return None
-    originator = control[2].decode("ascii")
+    if where is not None:
+        where += (control.end(), options_end)
+    content = Content("part", part, cid, boundary)
+    return Data(parties[0], parties[1], read[0], f"cid:{cid}", content)
+
+
+def _report_as_written(xml: bytes, where: list[int] | None) -> Data | None:
+    """The data in an ``application/beep+xml`` payload that is a report as the report
+    service writes it (:func:`status_response_data`), or None for :func:`_element`: as
+    :func:`_as_written`, for the data that comes back for every data a client sends.
+
+    The content is a ``statusResponse`` written as :func:`encode_status_response`
+    writes it, with diagnostics that need no reference: the only XML that can stand
+    there here, so that what matches is well-formed.
+    """
+    head = _WRITTEN_REPORT.match(xml)
+    if head is None or len(xml) > MAX_XML:
+        return None
+    read = _written_options(xml, head.end(), len(xml))
+    if read is None or not _WRITTEN_STATUS_RESPONSE.fullmatch(xml, read[1]):
+        return None
+    parties = _written_parties(head)
+    if parties is None:
+        return None
+    if where is not None:
+        where += (head.end(), read[1])
+    content = Content("inline", xml[read[1] : -len(_DATA_END_TAG)], "Content")
+    return Data(parties[0], parties[1], read[0], "#Content", content)
+
+
+def _written_options(xml: bytes, at: int, end: int) -> tuple[list[Option], int] | None:
+    """The option elements from ``at`` on, before ``end``, and where they end; None when
+    one of them was not read before (or there are more than a data may have).
+
+    Each is an element :func:`_options` has read, in a well-formed document: so it is an
+    element wherever it stands (there is no DTD), and it reads the same."""
+    options: list[Option] = []
+    while xml.startswith(b"<option ", at, end):
+        element = _WRITTEN_OPTION.match(xml, at, end)
+        option = _OPTIONS_READ.get(element[0]) if element is not None else None
+        if option is None or len(options) == MAX_OPTIONS:
+            return None
+        options.append(option)
+        at = element.end()
+    return options, at
+
+
+def _written_parties(element: re.Match[bytes]) -> tuple[Originator, list[Recipient]] | None:
+    """The originator and recipients of a data as written, or None when one of them is not
+    an endpoint (or there are more recipients than a data may have)."""
+    identities = _WRITTEN_RECIPIENT.findall(element["recipients"])
+    if len(identities) > MAX_RECIPIENTS:
+        return None
+    originator = element["originator"].decode("ascii")
     recipients = [identity.decode("ascii") for identity in identities]
     try:
         Endpoint.parse(originator)
@@ -927,15 +983,7 @@ def _as_written(body: bytes, content_type: str, where: list[int] | None) -> Data
             Endpoint.parse(recipient)
     except AddressError:
         return None
-    if where is not None:
-        where += (options_at, options_end)
-    return Data(
-        Originator(originator, []),
-        [Recipient(recipient, []) for recipient in recipients],
-        options,
-        f"cid:{cid}",
-        Content("part", part, cid, boundary),
-    )
+    return Originator(originator, []), [Recipient(recipient, []) for recipient in recipients]
 
 
 def _choose_boundary(parts: Iterable[bytes], reuse: bytes | None) -> bytes:
@@ -973,6 +1021,9 @@ def _decode(message: Message, where: list[int] | None) -> APEXElement:
     raw_type = message.header("Content-Type")
     content_type = media_type(raw_type)
     if content_type == BEEP_XML:
+        data = _report_as_written(message.body, where)
+        if data is not None:
+            return data
         return _element(message.body, _NO_PARTS, where)
     if content_type == MULTIPART_RELATED:
         data = _as_written(message.body, raw_type or "", where)
