@@ -141,13 +141,13 @@ _WRITTEN_TYPE = re.compile(
     rf' start="<([!#-;=?-\[\]-~]+)>"; type="application/beep\+xml"'
 )
 _WRITTEN_VALUE = rb"[ !#-%'-;=?-~]*"
+_WRITTEN_RECIPIENT = re.compile(rb'<recipient identity="(' + _WRITTEN_VALUE + rb')" />')
 _WRITTEN_PARTIES = (
     rb'<originator identity="(?P<originator>' + _WRITTEN_VALUE + rb')" />'
-    rb'(?P<recipients>(?:<recipient identity="' + _WRITTEN_VALUE + rb'" />)+)'
+    rb"(?P<recipients>(?:" + _WRITTEN_RECIPIENT.pattern + rb")+)"
 )
 # content="cid:..." without "%" escapes or a fragment: the Content-ID as it is.
 _WRITTEN_DATA = re.compile(rb'<data content="cid:(?P<cid>[!$\'-;=?-~]+)">' + _WRITTEN_PARTIES)
-_WRITTEN_RECIPIENT = re.compile(rb'<recipient identity="(' + _WRITTEN_VALUE + rb')" />')
 _WRITTEN_OPTION = re.compile(rb"<option [^<>]*/>|<option [^<>]*>.*?</option>", re.DOTALL)
 # A report as the report service writes it (status_response_data), to its end. Text is
 # character data without markup, references or "]]>" (XML 1.0 §2.4).
