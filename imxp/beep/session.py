@@ -1591,27 +1591,18 @@ class Session(Protocol):
         """Log that a message, reply or answer over ``limit`` octets is refused or
         discarded; returns :meth:`_limit_note` for the error's text."""
         note = self._limit_note(channel, limit)
-        if not note:
-            self.log.warn(
-                "{action} over {limit} octets on channel {channel} from {peer}",
-                action=action,
-                limit=limit,
-                channel=channel.number,
-                peer=self.peer,
-                event="beep.message-too-large",
-            )
-        elif not self._early_refusal_logged:
+        text = "{action} over {limit} octets on channel {channel} from {peer}"
+        event = "beep.message-too-large"
+        if note:
+            if self._early_refusal_logged:
+                return note
             # Once a session: a peer that has not said who it is may try again and again.
             self._early_refusal_logged = True
-            self.log.warn(
-                "{action} over {limit} octets on channel {channel} from {peer}, which has "
-                "not authenticated",
-                action=action,
-                limit=limit,
-                channel=channel.number,
-                peer=self.peer,
-                event="beep.message-too-large-unauthenticated",
-            )
+            text += ", which has not authenticated"
+            event = "beep.message-too-large-unauthenticated"
+        self.log.warn(
+            text, action=action, limit=limit, channel=channel.number, peer=self.peer, event=event
+        )
         return note
 
     def _limit_note(self, channel: Channel, limit: int) -> str:
