@@ -21,7 +21,7 @@ from twisted.logger import LogLevel
 
 from twisted import logger
 
-__all__ = ["LEVELS", "Logger", "escape_controls", "set_level"]
+__all__ = ["LEVELS", "Logger", "escape_controls", "logged", "set_level"]
 
 #: The level names, least severe first, as the ``log_level`` option takes them.
 LEVELS: tuple[str, ...] = ("debug", "info", "warn", "error", "critical")
@@ -68,6 +68,12 @@ def escape_controls(text: str, *, lines: bool = False) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def logged(level: LogLevel) -> bool:
+    """Whether events of ``level`` are logged: for the few made for each data, whose fields
+    cost more to build than the rest of what a relay does with a verdict."""
+    return level not in _left_out
 
 
 def set_level(name: str) -> None:

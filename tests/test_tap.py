@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from twisted.application.service import MultiService
-from twisted.logger import Logger, capturedLogs, formatEventAsClassicLogText
+from twisted.logger import Logger, LogLevel, capturedLogs, formatEventAsClassicLogText
 from twisted.python.usage import UsageError
 
 from imxp import logs
@@ -132,6 +132,8 @@ def test_log_level_leaves_out_the_relay_events_below_it(tmp_path: Path) -> None:
     path.write_text('log_level = "warn"\n')
     try:
         Options().parseOptions(["-c", str(path)])
+        # What a relay asks before it builds an event it makes for each data.
+        assert not logs.logged(LogLevel.info) and logs.logged(LogLevel.warn)
         with capturedLogs() as events:
             Relay.log.info("a verdict", event="apex.verdict")
             Relay.log.warn("a refusal", event="apex.refused")

@@ -78,7 +78,10 @@ def check_must_understand(options: Iterable[Option], *, final: bool) -> Option |
 
 
 def _internal(options: Iterable[Option], name: str) -> Option | None:
-    return next((o for o in options if not o.external and o.name == name), None)
+    for option in options:
+        if option.name == name and not option.external:
+            return option
+    return None
 
 
 def status_request(options: Iterable[Option]) -> Option | None:

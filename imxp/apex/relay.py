@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from imxp import logs
@@ -314,11 +315,12 @@ class Relay:
         # §9.1: an option's transID is a UNIQID, and the reports these two options ask
         # for carry it; without one they could not be sent after ok. A statusRequest
         # may stand in the data and in its recipients (§8.4).
-        requests = [
-            status,
-            *(apex_options.status_request(r.options) for r in data.recipients if r.options),
-        ]
-        if any(r is not None and not r.trans_id for r in requests):
+        unnumbered = status is not None and not status.trans_id
+        for recipient in data.recipients:
+            if recipient.options and not unnumbered:
+                own = apex_options.status_request(recipient.options)
+                unnumbered = own is not None and not own.trans_id
+        if unnumbered:
             return self._refuse(channel, 501, "statusRequest option needs a transID")
         if hopping is not None and hopping[1].no_more_than and hopping[1].report_errors:
             if not hopping[0].trans_id:
@@ -717,16 +719,17 @@ class Relay:
             # recipient: unbounded, it could outgrow the largest message the originator
             # takes, and then the originator would hear about none of them.
             text = text[: _MAX_DIAGNOSTIC - 3] + "..."
-        self.log.info(
-            "{identity} from {originator}: {outcome}",
-            identity=identity,
-            originator=str(journey.originator),
-            outcome=f"{code} {text}" if text else str(code),
-            code=code,
-            text=text,
-            final=final,
-            event="apex.verdict",
-        )
+        if logs.logged(LogLevel.info):
+            self.log.info(
+                "{identity} from {originator}: {outcome}",
+                identity=identity,
+                originator=str(journey.originator),
+                outcome=f"{code} {text}" if text else str(code),
+                code=code,
+                text=text,
+                final=final,
+                event="apex.verdict",
+            )
         status = journey.status
         if journey.recipient_status:
             status = journey.recipient_status.get(identity, status)
@@ -957,6 +960,8 @@ def _forwarded(options: list[wire.Option]) -> list[wire.Option]:
 
 def _forwarded_party(party: _Party) -> _Party:
     """``party`` as the next relay gets it: the same object when all its options travel."""
+    if not party.options:
+        return party
     options = _forwarded(party.options)
     if len(options) == len(party.options):
         return party
