@@ -1528,6 +1528,18 @@ WRITTEN_OTHERWISE = [
     # the parts' headers otherwise
     (b"Content-Type: text/plain", b"Content-Type:\xfftext/plain"),
     (b"Content-Type: application/beep+xml\r\n", b"Content-Type: application/beep+xml\r\nX: y\r\n"),
+    # the content's headers otherwise: its Content-ID elsewhere or written otherwise, a
+    # header Message reads otherwise than as it stands (folded, tab, not ASCII), or none
+    (b"Content-Type: text/plain; charset=utf-8\r\n", b""),
+    (b"Content-Type: text/plain; charset=utf-8\r\n", b"X: y\r\nContent-Type: text/plain\r\n"),
+    (b"utf-8\r\nContent-ID: <", b"utf-8\r\nContent-Id: <"),
+    (b"utf-8\r\nContent-ID: <", b"utf-8\r\nContent-ID:  <"),
+    (b">\r\nContent-Transfer-Encoding", b"> \r\nContent-Transfer-Encoding"),
+    (b"Content-Transfer-Encoding: binary", b"Content-Transfer-Encoding:\tbinary"),
+    (b"Content-Transfer-Encoding: binary", b"Content-Transfer-Encoding:\r\n binary"),
+    (b"Content-Transfer-Encoding: binary", b"Content-Transfer-Encoding : binary"),
+    (b"Content-Transfer-Encoding: binary", b"X-Name: caf\xc3\xa9"),
+    (b"binary\r\n\r\nhello", b"binary\r\nhello"),
 ]  # fmt: skip
 
 
@@ -1557,6 +1569,19 @@ def test_more_recipients_than_a_data_may_have_go_the_general_way() -> None:
     message = as_sent(dataclasses.replace(AS_SENT[0], recipients=recipients))
     general, written, _, _ = both_ways(message)
     assert written is None and isinstance(general, APEXError) and general.code == 553
+
+
+def test_content_headers_longer_than_a_header_block_may_be_go_the_general_way() -> None:
+    """Message reads no header block whose blank line is past MAX_HEADER_BLOCK."""
+
+    def with_header_of(octets: int) -> Message:
+        header = [("X-Long", "a" * octets)]
+        content = Content.from_bytes(b"hello", "text/plain", headers=header)
+        return wire_trip(encode(dataclasses.replace(AS_SENT[0], content=content)))
+
+    general, written, _, _ = both_ways(with_header_of(wire.MAX_HEADER_BLOCK))
+    assert written is None and isinstance(general, APEXError) and general.code == 500
+    assert assert_read_alike(with_header_of(wire.MAX_HEADER_BLOCK - 200))
 
 
 def test_content_named_as_the_control_document_goes_the_general_way() -> None:

@@ -41,7 +41,13 @@ from xml.sax.saxutils import escape, quoteattr
 
 from imxp.apex.address import AddressError, Endpoint, normalise_domain, report_endpoint
 from imxp.beep import xmlsafe
-from imxp.beep.message import Message, MessageError, entity_headers, media_type
+from imxp.beep.message import (
+    MAX_HEADER_BLOCK,
+    Message,
+    MessageError,
+    entity_headers,
+    media_type,
+)
 
 __all__ = [
     "APEX_URI",
@@ -148,6 +154,11 @@ _WRITTEN_PARTIES = (
 )
 # content="cid:..." without "%" escapes or a fragment: the Content-ID as it is.
 _WRITTEN_DATA = re.compile(rb'<data content="cid:(?P<cid>[!$\'-;=?-~]+)">' + _WRITTEN_PARTIES)
+# The headers of a content body part as Content.from_bytes writes them: Content-Type, then
+# Content-ID, then any others; each a line that Message reads as it is (printable ASCII).
+_WRITTEN_PART_HEADERS = re.compile(
+    rb"Content-Type: [ -~]*\r\nContent-ID: <([!-;=?-~]+)>\r\n(?:[!-9;-~]+:[ -~]*\r\n)*\r\n"
+)
 _WRITTEN_OPTION = re.compile(rb"<option [^<>]*/>|<option [^<>]*>.*?</option>", re.DOTALL)
 # A report as the report service writes it (status_response_data), to its end. Text is
 # character data without markup, references or "]]>" (XML 1.0 §2.4).
@@ -875,7 +886,8 @@ def _as_written(body: bytes, content_type: str, where: list[int] | None) -> Data
     A relay reads a data in every payload it carries, and :func:`_multipart` with the
     XML parser took a third of its time. The form written here is fixed down to the
     octet: the Content-Type's parameters in their order, two body parts (the control
-    document, then the content it references), the control document
+    document, then the content it references, with the headers
+    :meth:`Content.from_bytes` writes), the control document
     ``<data content="cid:..."><originator .../><recipient .../>...</data>`` with
     attribute values that need no reference, per-data options only, and each option
     element one that :func:`_options` has read before (:func:`_written_options`). What
@@ -915,12 +927,11 @@ def _as_written(body: bytes, content_type: str, where: list[int] | None) -> Data
     parties = _written_parties(control)
     if read is None or read[1] != options_end or parties is None:
         return None
-    try:
-        headers, _ = entity_headers(part)
-    except MessageError:
+    part_headers = _WRITTEN_PART_HEADERS.match(part)
+    if part_headers is None or part_headers.end() > MAX_HEADER_BLOCK:
         return None
     cid = control["cid"].decode("ascii")
-    if _content_id(headers.get("content-id")) != cid or cid == start:
+    if part_headers[1] != control["cid"] or cid == start:
         return None
     if where is not None:
         where += (control.end(), options_end)

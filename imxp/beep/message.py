@@ -13,6 +13,7 @@ from collections.abc import Iterable
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
     "DEFAULT_TRANSFER_ENCODING",
+    "MAX_HEADER_BLOCK",
     "Message",
     "MessageError",
     "entity_headers",
@@ -21,7 +22,8 @@ __all__ = [
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_TRANSFER_ENCODING = "binary"
-_MAX_HEADER_BLOCK = 16384
+#: Where the blank line ending a payload's entity headers must be by.
+MAX_HEADER_BLOCK = 16384
 # Most payloads of a session carry the same few header blocks; parsing and
 # serialising each once saves a measurable share of a round trip. Bounded, and
 # only for short blocks, so a peer cannot grow it.
@@ -137,7 +139,7 @@ def entity_headers(payload: bytes) -> tuple[dict[str, str], int]:
 
 
 def _header_block_end(payload: bytes) -> int:
-    end = payload.find(b"\r\n\r\n", 0, _MAX_HEADER_BLOCK)
+    end = payload.find(b"\r\n\r\n", 0, MAX_HEADER_BLOCK)
     if end < 0:
         raise MessageError("payload has no blank line ending its entity headers")
     return end
