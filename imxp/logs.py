@@ -36,6 +36,13 @@ def _below(name: str) -> frozenset[LogLevel]:
 _left_out = _below("info")
 
 
+def logged(level: LogLevel) -> bool:
+    """Whether events of ``level`` are logged (the relay process's own, ``imxp.*``, always
+    are): asked before building an event made for each data, whose fields cost more to
+    build than the rest of what a relay does with a verdict."""
+    return level not in _left_out
+
+
 class Logger(logger.Logger):
     """A :class:`twisted.logger.Logger` that drops an event of a level left out before
     building it: a relay makes one per recipient and hop, and building one costs more than
@@ -44,7 +51,7 @@ class Logger(logger.Logger):
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
         # The relay process's own few events (imxp.*: its start, reload, log-outs, stop)
         # are what an operator reads a quiet log for: never left out.
-        if level not in _left_out or str(kwargs.get("event", "")).startswith("imxp."):
+        if logged(level) or str(kwargs.get("event", "")).startswith("imxp."):
             for key, value in kwargs.items():
                 # isprintable() is False for every character escape_controls takes, in C.
                 if type(value) is str and not value.isprintable():
@@ -68,12 +75,6 @@ def escape_controls(text: str, *, lines: bool = False) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def logged(level: LogLevel) -> bool:
-    """Whether events of ``level`` are logged: for the few made for each data, whose fields
-    cost more to build than the rest of what a relay does with a verdict."""
-    return level not in _left_out
 
 
 def set_level(name: str) -> None:
