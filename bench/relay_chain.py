@@ -2,8 +2,9 @@
 
 Run by hand (not part of the tests):
 
-    python bench/relay_chain.py [--seconds 5] [--size 1024] [--depth 64] [--endpoints 5000]
-                                [--load MSGS] [--profile] [--skip rss|throughput|floor]
+    python bench/relay_chain.py [--seconds 5] [--rounds 3] [--size 1024] [--depth 64]
+                                [--endpoints 5000] [--load MSGS] [--profile]
+                                [--skip rss|throughput|floor]
 
 What is measured, all in one run:
 
@@ -20,25 +21,31 @@ What is measured, all in one run:
 * ``ceiling``: the same hops with the least Twisted can do on them: sender -> forwarder 1 ->
   forwarder 2 -> receiver, ``Int32StringReceiver`` over TLS with the same certificates and
   settings (:mod:`imxp.beep.tlsctx`, a client certificate on the middle hop as between
-  relays), ``--size`` octets per message. Each hop acknowledges each message to the hop
-  before it, as each BEEP hop answers its MSG with ``ok``.
+  relays) and, as every BEEP session, without Nagle's delay (TCP_NODELAY), ``--size``
+  octets per message. Each hop acknowledges each message to the hop before it, as each
+  BEEP hop answers its MSG with ``ok``.
 
-For each chain: the highest rate - messages arriving at the recipient per second over
-``--seconds`` after a second of warm-up, with ``--depth`` messages in flight end to end
-(sent and not yet arrived: see :func:`max_rate` for why end to end) - then latency at half
-that rate: sends paced by the clock, latency from the send to the receipt at the recipient
-application, p50 and p99; with ``--load``, latency again at that fixed rate (a deployment's
-expected load, comparable from run to run as half of a drifting maximum is not), for each
-chain whose highest rate reaches it. Then RSS per idle attached endpoint: a fresh relay's
-VmRSS (read from /proc by this process) before and after ``--endpoints`` endpoints attach,
-each with its own BEEP session, TLS, SCRAM and attach (all as subaddresses of one user, so
-that one verifier serves them all), divided by their number; 8 logins run at once, and the
-time per login is printed too (SCRAM's 4096 PBKDF2 rounds are paid by the client).
+The processes of all three chains are started first. For each chain: the highest rate -
+messages arriving at the recipient per second over ``--seconds`` after a second of warm-up,
+with ``--depth`` messages in flight end to end (sent and not yet arrived: see
+:func:`max_rate` for why end to end) - measured ``--rounds`` times, the chains in turn, and
+the share of the ceiling taken in each round (the median is reported: on a shared machine
+the rate of the same code drifts by half from one minute to the next); then latency at half
+the median rate: sends paced by the clock, latency from the send to the receipt at the
+recipient application, p50 and p99; with ``--load``, latency again at that fixed rate (a
+deployment's expected load, comparable from run to run as half of a drifting maximum is
+not), for each chain whose highest rate reaches it. Then RSS per idle attached endpoint: a
+fresh relay's VmRSS (read from /proc by this process) before and after ``--endpoints``
+endpoints attach, each with its own BEEP session, TLS, SCRAM and attach (all as subaddresses
+of one user, so that one verifier serves them all), divided by their number; 8 logins run at
+once, and the time per login is printed too (SCRAM's 4096 PBKDF2 rounds are paid by the
+client).
 
 Process layout: each relay (and each pass-through or forwarder) runs in a process of its own
-and the two endpoints in this one, so three busy processes share the machine's cores for each
-chain - two cores on the reference machine - and this process's own share (the sender's and
-the receiver's BEEP, TLS and bookkeeping) is in every figure alike. Relays log at ``warn``.
+and the two endpoints in this one, so three busy processes share the machine's cores for
+each chain under measure - two cores on the reference machine; the other chains' sit idle -
+and this process's own share (the sender's and the receiver's BEEP, TLS and bookkeeping) is
+in every figure alike. Relays log at ``warn``.
 
 Targets (issue): chain >= 20% of the ceiling; p99 < 20 ms at half load; RSS per idle
 endpoint <= 50 KB. ``--profile`` prints each relay's cProfile (own time, then cumulative)
@@ -54,6 +61,7 @@ import os
 import pstats
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,19 +195,25 @@ def serve_relay(args: argparse.Namespace) -> None:
     reactor.run()
 
 
-class _Acked(Int32StringReceiver):
-    """Our connection to the next hop: only acknowledgements come back on it."""
+class _Hop(Int32StringReceiver):
+    """A connection of the ceiling: without Nagle's delay, as every BEEP session's."""
 
     MAX_LENGTH = 1 << 24
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+
+
+class _Acked(_Hop):
+    """Our connection to the next hop: only acknowledgements come back on it."""
 
     def stringReceived(self, string: bytes) -> None:
         pass
 
 
-class _Forward(Int32StringReceiver):
+class _Forward(_Hop):
     """From the previous hop: acknowledge, and pass the message on unchanged."""
 
-    MAX_LENGTH = 1 << 24
     next_hop: _Acked
 
     def stringReceived(self, string: bytes) -> None:
@@ -403,10 +417,9 @@ class _BEEPChain(_Chain):
         self.channel.session.disconnect()
 
 
-class _CeilingSender(Int32StringReceiver):
-    MAX_LENGTH = 1 << 24
-
+class _CeilingSender(_Hop):
     def connectionMade(self) -> None:
+        super().connectionMade()
         self.waiting: list[defer.Deferred[None]] = []
         self.first = 0
 
@@ -420,8 +433,7 @@ class _CeilingSender(Int32StringReceiver):
         d.callback(None)
 
 
-class _CeilingReceiver(Int32StringReceiver):
-    MAX_LENGTH = 1 << 24
+class _CeilingReceiver(_Hop):
     books: _Books
 
     def stringReceived(self, string: bytes) -> None:
@@ -575,6 +587,8 @@ def _prepare(certdir: Path) -> None:
 
 @dataclass
 class _Figures:
+    # the highest rate of each round, and their median, per chain
+    rounds: dict[str, list[float]] = field(default_factory=dict)
     rate: dict[str, float] = field(default_factory=dict)
     p50: dict[str, float] = field(default_factory=dict)
     p99: dict[str, float] = field(default_factory=dict)
@@ -588,12 +602,31 @@ class _Figures:
     login_seconds: float = float("nan")
 
 
-async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: _Figures) -> None:
-    rate, cpu = await max_rate(chain, args.seconds, args.depth)
-    figures.rate[name] = rate
-    figures.cpu[name] = cpu
-    print(f"{name}: {rate:,.0f} msg/s", file=sys.stderr)
+async def _max_rates(
+    chains: dict[str, _Chain], args: argparse.Namespace, figures: _Figures
+) -> None:
+    """Each chain's highest rate, ``--rounds`` times in turn, the order reversed every
+    other round: the share of the ceiling is taken in each round, from measures a few
+    seconds apart, so that a stretch in which the machine ran slower or faster than
+    usual weighs on the chain and the ceiling alike. Each figure is the median of its
+    rounds (CPU per message: the median of each process's)."""
+    names = list(chains)
+    rounds: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name in names}
+    for number in range(args.rounds):
+        for name in names if number % 2 == 0 else names[::-1]:
+            rate, cpu = await max_rate(chains[name], args.seconds, args.depth)
+            rounds[name].append((rate, cpu))
+            print(f"{name}: {rate:,.0f} msg/s (round {number + 1})", file=sys.stderr)
+    for name, results in rounds.items():
+        figures.rounds[name] = [rate for rate, _ in results]
+        figures.rate[name] = statistics.median(figures.rounds[name])
+        figures.cpu[name] = {
+            process: statistics.median(cpu[process] for _, cpu in results)
+            for process in results[0][1]
+        }
 
+
+async def _latencies(name: str, chain: _Chain, args: argparse.Namespace, figures: _Figures) -> None:
     async def latency_at(load: float) -> tuple[float, float, int]:
         p50, p99, n = await latency(chain, load, args.seconds)
         print(
@@ -603,6 +636,7 @@ async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: 
         )
         return p50, p99, n
 
+    rate = figures.rate[name]
     figures.p50[name], figures.p99[name], figures.samples[name] = await latency_at(rate / 2)
     # Above a chain's highest rate its queue would grow for the whole measure.
     if args.load and args.load <= rate:
@@ -610,57 +644,55 @@ async def _measure(name: str, chain: _Chain, args: argparse.Namespace, figures: 
         figures.at_load[name] = (p50, p99)
 
 
-async def run_chain(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+#: What ends a chain's processes and connections, run in the reverse of the order added.
+_Cleanup = list[Callable[[], Any]]
+
+
+async def open_chain(certdir: Path, args: argparse.Namespace, cleanup: _Cleanup) -> _Chain:
     ca = load_certificates(certdir / "ca.pem")
     relay_b, (b_edge, b_mesh) = await _spawn("relay", "b.test", certdir, profile=args.profile)
+    cleanup.append(lambda: _stop(relay_b))
     route = f"b.test=127.0.0.1:{b_mesh}"
     relay_a, (a_edge, _) = await _spawn(
         "relay", "a.test", certdir, "--route", route, profile=args.profile
     )
-    try:
-        books = _Books()
-        receiver, _ = await _attach(b_edge, "b.test", "barney@b.test", ca, _Receiver(books))
-        _, sending = await _attach(a_edge, "a.test", "fred@a.test", ca, ChannelHandler())
-        chain = _BEEPChain(sending, books, args.size)
-        chain.processes = {"relay A": relay_a.pid, "relay B": relay_b.pid, "endpoints": os.getpid()}
-        await _measure("chain", chain, args, figures)
-        chain.close()
-        receiver.disconnect()
-    finally:
-        _stop(relay_a)
-        _stop(relay_b)
+    cleanup.append(lambda: _stop(relay_a))
+    books = _Books()
+    receiver, _ = await _attach(b_edge, "b.test", "barney@b.test", ca, _Receiver(books))
+    cleanup.append(receiver.disconnect)
+    _, sending = await _attach(a_edge, "a.test", "fred@a.test", ca, ChannelHandler())
+    chain = _BEEPChain(sending, books, args.size)
+    cleanup.append(chain.close)
+    chain.processes = {"relay A": relay_a.pid, "relay B": relay_b.pid, "endpoints": os.getpid()}
+    return chain
 
 
-async def _measure_hops(
-    name: str,
+async def _open_hops(
     kind: str,
     certdir: Path,
     receiving: IListeningPort,
     chain_to: Callable[[int], Awaitable[_Chain]],
-    args: argparse.Namespace,
-    figures: _Figures,
-) -> None:
-    """Measure as ``name`` two hops of ``kind`` (``--serve``) in front of ``receiving``, a
-    listener of this process; ``chain_to(port)`` connects the sender to the first.
+    cleanup: _Cleanup,
+) -> _Chain:
+    """Two hops of ``kind`` (``--serve``) in front of ``receiving``, a listener of this
+    process; ``chain_to(port)`` connects the sender to the first.
 
     The last hop runs the other way round from the relay chain's (there barney connects
     to relay B, here the second hop connects to the receiver): simpler, and TLS costs the
     same once the handshake is done."""
+    cleanup.append(receiving.stopListening)
     where = receiving.getHost().port
     second, (second_port,) = await _spawn(kind, "b.test", certdir, "--to", f"{where}=b.test")
+    cleanup.append(lambda: _stop(second))
     first, (first_port,) = await _spawn(kind, "a.test", certdir, "--to", f"{second_port}=b.test")
-    try:
-        chain = await chain_to(first_port)
-        chain.processes = {"relay A": first.pid, "relay B": second.pid, "endpoints": os.getpid()}
-        await _measure(name, chain, args, figures)
-        chain.close()
-    finally:
-        _stop(first)
-        _stop(second)
-        await receiving.stopListening()
+    cleanup.append(lambda: _stop(first))
+    chain = await chain_to(first_port)
+    cleanup.append(chain.close)
+    chain.processes = {"relay A": first.pid, "relay B": second.pid, "endpoints": os.getpid()}
+    return chain
 
 
-async def run_floor(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+async def open_floor(certdir: Path, args: argparse.Namespace, cleanup: _Cleanup) -> _Chain:
     ca = load_certificates(certdir / "ca.pem")
     books = _Books()
     identity = load_issued(certdir / "b.test.pem", certdir / "b.test.key")
@@ -671,10 +703,10 @@ async def run_floor(certdir: Path, args: argparse.Namespace, figures: _Figures) 
     async def chain_to(port: int) -> _Chain:
         return _BEEPChain(await _floor_channel(port, "a.test", ca), books, args.size)
 
-    await _measure_hops("floor", "pass", certdir, listening, chain_to, args, figures)
+    return await _open_hops("pass", certdir, listening, chain_to, cleanup)
 
 
-async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+async def open_ceiling(certdir: Path, args: argparse.Namespace, cleanup: _Cleanup) -> _Chain:
     ca = load_certificates(certdir / "ca.pem")
     books = _Books()
 
@@ -697,7 +729,24 @@ async def run_ceiling(certdir: Path, args: argparse.Namespace, figures: _Figures
         sender = await client.connect(protocol.Factory.forProtocol(_CeilingSender))
         return _CeilingChain(sender, books, args.size)
 
-    await _measure_hops("ceiling", "forward", certdir, listening, chain_to, args, figures)
+    return await _open_hops("forward", certdir, listening, chain_to, cleanup)
+
+
+async def run_throughput(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
+    """The chains side by side, their processes all started first (those not under
+    measure sit idle); then their highest rates in rounds, then their latencies."""
+    cleanup: _Cleanup = []
+    try:
+        chains = {"ceiling": await open_ceiling(certdir, args, cleanup)}
+        if "floor" not in args.skip:
+            chains["floor"] = await open_floor(certdir, args, cleanup)
+        chains["chain"] = await open_chain(certdir, args, cleanup)
+        await _max_rates(chains, args, figures)
+        for name, chain in chains.items():
+            await _latencies(name, chain, args, figures)
+    finally:
+        for step in reversed(cleanup):
+            await defer.maybeDeferred(step)
 
 
 async def run_rss(certdir: Path, args: argparse.Namespace, figures: _Figures) -> None:
@@ -741,6 +790,14 @@ async def run_rss(certdir: Path, args: argparse.Namespace, figures: _Figures) ->
         _stop(relay)
 
 
+def _shares(figures: _Figures, of: str) -> dict[str, float]:
+    """Each chain's rate as a share of ``of``'s: the median of the rounds' shares."""
+    return {
+        name: statistics.median(r / o for r, o in zip(rates, figures.rounds[of], strict=True))
+        for name, rates in figures.rounds.items()
+    }
+
+
 def _report(figures: _Figures, args: argparse.Namespace) -> None:
     """The table: each figure beside the BEEP floor's, the ceiling's and its target."""
     print()
@@ -750,24 +807,28 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
     )
     print(
         f"3 busy processes (both endpoints here, each relay/hop its own) on "
-        f"{os.cpu_count()} cores; {args.seconds:g} s per measure"
+        f"{os.cpu_count()} cores; {args.seconds:g} s per measure, highest rates in "
+        f"{args.rounds} rounds"
     )
     names = [n for n in ("chain", "floor", "ceiling") if n in figures.rate]
     titles = {"chain": "relay chain", "floor": "BEEP floor", "ceiling": "ceiling"}
     print(f"{'measure':<46}" + "".join(f"{titles[n]:>14}" for n in names) + "   target")
     if names:
-        ceiling = figures.rate["ceiling"]
+        share = _shares(figures, "ceiling")
         print(
-            f"{'messages/s end to end':<46}"
+            f"{'messages/s end to end (median of the rounds)':<46}"
             + "".join(f"{figures.rate[n]:>14,.0f}" for n in names)
-            + f"   >= 20% of ceiling: {figures.rate['chain'] / ceiling:.1%}"
+            + f"   >= 20% of ceiling: {share['chain']:.1%}"
         )
+        label = "  share of the ceiling (median of the rounds')"
+        print(f"{label:<46}" + "".join(f"{share[n]:>14.1%}" for n in names))
+        rounds = zip(figures.rounds["chain"], figures.rounds["ceiling"], strict=True)
+        label = "  the relay chain's, round by round"
+        print(f"{label:<46}  " + " ".join(f"{c / x:.1%}" for c, x in rounds))
         if "floor" in names:
-            share = "  share of the ceiling"
-            print(f"{share:<46}" + "".join(f"{figures.rate[n] / ceiling:>14.1%}" for n in names))
             # What APEX costs on top of BEEP, whatever the forwarders' scheduling did.
-            share = "  share of the BEEP floor"
-            print(f"{share:<46}{figures.rate['chain'] / figures.rate['floor']:>14.1%}")
+            label = "  share of the BEEP floor"
+            print(f"{label:<46}{_shares(figures, 'floor')['chain']:>14.1%}")
         half = "  half of it: the load for latency (msg/s)"
         print(f"{half:<46}" + "".join(f"{figures.rate[n] / 2:>14,.0f}" for n in names))
         for process in figures.cpu["chain"]:
@@ -806,6 +867,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--size", type=int, default=1024, help="content octets per message")
     parser.add_argument("--depth", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="highest rates measured, each chain in turn"
+    )
     parser.add_argument("--endpoints", type=int, default=5000)
     parser.add_argument(
         "--load",
@@ -850,10 +914,7 @@ def main() -> None:
             # tail in the latency of every chain that was none of the hops' doing.
             gc.freeze()
             if "throughput" not in args.skip:
-                await run_ceiling(certdir, args, figures)
-                if "floor" not in args.skip:
-                    await run_floor(certdir, args, figures)
-                await run_chain(certdir, args, figures)
+                await run_throughput(certdir, args, figures)
             if "rss" not in args.skip:
                 await run_rss(certdir, args, figures)
             _report(figures, args)
