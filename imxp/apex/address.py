@@ -209,7 +209,7 @@ class Endpoint:
         §4.5.1: an application authorised to attach as ``fred@example.com``
         may also attach as ``fred/appl=wb@example.com``.
         """
-        if self == other:
+        if self is other or self == other:
             return True
         return (
             other.subaddress is None

@@ -983,18 +983,36 @@ def _written_options(xml: bytes, at: int, end: int) -> tuple[list[Option], int] 
 def _written_parties(element: re.Match[bytes]) -> tuple[Originator, list[Recipient]] | None:
     """The originator and recipients of a data as written, or None when one of them is not
     an endpoint (or there are more recipients than a data may have)."""
-    identities = _WRITTEN_RECIPIENT.findall(element["recipients"])
+    originator, recipients = element["originator"], element["recipients"]
+    if len(recipients) <= _REMEMBERED_PARTIES:
+        identities = _remembered_identities(originator, recipients)
+    else:
+        identities = _written_identities(originator, recipients)
+    if identities is None:
+        return None
+    return Originator(identities[0], []), [Recipient(r, []) for r in identities[1]]
+
+
+# A relay carries data between the same few parties again and again: what their identities
+# read as is remembered, for short lists of recipients only, so a peer cannot make it big.
+_REMEMBERED_PARTIES = 512
+
+
+def _written_identities(originator: bytes, recipients: bytes) -> tuple[str, tuple[str, ...]] | None:
+    identities = _WRITTEN_RECIPIENT.findall(recipients)
     if len(identities) > MAX_RECIPIENTS:
         return None
-    originator = element["originator"].decode("ascii")
-    recipients = [identity.decode("ascii") for identity in identities]
+    read = originator.decode("ascii"), tuple(identity.decode("ascii") for identity in identities)
     try:
-        Endpoint.parse(originator)
-        for recipient in recipients:
+        Endpoint.parse(read[0])
+        for recipient in read[1]:
             Endpoint.parse(recipient)
     except AddressError:
         return None
-    return Originator(originator, []), [Recipient(recipient, []) for recipient in recipients]
+    return read
+
+
+_remembered_identities = functools.lru_cache(maxsize=256)(_written_identities)
 
 
 def _choose_boundary(parts: Iterable[bytes], reuse: bytes | None) -> bytes:
@@ -1113,21 +1131,28 @@ def encode_onward(onward: Data, received: Received | None) -> Message:
     Otherwise, and whenever the new options would hold what could end a body part,
     it is :func:`encode`'s.
     """
-    if received is not None:
-        data = received.data
-        if (
-            onward.originator is data.originator
-            and onward.content is data.content
-            and onward.content_ref == data.content_ref
-            and len(onward.recipients) == len(data.recipients)
-            and all(a is b for a, b in zip(onward.recipients, data.recipients, strict=True))
-        ):
-            options = _options_xml(onward.options).encode("utf-8")
-            if b"\r\n" not in options:
-                body = received.message.body
-                spliced = body[: received.options_at] + options + body[received.options_end :]
-                return Message(spliced, headers=received.message.headers)
+    if received is not None and _same_but_options(onward, received.data):
+        options = _options_xml(onward.options).encode("utf-8")
+        if b"\r\n" not in options:
+            body = received.message.body
+            spliced = body[: received.options_at] + options + body[received.options_end :]
+            return Message(spliced, headers=received.message.headers)
     return encode(onward)
+
+
+def _same_but_options(onward: Data, data: Data) -> bool:
+    """Whether ``onward`` has ``data``'s very originator, recipients and content."""
+    if (
+        onward.originator is not data.originator
+        or onward.content is not data.content
+        or onward.content_ref != data.content_ref
+        or len(onward.recipients) != len(data.recipients)
+    ):
+        return False
+    for mine, theirs in zip(onward.recipients, data.recipients, strict=True):
+        if mine is not theirs:
+            return False
+    return True
 
 
 def _inline(xml_text: str, name: str) -> bytes:
