@@ -984,7 +984,7 @@ def _written_parties(element: re.Match[bytes]) -> tuple[Originator, list[Recipie
     """The originator and recipients of a data as written, or None when one of them is not
     an endpoint (or there are more recipients than a data may have)."""
     originator, recipients = element["originator"], element["recipients"]
-    if len(recipients) <= _REMEMBERED_PARTIES:
+    if len(originator) + len(recipients) <= _REMEMBERED_PARTIES:
         identities = _remembered_identities(originator, recipients)
     else:
         identities = _written_identities(originator, recipients)
@@ -994,7 +994,8 @@ def _written_parties(element: re.Match[bytes]) -> tuple[Originator, list[Recipie
 
 
 # A relay carries data between the same few parties again and again: what their identities
-# read as is remembered, for short lists of recipients only, so a peer cannot make it big.
+# read as is remembered, for short ones only (in octets, both attributes together), so that
+# a peer cannot make it big.
 _REMEMBERED_PARTIES = 512
 
 
