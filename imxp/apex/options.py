@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from imxp.apex.wire import APEXError, Option, remember_short_bodies
+from imxp.apex.wire import APEXError, Option, remember_short
 from imxp.beep import xmlsafe
 
 __all__ = [
@@ -124,7 +124,7 @@ def data_hopping(options: Iterable[Option]) -> tuple[Option, DataHopping] | None
     return option, _read_data_hopping(option.body)
 
 
-@remember_short_bodies
+@remember_short
 def _read_data_hopping(body: str) -> DataHopping:
     try:
         element = xmlsafe.parse(body.encode("utf-8"))

@@ -149,10 +149,11 @@ _WRITTEN_TYPE = re.compile(
 _WRITTEN_VALUE = rb"[ !#-%'-;=?-~]*"
 _WRITTEN_RECIPIENT = re.compile(rb'<recipient identity="(' + _WRITTEN_VALUE + rb')" />')
 _WRITTEN_PARTIES = (
-    rb'<originator identity="(?P<originator>' + _WRITTEN_VALUE + rb')" />'
-    rb"(?P<recipients>(?:" + _WRITTEN_RECIPIENT.pattern + rb")+)"
+    rb'(?P<parties><originator identity="(?P<originator>' + _WRITTEN_VALUE + rb')" />'
+    rb"(?P<recipients>(?:" + _WRITTEN_RECIPIENT.pattern + rb")+))"
 )
 # content="cid:..." without "%" escapes or a fragment: the Content-ID as it is.
+_PARTIES = re.compile(_WRITTEN_PARTIES)
 _WRITTEN_DATA = re.compile(rb'<data content="cid:(?P<cid>[!$\'-;=?-~]+)">' + _WRITTEN_PARTIES)
 # The headers of a content body part as Content.from_bytes writes them: Content-Type, then
 # Content-ID, then any others; each a line that Message reads as it is (printable ASCII).
@@ -173,6 +174,7 @@ _WRITTEN_STATUS_RESPONSE = re.compile(
 _DATA_END_TAG = b"</data>"
 _TARGET_HOPS = ("this", "final", "all")
 _T = TypeVar("_T")
+_K = TypeVar("_K", str, bytes)
 # XML's white space (XML 1.0 §2.3 S); str.strip() would also take U+00A0 and friends.
 _S = " \t\r\n"
 _S_OCTETS = _S.encode("ascii")
@@ -980,40 +982,48 @@ def _written_options(xml: bytes, at: int, end: int) -> tuple[list[Option], int] 
     return options, at
 
 
+def remember_short(read: Callable[[_K], _T]) -> Callable[[_K], _T]:
+    """``read`` of a text, its results remembered for short texts.
+
+    A relay meets the same few option bodies (a dataHopping element is ~50 characters)
+    and the same few parties in every data it carries. Only results are kept - a text
+    that raises is read again - and only of texts up to 256 characters or octets, so
+    a peer cannot make the cache big.
+    """
+    remembered = functools.lru_cache(maxsize=256)(read)
+
+    def reading(text: _K) -> _T:
+        return remembered(text) if len(text) <= 256 else read(text)
+
+    return reading
+
+
 def _written_parties(element: re.Match[bytes]) -> tuple[Originator, list[Recipient]] | None:
     """The originator and recipients of a data as written, or None when one of them is not
     an endpoint (or there are more recipients than a data may have)."""
-    originator, recipients = element["originator"], element["recipients"]
-    if len(originator) + len(recipients) <= _REMEMBERED_PARTIES:
-        identities = _remembered_identities(originator, recipients)
-    else:
-        identities = _written_identities(originator, recipients)
+    identities = _written_identities(element["parties"])
     if identities is None:
         return None
     return Originator(identities[0], []), [Recipient(r, []) for r in identities[1]]
 
 
-# A relay carries data between the same few parties again and again: what their identities
-# read as is remembered, for short ones only (in octets, both attributes together), so that
-# a peer cannot make it big.
-_REMEMBERED_PARTIES = 512
-
-
-def _written_identities(originator: bytes, recipients: bytes) -> tuple[str, tuple[str, ...]] | None:
-    identities = _WRITTEN_RECIPIENT.findall(recipients)
+@remember_short
+def _written_identities(parties: bytes) -> tuple[str, tuple[str, ...]] | None:
+    """What the originator and recipient elements of a data as written read as."""
+    element = _PARTIES.fullmatch(parties)
+    assert element is not None, "only the parties of a data as written"
+    identities = _WRITTEN_RECIPIENT.findall(element["recipients"])
     if len(identities) > MAX_RECIPIENTS:
         return None
-    read = originator.decode("ascii"), tuple(identity.decode("ascii") for identity in identities)
+    originator = element["originator"].decode("ascii")
+    recipients = tuple(identity.decode("ascii") for identity in identities)
     try:
-        Endpoint.parse(read[0])
-        for recipient in read[1]:
+        Endpoint.parse(originator)
+        for recipient in recipients:
             Endpoint.parse(recipient)
     except AddressError:
         return None
-    return read
-
-
-_remembered_identities = functools.lru_cache(maxsize=256)(_written_identities)
+    return originator, recipients
 
 
 def _choose_boundary(parts: Iterable[bytes], reuse: bytes | None) -> bytes:
@@ -1187,22 +1197,7 @@ def _check_option(option: Option) -> None:
         _check_option_body(option.body)
 
 
-def remember_short_bodies(read: Callable[[str], _T]) -> Callable[[str], _T]:
-    """``read`` of an option body, its results remembered for short bodies.
-
-    A relay meets the same few option bodies (a dataHopping element is ~50 characters)
-    in every data it carries. Only results are kept - a body that raises is read again
-    - and only of bodies up to 256 characters, so a peer cannot make the cache big.
-    """
-    remembered = functools.lru_cache(maxsize=256)(read)
-
-    def reading(body: str) -> _T:
-        return remembered(body) if len(body) <= 256 else read(body)
-
-    return reading
-
-
-@remember_short_bodies
+@remember_short
 def _check_option_body(body: str) -> None:
     try:
         _parse(f"<option>{body}</option>".encode())
