@@ -51,6 +51,10 @@ _USUAL_HEADER = re.compile(
     rb"(MSG|RPY|ERR) ([0-9]{1,9}) ([0-9]{1,9}) ([.*]) ([0-9]{1,9}) ([0-9]{1,9})\r\n"
 )
 
+# The usual SEQ the same way: a number of 10 digits may be out of range, and takes the
+# general path with every other.
+_USUAL_SEQ = re.compile(rb"SEQ ([0-9]{1,9}) ([0-9]{1,9}) ([0-9]{1,9})\r\n")
+
 # The general case in one match; anything it rejects goes through the careful,
 # field-by-field checks that say exactly what is wrong.
 _DATA_HEADER = re.compile(
@@ -229,6 +233,7 @@ class FrameParser:
         end = len(buf)
         find = buf.find
         usual = _USUAL_HEADER.match
+        usual_seq = _USUAL_SEQ.match
         max_payload = self.max_payload
         while pos < end:
             m = usual(buf, pos)
@@ -243,6 +248,12 @@ class FrameParser:
                 start = m.end()
                 if size > max_payload:
                     m = None
+            else:
+                seq = usual_seq(buf, pos)
+                if seq is not None:
+                    frames.append(SeqFrame(int(seq[1]), int(seq[2]), int(seq[3])))
+                    pos = seq.end()
+                    continue
             if m is None:
                 eol = find(b"\r\n", pos, pos + _MAX_HEADER)
                 if eol < 0:
