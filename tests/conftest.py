@@ -10,10 +10,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import settings
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import provider
 
 from imxp.certs import Issued, create_ca, issue_server
+
+# A property holds or not however long an example takes: Hypothesis's default deadline of
+# 200 ms per example measures the machine, and a loaded CI runner exceeds it at random.
+settings.register_profile("imxp", deadline=None)
+settings.load_profile("imxp")
 
 
 @pytest.fixture(scope="session")

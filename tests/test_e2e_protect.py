@@ -49,15 +49,21 @@ def keyrings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pat
     stop_agents(people)
 
 
+# The messages here are dated NOW, taken when the module is imported, and read as at NOW;
+# certificates issued at the first test are valid from a few minutes before then, which
+# on a slow run is after NOW. They are valid from the day before instead.
+VALID_FROM = NOW - timedelta(days=1)
+
+
 @pytest.fixture(scope="module")
 def ca() -> Issued:
-    return create_ca("imxp e2e test CA")
+    return create_ca("imxp e2e test CA", valid_from=VALID_FROM)
 
 
 @pytest.fixture(scope="module")
 def certs(ca: Issued) -> dict[str, Issued]:
     return {
-        address: smime.issue_smime(ca, address, rsa_bits=2048)
+        address: smime.issue_smime(ca, address, rsa_bits=2048, valid_from=VALID_FROM)
         for address in ("fred@a.test", "barney@b.test", "mallory@a.test")
     }
 
