@@ -37,9 +37,10 @@ _left_out = _below("info")
 
 
 def logged(level: LogLevel) -> bool:
-    """Whether events of ``level`` are logged (the relay process's own, ``imxp.*``, always
-    are): asked before building an event made for each data, whose fields cost more to
-    build than the rest of what a relay does with a verdict."""
+    """Whether events of ``level`` are logged: asked before building an event made for
+    each data, whose fields cost more to build than the rest of what a relay does with a
+    verdict. The relay process's own events (``imxp.*``) are logged at every level, so
+    this guards none of them."""
     return level not in _left_out
 
 
