@@ -499,6 +499,27 @@ async def test_several_recipients_local_and_remote(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_hop_limit_is_written_only_into_data_handed_on(build_mesh: MeshBuilder) -> None:
+    """RFC 3342 §4: data from an endpoint gets a.test's hop limit (``max_hops``, 16) as
+    a.test hands it on, counted down for that hop; an application at a.test gets it with
+    the options its originator wrote, as a final relay hands data over (§5)."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    barney = await mesh.attach(BARNEY)
+
+    trans_id = await mesh.send(fred, [WILMA, BARNEY])
+    await mesh.settle()
+
+    status = apex_options.make_status_request(trans_id)
+    [local] = wilma.data
+    assert local.options == [status]
+    [remote] = barney.data
+    assert remote.options == apex_options.with_data_hopping([status], 15, 1)
+    assert codes(fred, trans_id) == {WILMA: 250, BARNEY: 250}
+
+
+@pytest_twisted.ensureDeferred
 async def test_burst_each_recipient_reported_once(build_mesh: MeshBuilder) -> None:
     """Many data at once over the same links, delivered or not: still one final report
     per (transID, recipient) and one copy per delivery."""

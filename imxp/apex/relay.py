@@ -53,6 +53,9 @@ __all__ = ["APEXChannel", "APEXProfile", "Mode", "Relay"]
 _Party = TypeVar("_Party", wire.Originator, wire.Recipient)
 # Characters of a diagnostic kept in a verdict (see Relay._verdict).
 _MAX_DIAGNOSTIC = 200
+#: A hop limit in force (RFC 3342 §4): noMoreThan, the transID its option has or will
+#: have, and reportErrors.
+HopLimit = tuple[int, int, bool]
 
 
 class Mode(enum.Enum):
@@ -133,6 +136,7 @@ class _Journey:
         "data",
         "originator",
         "status",
+        "hop_limit",
         "recipient_status",
         "reports",
         "settled",
@@ -144,11 +148,13 @@ class _Journey:
         data: wire.Data,
         originator: Endpoint,
         status: wire.Option | None,
+        hop_limit: HopLimit,
         received: wire.Received | None = None,
     ) -> None:
         self.data = data
         self.originator = originator
         self.status = status
+        self.hop_limit = hop_limit
         # Recipients with a statusRequest of their own (§8.4), which counts for them.
         self.recipient_status: dict[str, wire.Option] = {}
         # (transID, identity, code, text) of the verdicts to report
@@ -325,28 +331,27 @@ class Relay:
         if hopping is not None and hopping[1].no_more_than and hopping[1].report_errors:
             if not hopping[0].trans_id:
                 return self._refuse(channel, 501, "dataHopping reportErrors needs a transID")
-        limited = self._hop_limited(data, hopping)
-        journey = _Journey(limited, originator, status, received=received)
+        journey = _Journey(data, originator, status, self._hop_limit(hopping), received)
         self._start(journey)
         return wire.OK()
 
-    def _hop_limited(
-        self, data: wire.Data, hopping: tuple[wire.Option, apex_options.DataHopping] | None
-    ) -> wire.Data:
-        """``data`` with a hop limit in force: its own, or this relay's ``max_hops``.
+    def _hop_limit(self, hopping: tuple[wire.Option, apex_options.DataHopping] | None) -> HopLimit:
+        """The hop limit in force for a data with ``hopping``: its own, or this relay's
+        ``max_hops``.
 
         RFC 3342 §4: a loop ends in an error report, not a storm. The option is
         optional and 0 means no limit, so a peer relay's data may carry none; a
         limit of our own keeps even two relays that trust each other from passing
-        one data back and forth for ever.
+        one data back and forth for ever. It is written into the data only as the
+        data is handed on (:meth:`_forward`): an application here gets the data with
+        the options it came with.
         """
-        if hopping is not None and hopping[1].no_more_than:
-            return data
-        trans_id = hopping[0].trans_id if hopping is not None and hopping[0].trans_id else 1
-        options = apex_options.with_data_hopping(
-            data.options, self.max_hops, trans_id, report_errors=False
-        )
-        return _with_options(data, options)
+        if hopping is None:
+            return self.max_hops, 1, False
+        option, limits = hopping
+        if limits.no_more_than:
+            return limits.no_more_than, option.trans_id, limits.report_errors
+        return self.max_hops, option.trans_id or 1, False
 
     # -- carrying data (§4.4.4.1 step 5) ---------------------------------------
     #
@@ -611,32 +616,31 @@ class Relay:
         trying until ``deadline``.
 
         None when the verdicts are in at once; else fires once they are."""
-        options = _forwarded(journey.data.options)
-        hopping = apex_options.data_hopping(options)
-        if hopping is not None:
-            option, limits = hopping
-            left = limits.no_more_than - 1
-            if left <= 0:
-                # RFC 3342 §4: the hop limit is spent; most likely a routing loop.
-                self.log.warn(
-                    "hop limit reached for data from {originator} to {domain}",
-                    originator=str(journey.originator),
-                    domain=domain,
-                    event="apex.hop-limit",
-                )
-                reason = "hop limit reached (routing loop?)"
-                for recipient in recipients:
-                    self._verdict(journey, recipient.identity, 554, reason, final=True)
-                if limits.report_errors and journey.status is None:
-                    # RFC 3342 §4: reportErrors asks for a report under the option's
-                    # own transID even when no statusRequest came with the data.
-                    failed = [(r.identity, 554, reason) for r in recipients]
-                    self.reports.report(journey.originator, option.trans_id, failed)
-                return None
-            options = apex_options.with_data_hopping(
-                options, left, option.trans_id, limits.report_errors
+        no_more_than, trans_id, report_errors = journey.hop_limit
+        left = no_more_than - 1
+        if left <= 0:
+            # RFC 3342 §4: the hop limit is spent; most likely a routing loop.
+            self.log.warn(
+                "hop limit reached for data from {originator} to {domain}",
+                originator=str(journey.originator),
+                domain=domain,
+                event="apex.hop-limit",
             )
+            reason = "hop limit reached (routing loop?)"
+            for recipient in recipients:
+                self._verdict(journey, recipient.identity, 554, reason, final=True)
+            if report_errors and journey.status is None:
+                # RFC 3342 §4: reportErrors asks for a report under the option's own
+                # transID even when no statusRequest came with the data.
+                failed = [(r.identity, 554, reason) for r in recipients]
+                self.reports.report(journey.originator, trans_id, failed)
+            return None
         data = journey.data
+        # The count goes on in the data's own dataHopping option, if it has one that
+        # travels on, else in one of ours.
+        options = apex_options.with_data_hopping(
+            _forwarded(data.options), left, trans_id, report_errors
+        )
         onward = wire.Data(
             _forwarded_party(data.originator),
             [_forwarded_party(r) for r in recipients],
@@ -755,7 +759,7 @@ class Relay:
             originator = Endpoint.parse(data.originator.identity)
         except AddressError:
             return
-        self._start(_Journey(self._hop_limited(data, None), originator, None))
+        self._start(_Journey(data, originator, None, self._hop_limit(None)))
 
     def _carry_failed(self, failure: Failure, journey: _Journey) -> None:
         """A bug of ours: logged, and every recipient without a verdict yet gets 451, so
@@ -947,10 +951,6 @@ class _Deadlines:
             self._timer = None
         if watched:
             self._timer = self._clock.callLater(watched[0][0] - now, self._expire)
-
-
-def _with_options(data: wire.Data, options: list[wire.Option]) -> wire.Data:
-    return wire.Data(data.originator, data.recipients, options, data.content_ref, data.content)
 
 
 def _forwarded(options: list[wire.Option]) -> list[wire.Option]:
