@@ -790,12 +790,17 @@ async def run_rss(certdir: Path, args: argparse.Namespace, figures: _Figures) ->
         _stop(relay)
 
 
-def _shares(figures: _Figures, of: str) -> dict[str, float]:
-    """Each chain's rate as a share of ``of``'s: the median of the rounds' shares."""
+def _round_shares(figures: _Figures, of: str) -> dict[str, list[float]]:
+    """Each chain's rate as a share of ``of``'s, round by round."""
     return {
-        name: statistics.median(r / o for r, o in zip(rates, figures.rounds[of], strict=True))
+        name: [r / o for r, o in zip(rates, figures.rounds[of], strict=True)]
         for name, rates in figures.rounds.items()
     }
+
+
+def _shares(figures: _Figures, of: str) -> dict[str, float]:
+    """Each chain's rate as a share of ``of``'s: the median of the rounds' shares."""
+    return {name: statistics.median(s) for name, s in _round_shares(figures, of).items()}
 
 
 def _report(figures: _Figures, args: argparse.Namespace) -> None:
@@ -822,9 +827,9 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
         )
         label = "  share of the ceiling (median of the rounds')"
         print(f"{label:<46}" + "".join(f"{share[n]:>14.1%}" for n in names))
-        rounds = zip(figures.rounds["chain"], figures.rounds["ceiling"], strict=True)
         label = "  the relay chain's, round by round"
-        print(f"{label:<46}  " + " ".join(f"{c / x:.1%}" for c, x in rounds))
+        by_round = _round_shares(figures, "ceiling")["chain"]
+        print(f"{label:<46}  " + " ".join(f"{s:.1%}" for s in by_round))
         if "floor" in names:
             # What APEX costs on top of BEEP, whatever the forwarders' scheduling did.
             label = "  share of the BEEP floor"
