@@ -55,7 +55,7 @@ _Party = TypeVar("_Party", wire.Originator, wire.Recipient)
 _MAX_DIAGNOSTIC = 200
 #: A hop limit in force (RFC 3342 §4): noMoreThan, the transID its option has or will
 #: have, and reportErrors.
-HopLimit = tuple[int, int, bool]
+_HopLimit = tuple[int, int, bool]
 
 
 class Mode(enum.Enum):
@@ -148,7 +148,7 @@ class _Journey:
         data: wire.Data,
         originator: Endpoint,
         status: wire.Option | None,
-        hop_limit: HopLimit,
+        hop_limit: _HopLimit,
         received: wire.Received | None = None,
     ) -> None:
         self.data = data
@@ -335,7 +335,7 @@ class Relay:
         self._start(journey)
         return wire.OK()
 
-    def _hop_limit(self, hopping: tuple[wire.Option, apex_options.DataHopping] | None) -> HopLimit:
+    def _hop_limit(self, hopping: tuple[wire.Option, apex_options.DataHopping] | None) -> _HopLimit:
         """The hop limit in force for a data with ``hopping``: its own, or this relay's
         ``max_hops``.
 
