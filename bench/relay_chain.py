@@ -32,7 +32,9 @@ with ``--depth`` messages in flight end to end (sent and not yet arrived: see
 the share of the ceiling taken in each round (the median is reported: on a shared machine
 the rate of the same code drifts by half from one minute to the next); then latency at half
 the median rate: sends paced by the clock, latency from the send to the receipt at the
-recipient application, p50 and p99; with ``--load``, latency again at that fixed rate (a
+recipient application, p50 and p99; for the floor and the ceiling, at the relay chain's
+half load too (the same rate through hops that spend less per message: the part of the
+tail that is the machine's); with ``--load``, latency again at that fixed rate (a
 deployment's expected load, comparable from run to run as half of a drifting maximum is
 not), for each chain whose highest rate reaches it. Then RSS per idle attached endpoint: a
 fresh relay's VmRSS (read from /proc by this process) before and after ``--endpoints``
@@ -593,7 +595,8 @@ class _Figures:
     p50: dict[str, float] = field(default_factory=dict)
     p99: dict[str, float] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
-    # p50 and p99 at --load, per chain
+    # p50 and p99 at the relay chain's half load, and at --load, per chain
+    at_chain_half: dict[str, tuple[float, float]] = field(default_factory=dict)
     at_load: dict[str, tuple[float, float]] = field(default_factory=dict)
     # CPU seconds per message at the highest rate, by process, per chain
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -638,6 +641,14 @@ async def _latencies(name: str, chain: _Chain, args: argparse.Namespace, figures
 
     rate = figures.rate[name]
     figures.p50[name], figures.p99[name], figures.samples[name] = await latency_at(rate / 2)
+    # The relay chain's half load, for the others too: what the machine gives there to
+    # hops that spend less per message.
+    chain_half = figures.rate.get("chain", rate) / 2
+    if name == "chain":
+        figures.at_chain_half[name] = (figures.p50[name], figures.p99[name])
+    elif chain_half <= rate:
+        p50, p99, _ = await latency_at(chain_half)
+        figures.at_chain_half[name] = (p50, p99)
     # Above a chain's highest rate its queue would grow for the whole measure.
     if args.load and args.load <= rate:
         p50, p99, _ = await latency_at(args.load)
@@ -846,14 +857,10 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
                 f"{values[n] * 1e3:>14.2f}" for n in names
             )
             print(f"{line}   {target}".rstrip())
+        if "chain" in names:
+            _latency_row("p50 / p99 at chain's half load", figures.at_chain_half, names)
         if args.load:
-            line = f"{f'latency p50 / p99 at {args.load:,.0f} msg/s (ms)':<46}" + "".join(
-                f"{'{:.2f} / {:.2f}'.format(*(t * 1e3 for t in figures.at_load[n])):>14}"
-                if n in figures.at_load
-                else f"{'overloaded':>14}"
-                for n in names
-            )
-            print(line)
+            _latency_row(f"p50 / p99 at {args.load:,.0f} msg/s", figures.at_load, names)
     if figures.endpoints:
         print(
             f"{f'RSS per idle endpoint ({figures.endpoints:,} attached, KB)':<46}"
@@ -865,6 +872,18 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
             f"{'login: TCP+TLS+SCRAM+attach, 8 at once (ms)':<46}"
             f"{figures.login_seconds * 1e3:>14.1f}"
         )
+
+
+def _latency_row(title: str, at: dict[str, tuple[float, float]], names: list[str]) -> None:
+    print(
+        f"{f'latency {title} (ms)':<46}"
+        + "".join(
+            f"{'{:.2f} / {:.2f}'.format(*(t * 1e3 for t in at[n])):>14}"
+            if n in at
+            else f"{'overloaded':>14}"
+            for n in names
+        )
+    )
 
 
 def main() -> None:
