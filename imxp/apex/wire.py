@@ -152,8 +152,8 @@ _WRITTEN_PARTIES = (
     rb'(?P<parties><originator identity="(?P<originator>' + _WRITTEN_VALUE + rb')" />'
     rb"(?P<recipients>(?:" + _WRITTEN_RECIPIENT.pattern + rb")+))"
 )
-# content="cid:..." without "%" escapes or a fragment: the Content-ID as it is.
 _PARTIES = re.compile(_WRITTEN_PARTIES)
+# content="cid:..." without "%" escapes or a fragment: the Content-ID as it is.
 _WRITTEN_DATA = re.compile(rb'<data content="cid:(?P<cid>[!$\'-;=?-~]+)">' + _WRITTEN_PARTIES)
 # The headers of a content body part as Content.from_bytes writes them: Content-Type, then
 # Content-ID, then any others; each a line that Message reads as it is (printable ASCII).
