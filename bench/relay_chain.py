@@ -643,7 +643,7 @@ async def _latencies(name: str, chain: _Chain, args: argparse.Namespace, figures
     figures.p50[name], figures.p99[name], figures.samples[name] = await latency_at(rate / 2)
     # The relay chain's half load, for the others too: what the machine gives there to
     # hops that spend less per message.
-    chain_half = figures.rate.get("chain", rate) / 2
+    chain_half = figures.rate["chain"] / 2
     if name == "chain":
         figures.at_chain_half[name] = (figures.p50[name], figures.p99[name])
     elif chain_half <= rate:
