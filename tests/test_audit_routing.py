@@ -607,3 +607,43 @@ def test_the_pools_status_names_each_next_hop_linked_connecting_or_backing_off()
     )
     failing.cancel()
     hanging.cancel()
+
+
+class AnsweringChannel(OkChannel):
+    """Answers the data sent on it with ``answers`` in turn, then with ok."""
+
+    def __init__(self, answers: list[Message]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def send(self, message: Message) -> defer.Deferred[Message]:
+        self.sent += 1
+        return defer.succeed(self.answers.pop(0) if self.answers else wire.encode(wire.OK()))
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict", "sends"),
+    [
+        # RFC 3340 §10: 451 is a transient failure, whether an ERR or an error element
+        # in an RPY (§4.4.4.1 step 5.2) says it: the data goes again, and is taken.
+        (wire.encode(wire.Error(451, "busy, try later")), 250, 2),
+        # A reply that says nothing of the data's fate: sent again, it might arrive twice.
+        (Message(b"<greeting />", wire.BEEP_XML), 451, 1),
+        (wire.encode(wire.Error(550, "no such endpoint")), 550, 1),
+    ],
+)
+def test_a_refusal_in_a_positive_reply_is_judged_as_the_err_it_stands_for(
+    answer: Message, verdict: int, sends: int
+) -> None:
+    channel = AnsweringChannel([answer])
+
+    async def connect(target: Target) -> Link:
+        return Link(target, FakeSession(), channel)  # type: ignore[arg-type]
+
+    clock = task.Clock()
+    sending = PeerPool(connect, clock).send([FIRST], Message(b"data"), 60.0)
+    while clock.getDelayedCalls():
+        next_wake(clock)
+
+    assert sending.result.code == verdict
+    assert channel.sent == sends

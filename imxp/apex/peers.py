@@ -92,12 +92,14 @@ _NEXT_HOP = "the next hop"
 
 def _taken(reply: Message | list[Message], link: Link) -> Verdict:
     """The reply of ``link``'s next hop as a verdict (:func:`wire.reply_outcome`): a
-    refusal in it is raised as the ERR it is equivalent to."""
+    refusal in it is raised as the ERR it is equivalent to, so that a 4xx in an
+    ``error`` element is tried again as one in an ERR is (RFC 3340 §10). A reply that
+    says nothing of the data's fate is final: sent again, it might be delivered twice."""
     code, text = wire.reply_outcome(reply, _NEXT_HOP)
     if code == 250:
         return link.taken
-    if code == 451:
-        return Verdict(451, text)
+    if wire.says_outcome_unknown(code, text):
+        return Verdict(code, text)
     raise BEEPError(code, text)
 
 
