@@ -75,10 +75,12 @@ async def send(
     *,
     recipient_options: Sequence[wire.Option] = (),
     body: bytes = b"hello",
+    originator: str | None = None,
 ) -> None:
-    """Data from ``app``; ``recipient_options`` go into every recipient element."""
+    """Data from ``app`` (as ``originator``, by default the endpoint it attached as);
+    ``recipient_options`` go into every recipient element."""
     data = wire.Data(
-        wire.Originator(app.endpoint),
+        wire.Originator(originator or app.endpoint),
         [wire.Recipient(r, list(recipient_options)) for r in recipients],
         list(options),
         content=wire.Content.from_bytes(body, "text/plain"),
@@ -906,3 +908,68 @@ async def test_anonymous_logins_count_against_the_per_address_limit(mesh_of: Mes
         await anonymous_login(mesh, "a.test")
     assert refused.value.code == 421
     assert "too many sessions from 127.0.0.1" in refused.value.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_anonymous_originator_gets_its_reports(mesh_of: MeshBuilder) -> None:
+    """An endpoint attached with no account behind it is attached all the same: the
+    statusResponses it asked for reach it (RFC 3340 §5.1, §6.2), and so does data."""
+    mesh = await mesh_of(**{"a.test": ANONYMOUS_TOO})
+    wilma = await mesh.attach(WILMA)
+    guest_session = await anonymous_login(mesh, "a.test")
+    holder: dict[str, App] = {}
+    attach = wire.encode(wire.Attach("anonymous/guest@a.test", 1, [])).body
+    channel = await guest_session.start_channel(
+        [mgmt.ProfileElement(wire.APEX_URI, attach)], handler=_AppChannel(holder)
+    )
+    assert isinstance(wire.decode(Message(channel.start_reply or b"", mgmt.BEEP_XML)), wire.OK)
+    guest = holder["app"] = App("anonymous/guest@a.test", guest_session, channel)
+
+    await send(guest, [WILMA, "nobody@a.test"], [status(1)])
+    await send(wilma, [guest.endpoint, "anonymous/gone@a.test"], [status(2)])
+    await mesh.settle()
+
+    assert reported(guest, 1) == {WILMA: [250], "nobody@a.test": [550]}
+    assert reported(wilma, 2) == {guest.endpoint: [250], "anonymous/gone@a.test": [550]}
+    assert [d.originator.identity for d in guest.data] == [WILMA]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_originator_sending_as_a_subaddress_gets_its_reports(
+    mesh_of: MeshBuilder,
+) -> None:
+    """fred, attached as fred@a.test, may send as fred/appl=x@a.test (§4.5.1); the
+    statusResponses to that subaddress, attached by nobody, reach fred. Other data for
+    it does not: no application is attached as it (§4.4.4.1 step 5.3)."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    wilma = await mesh.attach(WILMA)
+    await mesh.attach(BARNEY)
+
+    as_x = "fred/appl=x@a.test"
+    await send(fred, [WILMA, BARNEY], [status(1)], originator=as_x)
+    await send(wilma, [as_x], [status(2)])
+    await mesh.settle()
+
+    assert reported(fred, 1) == {WILMA: [250], BARNEY: [250]}
+    assert reported(wilma, 2) == {as_x: [450]}
+    assert fred.data == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_does_not_hold_back_the_reports_on_what_one_sent(
+    mesh_of: MeshBuilder,
+) -> None:
+    """fred refuses data from b.test, yet sends there asking for status: b.test's
+    statusResponses are his answers, and reach him (§6.2); b.test's data does not."""
+    mesh = await mesh_of(**{"a.test": {"refusals": {FRED: ["@b.test"]}}})
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+
+    await send(fred, [BARNEY, "nobody@b.test"], [status(1)])
+    await send(barney, [FRED], [status(2)])
+    await mesh.settle()
+
+    assert reported(fred, 1) == {BARNEY: [250], "nobody@b.test": [550]}
+    assert reported(barney, 2) == {FRED: [537]}
+    assert fred.data == []

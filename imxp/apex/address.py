@@ -203,6 +203,11 @@ class Endpoint:
         """Whether this is reserved for an APEX service (§2.2, the "apex=" convention)."""
         return self.address.startswith("apex=")
 
+    @property
+    def is_report_service(self) -> bool:
+        """Whether this is a domain's report service, ``apex=report@domain`` (§6.2)."""
+        return self.address == REPORT and self.subaddress is None
+
     def within(self, other: Endpoint) -> bool:
         """Whether this is ``other`` or a subaddress of it.
 

@@ -136,9 +136,11 @@ class AccessPolicy:
         Until the access service of RFC 3341 keeps per-endpoint entries, local
         provisioning lists refusals; an endpoint without any accepts everyone.
         A subaddress inherits its endpoint's refusals, as recipient and as originator.
+        The statusResponses of a domain's report service (§6.2) are answers the
+        recipient asked for, about data it sent there: no refusal holds them back.
         """
         refused = self._refusals.get(str(recipient.base))
-        if not refused:
+        if not refused or originator.is_report_service:
             return True
         return (
             str(originator) not in refused

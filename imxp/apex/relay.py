@@ -434,19 +434,26 @@ class Relay:
     ) -> defer.Deferred[None] | None:
         """§4.4.4.1 step 5.3: access check, then the attached application.
 
+        An endpoint attached is one, whether or not an account stands behind it (an
+        anonymous login's). A statusResponse to a subaddress attached by nobody goes to
+        the application attached as its endpoint: that application may originate as
+        any subaddress of it (§4.5.1), and is the one who asked.
+
         None when the verdict is in at once; else fires once it is."""
         identity = recipient.identity
         if endpoint.is_service:
             code, text = self._to_service(journey, endpoint)
             self._verdict(journey, identity, code, text, final=True)
             return None
-        if not self.policy.exists(endpoint):
+        channel = self.attached.get(endpoint)
+        if channel is None and endpoint.subaddress and journey.originator.is_report_service:
+            channel = self.attached.get(endpoint.base)
+        if channel is None and not self.policy.exists(endpoint):
             self._verdict(journey, identity, 550, "unknown endpoint identity", final=True)
             return None
         if not self.policy.may_deliver(journey.originator, endpoint):
             self._verdict(journey, identity, 537, "access denied", final=True)
             return None
-        channel = self.attached.get(endpoint)
         if channel is None or channel.channel is None:
             self._verdict(journey, identity, 450, "endpoint not attached", final=True)
             return None

@@ -88,7 +88,7 @@ from twisted.python.failure import Failure
 
 from imxp import logs
 from imxp.apex import wire
-from imxp.apex.address import REPORT, AddressError, Endpoint, literal_address
+from imxp.apex.address import AddressError, Endpoint, literal_address
 from imxp.apex.options import make_status_request
 from imxp.apex.routing import EDGE_PORT, EDGE_SERVICE, NoRoute, Router, Target, open_session
 from imxp.beep import mgmt
@@ -1444,7 +1444,7 @@ class Client:
             originator = Endpoint.parse(data.originator.identity)
         except AddressError as e:
             raise BEEPError(553, str(e)) from None
-        if originator.address == REPORT and originator.subaddress is None:
+        if originator.is_report_service:
             return self._report(originator, data)
         attached = set(connection.attached.values())
         mine = []
