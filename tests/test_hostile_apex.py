@@ -973,3 +973,36 @@ async def test_a_refusal_does_not_hold_back_the_reports_on_what_one_sent(
     assert reported(fred, 1) == {BARNEY: [250], "nobody@b.test": [550]}
     assert reported(barney, 2) == {FRED: [537]}
     assert fred.data == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_next_hop_ending_our_binding_is_answered_ok_and_bound_anew(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """A relay may end the binding a peer made (RFC 3340 §4.4.3, the third exchange):
+    the peer answers ok (step 3) and sends no more data on that link, which would be
+    refused; the next data goes on a new link, bound again."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    await mesh.attach(BARNEY)
+    await send(fred, [BARNEY], [status(1)])
+    await mesh.settle()
+    [b_side] = [
+        handler
+        for session in mesh.relay("b.test").service.sessions
+        for channel in session.channels.values()
+        if isinstance(handler := channel.handler, APEXChannel)
+        and "a.test" in handler.bindings.values()
+    ]
+    [trans_id] = b_side.bindings
+    b_side.bindings.clear()  # as another implementation's relay would, idle for long
+    assert b_side.channel is not None
+
+    answer = await b_side.channel.send(wire.encode(wire.Terminate(trans_id, 421, "idle")))
+    await send(fred, [BARNEY], [status(2)])
+    await mesh.settle()
+
+    assert wire.decode(answer) == wire.OK()
+    assert [e["domain"] for e in named(events, "apex.unbound")] == ["a.test"]
+    assert reported(fred, 2) == {BARNEY: [250]}
+    assert [e["domain"] for e in named(events, "apex.bound")].count("a.test") == 2

@@ -608,6 +608,13 @@ class PeerPool:
             del self._links[key]
             link.session.close().addErrback(lambda f: link.session.disconnect())
 
+    def unbound(self, session: Session) -> None:
+        """The next hop at the other end of ``session`` ended the binding of its link
+        (RFC 3340 §4.4.3): it is retired as for a 421."""
+        for link in list(self._links.values()):
+            if link.session is session:
+                self._retire(link)
+
     def close(self, within: float) -> defer.Deferred[None]:
         """Release every link (RFC 3080 §2.4) and stop retrying. A next hop that has not
         let go within ``within`` seconds - it stopped answering, or a network black hole

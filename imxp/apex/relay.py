@@ -76,6 +76,8 @@ class APEXChannel(ChannelHandler):
         self.channel: Channel | None = None
         self.attachments: dict[int, Endpoint] = {}
         self.bindings: dict[int, str] = {}
+        # The bindings this relay made on the channel, to a next hop (§4.4.2).
+        self.bound: dict[int, str] = {}
 
     def channel_opened(self, channel: Channel) -> None:
         self.channel = channel
@@ -281,6 +283,18 @@ class Relay:
             self._release(channel, [terminate.trans_id])
             return wire.OK()
         if channel.bindings.pop(terminate.trans_id, None) is not None:
+            return wire.OK()
+        domain = channel.bound.pop(terminate.trans_id, None)
+        if domain is not None:
+            # Step 3, from the next hop: it takes no more data from us on this session.
+            # What was sent on it still gets its answers; later data go on a new link.
+            self.log.info(
+                "{peer} ended our binding as {domain}",
+                peer=channel.peer,
+                domain=domain,
+                event="apex.unbound",
+            )
+            self.pool.unbound(channel.session)
             return wire.OK()
         return self._refuse(channel, 550, "unknown transaction-identifier")
 

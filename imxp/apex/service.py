@@ -520,6 +520,10 @@ async def _connect(
         raise
 
 
+# The one bind a link makes rides on its APEX channel's start (§4.2).
+_BIND_TRANS_ID = 1
+
+
 async def _bound(
     session: Session,
     target: Target,
@@ -546,11 +550,11 @@ async def _bound(
     except BEEPError as e:
         session.disconnect()
         raise LinkFailed(554, f"{where} refused TLS: {e}") from None
-    bind = wire.encode(wire.Bind(relay.domain, 1, [])).body
+    bind = wire.encode(wire.Bind(relay.domain, _BIND_TRANS_ID, [])).body
+    handler = APEXChannel(relay, session, Mode.MESH)
     try:
         channel = await session.start_channel(
-            [mgmt.ProfileElement(wire.APEX_URI, bind)],
-            handler=APEXChannel(relay, session, Mode.MESH),
+            [mgmt.ProfileElement(wire.APEX_URI, bind)], handler=handler
         )
         answer = wire.decode(Message(channel.start_reply or b"", mgmt.BEEP_XML))
     except (BEEPError, wire.APEXError) as e:
@@ -561,6 +565,7 @@ async def _bound(
     if isinstance(answer, wire.Error):
         session.disconnect()
         raise LinkFailed(answer.code, f"{where} refused to bind us: {answer.text}")
+    handler.bound[_BIND_TRANS_ID] = relay.domain
     return Link(target, session, channel)
 
 
