@@ -25,6 +25,7 @@ from test_session_wire import (
     RFC_START_TWO,
     TERMINATED,
     TLS,
+    Recorder,
     RecordingProfile,
     Wire,
     greeted_listener,
@@ -44,7 +45,7 @@ from imxp.beep.session import (
     Role,
     SessionConfig,
 )
-from imxp.beep.tls import TLSProfile
+from imxp.beep.tls import TLSProfile, start_tls
 
 REFUSED_BY_PEER = "beep.session-refused-by-peer"
 XML_HEAD = b"Content-Type: application/beep+xml\r\n\r\n"
@@ -760,3 +761,109 @@ def test_what_a_peer_that_has_not_authenticated_makes_a_session_hold_is_bounded(
     assert after < 0.1 * len(channels) * bound, (holding, after)
     assert len([e for e in events if e.get("event") == EARLY_REFUSED]) == 1
     assert terminated(events) == [] and not wire.aborted
+
+
+# -- exchanges that must not stall or clash -------------------------------------------------
+
+
+def test_a_msg_cut_short_by_an_early_reply_ends_with_an_empty_frame_needing_no_window() -> None:
+    """RFC 3080 §2.6.3: the peer answered (here refused) a MSG we had not finished
+    sending; we end it with an empty final frame. That frame takes no window, so it must
+    go out with no SEQ from the peer; else the channel stays busy and never closes."""
+    wire = listener_with_channel_1(RecordingProfile(OTP))
+    channel = wire.session.channels[1]
+    swallow(channel.send(Message(b"x" * 10000)))
+    first = wire.read_one()
+    assert (first.kind, first.more, len(first.payload)) == (MSG, True, 4096)
+    assert wire.read() == []  # the window the peer offered is used up
+
+    wire.send(ERR, 1, 0, XML_HEAD + b"<error code='554'>too big</error>")
+    frames = wire.read()
+    closing = swallow(channel.close())
+
+    assert [(f.kind, f.msgno, f.more, f.payload) for f in frames] == [(MSG, 0, False, b"")]
+    [close] = wire.read()
+    assert close.channel == 0 and b"<close number='1'" in close.payload
+    assert closing == []  # waits for the peer's ok
+
+
+def test_traffic_held_back_while_tls_is_asked_for_flows_when_the_peer_declines() -> None:
+    """§3.1.3.1: while our ``ready`` waits for its reply we send nothing else; once the
+    peer declines, what profiles queued meanwhile goes out."""
+    wire = initiator()
+    started = swallow(wire.session.start_channel([OTP]))
+    start = wire.read_one()
+    wire.send(RPY, 0, start.msgno, XML_HEAD + f"<profile uri='{OTP}' />".encode())
+    [channel] = started
+    asking = swallow(defer.ensureDeferred(start_tls(wire.session, object())))  # type: ignore[arg-type]
+    ready = wire.read_one()
+    swallow(channel.send(Message(b"hello")))  # type: ignore[attr-defined]
+    assert wire.read() == []
+
+    wire.send(ERR, 0, ready.msgno, XML_HEAD + b"<error code='550'>not now</error>")
+
+    assert asking  # the refusal reached the caller
+    assert [(f.kind, f.channel) for f in wire.read()] == [(MSG, 1)]
+
+
+class ManyAnswers(Recorder):
+    """Answers "all" with 1,500 ANS (§2.1.1, one-to-many), anything else with RPY."""
+
+    def message_received(self, request):  # type: ignore[no-untyped-def]
+        if request.message.body == b"all":
+            for i in range(1500):
+                request.answer(Message(b"answer %04d ........." % i))
+            request.done()
+            return None
+        return Message(b"re:" + request.message.body)
+
+
+class ManyAnswersProfile(RecordingProfile):
+    def start(self, session, channel, init):  # type: ignore[no-untyped-def]
+        channel.handler = ManyAnswers()
+        return None
+
+
+def test_one_to_many_answers_waiting_for_the_window_are_one_reply_owed() -> None:
+    """The bound on replies owed that the peer does not take (max_pending_requests)
+    counts exchanges: one MSG answered by many ANS waiting for the peer's window is one,
+    and the peer's next MSG is no protocol error."""
+    wire = greeted_listener(ManyAnswersProfile(OTP))
+    wire.feed_rfc(RFC_START_TWO, exact=True)
+    wire.read()
+    wire.send(MSG, 1, 0, b"\r\nall")
+    assert sum(f.kind == ANS for f in wire.read()) < 1024  # the rest wait for the window
+
+    wire.send(MSG, 1, 1, b"\r\nnext")
+
+    assert not wire.aborted
+
+
+class NeverStarts(Profile):
+    uri = "http://imxp.test/never"
+
+    def start(self, session, channel, init):  # type: ignore[no-untyped-def]
+        return defer.Deferred()
+
+
+def test_the_number_of_a_channel_being_closed_is_not_started_again_before_our_ok() -> None:
+    """§2.3.1.3: the channel the peer closes stays open for it until our ok arrives;
+    an ok waiting behind an earlier reply (§2.6.1) keeps the number from a new start."""
+    wire = greeted_listener(RecordingProfile(OTP), NeverStarts())
+    started = swallow(wire.session.start_channel([OTP]))
+    start = wire.read_one()
+    wire.send(RPY, 0, start.msgno, XML_HEAD + f"<profile uri='{OTP}' />".encode())
+    assert started and 2 in wire.session.channels
+    wire.send(
+        MSG,
+        0,
+        1,
+        XML_HEAD + mgmt.Start(1, (mgmt.ProfileElement(NeverStarts.uri),)).to_xml().encode(),
+    )
+    wire.send(MSG, 0, 2, XML_HEAD + mgmt.Close(2, 200).to_xml().encode())
+    assert wire.read() == []  # the ok waits behind the reply to the start
+
+    swallow(wire.session.start_channel([OTP]))
+    [again] = wire.read()
+
+    assert b"<start number='4'" in again.payload

@@ -302,6 +302,22 @@ def test_server_name_recorded_from_first_successful_start_only():
     assert pair.I.server_name == "relay.a.example"
 
 
+def test_server_name_of_a_later_start_counts_for_nothing():
+    """RFC 3080 §2.3.1.2: only the first successful start's serverName is meaningful;
+    when it had none, a later one is neither asked about nor recorded."""
+    pair = Pair([EchoProfile()])
+    asked: list[str] = []
+
+    def refuse(name: str) -> bool:
+        asked.append(name)
+        return False
+
+    pair.L.accept_server_name = refuse
+    pair.start(ECHO)
+    pair.start(ECHO, server_name="relay.b.example")
+    assert (pair.L.server_name, pair.I.server_name, asked) == (None, None, [])
+
+
 def test_refused_server_name_gives_550():
     profile = EchoProfile()
     pair = Pair([profile])

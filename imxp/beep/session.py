@@ -492,6 +492,7 @@ class Channel:
         "_producer_paused",
         "_queue",
         "_queued_bytes",
+        "_queued_answers",
         "_queued_replies",
         "_recv_limit",
         "_recv_seqno",
@@ -527,8 +528,10 @@ class Channel:
         # an empty deque costs 760 octets on each of a relay's many idle channels.
         self._queue: deque[_OutMessage] | tuple[()] = ()
         self._queued_bytes = 0
-        # Replies to the peer's MSGs waiting to be written (see Session._msg_frame).
+        # Replies to the peer's MSGs waiting to be written, and of them the ANS, which
+        # the requests that owe them may have many of (see Session._msg_frame).
         self._queued_replies = 0
+        self._queued_answers = 0
         self._in_ready = False
         # False while the reply to the peer's start is unwritten: the peer doesn't know
         # the channel yet, and a frame on it would be poorly formed (§2.2.1.1).
@@ -685,6 +688,8 @@ class Channel:
             else:
                 queue.append(out)
             self._queued_replies += 1
+            if kind == ANS:
+                self._queued_answers += 1
         self._queued_bytes += size
         session._ready_channel(self)
         if self._producer is not None:
@@ -721,6 +726,8 @@ class Channel:
             queue.popleft()
             if out.kind != MSG:
                 self._queued_replies -= 1
+                if out.kind == ANS:
+                    self._queued_answers -= 1
             if out.outstanding is not None:
                 out.outstanding.sending = None
             if out.on_sent is not None:
@@ -734,6 +741,8 @@ class Channel:
             raise FrameError(f"reply to msgno {out.msgno}, which was never sent")
         self._queued_bytes -= len(out.data) - out.offset
         out.data = out.data[: out.offset]
+        # The empty frame needs no window: no SEQ need come to let it out.
+        self.session._ready_channel(self)
 
     # -- replies to the peer's MSGs --------------------------------------
 
@@ -890,6 +899,8 @@ class Session(Protocol):
         self.tls_active = False
         #: The first successful start's serverName (§2.3.1.2).
         self.server_name: str | None = None
+        # Whether a start succeeded: only the first one's serverName counts.
+        self._started_once = False
         #: The peer's greeting, None until it arrives (again after each tuning reset).
         self.peer_greeting: mgmt.Greeting | None = None
         #: Decides whether we operate as a requested serverName (§2.3.1.2).
@@ -1027,7 +1038,8 @@ class Session(Protocol):
             raise BEEPError(501, "reply to start names a profile we did not offer")
         if self._gone or generation != self._generation:
             raise SessionClosed("session closed while starting a channel")
-        if server_name is not None and self.server_name is None:
+        if not self._started_once:
+            self._started_once = True
             self.server_name = server_name
         channel = Channel(self, number, element.uri, handler or ChannelHandler())
         channel.start_reply = element.content
@@ -1078,8 +1090,13 @@ class Session(Protocol):
         self._tuning = True
 
     def end_tuning(self) -> None:
-        """Our tuning request was declined; traffic flows again."""
+        """Our tuning request was declined; traffic flows again, that of the channels
+        :meth:`_flush` passed over meanwhile too."""
         self._tuning = False
+        for channel in self._channels.values():
+            if channel._queue and not channel._in_ready:
+                channel._in_ready = True
+                self._ready.append(channel)
         self._flush()
 
     def expect_silence(self, *, seq_allowed: bool = False) -> None:
@@ -1348,14 +1365,14 @@ class Session(Protocol):
                 raise FrameError(f"msgno {msgno} reused before its reply was sent")
             if len(channel._requests) >= self.config.max_pending_requests:
                 raise FrameError(f"more than {self.config.max_pending_requests} unanswered MSGs")
-            if channel._queued_replies >= self.config.max_pending_requests:
+            owed = channel._queued_replies - channel._queued_answers
+            if owed >= self.config.max_pending_requests:
                 # Replies the peer leaves us unable to write (it opens no window for
                 # them, or reads nothing) while it goes on asking: they would pile up
                 # without bound. Closing our window instead could deadlock two peers
-                # that each wait for the other's SEQ to write what they owe.
-                raise FrameError(
-                    f"{channel._queued_replies} replies owed that the peer does not take"
-                )
+                # that each wait for the other's SEQ to write what they owe. The ANS of
+                # one-to-many exchanges are not counted: one MSG may have any number.
+                raise FrameError(f"{owed} replies owed that the peer does not take")
             limit = self._message_limit(channel)
             if not frame.more and len(frame.payload) <= limit:
                 # The common case: a whole message in one frame.
@@ -1862,7 +1879,7 @@ class Session(Protocol):
                     event="beep.start-refused",
                 )
             raise BEEPError(550, f"no more than {limit} channels before authentication")
-        if start.server_name is not None and self.server_name is None:
+        if start.server_name is not None and not self._started_once:
             if not self.accept_server_name(start.server_name):
                 raise BEEPError(550, f"will not act as {start.server_name}")
         for candidate in start.profiles:
@@ -1896,7 +1913,8 @@ class Session(Protocol):
             if self._gone or generation != self._generation:
                 raise SessionClosed("session closed during start")
             reply = result if isinstance(result, StartReply) else StartReply(result)
-            if start.server_name is not None and self.server_name is None:
+            if not self._started_once:
+                self._started_once = True
                 self.server_name = start.server_name
             self._channels[number] = channel
             after_sent = reply.after_sent
@@ -1935,6 +1953,10 @@ class Session(Protocol):
 
         def idle(_: None) -> Message:
             self._remove_channel(channel, None)
+            # §2.3.1.3: for the peer the channel is open until our ok reaches it, which
+            # may wait behind earlier replies (§2.6.1): its number is not free until then.
+            self._reserved.add(close.number)
+            request.on_sent = lambda: self._reserved.discard(close.number)
             return _mgmt(mgmt.OK())
 
         return channel._when_idle().addCallback(idle)
@@ -2010,6 +2032,7 @@ class Session(Protocol):
         channel._queue = ()
         channel._queued_bytes = 0
         channel._queued_replies = 0
+        channel._queued_answers = 0
         for request in channel._requests:
             request._dead = True
         channel._requests.clear()
