@@ -1126,6 +1126,38 @@ async def test_routing_loop_cut_by_relay_policy(
     mesh.assert_exactly_once()
 
 
+@pytest.mark.parametrize("status_trans_id", [4243, 4242])
+@pytest_twisted.ensureDeferred
+async def test_hop_limit_reported_under_the_data_hopping_and_status_request_transids(
+    build_mesh: MeshBuilder, server_cert: Callable[..., Issued], status_trans_id: int
+) -> None:
+    """RFC 3342 §4 with RFC 3340 §5.1: an originator asking both for status and for
+    hop-limit errors gets a report under each transID, and one alone when they are the
+    same transID."""
+    mesh = await build_mesh(**_loop(True, server_cert))
+    mesh.dns.set(
+        "_apex-mesh._tcp.loop.test", srv(0, 0, mesh.relay("b.test").port("mesh"), "b.test.")
+    )
+    fred = await mesh.attach(FRED)
+    [hopping] = apex_options.with_data_hopping([], 3, 4242)
+    hopping = dataclasses.replace(hopping, body=hopping.body.replace("false", "true"))
+    status = apex_options.make_status_request(status_trans_id, "final")
+    data = wire.Data(
+        wire.Originator(FRED),
+        [wire.Recipient("x@loop.test")],
+        [status, hopping],
+        content=wire.Content.from_bytes(b"round and round", "text/plain"),
+    )
+    await fred.channel.send(wire.encode(data))
+    mesh.sent += [Sent(fred, t, ["x@loop.test"]) for t in {4242, status_trans_id}]
+    await mesh.settle()
+
+    failed = [("x@loop.test", 554, "hop limit reached (routing loop?)")]
+    assert sorted((r.trans_id, r.destinations) for r in fred.reports) == [
+        (t, failed) for t in sorted({4242, status_trans_id})
+    ]
+
+
 @pytest_twisted.ensureDeferred
 async def test_hop_limit_reported_under_the_data_hopping_transid(
     build_mesh: MeshBuilder, server_cert: Callable[..., Issued], events: list[LogEvent]

@@ -650,11 +650,16 @@ class Relay:
             reason = "hop limit reached (routing loop?)"
             for recipient in recipients:
                 self._verdict(journey, recipient.identity, 554, reason, final=True)
-            if report_errors and journey.status is None:
+            if report_errors:
                 # RFC 3342 §4: reportErrors asks for a report under the option's own
-                # transID even when no statusRequest came with the data.
-                failed = [(r.identity, 554, reason) for r in recipients]
-                self.reports.report(journey.originator, trans_id, failed)
+                # transID, whether or not a statusRequest asked for one too; under the
+                # statusRequest's own transID, it is the same report.
+                reported = {(t, identity) for t, identity, _, _ in journey.reports}
+                journey.reports.extend(
+                    (trans_id, r.identity, 554, reason)
+                    for r in recipients
+                    if (trans_id, r.identity) not in reported
+                )
             return None
         data = journey.data
         # The count goes on in the data's own dataHopping option, if it has one that
