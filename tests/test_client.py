@@ -25,6 +25,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import provider
 
 from imxp.apex import wire
+from imxp.apex.address import Endpoint
 from imxp.apex.service import USERS_LOOK_SECONDS
 from imxp.beep.message import Message
 from imxp.beep.session import (
@@ -482,6 +483,27 @@ async def test_a_failing_on_data_callback_is_reported_to_the_sender(net: Net) ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_data_a_failing_on_data_refused_reaches_no_iterator(net: Net) -> None:
+    """451 is the application's answer as a whole: its sender may send it again, and an
+    iterator that got the refused one too would then see it twice."""
+    failing = [True]
+
+    def sometimes(incoming: Incoming) -> None:
+        if failing.pop(0):
+            raise RuntimeError("disk full")
+
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY, on_data=sometimes)
+    incoming = barney.incoming()
+    failing.append(False)
+
+    assert codes(await fred.send([BARNEY], b"first try")) == {BARNEY: 451}
+    assert codes(await fred.send([BARNEY], b"second try")) == {BARNEY: 250}
+    got = await defer.ensureDeferred(anext(incoming)).addTimeout(5, reactor)
+    assert got.body == b"second try"
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_async_on_data_bot_answers_while_awaiting_its_own_send(net: Net) -> None:
     """An ``async def`` on_data is run, not dropped as an unawaited coroutine; it may
     await a send of its own, whose report arrives on the very channel it is answering."""
@@ -892,6 +914,30 @@ async def test_close_lets_a_running_on_data_handler_end_and_send(net: Net, event
     assert codes(late) == {BARNEY: 450}
     assert late[BARNEY].text == "the application ended before taking it"
     assert [i.body for i in started] == [b"hello"]  # not started for the late one
+    assert not any(e["event"] == "client.handlers-cancelled" for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bot_that_says_goodbye_and_closes_from_its_handler_closes_at_once(
+    net: Net, events
+) -> None:
+    """The usual end of a bot: on "quit" it answers, awaits the report, and closes the
+    client from its own on_data. close() does not wait for that handler to end, which
+    waits for close(), nor cancel it: the handler goes on after close() returns."""
+    fred_inbox = Inbox()
+    fred = await net.connect(FRED, on_data=fred_inbox)
+    steps: list[str] = []
+
+    async def bot(incoming: Incoming) -> None:
+        await bot_client.send([incoming.originator], b"bye")
+        await bot_client.close()
+        steps.append("closed")
+
+    bot_client = await net.connect(BARNEY, on_data=bot)
+    assert codes(await fred.send([BARNEY], b"quit")) == {BARNEY: 250}
+    await until(lambda: steps == ["closed"])
+
+    assert [i.body for i in fred_inbox.items] == [b"bye"]
     assert not any(e["event"] == "client.handlers-cancelled" for e in events)
 
 
@@ -1592,3 +1638,60 @@ async def test_relays_that_all_answer_but_take_no_endpoints_are_a_protocol_error
     assert (error.kind, error.code) == ("protocol", None)
     assert error.message.startswith("no relay for a.test takes endpoints: ")
     assert all(f"a.test:{p} offers no SASL mechanism" in error.message for p in meshes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_apex_channel_the_relay_closes_is_connected_and_attached_anew(
+    net: Net, events
+) -> None:
+    """A relay may close the APEX channel and keep the BEEP session (RFC 3080
+    §2.3.1.3); the attachments end with the channel (RFC 3340 §6.1.1). The client
+    does not go on as if attached: it connects and attaches again."""
+    fred = await net.connect(FRED)
+    barney = Inbox()
+    await net.connect(BARNEY, on_data=barney)
+    relay = net.relays["a.test"].service.relay
+    session = fred._connection.session
+    attached = relay.attached[Endpoint.parse(FRED)]
+    assert attached.channel is not None
+
+    await attached.channel.close(200, "")
+    await until(lambda: fred.connected and fred._connection.session is not session)
+
+    assert codes(await fred.send([BARNEY], b"still here", timeout=10)) == {BARNEY: 250}
+    assert [e["event"] for e in events if e["event"] == "client.channel-closed"] == [
+        "client.channel-closed"
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endpoint_detached_while_reconnecting_stays_detached(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """detach() during a reconnection, which attaches the endpoints wanted when it
+    began: the relay is told to release the one detached, and data for it is refused."""
+    sub = "barney/x@b.test"
+    fred = await net.connect(FRED)
+    got = Inbox()
+    barney = await net.connect(BARNEY, on_data=got)
+    await barney.attach(sub)
+    session = barney._connection.session
+    open_apex = edge.Client._open_apex
+    detaching: list[defer.Deferred[None]] = []
+
+    async def detach_meanwhile(self, connection, *, initial):  # type: ignore[no-untyped-def]
+        opening = defer.ensureDeferred(open_apex(self, connection, initial=initial))
+        if self is barney and not initial and not detaching:
+            detaching.append(defer.ensureDeferred(barney.detach(sub)))
+        return await opening
+
+    monkeypatch.setattr(edge.Client, "_open_apex", detach_meanwhile)
+    session.transport.abortConnection()
+    await until(lambda: barney.connected and barney._connection.session is not session)
+    await detaching[0]
+    relay = net.relays["b.test"].service.relay
+    await until(lambda: Endpoint.parse(sub) not in relay.attached)
+
+    assert barney.endpoints == (BARNEY,)
+    assert codes(await fred.send([sub], b"after detach", timeout=10)) == {sub: 450}
+    assert got.items == []

@@ -69,6 +69,7 @@ endpoints: its mesh port, where no SASL is offered).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import itertools
 import random
@@ -162,6 +163,9 @@ _SERVICE_NOT_AVAILABLE = 421
 #: How long close() waits for the ``on_data`` handlers still running to end, and then for
 #: the relay's answers before it just disconnects.
 _CLOSE_TIMEOUT = 5.0
+# In an ``async def`` on_data handler, the Deferred of the handler itself (a list, filled
+# once the handler has one): close() called from it does not wait for it to end.
+_HANDLER: contextvars.ContextVar[list[defer.Deferred[None]]] = contextvars.ContextVar("handler")
 #: Why data is refused (450) once the client is closing.
 _ENDED = "the application ended before taking it"
 #: Seconds data waits, unanswered, for an ``incoming()`` iterator when neither one nor
@@ -434,6 +438,21 @@ class _APEXHandler(ChannelHandler):
             return answer.addCallback(wire.encode)
         return wire.encode(answer)
 
+    def channel_closed(self, reason: Failure | None) -> None:
+        session = self.connection.session
+        if reason is not None or self.client._closing or session is None:
+            return
+        # The relay closed the APEX channel and kept the session (RFC 3080 §2.3.1.3):
+        # every attachment ended with the channel (RFC 3340 §6.1.1). Ended once our ok
+        # to that close is written, the session is lost as any other, and the client
+        # connects and attaches anew.
+        log.warn(
+            "the relay at {where} closed the APEX channel: reconnecting",
+            where=self.connection.where,
+            event="client.channel-closed",
+        )
+        self.client._clock.callLater(0, session.disconnect)
+
 
 class _Pending:
     """One :meth:`Client.send` waiting for the final status of each recipient.
@@ -686,9 +705,13 @@ class Client:
         if key not in self._wanted:
             raise ValueError(f"not attached as {key}")
         self._wanted.remove(key)
-        connection = self._connection
-        trans_id = connection.trans_id_of(key) if connection is not None else None
-        if connection is None or connection.channel is None or trans_id is None:
+        if self._connection is not None:
+            await self._terminate(self._connection, key)
+
+    async def _terminate(self, connection: _Connection, key: str) -> None:
+        """Release the attachment as ``key`` made on ``connection``, if there is one."""
+        trans_id = connection.trans_id_of(key)
+        if connection.channel is None or trans_id is None:
             return
         try:
             await connection.channel.send(wire.encode(wire.Terminate(trans_id)))
@@ -1058,19 +1081,21 @@ class Client:
 
     async def _handlers_ended(self) -> list[defer.Deferred[None]]:
         """Wait up to :data:`_CLOSE_TIMEOUT` for the ``on_data`` handlers still running to
-        end: those still running then."""
-        if not self._handling:
+        end: those still running then. A handler that called close() is not among them:
+        it cannot end while it waits for close(), which would wait for it in vain."""
+        caller = _HANDLER.get([])
+        others = [going for going in self._handling if going not in caller]
+        if not others:
             return []
         ended: defer.Deferred[None] = defer.Deferred()
-        # A copy: each handler leaves the set as it ends.
-        defer.DeferredList(list(self._handling)).addCallback(
+        defer.DeferredList(others).addCallback(
             lambda _: None if ended.called else ended.callback(None)
         )
         try:
             await ended.addTimeout(_CLOSE_TIMEOUT, self._clock)
         except defer.TimeoutError:
             pass
-        return list(self._handling)
+        return [going for going in self._handling if going not in caller]
 
     # -- connecting ------------------------------------------------------------------
 
@@ -1328,10 +1353,13 @@ class Client:
         session = connection.session
         assert session is not None
         self._connection = connection
+        for key in set(connection.attached.values()).difference(self._wanted):
+            # Detached while this connection was being made, which attached it anyway.
+            defer.ensureDeferred(self._terminate(connection, key))
         log.info(
             "attached to the relay at {where} as {endpoints}",
             where=connection.where,
-            endpoints=list(connection.attached.values()),
+            endpoints=[key for key in connection.attached.values() if key in self._wanted],
             event="client.connected",
         )
         waiting, self._waiting = self._waiting, {}
@@ -1501,6 +1529,17 @@ class Client:
         self._arrivals += 1
         if not self._inboxes and self._on_data is None:
             return self._hold(arrival, incoming)
+        if self._on_data is not None and not self._call(
+            self._on_data,
+            incoming,
+            "on_data failed for data from {originator}",
+            running=self._handling,
+            originator=incoming.originator,
+            event="client.on-data-failed",
+        ):
+            # The sender learns it was not processed, rather than a false 250; and as for
+            # any refusal, before an iterator gets it: refused, it may well come again.
+            raise BEEPError(451, "the application failed to process the data")
         taken = self._on_data is not None
         # A copy: a consumer that stops as it takes this leaves the list meanwhile.
         for inbox in list(self._inboxes):
@@ -1512,16 +1551,6 @@ class Client:
         if not taken:
             self._unclaimed_refused(incoming)
             raise BEEPError(450, f"the application is behind: {_UNCLAIMED_LIMIT} data wait unread")
-        if self._on_data is not None and not self._call(
-            self._on_data,
-            incoming,
-            "on_data failed for data from {originator}",
-            running=self._handling,
-            originator=incoming.originator,
-            event="client.on-data-failed",
-        ):
-            # The sender learns it was not processed, rather than a false 250.
-            raise BEEPError(451, "the application failed to process the data")
         return wire.OK()
 
     def _call(
@@ -1546,7 +1575,14 @@ class Client:
         try:
             result = callback(argument)
             if inspect.isawaitable(result):
-                going = defer.ensureDeferred(result)  # type: ignore[arg-type]
+                handler: list[defer.Deferred[None]] = []
+                # The coroutine runs in a copy of the context as it is now.
+                token = _HANDLER.set(handler)
+                try:
+                    going = defer.ensureDeferred(result)  # type: ignore[arg-type]
+                finally:
+                    _HANDLER.reset(token)
+                handler.append(going)
                 if not going.called:
                     going.addErrback(
                         self._failed_later, message, fields, cancellable=running is not None
