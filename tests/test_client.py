@@ -709,6 +709,30 @@ async def test_data_a_loop_left_unread_goes_to_the_next_iterator(net: Net, event
 
 
 @pytest_twisted.ensureDeferred
+async def test_data_left_unread_when_the_client_closes_is_logged(net: Net, events) -> None:
+    """`imxp listen --count 1` with two data come at once: the second was answered 250
+    as it came, and nobody reads it. It cannot be refused any more; close() says so."""
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY)
+    all_sent: defer.Deferred[None] = defer.Deferred()
+
+    async def listen_for_one() -> None:
+        async for _incoming in barney.incoming():
+            await all_sent
+            break
+
+    looping = defer.ensureDeferred(listen_for_one())
+    for body in (b"one", b"two"):
+        assert codes(await fred.send([BARNEY], body)) == {BARNEY: 250}
+    all_sent.callback(None)
+    await looping
+    await barney.close()
+
+    [dropped] = [e for e in events if e["event"] == "client.unread-dropped"]
+    assert (dropped["count"], dropped["originators"]) == (1, [FRED])
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_iterator_dropped_before_its_first_step_keeps_nothing(net: Net) -> None:
     """``it = client.incoming()`` and then no loop after all: what it was given, answered
     250, stayed with it, read by nobody, and no later iterator got it."""

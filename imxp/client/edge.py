@@ -1047,6 +1047,15 @@ class Client:
         # A copy: what each wakes runs at once and takes itself off these books.
         for inbox in list(self._inboxes):
             inbox.end(None)
+        if self._unread:
+            # Answered 250 as they came, they cannot be refused now: said, not hidden.
+            log.warn(
+                "closing with {count} data that an ended incoming() iterator left unread",
+                count=len(self._unread),
+                originators=sorted({incoming.originator for _, incoming in self._unread}),
+                event="client.unread-dropped",
+            )
+            self._unread.clear()
         self._refuse_unclaimed(BEEPError(450, _ENDED))
         running = await self._handlers_ended()
         self._released = True
