@@ -13,17 +13,20 @@ false); one that is not ok has ``error``, the reason in words.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from imxp import logs
 
@@ -119,23 +122,38 @@ class ControlFactory(Factory):
 async def listen(reactor: Any, path: Path, factory: ControlFactory) -> IListeningPort | None:
     """Listen on the control socket at ``path``, or log why not and return None: the relay
     carries data without it. A lock file beside it (``path``.lock) tells a socket left by a
-    relay that died, which is replaced, from one that another relay is using."""
+    relay that died, which is replaced, from one that another relay is using: the lock is
+    the kernel's (flock), gone with the process that held it, whatever became of its pid."""
     where = str(path)
     if len(where.encode()) > MAX_PATH:
         reason = f"the path is longer than {MAX_PATH} octets; set control_socket to a shorter one"
     else:
-        endpoint = endpoints.UNIXServerEndpoint(reactor, where, mode=0o600, wantPID=True)
         try:
-            port: IListeningPort = await endpoint.listen(factory)
-        except Exception as e:  # CannotListenError, with the OSError or the lock as reason
-            reason = _listen_failure(e)
+            lock = _lock(path.with_name(path.name + ".lock"))
+        except OSError as e:
+            reason = f"cannot make its lock file: {e.strerror or e}"
         else:
-            log.info(
-                "control socket for imxp status and imxp reload: {path}",
-                path=where,
-                event="imxp.control-listening",
-            )
-            return port
+            if lock is None:
+                return _not_listening(where, "another running relay has it (its lock is held)")
+            if path.is_socket():
+                path.unlink()  # left by a relay that died
+            endpoint = endpoints.UNIXServerEndpoint(reactor, where, mode=0o600)
+            try:
+                port: IListeningPort = await endpoint.listen(factory)
+            except Exception as e:  # CannotListenError, with the OSError as reason
+                os.close(lock)
+                reason = _listen_failure(e)
+            else:
+                log.info(
+                    "control socket for imxp status and imxp reload: {path}",
+                    path=where,
+                    event="imxp.control-listening",
+                )
+                return _LockedPort(port, lock)
+    return _not_listening(where, reason)
+
+
+def _not_listening(where: str, reason: str) -> None:
     log.error(
         "no control socket at {path}: {reason}; imxp status and imxp reload cannot reach "
         "this relay (SIGUSR1 and SIGHUP still work)",
@@ -146,10 +164,46 @@ async def listen(reactor: Any, path: Path, factory: ControlFactory) -> IListenin
     return None
 
 
+def _lock(path: Path) -> int | None:
+    """An open descriptor of ``path`` locked for this process, or None if another holds
+    the lock."""
+    if path.is_symlink():
+        path.unlink()  # the pid lock (Twisted's FilesystemLock) earlier versions made
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@implementer(IListeningPort)
+class _LockedPort:
+    """The control socket's port, holding its lock until it stops listening."""
+
+    def __init__(self, port: IListeningPort, lock: int) -> None:
+        self._port = port
+        self._lock: int | None = lock
+
+    def startListening(self) -> None:
+        self._port.startListening()
+
+    def stopListening(self) -> defer.Deferred[None]:
+        return defer.maybeDeferred(self._port.stopListening).addBoth(self._unlock)
+
+    def getHost(self) -> Any:
+        return self._port.getHost()
+
+    def _unlock(self, result: object) -> object:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+        return result
+
+
 def _listen_failure(e: Exception) -> str:
     reason = getattr(e, "socketError", None) or e
-    if str(reason) == "Cannot acquire lock":
-        return "another running relay has it (its lock file is held)"
     if isinstance(reason, OSError):
         return reason.strerror or str(reason)
     return str(reason)

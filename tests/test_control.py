@@ -4,6 +4,7 @@ wrong command answered with its reason and logged, never a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -185,3 +186,33 @@ def test_imxp_status_shows_a_next_hops_failure_without_its_control_characters(
     assert "data in flight: 1\n" in out and "next hops: 1\n" in out
     assert "\x1b" not in out and "550 no\\x1b[2J\\x0anext hop c.test" in out
     assert out.count("\n") == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_left_by_a_relay_that_died_is_replaced_and_a_live_ones_kept(
+    tmp_path: Path,
+) -> None:
+    """Whatever pid an earlier lock names (a relay killed, its pid since reused, or pid
+    1 again in a container), only a running relay's lock keeps the socket from the next."""
+    path = tmp_path / "control"
+    os.symlink("1", tmp_path / "control.lock")  # the pid lock earlier versions made
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # and the socket, with nobody listening on it
+    relay = _Relay()
+    port = await control.listen(reactor, path, control.ControlFactory(relay.status, relay.reload))
+    assert port is not None
+    try:
+        answer = await threads.deferToThread(control.ask, path, "status")
+        assert answer["ok"]
+        with capturedLogs() as events:
+            second = await control.listen(
+                reactor, path, control.ControlFactory(relay.status, relay.reload)
+            )
+        assert second is None
+        (event,) = [e for e in events if e.get("event") == "imxp.control-failed"]
+        assert event["reason"] == "another running relay has it (its lock is held)"
+    finally:
+        await port.stopListening()
+    again = await control.listen(reactor, path, control.ControlFactory(relay.status, relay.reload))
+    assert again is not None
+    await again.stopListening()
