@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import pwd
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.internet import defer
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 
 from imxp import logs
@@ -58,6 +59,9 @@ class Options(usage.Options):
         Log events emitted here (what the first start created) are kept by twisted.logger
         until twistd starts logging, and then written to its log.
         """
+        if self["config"] is not None:
+            # Read again on reload, after twistd has changed to its --rundir.
+            self["config"] = os.path.abspath(self["config"])
         try:
             self.config = load(self["config"])
             logs.set_level(self.config.log_level)
@@ -142,8 +146,17 @@ class _Reloader:
         from imxp.apex.service import reconfigure
 
         try:
-            config = load(self.options["config"])
-            identity, trust = load_tls(config, log)
+            loaded = load(self.options["config"])
+            later = [
+                s.name for s in OPTIONS if not s.reload and _differs(self.started, loaded, s.name)
+            ]
+            # Until the restart the relay goes on as it started, and so do the files it
+            # reads: those of the state_dir and domain it started with.
+            config = dataclasses.replace(
+                loaded, **{name: getattr(self.started, name) for name in later}
+            )
+            with capturedLogs() as events:
+                identity, trust = load_tls(config, log)
             reconfigure(self.relay, config, identity, trust)
         except (ConfigError, ValueError) as e:
             return False, _logged(
@@ -168,7 +181,11 @@ class _Reloader:
             applied=f"changed: {', '.join(applied)}" if applied else "no option changed",
             event="imxp.reloaded",
         )
-        later = [s.name for s in OPTIONS if not s.reload and _differs(self.started, config, s.name)]
+        # What load_tls warned of (a certificate that does not name the domain, or that
+        # expires soon) goes to the one who asked too.
+        for event in events:
+            if event["log_level"] >= LogLevel.warn:
+                said += "\n" + formatEvent(event)
         if later:
             said += "\n" + _logged(
                 log.warn,

@@ -19,7 +19,7 @@ from imxp import logs
 from imxp.apex.relay import Relay
 from imxp.apex.service import RelayService
 from imxp.config import Config
-from imxp.tap import Options, makeService
+from imxp.tap import Options, _Reloader, makeService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,3 +173,77 @@ def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
         f"{path}: option 'log_level': must be one of debug, info, warn, error, critical, "
         "got 'verbose'"
     )
+
+
+class _Reconfigured:
+    """Stands in for imxp.apex.service.reconfigure: what a reload handed the relay."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import imxp.apex.service
+
+        self.configs: list[Config] = []
+        monkeypatch.setattr(imxp.apex.service, "reconfigure", self)
+
+    def __call__(self, relay: object, config: Config, identity: object, trust: object) -> None:
+        self.configs.append(config)
+
+
+def test_a_relative_config_is_read_again_after_twistd_changed_to_its_rundir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reconfigured = _Reconfigured(monkeypatch)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "relay.toml").write_text('domain = "a.test"\n')
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "etc")
+    options = Options()
+    options.parseOptions(["-c", "relay.toml"])
+    monkeypatch.chdir(tmp_path / "run")  # twistd --rundir
+
+    reloaded, said = _Reloader(options, None)("imxp reload")  # type: ignore[arg-type]
+
+    assert reloaded, said
+    assert [c.source for c in reconfigured.configs] == [str(tmp_path / "etc" / "relay.toml")]
+
+
+def test_a_reload_keeps_the_state_dir_the_relay_started_with_until_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed state_dir takes a restart: the reload says so, and goes on with the files
+    of the state directory in use rather than refusing for want of those of the new one."""
+    reconfigured = _Reconfigured(monkeypatch)
+    path = tmp_path / "relay.toml"
+    path.write_text('domain = "a.test"\n')
+    options = Options()
+    options.parseOptions(["-c", str(path)])
+    path.write_text('domain = "a.test"\nstate_dir = "elsewhere"\nmax_hops = 5\n')
+
+    reloaded, said = _Reloader(options, None)("SIGHUP")  # type: ignore[arg-type]
+
+    assert reloaded, said
+    assert "changed: max_hops" in said and "state_dir changed in" in said
+    [config] = reconfigured.configs
+    assert (config.state_dir, config.max_hops) == (options.config.state_dir, 5)
+
+
+def test_a_reload_tells_who_asked_of_a_certificate_that_does_not_name_the_domain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`imxp reload` after a renewal (a certbot hook) prints the warning the log has."""
+    _Reconfigured(monkeypatch)
+    for domain in ("a.test", "b.test"):
+        (tmp_path / domain).mkdir()
+        (tmp_path / domain / "relay.toml").write_text(f'domain = "{domain}"\n')
+    options = Options()
+    options.parseOptions(["-c", str(tmp_path / "a.test" / "relay.toml")])
+    other = Options()
+    other.parseOptions(["-c", str(tmp_path / "b.test" / "relay.toml")])
+    for name in ("relay.pem", "relay.key"):
+        (tmp_path / "a.test" / "imxp-state" / name).write_bytes(
+            (tmp_path / "b.test" / "imxp-state" / name).read_bytes()
+        )
+
+    reloaded, said = _Reloader(options, None)("imxp reload")  # type: ignore[arg-type]
+
+    assert reloaded
+    assert "does not name a.test" in said
