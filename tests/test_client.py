@@ -1532,6 +1532,15 @@ async def test_wrong_password(net: Net) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_password_sasl_cannot_carry_is_an_auth_error(net: Net) -> None:
+    """RFC 4013: SASLprep forbids control characters. No relay takes such a password,
+    and the error says so as any refused login does, not as a bug of the library."""
+    error = await refused_with(net, FRED, password="x\x01")
+    assert error.kind == "auth"
+    assert "control characters" in error.message
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_domain(net: Net) -> None:
     error = await refused_with(net, "fred@nowhere.test")
     assert error.kind == "unknown-domain"

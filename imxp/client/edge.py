@@ -1263,16 +1263,21 @@ class Client:
                 f" (it offers {', '.join(others) or 'none'})",
             )
         mechanism: ClientMechanism
-        if name == "EXTERNAL":
-            mechanism, identity = ExternalClient(), None
-        elif name == "PLAIN":
-            assert settings.password is not None
-            mechanism = PlainClient(settings.username, settings.password, tls_active=True)
-            identity = settings.username
-        else:
-            assert settings.password is not None
-            mechanism = ScramSHA256Client(settings.username, settings.password)
-            identity = settings.username
+        try:
+            if name == "EXTERNAL":
+                mechanism, identity = ExternalClient(), None
+            elif name == "PLAIN":
+                assert settings.password is not None
+                mechanism = PlainClient(settings.username, settings.password, tls_active=True)
+                identity = settings.username
+            else:
+                assert settings.password is not None
+                mechanism = ScramSHA256Client(settings.username, settings.password)
+                identity = settings.username
+        except ValueError as e:
+            # Credentials SASLprep refuses (RFC 4013: control characters, say): no relay
+            # would take them, nor will this one later.
+            raise ClientError("auth", f"{e} (user {settings.username!r})") from None
         try:
             await authenticate(session, mechanism, identity=identity)
         except BEEPError as e:
