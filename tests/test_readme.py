@@ -77,3 +77,23 @@ def test_every_imxp_command_line_in_the_readme_is_accepted() -> None:
             parser.parse_args(shlex.split(line))
         except SystemExit:
             raise AssertionError(f"README: `imxp {line}` is refused by imxp") from None
+
+
+def test_every_log_event_of_imxp_has_the_event_key_the_readme_promises() -> None:
+    """README, Logs: a log processor picks events by their ``event`` key; one logged
+    without it (a login, a crash) would escape every filter and alert written that way."""
+    import ast
+
+    unnamed = []
+    for path in sorted((ROOT / "imxp").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("debug", "info", "warn", "error", "critical", "failure")
+                and isinstance(logger := node.func.value, ast.Name | ast.Attribute)
+                and (logger.id if isinstance(logger, ast.Name) else logger.attr) == "log"
+                and not any(keyword.arg in ("event", None) for keyword in node.keywords)
+            ):
+                unnamed.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert unnamed == []

@@ -498,7 +498,12 @@ class Router:
         if isinstance(result, Failure):
             # A bug, not DNS (_lookup turns DNS errors into answers): fail these deliveries
             # for now rather than leave them waiting forever.
-            log.failure("routing lookup for {domain} crashed", result, domain=name)
+            log.failure(
+                "routing lookup for {domain} crashed",
+                result,
+                domain=name,
+                event="apex.internal-error",
+            )
             result = _Answer((), "internal error in the router", False, self._clock.seconds())
         self._cache.pop(name, None)
         if result.expires > self._clock.seconds():

@@ -368,6 +368,7 @@ class _ServerBase:
                 mechanism=self.name,
                 username=self._username,
                 peer=self._peer,
+                event="beep.sasl-internal-error",
             )
             result = Failure(
                 ReplyCode.TEMPORARY_FAILURE,
@@ -383,6 +384,7 @@ class _ServerBase:
                 mechanism=self.name,
                 identity=result.identity,
                 anonymous=result.anonymous,
+                event="beep.sasl-success",
                 peer=self._peer,
             )
         elif isinstance(result, Failure):
@@ -465,7 +467,12 @@ class AnonymousServer(_ServerBase):
         except ValueError as e:
             raise _Refuse(ReplyCode.PARAMETER_SYNTAX_ERROR, f"bad trace: {e}") from None
         peer, logout = await self._login(Anonymous())
-        log.info("SASL ANONYMOUS trace {trace!r} from {peer}", trace=trace, peer=self._peer)
+        log.info(
+            "SASL ANONYMOUS trace {trace!r} from {peer}",
+            trace=trace,
+            peer=self._peer,
+            event="beep.sasl-anonymous-trace",
+        )
         return Success(peer.identity, anonymous=peer.anonymous, logout=logout)
 
 

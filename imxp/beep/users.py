@@ -287,7 +287,11 @@ class UserStore:
         users, secret = self._read()
         mode = self.path.stat().st_mode if stamp is not None else 0
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warn("user file {path} is accessible to others", path=str(self.path))
+            log.warn(
+                "user file {path} is accessible to others",
+                path=str(self.path),
+                event="imxp.users-exposed",
+            )
         self._take_secret(secret)
         self._seen = stamp
         self._replace(users)
