@@ -1435,7 +1435,9 @@ def _writable(force: bool, *paths: Path) -> None:
         verb = "exists" if len(existing) == 1 else "exist"
         raise Failed(Exit.CONFIG, f"{' and '.join(existing)} already {verb} (--force replaces)")
     for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Made here, a directory holds keys; in the README's walk-through it becomes a
+        # relay's state directory, with its users file and control socket.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def _validity(args: argparse.Namespace) -> dict[str, int]:

@@ -471,6 +471,7 @@ async def test_certs_make_a_ca_relay_and_endpoint_certificates_that_verify(net: 
     assert client_identity(client.certificate) == FRED
     for key in ("ca/ca.key", "relay/relay.key", f"fred/{FRED}.key"):
         assert (net.tmp / key).stat().st_mode & 0o777 == 0o600
+        assert (net.tmp / key).parent.stat().st_mode & 0o777 == 0o700
 
     # Never overwritten by accident.
     before = (net.tmp / "relay/relay.pem").read_bytes()
