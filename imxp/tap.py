@@ -59,15 +59,15 @@ class Options(usage.Options):
         Log events emitted here (what the first start created) are kept by twisted.logger
         until twistd starts logging, and then written to its log.
         """
-        if self["config"] is not None:
-            # Read again on reload, after twistd has changed to its --rundir.
-            self["config"] = os.path.abspath(self["config"])
         try:
             self.config = load(self["config"])
             logs.set_level(self.config.log_level)
             self.prepared = prepare(self.config, log, owner=self._runs_as())
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self["config"] is not None:
+            # Read again on reload, after twistd has changed to its --rundir.
+            self["config"] = os.path.abspath(self["config"])
 
     def _runs_as(self) -> tuple[int, int] | None:
         """(uid, gid) that twistd switches to after starting (``--uid``, ``--gid``), or None.
