@@ -1090,13 +1090,8 @@ class Session(Protocol):
         self._tuning = True
 
     def end_tuning(self) -> None:
-        """Our tuning request was declined; traffic flows again, that of the channels
-        :meth:`_flush` passed over meanwhile too."""
+        """Our tuning request was declined; traffic flows again."""
         self._tuning = False
-        for channel in self._channels.values():
-            if channel._queue and not channel._in_ready:
-                channel._in_ready = True
-                self._ready.append(channel)
         self._flush()
 
     def expect_silence(self, *, seq_allowed: bool = False) -> None:
@@ -1762,14 +1757,18 @@ class Session(Protocol):
             ready = self._ready
             frame_size = self.config.frame_size
             tuning = self._tuning
+            held: list[Channel] | None = None
             while ready:
                 channel = ready.popleft()
-                if (
-                    not channel._queue
-                    or channel.session is not self
-                    or not channel._announced
-                    or (tuning and channel.number)
-                ):
+                if tuning and channel.number:
+                    # Only channel zero speaks while tuning (§3.1.3.1); the others keep
+                    # their place until it ends: declined (end_tuning), or in a reset.
+                    if held is None:
+                        held = [channel]
+                    else:
+                        held.append(channel)
+                    continue
+                if not channel._queue or channel.session is not self or not channel._announced:
                     channel._in_ready = False
                     continue
                 frame = channel._next_frame(frame_size)
@@ -1786,6 +1785,8 @@ class Session(Protocol):
                         drained = [channel]
                     elif channel not in drained:
                         drained.append(channel)
+            if held is not None:
+                ready.extend(held)
         if parts:
             self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
         if self._after_write:
