@@ -43,6 +43,11 @@ of one user, so that one verifier serves them all), divided by their number; 8 l
 once, and the time per login is printed too (SCRAM's 4096 PBKDF2 rounds are paid by the
 client).
 
+Each measure of rate or latency also reads the share of the machine's CPU time that the
+hypervisor gave to other guests meanwhile (steal, from /proc/stat; 0 on bare metal): a
+process that is ready to run waits for the host, and that wait is in every latency taken
+then, the ceiling's too. The table gives its median and maximum per chain.
+
 Process layout: each relay (and each pass-through or forwarder) runs in a process of its own
 and the two endpoints in this one, so three busy processes share the machine's cores for
 each chain under measure - two cores on the reference machine; the other chains' sit idle -
@@ -87,7 +92,7 @@ from twisted.logger import (
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
-from bench.procstat import CPUMeter
+from bench.procstat import CPUMeter, StealMeter
 from imxp import logs
 from imxp.apex import wire
 from imxp.apex.service import build_relay
@@ -474,9 +479,10 @@ async def _drain(chain: _Chain, timeout: float = 60.0) -> None:
 
 async def max_rate(
     chain: _Chain, seconds: float, depth: int, warmup: float = 1.0
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, float], float]:
     """Messages per second arriving at the recipient with ``depth`` in flight end to end,
-    and the CPU seconds each of the chain's processes spent per message meanwhile.
+    the CPU seconds each of the chain's processes spent per message meanwhile, and the
+    share of the machine's CPU time stolen by the hypervisor meanwhile.
 
     The window is end to end (sent, not yet at the recipient) rather than up to the first
     hop's acknowledgement: a relay says ``ok`` as soon as it has taken a data, so a window
@@ -497,19 +503,22 @@ async def max_rate(
         one()
     await _sleep(warmup)
     start, first = time.perf_counter(), books.received
-    meter = CPUMeter(chain.processes)
+    meter, steal = CPUMeter(chain.processes), StealMeter()
     meter.start()
+    steal.start()
     await _sleep(seconds)
     elapsed, count = time.perf_counter() - start, books.received - first
     meter.stop()
+    steal.stop()
     running = False
     books.on_arrival = None
     await _drain(chain)
-    return count / elapsed, meter.per(count)
+    return count / elapsed, meter.per(count), steal.share
 
 
-async def latency(chain: _Chain, rate: float, seconds: float) -> tuple[float, float, int]:
-    """p50 and p99 (seconds) of send -> receipt with sends paced at ``rate`` per second."""
+async def latency(chain: _Chain, rate: float, seconds: float) -> tuple[float, float, int, float]:
+    """p50 and p99 (seconds) of send -> receipt with sends paced at ``rate`` per second,
+    the number of samples, and the share of the machine's CPU time stolen meanwhile."""
     books = chain.books
     books.latencies.clear()
     first = books.next_seq
@@ -524,18 +533,22 @@ async def latency(chain: _Chain, rate: float, seconds: float) -> tuple[float, fl
             books.sent_at[seq] = time.perf_counter()
             chain.send(seq).addErrback(_report_failure)
 
+    steal = StealMeter()
+    steal.start()
     pacer = task.LoopingCall(tick)
     pacer.start(0.002)
     await _sleep(seconds)
     pacer.stop()
     await _drain(chain)
+    steal.stop()
     samples = sorted(books.latencies.values())
     if not samples:
-        return float("nan"), float("nan"), 0
+        return float("nan"), float("nan"), 0, steal.share
     return (
         samples[len(samples) // 2],
         samples[min(len(samples) - 1, int(len(samples) * 0.99))],
         len(samples),
+        steal.share,
     )
 
 
@@ -598,6 +611,8 @@ class _Figures:
     # p50 and p99 at the relay chain's half load, and at --load, per chain
     at_chain_half: dict[str, tuple[float, float]] = field(default_factory=dict)
     at_load: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # the share of the machine's CPU time stolen by the hypervisor in each measure, per chain
+    steal: dict[str, list[float]] = field(default_factory=dict)
     # CPU seconds per message at the highest rate, by process, per chain
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     rss_per_endpoint: float = float("nan")
@@ -617,9 +632,13 @@ async def _max_rates(
     rounds: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name in names}
     for number in range(args.rounds):
         for name in names if number % 2 == 0 else names[::-1]:
-            rate, cpu = await max_rate(chains[name], args.seconds, args.depth)
+            rate, cpu, steal = await max_rate(chains[name], args.seconds, args.depth)
             rounds[name].append((rate, cpu))
-            print(f"{name}: {rate:,.0f} msg/s (round {number + 1})", file=sys.stderr)
+            figures.steal.setdefault(name, []).append(steal)
+            print(
+                f"{name}: {rate:,.0f} msg/s (round {number + 1}; {steal:.0%} stolen)",
+                file=sys.stderr,
+            )
     for name, results in rounds.items():
         figures.rounds[name] = [rate for rate, _ in results]
         figures.rate[name] = statistics.median(figures.rounds[name])
@@ -631,10 +650,11 @@ async def _max_rates(
 
 async def _latencies(name: str, chain: _Chain, args: argparse.Namespace, figures: _Figures) -> None:
     async def latency_at(load: float) -> tuple[float, float, int]:
-        p50, p99, n = await latency(chain, load, args.seconds)
+        p50, p99, n, steal = await latency(chain, load, args.seconds)
+        figures.steal.setdefault(name, []).append(steal)
         print(
             f"{name}: at {load:,.0f} msg/s p50 {p50 * 1e3:.2f} ms p99 {p99 * 1e3:.2f} ms "
-            f"({n} samples)",
+            f"({n} samples; {steal:.0%} stolen)",
             file=sys.stderr,
         )
         return p50, p99, n
@@ -861,6 +881,14 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
             _latency_row("p50 / p99 at chain's half load", figures.at_chain_half, names)
         if args.load:
             _latency_row(f"p50 / p99 at {args.load:,.0f} msg/s", figures.at_load, names)
+        label = "CPU time stolen by the hypervisor, median / max"
+        print(
+            f"{label:<46}"
+            + "".join(
+                f"{f'{statistics.median(figures.steal[n]):.0%} / {max(figures.steal[n]):.0%}':>14}"
+                for n in names
+            )
+        )
     if figures.endpoints:
         print(
             f"{f'RSS per idle endpoint ({figures.endpoints:,} attached, KB)':<46}"
