@@ -138,7 +138,7 @@ from imxp.client import (
     connect,
     open_incoming,
 )
-from imxp.config import Config, ConfigError, load, resolver_addresses
+from imxp.config import Config, ConfigError, control_socket, load, resolver_addresses
 from imxp.e2e import smime
 from imxp.e2e.cpim import CPIMError, CPIMMessage
 from imxp.e2e.pgp import OpenPGP
@@ -1637,7 +1637,7 @@ def _users_list(args: argparse.Namespace) -> int:
 def _ask_relay(args: argparse.Namespace, command: str) -> Mapping[str, Any]:
     """The answer to ``command`` from the relay that ``args.config`` describes, through its
     control socket (:mod:`imxp.control`)."""
-    path = load(args.config).path("control_socket")
+    path = control_socket(args.config)
     try:
         return control.ask(path, command)
     except control.ControlError as e:

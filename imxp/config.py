@@ -666,6 +666,35 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     if path is None:
         return Config()
     source = os.fspath(path)
+    data = _read(source)
+    for key in data:
+        if key not in _SPECS:
+            close = difflib.get_close_matches(key, _SPECS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(source, None, f"unknown option {key!r}{hint}")
+    return Config(**data, source=source)
+
+
+def control_socket(path: str | os.PathLike[str] | None) -> Path:
+    """The control socket of the relay that the file at ``path`` configures (None: the
+    built-in default's), from its ``state_dir`` and ``control_socket`` alone.
+
+    ``imxp status`` and ``imxp reload`` need no more of it: a mistake elsewhere in a file
+    being edited must not keep an operator from asking the relay what it is doing, and
+    on reload the relay judges the whole file itself, and says what it refused.
+
+    :raises ConfigError: the file cannot be read, is not TOML, or either option is wrong.
+    """
+    if path is None:
+        return Config().path("control_socket")
+    source = os.fspath(path)
+    data = _read(source)
+    where = {name: data[name] for name in ("state_dir", "control_socket") if name in data}
+    return Config(**where, source=source).path("control_socket")
+
+
+def _read(source: str) -> dict[str, Any]:
+    """The TOML table in the file at ``source``."""
     try:
         with open(source, "rb") as f:
             data = tomllib.load(f)
@@ -680,12 +709,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(
             source, None, f"not UTF-8 (TOML files are): octet {octet:#04x} on line {line}"
         ) from None
-    for key in data:
-        if key not in _SPECS:
-            close = difflib.get_close_matches(key, _SPECS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(source, None, f"unknown option {key!r}{hint}")
-    return Config(**data, source=source)
+    return data
 
 
 def session_config(config: Config) -> SessionConfig:

@@ -454,7 +454,8 @@ async def test_imxp_status_and_imxp_reload_ask_the_running_relay(tmp_path: Path)
     """The operator asks the relay itself rather than reading its log, as with postqueue or
     prosodyctl: `imxp status` prints what it is doing, `--json` the same for a monitoring
     script, and `imxp reload` says what the reload changed, or exits 8 with the reason the
-    relay refused the file while it goes on as it was. Only the relay's user may ask (the
+    relay refused the file while it goes on as it was; a mistake elsewhere in the file does
+    not keep the command from finding the relay. Only the relay's user may ask (the
     socket's mode is 0600), and with the relay gone the command says no relay answers."""
     edge, mesh, closed = free_ports(3)
     _prepare_users(tmp_path / "imxp-state", "fred")
@@ -493,6 +494,16 @@ async def test_imxp_status_and_imxp_reload_ask_the_running_relay(tmp_path: Path)
         assert "renewed.pem does not exist" in err
         code, out, err = await _imxp(tmp_path, "status", "--config", str(config))
         assert code == 0 and "data in flight: 1\n" in out
+
+        # A mistake being edited, away from the options that name the socket: status still
+        # answers, and the relay itself refuses the reload and names the option.
+        config.write_text(config.read_text() + "delivry_timeout = 30.0\n")
+        code, out, err = await _imxp(tmp_path, "status", "--config", str(config))
+        assert (code, err) == (0, "") and "data in flight: 1\n" in out
+        code, out, err = await _imxp(tmp_path, "reload", "--config", str(config))
+        assert code == 8 and "not reloaded, the relay goes on as it was" in err
+        assert f"{config}: unknown option 'delivry_timeout'" in err
+        assert "did you mean 'delivery_timeout'?" in err
 
         relay.send_signal(signal.SIGTERM)
         await until(lambda: relay.poll() is not None, "the relay to stop", 30)

@@ -17,6 +17,7 @@ from imxp.config import (
     Config,
     ConfigError,
     OptionSpec,
+    control_socket,
     load,
     offered_mechanisms,
     reference_markdown,
@@ -312,6 +313,20 @@ def test_paths_are_relative_to_the_file_then_to_state_dir(
         config.paths("tls_key")
     with pytest.raises(ValueError):
         config.path("domain")
+
+
+def test_the_control_socket_is_found_whatever_else_the_file_gets_wrong(tmp_path: Path) -> None:
+    """What `imxp status` and `imxp reload` read: the file's state_dir and control_socket,
+    so that a mistake being edited elsewhere leaves the relay reachable."""
+    editing = 'state_dir = "state"\nwindow = "big"\ndelivry_timeout = 3\n'
+    assert control_socket(write(tmp_path, editing)) == tmp_path / "state" / "control"
+    named = write(tmp_path, 'control_socket = "/run/imxp/control"\nwindow = "big"\n')
+    assert control_socket(named) == Path("/run/imxp/control")
+    assert control_socket(None) == Path.cwd() / "imxp-state" / "control"
+    with pytest.raises(ConfigError, match=r"imxp\.toml: option 'state_dir'"):
+        control_socket(write(tmp_path, "state_dir = 7\n"))
+    with pytest.raises(ConfigError, match=r"imxp\.toml: not valid TOML"):
+        control_socket(write(tmp_path, "window = \n"))
 
 
 def test_an_absolute_state_dir_stays(tmp_path: Path) -> None:
