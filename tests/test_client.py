@@ -552,6 +552,30 @@ async def test_an_async_on_data_that_fails_later_is_logged(net: Net, events) -> 
     assert failed["log_failure"].check(RuntimeError)
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "error", "message"),
+    [
+        ("backoff", (0, 60), ValueError, r"each backoff delay is seconds, more than 0"),
+        ("backoff", (10, 1.5), ValueError, r"first delay is longer than its longest"),
+        ("backoff", 5, TypeError, r"backoff is \(first, longest\) delay in seconds, not 5"),
+        ("connect_timeout", 0, ValueError, r"connect_timeout is seconds, more than 0"),
+        ("connect_timeout", "30", TypeError, r"connect_timeout is seconds \(a number\)"),
+        ("unclaimed_wait", -1, ValueError, r"unclaimed_wait is seconds, more than 0"),
+        ("unclaimed_wait", float("inf"), ValueError, r"and finite, not inf"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_connect_refuses_delays_it_could_not_keep(
+    net: Net, option: str, value: object, error: type[Exception], message: str
+) -> None:
+    """Refused at once, naming the parameter, rather than found out later: with a backoff
+    of 0 a client of a relay that is down would try again without pause, as would every
+    client of it; a connect_timeout of 0 fails every connection; a string fails deep in
+    the reactor's timers after the client was made."""
+    with pytest.raises(error, match=message):
+        await net.connect(FRED, **{option: value})
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_slow_async_on_data_is_refused_450_past_its_limit(net: Net, events) -> None:
     """A gateway's on_data awaits something slow (a database) for each data. With

@@ -1793,16 +1793,29 @@ def _for_good(error: ClientError) -> bool:
     return error.kind in ("auth", "refused") and error.code != 554
 
 
-def check_timeout(timeout: float) -> None:
+def check_timeout(timeout: float, name: str = "timeout") -> None:
     """Raise TypeError or ValueError unless ``timeout`` is what :meth:`Client.send` takes:
     seconds, more than 0, or the data could not even be handed to the relay, and finite
     as a float, as the reactor's timers need (an int beyond the largest float is not).
     None is not "no timeout": waiting for ever for a report that may never come is what
-    the timeout is there to prevent (the default is :data:`REPORT_TIMEOUT`)."""
+    the timeout is there to prevent (the default is :data:`REPORT_TIMEOUT`). ``name``
+    is the parameter's, for the message."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout is seconds (a number), not {timeout!r}")
+        raise TypeError(f"{name} is seconds (a number), not {timeout!r}")
     if not 0 < timeout <= sys.float_info.max:  # NaN is neither; an int is compared exactly
-        raise ValueError(f"timeout is seconds, more than 0 and finite, not {timeout!r}")
+        raise ValueError(f"{name} is seconds, more than 0 and finite, not {timeout!r}")
+
+
+def _check_backoff(backoff: tuple[float, float]) -> None:
+    """Raise TypeError or ValueError unless ``backoff`` is a first and a longest delay
+    that :meth:`Client._reconnect` can use: with a delay of 0 a client of a relay that
+    is down would try again without pause, and so would every other client of it."""
+    if not isinstance(backoff, tuple | list) or len(backoff) != 2:
+        raise TypeError(f"backoff is (first, longest) delay in seconds, not {backoff!r}")
+    for delay in backoff:
+        check_timeout(delay, "each backoff delay")
+    if backoff[0] > backoff[1]:
+        raise ValueError(f"backoff's first delay is longer than its longest: {backoff!r}")
 
 
 def _endpoints_not_one(endpoints: Sequence[str], name: str) -> None:
@@ -1948,8 +1961,10 @@ async def connect(
         default), and every later answer on the channel, status reports for the
         handlers' own sends among them, would wait behind it (RFC 3080 §2.6.1).
     :raises ClientError: with the ``kind`` of failure (see the module documentation).
-    :raises ValueError: for an ``endpoint`` or ``relay`` that is malformed, or an
-        ``on_data_limit`` less than 1 (TypeError for one that is not an int).
+    :raises ValueError: for an ``endpoint`` or ``relay`` that is malformed, an
+        ``on_data_limit`` less than 1, or a delay of ``backoff``, a ``connect_timeout``
+        or an ``unclaimed_wait`` that is not more than 0 seconds and finite, or a first
+        delay longer than the longest (TypeError for values of the wrong type).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -1960,6 +1975,9 @@ async def connect(
         raise TypeError(f"on_data_limit is a number of handlers, not {on_data_limit!r}")
     if on_data_limit < 1:
         raise ValueError(f"on_data_limit is at least 1 handler, not {on_data_limit}")
+    _check_backoff(backoff)
+    check_timeout(connect_timeout, "connect_timeout")
+    check_timeout(unclaimed_wait, "unclaimed_wait")
     chosen = mechanism or ("EXTERNAL" if client_certificate is not None else SCRAM_SHA_256)
     if chosen not in (SCRAM_SHA_256, "PLAIN", "EXTERNAL"):
         raise ValueError(f"SASL mechanism {chosen} is not supported here")
