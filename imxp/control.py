@@ -126,7 +126,7 @@ async def listen(reactor: Any, path: Path, factory: ControlFactory) -> IListenin
     the kernel's (flock), gone with the process that held it, whatever became of its pid."""
     where = str(path)
     if len(where.encode()) > MAX_PATH:
-        reason = f"the path is longer than {MAX_PATH} octets; set control_socket to a shorter one"
+        reason = _TOO_LONG
     else:
         try:
             lock = _lock(path.with_name(path.name + ".lock"))
@@ -151,6 +151,9 @@ async def listen(reactor: Any, path: Path, factory: ControlFactory) -> IListenin
                 )
                 return _LockedPort(port, lock)
     return _not_listening(where, reason)
+
+
+_TOO_LONG = f"the path is longer than {MAX_PATH} octets; set control_socket to a shorter one"
 
 
 def _not_listening(where: str, reason: str) -> None:
@@ -214,6 +217,9 @@ def ask(path: Path, command: str, timeout: float = 30.0) -> Answer:
 
     Blocking, for the command line. Raises :class:`ControlError` when there is no answer.
     """
+    if len(str(path).encode()) > MAX_PATH:
+        # The relay could not have made it either (see listen), and said so in its log.
+        raise ControlError(f"no relay answers at {path}: {_TOO_LONG}", unreachable=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
         connection.settimeout(timeout)
         try:

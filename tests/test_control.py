@@ -127,6 +127,16 @@ def test_ask_says_when_no_relay_answers_or_the_answer_is_not_a_relays(tmp_path: 
     with pytest.raises(control.ControlError, match="no relay answers at") as raised:
         control.ask(tmp_path / "control", "status")
     assert raised.value.unreachable
+    # A path no Unix socket can have: the relay could not listen there either, and the
+    # operator is told what to change rather than the socket module's "path too long".
+    deep = tmp_path / ("d" * 110) / "control"
+    with pytest.raises(control.ControlError) as raised:
+        control.ask(deep, "status")
+    assert str(raised.value) == (
+        f"no relay answers at {deep}: the path is longer than 107 octets; set "
+        "control_socket to a shorter one"
+    )
+    assert raised.value.unreachable
     # Something else listens there and answers nonsense.
     path = tmp_path / "other"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
