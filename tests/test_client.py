@@ -1278,6 +1278,38 @@ async def test_reconnecting_gives_up_when_the_credentials_stop_working(net: Net)
 
 
 @pytest_twisted.ensureDeferred
+async def test_close_while_reconnecting_ends_the_client_closed_whatever_the_attempt_meets(
+    net: Net,
+) -> None:
+    """The application closes the client while an attempt to reconnect is under way, and
+    that attempt then meets a refusal for good. The application asked for the end it got:
+    ended() succeeds, as after any close, rather than fail with a refusal that came
+    after it let go."""
+    [port] = free_ports(1)
+    listen = [f"tcp:{port}:interface=127.0.0.1"]
+    old = await net.start("a.test", edge_listen=listen)
+    fred = await net.connect(FRED, backoff=(0.05, 0.05))
+    await old.service.stopService()
+    closing: list[defer.Deferred[None]] = []
+
+    @provider(ILogObserver)
+    def close_as_refused(event: LogEvent) -> None:
+        # The relay refuses the password; its answer has not reached the client yet.
+        if event.get("event") == "beep.sasl-failure" and not closing:
+            closing.append(defer.ensureDeferred(fred.close()))
+
+    globalLogPublisher.addObserver(close_as_refused)
+    try:
+        await net.start("a.test", ("wilma",), edge_listen=listen)
+        await until(lambda: bool(closing), 10)
+        await closing[0]
+    finally:
+        globalLogPublisher.removeObserver(close_as_refused)
+
+    assert await fred.ended() is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_reconnecting_gives_up_when_the_relay_takes_no_endpoints_any_more(
     net: Net,
 ) -> None:

@@ -1426,6 +1426,8 @@ class Client:
                 await self._establish(initial=False)
                 return
             except ClientError as e:
+                if self._closing:
+                    return  # closed meanwhile: the application chose this end, not the relay
                 if _for_good(e):
                     # Trying again would meet the same answer for ever: a person has to act.
                     self._fail(e)
