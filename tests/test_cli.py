@@ -218,6 +218,43 @@ async def test_what_a_sender_writes_cannot_rewrite_the_listeners_terminal(net: N
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_text_that_cannot_be_decoded_is_described_and_listen_goes_on(net: Net) -> None:
+    """A sender chooses its text's charset and Content-Type parameters: one that names no
+    text encoding (idna, undefined, an RFC 2231 value in one) is described by type and
+    size, as binary content is, and the listener goes on to show what comes next, in
+    either output form, rather than end (exit 9) with the rest answered 450."""
+    cpim_head = f"From: <im:{FRED}>\r\nTo: <im:{BARNEY}>\r\nDateTime: 2026-11-23T00:00:00Z\r\n\r\n"
+    hostile = {
+        "idna.cpim": (
+            "message/cpim",
+            cpim_head + 'Content-Type: text/plain; charset="idna"\r\n\r\nhi',
+        ),
+        "undefined.txt": ('text/plain; charset="undefined"', "hi"),
+        "rfc2231.txt": ("text/plain; protocol*=undefined''x", "hi"),
+    }
+    for form in ([], ["--json"]):
+        barney = net.spawn("listen", "--as", BARNEY, *form, "--count", str(len(hostile) + 1))
+        await net.attached(BARNEY)
+        for name, (media_type, content) in hostile.items():
+            (net.tmp / name).write_text(content)
+            sent = await net.imxp(
+                "send", "--from", FRED, "--to", BARNEY, "--file", name, "--type", media_type
+            )
+            assert sent.status == 0, sent
+        sent = await net.imxp("send", "--from", FRED, "--to", BARNEY, "after them")
+        assert sent.status == 0, sent
+        assert await barney.ended() == 0, barney
+        assert barney.err == ""
+        lines = barney.out.splitlines()
+        assert len(lines) == len(hostile) + 1, barney
+        if form:
+            assert json.loads(lines[-1])["cpim"]["body"] == "after them"
+        else:
+            assert lines[0].endswith(': [text/plain; charset="idna", 2 octets]'), lines
+            assert lines[-1].endswith(f"{FRED}: after them"), lines
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_file_without_type_is_labelled_by_its_name_or_its_content(net: Net) -> None:
     """Not text/plain for every file: a listener would print an image as text."""
     barney = net.spawn("listen", "--as", BARNEY, "--json", "--count", "3")

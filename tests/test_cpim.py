@@ -341,8 +341,25 @@ def test_text_decoding_by_email() -> None:
     quoted = "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: "
     quoted += "quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe"
     assert with_content(quoted).text() == "Grüße"
-    with pytest.raises(CPIMError, match="unknown charset 'bogus'"):
+    with pytest.raises(CPIMError, match="charset 'bogus'"):
         with_content("Content-Type: text/plain; charset=bogus\r\n\r\nx").text()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        'Content-Type: text/plain; charset="idna"',
+        'Content-Type: text/plain; charset="undefined"',
+        "Content-Type: text/plain; charset*=undefined''x",
+        "Content-Type: text/plain\r\nContent-Disposition: ;0*",
+    ],
+)
+def test_a_text_the_sender_made_unreadable_is_a_cpim_error(headers: str) -> None:
+    """The sender chooses the charset and the content headers: a codec that is no text's
+    or a header email cannot read back is the same CPIMError as an unknown charset, which
+    a reader catches, not a UnicodeError or ValueError it does not."""
+    with pytest.raises(CPIMError):
+        parse(message(content=f"{headers}\r\n\r\nhi")).text()
 
 
 # -- malformed input -----------------------------------------------------------------------

@@ -178,6 +178,27 @@ def test_plain_messages(keys: dict[str, Keys]) -> None:
     assert report.problems[0].startswith("malformed message/cpim")
 
 
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("text/plain; protocol*=undefined''x", "plain"),
+        ("multipart/signed; protocol*=undefined''x; boundary=b", "plain"),
+        (
+            "multipart/signed; protocol*=idna''application%2Fpgp-signature; boundary=b",
+            "signed-but-bad",
+        ),
+    ],
+)
+def test_a_parameter_in_a_charset_that_is_no_texts_is_read_not_raised(
+    content_type: str, status: str
+) -> None:
+    """RFC 2231 lets a sender name the charset of a parameter's value; one that names no
+    text encoding is read as ASCII, as email does for an unknown one: a report, as for
+    anything received, never an exception."""
+    report = open_message(content_type, b"--b\r\n\r\nhi\r\n--b--\r\n", Keys(), now=NOW)
+    assert report.status == status
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 

@@ -136,20 +136,25 @@ class CPIMMessage:
 
         ``email`` undoes the transfer encoding and the charset; a text without a charset
         is read as UTF-8, which is what draft-klyne §3.2 asks endpoints to handle and a
-        superset of MIME's default US-ASCII. Raises :class:`CPIMError` for a charset
-        Python does not know.
+        superset of MIME's default US-ASCII. Raises :class:`CPIMError` for a content
+        that cannot be read so: a charset Python does not know or that is no text's
+        (``idna``, ``undefined``: a sender chooses it), or content headers ``email``
+        cannot read back.
         """
-        part = email.parser.BytesParser(policy=email.policy.default).parsebytes(
-            _content_entity(self.content_type, self.content_headers, self.body)
-        )
+        try:
+            entity = _content_entity(self.content_type, self.content_headers, self.body)
+        except ValueError as e:
+            raise CPIMError(str(e)) from None
+        part = email.parser.BytesParser(policy=email.policy.default).parsebytes(entity)
         if part.get_content_maintype() != "text":
             return None
-        if part.get_param("charset") is None:
-            part.set_param("charset", "utf-8")
         try:
+            if part.get_param("charset") is None:
+                part.set_param("charset", "utf-8")
             return part.get_content()
-        except LookupError:
-            raise CPIMError(f"unknown charset {part.get_content_charset()!r}") from None
+        except (LookupError, UnicodeError):
+            charset = part.get_param("charset")
+            raise CPIMError(f"the text cannot be decoded as charset {charset!r}") from None
 
 
 # -- addresses (draft-klyne §2.2) -------------------------------------------------------

@@ -243,7 +243,12 @@ def param(headers: Message, name: str) -> str | None:
     value = headers.get_param(name)
     if value is None or isinstance(value, str):
         return value
-    return email.utils.collapse_rfc2231_value(value)
+    try:
+        return email.utils.collapse_rfc2231_value(value)
+    except UnicodeError:
+        # A charset that is no text's (undefined, idna), chosen by the sender: read as
+        # ASCII, as email itself does for one it does not know.
+        return email.utils.collapse_rfc2231_value(("us-ascii", value[1], value[2]))
 
 
 def split_multipart(body: bytes, boundary: str | None) -> list[bytes]:
