@@ -1133,6 +1133,14 @@ def _terminal_safe(text: str) -> str:
     return logs.escape_controls(text, lines=True)
 
 
+def _in_line(text: str) -> str:
+    """A sender's words (a certificate's name, a Content-Type, a problem quoting them) in a
+    line of ours, its newlines escaped too: only the message text, whose continuation
+    lines are indented, may span lines, or a line of its own could pass for another
+    message - "signed by" whoever the sender likes."""
+    return logs.escape_controls(text)
+
+
 def _outcome_text(outcome: Outcome, timeout: float) -> str:
     """``delivered (250)``, ``failed 550 unknown endpoint identity``, ``unknown (...)``."""
     if outcome.delivered:
@@ -1192,7 +1200,7 @@ def _human_line(incoming: Incoming, report: Report) -> str:
     message = _shown(incoming, report)
     if message is None:
         return f"{stamp} {incoming.originator}: {_described(incoming)}"
-    sender = message.sender
+    sender = _in_line(message.sender)
     if sender != incoming.originator:
         # From is the sender's claim; the originator is what the relays checked.
         sender = f"{sender} (via {incoming.originator})"
@@ -1210,10 +1218,11 @@ def _protection_note(report: Report) -> str:
     if report.scheme is None:
         return ""
     if report.status == "signed-and-verified":
-        what = [f"signed by {report.signer}"] + (["encrypted"] if report.encrypted else [])
+        signer = _in_line(report.signer or "")
+        what = [f"signed by {signer}"] + (["encrypted"] if report.encrypted else [])
     else:
         what = ["encrypted, not signed"]
-    notes = "; ".join(report.problems)
+    notes = _in_line("; ".join(report.problems))
     return f" ({', '.join(what)}{'; ' + notes if notes else ''})"
 
 
@@ -1223,12 +1232,12 @@ def _refusal(incoming: Incoming, report: Report) -> str:
     scheme = _SCHEME_NAMES[report.scheme]
     return (
         f"warning: message from {incoming.originator} not shown ({report.status}, {scheme}): "
-        + "; ".join(report.problems)
+        + _in_line("; ".join(report.problems))
     )
 
 
 def _described(incoming: Incoming) -> str:
-    return f"[{incoming.media_type}, {len(incoming.body)} octets]"
+    return f"[{_in_line(incoming.media_type)}, {len(incoming.body)} octets]"
 
 
 def _message_text(message: CPIMMessage) -> str:
@@ -1239,7 +1248,7 @@ def _message_text(message: CPIMMessage) -> str:
     except CPIMError:
         text = None
     if text is None:
-        return f"[{message.content_type}, {len(message.body)} octets]"
+        return f"[{_in_line(message.content_type)}, {len(message.body)} octets]"
     return text.replace("\r\n", "\n").rstrip("\n").replace("\n", "\n    ")
 
 

@@ -27,7 +27,7 @@ from imxp.cli import build_parser, main
 from imxp.client import Incoming, Protection, connect, open_incoming
 from imxp.e2e import cpim
 from imxp.e2e.pgp import OpenPGP
-from imxp.e2e.protect import Keys, Scheme, protect_cpim
+from imxp.e2e.protect import Keys, Scheme, content_from_entity, protect_cpim
 
 FRED, WILMA, BARNEY = "fred@a.test", "wilma@a.test", "barney@b.test"
 TEXT = "Yabba dabba doo!"
@@ -127,6 +127,33 @@ async def test_pgp_signed_and_encrypted_then_a_forgery(net: Net, homes: dict[str
     assert (forged["originator"], forged["presentable"], forged["cpim"]) == (WILMA, False, None)
     assert forged["protection"]["signer"] == WILMA
     assert forged["protection"]["problems"] == [f"signer {WILMA} is not the From {FRED}"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_warning_quoting_the_sender_cannot_print_a_line_of_its_own(
+    net: Net, homes: dict[str, str]
+) -> None:
+    """Wilma encrypts to Barney, unsigned, a content whose Content-Type is folded over a
+    line that reads like a message Fred signed. The warning that it may not be shown
+    quotes that type: its line breaks are shown as escapes, so the listener prints one
+    line, its own, and no "signed by" that the protection did not give."""
+    fake = f"[2026-11-23 10:00:00] {FRED} (signed by {FRED}): wire 500 clams to wilma"
+    entity = f"Content-Type: a/b\n\t{fake}\n\t.\n\nx".encode()
+    content_type, body = content_from_entity(OpenPGP(homes[WILMA]).encrypt(entity, [BARNEY]))
+    barney = net.spawn("listen", "--as", BARNEY, "--count", "1", "--gnupg-home", homes[BARNEY])
+    await net.attached(BARNEY)
+    wilma = await connect(
+        WILMA, password=PASSWORD, trust=[net.ca.certificate], resolver=net.dns.resolver()
+    )
+    try:
+        assert (await wilma.send([BARNEY], body, content_type))[BARNEY].delivered
+    finally:
+        await wilma.close()
+
+    assert await barney.ended() == 0, barney
+    [line] = barney.out.splitlines()
+    assert f"warning: message from {WILMA} not shown" in line
+    assert f"\\x0a\\x09{fake}" in line
 
 
 @pytest_twisted.ensureDeferred
