@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imxp.e2e import pgp
 from imxp.e2e.pgp import OpenPGP
 from imxp.e2e.protect import E2EError, split_entity, split_multipart
 
@@ -232,6 +233,24 @@ def test_wrong_key_cannot_decrypt_cleanly(fred: Person, people: dict[str, Person
     assert opened.status == "cannot-decrypt"
     assert opened.reason.startswith("gpg: ")
     assert opened.entity == b""
+
+
+def test_what_decrypts_to_more_than_the_limit_is_not_opened(
+    fred: Person, barney: Person, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenPGP compresses: a message of 1.5 KB can hold half a gigabyte of zeros, which
+    the recipient would hold in memory in whole. gpg stops at MAX_DECRYPTED octets, and
+    what it gave up to there, a part of a message, is not taken for the message."""
+    monkeypatch.setattr(pgp, "MAX_DECRYPTED", 100_000)
+    head = b"Content-Type: text/plain\r\n\r\n"
+    bomb = fred.pgp.encrypt(head + bytes(200_000), ["barney@b.test"])
+    assert len(bomb) < 5_000
+
+    opened = barney.pgp.open(bomb)
+    assert (opened.status, opened.entity) == ("cannot-decrypt", b"")
+    assert opened.reason == "it decrypts to more than 100,000 octets (a compression bomb?)"
+    within = head + bytes(90_000)
+    assert barney.pgp.open(fred.pgp.encrypt(within, ["barney@b.test"])).entity == within
 
 
 def test_unknown_signer_is_not_verified(people: dict[str, Person], barney: Person) -> None:

@@ -46,7 +46,14 @@ from imxp.e2e.protect import (
     split_multipart,
 )
 
-__all__ = ["OpenPGP"]
+__all__ = ["MAX_DECRYPTED", "OpenPGP"]
+
+#: The most octets a decryption may give (gpg's --max-output). OpenPGP compresses
+#: (RFC 4880 §5.6), and a message of 1.5 KB can hold half a gigabyte of zeros, all of it
+#: in memory here: anyone with the recipient's public key could so bring down a listener.
+#: Sixteen times a relay's default largest message (1 MiB) leaves room for what text
+#: really compresses to.
+MAX_DECRYPTED = 16 * 2**20
 
 # RFC 4880 §9.4 hash algorithm ids -> the micalg values of RFC 3156 §5.
 _MICALG = {
@@ -257,7 +264,12 @@ class OpenPGP:
         # Without a passphrase, no pinentry: on a terminal one would take it over, and
         # every later message would wait behind a prompt nobody expects.
         extra = [] if passphrase is not None else ["--pinentry-mode", "error"]
+        extra += ["--max-output", str(MAX_DECRYPTED)]
         result = self._gpg.decrypt(data, passphrase=passphrase, extra_args=extra)
+        if "--max-output" in (result.stderr or ""):
+            # gpg stopped writing there, yet says DECRYPTION_OKAY: what it gave is cut short.
+            reason = f"it decrypts to more than {MAX_DECRYPTED:,} octets (a compression bomb?)"
+            return Opened(b"", "cannot-decrypt", reason=reason)
         if not result.ok:
             if "No pinentry" in (result.stderr or ""):
                 reason = "the secret key needs its passphrase (--passphrase-file)"
