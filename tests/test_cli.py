@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from apexnet import attach, start_relay
+from apexnet import PASSWORD, attach, start_relay
 from clinet import Command, Net, start_net, until
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import defer, reactor
@@ -32,7 +32,7 @@ from twisted.internet.protocol import Factory, Protocol
 from imxp.beep.users import UserStore
 from imxp.certs import Issued, client_identity, create_ca, issue_server, load_issued
 from imxp.cli import _outcome_text, build_parser
-from imxp.client import Outcome
+from imxp.client import Outcome, connect
 
 FRED, WILMA, BARNEY = "fred@a.test", "wilma@a.test", "barney@b.test"
 DOMAINS = ("a.test", "b.test")
@@ -193,6 +193,33 @@ async def test_send_reports_each_recipient_and_listeners_print_what_arrives(net:
 
     assert await wilma.ended() == 0, wilma
     assert re.fullmatch(rf"{STAMP} {FRED}: {text}\n", wilma.out), wilma
+
+
+@pytest_twisted.ensureDeferred
+async def test_listen_count_prints_every_message_its_senders_were_told_was_delivered(
+    net: Net,
+) -> None:
+    """Three messages sent at once to `imxp listen --count 1`: one is printed, and only
+    that one was delivered (250) as far as its sender knows; the others are refused
+    (450), by the listener as it closes or by the relay once it has gone, not answered
+    250 and dropped unread."""
+    barney = net.spawn("listen", "--as", BARNEY, "--count", "1")
+    await net.attached(BARNEY)
+    fred = await connect(
+        FRED, password=PASSWORD, trust=[net.ca.certificate], resolver=net.dns.resolver()
+    )
+    try:
+        bodies = [b"m0", b"m1", b"m2"]
+        outcomes = await defer.gatherResults(
+            [defer.ensureDeferred(fred.send([BARNEY], body)) for body in bodies]
+        )
+    finally:
+        await fred.close()
+    assert await barney.ended() == 0, barney
+    [printed] = barney.out.splitlines()
+    codes = [outcome[BARNEY].code for outcome in outcomes]
+    assert sorted(codes) == [250, 450, 450], outcomes
+    assert printed.endswith(f": {bodies[codes.index(250)].decode()}")
 
 
 @pytest_twisted.ensureDeferred

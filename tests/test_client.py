@@ -734,8 +734,9 @@ async def test_data_a_loop_left_unread_goes_to_the_next_iterator(net: Net, event
 
 @pytest_twisted.ensureDeferred
 async def test_data_left_unread_when_the_client_closes_is_logged(net: Net, events) -> None:
-    """`imxp listen --count 1` with two data come at once: the second was answered 250
-    as it came, and nobody reads it. It cannot be refused any more; close() says so."""
+    """A loop that breaks after one data, with two come at once (without a count, below):
+    the second was answered 250 as it came, and nobody reads it. It cannot be refused
+    any more; close() says so."""
     fred = await net.connect(FRED)
     barney = await net.connect(BARNEY)
     all_sent: defer.Deferred[None] = defer.Deferred()
@@ -754,6 +755,38 @@ async def test_data_left_unread_when_the_client_closes_is_logged(net: Net, event
 
     [dropped] = [e for e in events if e["event"] == "client.unread-dropped"]
     assert (dropped["count"], dropped["originators"]) == (1, [FRED])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_iterator_with_a_count_takes_no_more_than_it_yields(net: Net, events) -> None:
+    """`imxp listen --count 1` with two data come at once, done right: the iterator made to
+    take one takes one and ends by itself; the second is not answered 250 and left
+    unread, but waits for the next iterator, as with none, which gets it."""
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY)
+    all_sent: defer.Deferred[None] = defer.Deferred()
+    seen: list[bytes] = []
+
+    async def listen_for_one() -> None:
+        async for incoming in barney.incoming(count=1):
+            seen.append(incoming.body)
+            await all_sent
+
+    looping = defer.ensureDeferred(listen_for_one())
+    assert codes(await fred.send([BARNEY], b"one")) == {BARNEY: 250}
+    two = defer.ensureDeferred(fred.send([BARNEY], b"two"))
+    await until(lambda: sum(e["event"] == "client.data-received" for e in events) == 2)
+    assert not two.called  # held for an iterator, not answered
+    all_sent.callback(None)
+    await looping
+    assert seen == [b"one"]
+
+    again = barney.incoming()
+    assert (await defer.ensureDeferred(anext(again)).addTimeout(5, reactor)).body == b"two"
+    assert codes(await two) == {BARNEY: 250}
+    assert not [e for e in events if e["event"] in ("client.data-unread", "client.unread-dropped")]
+    with pytest.raises(ValueError, match="count is at least 1"):
+        barney.incoming(count=0)
 
 
 @pytest_twisted.ensureDeferred

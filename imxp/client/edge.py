@@ -512,29 +512,42 @@ class _Inbox:
     """Data waiting for one :meth:`Client.incoming` iterator, each with the place it
     came in among all the client received (its arrival)."""
 
-    def __init__(self, made: int) -> None:
+    def __init__(self, made: int, count: int | None = None) -> None:
         #: The arrival of the first data this iterator got as it came.
         self.made = made
         self.items: deque[tuple[int, Incoming]] = deque()
         self.waiter: defer.Deferred[Incoming | None] | None = None
         self.ended = False
         self.error: ClientError | None = None
+        #: How many more data it takes; None: no end.
+        self.room = count
+
+    @property
+    def full(self) -> bool:
+        return self.room == 0
 
     def put(self, arrival: int, item: Incoming) -> None:
+        if self.room is not None:
+            self.room -= 1
         waiter, self.waiter = self.waiter, None
         if waiter is not None:
             waiter.callback(item)
         else:
             self.items.append((arrival, item))
 
-    def put_first(self, earlier: list[tuple[int, Incoming]]) -> None:
-        """Data that came before this iterator was made, ahead of what it has."""
-        if not earlier:
-            return
-        self.items.extendleft(reversed(earlier))
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            waiter.callback(self.items.popleft()[1])
+    def put_first(self, earlier: list[tuple[int, Incoming]]) -> list[tuple[int, Incoming]]:
+        """Data that came before this iterator was made, ahead of what it has, as many
+        as it has room for; those it had none for."""
+        rest: list[tuple[int, Incoming]] = []
+        if self.room is not None:
+            earlier, rest = earlier[: self.room], earlier[self.room :]
+            self.room -= len(earlier)
+        if earlier:
+            self.items.extendleft(reversed(earlier))
+            waiter, self.waiter = self.waiter, None
+            if waiter is not None:
+                waiter.callback(self.items.popleft()[1])
+        return rest
 
     def end(self, error: ClientError | None) -> None:
         self.ended = True
@@ -973,7 +986,7 @@ class Client:
             recipients=certificates or None,
         )
 
-    def incoming(self) -> AsyncIterator[Incoming]:
+    def incoming(self, count: int | None = None) -> AsyncIterator[Incoming]:
         """The data received from now on (status reports excluded), as an async iterator;
         the first one made also gets the data that waited for one (``unclaimed_wait``),
         and any made after an iterator ended (``break``) what that one left unread.
@@ -981,19 +994,30 @@ class Client:
         It ends when the client is closed, and raises :class:`ClientError` when the
         connection is lost for good. Each call makes an iterator of its own; the
         ``on_data`` callback sees the same data.
+
+        With ``count``, it takes that many data and ends once it has yielded them: a
+        program that wants N messages gets them, and takes none it would not read. (An
+        iterator answers each data 250 as it takes it; one ended by ``break`` with more
+        taken leaves those to the iterators made later, or to none.) What comes once it
+        has taken them is another iterator's or ``on_data``'s, or waits for one as
+        without any.
         """
-        inbox = _Inbox(self._arrivals)
-        inbox.put_first(list(self._unread))
-        self._unread.clear()
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+            raise TypeError(f"count is a number of data, not {count!r}")
+        if count is not None and count < 1:
+            raise ValueError(f"count is at least 1, not {count}")
+        inbox = _Inbox(self._arrivals, count)
+        self._unread = deque(inbox.put_first(list(self._unread)))
         if self._closing or self._failure is not None:
             inbox.end(self._failure)
         else:
             self._inboxes.append(inbox)
-            while self._unclaimed:
+            while self._unclaimed and not inbox.full:
                 waiting = self._unclaimed.popleft()
                 waiting.claimed()
                 inbox.put(waiting.arrival, waiting.incoming)
                 waiting.answer.callback(wire.OK())
+            self._took(inbox)
         iterator = self._drain(inbox)
         # One dropped before its first step never runs _drain's finally: what it was
         # given, answered 250, would stay with it, read by nobody.
@@ -1563,6 +1587,7 @@ class Client:
             # what arrives, answered 250, until the process ends.
             if len(inbox.items) < _UNCLAIMED_LIMIT:
                 inbox.put(arrival, incoming)
+                self._took(inbox)
                 taken = True
         if not taken:
             self._unclaimed_refused(incoming)
@@ -1755,12 +1780,22 @@ class Client:
         finally:
             self._forsaken(inbox)
 
+    def _took(self, inbox: _Inbox) -> None:
+        """An iterator with all the data it was made to take takes no more; it ends once
+        it has yielded them."""
+        if inbox.full and inbox in self._inboxes:
+            self._inboxes.remove(inbox)
+            inbox.end(None)
+
     def _forsaken(self, inbox: _Inbox) -> None:
-        """An iterator ended, or was dropped: what it did not read goes on to others."""
+        """An iterator ended, or was dropped: what it did not read goes on to others.
+        (Called twice for one: as it ends, and as it is collected.)"""
         if inbox in self._inboxes:
             self._inboxes.remove(inbox)
-            if inbox.items and not self._closing:
-                self._left_unread(list(inbox.items))
+        if inbox.items and not self._closing:
+            left = list(inbox.items)
+            inbox.items.clear()
+            self._left_unread(left)
 
     def _left_unread(self, left: list[tuple[int, Incoming]]) -> None:
         """An iterator left by ``break`` (a bot's "quit") or an exception had not read
@@ -1771,10 +1806,17 @@ class Client:
             count=len(left),
             event="client.data-unread",
         )
-        if not self._inboxes:
-            self._unread.extend(left)
-        for other in self._inboxes:
-            other.put_first([(arrival, item) for arrival, item in left if arrival < other.made])
+        had: set[int] = set()
+        for other in list(self._inboxes):
+            # It got those that came after it was made as they came.
+            had.update(arrival for arrival, _ in left if arrival >= other.made)
+            offered = [(arrival, item) for arrival, item in left if arrival < other.made]
+            rest = other.put_first(offered)
+            had.update(arrival for arrival, _ in offered[: len(offered) - len(rest)])
+            self._took(other)
+        # What no iterator has (none was made since it came, or those made have taken
+        # their count) waits for the next one made.
+        self._unread.extend((arrival, item) for arrival, item in left if arrival not in had)
 
 
 def _for_good(error: ClientError) -> bool:
