@@ -8,17 +8,24 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from asn1crypto import cms
+from asn1crypto import cms, core, util
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imxp.certs import Issued, create_ca, issue_client
 from imxp.e2e import smime
-from imxp.e2e.protect import E2EError, content_from_entity, split_entity, split_multipart
+from imxp.e2e.protect import (
+    E2EError,
+    base64_lines,
+    build_multipart,
+    content_from_entity,
+    split_entity,
+    split_multipart,
+)
 
 ENTITY = (
     b"Content-Type: message/cpim\r\n\r\n"
@@ -113,6 +120,40 @@ def test_detached_signature_round_trip(fred: Issued, trust: list[x509.Certificat
     assert opened.fingerprint == fred.certificate.fingerprint(hashes.SHA256()).hex().upper()
     assert opened.signed_at is not None
     assert abs(opened.signed_at - datetime.now(UTC)) < timedelta(minutes=1)
+
+
+def test_a_signing_time_that_is_no_time_is_a_bad_signature(
+    fred: Issued, trust: list[x509.Certificate]
+) -> None:
+    """RFC 5652 §11.3's signingTime in the year 0, signed by a certificate the recipient
+    trusts: asn1crypto gives it as a type that is no datetime, which the Report's
+    signed_at promises, and `imxp listen --json` could not write. It is refused, named."""
+    headers, body = split_entity(smime.sign(ENTITY, fred))
+    content, signature = split_multipart(body, headers.get_param("boundary"))
+    info = cms.ContentInfo.load(base64.b64decode(split_entity(signature)[1]))
+    signer_info = info["content"]["signer_infos"][0]
+    year_0 = core.GeneralizedTime(util.extended_datetime(0, 1, 1, tzinfo=UTC))
+    attributes = cms.CMSAttributes(
+        [a for a in signer_info["signed_attrs"] if a["type"].native != "signing_time"]
+        + [
+            cms.CMSAttribute(
+                {"type": "signing_time", "values": [cms.Time({"generalized_time": year_0})]}
+            )
+        ]
+    )
+    signed = b"\x31" + attributes.dump(force=True)[1:]  # as a SET OF (RFC 5652 §5.4)
+    signer_info["signed_attrs"] = attributes
+    signer_info["signature"] = fred.key.sign(signed, padding.PKCS1v15(), hashes.SHA256())
+    part = (
+        b"Content-Type: application/pkcs7-signature\r\nContent-Transfer-Encoding: base64"
+        b"\r\n\r\n" + base64_lines(info.dump(force=True))
+    )
+    params = [("protocol", "application/pkcs7-signature"), ("micalg", "sha-256")]
+
+    opened = smime.open(build_multipart("signed", params, [content, part]), trust=trust)
+
+    assert (opened.status, opened.signed_at) == ("bad-signature", None)
+    assert opened.reason.startswith("the signingTime attribute is no time: 0000-01-01")
 
 
 def test_opaque_signature_round_trip(fred: Issued, trust: list[x509.Certificate]) -> None:

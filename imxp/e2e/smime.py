@@ -537,7 +537,11 @@ def _signer(
             raise _Bad("the content does not match the signed messageDigest (RFC 5652 §11.2)")
         signing_time = _single(values, "signing_time")
         if signing_time is not None:
-            signed_at = signing_time.native.astimezone(UTC)
+            when = signing_time.native
+            # asn1crypto gives the year 0, which a datetime cannot hold, as another type.
+            if not isinstance(when, datetime):
+                raise _Bad(f"the signingTime attribute is no time: {when} (RFC 5652 §11.3)")
+            signed_at = when.astimezone(UTC)
         # The signature covers the DER of the attributes as a SET OF, not as the [0]
         # IMPLICIT field they are sent in (§5.4): same octets, universal SET tag.
         signed = b"\x31" + attributes.dump()[1:]
