@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import idna
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from imxp.apex.address import AddressError, is_literal, normalise_domain
 
 __all__ = [
     "Issued",
@@ -422,7 +423,11 @@ def _validity(days: int, valid_from: datetime | None) -> tuple[datetime, datetim
         raise ValueError("valid_from must be timezone-aware")
     else:
         not_before = valid_from.astimezone(UTC)
-    return not_before, not_before + timedelta(days=days)
+    try:
+        return not_before, not_before + timedelta(days=days)
+    except OverflowError:
+        # X.509 times end with the year 9999 (RFC 5280 §4.1.2.5), as Python's do.
+        raise ValueError(f"{days} days from {not_before:%Y-%m-%d} is past the year 9999") from None
 
 
 def _name(common_name: str) -> x509.Name | None:
@@ -433,14 +438,19 @@ def _name(common_name: str) -> x509.Name | None:
 
 
 def _dns_name(name: str) -> str:
-    """``name`` as stored in a dNSName: lower case, A-labels, no trailing dot."""
-    name = name.rstrip(".").lower()
-    if not name:
-        raise ValueError("empty DNS name")
-    if name.isascii():
-        return name
+    """``name`` as stored in a dNSName: lower case, A-labels, no trailing dot; a host name
+    (RFC 3340 §2.2's domain, as relays compare it), or one below a ``*.`` wildcard.
+
+    Raises ValueError for anything else: a certificate naming ``bad domain`` or an
+    address (which is an ``iPAddress``) would be made, and no relay would ever match it.
+    """
     wildcard, rest = ("*.", name[2:]) if name.startswith("*.") else ("", name)
-    return wildcard + idna.encode(rest, uts46=True).decode("ascii")
+    if is_literal(rest):
+        raise ValueError(f"{name!r} is an address literal: an address is an IP name, not a DNS one")
+    try:
+        return wildcard + normalise_domain(rest)
+    except AddressError as e:
+        raise ValueError(f"{name!r} is not a DNS name: {e}") from None
 
 
 def _is_self_issued(cert: x509.Certificate) -> bool:

@@ -757,6 +757,11 @@ def _split_host_port(text: str) -> tuple[str, int]:
     host, colon, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:
+        # Which colon ends the address? The library reads ::1:913 otherwise than this.
+        raise argparse.ArgumentTypeError(
+            f"an IPv6 address and its port are written [ADDRESS]:PORT, not {text!r}"
+        )
     if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
@@ -788,11 +793,19 @@ def _resolver(servers: Sequence[tuple[str, int]]) -> IResolver:
     return dns_client.Resolver(servers=list(servers), timeout=_DNS_TIMEOUT)
 
 
+def _secret_lines(path: Path) -> list[str]:
+    """The lines of a password or passphrase file (UTF-8, as the SASL password is)."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise Failed(Exit.CONFIG, f"{path}: not UTF-8 text") from None
+
+
 def _password(path: Path | None, *, confirm: bool = False) -> str | None:
     """The password from ``path``, else ``$IMXP_PASSWORD``, else a prompt on a terminal;
     None when there is none of these."""
     if path is not None:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _secret_lines(path)
         return lines[0] if lines else ""
     if PASSWORD_VARIABLE in os.environ:
         return os.environ[PASSWORD_VARIABLE]
@@ -862,7 +875,7 @@ def _keys(args: argparse.Namespace, *, pgp_needed: bool) -> Keys:
         raise Failed(Exit.USAGE, "--smime-cert and --smime-key go together")
     passphrase = None
     if args.passphrase_file is not None:
-        lines = args.passphrase_file.read_text(encoding="utf-8").splitlines()
+        lines = _secret_lines(args.passphrase_file)
         passphrase = lines[0] if lines else ""
     return Keys(
         pgp=OpenPGP(home) if home.is_dir() else None,

@@ -139,6 +139,24 @@ def test_a_media_type_that_is_none_is_a_usage_error(capsys: pytest.CaptureFixtur
     assert args.media_type == "text/plain; charset=utf-8"
 
 
+def test_an_ipv6_relay_without_brackets_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """::1:9913 passed the command's check (its last colon ends the address) and the
+    library read it otherwise: "unexpected error", exit 9. Which colon ends an IPv6
+    address is said by brackets."""
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(
+            ["send", "--from", FRED, "--to", BARNEY, "--relay", "::1:9913", "hi"]
+        )
+    assert raised.value.code == 2
+    assert "written [ADDRESS]:PORT, not '::1:9913'" in capsys.readouterr().err
+    args = build_parser().parse_args(
+        ["send", "--from", FRED, "--to", BARNEY, "--relay", "[::1]:9913", "hi"]
+    )
+    assert args.relay == "[::1]:9913"
+
+
 # -- send and listen -------------------------------------------------------------------------
 
 
@@ -508,6 +526,28 @@ async def test_chat_fed_from_a_pipe_marks_every_line_and_exits_as_send_does(net:
 
 
 # -- certs -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_no_certificate_or_password_can_be_is_one_line_not_a_crash(net: Net) -> None:
+    """Each was "unexpected error" (exit 9), or for the domain a certificate no relay would
+    match: a validity past the year 9999, a relay name that is no DNS name, a password
+    file that is not UTF-8."""
+    made = await net.imxp("certs", "ca", "--out", "ca", "--name", "CA", "--days", "3000000")
+    assert made.status == 2 and "days from" in one_error_line(made), made
+    assert (await net.imxp("certs", "ca", "--out", "ca", "--name", "CA")).status == 0
+    for name, said in (
+        ("bad domain", "'bad domain' is not a DNS name"),
+        ("[192.0.2.1]", "is an address literal"),
+    ):
+        made = await net.imxp("certs", "relay", "--ca", "ca", "--domain", name, "--out", "r")
+        assert made.status == 2 and said in one_error_line(made), made
+    assert not (net.tmp / "r" / "relay.pem").exists()
+    (net.tmp / "password").write_bytes(b"\xffsecret\n")
+    sent = await net.imxp(
+        "send", "--from", FRED, "--to", BARNEY, "--password-file", "password", "hi"
+    )
+    assert (sent.status, one_error_line(sent)) == (8, "imxp: password: not UTF-8 text"), sent
 
 
 @pytest_twisted.ensureDeferred
