@@ -51,6 +51,7 @@ MAX_ANSWER = 16 * 1024 * 1024
 
 #: The Unix socket paths the kernel takes: sun_path holds 108 octets with the final NUL.
 MAX_PATH = 107
+_TOO_LONG = f"the path is longer than {MAX_PATH} octets; set control_socket to a shorter one"
 
 Answer = Mapping[str, Any]
 
@@ -125,7 +126,7 @@ async def listen(reactor: Any, path: Path, factory: ControlFactory) -> IListenin
     relay that died, which is replaced, from one that another relay is using: the lock is
     the kernel's (flock), gone with the process that held it, whatever became of its pid."""
     where = str(path)
-    if len(where.encode()) > MAX_PATH:
+    if _too_long(path):
         reason = _TOO_LONG
     else:
         try:
@@ -153,7 +154,9 @@ async def listen(reactor: Any, path: Path, factory: ControlFactory) -> IListenin
     return _not_listening(where, reason)
 
 
-_TOO_LONG = f"the path is longer than {MAX_PATH} octets; set control_socket to a shorter one"
+def _too_long(path: Path) -> bool:
+    # The octets the kernel gets: a name that is not UTF-8 keeps its own (PEP 383).
+    return len(os.fsencode(path)) > MAX_PATH
 
 
 def _not_listening(where: str, reason: str) -> None:
@@ -217,7 +220,7 @@ def ask(path: Path, command: str, timeout: float = 30.0) -> Answer:
 
     Blocking, for the command line. Raises :class:`ControlError` when there is no answer.
     """
-    if len(str(path).encode()) > MAX_PATH:
+    if _too_long(path):
         # The relay could not have made it either (see listen), and said so in its log.
         raise ControlError(f"no relay answers at {path}: {_TOO_LONG}", unreachable=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:

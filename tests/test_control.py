@@ -137,6 +137,12 @@ def test_ask_says_when_no_relay_answers_or_the_answer_is_not_a_relays(tmp_path: 
         "control_socket to a shorter one"
     )
     assert raised.value.unreachable
+    # A directory name that is not UTF-8 (PEP 383 keeps its octets): measured as the
+    # kernel gets it, not a UnicodeEncodeError.
+    strange = tmp_path / "\udcff" / "control"
+    with pytest.raises(control.ControlError, match="no relay answers at") as raised:
+        control.ask(strange, "status")
+    assert raised.value.unreachable
     # Something else listens there and answers nonsense.
     path = tmp_path / "other"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
