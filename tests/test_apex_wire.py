@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from xml.parsers import expat
 from xml.sax.saxutils import escape, quoteattr
 
 import pytest
@@ -497,6 +498,63 @@ def test_inline_content_preserved_when_envelope_changes() -> None:
     assert isinstance(again, Data) and again.content is not None
     assert again.content.raw == original.content.raw
     assert b"\r\n" in again.content.raw  # no line-end normalisation of content
+
+
+SCOPED_INLINE = (
+    "<data content='#C' xmlns='urn:example:default' xmlns:x='urn:example:x' xml:lang='fr'>"
+    "<originator identity='fred@example.com' />"
+    "<recipient identity='barney@example.com' /><recipient identity='wilma@example.org' />"
+    "<option internal='note'><x:why>parce que</x:why></option>"
+    "<data-content Name='C'><x:msg>salut</x:msg><plain/></data-content></data>"
+)
+
+
+def namespaced(body: bytes) -> list[tuple[str, dict[str, str]]]:
+    """Every element of ``body`` with its expanded name and attributes, as a namespace-aware
+    reader sees them (it refuses a prefix that nothing declares)."""
+    seen: list[tuple[str, dict[str, str]]] = []
+    parser = expat.ParserCreate("UTF-8", " ")
+    parser.StartElementHandler = lambda name, attrs: seen.append((name, attrs))
+    parser.Parse(body, True)
+    return seen
+
+
+@pytest.mark.parametrize("form", ["inline", "multipart"])
+def test_what_the_content_inherits_goes_on_when_the_data_is_written_anew(form: str) -> None:
+    """The namespaces and xml:lang declared on data are the content's and the options'
+    too: a relay writing the data for fewer recipients keeps their meaning (§4.4.4.1)."""
+    message = xml(SCOPED_INLINE) if form == "inline" else multipart(SCOPED_INLINE)
+    original = decode(message)
+    assert isinstance(original, Data)
+    assert original.in_scope == (
+        ("xmlns", "urn:example:default"),
+        ("xmlns:x", "urn:example:x"),
+        ("xml:lang", "fr"),
+    )
+    changed = dataclasses.replace(original, recipients=original.recipients[1:])
+    control = encode(changed).body
+    if form == "multipart":
+        control = control[control.index(b"<data") : control.index(b"</data>") + 7]
+    elements = namespaced(control)
+    assert ("urn:example:x msg", {}) in elements
+    assert ("urn:example:x why", {}) in elements
+    assert ("urn:example:default plain", {}) in elements
+    again = decode(encode(changed))
+    assert isinstance(again, Data)
+    assert again.in_scope == original.in_scope
+    assert again.content == original.content
+    assert again.options == original.options
+
+
+def test_data_made_anew_takes_only_what_children_inherit() -> None:
+    data = Data(
+        Originator("fred@example.com"),
+        [Recipient("barney@example.com")],
+        content=Content.inline_xml("<x/>"),
+        in_scope=(("content", "#Other"),),
+    )
+    with pytest.raises(ValueError, match="namespace declaration"):
+        encode(data)
 
 
 def test_received_boundary_not_reused_when_control_part_contains_it() -> None:

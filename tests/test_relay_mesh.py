@@ -499,6 +499,31 @@ async def test_several_recipients_local_and_remote(
 
 
 @pytest_twisted.ensureDeferred
+async def test_inline_content_keeps_the_namespaces_declared_on_its_data(
+    build_mesh: MeshBuilder,
+) -> None:
+    """Inline XML content may use a prefix that only ``data`` declares: each relay that
+    writes the data anew for its share of the recipients writes the declaration too, so
+    that every recipient reads the content as it was sent (§4.4.4.1)."""
+    mesh = await build_mesh()
+    fred = await mesh.attach(FRED)
+    apps = [await mesh.attach(who) for who in (WILMA, BARNEY, BETTY)]
+    control = (
+        f"<data content='#C' xmlns:x='urn:example:x'><originator identity='{FRED}'/>"
+        + "".join(f"<recipient identity='{app.endpoint}'/>" for app in apps)
+        + "<data-content Name='C'><x:note>hi</x:note></data-content></data>"
+    )
+    await fred.channel.send(Message(control.encode(), wire.BEEP_XML))
+    await mesh.settle()
+
+    for app in apps:
+        [data] = app.data
+        assert data.in_scope == (("xmlns:x", "urn:example:x"),), app.endpoint
+        assert data.content is not None
+        assert data.content.body == b"<x:note>hi</x:note>"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_hop_limit_is_written_only_into_data_handed_on(build_mesh: MeshBuilder) -> None:
     """RFC 3342 §4: data from an endpoint gets a.test's hop limit (``max_hops``, 16) as
     a.test hands it on, counted down for that hop; an application at a.test gets it with

@@ -486,7 +486,12 @@ class Relay:
             message = received.message
         else:
             one = wire.Data(
-                data.originator, [recipient], data.options, data.content_ref, data.content
+                data.originator,
+                [recipient],
+                data.options,
+                data.content_ref,
+                data.content,
+                data.in_scope,
             )
             message = wire.encode(one)
         return self._answer(channel.channel, message, journey, identity)
@@ -673,6 +678,7 @@ class Relay:
             options,
             data.content_ref,
             data.content,
+            data.in_scope,
         )
         sending = self.pool.send(targets, wire.encode_onward(onward, journey.received), deadline)
         return sending.addBoth(self._handed_on, journey, domain, recipients)

@@ -111,6 +111,8 @@ _IDENTITY_ENCODINGS = frozenset({"binary", "8bit", "7bit"})
 _CODE = re.compile(r"[1-5][0-9][0-9]\Z")
 _NMTOKEN = re.compile(r"[\w.:-]+\Z")
 _NAME = re.compile(r"[^\W\d][\w.-]*\Z")  # an XML Name without ':' (data-content's ID)
+# The attributes of an element that its children inherit: see Data.in_scope.
+_INHERITED = re.compile(r"(?:xmlns(?::[^\W\d][\w.-]*)?|xml:[^\W\d][\w.-]*)\Z")
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S*\Z")  # RFC 3986 §4.3, loosely
 # Content-IDs and boundaries need to be unique, not secret (RFC 2045 §7, RFC 2046
 # §5.1.1): 128 random bits per process and a counter, rather than a getrandom()
@@ -378,6 +380,14 @@ class Data:
     ``content_ref`` is the ``content`` attribute as received; when left empty
     it is taken from ``content`` (:attr:`Content.ref`). ``content`` is None only
     when the reference is an absolute URI outside the payload.
+
+    ``in_scope`` holds the attributes of the ``data`` element that its content and
+    options inherit - namespace declarations (``xmlns``, ``xmlns:p``: Namespaces in XML
+    §6.1) and ``xml:`` attributes such as ``xml:lang`` (XML §2.12) - as (name, value)
+    in the order received. An inline ``data-content`` or an option body may use a
+    prefix declared there: writing the data anew (a relay splitting its recipients
+    between next hops) writes them again, or the content would arrive meaning
+    something else, or nothing (§4.4.4.1).
     """
 
     originator: Originator
@@ -385,6 +395,7 @@ class Data:
     options: list[Option] = field(default_factory=list)
     content_ref: str = ""
     content: Content | None = None
+    in_scope: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.content_ref and self.content is not None:
@@ -634,6 +645,7 @@ def _data(
         options=_options(options, xml, spans, "data"),
         content_ref=ref,
         content=_content(ref, contents[0] if contents else None, xml, spans, parts),
+        in_scope=tuple((name, value) for name, value in root.items() if _INHERITED.match(name)),
     )
     if where is not None:
         where.extend(_options_place(options, contents, xml, spans))
@@ -1298,8 +1310,12 @@ def _encode_data(data: Data) -> Message:
             raise ValueError(f"content {ref!r} does not reference the inline content")
     elif ref[:4].lower() != "cid:" or unquote(ref[4:].partition("#")[0]) != content.name:
         raise ValueError(f"content {ref!r} does not reference body part <{content.name}>")
+    for name, _value in data.in_scope:
+        if not _INHERITED.match(name):
+            raise ValueError(f"{name!r} is neither a namespace declaration nor an xml: attribute")
+    inherited = "".join(f" {name}={_attr(value)}" for name, value in data.in_scope)
     head = (
-        f"<data content={_attr(ref)}>"
+        f"<data content={_attr(ref)}{inherited}>"
         + _party("originator", data.originator)
         + "".join(_party("recipient", r) for r in data.recipients)
         + _options_xml(data.options)
