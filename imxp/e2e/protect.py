@@ -118,9 +118,9 @@ class Opened:
     carries, ``fingerprint`` the key's or certificate's fingerprint, ``signed_at`` the
     time the signer claims to have signed. ``reason`` says why a signature is bad or
     decryption failed, and notes anything else worth knowing; ``unchecked`` that a bad
-    signature is one that could not be checked at all (no key for it), not one found
-    wrong. ``sent_encrypted`` says it came encrypted whatever came of it: also when it
-    could not be decrypted, or was decrypted to a bad signature.
+    signature is one that could not be checked at all (no key or trust anchor for it),
+    not one found wrong. ``sent_encrypted`` says it came encrypted whatever came of it:
+    also when it could not be decrypted, or was decrypted to a bad signature.
     """
 
     entity: bytes
@@ -492,7 +492,7 @@ def open_message(
 
 def _unopenable(headers: Message, reason: str) -> Opened:
     if headers.get_content_type() == "multipart/signed":
-        return Opened(b"", "bad-signature", reason=reason)
+        return Opened(b"", "bad-signature", reason=reason, unchecked=True)
     return Opened(b"", "cannot-decrypt", reason=reason, sent_encrypted=True)
 
 

@@ -133,6 +133,14 @@ class _Bad(Exception):
     """A signature that does not hold, with the reason."""
 
 
+class _Unchecked(_Bad):
+    """A signature that nothing here could check: no trust anchors were given."""
+
+
+def _bad(e: _Bad | MIMEError) -> Opened:
+    return Opened(b"", "bad-signature", reason=str(e), unchecked=isinstance(e, _Unchecked))
+
+
 class _CannotDecrypt(Exception):
     """Encrypted content that this key cannot recover, with the reason."""
 
@@ -400,7 +408,7 @@ def _open(
             content, signature = _detached_parts(headers, body)
             return _verified(signature, content, trust, now)
         except (MIMEError, _Bad) as e:
-            return Opened(b"", "bad-signature", reason=str(e))
+            return _bad(e)
     if media_type not in _PKCS7_MIME:
         return Opened(raw, "plain")
     try:
@@ -414,7 +422,7 @@ def _open(
         try:
             return _verified(der, None, trust, now)
         except _Bad as e:
-            return Opened(b"", "bad-signature", reason=str(e))
+            return _bad(e)
     if kind not in ("enveloped_data", "authenticated_enveloped_data") or not decrypt:
         return Opened(b"", "cannot-decrypt", reason=f"unsupported CMS content type {kind}")
     try:
@@ -460,7 +468,10 @@ def _verified(
     """Verify the SignedData in ``der`` over ``detached`` or its own content (RFC 5652
     §5.6); every signerInfo must hold. Raises :class:`_Bad`."""
     if not trust:
-        raise _Bad("no S/MIME trust anchors to verify against")
+        raise _Unchecked(
+            "no S/MIME trust anchors to verify against "
+            "(trust the signer's certificate authority to check such signatures)"
+        )
     try:
         signed_data = _content_info(der)["content"]
         encap = signed_data["encap_content_info"]
