@@ -849,10 +849,16 @@ def _load_trust(path: Path) -> list[x509.Certificate]:
 
 
 def _load_identity(cert: Path, key: Path) -> Issued:
+    """The S/MIME certificate and key of ``--smime-cert`` and ``--smime-key``; what is
+    wrong with either names the file that is wrong."""
+    try:
+        load_certificates(cert)
+    except ValueError as e:
+        raise Failed(Exit.CONFIG, f"--smime-cert {cert}: {e}") from None
     try:
         return load_issued(cert, key)
     except (ValueError, TypeError) as e:
-        raise Failed(Exit.CONFIG, f"{cert}: {e}") from None
+        raise Failed(Exit.CONFIG, f"--smime-key {key}: {e}") from None
 
 
 def _keys(args: argparse.Namespace, *, pgp_needed: bool) -> Keys:
