@@ -268,7 +268,10 @@ def _without_debug(event: dict[str, Any]) -> None:
 
 
 def _report(e: Exception, debug: bool) -> int:
-    """Print ``e`` as one line (with the traceback under --debug); its exit status."""
+    """Print ``e`` as one line (with the traceback under --debug); its exit status.
+
+    The text may quote what others chose - a relay's diagnostic, a file name - so its
+    controls are escaped: it stays one line, and the terminal only shows it."""
     if isinstance(e, Failed):
         status, text = e.status, str(e)
     elif isinstance(e, ConfigError | UserStoreError):
@@ -285,7 +288,7 @@ def _report(e: Exception, debug: bool) -> int:
             text += " (run with --debug for details)"
     if debug:
         traceback.print_exception(e, file=sys.stderr)
-    print(f"imxp: {text}", file=sys.stderr)
+    print(f"imxp: {logs.escape_controls(text)}", file=sys.stderr)
     return status
 
 
@@ -1047,7 +1050,8 @@ class _ConnectionNotices:
 
     @staticmethod
     def _say(text: str) -> None:
-        print(f"imxp: {text}", file=sys.stderr, flush=True)
+        # The relay's texts are quoted: as _report's, one line, controls escaped.
+        print(f"imxp: {logs.escape_controls(text)}", file=sys.stderr, flush=True)
 
 
 def _built_in_relay(endpoint: str) -> tuple[str, Path] | None:

@@ -31,7 +31,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from imxp.beep.users import UserStore
 from imxp.certs import Issued, client_identity, create_ca, issue_server, load_issued
-from imxp.cli import _outcome_text, build_parser
+from imxp.cli import _ConnectionNotices, _outcome_text, build_parser, main
 from imxp.client import Outcome, connect
 
 FRED, WILMA, BARNEY = "fred@a.test", "wilma@a.test", "barney@b.test"
@@ -155,6 +155,36 @@ def test_an_ipv6_relay_without_brackets_is_a_usage_error(
         ["send", "--from", FRED, "--to", BARNEY, "--relay", "[::1]:9913", "hi"]
     )
     assert args.relay == "[::1]:9913"
+
+
+def test_an_error_is_one_line_whatever_it_quotes(capsys: pytest.CaptureFixture[str]) -> None:
+    """What an error quotes (here a file name; a relay's diagnostic alike) cannot add a
+    line of its own or send the terminal a control sequence."""
+    forged = "/nonexistent/a\x1b[2Jb\nimxp: all is well.toml"
+    assert main(["status", "--config", forged]) == 8
+    err = capsys.readouterr().err
+    assert err == (
+        "imxp: /nonexistent/a\\x1b[2Jb\\x0aimxp: all is well.toml: cannot read: "
+        "No such file or directory\n"
+    )
+
+
+def test_a_relay_ending_an_attachment_cannot_write_lines_of_its_own(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """listen and chat quote the relay's reason for a 421 terminate on stderr."""
+    notices = _ConnectionNotices()
+    notices(
+        {
+            "event": "client.terminated",
+            "code": 421,
+            "endpoints": [FRED],
+            "text": "bye\nimxp: ok\x1b[8m",
+        }
+    )
+    assert capsys.readouterr().err == (
+        f"imxp: the relay ended the attachment of {FRED}: 421 bye\\x0aimxp: ok\\x1b[8m\n"
+    )
 
 
 # -- send and listen -------------------------------------------------------------------------
