@@ -429,6 +429,41 @@ async def test_more_recipients_than_a_data_takes_go_in_several(net: Net) -> None
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_send_in_several_data_that_fails_keeps_the_outcomes_of_those_that_went(
+    net: Net,
+) -> None:
+    """The first data of a long send went and was reported on; the second was refused
+    (421, the relay closing) and waits for the next connection, where the login is
+    refused for good. The error says what became of the first data's recipients: told
+    nothing, a caller would send to them again."""
+    fred = await net.connect(FRED, backoff=(0.1, 0.1))
+    relay = net.relays["a.test"]
+    core = relay.service.relay
+    taken = core.data
+
+    def data(channel: Any, element: wire.Data, received: Any = None) -> wire.OK:
+        if len(element.recipients) < wire.MAX_RECIPIENTS:  # the send's second data
+            core.accepting = False
+            try:
+                return taken(channel, element, received)
+            finally:
+                core.accepting = True
+        return taken(channel, element, received)
+
+    core.data = data
+    strangers = [f"stranger{n}@a.test" for n in range(wire.MAX_RECIPIENTS + 5)]
+    sending = defer.ensureDeferred(fred.send(strangers, b"all hands", timeout=30))
+    await until(lambda: len(fred._pending) == 1)  # the first data's reports are in
+    UserStore(relay.users.path, iterations=4096).remove("fred")
+    fred._connection.session.transport.abortConnection()
+
+    with pytest.raises(ClientError) as raised:
+        await sending
+    assert raised.value.kind == "auth"
+    assert codes(raised.value.outcomes) == dict.fromkeys(strangers[: wire.MAX_RECIPIENTS], 550)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_data_the_relay_refuses_gives_every_recipient_its_code(net: Net) -> None:
     # Without reconnect: with it, a 421 waits for the next connection (the test below).
     fred = await net.connect(FRED, reconnect=False)

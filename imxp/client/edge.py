@@ -188,7 +188,11 @@ _WINDOW = timedelta(minutes=5)
 class ClientError(Exception):
     """A failure a person can act on: ``kind`` (one of :data:`ERROR_KINDS`) and a one-line
     ``message`` naming what failed and why; ``code`` is the relay's reply code (RFC 3340
-    §10, RFC 3080 §8) when it gave one."""
+    §10, RFC 3080 §8) when it gave one.
+
+    Raised by :meth:`Client.send`, ``outcomes`` holds what is known of the recipients
+    whose data had ended by then: a send to more than 1,000 recipients goes in several
+    data, and those sent before the client gave up must not be sent again."""
 
     def __init__(self, kind: str, message: str, code: int | None = None) -> None:
         if kind not in ERROR_KINDS:
@@ -197,6 +201,7 @@ class ClientError(Exception):
         self.kind = kind
         self.message = message
         self.code = code
+        self.outcomes: dict[str, Outcome] = {}
 
     def copy(self) -> ClientError:
         """The same error as a new exception, to raise again without chaining tracebacks."""
@@ -773,7 +778,7 @@ class Client:
 
         Raises :class:`ClientError` when the client has given up on the relay (a lost
         connection without ``reconnect``, or a refusal on reconnecting; see
-        :meth:`ended`),
+        :meth:`ended`), with the outcomes of the data of this send that had ended,
         RuntimeError once :meth:`close` has let go of the connection (at once, unless
         ``on_data`` handlers are still running: those may send until they end), and
         TypeError or ValueError, before anything is sent, for a ``timeout`` that is not a
@@ -800,11 +805,15 @@ class Client:
             )
             for at in range(0, len(unique), wire.MAX_RECIPIENTS)
         ]
-        try:
-            batches = await defer.gatherResults(sending, consumeErrors=True)
-        except defer.FirstError as e:
-            e.subFailure.raiseException()
-        return {recipient: o for batch in batches for recipient, o in batch.items()}
+        # Every batch is waited for: one that raises says nothing of the others.
+        batches = await defer.DeferredList(sending, consumeErrors=True)
+        outcomes = {recipient: o for ok, batch in batches if ok for recipient, o in batch.items()}
+        for ok, result in batches:
+            if not ok:
+                if isinstance(result.value, ClientError):
+                    result.value.outcomes = outcomes
+                result.raiseException()
+        return outcomes
 
     async def _send(
         self, sender: str, unique: list[str], content: wire.Content, timeout: float
