@@ -724,10 +724,14 @@ async def test_defect_data_queued_for_a_next_hop_that_is_down_do_not_storm_it(
         assert code == 421 and "cannot connect" in text, (code, text)
     mesh.assert_exactly_once()
     # Within the delivery timeout of 1 s the backoff allows attempts at 0, 0.2 and 0.6 s
-    # (and 1.4 s, for data sent late): far fewer than data.
+    # (and 1.4 s, for data sent late): far fewer than data. Each attempt that fails is
+    # the operator's warning; on a slow host the last may still be under way when the
+    # last data's deadline passes, and an attempt no data waits for is given up, which
+    # is no failure of the next hop.
     failed = named(events, "apex.link-failed")
     assert 1 <= len(accepted) <= 6
-    assert len(failed) == len(accepted)
+    assert len(accepted) - 1 <= len(failed) <= len(accepted)
+    assert failed
     assert {e["peer"] for e in failed} == {"down.test"}
 
 
