@@ -28,7 +28,7 @@ from service_identity.exceptions import CertificateError, VerificationError
 from twisted.logger import Logger
 
 from imxp.beep.users import UserStore, UserStoreError
-from imxp.certs import Issued, create_ca, issue_server, load_certificates, load_issued
+from imxp.certs import Issued, create_ca, issue_server, load_certificates, load_issued, load_key_for
 from imxp.config import DEVELOPMENT_CA, Config, ConfigError
 
 __all__ = ["EXPIRY_WARNING", "Prepared", "load_tls", "makes_development_certificate", "prepare"]
@@ -252,11 +252,11 @@ def _identity(config: Config, cert_path: Path, key_path: Path) -> Issued:
                 hint = "; with neither file there, a start makes a new development certificate"
             raise ConfigError(config.source, name, f"{path} does not exist{hint}")
     try:
-        load_certificates(cert_path)
+        chain = load_certificates(cert_path)
     except (OSError, ValueError) as e:
         raise ConfigError(config.source, "tls_certificate", f"{cert_path}: {e}") from None
     try:
-        return load_issued(cert_path, key_path)
+        return load_key_for(chain, key_path)
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(config.source, "tls_key", f"{key_path}: {e}") from None
 

@@ -44,6 +44,7 @@ __all__ = [
     "issue_server",
     "load_certificates",
     "load_issued",
+    "load_key_for",
     "self_signed",
 ]
 
@@ -291,16 +292,31 @@ def load_issued(cert_path: StrPath, key_path: StrPath) -> Issued:
     The first certificate in ``cert_path`` is the end-entity certificate; any further ones
     are its chain.
 
-    :raises ValueError: if the key does not belong to the certificate.
+    :raises ValueError: if either file holds no PEM certificate or key, or the key does
+        not belong to the certificate.
     :raises TypeError: if the key is of a type other than EC, RSA or Ed25519.
     """
-    first, *chain = load_certificates(cert_path)
+    return load_key_for(load_certificates(cert_path), key_path)
+
+
+def load_key_for(chain: Sequence[x509.Certificate], key_path: StrPath) -> Issued:
+    """``chain`` (the end-entity certificate first, as :func:`load_certificates` reads it)
+    with its key from ``key_path``. For callers that read the certificates first, so that
+    what is wrong is told of the file that is wrong.
+
+    :raises ValueError: if the file holds no PEM key, or one not of ``chain[0]``.
+    :raises TypeError: if the key is of a type other than EC, RSA or Ed25519.
+    """
+    first, *rest = chain
     key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
     if not isinstance(key, PrivateKey):
         raise TypeError(f"unsupported private key type {type(key).__name__} in {key_path}")
     if _spki(key.public_key()) != _spki(first.public_key()):
-        raise ValueError(f"the key in {key_path} does not belong to the certificate {cert_path}")
-    return Issued(first, key, tuple(chain))
+        raise ValueError(
+            f"the key in {key_path} does not belong to the certificate of "
+            f"{first.subject.rfc4514_string()}"
+        )
+    return Issued(first, key, tuple(rest))
 
 
 def client_identity(cert: x509.Certificate) -> str | None:

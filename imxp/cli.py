@@ -125,7 +125,14 @@ from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
 from imxp.beep.users import UserStore, UserStoreError, prepare_username
 from imxp.bootstrap import EXPIRY_WARNING, makes_development_certificate
-from imxp.certs import Issued, create_ca, issue_client, issue_server, load_certificates, load_issued
+from imxp.certs import (
+    Issued,
+    create_ca,
+    issue_client,
+    issue_server,
+    load_certificates,
+    load_key_for,
+)
 from imxp.client import (
     REPORT_TIMEOUT,
     Client,
@@ -855,11 +862,11 @@ def _load_identity(cert: Path, key: Path) -> Issued:
     """The S/MIME certificate and key of ``--smime-cert`` and ``--smime-key``; what is
     wrong with either names the file that is wrong."""
     try:
-        load_certificates(cert)
+        chain = load_certificates(cert)
     except ValueError as e:
         raise Failed(Exit.CONFIG, f"--smime-cert {cert}: {e}") from None
     try:
-        return load_issued(cert, key)
+        return load_key_for(chain, key)
     except (ValueError, TypeError) as e:
         raise Failed(Exit.CONFIG, f"--smime-key {key}: {e}") from None
 
@@ -1842,10 +1849,11 @@ def _check_certificate(config: Config, found: _Findings) -> Issued | None:
             )
         return None
     try:
-        certificate = load_certificates(cert_path)[0]
+        chain = load_certificates(cert_path)
     except (OSError, ValueError) as e:
         found.problem(f"certificate {cert_path} cannot be read ({e}): put a PEM certificate there")
         return None
+    certificate = chain[0]
     try:
         # The check peers make when they connect to this domain (RFC 6125).
         verify_certificate_hostname(certificate, domain)
@@ -1880,7 +1888,7 @@ def _check_certificate(config: Config, found: _Findings) -> Issued | None:
     if not there:
         return None
     try:
-        identity = load_issued(cert_path, key_path)
+        identity = load_key_for(chain, key_path)
     except (OSError, ValueError, TypeError) as e:
         found.problem(f"key {key_path} is unusable ({e}): set tls_key to the certificate's key")
         return None

@@ -22,6 +22,7 @@ from imxp.certs import (
     issue_server,
     load_certificates,
     load_issued,
+    load_key_for,
     self_signed,
 )
 
@@ -247,6 +248,25 @@ def test_load_issued_rejects_a_key_of_another_certificate(tmp_path, test_ca: Iss
     (tmp_path / "other.key").write_bytes(other.key_pem())
     with pytest.raises(ValueError, match="does not belong"):
         load_issued(tmp_path / "relay.crt", tmp_path / "other.key")
+
+
+def test_a_key_read_for_certificates_already_read_names_whose_it_is_not(
+    tmp_path, test_ca: Issued
+) -> None:
+    """Callers that read the certificate file first (a relay's start, imxp check, the
+    CLI's --smime-cert) blame the key file alone; its error says whose key it is not."""
+    relay = issue_server(test_ca, ["relay.a.test"])
+    other = issue_server(test_ca, ["relay.b.test"])
+    (tmp_path / "other.key").write_bytes(other.key_pem())
+    with pytest.raises(ValueError) as refused:
+        load_key_for([relay.certificate], tmp_path / "other.key")
+    assert str(refused.value) == (
+        f"the key in {tmp_path / 'other.key'} does not belong to the certificate of CN=relay.a.test"
+    )
+    (tmp_path / "relay.key").write_bytes(relay.key_pem())
+    chain = [relay.certificate, test_ca.certificate]
+    loaded = load_key_for(chain, tmp_path / "relay.key")
+    assert (loaded.certificate, loaded.chain) == (relay.certificate, (test_ca.certificate,))
 
 
 def test_load_certificates_reads_a_bundle_in_order(tmp_path, test_ca: Issued) -> None:
