@@ -1094,7 +1094,9 @@ async def _attached(endpoint: str, **options: Any) -> Client:
 
 
 async def _send(reactor: Any, args: argparse.Namespace) -> int:
-    """``imxp send``: one line per recipient; 1 unless every one was delivered."""
+    """``imxp send``: one line per recipient; 1 unless every one was delivered. A send
+    that gives up part way prints the lines of the recipients whose data had ended, then
+    the error."""
     raw = args.raw
     if raw is None:
         raw = args.file is not None or args.media_type is not None
@@ -1123,22 +1125,32 @@ async def _send(reactor: Any, args: argparse.Namespace) -> int:
                 Exit.USAGE, "a CPIM message carries UTF-8 text; send other content --raw"
             ) from None
     async with _connected(reactor, args, args.sender, reconnect=False) as client:
-        if raw:
-            media_type = args.media_type or _media_type_of(args.file, content)
-            outcomes = await client.send(args.to, content, media_type, timeout=args.timeout)
-        else:
-            outcomes = await client.send_message(
-                args.to,
-                text,
-                cc=args.cc,
-                subject=args.subject,
-                timeout=args.timeout,
-                protect=protection,
-            )
+        try:
+            if raw:
+                media_type = args.media_type or _media_type_of(args.file, content)
+                outcomes = await client.send(args.to, content, media_type, timeout=args.timeout)
+            else:
+                outcomes = await client.send_message(
+                    args.to,
+                    text,
+                    cc=args.cc,
+                    subject=args.subject,
+                    timeout=args.timeout,
+                    protect=protection,
+                )
+        except ClientError as e:
+            # More than 1,000 recipients go in several data: those whose data ended before
+            # the client gave up have their verdicts, and must not be sent to again.
+            _print_outcomes(e.outcomes, args.timeout)
+            raise
+    _print_outcomes(outcomes, args.timeout)
+    return Exit.OK if all(o.delivered for o in outcomes.values()) else Exit.FAILED
+
+
+def _print_outcomes(outcomes: Mapping[str, Outcome], timeout: float) -> None:
     for recipient, outcome in outcomes.items():
         # The text is a relay's, perhaps another domain's.
-        print(_terminal_safe(f"{recipient}: {_outcome_text(outcome, args.timeout)}"))
-    return Exit.OK if all(o.delivered for o in outcomes.values()) else Exit.FAILED
+        print(_terminal_safe(f"{recipient}: {_outcome_text(outcome, timeout)}"))
 
 
 def _media_type_of(file: Path | None, content: bytes) -> str:

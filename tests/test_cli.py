@@ -29,6 +29,7 @@ from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
+from imxp.apex import wire
 from imxp.beep.users import UserStore
 from imxp.certs import Issued, client_identity, create_ca, issue_server, load_issued
 from imxp.cli import _ConnectionNotices, _outcome_text, build_parser, main
@@ -499,6 +500,44 @@ async def test_sending_as_an_endpoint_that_listens_says_how_to_do_both(net: Net)
     assert (sent.status, sent.out) == (0, f"{WILMA}: delivered (250)\n"), sent
     assert await listen.ended() == 0, listen
     assert "wilma/cli@a.test: hello me" in listen.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_send_that_gives_up_part_way_prints_the_verdicts_it_has(net: Net) -> None:
+    """More than 1,000 recipients go in several data. The relay is shutting down: it
+    refuses the first data it reads with 421, and ends the session after the second,
+    before the last are written, so the command gives up on those. Told only of the
+    error, a person would not know which recipients are still to be sent to."""
+    core = net.relays["a.test"].service.relay
+    core.accepting = False
+    taken = core.data
+    seen = []
+
+    def data(channel: Any, element: wire.Data, received: Any = None) -> wire.OK:
+        seen.append(element)
+        if len(seen) == 2:
+            # After this turn, which writes the refusal.
+            reactor.callLater(0, channel.session.disconnect)
+        return taken(channel, element, received)
+
+    core.data = data
+    # Nine data of 45 KB: more than the relay reads and the window of 128 KiB beyond it.
+    strangers = [f"stranger{n}@a.test" for n in range(8 * wire.MAX_RECIPIENTS + 5)]
+    to = [arg for stranger in strangers for arg in ("--to", stranger)]
+    sent = await net.imxp("send", "--from", FRED, *to, "all hands")
+    relay_at = f"a.test:{net.relays['a.test'].port('edge')}"
+
+    assert sent.status == 5, sent
+    assert one_error_line(sent) == f"imxp: lost the connection to the relay at {relay_at}"
+    lines = sent.out.splitlines()
+    assert 2 * wire.MAX_RECIPIENTS <= len(lines) < len(strangers)
+    assert [line.split(": ", 1)[0] for line in lines] == strangers[: len(lines)]
+    verdicts = [line.split(": ", 1)[1] for line in lines]
+    refused = "failed 421 relay is shutting down"
+    assert verdicts[: 2 * wire.MAX_RECIPIENTS] == [refused] * (2 * wire.MAX_RECIPIENTS)
+    # Any written in part when the session went may have reached the relay.
+    unknown = f"unknown (no status report: lost the connection to the relay at {relay_at})"
+    assert set(verdicts[2 * wire.MAX_RECIPIENTS :]) <= {refused, unknown}
 
 
 # -- chat ------------------------------------------------------------------------------------
