@@ -485,6 +485,33 @@ async def test_a_next_hop_that_answers_one_data_never_does_not_hold_up_the_rest(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_next_hop_that_never_answers_data_for_two_domains_gets_its_verdict(
+    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch, events: list[LogEvent]
+) -> None:
+    """Data for b.test and c.test, and c.test never answers. At the deadline the hand-over
+    to c.test must be given up as for data to c.test alone: 451, c.test did not answer.
+    The deadline's cancel stopped at the list of routes, which had long fired, so the
+    data's carrying failed as a whole: an internal error logged, 451 "local error", and
+    the hand-over left waiting, its answer-to-be an AlreadyCalledError."""
+    mesh = await mesh_of(**{"a.test": {"delivery_timeout": 0.5}})
+    c = mesh.relay("c.test").service.relay
+    monkeypatch.setattr(APEXChannel, "message_received", hostile_at(c, lambda _: defer.Deferred()))
+    fred = await mesh.attach(FRED)
+    await mesh.attach(BARNEY)
+
+    await send(fred, [BARNEY, BETTY], [status(85)])
+    await fred.wait("reports", 2, timeout=3.0)
+
+    assert reported(fred, 85) == {BARNEY: [250], BETTY: [451]}
+    [(_, _, text)] = [
+        d for r in fred.reports if r.trans_id == 85 for d in r.destinations if d[0] == BETTY
+    ]
+    assert text == "c.test did not answer in time; outcome unknown"
+    assert named(events, "apex.internal-error") == []
+    await mesh.relay("c.test").service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_report_made_as_the_grace_ends_reaches_another_domain(
     mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -528,19 +528,35 @@ class Relay:
                     # not (_answer).
                     self._deadlines.watch(sending)
                 return sending
-            routes = self._route(journey, domain, remote[domain]).addCallback(lambda t: [t])
-        else:
-            routes = defer.gatherResults([self._route(journey, d, remote[d]) for d in domains])
-        forwarding = routes.addCallback(self._forward_routed, journey, domains, remote, deadline)
-        # Watched as a whole, routes and hand-overs, through a Deferred that fires only
-        # once all is done: _Deadlines takes a Deferred that has fired for one that is
-        # done, and ``forwarding`` fires with the routes, then waits on the hand-overs.
-        # Cancelling it cancels what it waits on at the time, routes or hand-overs.
-        done: defer.Deferred[None] = defer.Deferred(lambda _: forwarding.cancel())
-        forwarding.chainDeferred(done)
+        done = defer.ensureDeferred(self._route_and_forward(journey, domains, remote, deadline))
         if not done.called:
             self._deadlines.watch(done)
         return done
+
+    async def _route_and_forward(
+        self,
+        journey: _Journey,
+        domains: list[str],
+        remote: dict[str, list[tuple[wire.Recipient, Endpoint]]],
+        deadline: float,
+    ) -> None:
+        """Find the next hops of ``domains``, then hand the data on to them.
+
+        Watched as a whole: a coroutine's Deferred fires only once all is done
+        (_Deadlines takes one that has fired for one that is done), and cancelling it
+        cancels what it waits on at the time, routes or hand-overs. A chain on the
+        DeferredList of routes would not: once fired, it passes no cancel on to the
+        hand-overs its callback waits on, so the deadline would end the data as failed
+        and leave them waiting."""
+        if len(domains) == 1:
+            routes = [await self._route(journey, domains[0], remote[domains[0]])]
+        else:
+            routes = await defer.gatherResults(
+                [self._route(journey, d, remote[d]) for d in domains]
+            )
+        forwarding = self._forward_routed(routes, journey, domains, remote, deadline)
+        if forwarding is not None:
+            await forwarding
 
     def _forward_routed(
         self,
