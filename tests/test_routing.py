@@ -817,3 +817,48 @@ async def test_a_connection_attempt_given_up_is_a_cancellation() -> None:
     attempt.cancel()
     with pytest.raises(defer.CancelledError):
         await attempt
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_lookup_that_fails_for_now_is_not_called_no_records(dns_server):
+    """The SRV target's A and AAAA lookups failed (SERVFAIL, a timeout): the link's
+    warning said "no address records for relay.a.test", which sends an operator to the
+    zone when it is the DNS server that is in trouble."""
+    from twisted.internet import protocol
+
+    factory = protocol.Factory.forProtocol(protocol.Protocol)
+    resolver = dns_server.resolver()
+    dns_server.fail("relay.a.test")
+    failing = Target("relay.a.test", 912, "a.test", "SRV")
+    with pytest.raises(error.DNSLookupError) as failed:
+        await open_session(failing, factory, reactor, timeout=5, resolver=resolver)
+    assert str(failed.value) == (
+        "DNS lookup failed: DNS server failure (SERVFAIL) looking up relay.a.test."
+    )
+    # A name that has none is still told as such.
+    empty = Target("empty.a.test", 912, "a.test", "SRV")
+    with pytest.raises(error.DNSLookupError) as failed:
+        await open_session(empty, factory, reactor, timeout=5, resolver=resolver)
+    assert str(failed.value) == "DNS lookup failed: no address records for empty.a.test."
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_lookup_that_cannot_be_sent_says_why_once() -> None:
+    """Out of sockets for the AAAA query, and the A query has no records: the reason is
+    ours (the relay's descriptors), told once - not "DNS lookup failed: DNS lookup
+    failed: ..."."""
+    from twisted.internet import protocol
+
+    resolver = OutOfSockets()
+    target = Target("relay.a.test", 912, "a.test", "SRV")
+    factory = protocol.Factory.forProtocol(protocol.Protocol)
+    attempt = defer.ensureDeferred(
+        open_session(target, factory, reactor, timeout=5, resolver=resolver)
+    )
+    [(_, query)] = resolver.a_queries
+    query.callback(([], [], []))
+    with pytest.raises(error.DNSLookupError) as failed:
+        await attempt
+    assert str(failed.value) == (
+        "DNS lookup failed: cannot query relay.a.test: Too many open files."
+    )

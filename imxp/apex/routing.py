@@ -708,6 +708,9 @@ def _nonexistent(e: Exception) -> bool:
     return isinstance(e, dns_error.DNSNameError | dns_error.AuthoritativeDomainError)
 
 
+_LOOKUP_FAILED = "DNS lookup failed: "
+
+
 def _dns_reason(e: Exception, qname: str) -> str:
     if isinstance(e, _NotAsked):
         # Our side's trouble (out of sockets, say), not the domain's: temporary.
@@ -717,7 +720,7 @@ def _dns_reason(e: Exception, qname: str) -> str:
             detail = socket_error.strerror
         else:
             detail = str(cause) or type(cause).__name__
-        return f"DNS lookup failed: cannot query {qname}: {detail}"
+        return f"{_LOOKUP_FAILED}cannot query {qname}: {detail}"
     if isinstance(e, defer.TimeoutError):
         return f"DNS timeout looking up {qname}"
     if isinstance(e, dns_error.DNSServerError):
@@ -747,8 +750,6 @@ async def open_session(
     hosts = [target.host]
     if resolver is not None and not is_ip_address(target.host):
         hosts = await _addresses(resolver, target.host)
-        if not hosts:
-            raise error.DNSLookupError(f"no address records for {target.host}")
     failure: Exception | None = None
     for host in hosts:
         try:
@@ -786,19 +787,26 @@ def is_ip_address(host: str) -> bool:
 
 
 async def _addresses(resolver: IResolver, host: str) -> list[str]:
-    """The A then AAAA addresses of ``host``; none when both lookups fail or are empty."""
+    """The A then AAAA addresses of ``host``.
+
+    :raises DNSLookupError: when there are none: why, if a lookup failed for now (a
+        timeout, SERVFAIL), else that there are no records.
+    """
     queries: list[Deferred[Any]] = []
     for lookup in (resolver.lookupAddress, resolver.lookupIPV6Address):
         # A query that cannot be sent (twisted.names raises then) fails like one that is
         # not answered, and leaves the other one awaited rather than orphaned.
         try:
             queries.append(lookup(host))
-        except Exception:
-            queries.append(defer.fail())
+        except Exception as e:
+            queries.append(defer.fail(_NotAsked(e)))
     results = await defer.DeferredList(queries, consumeErrors=True)
     addresses = []
+    trouble: list[Exception] = []
     for ok, result in results:
         if not ok:
+            if not _nonexistent(result.value):
+                trouble.append(result.value)
             continue
         answers, _authority, _additional = result
         for rr in answers:
@@ -807,4 +815,10 @@ async def _addresses(resolver: IResolver, host: str) -> list[str]:
                 addresses.append(rr.payload.dottedQuad())
             elif rr.type == dns.AAAA:
                 addresses.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
+    if not addresses:
+        # A DNS server in trouble is no zone without records: the operator looks there.
+        if not trouble:
+            raise error.DNSLookupError(f"no address records for {host}")
+        # DNSLookupError says "DNS lookup failed: " itself.
+        raise error.DNSLookupError(_dns_reason(trouble[0], host).removeprefix(_LOOKUP_FAILED))
     return addresses
