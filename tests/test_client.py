@@ -98,7 +98,7 @@ class Net:
         """A relay for ``domain`` (users as given, or those of USERS), published in DNS."""
         where = self.tmp / f"{domain}-{len(self.handles)}"
         where.mkdir()
-        settings.setdefault("delivery_timeout", 2.0)
+        settings.setdefault("delivery_timeout", 10.0)
         settings.setdefault("shutdown_grace", 0.5)
         handle = await start_relay(
             domain,
@@ -326,11 +326,13 @@ async def test_a_report_that_does_not_come_in_time_is_unknown(net: Net) -> None:
     try:
         started = reactor.seconds()
         outcomes = await fred.send([BARNEY], b"are you there?", timeout=0.5)
-        assert reactor.seconds() - started < 1.5
+        # Not a hang; and by the client's own timeout, not a relay's 451 (the text).
+        assert reactor.seconds() - started < 10
         assert codes(outcomes) == {BARNEY: None}
         assert outcomes[BARNEY].unknown and not outcomes[BARNEY].delivered
         assert outcomes[BARNEY].text == "no status report within 0.5 s"
-        assert len(answers) == 1  # it did reach barney's application
+        # It did reach barney's application (on a slow host, after the client gave up).
+        await until(lambda: len(answers) == 1)
     finally:
         barney.session.disconnect()
     # b's relay now reports 451 for barney; fred answers the late report and goes on.

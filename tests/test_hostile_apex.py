@@ -26,6 +26,7 @@ from test_relay_mesh import (
     BARNEY,
     BETTY,
     FRED,
+    SHORT_DEADLINE,
     WILMA,
     Mesh,
     MeshBuilder,
@@ -57,7 +58,7 @@ async def mesh_of(
 ) -> AsyncIterator[MeshBuilder]:
     # Not settled at the end: a relay caught in a loop would keep the mesh busy for ever.
     async with meshes(
-        test_ca, server_cert, tmp_path, delivery_timeout=1.0, shutdown_grace=0.5, check_at_end=False
+        test_ca, server_cert, tmp_path, shutdown_grace=0.5, check_at_end=False
     ) as build:
         yield build
 
@@ -437,7 +438,7 @@ async def test_a_next_hop_that_never_answers_still_gives_a_final_report(
     no deadline for the reply, unlike the endpoint delivery of Relay._answer), so fred never
     hears about betty and a.test stays busy (and its shutdown waits) until the session goes.
     Expected: after delivery_timeout, one final 4xx verdict, outcome unknown."""
-    mesh = await mesh_of(**{"a.test": {"delivery_timeout": 0.5}})
+    mesh = await mesh_of(**{"a.test": {"delivery_timeout": SHORT_DEADLINE}})
     c = mesh.relay("c.test")
     monkeypatch.setattr(
         APEXChannel, "message_received", hostile_at(c.service.relay, lambda _: defer.Deferred())
@@ -446,7 +447,7 @@ async def test_a_next_hop_that_never_answers_still_gives_a_final_report(
     try:
         await send(fred, [BETTY], [status(79)])
         try:
-            await fred.wait("reports", 1, timeout=2.5)
+            await fred.wait("reports", 1, timeout=SHORT_DEADLINE + 10)
         except defer.CancelledError:
             pass
         assert [code // 100 for code in reported(fred, 79).get(BETTY, [])] == [4]
@@ -462,7 +463,7 @@ async def test_a_next_hop_that_answers_one_data_never_does_not_hold_up_the_rest(
     """c.test takes one data and never answers it, then answers again. Replies come in
     order on a channel (RFC 3080 §2.6.1): kept, the link would leave every later data to
     c.test waiting behind that one until its deadline, for as long as it stays up."""
-    mesh = await mesh_of(**{"a.test": {"delivery_timeout": 0.5}})
+    mesh = await mesh_of(**{"a.test": {"delivery_timeout": SHORT_DEADLINE}})
     answers = [defer.Deferred]
 
     def answer(_: Request) -> Any:
@@ -475,9 +476,9 @@ async def test_a_next_hop_that_answers_one_data_never_does_not_hold_up_the_rest(
     fred = await mesh.attach(FRED)
 
     await send(fred, [BETTY], [status(81)])
-    await fred.wait("reports", 1, timeout=3.0)
+    await fred.wait("reports", 1, timeout=SHORT_DEADLINE + 10)
     await send(fred, [BETTY], [status(82)])
-    await fred.wait("reports", 2, timeout=3.0)
+    await fred.wait("reports", 2, timeout=SHORT_DEADLINE + 10)
 
     assert reported(fred, 81) == {BETTY: [451]}
     assert reported(fred, 82) == {BETTY: [550]}
@@ -493,14 +494,14 @@ async def test_a_next_hop_that_never_answers_data_for_two_domains_gets_its_verdi
     The deadline's cancel stopped at the list of routes, which had long fired, so the
     data's carrying failed as a whole: an internal error logged, 451 "local error", and
     the hand-over left waiting, its answer-to-be an AlreadyCalledError."""
-    mesh = await mesh_of(**{"a.test": {"delivery_timeout": 0.5}})
+    mesh = await mesh_of(**{"a.test": {"delivery_timeout": SHORT_DEADLINE}})
     c = mesh.relay("c.test").service.relay
     monkeypatch.setattr(APEXChannel, "message_received", hostile_at(c, lambda _: defer.Deferred()))
     fred = await mesh.attach(FRED)
     await mesh.attach(BARNEY)
 
     await send(fred, [BARNEY, BETTY], [status(85)])
-    await fred.wait("reports", 2, timeout=3.0)
+    await fred.wait("reports", 2, timeout=SHORT_DEADLINE + 10)
 
     assert reported(fred, 85) == {BARNEY: [250], BETTY: [451]}
     [(_, _, text)] = [
@@ -637,14 +638,14 @@ async def test_data_reported_undelivered_to_a_stalled_application_never_reaches_
     told 451; those still waiting were delivered all the same once it read again, so a
     sender that tried again had them twice. Its session is dropped instead: what was
     never sent is never delivered, and the report says so."""
-    mesh = await mesh_of()
+    mesh = await mesh_of(**{"a.test": {"delivery_timeout": SHORT_DEADLINE}})
     fred = await mesh.attach(FRED)
     wilma = await mesh.attach(WILMA)
     wilma.session.transport.pauseProducing()  # it reads nothing more, nor opens its window
     bodies = [bytes([65 + n]) * 40_000 for n in range(3)]
     for n, body in enumerate(bodies):
         await send(fred, [WILMA], [status(90 + n)], body=body)
-    await fred.wait("reports", 3, timeout=5.0)
+    await fred.wait("reports", 3, timeout=SHORT_DEADLINE + 10)
     assert reported(fred, 90) == reported(fred, 91) == reported(fred, 92) == {WILMA: [451]}
     assert [e["identity"] for e in named(events, "apex.endpoint-dropped")] == [WILMA]
 

@@ -65,10 +65,14 @@ FRED = "fred@a.test"
 WILMA = "wilma@a.test"
 BARNEY = "barney@b.test"
 BETTY = "betty@c.test"
-#: Short, so that the closed-port test reaches its verdict quickly; ample for loopback.
-DELIVERY_TIMEOUT = 1.0
+#: Long enough that no verdict comes from a deadline on a slow host that steals the CPU
+#: for seconds; tests of what a deadline does set SHORT_DEADLINE where they need it.
+DELIVERY_TIMEOUT = 10.0
+#: The deadline of tests that wait for one (a next hop's retries, one that never greets, an
+#: endpoint that stops reading): still longer than a slow host's usual stall.
+SHORT_DEADLINE = 3.0
 #: Upper bound on waiting for the mesh to finish carrying what it accepted.
-SETTLE = 10.0
+SETTLE = 30.0
 #: Content that a re-serialising relay would be likely to spoil: every octet value, CRLFs,
 #: something like a MIME boundary, non-ASCII text.
 BODY = bytes(range(256)) + b"\r\n--boundary\r\n\r\n" + "grüße, ☃".encode()
@@ -608,7 +612,7 @@ async def test_an_endpoint_that_stops_reading_is_refused_data_beyond_max_queued(
     to her channel waits there, held back by her BEEP window; beyond ``max_queued`` octets
     her data is refused with 450 at once, instead of the relay holding all of it."""
     limit = 200_000
-    mesh = await build_mesh(**{"a.test": {"max_queued": limit}})
+    mesh = await build_mesh(**{"a.test": {"max_queued": limit, "delivery_timeout": SHORT_DEADLINE}})
     fred = await mesh.attach(FRED)
     wilma = await mesh.attach(WILMA)
     await mesh.attach(BARNEY)
@@ -650,7 +654,7 @@ async def test_unknown_unattached_and_unreachable(
     * a domain whose SRV points at a closed port: connection refused, retried until the
       delivery timeout, then a 4xx, since it may come back.
     """
-    mesh = await build_mesh()
+    mesh = await build_mesh(**{"a.test": {"delivery_timeout": SHORT_DEADLINE}})
     mesh.publish("dead.test", closed_port())
     fred = await mesh.attach(FRED)
     recipients = [
@@ -711,7 +715,7 @@ async def test_defect_data_queued_for_a_next_hop_that_is_down_do_not_storm_it(
         protocol.Factory.forProtocol(ClosesAtOnce)
     )
     try:
-        mesh = await build_mesh()
+        mesh = await build_mesh(**{"a.test": {"delivery_timeout": SHORT_DEADLINE}})
         mesh.publish("down.test", down.getHost().port)
         fred = await mesh.attach(FRED)
         trans_ids = [await mesh.send(fred, ["someone@down.test"]) for _ in range(30)]
@@ -723,15 +727,14 @@ async def test_defect_data_queued_for_a_next_hop_that_is_down_do_not_storm_it(
         code, text = outcome(fred, trans_id)["someone@down.test"]
         assert code == 421 and "cannot connect" in text, (code, text)
     mesh.assert_exactly_once()
-    # Within the delivery timeout of 1 s the backoff allows attempts at 0, 0.2 and 0.6 s
-    # (and 1.4 s, for data sent late): far fewer than data. Each attempt that fails is
-    # the operator's warning; on a slow host the last may still be under way when the
-    # last data's deadline passes, and an attempt no data waits for is given up, which
-    # is no failure of the next hop.
+    # Within the delivery timeout of 3 s the backoff allows attempts at 0, 0.2, 0.6 and
+    # 1.4 s (and 3.0 s, for data sent late): far fewer than data. Each attempt that fails
+    # is one warning, whether at the connection or at the DNS lookup before it; on a slow
+    # host the last may still be under way when the last data's deadline passes, and is
+    # given up with no data waiting for it, which is no failure of the next hop.
     failed = named(events, "apex.link-failed")
     assert 1 <= len(accepted) <= 6
-    assert len(accepted) - 1 <= len(failed) <= len(accepted)
-    assert failed
+    assert 1 <= len(failed) <= 6
     assert {e["peer"] for e in failed} == {"down.test"}
 
 
@@ -753,7 +756,7 @@ async def test_a_next_hop_that_never_greets_ends_in_a_report_at_the_deadline(
         protocol.Factory.forProtocol(Mute)
     )
     try:
-        mesh = await build_mesh()
+        mesh = await build_mesh(**{"a.test": {"delivery_timeout": SHORT_DEADLINE}})
         mesh.publish("mute.test", mute.getHost().port)
         fred = await mesh.attach(FRED)
         trans_id = await mesh.send(fred, ["someone@mute.test"])
