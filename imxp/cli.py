@@ -803,20 +803,21 @@ def _resolver(servers: Sequence[tuple[str, int]]) -> IResolver:
     return dns_client.Resolver(servers=list(servers), timeout=_DNS_TIMEOUT)
 
 
-def _secret_lines(path: Path) -> list[str]:
-    """The lines of a password or passphrase file (UTF-8, as the SASL password is)."""
+def _secret(path: Path) -> str:
+    """The first line of a password or passphrase file (UTF-8, as the SASL password is);
+    empty for an empty file."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise Failed(Exit.CONFIG, f"{path}: not UTF-8 text") from None
+    return lines[0] if lines else ""
 
 
 def _password(path: Path | None, *, confirm: bool = False) -> str | None:
     """The password from ``path``, else ``$IMXP_PASSWORD``, else a prompt on a terminal;
     None when there is none of these."""
     if path is not None:
-        lines = _secret_lines(path)
-        return lines[0] if lines else ""
+        return _secret(path)
     if PASSWORD_VARIABLE in os.environ:
         return os.environ[PASSWORD_VARIABLE]
     if not sys.stdin.isatty():
@@ -891,8 +892,7 @@ def _keys(args: argparse.Namespace, *, pgp_needed: bool) -> Keys:
         raise Failed(Exit.USAGE, "--smime-cert and --smime-key go together")
     passphrase = None
     if args.passphrase_file is not None:
-        lines = _secret_lines(args.passphrase_file)
-        passphrase = lines[0] if lines else ""
+        passphrase = _secret(args.passphrase_file)
     return Keys(
         pgp=OpenPGP(home) if home.is_dir() else None,
         pgp_passphrase=passphrase,
