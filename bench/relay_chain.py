@@ -36,12 +36,15 @@ recipient application, p50 and p99; for the floor and the ceiling, at the relay 
 half load too (the same rate through hops that spend less per message: the part of the
 tail that is the machine's); with ``--load``, latency again at that fixed rate (a
 deployment's expected load, comparable from run to run as half of a drifting maximum is
-not), for each chain whose highest rate reaches it. Then RSS per idle attached endpoint: a
-fresh relay's VmRSS (read from /proc by this process) before and after ``--endpoints``
-endpoints attach, each with its own BEEP session, TLS, SCRAM and attach (all as subaddresses
-of one user, so that one verifier serves them all), divided by their number; 8 logins run at
-once, and the time per login is printed too (SCRAM's 4096 PBKDF2 rounds are paid by the
-client).
+not), for each chain whose highest rate reaches it, and the CPU each process spends per
+message there: at the highest rates each chain batches as many messages per read and
+write as its own rate gives it, so a slower chain also pays more per message for every
+wake-up, read and write; at one rate for all, the difference is each hop's own work.
+Then RSS per idle attached endpoint: a fresh relay's VmRSS (read from /proc by this
+process) before and after ``--endpoints`` endpoints attach, each with its own BEEP session,
+TLS, SCRAM and attach (all as subaddresses of one user, so that one verifier serves them
+all), divided by their number; 8 logins run at once, and the time per login is printed too
+(SCRAM's 4096 PBKDF2 rounds are paid by the client).
 
 Each measure of rate or latency also reads the share of the machine's CPU time that the
 hypervisor gave to other guests meanwhile (steal, from /proc/stat; 0 on bare metal): a
@@ -516,9 +519,12 @@ async def max_rate(
     return count / elapsed, meter.per(count), steal.share
 
 
-async def latency(chain: _Chain, rate: float, seconds: float) -> tuple[float, float, int, float]:
+async def latency(
+    chain: _Chain, rate: float, seconds: float
+) -> tuple[float, float, int, float, dict[str, float]]:
     """p50 and p99 (seconds) of send -> receipt with sends paced at ``rate`` per second,
-    the number of samples, and the share of the machine's CPU time stolen meanwhile."""
+    the number of samples, the share of the machine's CPU time stolen meanwhile, and the
+    CPU seconds each of the chain's processes spent per message."""
     books = chain.books
     books.latencies.clear()
     first = books.next_seq
@@ -533,22 +539,26 @@ async def latency(chain: _Chain, rate: float, seconds: float) -> tuple[float, fl
             books.sent_at[seq] = time.perf_counter()
             chain.send(seq).addErrback(_report_failure)
 
-    steal = StealMeter()
+    meter, steal = CPUMeter(chain.processes), StealMeter()
+    meter.start()
     steal.start()
     pacer = task.LoopingCall(tick)
     pacer.start(0.002)
     await _sleep(seconds)
     pacer.stop()
     await _drain(chain)
+    meter.stop()
     steal.stop()
+    cpu = meter.per(books.next_seq - first)
     samples = sorted(books.latencies.values())
     if not samples:
-        return float("nan"), float("nan"), 0, steal.share
+        return float("nan"), float("nan"), 0, steal.share, cpu
     return (
         samples[len(samples) // 2],
         samples[min(len(samples) - 1, int(len(samples) * 0.99))],
         len(samples),
         steal.share,
+        cpu,
     )
 
 
@@ -615,6 +625,9 @@ class _Figures:
     steal: dict[str, list[float]] = field(default_factory=dict)
     # CPU seconds per message at the highest rate, by process, per chain
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the same at --load: every chain at one rate, so that each spends per message what
+    # its own work costs, not what the batching of a higher or lower rate makes it
+    cpu_at_load: dict[str, dict[str, float]] = field(default_factory=dict)
     rss_per_endpoint: float = float("nan")
     endpoints: int = 0
     login_seconds: float = float("nan")
@@ -649,29 +662,29 @@ async def _max_rates(
 
 
 async def _latencies(name: str, chain: _Chain, args: argparse.Namespace, figures: _Figures) -> None:
-    async def latency_at(load: float) -> tuple[float, float, int]:
-        p50, p99, n, steal = await latency(chain, load, args.seconds)
+    async def latency_at(load: float) -> tuple[float, float, int, dict[str, float]]:
+        p50, p99, n, steal, cpu = await latency(chain, load, args.seconds)
         figures.steal.setdefault(name, []).append(steal)
         print(
             f"{name}: at {load:,.0f} msg/s p50 {p50 * 1e3:.2f} ms p99 {p99 * 1e3:.2f} ms "
             f"({n} samples; {steal:.0%} stolen)",
             file=sys.stderr,
         )
-        return p50, p99, n
+        return p50, p99, n, cpu
 
     rate = figures.rate[name]
-    figures.p50[name], figures.p99[name], figures.samples[name] = await latency_at(rate / 2)
+    figures.p50[name], figures.p99[name], figures.samples[name], _ = await latency_at(rate / 2)
     # The relay chain's half load, for the others too: what the machine gives there to
     # hops that spend less per message.
     chain_half = figures.rate["chain"] / 2
     if name == "chain":
         figures.at_chain_half[name] = (figures.p50[name], figures.p99[name])
     elif chain_half <= rate:
-        p50, p99, _ = await latency_at(chain_half)
+        p50, p99, _, _ = await latency_at(chain_half)
         figures.at_chain_half[name] = (p50, p99)
     # Above a chain's highest rate its queue would grow for the whole measure.
     if args.load and args.load <= rate:
-        p50, p99, _ = await latency_at(args.load)
+        p50, p99, _, figures.cpu_at_load[name] = await latency_at(args.load)
         figures.at_load[name] = (p50, p99)
 
 
@@ -881,6 +894,17 @@ def _report(figures: _Figures, args: argparse.Namespace) -> None:
             _latency_row("p50 / p99 at chain's half load", figures.at_chain_half, names)
         if args.load:
             _latency_row(f"p50 / p99 at {args.load:,.0f} msg/s", figures.at_load, names)
+            for process in figures.cpu["chain"]:
+                label = f"  CPU per message at that load, {process} (us)"
+                print(
+                    f"{label:<46}"
+                    + "".join(
+                        f"{figures.cpu_at_load[n][process] * 1e6:>14.0f}"
+                        if n in figures.cpu_at_load
+                        else f"{'overloaded':>14}"
+                        for n in names
+                    )
+                )
         label = "CPU time stolen by the hypervisor, median / max"
         print(
             f"{label:<46}"
