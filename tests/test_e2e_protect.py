@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from asn1crypto import cms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_e2e_pgp import make_keyrings, stop_agents
@@ -213,6 +214,61 @@ def test_signer_who_is_not_the_from_is_refused(
     assert (report.status, report.signer) == ("signed-and-verified", "mallory@a.test")
     assert not report.presentable
     assert report.problems == ["signer mallory@a.test is not the From fred@a.test"]
+
+
+def countersigned(signed_data: bytes, by: Issued, *, first: bool) -> bytes:
+    """The S/MIME SignedData ``signed_data`` with a SignerInfo by ``by`` added, over the
+    same content, first or last: what anyone who passes a signed message on can do
+    (RFC 5652 §5.1: signerInfos is a SET OF them, each over the content alone)."""
+    info = cms.ContentInfo.load(signed_data)
+    signed = info["content"]
+    content = signed["encap_content_info"]["content"].native
+    theirs = cms.ContentInfo.load(content_from_entity(smime.sign(content, by, detached=False))[1])
+    ours_signer, added_signer = signed["signer_infos"][0], theirs["content"]["signer_infos"][0]
+    signed["certificates"] = [*signed["certificates"], *theirs["content"]["certificates"]]
+    signed["signer_infos"] = [ours_signer, added_signer]
+    der = info.dump(force=True)
+    ours, added = ours_signer.dump(), added_signer.dump()
+    # DER sorts a SET OF; whoever adds the SignerInfo writes the order they like.
+    wanted = added + ours if first else ours + added
+    der = der.replace(added + ours, wanted).replace(ours + added, wanted)
+    assert wanted in der
+    return der
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_signature_added_by_someone_else_vouches_for_nobody(
+    keys: dict[str, Keys], certs: dict[str, Issued], ca: Issued, first: bool
+) -> None:
+    """Mallory adds her own SignerInfo to the SignedData of Fred's signed message. Both
+    signatures hold, but her certificate does not name the From (RFC 3923 §6.3): the
+    message is not shown. Put first, hers was the one reported, so Fred's message was
+    shown as "signed by mallory@a.test" without a warning - and, remembered as Fred's by
+    the replay cache, shown again when it was replayed so. Signatures by two
+    certificates of Fred's are his message still."""
+    signed = smime.sign(CPIM_ENTITY_HEADER + message(), certs["fred@a.test"], detached=False)
+    content_type, body = content_from_entity(signed)
+    replays = ReplayCache()
+    barney = keys["barney@b.test"]
+    assert open_message(content_type, body, barney, now=NOW, replays=replays).presentable
+
+    forged = countersigned(body, certs["mallory@a.test"], first=first)
+    for cache in (None, replays):
+        report = open_message(content_type, forged, barney, now=NOW, replays=cache)
+        assert (report.status, report.signer, report.presentable) == (
+            "signed-but-bad",
+            None,
+            False,
+        )
+        assert report.problems == [
+            "bad signature: its signers' certificates name no identity in common ("
+            + ("mallory@a.test; fred@a.test)" if first else "fred@a.test; mallory@a.test)")
+        ]
+
+    another_of_freds = smime.issue_smime(ca, "fred@a.test", rsa_bits=None, valid_from=VALID_FROM)
+    twice = countersigned(body, another_of_freds, first=first)
+    report = open_message(content_type, twice, barney, now=NOW)
+    assert (report.signer, report.presentable) == ("fred@a.test", True), report.problems
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -466,7 +466,8 @@ def _verified(
     now: datetime,
 ) -> Opened:
     """Verify the SignedData in ``der`` over ``detached`` or its own content (RFC 5652
-    §5.6); every signerInfo must hold. Raises :class:`_Bad`."""
+    §5.6); every signerInfo must hold, and the identities are those all their
+    certificates name. Raises :class:`_Bad`."""
     if not trust:
         raise _Unchecked(
             "no S/MIME trust anchors to verify against "
@@ -493,9 +494,17 @@ def _verified(
         if not signers:
             raise _Bad("SignedData without a signer")
         results = [_signer(si, content, certificates, trust, now) for si in signers]
-        identities: list[str] = []
-        for cert, _ in results:
-            identities += [i for i in _identities(cert) if i not in identities]
+        # RFC 3923 §6.3: the sender must be named in "the signer's certificate" - with
+        # several signers, in each one's. Anyone who passes a signed message on can add a
+        # SignerInfo of their own (RFC 5652 §5.1), which must not make it pass for theirs.
+        named = [_identities(cert) for cert, _ in results]
+        identities = [i for i in named[0] if all(i in others for others in named[1:])]
+        if len(results) > 1 and not identities:
+            each = [
+                n[0] if n else cert.subject.rfc4514_string()
+                for n, (cert, _) in zip(named, results, strict=True)
+            ]
+            raise _Bad(f"its signers' certificates name no identity in common ({'; '.join(each)})")
     except _MALFORMED as e:
         raise _Bad(f"malformed SignedData: {e}") from None
     first_cert, signed_at = results[0]
