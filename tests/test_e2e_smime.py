@@ -206,8 +206,14 @@ def test_ecdsa_signer(ca: Issued, trust: list[x509.Certificate]) -> None:
         smime.encrypt(ENTITY, [wilma.certificate])
 
 
-def _ca(name: str, issuer: Issued | None, path_length: int) -> Issued:
-    """A CA certificate as RFC 5280 §4.2.1.3 and §4.2.1.9 want it."""
+def _ca(
+    name: str,
+    issuer: Issued | None,
+    path_length: int,
+    constraints: x509.NameConstraints | None = None,
+) -> Issued:
+    """A CA certificate as RFC 5280 §4.2.1.3 and §4.2.1.9 want it, confined to
+    ``constraints`` (§4.2.1.10) when they are given."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     signer = issuer or Issued(x509.CertificateBuilder().subject_name(subject), key)  # type: ignore[arg-type]
@@ -231,6 +237,8 @@ def _ca(name: str, issuer: Issued | None, path_length: int) -> Issued:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), False
         )
+    if constraints:
+        builder = builder.add_extension(constraints, critical=True)
     return Issued(builder.sign(signer.key, hashes.SHA256()), key)
 
 
@@ -241,6 +249,86 @@ def test_intermediate_ca_chain_is_carried() -> None:
     assert dino.chain == (intermediate.certificate,)
     opened = smime.open(smime.sign(ENTITY, dino), trust=[root.certificate])
     assert (opened.status, opened.signer) == ("signed", "dino@a.test")
+
+
+def _signer_issued_by(
+    ca: Issued, names: list[x509.GeneralName], email: str | None = None
+) -> Issued:
+    """An S/MIME signing certificate from ``ca`` with the subjectAltName ``names`` (none
+    if empty) and, given ``email``, a subject emailAddress (RFC 8550 §3)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, "signer")]
+    if email:
+        subject.append(x509.NameAttribute(NameOID.EMAIL_ADDRESS, email))
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), False
+        )
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key, (ca.certificate,))
+
+
+def test_a_ca_confined_to_a_domain_vouches_for_no_address_outside_it() -> None:
+    """RFC 5280 §4.2.1.10: a sub-CA whose rfc822Name constraints confine it to a.test
+    (an S/MIME CA "technically constrained" to one organisation's addresses). The chain
+    verifier holds the rfc822Names of the subjectAltName to them; the im: URIs and the
+    subject's emailAddress, which name the sender here too, must keep to them as well,
+    or that CA could sign as anyone at any domain."""
+    root = _ca("imxp S/MIME root", None, 1)
+    permitted = x509.NameConstraints(
+        permitted_subtrees=[x509.RFC822Name("a.test")], excluded_subtrees=None
+    )
+    confined = _ca("imxp S/MIME a.test CA", root, 0, permitted)
+    boss = ENTITY.replace(b"fred@a.test", b"boss@b.test")
+    for names, email in [
+        ([x509.RFC822Name("wilma@a.test"), x509.UniformResourceIdentifier("im:boss@b.test")], None),
+        ([x509.UniformResourceIdentifier("im:boss@b.test")], None),
+        ([x509.RFC822Name("wilma@a.test")], "boss@b.test"),
+        ([], "boss@b.test"),
+    ]:
+        opened = smime.open(
+            smime.sign(boss, _signer_issued_by(confined, names, email)), trust=[root.certificate]
+        )
+        assert opened.status == "signed"
+        assert "boss@b.test" not in opened.identities
+        assert opened.signer != "boss@b.test"
+        assert opened.identities in ((), ("wilma@a.test",))
+
+    # What it may vouch for, it does.
+    inside = _signer_issued_by(
+        confined, [x509.UniformResourceIdentifier("im:fred/appl=im@a.test")], "fred@a.test"
+    )
+    opened = smime.open(smime.sign(ENTITY, inside), trust=[root.certificate])
+    assert opened.identities == ("fred/appl=im@a.test", "fred@a.test")
+    excluded = x509.NameConstraints(
+        permitted_subtrees=None,
+        excluded_subtrees=[x509.RFC822Name(".b.test"), x509.RFC822Name("boss@a.test")],
+    )
+    barred = _ca("imxp S/MIME CA with exclusions", root, 0, excluded)
+    names = [
+        x509.UniformResourceIdentifier(f"im:{who}")
+        for who in ("boss/x@a.test", "x@sub.b.test", "x@b.test")
+    ]
+    opened = smime.open(
+        smime.sign(ENTITY, _signer_issued_by(barred, names)), trust=[root.certificate]
+    )
+    assert opened.identities == ("x@b.test",)
 
 
 # -- what goes wrong --------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from imxp.apex.address import AddressError, Endpoint
 from imxp.certs import Issued, issue_smime
 from imxp.e2e.protect import (
     E2EError,
@@ -497,17 +498,14 @@ def _verified(
         # RFC 3923 §6.3: the sender must be named in "the signer's certificate" - with
         # several signers, in each one's. Anyone who passes a signed message on can add a
         # SignerInfo of their own (RFC 5652 §5.1), which must not make it pass for theirs.
-        named = [_identities(cert) for cert, _ in results]
+        named = [identities for _, identities, _ in results]
         identities = [i for i in named[0] if all(i in others for others in named[1:])]
         if len(results) > 1 and not identities:
-            each = [
-                n[0] if n else cert.subject.rfc4514_string()
-                for n, (cert, _) in zip(named, results, strict=True)
-            ]
+            each = [n[0] if n else cert.subject.rfc4514_string() for cert, n, _ in results]
             raise _Bad(f"its signers' certificates name no identity in common ({'; '.join(each)})")
     except _MALFORMED as e:
         raise _Bad(f"malformed SignedData: {e}") from None
-    first_cert, signed_at = results[0]
+    first_cert, _, signed_at = results[0]
     return Opened(
         content,
         "signed",
@@ -524,8 +522,9 @@ def _signer(
     certificates: list[asn1_x509.Certificate],
     trust: tuple[x509.Certificate, ...],
     now: datetime,
-) -> tuple[x509.Certificate, datetime | None]:
-    """Check one SignerInfo (RFC 5652 §5.3-§5.6); return its certificate and signingTime."""
+) -> tuple[x509.Certificate, list[str], datetime | None]:
+    """Check one SignerInfo (RFC 5652 §5.3-§5.6); return its certificate, the identities
+    it may vouch for (:func:`_identities` its chain allows) and its signingTime."""
     sid = signer_info["sid"]
     found = next((c for c in certificates if _identifies(sid, c)), None)
     if found is None:
@@ -569,10 +568,51 @@ def _signer(
     _check_signature(cert, signer_info, digest_type, signed)
     others = [x509.load_der_x509_certificate(c.dump()) for c in certificates if c is not found]
     try:
-        _verifier(trust, now).verify(cert, others)
+        chain = _verifier(trust, now).verify(cert, others).chain
     except VerificationError as e:
         raise _Bad(f"certificate {cert.subject.rfc4514_string()} is not trusted: {e}") from None
-    return cert, signed_at
+    # The verifier holds the subjectAltName's rfc822Names to the CAs' name constraints,
+    # but not the im: and pres: URIs or the subject's emailAddress that name the signer
+    # here as well: unchecked, a CA confined to one domain's addresses could vouch for
+    # anyone's.
+    identities = [i for i in _identities(cert) if all(_permits(ca, i) for ca in chain[1:])]
+    return cert, identities, signed_at
+
+
+def _permits(ca: x509.Certificate, identity: str) -> bool:
+    """Whether the rfc822Name constraints of ``ca`` (RFC 5280 §4.2.1.10) allow the
+    address ``identity``. A constraint is a mailbox, a host (all mailboxes there) or,
+    with a leading ".", a domain (all hosts within it); an endpoint is matched by its
+    user's address, whose subaddresses are the user's (RFC 3340 §2.2)."""
+    constraints = _extension(ca, x509.NameConstraints)
+    if constraints is None:
+        return True
+    try:
+        user = Endpoint.parse(identity).base
+    except AddressError:
+        return False
+
+    def matches(subtrees: Sequence[x509.GeneralName] | None) -> list[bool]:
+        return [
+            _rfc822_matches(name.value, user)
+            for name in subtrees or ()
+            if isinstance(name, x509.RFC822Name)
+        ]
+
+    permitted = matches(constraints.permitted_subtrees)
+    return (not permitted or any(permitted)) and not any(matches(constraints.excluded_subtrees))
+
+
+def _rfc822_matches(constraint: str, user: Endpoint) -> bool:
+    """Whether one rfc822Name constraint covers ``user``: the local part exactly, the host
+    without regard to case (RFC 5280 §4.2.1.10, §7.5)."""
+    local, at, host = constraint.rpartition("@")
+    host = host.lower()
+    if at:
+        return user.address == local and user.domain == host
+    if host.startswith("."):
+        return user.domain.endswith(host)
+    return user.domain == host
 
 
 def _single(values: dict[str, object], name: str) -> core.Asn1Value | None:
