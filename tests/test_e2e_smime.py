@@ -12,6 +12,7 @@ from asn1crypto import cms, core, util
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
+from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -251,12 +252,17 @@ def test_intermediate_ca_chain_is_carried() -> None:
     assert (opened.status, opened.signer) == ("signed", "dino@a.test")
 
 
-def _signer_issued_by(
-    ca: Issued, names: list[x509.GeneralName], email: str | None = None
+def _issued_by(
+    ca: Issued, names: list[x509.GeneralName], email: str | None = None, *, rsa: bool = False
 ) -> Issued:
-    """An S/MIME signing certificate from ``ca`` with the subjectAltName ``names`` (none
-    if empty) and, given ``email``, a subject emailAddress (RFC 8550 §3)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    """An S/MIME certificate from ``ca`` with the subjectAltName ``names`` (none if empty)
+    and, given ``email``, a subject emailAddress (RFC 8550 §3): for signing, and with
+    ``rsa`` for encryption too."""
+    key = (
+        rsa_keys.generate_private_key(65537, 2048)
+        if rsa
+        else ec.generate_private_key(ec.SECP256R1())
+    )
     subject = [x509.NameAttribute(NameOID.COMMON_NAME, "signer")]
     if email:
         subject.append(x509.NameAttribute(NameOID.EMAIL_ADDRESS, email))
@@ -271,7 +277,7 @@ def _signer_issued_by(
         .not_valid_after(now + timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            x509.KeyUsage(True, False, rsa, False, False, False, False, False, False),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False)
@@ -303,7 +309,7 @@ def test_a_ca_confined_to_a_domain_vouches_for_no_address_outside_it() -> None:
         ([], "boss@b.test"),
     ]:
         opened = smime.open(
-            smime.sign(boss, _signer_issued_by(confined, names, email)), trust=[root.certificate]
+            smime.sign(boss, _issued_by(confined, names, email)), trust=[root.certificate]
         )
         assert opened.status == "signed"
         assert "boss@b.test" not in opened.identities
@@ -311,7 +317,7 @@ def test_a_ca_confined_to_a_domain_vouches_for_no_address_outside_it() -> None:
         assert opened.identities in ((), ("wilma@a.test",))
 
     # What it may vouch for, it does.
-    inside = _signer_issued_by(
+    inside = _issued_by(
         confined, [x509.UniformResourceIdentifier("im:fred/appl=im@a.test")], "fred@a.test"
     )
     opened = smime.open(smime.sign(ENTITY, inside), trust=[root.certificate])
@@ -325,10 +331,30 @@ def test_a_ca_confined_to_a_domain_vouches_for_no_address_outside_it() -> None:
         x509.UniformResourceIdentifier(f"im:{who}")
         for who in ("boss/x@a.test", "x@sub.b.test", "x@b.test")
     ]
-    opened = smime.open(
-        smime.sign(ENTITY, _signer_issued_by(barred, names)), trust=[root.certificate]
-    )
+    opened = smime.open(smime.sign(ENTITY, _issued_by(barred, names)), trust=[root.certificate])
     assert opened.identities == ("x@b.test",)
+
+
+def test_a_ca_confined_to_a_domain_is_not_encrypted_to_for_an_address_outside_it() -> None:
+    """The sending side of the test above: a certificate for wilma@a.test from the CA
+    confined to a.test, with im:barney@b.test too, is not encrypted to for barney, since
+    whoever holds its key could read what was meant for him."""
+    root = _ca("imxp S/MIME root", None, 1)
+    permitted = x509.NameConstraints(
+        permitted_subtrees=[x509.RFC822Name("a.test")], excluded_subtrees=None
+    )
+    confined = _ca("imxp S/MIME a.test CA", root, 0, permitted)
+    foreign = _issued_by(
+        confined,
+        [x509.RFC822Name("wilma@a.test"), x509.UniformResourceIdentifier("im:barney@b.test")],
+        rsa=True,
+    )
+    given = [foreign.certificate, confined.certificate]
+    with pytest.raises(E2EError, match=r"for barney@b\.test: .*RFC 5280 §4\.2\.1\.10"):
+        smime.encryption_certificates(["barney@b.test"], given, (root.certificate,))
+    assert smime.encryption_certificates(["wilma@a.test"], given, (root.certificate,)) == [
+        foreign.certificate
+    ]
 
 
 # -- what goes wrong --------------------------------------------------------------------------

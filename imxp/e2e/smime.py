@@ -229,7 +229,8 @@ def encryption_certificates(
     For each recipient, those that name it or the endpoint it is a subaddress of
     (:func:`names`) and can be encrypted to now: within their validity, an RSA key,
     keyUsage (when present) allowing keyEncipherment (RFC 8550 §4.4.2), and, with
-    ``trust``, a chain to it (the others given serve as intermediates). The rest are left
+    ``trust``, a chain to it (the others given serve as intermediates) whose CAs' name
+    constraints allow the recipient (RFC 5280 §4.2.1.10). The rest are left
     out - the CA of a chain file, an expired certificate beside its renewal, someone
     else's - since whoever holds one of their keys could read the message.
 
@@ -241,7 +242,7 @@ def encryption_certificates(
         candidates = [c for c in certificates if names(c, recipient)]
         if not candidates:
             raise E2EError(f"no S/MIME certificate for {recipient} to encrypt to")
-        problems = [_unusable(c, certificates, trust, now) for c in candidates]
+        problems = [_unusable(c, recipient, certificates, trust, now) for c in candidates]
         usable = [c for c, problem in zip(candidates, problems, strict=True) if problem is None]
         if not usable:
             why = "; ".join(p for p in problems if p is not None)
@@ -254,24 +255,31 @@ def names(certificate: x509.Certificate, endpoint: str) -> bool:
     """Whether an S/MIME certificate is for ``endpoint``'s user: an rfc822Name (RFC 8550
     §3) or ``im:`` URI (RFC 3923 §6.3) in its subjectAltName names the endpoint, or the
     endpoint it is a subaddress of (RFC 3340 §2.2)."""
+    return is_one_of(endpoint, _names(certificate))
+
+
+def _names(certificate: x509.Certificate) -> list[str]:
+    """The addresses :func:`names` reads: the subjectAltName's rfc822Names and ``im:``
+    URIs."""
     try:
         alternatives = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
-        return False
+        return []
     uris = alternatives.value.get_values_for_type(x509.UniformResourceIdentifier)
-    candidates = alternatives.value.get_values_for_type(x509.RFC822Name) + [
+    return alternatives.value.get_values_for_type(x509.RFC822Name) + [
         unquote(uri[3:]) for uri in uris if uri[:3].lower() == "im:"
     ]
-    return is_one_of(endpoint, candidates)
 
 
 def _unusable(
     cert: x509.Certificate,
+    recipient: str,
     given: Sequence[x509.Certificate],
     trust: tuple[x509.Certificate, ...],
     now: datetime,
 ) -> str | None:
-    """Why ``cert`` may not be encrypted to at ``now``; None when it may."""
+    """Why ``cert`` may not be encrypted to for ``recipient`` at ``now``; None when it
+    may."""
     subject = cert.subject.rfc4514_string() or "a certificate without a subject"
     if now < cert.not_valid_before_utc:
         return f"{subject} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
@@ -287,9 +295,21 @@ def _unusable(
         return f"{subject}: {e}"
     if trust:
         try:
-            _verifier(trust, now, _encryption_usage).verify(cert, [c for c in given if c != cert])
+            chain = (
+                _verifier(trust, now, _encryption_usage)
+                .verify(cert, [c for c in given if c != cert])
+                .chain
+            )
         except VerificationError as e:
             return f"{subject} is not trusted: {e}"
+        # As for a signer (_signer): the verifier does not hold im: URIs to the CAs' name
+        # constraints, and one of them may be all that names the recipient.
+        ours = [name for name in _names(cert) if is_one_of(recipient, [name])]
+        if not any(all(_permits(ca, name) for ca in chain[1:]) for name in ours):
+            return (
+                f"{subject}: its CAs may not vouch for {recipient} (name constraints, "
+                "RFC 5280 §4.2.1.10)"
+            )
     return None
 
 
