@@ -53,7 +53,7 @@ from imxp.beep.session import (
 )
 from imxp.beep.tls import start_tls
 from imxp.beep.tlsctx import client_options
-from imxp.certs import Issued, issue_server
+from imxp.certs import Issued, issue_client, issue_server
 
 USERS = {
     "a.test": ("fred", "wilma"),
@@ -1040,6 +1040,32 @@ async def test_unauthorised_bind(
     # Unbound, it relays for nobody.
     with pytest.raises(BEEPError) as refused:
         await peer.send(FRED, [BETTY])
+    assert refused.value.code == 537
+    await mesh.settle()
+    assert betty.data == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bind_with_a_certificate_that_names_no_host_is_537(
+    build_mesh: MeshBuilder, test_ca: Issued, events: list[LogEvent]
+) -> None:
+    """§4.5.2, RFC 6125 §6.4: an endpoint's certificate (an rfc822Name and nothing else)
+    verifies on the mesh port but proves no domain. A bind with it, from anyone who holds
+    one, is refused with 537 and logged once, as for a certificate of another domain:
+    not a local error (451) with a traceback, which told the peer to try again."""
+    mesh = await build_mesh()
+    betty = await mesh.attach(BETTY)
+    peer = await fake_relay(mesh, "c.test", issue_client(test_ca, BARNEY), "b.test")
+
+    assert isinstance(peer.answer, wire.Error)
+    assert peer.answer.code == 537
+    [event] = named(events, "apex.refused")
+    assert (event["code"], event["mode"]) == (537, "relay-relay")
+    assert named(events, "beep.profile-failure") == []
+    assert named(events, "apex.bound") == []
+
+    with pytest.raises(BEEPError) as refused:
+        await peer.send(BARNEY, [BETTY])
     assert refused.value.code == 537
     await mesh.settle()
     assert betty.data == []

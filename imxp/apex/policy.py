@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Callable, Collection, Mapping
 
 from cryptography import x509
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import (
     verify_certificate_hostname,
     verify_certificate_ip_address,
@@ -112,7 +112,12 @@ class AccessPolicy:
         return any(originator.within(endpoint) for endpoint in attached)
 
     def may_bind(self, certificate: x509.Certificate | None, domain: str) -> bool:
-        """§4.5.2: a peer binds for a domain its TLS certificate proves (RFC 6125)."""
+        """§4.5.2: a peer binds for a domain its TLS certificate proves (RFC 6125).
+
+        A certificate with no DNS-ID or IP-ID at all (an endpoint's, with only an
+        rfc822Name; RFC 6125 §6.4.4 leaves out the CN) or with a malformed one proves
+        none, and service_identity says so with CertificateError, not VerificationError.
+        """
         if certificate is None:
             return False
         try:
@@ -121,7 +126,7 @@ class AccessPolicy:
                 verify_certificate_ip_address(certificate, ipaddress.ip_address(literal))
             else:
                 verify_certificate_hostname(certificate, domain)
-        except (VerificationError, ValueError):
+        except (VerificationError, CertificateError, ValueError):
             return False
         return True
 
