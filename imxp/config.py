@@ -348,8 +348,9 @@ class Config:
     sasl_mechanisms: tuple[str, ...] = _option(
         ("SCRAM-SHA-256", "PLAIN", "EXTERNAL"),
         "SASL mechanisms offered, in order of preference. PLAIN is offered only under TLS; "
-        "EXTERNAL accepts the identity of a verified TLS client certificate. Empty (and "
-        "allow_anonymous false): no endpoint can log in, for a relay that only relays.",
+        "EXTERNAL accepts the identity of a verified TLS client certificate, when it is a "
+        "user in users_file. Empty (and allow_anonymous false): no endpoint can log in, "
+        "for a relay that only relays.",
         check=_mechanisms,
     )
     allow_anonymous: bool = _option(

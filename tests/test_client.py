@@ -1500,6 +1500,28 @@ async def test_a_user_removed_from_the_user_file_is_logged_out(net: Net) -> None
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_user_removed_from_the_user_file_cannot_log_in_with_a_certificate(
+    net: Net,
+) -> None:
+    """`imxp users remove wilma` locks out wilma's client certificate (SASL EXTERNAL) as it
+    does her password: her session ends, and the certificate she still holds logs her in
+    no more."""
+    certificate = issue_client(net.ca, WILMA)
+    wilma = await net.connect(WILMA, client_certificate=certificate)
+    ended, errors = until_it_ends(wilma)
+    relay = net.relays["a.test"]
+
+    UserStore(relay.users.path, iterations=4096).remove("wilma")
+    await ended.addTimeout(USERS_LOOK_SECONDS + 5, reactor)
+
+    assert [e.kind for e in errors] == ["auth"]
+    assert WILMA not in {str(e) for e in relay.service.relay.attached}
+    with pytest.raises(ClientError) as refused:
+        await net.connect(WILMA, client_certificate=certificate)
+    assert refused.value.kind == "auth", refused.value
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_new_password_logs_out_who_logged_in_with_the_old(net: Net) -> None:
     fred = await net.connect(FRED)
     ended, errors = until_it_ends(fred)
@@ -1559,8 +1581,11 @@ async def test_plain_and_external(net: Net) -> None:
         ("evil.test@a.test", lambda ca: issue_server(ca, ["evil.test"])),
         # Someone at another domain, attaching at this one as who they are.
         ("barney@b.test", lambda ca: issue_client(ca, "barney@b.test")),
+        # A name of this domain with no account: with a system bundle as tls_trust, a
+        # public CA's certificate for any mailbox there.
+        ("nobody@a.test", lambda ca: issue_client(ca, "nobody@a.test")),
     ],
-    ids=["relay-certificate", "another-domain"],
+    ids=["relay-certificate", "another-domain", "no-account"],
 )
 @pytest_twisted.ensureDeferred
 async def test_external_logs_in_only_endpoints_of_the_relays_domain(
@@ -1568,7 +1593,8 @@ async def test_external_logs_in_only_endpoints_of_the_relays_domain(
 ) -> None:
     """Every certificate the relay's trust store verifies passed SASL EXTERNAL: a relay's
     let its holder attach as evil.test@a.test, an endpoint nobody provisioned, and send
-    as it; with a public CA bundle as tls_trust, anyone's certificate would."""
+    as it; with a public CA bundle as tls_trust, anyone's certificate would, and one for
+    any mailbox of the domain still logged in as a name with no account."""
     a = net.handles[0]
     with pytest.raises(ClientError) as refused:
         await net.connect(

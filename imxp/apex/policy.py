@@ -76,15 +76,19 @@ class AccessPolicy:
     def may_log_in_by_certificate(self, certified: str) -> bool:
         """SASL EXTERNAL (RFC 4422 Appendix A): whether a verified client certificate
         naming ``certified`` may log in as it. Only as an endpoint of this domain (the
-        rfc822Name of ``imxp certs endpoint``): any certificate the trust store verifies -
-        another domain's relay's, someone's at another domain - would otherwise be a
-        login here, as ``evil.test@DOMAIN``."""
+        rfc822Name of ``imxp certs endpoint``) that is a user in the store: any
+        certificate the trust store verifies - another domain's relay's, someone's at
+        another domain, with a system bundle as ``tls_trust`` a public CA's for any
+        mailbox of this domain - would otherwise be a login here, as ``evil.test@DOMAIN``
+        or as a name nobody provisioned; and a user removed from the user file would log
+        in again with the certificate they still hold."""
         if "@" not in certified:
             return False
         try:
-            return Endpoint.parse(certified).domain == self.domain
+            endpoint = Endpoint.parse(certified)
         except ValueError:
             return False
+        return endpoint.domain == self.domain and self.exists(endpoint)
 
     def may_attach(
         self, authenticated: str | None, endpoint: Endpoint, *, anonymous: bool = False
