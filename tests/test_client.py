@@ -22,6 +22,7 @@ from apexnet import PASSWORD, RelayHandle, attach, free_ports, start_relay
 from dnsserver import DNSServer, a, srv
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.protocols import portforward
 from zope.interface import provider
 
 from imxp.apex import wire
@@ -999,6 +1000,49 @@ async def test_close_terminates_and_releases(net: Net) -> None:
     with pytest.raises(RuntimeError):
         await fred.send([WILMA], b"too late")
     assert [i async for i in fred.incoming()] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_ends_though_the_relay_stopped_answering(
+    net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay is frozen, or a network black hole lies between: the TCP connection
+    stays open and nothing comes back, so neither the terminate, nor the release of the
+    session, nor TLS's own close (RFC 8446 §6.1: close_notify) is ever answered. close()
+    must still end, after its waits for the relay's answers, as a program that closes
+    before it exits would otherwise never exit. The relay is reached through a TCP
+    forwarder that the test then turns into a black hole."""
+    monkeypatch.setattr(edge, "_CLOSE_TIMEOUT", 0.3)
+    forwarders: list[portforward.Proxy] = []
+
+    class Forwarders(portforward.ProxyFactory):
+        def buildProtocol(self, addr: object) -> portforward.Proxy:
+            forwarder = super().buildProtocol(addr)
+            forwarders.append(forwarder)
+            return forwarder
+
+    edge_port = net.relays["a.test"].port("edge")
+    listening = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Forwarders("127.0.0.1", edge_port)
+    )
+    try:
+        fred = await net.connect(FRED, relay=f"127.0.0.1:{listening.getHost().port}")
+        for forwarder in forwarders:
+            forwarder.dataReceived = lambda data: None  # type: ignore[method-assign]
+
+        closing = defer.ensureDeferred(fred.close())
+        # Polled, not addTimeout: cancelling close() would end the very wait under test.
+        # The bound: close()'s two waits for the relay's answers, and one more.
+        deadline = reactor.seconds() + 3 * edge._CLOSE_TIMEOUT + 5
+        while not closing.called and reactor.seconds() < deadline:
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert closing.called, "close() waits for the frozen relay"
+        await closing
+        assert not fred.connected
+    finally:
+        await listening.stopListening()
+        for forwarder in forwarders:
+            forwarder.transport.loseConnection()
 
 
 @pytest_twisted.ensureDeferred

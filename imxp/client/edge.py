@@ -160,8 +160,8 @@ REPORT_TIMEOUT = Config.delivery_timeout + 30.0
 ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refused", "protocol"})
 #: RFC 3340 §10: "service not available", what a relay says as it shuts down.
 _SERVICE_NOT_AVAILABLE = 421
-#: How long close() waits for the ``on_data`` handlers still running to end, and then for
-#: the relay's answers before it just disconnects.
+#: How long close() waits for the ``on_data`` handlers still running to end, then for
+#: the relay's answers before it just disconnects, and then for the connection to close.
 _CLOSE_TIMEOUT = 5.0
 # In an ``async def`` on_data handler, the Deferred of the handler itself (a list, filled
 # once the handler has one): close() called from it does not wait for it to end.
@@ -1060,7 +1060,9 @@ class Client:
         handler may send, and await the reports. One still running then is cancelled (a
         CancelledError at the ``await`` it is in; ``client.handlers-cancelled`` logs how
         many). Only then do sends still waiting get their outcome (unknown), and later
-        ones raise RuntimeError. A second call returns when the first has finished."""
+        ones raise RuntimeError. A relay that answers none of this (frozen, or behind a
+        network black hole) holds close() up at most 5 seconds at each step. A second call
+        returns when the first has finished."""
         if self._closing:
             if not self._closed:
                 try:
@@ -1114,7 +1116,13 @@ class Client:
             except (BEEPError, SessionClosed, defer.TimeoutError):
                 pass  # the relay goes away without the courtesies; so do we
             session.disconnect()
-            await session.when_closed()
+            try:
+                await session.when_closed().addTimeout(_CLOSE_TIMEOUT, self._clock)
+            except defer.TimeoutError:
+                # Twisted's TLS closes the connection once the relay answers our
+                # close_notify, which a frozen relay, or one behind a black hole, never does.
+                session.transport.abortConnection()
+                await session.when_closed()
         log.info("client for {endpoint} closed", endpoint=self.endpoint, event="client.closed")
         self._closed = True
         ended, self._ended = self._ended, []
