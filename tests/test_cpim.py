@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -360,6 +361,53 @@ def test_a_text_the_sender_made_unreadable_is_a_cpim_error(headers: str) -> None
     a reader catches, not a UnicodeError or ValueError it does not."""
     with pytest.raises(CPIMError):
         parse(message(content=f"{headers}\r\n\r\nhi")).text()
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain; " + "x" * 80 + "=1",
+        # Long enough for a line of its own, too long for a section of a long value.
+        "text/plain; " + "x" * 63 + "=" + "1" * 100,
+        # A non-ASCII value: each character takes 6 of the room in a section.
+        "text/plain; " + "x" * 60 + "*=utf-8''" + "%C3%BC" * 40,
+    ],
+)
+def test_a_parameter_name_too_long_to_fold_is_a_cpim_error_not_a_frozen_reader(
+    content_type: str,
+) -> None:
+    """A sender's Content-Type with a parameter name too long to fold sent email's folding
+    into an endless loop: the README's receive loop, at ``message().text()``, froze the
+    whole process, every session of a gateway with it. Now it is a CPIMError, which a
+    reader catches (``imxp listen`` prints a warning line and goes on). Run in a thread,
+    so that the loop, were it back, fails this test rather than hangs the suite."""
+    content = wire.Content.from_bytes(b"hello", content_type)
+    data = wire.Data(
+        wire.Originator("fred@a.test"), [wire.Recipient("barney@b.test")], content=content
+    )
+    incoming = Incoming("fred@a.test", ["barney@b.test"], content.media_type, b"hello", data)
+    outcome: list[BaseException | str | None] = []
+
+    def read() -> None:
+        try:
+            outcome.append(incoming.message().text())
+        except BaseException as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert outcome, "text() never returned"
+    assert isinstance(outcome[0], CPIMError), outcome
+    assert "is longer than 48 characters" in str(outcome[0])
+
+
+def test_a_long_parameter_name_that_folds_is_read() -> None:
+    """The bound leaves every name that folds: one of 48 characters, its value in RFC 2231
+    sections over several lines."""
+    long_name = "x" * 48
+    content_type = f"text/plain; {long_name}=" + "1" * 200
+    assert parse(message(content=f"Content-Type: {content_type}\r\n\r\nhi")).text() == "hi"
 
 
 # -- malformed input -----------------------------------------------------------------------

@@ -89,6 +89,12 @@ _ESCAPE = {"\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _URI_SAFE = "!$&'*+-/=_~."
 # MIME headers with CRLF line ends; non-ASCII values become RFC 2047 encoded words.
 _MIME = email.policy.SMTP
+# The longest MIME parameter name written. email folds a long parameter into RFC 2231
+# sections, "name*N*=charset''..." on lines of 78 (_MIME), and for a name that leaves no
+# room there for one character of the value it loops for ever (CPython 3.11, 3.12): the
+# sender's Content-Type would freeze whoever reads the text. No parameter in use has a
+# name near this long.
+_MAX_PARAMETER_NAME = 48
 
 
 class CPIMError(ValueError):
@@ -410,6 +416,12 @@ def _content_entity(content_type: str, headers: Iterable[tuple[str, str]], body:
     for name, value in part.items():
         if value.defects:
             raise ValueError(f"content header {name}: {value.defects[0]}")
+        for parameter in getattr(value, "params", ()):
+            if len(parameter) > _MAX_PARAMETER_NAME:
+                raise ValueError(
+                    f"content header {name}: parameter name {parameter[:16]!r}... is longer "
+                    f"than {_MAX_PARAMETER_NAME} characters"
+                )
     head = b"".join(_MIME.fold_binary(name, value) for name, value in part.items())
     return head + b"\r\n" + body
 
