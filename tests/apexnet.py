@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, endpoints, reactor
+from twisted.internet.interfaces import IListeningPort
+from twisted.protocols import portforward
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
@@ -263,3 +265,21 @@ class AttachRefused(Exception):
     def __init__(self, code: int, text: str) -> None:
         super().__init__(f"{code} {text}")
         self.code = code
+
+
+async def forwarder_to(port: int) -> tuple[IListeningPort, list[portforward.Proxy]]:
+    """A TCP forwarder on loopback to ``port``, and the connections it makes: a test turns
+    it into a black hole (each connection's ``dataReceived`` dropping what comes), as a
+    peer frozen or a network that loses everything while the TCP connection stays open."""
+    forwarders: list[portforward.Proxy] = []
+
+    class Forwarders(portforward.ProxyFactory):
+        def buildProtocol(self, addr: object) -> portforward.Proxy:
+            forwarder = super().buildProtocol(addr)
+            forwarders.append(forwarder)
+            return forwarder
+
+    listening = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Forwarders("127.0.0.1", port)
+    )
+    return listening, forwarders

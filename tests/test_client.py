@@ -18,11 +18,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from apexnet import PASSWORD, RelayHandle, attach, free_ports, start_relay
+from apexnet import PASSWORD, RelayHandle, attach, forwarder_to, free_ports, start_relay
 from dnsserver import DNSServer, a, srv
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.protocols import portforward
 from zope.interface import provider
 
 from imxp.apex import wire
@@ -1013,18 +1012,7 @@ async def test_close_ends_though_the_relay_stopped_answering(
     before it exits would otherwise never exit. The relay is reached through a TCP
     forwarder that the test then turns into a black hole."""
     monkeypatch.setattr(edge, "_CLOSE_TIMEOUT", 0.3)
-    forwarders: list[portforward.Proxy] = []
-
-    class Forwarders(portforward.ProxyFactory):
-        def buildProtocol(self, addr: object) -> portforward.Proxy:
-            forwarder = super().buildProtocol(addr)
-            forwarders.append(forwarder)
-            return forwarder
-
-    edge_port = net.relays["a.test"].port("edge")
-    listening = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        Forwarders("127.0.0.1", edge_port)
-    )
+    listening, forwarders = await forwarder_to(net.relays["a.test"].port("edge"))
     try:
         fred = await net.connect(FRED, relay=f"127.0.0.1:{listening.getHost().port}")
         for forwarder in forwarders:

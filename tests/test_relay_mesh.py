@@ -29,11 +29,10 @@ from typing import Any, Protocol
 
 import pytest
 import pytest_twisted
-from apexnet import App, RelayHandle, attach, start_relay
+from apexnet import App, RelayHandle, attach, forwarder_to, start_relay
 from dnsserver import DNSServer, a, aaaa, srv, start_dns_server
 from twisted.internet import defer, endpoints, error, protocol, reactor, task
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
-from twisted.protocols import portforward
 from zope.interface import provider
 
 from imxp.apex import options as apex_options
@@ -405,18 +404,7 @@ async def test_a_relay_stops_though_its_next_hop_stopped_answering(build_mesh: M
     answered. The stop must not wait for it, or systemd kills the relay at TimeoutStopSec.
     b.test is reached through a TCP forwarder that the test then turns into a black hole."""
     mesh = await build_mesh()
-    forwarders: list[portforward.Proxy] = []
-
-    class Forwarders(portforward.ProxyFactory):
-        def buildProtocol(self, addr: object) -> portforward.Proxy:
-            forwarder = super().buildProtocol(addr)
-            forwarders.append(forwarder)
-            return forwarder
-
-    b_mesh = mesh.relays["b.test"].port("mesh")
-    listening = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        Forwarders("127.0.0.1", b_mesh)
-    )
+    listening, forwarders = await forwarder_to(mesh.relays["b.test"].port("mesh"))
     mesh.publish("b.test", listening.getHost().port)
     fred = await mesh.attach(FRED)
     await mesh.attach(BARNEY)
