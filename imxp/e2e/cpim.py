@@ -91,7 +91,7 @@ _URI_SAFE = "!$&'*+-/=_~."
 _MIME = email.policy.SMTP
 # The longest MIME parameter name written. email folds a long parameter into RFC 2231
 # sections, "name*N*=charset''..." on lines of 78 (_MIME), and for a name that leaves no
-# room there for one character of the value it loops for ever (CPython 3.11, 3.12): the
+# room there for one character of the value it loops for ever (CPython 3.11.2, 3.11.7): the
 # sender's Content-Type would freeze whoever reads the text. No parameter in use has a
 # name near this long.
 _MAX_PARAMETER_NAME = 48
