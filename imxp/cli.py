@@ -295,7 +295,7 @@ def _report(e: Exception, debug: bool) -> int:
             text += " (run with --debug for details)"
     if debug:
         traceback.print_exception(e, file=sys.stderr)
-    print(f"imxp: {logs.escape_controls(text)}", file=sys.stderr)
+    print(f"imxp: {_in_line(text)}", file=sys.stderr)
     return status
 
 
@@ -1058,7 +1058,7 @@ class _ConnectionNotices:
     @staticmethod
     def _say(text: str) -> None:
         # The relay's texts are quoted: as _report's, one line, controls escaped.
-        print(f"imxp: {logs.escape_controls(text)}", file=sys.stderr, flush=True)
+        print(f"imxp: {_in_line(text)}", file=sys.stderr, flush=True)
 
 
 def _built_in_relay(endpoint: str) -> tuple[str, Path] | None:
@@ -1176,10 +1176,11 @@ def _terminal_safe(text: str) -> str:
 
 
 def _in_line(text: str) -> str:
-    """A sender's words (a certificate's name, a Content-Type, a problem quoting them) in a
-    line of ours, its newlines escaped too: only the message text, whose continuation
-    lines are indented, may span lines, or a line of its own could pass for another
-    message - "signed by" whoever the sender likes."""
+    """Others' words (a sender's certificate name, Content-Type or a problem quoting them;
+    a relay's diagnostic) in a line of ours, its newlines escaped too: only the message
+    text, whose continuation lines are indented, may span lines, or a line of its own
+    could pass for another message - "signed by" whoever the sender likes - or another
+    verdict."""
     return logs.escape_controls(text)
 
 
@@ -1714,7 +1715,7 @@ def _status(args: argparse.Namespace) -> int:
     print(f"next hops: {len(hops)}")
     for hop in hops:
         # A failure's text may be a peer's: no escape sequence of its reaches the terminal.
-        print(f"  {logs.escape_controls(str(NextHopStatus(**hop)))}")
+        print(f"  {_in_line(str(NextHopStatus(**hop)))}")
     return Exit.OK
 
 
