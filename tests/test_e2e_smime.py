@@ -207,6 +207,23 @@ def test_ecdsa_signer(ca: Issued, trust: list[x509.Certificate]) -> None:
         smime.encrypt(ENTITY, [wilma.certificate])
 
 
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey | rsa_keys.RSAPrivateKey
+) -> x509.CertificateBuilder:
+    """A certificate for ``key`` of ``subject`` from ``issuer``, valid from five minutes
+    ago for 30 days, without extensions yet."""
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=30))
+    )
+
+
 def _ca(
     name: str,
     issuer: Issued | None,
@@ -218,15 +235,8 @@ def _ca(
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     signer = issuer or Issued(x509.CertificateBuilder().subject_name(subject), key)  # type: ignore[arg-type]
-    now = datetime.now(UTC) - timedelta(minutes=5)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.certificate.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=30))
+        _builder(subject, issuer.certificate.subject if issuer else subject, key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False),
@@ -266,15 +276,8 @@ def _issued_by(
     subject = [x509.NameAttribute(NameOID.COMMON_NAME, "signer")]
     if email:
         subject.append(x509.NameAttribute(NameOID.EMAIL_ADDRESS, email))
-    now = datetime.now(UTC) - timedelta(minutes=5)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(subject))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=30))
+        _builder(x509.Name(subject), ca.certificate.subject, key)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(True, False, rsa, False, False, False, False, False, False),
