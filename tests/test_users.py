@@ -598,3 +598,28 @@ def test_a_broken_edit_keeps_the_users_the_store_had(tmp_path):
     running.add("carol", "her password")
     (tmp_path / "users").write_text("this is not a SCRAM record\n")
     assert "carol" in running
+
+
+@pytest.mark.parametrize("change", ["remove", "set_password"])
+def test_a_password_checked_while_the_user_is_removed_or_given_a_new_one_is_refused(
+    path, monkeypatch, change
+):
+    """`imxp users remove` (or a new password) while a PLAIN login's hashing runs: once
+    the relay has seen the change, and so logged the user's sessions out, the old password
+    must not log in a new one."""
+    store = UserStore(path)
+    store.add("alice", PASSWORD)
+    real = users_module.derive_keys
+
+    def derive(*args: Any) -> Any:
+        monkeypatch.setattr(users_module, "derive_keys", real)  # the change hashes too
+        other = UserStore(path)
+        if change == "remove":
+            other.remove("alice")
+        else:
+            other.set_password("alice", "a new password")
+        store.refresh()
+        return real(*args)
+
+    monkeypatch.setattr(users_module, "derive_keys", derive)
+    assert refused(avatar(store, "alice", PASSWORD))

@@ -480,7 +480,13 @@ class UserStore:
         reference = keys if keys is not None else self.decoy_keys(name)
 
         def compare(candidate: StoredKeys) -> str:
-            if keys is not None and hmac.compare_digest(candidate.stored_key, keys.stored_key):
+            # Against the file as it is now: a removal or new password that the relay
+            # noticed while this ran has already logged the user out (watch), and must
+            # not let the old password in after it.
+            current = self._lookup(name)
+            if current is not None and hmac.compare_digest(
+                candidate.stored_key, current.stored_key
+            ):
                 return name
             raise UnauthorizedLogin("bad username or password")
 
