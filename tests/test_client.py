@@ -9,7 +9,9 @@ unless a test says otherwise.
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,8 +21,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from apexnet import PASSWORD, RelayHandle, attach, forwarder_to, free_ports, start_relay
+from cryptography.hazmat.primitives.serialization import Encoding
 from dnsserver import DNSServer, a, srv
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from test_readme import python_blocks
+from twisted.internet import defer, endpoints, protocol, reactor, task, utils
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import provider
 
@@ -557,6 +561,39 @@ async def test_an_async_on_data_bot_answers_while_awaiting_its_own_send(net: Net
     first = await defer.ensureDeferred(anext(incoming)).addTimeout(5, reactor)
     assert (first.originator, first.body) == (BARNEY, b"yabba dabba doo to you")
     await until(lambda: answered == [{FRED: 250}])
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readmes_client_example_runs_against_live_relays(net: Net) -> None:
+    """The README's program, pointed at a.test's relay as its text says to, with barney a
+    bot that answers: it prints his outcome, reads his answer, and closes."""
+    (program,) = python_blocks("Building on imxp: the client library")
+    (net.tmp / "ca.pem").write_bytes(net.ca.certificate.public_bytes(Encoding.PEM))
+    asked = 'connect("fred@a.test", password="correct horse battery staple")'
+    assert asked in program and PASSWORD == "correct horse battery staple"
+    where = f"127.0.0.1:{net.relays['a.test'].port('edge')}"
+    program = "from cryptography import x509\n" + program.replace(
+        asked,
+        f'{asked[:-1]}, relay="{where}", trust=x509.load_pem_x509_certificates('
+        f'open("{net.tmp / "ca.pem"}", "rb").read()))',
+    )
+    (net.tmp / "example.py").write_text(program)
+
+    async def answer(incoming: Incoming) -> None:
+        message = incoming.message()
+        assert message is not None
+        await bot.send_message([incoming.originator], f"You said: {message.text()}")
+
+    bot = await net.connect(BARNEY, on_data=answer)
+    out, err, status = await utils.getProcessOutputAndValue(
+        sys.executable,
+        [str(net.tmp / "example.py")],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    ).addTimeout(60, reactor)
+    assert status == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("barney@b.test delivered "), lines
+    assert lines[1:] == ["barney@b.test: You said: Yabba dabba doo!"], lines
 
 
 @pytest_twisted.ensureDeferred
