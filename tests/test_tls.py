@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+
 import pytest
 import pytest_twisted
 from beepnet import ECHO_URI, EchoProfile, connect, listen, shutdown
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 
 from imxp.beep.message import Message
 from imxp.beep.session import SessionClosed, SessionConfig
@@ -85,4 +88,57 @@ async def test_a_peer_closing_tls_while_our_writes_wait_still_ends_the_session(
     # Not a measure of time: a session that never ends would leave the test waiting for ever.
     await closed.addTimeout(30, reactor)
     await big
+    await shutdown(listener)
+
+
+def _tls_then_silence(port: int) -> bool:
+    """A peer that takes up TLS (RFC 3080 §3.1) and then says nothing more, not even the
+    close_notify that answers ours. Whether the listener ended the TCP connection."""
+    greeting = b"Content-Type: application/beep+xml\r\n\r\n<greeting />"
+    start = (
+        b"Content-Type: application/beep+xml\r\n\r\n<start number='1'><profile uri='"
+        + TLS_URI.encode()
+        + b"'><![CDATA[<ready />]]></profile></start>"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as plain:
+        heard = b""
+        while b"END\r\n" not in heard:
+            heard += plain.recv(4096)
+        plain.sendall(
+            b"RPY 0 0 . 0 %d\r\n%sEND\r\n" % (len(greeting), greeting)
+            + b"MSG 0 1 . %d %d\r\n%sEND\r\n" % (len(greeting), len(start), start)
+        )
+        heard = b""
+        while b"<proceed" not in heard:
+            heard += plain.recv(4096)
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        secured = context.wrap_socket(plain, server_hostname="relay.a.test")
+        secured.recv(4096)  # the listener's new greeting
+        # From here on only the raw socket is read, so nothing answers the close_notify.
+        with socket.socket(fileno=secured.detach()) as raw:
+            raw.settimeout(30)
+            try:
+                while raw.recv(4096):
+                    pass
+            except TimeoutError:
+                return False
+            except ConnectionResetError:
+                pass  # cut rather than closed: ended all the same
+            return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_never_answers_our_close_cannot_keep_the_connection(test_ca, server_cert):
+    """Twisted's TLS closes the socket only once the peer answers our close_notify. A peer
+    that goes silent after TLS, past the idle timeout, kept its connection, and a file
+    descriptor of the relay's, for ever: enough of them and nobody could connect."""
+    config = SessionConfig(idle_timeout=0.5, close_timeout=0.5)
+    tls = TLSProfile(server_options(server_cert("relay.a.test"), [test_ca.certificate]))
+    listener = await listen([tls, EchoProfile()], config)
+    ended = await threads.deferToThread(_tls_then_silence, listener.address[1])
+    assert ended
+    [session] = listener.sessions
+    await session.when_closed()
     await shutdown(listener)

@@ -233,6 +233,10 @@ class SessionConfig:
     greeting_timeout: float = 30.0
     #: Seconds without any frame before an idle session is closed (None: never).
     idle_timeout: float | None = 600.0
+    #: Seconds a closed TLS connection waits for the peer's close_notify before it is cut.
+    #: Twisted's TLS keeps the socket open until the peer answers, and a peer that never
+    #: does (a frozen relay, a black hole, or one that means harm) would hold it for ever.
+    close_timeout: float = 5.0
     #: Seconds a connection may be silent before TCP keepalive probes begin; a peer that
     #: answers none of the KEEPALIVE_PROBES sent over as many seconds again is gone (None:
     #: the system's settings, two hours and more on Linux).
@@ -255,6 +259,8 @@ class SessionConfig:
             raise ValueError("frame_size must be positive")
         if self.frames_per_turn < 1:
             raise ValueError("frames_per_turn must be positive")
+        if self.close_timeout < 0:
+            raise ValueError("close_timeout must not be negative")
         if self.max_long_messages < 1:
             # None could be longer than the window: the peer would wait for ever.
             raise ValueError("max_long_messages must be positive")
@@ -948,6 +954,8 @@ class Session(Protocol):
         # Frames received and not yet acted on (see _process).
         self._backlog: list[Frame | SeqFrame] | None = None
         self._turn_call: interfaces.IDelayedCall | None = None
+        # What cuts a connection whose peer does not answer our close (see disconnect).
+        self._cut_call: interfaces.IDelayedCall | None = None
         # Frames this session may still act on before it yields to the reactor.
         self._turn_budget = self.config.frames_per_turn
         self._reset_channels()
@@ -1057,13 +1065,22 @@ class Session(Protocol):
 
         Use this rather than ``transport.loseConnection()``: the session is the
         transport's producer, and a TLS transport waits for its producer to go
-        before it closes.
+        before it closes. A TLS connection whose peer does not answer our
+        close_notify within ``config.close_timeout`` is cut then.
         """
         self._gone = True
         transport = self.transport
         if transport is not None:
             transport.unregisterProducer()
             transport.loseConnection()
+            if self.transport is not None and self._cut_call is None:
+                # Over TLS the connection stays until the peer's close_notify.
+                self._cut_call = self.clock.callLater(self.config.close_timeout, self._cut)
+
+    def _cut(self) -> None:
+        self._cut_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def abort(self, reason: str, *, violation: bool = True) -> None:
         """Terminate without a reply, as §2.2.1.1 requires for poorly formed frames;
@@ -1270,7 +1287,7 @@ class Session(Protocol):
             self._turn_call.cancel()
         # Callbacks run below may call disconnect(); the transport is already gone.
         self.transport = None
-        for timer in (self._greeting_timer, self._idle_timer):
+        for timer in (self._greeting_timer, self._idle_timer, self._cut_call):
             if timer is not None and timer.active():
                 timer.cancel()
         why = self.aborted or reason.getErrorMessage()

@@ -1115,14 +1115,8 @@ class Client:
                 await session.close().addTimeout(_CLOSE_TIMEOUT, self._clock)
             except (BEEPError, SessionClosed, defer.TimeoutError):
                 pass  # the relay goes away without the courtesies; so do we
-            session.disconnect()
-            try:
-                await session.when_closed().addTimeout(_CLOSE_TIMEOUT, self._clock)
-            except defer.TimeoutError:
-                # Twisted's TLS closes the connection once the relay answers our
-                # close_notify, which a frozen relay, or one behind a black hole, never does.
-                session.transport.abortConnection()
-                await session.when_closed()
+            session.disconnect()  # cut after close_timeout if the relay does not answer
+            await session.when_closed()
         log.info("client for {endpoint} closed", endpoint=self.endpoint, event="client.closed")
         self._closed = True
         ended, self._ended = self._ended, []
