@@ -196,6 +196,30 @@ async def test_a_recipient_spelt_twice_is_delivered_once(mesh_of: MeshBuilder) -
     assert len(barney.data) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_status_request_on_a_second_spelling_of_a_remote_recipient_is_answered(
+    mesh_of: MeshBuilder,
+) -> None:
+    """§5.1: the statusRequest rides only on "barney@B.TEST", which a.test folds into
+    the earlier "barney@b.test" (§2.2.1). a.test hands barney on (no final verdict of
+    its own), so the request must travel with the naming that goes on: else b.test
+    never hears of it and fred never gets the report he asked for."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    barney = await mesh.attach(BARNEY)
+    data = wire.Data(
+        wire.Originator(FRED),
+        [wire.Recipient(BARNEY), wire.Recipient("barney@B.TEST", [status(73)])],
+        [],
+        content=wire.Content.from_bytes(b"hello", "text/plain"),
+    )
+    await fred.channel.send(wire.encode(data))
+    await mesh.settle()
+
+    assert len(barney.data) == 1
+    assert reported(fred, 73) == {BARNEY: [250]}
+
+
 # -- options: statusRequest, mustUnderstand, dataHopping ----------------------------------
 
 

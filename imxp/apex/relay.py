@@ -399,8 +399,15 @@ class Relay:
                 # recipient: delivered once, with one final report - also to a
                 # statusRequest that only the second naming carried.
                 own = apex_options.status_request(recipient.options)
-                if own is not None:
-                    journey.recipient_status.setdefault(first, own)
+                if own is not None and first not in journey.recipient_status:
+                    journey.recipient_status[first] = own
+                    # Handed on, the recipient is reported on by the relays after this
+                    # one: the request goes with it, in the one naming that travels.
+                    group = remote.get(endpoint.domain, [])
+                    for i, (named, _) in enumerate(group):
+                        if named.identity == first:
+                            with_own = wire.Recipient(first, [*named.options, own])
+                            group[i] = (with_own, endpoint)
                 continue
             seen[endpoint] = recipient.identity
             here = endpoint.domain == self.domain
