@@ -1058,3 +1058,36 @@ async def test_a_next_hop_ending_our_binding_is_answered_ok_and_bound_anew(
     assert [e["domain"] for e in named(events, "apex.unbound")] == ["a.test"]
     assert reported(fred, 2) == {BARNEY: [250]}
     assert [e["domain"] for e in named(events, "apex.bound")].count("a.test") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_next_hop_ending_every_association_is_answered_ok_and_bound_anew(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """RFC 3340 §4.4.3 step 1: a terminate with transID 0 ends every association made
+    over the BEEP session, our binding on the link among them. The next hop refuses
+    what would still come on that link (537), so the next data goes on a new link,
+    bound again, as for a terminate naming the binding's own transID."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    await mesh.attach(BARNEY)
+    await send(fred, [BARNEY], [status(1)])
+    await mesh.settle()
+    [b_side] = [
+        handler
+        for session in mesh.relay("b.test").service.sessions
+        for channel in session.channels.values()
+        if isinstance(handler := channel.handler, APEXChannel)
+        and "a.test" in handler.bindings.values()
+    ]
+    b_side.bindings.clear()  # as another implementation's relay would, going away
+    assert b_side.channel is not None
+
+    answer = await b_side.channel.send(wire.encode(wire.Terminate(0, 421, "going away")))
+    await send(fred, [BARNEY], [status(2)])
+    await mesh.settle()
+
+    assert wire.decode(answer) == wire.OK()
+    assert reported(fred, 2) == {BARNEY: [250]}
+    assert [e["domain"] for e in named(events, "apex.unbound")] == ["a.test"]
+    assert [e["domain"] for e in named(events, "apex.bound")].count("a.test") == 2

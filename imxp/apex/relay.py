@@ -274,10 +274,16 @@ class Relay:
         if terminate.trans_id == 0:
             # Step 1: the application's, on whichever APEX channel of the session.
             others = (c.handler for c in channel.session.channels.values())
+            unbound = []
             for handler in {channel, *(h for h in others if isinstance(h, APEXChannel))}:
                 if handler.relay is self:
                     self._release(handler, list(handler.attachments))
                     handler.bindings.clear()
+                    unbound.extend(handler.bound.values())
+                    handler.bound.clear()
+            if unbound:
+                # Our binding to the next hop too: as for step 3 below.
+                self._unbound(channel, unbound[0])
             return wire.OK()
         if terminate.trans_id in channel.attachments:
             self._release(channel, [terminate.trans_id])
@@ -286,17 +292,20 @@ class Relay:
             return wire.OK()
         domain = channel.bound.pop(terminate.trans_id, None)
         if domain is not None:
-            # Step 3, from the next hop: it takes no more data from us on this session.
-            # What was sent on it still gets its answers; later data go on a new link.
-            self.log.info(
-                "{peer} ended our binding as {domain}",
-                peer=channel.peer,
-                domain=domain,
-                event="apex.unbound",
-            )
-            self.pool.unbound(channel.session)
+            self._unbound(channel, domain)
             return wire.OK()
         return self._refuse(channel, 550, "unknown transaction-identifier")
+
+    def _unbound(self, channel: APEXChannel, domain: str) -> None:
+        # Step 3, from the next hop: it takes no more data from us on this session.
+        # What was sent on it still gets its answers; later data go on a new link.
+        self.log.info(
+            "{peer} ended our binding as {domain}",
+            peer=channel.peer,
+            domain=domain,
+            event="apex.unbound",
+        )
+        self.pool.unbound(channel.session)
 
     def channel_gone(self, channel: APEXChannel) -> None:
         self._release(channel, list(channel.attachments))
