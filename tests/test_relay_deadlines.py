@@ -239,3 +239,25 @@ def test_a_hand_over_after_a_slow_route_has_what_is_left_of_the_deadline() -> No
         "fred@slow.test": (451, "slow.test did not answer in time; outcome unknown")
     }
     assert relay.in_flight == 0
+
+
+def test_data_for_several_domains_are_not_handed_on_once_the_stop_gave_up_on_them() -> None:
+    """A stop whose grace is over gives every data still in flight its verdict at once
+    (stop_waiting). A data for a domain routed at once and one whose lookup does not end
+    got 451 for the second, but its first was then handed on - after the relay had given
+    up waiting, and no longer watched: behind a next hop that does not answer, the data
+    stayed in flight and the stop waited for it without end."""
+    dns = SlowResolver()
+    clock = task.Clock()
+    sent: list[tuple[list, float]] = []
+    relay = relay_behind(dns, clock, sent, static_routes={"fast.test": "relay.fast.test"})
+    with capturedLogs() as events:
+        send(relay, "fred@fast.test", "wilma@slow.test")
+        clock.advance(5)
+        relay.stop_waiting()
+    assert sent == []
+    assert {identity: code for identity, (code, _) in verdicts(events).items()} == {
+        "fred@fast.test": 451,
+        "wilma@slow.test": 451,
+    }
+    assert relay.in_flight == 0

@@ -143,6 +143,7 @@ class _Journey:
         "reports",
         "settled",
         "received",
+        "given_up",
     )
 
     def __init__(
@@ -165,6 +166,9 @@ class _Journey:
         self.settled: set[str] = set()
         # The data as it arrived, while a delivery or a hand-over may still send it on.
         self.received = received
+        # The wait for its next hops was given up before its deadline (a stop, a
+        # shorter delivery timeout): it is handed on no more.
+        self.given_up = False
 
 
 class Relay:
@@ -582,9 +586,10 @@ class Relay:
         remote: dict[str, list[tuple[wire.Recipient, Endpoint]]],
         deadline: float,
     ) -> defer.Deferred[None] | None:
-        if self.clock.seconds() >= deadline:
+        if self.clock.seconds() >= deadline or journey.given_up:
             # The deadline passed while routes were awaited (those given up on had their
             # verdicts then: routes None): a hand-over begun now would be given up at once.
+            # So when the wait was given up early: nothing watches a hand-over begun now.
             self._not_handed_on(journey, domains, routes, remote)
             return None
         if len(domains) == 1:
@@ -637,6 +642,7 @@ class Relay:
         def no_route(failure: Failure) -> None:
             if failure.check(defer.CancelledError):
                 # The delivery deadline: the lookup goes on for others (Router.route).
+                journey.given_up = True
                 under_way, waiting = self.router.lookups()
                 reason = (
                     f"no DNS answer within {self.delivery_timeout:g} s "
