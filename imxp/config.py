@@ -32,6 +32,7 @@ from twisted.internet.task import Clock
 
 from imxp import logs
 from imxp.apex.address import Endpoint, is_literal, normalise_domain
+from imxp.apex.options import MAX_HOPS
 from imxp.apex.routing import Router
 from imxp.beep.frames import MAX_31
 from imxp.beep.saslmech import SERVER_MECHANISMS
@@ -214,6 +215,14 @@ def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return value
+
+
+def _hops(value: int) -> int:
+    # RFC 3342 §6: the dataHopping count a relay writes, max_hops - 1, is 0..255; with
+    # more, every data handed on would fail to be written (an internal error).
+    if value > MAX_HOPS:
+        raise ValueError(f"must be at most {MAX_HOPS}, got {value!r}")
+    return _positive(value)
 
 
 def _log_level(value: str) -> str:
@@ -402,7 +411,7 @@ class Config:
     max_hops: int = _option(
         16,
         "The dataHopping limit (RFC 3342 §4) put on data entering the mesh here.",
-        check=_positive,
+        check=_hops,
         reload=True,
     )
     delivery_timeout: float = _option(

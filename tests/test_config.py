@@ -224,6 +224,7 @@ def test_wrong_types(tmp_path: Path, line: str, option: str, expected: str) -> N
         ('dns_servers = ["192.0.2.53"]', "dns_servers", "address:port"),
         ('dns_servers = ["192.0.2.53:0"]', "dns_servers", "bad port"),
         ("max_hops = 0", "max_hops", "must be positive"),
+        ("max_hops = 257", "max_hops", "must be at most 255"),
         ("max_sessions_per_peer = -1", "max_sessions_per_peer", "must be positive"),
         ("connect_timeout = 0.0", "connect_timeout", "must be positive"),
         ("window = 1024", "window", "between 4096 and"),
