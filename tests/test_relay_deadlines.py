@@ -261,3 +261,28 @@ def test_data_for_several_domains_are_not_handed_on_once_the_stop_gave_up_on_the
         "wilma@slow.test": 451,
     }
     assert relay.in_flight == 0
+
+
+def test_the_verdicts_a_stop_gives_say_that_the_relay_stopped() -> None:
+    """What a stop whose grace is over gives up on is reported as that, not as a deadline
+    that passed or a DNS server that did not answer: the sender, and the operator reading
+    the log, would look for a fault that is not there."""
+    dns = SlowResolver()
+    clock = task.Clock()
+    sent: list[tuple[list, float]] = []
+    relay = relay_behind(dns, clock, sent, static_routes={"fast.test": "relay.fast.test"})
+    with capturedLogs() as events:
+        send(relay, "barney@fast.test")  # handed on; the next hop never answers
+        send(relay, "fred@fast.test", "wilma@slow.test")
+        clock.advance(5)
+        relay.stop_waiting()
+    assert len(sent) == 1
+    assert verdicts(events) == {
+        "barney@fast.test": (
+            451,
+            "fast.test had not answered when the relay stopped; outcome unknown",
+        ),
+        "fred@fast.test": (451, "not handed on to fast.test: the relay stopped first"),
+        "wilma@slow.test": (451, "no route to slow.test: the relay stopped before DNS answered"),
+    }
+    assert relay.in_flight == 0

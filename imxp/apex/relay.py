@@ -199,6 +199,9 @@ class Relay:
         self.max_queued = max_queued
         self.reports = ReportService(domain, self.send_internal)
         self._deadlines = _Deadlines(clock, delivery_timeout)
+        # The relay is stopping and gave up on what was still unanswered: the verdicts
+        # then say so, rather than that a deadline passed.
+        self._stopped_waiting = False
         self.attached: dict[Endpoint, APEXChannel] = {}
         self.accepting = True
         self.in_flight = 0
@@ -628,7 +631,9 @@ class Relay:
             if targets is None:
                 continue  # its verdicts are in: no route
             text = (
-                f"not handed on to {domain} within {self.delivery_timeout:g} s: "
+                f"not handed on to {domain}: the relay stopped first"
+                if self._stopped_waiting
+                else f"not handed on to {domain} within {self.delivery_timeout:g} s: "
                 "finding the next hops of this data took that long"
             )
             for recipient, _ in remote[domain]:
@@ -645,7 +650,9 @@ class Relay:
                 journey.given_up = True
                 under_way, waiting = self.router.lookups()
                 reason = (
-                    f"no DNS answer within {self.delivery_timeout:g} s "
+                    "the relay stopped before DNS answered"
+                    if self._stopped_waiting
+                    else f"no DNS answer within {self.delivery_timeout:g} s "
                     f"({under_way} lookups under way, {waiting} waiting for a turn)"
                 )
                 self._no_route(journey, domain, group, NoRoute(domain, reason, False))
@@ -731,7 +738,12 @@ class Relay:
         if isinstance(verdict, Failure):
             if not verdict.check(defer.CancelledError):
                 return verdict
-            verdict = Verdict(451, wire.outcome_unknown(f"{domain} did not answer in time"))
+            late = (
+                "had not answered when the relay stopped"
+                if self._stopped_waiting
+                else "did not answer in time"
+            )
+            verdict = Verdict(451, wire.outcome_unknown(f"{domain} {late}"))
         text = f"relayed to {domain} via {verdict.hop}" if verdict.ok else verdict.text
         for recipient in recipients:
             # Handed on: the next relay now answers for it, so this is not final.
@@ -753,6 +765,12 @@ class Relay:
                 code, text = wire.reply_outcome(result, "endpoint")
             elif result.check(BEEPError):
                 code, text = wire.refusal(result.value.code, result.value.text, "endpoint")
+            elif result.check(defer.CancelledError) and self._stopped_waiting:
+                # Its session ends with the others' as the relay stops.
+                code, text = (
+                    451,
+                    wire.outcome_unknown("endpoint had not answered when the relay stopped"),
+                )
             elif result.check(defer.CancelledError):
                 code, text = 451, wire.outcome_unknown("endpoint did not answer in time")
                 self._drop_unanswering(channel, identity)
@@ -911,7 +929,8 @@ class Relay:
 
     def stop_waiting(self) -> None:
         """The relay is stopping: every hand-over and delivery still unanswered gets its
-        verdict now, as when its deadline passes."""
+        verdict now, as when its deadline passes, with a text that says why."""
+        self._stopped_waiting = True
         self._deadlines.expire_all()
 
     def applications(self) -> list[APEXChannel]:
