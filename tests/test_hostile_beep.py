@@ -403,6 +403,34 @@ def test_frames_after_ready_while_replies_are_owed_terminate_the_session() -> No
     assert len(terminated(events)) == 1
 
 
+@pytest.mark.parametrize("piggybacked", [True, False])
+def test_a_peer_gone_while_ready_waits_for_replies_owed_logs_no_traceback(
+    piggybacked: bool,
+) -> None:
+    """§3.1.3.1: ready waits for the replies we owe on other channels. A peer that hangs
+    up meanwhile has ended nothing but its own session: that is no fault of the TLS
+    profile, and no traceback ("profile ... failed", "Unhandled error in Deferred")
+    may reach the operator's log."""
+    recorder = RecordingProfile(OTP)
+    wire = greeted_listener(TLSProfile(None), recorder)  # type: ignore[arg-type]
+    wire.feed_rfc(RFC_START_TWO, exact=True)
+    wire.read_one()
+    wire.send(MSG, 1, 0, b"\r\nslow")  # a reply we owe: ready must wait for it
+    with capturedLogs() as events:
+        if piggybacked:
+            tls_start = parse_one(transcribe(RFC_START_TLS)).payload.replace(b"'1'", b"'3'")
+            wire.send(MSG, 0, 2, tls_start)
+        else:
+            start_3 = mgmt.Start(3, (mgmt.ProfileElement(TLS),)).to_xml().encode()
+            wire.send(MSG, 0, 2, XML_HEAD + start_3)
+            assert [(f.kind, f.channel) for f in wire.read()] == [(RPY, 0)]
+            wire.send(MSG, 3, 0, XML_HEAD + b"<ready />")
+        assert wire.read() == []  # waiting for the slow reply
+        wire.session.connectionLost()
+        gc.collect()
+    assert [e for e in events if "log_failure" in e] == []
+
+
 # -- rules that held before the audit ------------------------------------------------------
 
 

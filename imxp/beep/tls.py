@@ -110,7 +110,7 @@ class TLSProfile(Profile):
         # and the peer sends nothing more from its ready on.
         session.expect_silence(seq_allowed=True)
         others = [c for number, c in session.channels.items() if number and c.profile != TLS_URI]
-        waits = defer.gatherResults([c._when_idle() for c in others])
+        waits = defer.gatherResults([c._when_idle() for c in others], consumeErrors=True)
 
         def ready(_: object) -> Callable[[], None]:
             session.expect_silence()
@@ -126,7 +126,12 @@ class TLSProfile(Profile):
 
             return tune
 
-        return waits.addCallback(ready)
+        def lost(failure: Failure) -> Failure:
+            # The session ended while we waited: pass on its SessionClosed, which the
+            # session takes quietly, not gatherResults' wrapper, which it logs as our bug.
+            return failure.value.subFailure if failure.check(defer.FirstError) else failure
+
+        return waits.addCallbacks(ready, lost)
 
 
 def _tls_failed(failure: Failure, session: Session) -> None:
