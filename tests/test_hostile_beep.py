@@ -34,6 +34,7 @@ from test_session_wire import (
 )
 from twisted.internet import defer
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 
 from imxp.beep import mgmt
 from imxp.beep.frames import ANS, ERR, MSG, NUL, RPY, Frame
@@ -43,6 +44,7 @@ from imxp.beep.session import (
     Channel,
     Profile,
     Role,
+    SessionClosed,
     SessionConfig,
 )
 from imxp.beep.tls import TLSProfile, start_tls
@@ -429,6 +431,41 @@ def test_a_peer_gone_while_ready_waits_for_replies_owed_logs_no_traceback(
         wire.session.connectionLost()
         gc.collect()
     assert [e for e in events if "log_failure" in e] == []
+
+
+@pytest.mark.parametrize("left", ["its unfinished MSG", "our MSG unanswered"])
+def test_ready_waits_for_the_replies_owed_not_for_what_the_peer_may_no_longer_send(
+    left: str,
+) -> None:
+    """§3.1.3.1: we "wait until any pending replies have been generated and sent" before
+    the proceed; the peer that sent ready sends nothing more. So neither the rest of a
+    MSG it left unfinished nor its reply to a MSG of ours will ever come: waiting for
+    them, the proceed never went, and the session, busy for ever, was spared even the
+    idle timeout: any peer, before it said who it is, could hold one open for good."""
+    recorder = RecordingProfile(OTP)
+    wire = greeted_listener(TLSProfile(None), recorder)  # type: ignore[arg-type]
+    switched: list[object] = []
+    wire.transport.startTLS = switched.append  # type: ignore[attr-defined]
+    wire.feed_rfc(RFC_START_TWO, exact=True)
+    wire.read_one()
+    ours: list[object] = []
+    if left == "its unfinished MSG":
+        wire.send(MSG, 1, 0, b"\r\nthe first half", more=True)
+    else:
+        ours = swallow(wire.session.channels[1].send(Message(b"ours")))
+        assert [(f.kind, f.channel) for f in wire.read()] == [(MSG, 1)]
+    tls_start = parse_one(transcribe(RFC_START_TLS)).payload.replace(b"'1'", b"'3'")
+
+    wire.send(MSG, 0, 2, tls_start)
+
+    [proceed] = wire.read()
+    assert (proceed.kind, proceed.channel, proceed.msgno) == (RPY, 0, 2)
+    assert b"proceed" in proceed.payload
+    assert switched == [None]  # the transport switched to TLS
+    assert recorder.handlers[0].received == []
+    if ours:
+        [lost] = ours
+        assert isinstance(lost, Failure) and lost.check(SessionClosed)
 
 
 # -- rules that held before the audit ------------------------------------------------------

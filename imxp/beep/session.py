@@ -502,6 +502,7 @@ class Channel:
         "_queued_replies",
         "_recv_limit",
         "_recv_seqno",
+        "_reply_waiters",
         "_request_msgnos",
         "_requests",
         "_send_limit",
@@ -566,6 +567,8 @@ class Channel:
         self._held = 0
         self._closing = False
         self._idle_waiters: list[defer.Deferred[None]] = []
+        # Made a list when first needed, as _queue is: only a tuning request waits so.
+        self._reply_waiters: list[defer.Deferred[None]] | tuple[()] = ()
         self._producer: interfaces.IPushProducer | None = None
         self._producer_paused = False
 
@@ -842,7 +845,28 @@ class Channel:
         self._idle_waiters.append(d)
         return d
 
+    def _replied(self) -> bool:
+        return not self._requests and not self._queued_replies
+
+    def _when_replied(self) -> defer.Deferred[None]:
+        """Fires once every MSG the peer sent on this channel is answered and the
+        answers are written: what a tuning request waits for (RFC 3080 §3.1.3.1, "wait
+        until any pending replies have been generated and sent"). Unlike idleness, it
+        asks nothing more of the peer, which sends nothing from its request on: neither
+        the rest of a MSG it left unfinished, nor its replies to MSGs of ours."""
+        if self._replied():
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        if not self._reply_waiters:
+            self._reply_waiters = []
+        self._reply_waiters.append(d)  # type: ignore[union-attr]
+        return d
+
     def _maybe_idle(self) -> None:
+        if self._reply_waiters and self._replied():
+            replied, self._reply_waiters = self._reply_waiters, ()
+            for d in replied:
+                d.callback(None)
         if self._idle_waiters and self._idle():
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
@@ -1797,7 +1821,7 @@ class Session(Protocol):
                     ready.append(channel)
                 else:
                     channel._in_ready = False
-                if channel._idle_waiters or channel._producer is not None:
+                if channel._idle_waiters or channel._reply_waiters or channel._producer is not None:
                     if drained is None:
                         drained = [channel]
                     elif channel not in drained:
@@ -2073,7 +2097,8 @@ class Session(Protocol):
                 else:
                     pending.deferred.errback(reason)
         waiters, channel._idle_waiters = channel._idle_waiters, []
-        for d in waiters:
+        replied, channel._reply_waiters = channel._reply_waiters, ()
+        for d in [*waiters, *replied]:
             d.errback(reason)
 
     def _close_all_channels(self, reason: Failure) -> None:

@@ -107,10 +107,11 @@ class TLSProfile(Profile):
 
     def _proceed(self, session: Session) -> defer.Deferred[Callable[[], None]]:
         # §3.1.3.1: replies already owed on other channels go out before we switch,
-        # and the peer sends nothing more from its ready on.
+        # and the peer sends nothing more from its ready on: what it left unfinished,
+        # or has not answered, it never will, and the switch ends.
         session.expect_silence(seq_allowed=True)
         others = [c for number, c in session.channels.items() if number and c.profile != TLS_URI]
-        waits = defer.gatherResults([c._when_idle() for c in others], consumeErrors=True)
+        waits = defer.gatherResults([c._when_replied() for c in others], consumeErrors=True)
 
         def ready(_: object) -> Callable[[], None]:
             session.expect_silence()
