@@ -1992,6 +1992,7 @@ class Session(Protocol):
             raise BEEPError(553, f"channel {close.number} is not open")
         channel.handler.close_requested(close.code)
         channel._closing = True
+        generation = self._generation
 
         def idle(_: None) -> Message:
             self._remove_channel(channel, None)
@@ -2001,7 +2002,14 @@ class Session(Protocol):
             request.on_sent = lambda: self._reserved.discard(close.number)
             return _mgmt(mgmt.OK())
 
-        return channel._when_idle().addCallback(idle)
+        def closed(failure: Failure) -> Message | Failure:
+            if self._gone or generation != self._generation:
+                return failure
+            # Our own close of it got its ok meanwhile: the channel is closed, as the peer
+            # asked; both peers closing at once each answer ok (§2.3.1.3).
+            return _mgmt(mgmt.OK())
+
+        return channel._when_idle().addCallbacks(idle, closed)
 
     def _release_requested(self, close: mgmt.Close, request: Request) -> defer.Deferred[Message]:
         others = list(self._channels.values())[1:]
