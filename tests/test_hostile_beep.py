@@ -644,19 +644,20 @@ def test_a_close_waiting_for_a_refused_message_to_end_is_answered() -> None:
     assert 1 not in wire.session.channels and not wire.aborted
 
 
-def test_a_close_waiting_for_a_channel_our_own_close_ended_is_answered_ok() -> None:
-    """§2.3.1.3: both peers may ask to close a channel. When the peer's close waits for
-    the channel to be idle (here a MSG of the peer's crossing our close is unfinished)
-    and our own close's ok ends the channel meanwhile, the channel the peer asked to
-    close is closed: its close gets an ok, not a 451 for a "failed" profile with a
-    traceback in the operator's log."""
+@pytest.mark.parametrize("number", [1, 0], ids=["close", "release"])
+def test_a_close_waiting_for_a_channel_our_own_close_ended_is_answered_ok(number: int) -> None:
+    """§2.3.1.3: both peers may ask to close a channel. When the peer's close of it, or
+    its release of the session (§2.4), waits for the channel to be idle (here a MSG of
+    the peer's crossing our close is unfinished) and our own close's ok ends the channel
+    meanwhile, the channel is closed as the peer asked: its close gets an ok, not a 451
+    for a "failed" profile with a traceback in the operator's log."""
     wire = listener_with_channel_1(RecordingProfile(OTP))
     with capturedLogs() as events:
         closing = swallow(wire.session.channels[1].close())
         [ours] = wire.read()
         assert b"<close number='1'" in ours.payload
         wire.send(MSG, 1, 0, b"\r\nthe first half", more=True)  # crosses our close
-        wire.send(MSG, 0, 2, XML_HEAD + mgmt.Close(1, 200).to_xml().encode())
+        wire.send(MSG, 0, 2, XML_HEAD + mgmt.Close(number, 200).to_xml().encode())
         assert wire.read() == []  # the peer's close waits for its message to end
         wire.send(RPY, 0, ours.msgno, XML_HEAD + b"<ok />")
         [answer] = wire.read()
@@ -665,6 +666,7 @@ def test_a_close_waiting_for_a_channel_our_own_close_ended_is_answered_ok() -> N
     assert isinstance(mgmt.parse(Message.from_payload(answer.payload).body), mgmt.OK)
     assert [e for e in events if "log_failure" in e] == []
     assert not wire.aborted
+    assert wire.hung_up == (number == 0)  # §2.4: a released session ends after the ok
 
 
 # -- a peer that has not said who it is (RFC 3080 §3, §4) ----------------------------------

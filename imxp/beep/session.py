@@ -2017,6 +2017,11 @@ class Session(Protocol):
             channel.handler.close_requested(close.code)
         for channel in others:
             channel._closing = True
+        generation = self._generation
+
+        def closed(failure: Failure) -> Failure | None:
+            # Closed meanwhile, by our own close's ok (§2.3.1.3): as idle as it gets.
+            return failure if self._gone or generation != self._generation else None
 
         def idle(_: object) -> Message:
             # §2.4: ok, then both peers close the connection.
@@ -2027,7 +2032,9 @@ class Session(Protocol):
             # The session ended while we waited: pass on the cause, not gatherResults' wrapper.
             return failure.value.subFailure if failure.check(defer.FirstError) else failure
 
-        waiting = defer.gatherResults([c._when_idle() for c in others], consumeErrors=True)
+        waiting = defer.gatherResults(
+            [c._when_idle().addErrback(closed) for c in others], consumeErrors=True
+        )
         return waiting.addCallbacks(idle, lost)
 
     def _close_channel(self, channel: Channel, code: int, text: str) -> defer.Deferred[None]:
