@@ -97,8 +97,12 @@ def makeService(options: Options) -> IService:
     # walked all of it, a pause of about 40 ms that showed in the relay's p99 latency.
     reactor.callWhenRunning(gc.freeze)
     reload = _Reloader(options, relay)
-    reactor.callWhenRunning(_reload_on_sighup, reactor, reload)
-    reactor.callWhenRunning(_status_on_sigusr1, reactor, relay)
+    # Now, not once the reactor runs: twistd writes the pid file and opens the listeners
+    # before then, and until a handler is in place SIGHUP or SIGUSR1 ends the process (for
+    # systemd, SIGHUP cleanly: Restart=on-failure leaves it stopped). Either waits for the
+    # reactor (callFromThread), so one sent meanwhile acts once the relay runs.
+    _reload_on_sighup(reactor, reload)
+    _status_on_sigusr1(reactor, relay)
     # Once twistd has shed its privileges (--uid): the socket is the relay user's.
     reactor.callWhenRunning(_control, reactor, options.config, relay, reload)
     reactor.addSystemEventTrigger("before", "shutdown", _stopping_already, reactor, relay)

@@ -375,6 +375,53 @@ async def test_sighup_applies_a_changed_configuration_and_names_what_takes_a_res
         _stop(relay)
 
 
+# twistd, with a log observer (--logger) that sends the process SIGHUP as twistd makes it:
+# after the relay service is made and before the reactor runs, as `kill -HUP $(cat PIDFILE)`
+# may just after twistd wrote its pid file, or systemd's kill -s HUP during a start.
+_TWISTD_HUP_AT_START = (
+    "import os, signal, sys\n"
+    "from twisted.logger import textFileLogObserver\n"
+    "def hup_at_start():\n"
+    "    os.kill(os.getpid(), signal.SIGHUP)\n"
+    "    return textFileLogObserver(sys.stdout)\n"
+    "from twisted.scripts.twistd import run; run()\n"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sighup_before_the_reactor_runs_reloads_instead_of_ending_the_relay(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP's default action ends a process. One that reaches the relay while it starts,
+    before its handler is in place, must not end it (silently, and for systemd cleanly,
+    so Restart=on-failure leaves it stopped): the relay starts and reloads once running."""
+    edge, mesh = free_ports(2)
+    config = _config(tmp_path, edge, mesh)
+    log = tmp_path / "twistd.log"
+    with log.open("wb") as out:
+        relay = subprocess.Popen(
+            [
+                *(sys.executable, "-c", _TWISTD_HUP_AT_START, "--nodaemon", "--pidfile="),
+                *("--logger=__main__.hup_at_start", "imxp", "--config", str(config)),
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await until(
+            lambda: relay.poll() is not None or "SIGHUP: reloaded" in log.read_text(),
+            "the reload or the end of the relay",
+            30,
+        )
+        assert relay.poll() is None, f"the relay ended with {relay.returncode}"
+        assert log.read_text().count("listening on") == 2
+        assert "Traceback" not in log.read_text()
+    finally:
+        _stop(relay)
+
+
 # -- listeners -----------------------------------------------------------------------------
 
 
