@@ -333,6 +333,31 @@ def test_changes_start_from_the_file(path):
     assert relay.usernames() == ["alice"]
 
 
+def test_changes_made_at_once_by_two_processes_are_both_kept(path, monkeypatch):
+    """A provisioning script runs `imxp users add` for several users at once: each says
+    "added", so each user must be in the file, not only the one written last. Here barney
+    is added (in a thread, as another process would) while alice's change is between
+    reading the file and writing it."""
+    path.touch(mode=0o600)  # the empty file a relay's first start makes
+    alice, barney = UserStore(path), UserStore(path)
+    write = alice._write
+
+    def write_late(users: Any) -> None:
+        other = threading.Thread(target=barney.add, args=("barney", PASSWORD))
+        other.start()
+        # Without a lock barney's add ends here; with one it waits for alice's to end.
+        other.join(timeout=5)
+        write(users)
+        monkeypatch.setattr(alice, "_write", write)
+        threads.append(other)
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(alice, "_write", write_late)
+    alice.add("alice", PASSWORD)
+    threads[0].join()
+    assert UserStore(path).usernames() == ["alice", "barney"]
+
+
 # ---------------------------------------------------------------------------------- decoys
 
 

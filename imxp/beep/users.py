@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -35,7 +37,7 @@ import stat
 import tempfile
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -164,8 +166,8 @@ class UserStore:
     can share it. The relay picks up changes another process made by itself: a login looks
     at the file first, and so does asking whether a user exists (``in``) once
     :data:`RECHECK_SECONDS` have passed since the last look, on ``clock`` (an
-    ``IReactorTime``; by default the monotonic clock). Two writers at the same instant can
-    still lose one change; administration is expected to be serial.
+    ``IReactorTime``; by default the monotonic clock). Changes are made one at a time,
+    across processes, under a lock on the file's directory (:func:`_one_change_at_a_time`).
 
     Checking a PLAIN password costs one PBKDF2 run (``iterations`` rounds, a few ms at the
     default); unknown users cost the same so that timing does not reveal who exists. It
@@ -375,11 +377,12 @@ class UserStore:
     def _change(self, apply: Callable[[dict[str, StoredKeys]], None]) -> None:
         # Start from the file as it is now, so an older in-memory copy cannot undo changes
         # another process made.
-        users, secret = self._read()
-        self._take_secret(secret)
-        apply(users)
-        self._write(users)
-        self._seen = self._stamp()
+        with _one_change_at_a_time(self.path.parent):
+            users, secret = self._read()
+            self._take_secret(secret)
+            apply(users)
+            self._write(users)
+            self._seen = self._stamp()
         self._replace(users)
 
     # -- administration --------------------------------------------------------------------
@@ -736,6 +739,21 @@ class FailureThrottle:
                 self._drop_if_idle(address, peer)
 
         peer.waiting.popleft().callback(end)
+
+
+@contextlib.contextmanager
+def _one_change_at_a_time(directory: Path) -> Iterator[None]:
+    """Hold the lock of the user file's directory: without it two `imxp users add` run at
+    once each write the file as they read it, and the later undoes the earlier, though
+    both said "added". The lock is the kernel's (flock), on the directory, which whoever
+    may replace the file can open, whatever its user: no lock file to own or leave
+    behind. Readers (a relay) need none: the file is replaced whole."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def _keep_owner(new: str, old: Path) -> None:
