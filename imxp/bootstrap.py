@@ -73,15 +73,21 @@ def prepare(config: Config, log: Logger, owner: tuple[int, int] | None = None) -
     """
     _check_configured(config)
     created: list[str] = []
-    state_dir = _state_dir(config, log, created)
+    state_dir = config.path("state_dir")
     cert_path, key_path = config.path("tls_certificate"), config.path("tls_key")
-    if makes_development_certificate(config):
-        _development_certificate(config, cert_path, key_path, log, created)
-    identity, trust_roots = load_tls(config, log)
     users_path = config.path("users_file")
-    users = _users(config, users_path, log, created)
-    if owner is not None:
-        _give(config, owner, _made(created, state_dir, cert_path, key_path, users_path))
+    try:
+        _state_dir(config, log, created)
+        if makes_development_certificate(config):
+            _development_certificate(config, cert_path, key_path, log, created)
+        identity, trust_roots = load_tls(config, log)
+        users = _users(config, users_path, log, created)
+    finally:
+        # Even when the start is refused (a key that is not the certificate's, say): what
+        # was made stays for the next start, which, root's, could not use it once it ran
+        # as the relay's user (a state directory of mode 0700).
+        if owner is not None:
+            _give(config, owner, _made(created, state_dir, cert_path, key_path, users_path))
     return Prepared(
         state_dir=state_dir,
         certificate_path=cert_path,

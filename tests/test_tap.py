@@ -127,6 +127,32 @@ def test_files_made_for_twistd_uid_belong_to_that_user(tmp_path: Path) -> None:
     assert owners == {(nobody.pw_uid, nobody.pw_gid)}
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files to another user")
+def test_a_refused_start_for_twistd_uid_leaves_nothing_of_roots_behind(tmp_path: Path) -> None:
+    """A first start as root with --uid is refused after the state directory was made (a
+    key that is not the certificate's). Left root's, mode 0700, that directory would keep
+    every later start, once it has dropped to the relay's user, from its control socket
+    and from reading its user file again: it must be the relay user's too."""
+    from twisted.scripts.twistd import ServerOptions
+
+    from imxp.certs import create_ca, issue_server
+
+    ca = create_ca("a CA")
+    issue_server(ca, ["localhost"]).write(tmp_path / "relay.pem", tmp_path / "other.key")
+    issue_server(ca, ["localhost"]).write(tmp_path / "other.pem", tmp_path / "relay.key")
+    ca.write(tmp_path / "ca.pem", tmp_path / "ca.key")
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'state_dir = "state"\ntls_certificate = "{tmp_path / "relay.pem"}"\n'
+        f'tls_key = "{tmp_path / "relay.key"}"\ntls_trust = ["{tmp_path / "ca.pem"}"]\n'
+    )
+    with pytest.raises(UsageError, match="tls_key"):
+        ServerOptions().parseOptions(["--uid", "4321", "--gid", "4322", "imxp", "-c", str(path)])
+    state = tmp_path / "state"
+    for made in (state, *state.iterdir()):
+        assert (made.stat().st_uid, made.stat().st_gid) == (4321, 4322), made
+
+
 def test_log_level_leaves_out_the_relay_events_below_it(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text('log_level = "warn"\n')
