@@ -308,6 +308,29 @@ def test_a_file_that_cannot_be_read_keeps_the_users(path, monkeypatch, events):
     assert "Permission denied" in unreadable[0]["error"]
 
 
+def test_a_directory_that_cannot_be_entered_keeps_the_users(path, monkeypatch, events):
+    """The user file's directory made one the relay may not enter (a chmod, a state
+    directory left root's): even the look at the file's time fails. That too is logged,
+    not an exception out of a login or a delivery: the relay keeps its users."""
+    relay = UserStore(path)
+    UserStore(path).add("alice", PASSWORD)
+    assert relay.usernames() == ["alice"]
+    real_stat = Path.stat
+
+    def denied(self: Path, *args: object, **kwargs: object) -> os.stat_result:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "stat", denied)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: denied(self))
+    assert "alice" in relay
+    assert relay.usernames() == ["alice"]
+    assert refused(avatar(relay, "alice", "wrong")) and avatar(relay, "alice", PASSWORD) == "alice"
+    unreadable = [e for e in events if e["event"] == "imxp.users-unreadable"]
+    assert len(unreadable) == 1 and "Permission denied" in unreadable[0]["error"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
 def test_a_change_keeps_the_file_owner(path):
     """`sudo imxp users add` on a relay's file leaves it the relay user's, not root's."""

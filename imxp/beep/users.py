@@ -311,7 +311,7 @@ class UserStore:
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
             st = self.path.stat()
-        except FileNotFoundError:
+        except OSError:  # gone, or in a directory the relay may no longer enter: _read says
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
