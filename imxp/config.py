@@ -145,12 +145,17 @@ def _endpoints(values: tuple[str, ...]) -> tuple[str, ...]:
 def _paths(values: tuple[str, ...]) -> tuple[str, ...]:
     if any(not v for v in values):
         raise ValueError("a path is empty")
+    for value in values:
+        _path(value)
     return values
 
 
 def _path(value: str | None) -> str | None:
     if value == "":
         raise ValueError("the path is empty; leave the option out for the default")
+    if value is not None and "\0" in value:
+        # No file system takes one; os would raise ValueError wherever it is first used.
+        raise ValueError("a path cannot hold a NUL character")
     return value
 
 

@@ -233,6 +233,8 @@ def test_wrong_types(tmp_path: Path, line: str, option: str, expected: str) -> N
         ('state_dir = ""', "state_dir", "empty"),
         ('users_file = ""', "users_file", "empty"),
         ('tls_trust = ["ca.pem", ""]', "tls_trust", "empty"),
+        ('state_dir = "a\\u0000b"', "state_dir", "NUL"),
+        ('tls_trust = ["ca\\u0000.pem"]', "tls_trust", "NUL"),
     ],
 )
 def test_invalid_values(tmp_path: Path, line: str, option: str, fragment: str) -> None:
