@@ -4,6 +4,7 @@ encrypted or both with OpenPGP or S/MIME, carried as APEX content, opened and ju
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from asn1crypto import cms
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_e2e_pgp import make_keyrings, stop_agents
+from test_e2e_pgp import gpg, make_keyrings, stop_agents
 
 from imxp.apex import wire
 from imxp.beep.message import Message
@@ -214,6 +215,47 @@ def test_signer_who_is_not_the_from_is_refused(
     assert (report.status, report.signer) == ("signed-and-verified", "mallory@a.test")
     assert not report.presentable
     assert report.problems == ["signer mallory@a.test is not the From fred@a.test"]
+
+
+@pytest.mark.parametrize(
+    ("uid", "signer", "problems"),
+    [
+        # gpg finds this key as <mallory@a.test>, never as <fred@a.test>: what comes before
+        # the angle brackets is a name, however like an address it looks. RFC 5322's
+        # parser took it for the address, and Mallory's message passed for Fred's.
+        (
+            "fred@a.test <mallory@a.test>",
+            "mallory@a.test",
+            ["signer mallory@a.test is not the From fred@a.test"],
+        ),
+        # An IM identity as an im: URI (RFC 3860), as in <im:fred@a.test>, was read as no
+        # address at all, and Fred's own message was refused.
+        ("Fred <im:fred@a.test>", "fred@a.test", []),
+    ],
+)
+def test_the_address_of_a_pgp_user_id_is_the_one_gpg_reads(
+    tmp_path: Path, uid: str, signer: str, problems: list[str]
+) -> None:
+    signing, reading = tmp_path / "signing", tmp_path / "reading"
+    signing.mkdir(mode=0o700)
+    reading.mkdir(mode=0o700)
+    try:
+        gpg(signing, "--passphrase", "", "--quick-gen-key", uid, "ed25519", "sign", "never")
+        gpg(reading, "--import", data=gpg(signing, "--export").stdout)
+        content_type, body = protect_cpim(
+            message(), "sign", "pgp", Keys(pgp=OpenPGP(signing)), signer=uid
+        )
+        report = open_message(content_type, body, Keys(pgp=OpenPGP(reading)), now=NOW)
+    finally:
+        for home in (signing, reading):
+            subprocess.run(
+                ["gpgconf", "--homedir", str(home), "--kill", "all"],
+                capture_output=True,
+                check=False,
+            )
+    assert (report.status, report.signer) == ("signed-and-verified", signer)
+    assert report.problems == problems
+    assert report.presentable is (not problems)
 
 
 def countersigned(signed_data: bytes, by: Issued, *, first: bool) -> bytes:

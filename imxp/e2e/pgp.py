@@ -22,7 +22,6 @@ ask gpg's web of trust (``--trust-model always``). Put only correspondents' keys
 from __future__ import annotations
 
 import codecs
-import email.utils
 import os
 import re
 import subprocess
@@ -408,11 +407,23 @@ def _is_pgp_signed(entity: bytes) -> bool:
 
 
 def _address(uid: str) -> str | None:
-    """The address in a user id such as ``Fred <fred@a.test>`` or ``<im:fred@a.test>``."""
-    _, address = email.utils.parseaddr(uid)
+    """The address in a user id such as ``Fred <fred@a.test>`` or ``<im:fred@a.test>``.
+
+    Read as gpg reads it (``mailbox_from_userid`` in GnuPG's common/mbox-util.c), since
+    that is the address gpg finds the key by and the one its owner was checked for:
+    what stands between the first "<" and the ">" after it, else the whole user id if
+    it is an address. RFC 5322's parser would take ``fred@a.test <mallory@a.test>``,
+    Mallory's key to gpg, for fred@a.test's, and ``<im:fred@a.test>`` for no address.
+    """
+    start = uid.find("<")
+    if start >= 0:
+        end = uid.find(">", start + 1)
+        address = uid[start + 1 : end] if end > start else ""
+    else:
+        address = uid
     if address[:3].lower() == "im:":
         address = address[3:]
-    return address if "@" in address else None
+    return address if _BARE_ADDRESS.fullmatch(address) else None
 
 
 def _timestamp(value: str | None) -> datetime | None:
