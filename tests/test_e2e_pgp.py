@@ -263,13 +263,21 @@ def test_unknown_signer_is_not_verified(people: dict[str, Person], barney: Perso
     assert "is not in this keyring" in opened.reason
 
 
+@pytest.mark.parametrize("nested", [False, True])
 def test_signed_and_encrypted_by_unknown_signer_is_not_verified(
-    people: dict[str, Person], barney: Person
+    people: dict[str, Person], barney: Person, nested: bool
 ) -> None:
+    """Unchecked, not bad, whether signed and encrypted as one OpenPGP message (§6.2) or
+    as a multipart/signed encrypted (§6.1): the latter was "bad signature", as if someone
+    had changed it on the way, where the signer's key was only missing."""
     stranger = people["stranger@c.test"]
     exported = gpg(barney.home, "--export", barney.fingerprint).stdout
     gpg(stranger.home, "--import", data=exported)
-    protected = stranger.pgp.encrypt(ENTITY, ["barney@b.test"], sign_as="stranger@c.test")
+    if nested:
+        signed = stranger.pgp.sign(ENTITY, "stranger@c.test")
+        protected = stranger.pgp.encrypt(signed, ["barney@b.test"])
+    else:
+        protected = stranger.pgp.encrypt(ENTITY, ["barney@b.test"], sign_as="stranger@c.test")
     opened = barney.pgp.open(protected)
     assert (opened.status, opened.unchecked) == ("bad-signature", True)
     assert "is not in this keyring" in opened.reason

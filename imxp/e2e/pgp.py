@@ -290,7 +290,8 @@ class OpenPGP:
                 signed_at=inner.signed_at,
                 identities=inner.identities,
             )
-        return _bad(f"decrypted, but {inner.reason}")
+        # A key that is not here leaves the signature unchecked, as without the encryption.
+        return replace(_bad(f"decrypted, but {inner.reason}"), unchecked=inner.unchecked)
 
     def _signature(
         self, result: gnupg.Verify, entity: bytes, status: Literal["signed", "signed-encrypted"]
