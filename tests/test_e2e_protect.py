@@ -388,6 +388,29 @@ def test_exact_replay_within_the_window_is_refused(
     ).presentable
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_same_text_sent_twice_within_a_second_is_no_replay(
+    keys: dict[str, Keys], certs: dict[str, Issued], scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines pasted into ``imxp chat --sign`` go out within a second, and some repeat
+    ("ok", "}"). Dated in whole seconds, the second was the first octet for octet, and
+    its reader was told it was a replay instead of being shown it."""
+    sent_at = iter([NOW + timedelta(milliseconds=100), NOW + timedelta(milliseconds=600)])
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+            return next(sent_at, NOW)  # parse() takes one for a default it replaces
+
+    monkeypatch.setattr(cpim, "datetime", Clock)
+    replays = ReplayCache()
+    for _ in range(2):
+        content = cpim.build(cpim.text_message("fred@a.test", ["barney@b.test"], "ok"))
+        content_type, body = protect(keys, certs, scheme, "sign", content)
+        report = open_message(content_type, body, keys["barney@b.test"], now=NOW, replays=replays)
+        assert report.presentable, report.problems
+
+
 def test_replay_cache_is_bounded() -> None:
     cache = ReplayCache(size=2)
     window = timedelta(minutes=5)

@@ -125,7 +125,7 @@ class CPIMMessage:
     sender: str
     to: list[str]
     cc: list[str] = field(default_factory=list)
-    date: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
+    date: datetime = field(default_factory=lambda: datetime.now(UTC))
     subject: str | None = None
     namespaces: dict[str, str] = field(default_factory=dict)
     require: list[str] = field(default_factory=list)
@@ -641,7 +641,7 @@ def text_message(
         sender=sender,
         to=list(to),
         cc=list(cc),
-        date=date or datetime.now(UTC).replace(microsecond=0),
+        date=date or datetime.now(UTC),
         subject=subject,
         content_type='text/plain; charset="utf-8"',
         body=text.encode("utf-8"),
