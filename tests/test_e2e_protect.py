@@ -258,6 +258,34 @@ def test_the_address_of_a_pgp_user_id_is_the_one_gpg_reads(
     assert report.presentable is (not problems)
 
 
+@pytest.mark.parametrize("mode", ["sign", "sign+encrypt"])
+def test_a_key_the_signature_carries_is_not_imported_and_believed(
+    tmp_path: Path, mode: str
+) -> None:
+    """With auto-key-import in the reader's gpg.conf, gpg took the key Mallory embedded
+    in her signature (include-key-block), made by her as "Fred <fred@a.test>", into the
+    keyring, and her message From fred@a.test was shown as signed by him. Only keys
+    the user imported are believed: hers is one nobody has, and stays so."""
+    people = make_keyrings(tmp_path, {"barney@b.test": [], "forger@c.test": ["barney@b.test"]})
+    barney, forger = people["barney@b.test"], people["forger@c.test"]
+    try:
+        (barney.home / "gpg.conf").write_text("auto-key-import\n")
+        (forger.home / "gpg.conf").write_text("include-key-block\n")
+        gpg(forger.home, "--quick-add-uid", forger.fingerprint, "Fred <fred@a.test>")
+        # The key a signature carries has the primary user id only.
+        gpg(forger.home, "--quick-set-primary-uid", forger.fingerprint, "Fred <fred@a.test>")
+        content_type, body = protect_cpim(
+            message(), mode, "pgp", Keys(pgp=OpenPGP(forger.home)), signer=forger.fingerprint
+        )
+        reader = Keys(pgp=OpenPGP(barney.home))
+        for _ in range(2):
+            report = open_message(content_type, body, reader, now=NOW)
+            assert (report.status, report.presentable) == ("signed-but-bad", False)
+            assert report.problems[0].startswith("signature not checked: ")
+    finally:
+        stop_agents(people)
+
+
 def countersigned(signed_data: bytes, by: Issued, *, first: bool) -> bytes:
     """The S/MIME SignedData ``signed_data`` with a SignerInfo by ``by`` added, over the
     same content, first or last: what anyone who passes a signed message on can do

@@ -84,6 +84,11 @@ _COLON_ESCAPE = re.compile(rb"\\x([0-9A-Fa-f]{2})")
 _DEAD_UID = (b"r", b"e", b"i")
 _BARE_ADDRESS = re.compile(r"[^\s<>@]+@[^\s<>@]+")
 _GPG_TIMEOUT = 60  # seconds; a gpg that hangs (e.g. waiting for an agent) must not block us
+# What a gpg.conf may ask of gpg as it checks a signature: import the key the signature
+# carries (auto-key-import, GnuPG 2.2.22 on) or one a keyserver has (auto-key-retrieve).
+# A key so imported is in the keyring without the user having checked it, and believed
+# for whatever user ids its maker gave it: a forger's key as "Fred <fred@a.test>".
+_NO_KEY_IMPORT = ("--no-auto-key-import", "--no-auto-key-retrieve")
 
 
 class _LenientUTF8Reader(codecs.StreamReader):
@@ -125,6 +130,7 @@ class OpenPGP:
         self.homedir = Path(homedir)
         self._gpg = gnupg.GPG(gnupghome=str(self.homedir), gpgbinary=gpgbinary)
         self._gpg.encoding = "imxp-utf-8-lenient"
+        self._no_key_import = _supported(self._gpg.gpgbinary, _NO_KEY_IMPORT)
         # fingerprint -> (keyring state when listed, identities): see _identities.
         self._identity_cache: dict[str, tuple[tuple[object, ...], tuple[str, ...]]] = {}
 
@@ -243,7 +249,7 @@ class OpenPGP:
         with tempfile.TemporaryDirectory(prefix="imxp-pgp-") as scratch:
             path = Path(scratch, "signature.asc")
             path.write_bytes(signature)
-            result = self._gpg.verify_data(str(path), signed)
+            result = self._gpg.verify_data(str(path), signed, extra_args=self._no_key_import)
         return self._signature(result, signed, "signed")
 
     def _decrypt(self, parts: list[bytes], passphrase: str | None) -> Opened:
@@ -263,7 +269,7 @@ class OpenPGP:
         # Without a passphrase, no pinentry: on a terminal one would take it over, and
         # every later message would wait behind a prompt nobody expects.
         extra = [] if passphrase is not None else ["--pinentry-mode", "error"]
-        extra += ["--max-output", str(MAX_DECRYPTED)]
+        extra += ["--max-output", str(MAX_DECRYPTED), *self._no_key_import]
         result = self._gpg.decrypt(data, passphrase=passphrase, extra_args=extra)
         if "--max-output" in (result.stderr or ""):
             # gpg stopped writing there, yet says DECRYPTION_OKAY: what it gave is cut short.
@@ -382,6 +388,20 @@ class OpenPGP:
             if address and address not in found:
                 found.append(address)
         return tuple(found)
+
+
+def _supported(gpgbinary: str, options: tuple[str, ...]) -> list[str]:
+    """Those of ``options`` this gpg knows: an older one refuses to run given another."""
+    try:
+        known = subprocess.run(
+            [gpgbinary, "--dump-options"],
+            capture_output=True,
+            timeout=_GPG_TIMEOUT,
+            check=False,
+        ).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [option for option in options if option.encode() in known]
 
 
 def _spec(name: str) -> str:
