@@ -1626,7 +1626,7 @@ async def test_a_user_file_the_relay_cannot_look_at_is_said_once(net: Net) -> No
         globalLogPublisher.removeObserver(observe)
 
     assert [e["error"] for e in errors] == [
-        f"{relay.users.path}: Too many levels of symbolic links"
+        f"{relay.users.path}: cannot read: Too many levels of symbolic links"
     ]
     assert fred.connected and FRED in {str(e) for e in relay.service.relay.attached}
 
