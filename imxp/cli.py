@@ -1392,7 +1392,9 @@ class _ChatTerminal(LineReceiver):
 
     def readConnectionLost(self) -> None:
         # End of input (Ctrl-D, or the end of a pipe) leaves like /quit; output stays
-        # open for the marks of the lines still on their way.
+        # open for the marks of the lines still on their way. Input that ends without a
+        # newline (printf 'hi' | imxp chat) ends its last line, which is sent first.
+        self.dataReceived(self.delimiter)
         self.leave()
 
     def writeConnectionLost(self) -> None:

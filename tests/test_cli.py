@@ -594,6 +594,24 @@ async def test_chat_fed_from_a_pipe_marks_every_line_and_exits_as_send_does(net:
     assert "  ✗ 550 unknown endpoint identity [anyone?]" in failing.out, failing
 
 
+@pytest_twisted.ensureDeferred
+async def test_chat_sends_the_last_line_of_input_that_ends_without_a_newline(net: Net) -> None:
+    """``printf 'one\ntwo' | imxp chat ...``: the input ends within its last line, which is
+    a line all the same. It was dropped, neither sent nor marked, and the chat exited 0."""
+    barney = await attach(net.relays["b.test"], net.ca, BARNEY)
+    try:
+        chat = net.spawn("chat", "--as", FRED, BARNEY)
+        chat.write(b"one\ntwo")
+        chat.transport.closeStdin()
+        assert await chat.ended() == 0, chat
+        marks = sorted(line for line in chat.out.splitlines() if "[" in line)
+        assert marks == ["  ✓ [one]", "  ✓ [two]"], chat
+        await barney.wait("data", 2)
+        assert any(b"two" in (data.content.body if data.content else b"") for data in barney.data)
+    finally:
+        barney.session.disconnect()
+
+
 # -- certs -----------------------------------------------------------------------------------
 
 
