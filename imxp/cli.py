@@ -1352,6 +1352,10 @@ class _ChatTerminal(LineReceiver):
     counts the lines that were not, for the exit status."""
 
     delimiter = b"\n"
+    # Not LineReceiver's 16 KiB, past which it closed the input: that line and every one
+    # after it were dropped unsent and unmarked. A line too long for the relay is refused
+    # when sent, and marked so.
+    MAX_LENGTH = sys.maxsize
 
     def __init__(self, send: Callable[[str], Awaitable[tuple[str, bool]]]) -> None:
         self._send = send

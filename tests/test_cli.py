@@ -612,6 +612,26 @@ async def test_chat_sends_the_last_line_of_input_that_ends_without_a_newline(net
         barney.session.disconnect()
 
 
+@pytest_twisted.ensureDeferred
+async def test_chat_sends_a_line_longer_than_16_kib_and_the_lines_after_it(net: Net) -> None:
+    """A pasted line past 16 KiB closed the chat's input: it and every line after it were
+    dropped, neither sent nor marked, and the chat exited 0. The relays carry it."""
+    barney = await attach(net.relays["b.test"], net.ca, BARNEY)
+    try:
+        chat = net.spawn("chat", "--as", FRED, BARNEY)
+        long = "x" * 20_000
+        chat.write(f"{long}\nafter\n".encode())
+        chat.transport.closeStdin()
+        assert await chat.ended() == 0, chat
+        marks = sorted(line for line in chat.out.splitlines() if "[" in line)
+        assert marks == ["  ✓ [after]", f"  ✓ [{long[:39]}…]"], chat
+        await barney.wait("data", 2)
+        bodies = [data.content.body if data.content else b"" for data in barney.data]
+        assert any(long.encode() in body for body in bodies), bodies
+    finally:
+        barney.session.disconnect()
+
+
 # -- certs -----------------------------------------------------------------------------------
 
 
