@@ -1149,8 +1149,9 @@ async def _send(reactor: Any, args: argparse.Namespace) -> int:
 
 def _print_outcomes(outcomes: Mapping[str, Outcome], timeout: float) -> None:
     for recipient, outcome in outcomes.items():
-        # The text is a relay's, perhaps another domain's.
-        print(_terminal_safe(f"{recipient}: {_outcome_text(outcome, timeout)}"))
+        # The text is a relay's, perhaps another domain's, or the recipient application's:
+        # one line, or it could print a verdict of its own for another recipient.
+        print(_in_line(f"{recipient}: {_outcome_text(outcome, timeout)}"))
 
 
 def _media_type_of(file: Path | None, content: bytes) -> str:
@@ -1392,7 +1393,8 @@ class _ChatTerminal(LineReceiver):
         if not delivered:
             self.undelivered += 1
         excerpt = text if len(text) <= 40 else text[:39] + "…"
-        self.show(f"  {mark} [{excerpt}]")
+        # The mark may quote a relay or the peer's application: on one line, as in send.
+        self.show(f"  {_in_line(mark)} [{excerpt}]")
 
     def readConnectionLost(self) -> None:
         # End of input (Ctrl-D, or the end of a pipe) leaves like /quit; output stays

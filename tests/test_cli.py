@@ -419,6 +419,36 @@ async def test_listen_and_chat_end_when_the_relay_ends_their_attachment(net: Net
     assert f"imxp: {WILMA} is no longer attached: 550 removed by the operator" in chat.out
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_cannot_print_a_verdict_of_its_own(net: Net) -> None:
+    """The text of a failed outcome is the recipient application's or a relay's, perhaps
+    another domain's. Its newline printed a line of its own in send's output and under
+    chat's mark: here a "delivered" verdict for a recipient that was not delivered."""
+    barney = await attach(net.relays["b.test"], net.ca, BARNEY)
+    forged = f"busy\n{WILMA}: delivered (250)"
+
+    def refuse(request: Any) -> Any:
+        return wire.encode(wire.Error(550, forged))
+
+    barney.channel.handler.message_received = refuse
+    try:
+        sent = await net.imxp("send", "--from", FRED, "--to", BARNEY, "--to", WILMA, "hi")
+        assert sent.status == 1, sent
+        assert sent.out.splitlines() == [
+            f"{BARNEY}: failed 550 busy\\x0a{WILMA}: delivered (250)",
+            f"{WILMA}: failed 450 endpoint not attached",
+        ], sent
+
+        chat = net.spawn("chat", "--as", FRED, BARNEY)
+        chat.write(b"hi\n")
+        chat.transport.closeStdin()
+        assert await chat.ended() == 1, chat
+        marks = chat.out.splitlines()[1:]
+        assert marks == [f"  ✗ 550 busy\\x0a{WILMA}: delivered (250) [hi]"], chat
+    finally:
+        barney.session.disconnect()
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
