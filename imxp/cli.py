@@ -859,17 +859,20 @@ def _load_trust(path: Path) -> list[x509.Certificate]:
         raise Failed(Exit.CONFIG, f"{path}: {e}") from None
 
 
-def _load_identity(cert: Path, key: Path) -> Issued:
-    """The S/MIME certificate and key of ``--smime-cert`` and ``--smime-key``; what is
-    wrong with either names the file that is wrong."""
+def _load_identity(
+    cert: Path, key: Path, cert_is: str = "--smime-cert", key_is: str = "--smime-key"
+) -> Issued:
+    """The certificate and key of ``--smime-cert`` and ``--smime-key`` (or of what
+    ``cert_is`` and ``key_is`` name); what is wrong with either names the file that is
+    wrong, and the option that gave it."""
     try:
         chain = load_certificates(cert)
     except ValueError as e:
-        raise Failed(Exit.CONFIG, f"--smime-cert {cert}: {e}") from None
+        raise Failed(Exit.CONFIG, f"{cert_is} {cert}: {e}") from None
     try:
         return load_key_for(chain, key)
     except (ValueError, TypeError) as e:
-        raise Failed(Exit.CONFIG, f"--smime-key {key}: {e}") from None
+        raise Failed(Exit.CONFIG, f"{key_is} {key}: {e}") from None
 
 
 def _keys(args: argparse.Namespace, *, pgp_needed: bool) -> Keys:
@@ -954,7 +957,9 @@ async def _connected(
     the block's ``client.incoming()`` ends, and the block with :class:`Failed` (7)
     saying why, rather than waiting for data that can no longer come.
     """
-    identity = _load_identity(args.cert, args.key) if args.cert is not None else None
+    identity = (
+        _load_identity(args.cert, args.key, "--cert", "--key") if args.cert is not None else None
+    )
     relay, ca = args.relay, args.ca
     # How to trust the built-in relay's development CA, when it was not found. A relay of
     # the built-in domain elsewhere (--relay) may well have the same CA, or says how.
@@ -1507,7 +1512,7 @@ def _load_ca(directory: Path) -> Issued:
     for path in (cert, key):
         if not path.exists():
             raise Failed(Exit.CONFIG, f"{path} does not exist: make a CA with imxp certs ca")
-    return _load_identity(cert, key)
+    return _load_identity(cert, key, "CA certificate", "CA key")
 
 
 def _wrote(issued: Issued, cert: Path, key: Path, what: str) -> None:

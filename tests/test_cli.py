@@ -688,6 +688,31 @@ async def test_what_no_certificate_or_password_can_be_is_one_line_not_a_crash(ne
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_file_that_is_no_certificate_is_named_by_the_option_that_gave_it(
+    net: Net,
+) -> None:
+    """A client certificate (--cert) or a CA's files (certs --ca) that could not be used
+    were named as --smime-cert and --smime-key, options the command line did not have."""
+    (net.tmp / "junk.pem").write_text("not a certificate\n")
+    sent = await net.imxp(
+        "send", "--from", FRED, "--to", BARNEY, "--cert", "junk.pem", "--key", "junk.pem", "hi"
+    )
+    assert sent.status == 8, sent
+    assert one_error_line(sent).startswith("imxp: --cert junk.pem: "), sent
+
+    assert (await net.imxp("certs", "ca", "--out", "ca", "--name", "CA")).status == 0
+    assert (await net.imxp("certs", "ca", "--out", "other", "--name", "Other")).status == 0
+    (net.tmp / "ca" / "ca.key").write_bytes((net.tmp / "other" / "ca.key").read_bytes())
+    made = await net.imxp("certs", "relay", "--ca", "ca", "--domain", "a.test", "--out", "r")
+    assert made.status == 8, made
+    assert one_error_line(made).startswith(f"imxp: CA key {Path('ca', 'ca.key')}: "), made
+    (net.tmp / "ca" / "ca.pem").write_text("not a certificate\n")
+    made = await net.imxp("certs", "smime", "--ca", "ca", "--identity", FRED, "--out", "s")
+    assert made.status == 8, made
+    assert one_error_line(made).startswith(f"imxp: CA certificate {Path('ca', 'ca.pem')}: ")
+
+
+@pytest_twisted.ensureDeferred
 async def test_certs_make_a_ca_relay_and_endpoint_certificates_that_verify(net: Net) -> None:
     made = await net.imxp("certs", "ca", "--out", "ca", "--name", "Example CA")
     assert made.status == 0, made
