@@ -1389,12 +1389,19 @@ class _ChatTerminal(LineReceiver):
         if text.strip() == "/quit":
             self.leave()
         elif text.strip() and not self._finishing:
-            d = defer.ensureDeferred(self._deliver(text))
+            d = defer.ensureDeferred(self._deliver(text, line))
             self._pending.add(d)
             d.addBoth(lambda _: self._pending.discard(d))
 
-    async def _deliver(self, text: str) -> None:
-        mark, delivered = await self._send(text)
+    async def _deliver(self, text: str, line: bytes) -> None:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            # As for send: a CPIM message carries UTF-8 text, and the line with its
+            # other octets replaced by U+FFFD is not what was typed.
+            mark, delivered = "✗ not sent: not UTF-8 text", False
+        else:
+            mark, delivered = await self._send(text)
         if not delivered:
             self.undelivered += 1
         excerpt = text if len(text) <= 40 else text[:39] + "…"

@@ -662,6 +662,26 @@ async def test_chat_sends_a_line_longer_than_16_kib_and_the_lines_after_it(net: 
         barney.session.disconnect()
 
 
+@pytest_twisted.ensureDeferred
+async def test_chat_does_not_send_a_line_that_is_not_utf8_as_if_it_were(net: Net) -> None:
+    """A line in another encoding (Latin-1 "grüße") was sent with its octets replaced by
+    U+FFFD, marked ✓ as delivered, and the chat exited 0: what arrived is not what was
+    typed. As imxp send does, the line is refused; the chat goes on and exits 1."""
+    barney = await attach(net.relays["b.test"], net.ca, BARNEY)
+    try:
+        chat = net.spawn("chat", "--as", FRED, BARNEY)
+        chat.write("grüße\n".encode("latin-1") + b"hello\n")
+        chat.transport.closeStdin()
+        assert await chat.ended() == 1, chat
+        marks = sorted(line for line in chat.out.splitlines() if "[" in line)
+        assert marks == ["  ✓ [hello]", "  ✗ not sent: not UTF-8 text [gr\ufffd\ufffde]"], chat
+        # Every line sent had its report by the end: only hello was.
+        [hello] = [data.content.body if data.content else b"" for data in barney.data]
+        assert b"hello" in hello
+    finally:
+        barney.session.disconnect()
+
+
 # -- certs -----------------------------------------------------------------------------------
 
 
