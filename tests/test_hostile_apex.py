@@ -1027,6 +1027,18 @@ async def test_a_refusal_does_not_hold_back_the_reports_on_what_one_sent(
     assert fred.data == []
 
 
+def bound_for_a(mesh: Mesh) -> APEXChannel:
+    """The APEX channel on which b.test's relay took a.test's bind."""
+    [b_side] = [
+        handler
+        for session in mesh.relay("b.test").service.sessions
+        for channel in session.channels.values()
+        if isinstance(handler := channel.handler, APEXChannel)
+        and "a.test" in handler.bindings.values()
+    ]
+    return b_side
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_next_hop_ending_our_binding_is_answered_ok_and_bound_anew(
     mesh_of: MeshBuilder, events: list[LogEvent]
@@ -1039,13 +1051,7 @@ async def test_a_next_hop_ending_our_binding_is_answered_ok_and_bound_anew(
     await mesh.attach(BARNEY)
     await send(fred, [BARNEY], [status(1)])
     await mesh.settle()
-    [b_side] = [
-        handler
-        for session in mesh.relay("b.test").service.sessions
-        for channel in session.channels.values()
-        if isinstance(handler := channel.handler, APEXChannel)
-        and "a.test" in handler.bindings.values()
-    ]
+    b_side = bound_for_a(mesh)
     [trans_id] = b_side.bindings
     b_side.bindings.clear()  # as another implementation's relay would, idle for long
     assert b_side.channel is not None
@@ -1073,13 +1079,7 @@ async def test_a_next_hop_ending_every_association_is_answered_ok_and_bound_anew
     await mesh.attach(BARNEY)
     await send(fred, [BARNEY], [status(1)])
     await mesh.settle()
-    [b_side] = [
-        handler
-        for session in mesh.relay("b.test").service.sessions
-        for channel in session.channels.values()
-        if isinstance(handler := channel.handler, APEXChannel)
-        and "a.test" in handler.bindings.values()
-    ]
+    b_side = bound_for_a(mesh)
     b_side.bindings.clear()  # as another implementation's relay would, going away
     assert b_side.channel is not None
 
