@@ -59,6 +59,7 @@ __all__ = [
     "SessionFactory",
     "StartReply",
     "TUNING_MESSAGE_SIZE",
+    "all_of",
 ]
 
 _MOD = 1 << 32
@@ -72,6 +73,17 @@ _MAX_MGMT_MESSAGE = 65536
 #: at most 8192 (imxp.beep.sasl). A SessionConfig.max_message_size_unauthenticated for
 #: those that need nothing more before login, as relays (RFC 3340 §3, §4.5).
 TUNING_MESSAGE_SIZE = 65536
+
+
+def all_of(waits: list[defer.Deferred[Any]]) -> defer.Deferred[list[Any]]:
+    """Fires once every one of ``waits`` has; fails with the first failure itself (the
+    session's end, as a rule), not gatherResults' wrapper of it, which a session logs as
+    its profile's bug."""
+
+    def unwrapped(failure: Failure) -> Failure:
+        return failure.value.subFailure if failure.check(defer.FirstError) else failure
+
+    return defer.gatherResults(waits, consumeErrors=True).addErrback(unwrapped)
 
 
 def _mgmt(element: Any) -> Message:
@@ -2028,14 +2040,7 @@ class Session(Protocol):
             request.on_sent = self.disconnect
             return _mgmt(mgmt.OK())
 
-        def lost(failure: Failure) -> Failure:
-            # The session ended while we waited: pass on the cause, not gatherResults' wrapper.
-            return failure.value.subFailure if failure.check(defer.FirstError) else failure
-
-        waiting = defer.gatherResults(
-            [c._when_idle().addErrback(closed) for c in others], consumeErrors=True
-        )
-        return waiting.addCallbacks(idle, lost)
+        return all_of([c._when_idle().addErrback(closed) for c in others]).addCallback(idle)
 
     def _close_channel(self, channel: Channel, code: int, text: str) -> defer.Deferred[None]:
         if self._gone:

@@ -32,6 +32,7 @@ from imxp.beep.session import (
     Session,
     SessionClosed,
     StartReply,
+    all_of,
 )
 
 __all__ = ["TLS_URI", "TLSProfile", "start_tls"]
@@ -111,7 +112,7 @@ class TLSProfile(Profile):
         # or has not answered, it never will, and the switch ends.
         session.expect_silence(seq_allowed=True)
         others = [c for number, c in session.channels.items() if number and c.profile != TLS_URI]
-        waits = defer.gatherResults([c._when_replied() for c in others], consumeErrors=True)
+        waits = all_of([c._when_replied() for c in others])
 
         def ready(_: object) -> Callable[[], None]:
             session.expect_silence()
@@ -127,12 +128,7 @@ class TLSProfile(Profile):
 
             return tune
 
-        def lost(failure: Failure) -> Failure:
-            # The session ended while we waited: pass on its SessionClosed, which the
-            # session takes quietly, not gatherResults' wrapper, which it logs as our bug.
-            return failure.value.subFailure if failure.check(defer.FirstError) else failure
-
-        return waits.addCallbacks(ready, lost)
+        return waits.addCallback(ready)
 
 
 def _tls_failed(failure: Failure, session: Session) -> None:
