@@ -160,8 +160,9 @@ REPORT_TIMEOUT = Config.delivery_timeout + 30.0
 ERROR_KINDS = frozenset({"auth", "unknown-domain", "unreachable", "tls", "refused", "protocol"})
 #: RFC 3340 §10: "service not available", what a relay says as it shuts down.
 _SERVICE_NOT_AVAILABLE = 421
-#: How long close() waits for the ``on_data`` handlers still running to end, then for
-#: the relay's answers before it just disconnects, and then for the connection to close.
+#: How long close() waits for the ``on_data`` handlers still running to end, and then for
+#: the relay's answers before it just disconnects (the session then cuts a connection the
+#: relay does not close within its close_timeout).
 _CLOSE_TIMEOUT = 5.0
 # In an ``async def`` on_data handler, the Deferred of the handler itself (a list, filled
 # once the handler has one): close() called from it does not wait for it to end.
