@@ -1027,8 +1027,14 @@ async def test_a_refusal_does_not_hold_back_the_reports_on_what_one_sent(
     assert fred.data == []
 
 
-def bound_for_a(mesh: Mesh) -> APEXChannel:
-    """The APEX channel on which b.test's relay took a.test's bind."""
+async def linked(mesh_of: MeshBuilder) -> tuple[Mesh, App, APEXChannel]:
+    """A mesh with fred and barney attached, and one data from fred to barney reported:
+    the mesh, fred, and the APEX channel on which b.test's relay took a.test's bind."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    await mesh.attach(BARNEY)
+    await send(fred, [BARNEY], [status(1)])
+    await mesh.settle()
     [b_side] = [
         handler
         for session in mesh.relay("b.test").service.sessions
@@ -1036,7 +1042,7 @@ def bound_for_a(mesh: Mesh) -> APEXChannel:
         if isinstance(handler := channel.handler, APEXChannel)
         and "a.test" in handler.bindings.values()
     ]
-    return b_side
+    return mesh, fred, b_side
 
 
 @pytest_twisted.ensureDeferred
@@ -1046,12 +1052,7 @@ async def test_a_next_hop_ending_our_binding_is_answered_ok_and_bound_anew(
     """A relay may end the binding a peer made (RFC 3340 §4.4.3, the third exchange):
     the peer answers ok (step 3) and sends no more data on that link, which would be
     refused; the next data goes on a new link, bound again."""
-    mesh = await mesh_of()
-    fred = await mesh.attach(FRED)
-    await mesh.attach(BARNEY)
-    await send(fred, [BARNEY], [status(1)])
-    await mesh.settle()
-    b_side = bound_for_a(mesh)
+    mesh, fred, b_side = await linked(mesh_of)
     [trans_id] = b_side.bindings
     b_side.bindings.clear()  # as another implementation's relay would, idle for long
     assert b_side.channel is not None
@@ -1074,12 +1075,7 @@ async def test_a_next_hop_ending_every_association_is_answered_ok_and_bound_anew
     over the BEEP session, our binding on the link among them. The next hop refuses
     what would still come on that link (537), so the next data goes on a new link,
     bound again, as for a terminate naming the binding's own transID."""
-    mesh = await mesh_of()
-    fred = await mesh.attach(FRED)
-    await mesh.attach(BARNEY)
-    await send(fred, [BARNEY], [status(1)])
-    await mesh.settle()
-    b_side = bound_for_a(mesh)
+    mesh, fred, b_side = await linked(mesh_of)
     b_side.bindings.clear()  # as another implementation's relay would, going away
     assert b_side.channel is not None
 
