@@ -365,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("--subject", help="CPIM only")
     send.add_argument(
-        "text", nargs="?", help="the message; without it and --file, standard input is read"
+        "text",
+        nargs="?",
+        help="the message; without it and --file, standard input, which may not be empty",
     )
     send.add_argument("--file", type=Path, help="send this file's content instead of TEXT")
     send.add_argument(
@@ -1122,6 +1124,10 @@ async def _send(reactor: Any, args: argparse.Namespace) -> int:
         raise Failed(Exit.USAGE, "nothing to send: give TEXT, --file FILE, or pipe it in")
     else:
         content = sys.stdin.buffer.read()
+        if not content:
+            # A script whose producer failed pipes in nothing: an empty message, sent and
+            # "delivered", would hide that from it and from the person who gets it.
+            raise Failed(Exit.USAGE, "nothing to send: standard input was empty")
     if not raw:
         try:
             text = content.decode("utf-8")

@@ -533,6 +533,24 @@ async def test_sending_as_an_endpoint_that_listens_says_how_to_do_both(net: Net)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_send_fed_nothing_sends_nothing(net: Net) -> None:
+    """``producer | imxp send ...`` whose producer failed and wrote nothing: an empty
+    message was sent, reported delivered, and the exit status was 0."""
+    listen = net.spawn("listen", "--as", WILMA, "--count", "1")
+    await net.attached(WILMA)
+    for raw in ((), ("--raw",)):
+        send = net.spawn("send", "--from", FRED, "--to", WILMA, *raw)
+        send.transport.closeStdin()
+        assert await send.ended() == 2, send
+        assert one_error_line(send) == "imxp: nothing to send: standard input was empty"
+    # The listener got nothing; what it takes next is the message that follows.
+    sent = await net.imxp("send", "--from", FRED, "--to", WILMA, "after nothing")
+    assert sent.status == 0, sent
+    assert await listen.ended() == 0, listen
+    assert f"{FRED}: after nothing" in listen.out, listen
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_send_that_gives_up_part_way_prints_the_verdicts_it_has(net: Net) -> None:
     """More than 1,000 recipients go in several data. The relay is shutting down: it
     refuses the first data it reads with 421, and ends the session after the second,
