@@ -1087,3 +1087,23 @@ async def test_a_next_hop_ending_every_association_is_answered_ok_and_bound_anew
     assert reported(fred, 2) == {BARNEY: [250]}
     assert [e["domain"] for e in named(events, "apex.unbound")] == ["a.test"]
     assert [e["domain"] for e in named(events, "apex.bound")].count("a.test") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_next_hop_binding_with_the_transid_of_our_binding_is_refused(
+    mesh_of: MeshBuilder,
+) -> None:
+    """RFC 3340 §4.4.2 step 1: a bind whose transID names an operation not yet terminated
+    on the channel gets 555, and our own bind on the link we opened is one. Taken, a
+    terminate naming that transID would end one binding or the other, as it came first."""
+    mesh, fred, b_side = await linked(mesh_of)
+    [trans_id] = b_side.bindings
+    assert b_side.channel is not None
+
+    with pytest.raises(BEEPError) as refused:
+        await b_side.channel.send(wire.encode(wire.Bind("b.test", trans_id, [])))
+    await send(fred, [BARNEY], [status(2)])
+    await mesh.settle()
+
+    assert refused.value.code == 555
+    assert reported(fred, 2) == {BARNEY: [250]}

@@ -82,6 +82,11 @@ class APEXChannel(ChannelHandler):
     def channel_opened(self, channel: Channel) -> None:
         self.channel = channel
 
+    def in_use(self, trans_id: int) -> bool:
+        """§4.4.1 and §4.4.2 step 1: whether ``trans_id`` names an operation on this
+        channel not yet terminated - the peer's, or the bind this relay made on it."""
+        return trans_id in self.attachments or trans_id in self.bindings or trans_id in self.bound
+
     def message_received(self, request: Request) -> Message:
         return wire.encode(self.relay.handle(self, *self._decode(request.message)))
 
@@ -225,7 +230,7 @@ class Relay:
 
     def attach(self, channel: APEXChannel, attach: wire.Attach) -> wire.OK:
         """§4.4.1, steps 1-6."""
-        if attach.trans_id in channel.attachments or attach.trans_id in channel.bindings:
+        if channel.in_use(attach.trans_id):
             return self._refuse(channel, 555, "transaction already in progress")
         if channel.mode is not Mode.EDGE:
             return self._refuse(channel, 537, "attach is for the endpoint-relay mode")
@@ -256,7 +261,7 @@ class Relay:
 
     def bind(self, channel: APEXChannel, bind: wire.Bind) -> wire.OK:
         """§4.4.2: a relay binds for a domain its certificate proves (§4.5.2)."""
-        if bind.trans_id in channel.attachments or bind.trans_id in channel.bindings:
+        if channel.in_use(bind.trans_id):
             return self._refuse(channel, 555, "transaction already in progress")
         if channel.mode is not Mode.MESH:
             return self._refuse(channel, 537, "bind is for the relay-relay mode")
