@@ -546,6 +546,51 @@ def test_what_the_content_inherits_goes_on_when_the_data_is_written_anew(form: s
     assert again.options == original.options
 
 
+SCOPED_OPTIONS = (
+    "<data content='#C'>"
+    "<originator identity='fred@example.com' />"
+    "<recipient identity='barney@example.com' xmlns:r='urn:example:r' xml:lang='de'>"
+    "<option external='http://example.com/receipt' transID='5'><r:ask/></option></recipient>"
+    "<recipient identity='wilma@example.org' />"
+    "<option external='http://example.com/trace' targetHop='all' transID='7'"
+    " xmlns:t='urn:example:trace'><t:hop by='a.example'/></option>"
+    "<data-content Name='C'><msg/></data-content></data>"
+)
+
+
+@pytest.mark.parametrize("form", ["inline", "multipart"])
+def test_what_an_option_body_inherits_below_data_goes_on_with_it(form: str) -> None:
+    """Namespaces (and xml: attributes) declared on an option element, or on the
+    originator or recipient holding it, are its body's: a relay writing the option
+    again - counting the hop limit down, or writing the data for fewer recipients -
+    keeps them, or a namespace-aware next hop refuses the data (§4.4.4.1, §5)."""
+    message = xml(SCOPED_OPTIONS) if form == "inline" else multipart(SCOPED_OPTIONS)
+    original, received = wire.decode_received(message)
+    assert isinstance(original, Data)
+    # Handed on to one next hop with the hop limit counted down: options written anew.
+    onward = Data(
+        original.originator,
+        original.recipients,
+        with_data_hopping(original.options, 8, 3),
+        original.content_ref,
+        original.content,
+    )
+    # Written anew for one recipient at a time.
+    split = [dataclasses.replace(original, recipients=[r]) for r in original.recipients]
+    for sent in [wire.encode_onward(onward, received), *map(encode, split)]:
+        control = sent.body
+        if form == "multipart":
+            control = control[control.index(b"<data") : control.index(b"</data>") + 7]
+        elements = namespaced(control)
+        assert ("urn:example:trace hop", {"by": "a.example"}) in elements
+        again = decode(sent)
+        assert isinstance(again, Data)
+        assert again.options[0] == original.options[0]
+        if again.recipients[0].identity == "barney@example.com":
+            assert ("urn:example:r ask", {}) in elements
+            assert again.recipients[0].options == original.recipients[0].options
+
+
 def test_data_made_anew_takes_only_what_children_inherit() -> None:
     data = Data(
         Originator("fred@example.com"),
@@ -683,6 +728,7 @@ def test_bad_new_content(call: Callable[[], object]) -> None:
         Attach("a@b.example", 1, [Option("o", target_hop="next")]),
         Attach("a@b.example", 1, [Option("o", trans_id=2147483648)]),
         Attach("a@b.example", 1, [Option("o", body="<unclosed>")]),
+        Attach("a@b.example", 1, [Option("o", in_scope=(("transID", "3"),))]),
         Data(Originator("a@b.example"), [], content_ref="http://x/"),
         Data(Originator("a@b.example"), [Recipient("bad")], content_ref="http://x/"),
         Data(Originator("a@b.example"), [Recipient("c@d.example")], content_ref="#C"),

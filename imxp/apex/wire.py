@@ -204,6 +204,14 @@ class Option:
     RFC 3342 §3 shows ``<option internal='hold4Endpoint' />``. ``body`` is the
     option's content exactly as received (outer whitespace stripped): options
     a relay does not understand are forwarded unchanged.
+
+    ``in_scope`` holds what the body inherits from below ``data`` (whose own are
+    :attr:`Data.in_scope`): the namespace declarations and ``xml:`` attributes of the
+    option element and of the originator or recipient holding it, the option's own
+    winning. A relay writes the option again as it counts the hop limit down, and
+    writes the parties again as it splits the recipients; written on the option,
+    these keep a body's prefixes bound, or a namespace-aware next hop refuses the
+    data (§4.4.4.1: relays change nothing of what it means).
     """
 
     name: str
@@ -213,6 +221,7 @@ class Option:
     trans_id: int = 0
     localize: str | None = None
     body: str = ""
+    in_scope: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -544,7 +553,7 @@ def _no_text(element: Element) -> None:
             raise APEXError(501, f"{element.tag} element may not contain text")
 
 
-def _option(element: Element, body: bytes) -> Option:
+def _option(element: Element, body: bytes, outer: tuple[tuple[str, str], ...] = ()) -> Option:
     internal = element.get("internal") or None  # the DTD's default is ""
     external = element.get("external") or None
     if (internal is None) == (external is None):
@@ -567,7 +576,20 @@ def _option(element: Element, body: bytes) -> Option:
         trans_id=_trans_id(element, default=0),
         localize=element.get("localize"),
         body=body.decode("utf-8").strip(_S),
+        in_scope=_in_scope(element, outer),
     )
+
+
+def _in_scope(
+    element: Element, outer: tuple[tuple[str, str], ...] = ()
+) -> tuple[tuple[str, str], ...]:
+    """The attributes of ``element`` that its children inherit (see :attr:`Data.in_scope`),
+    after ``outer``, those of the element holding it, that it does not declare again."""
+    own = [(name, value) for name, value in element.items() if _INHERITED.match(name)]
+    if not outer:
+        return tuple(own)
+    names = {name for name, _ in own}
+    return (*((name, value) for name, value in outer if name not in names), *own)
 
 
 # Options read, by the octets of their option elements: a relay meets the same few (a
@@ -579,17 +601,27 @@ _OPTIONS_READ_LIMIT = 256
 _SHORT_OPTION = 256
 
 
-def _options(elements: list[Element], xml: bytes, spans: _Spans, where: str) -> list[Option]:
+def _options(
+    elements: list[Element],
+    xml: bytes,
+    spans: _Spans,
+    where: str,
+    outer: tuple[tuple[str, str], ...] = (),
+) -> list[Option]:
+    """The options ``elements``; ``outer`` is what their container declares for them to
+    inherit (:attr:`Option.in_scope`)."""
     if len(elements) > MAX_OPTIONS:
         raise APEXError(553, f"more than {MAX_OPTIONS} options in {where}")
     options = []
     for element in elements:
         at, inner, close, end = spans[element]
         raw = xml[at:end]
-        option = _OPTIONS_READ.get(raw)
+        # What an option inherits from its container is not in its octets: such an
+        # option is not remembered by them.
+        option = None if outer else _OPTIONS_READ.get(raw)
         if option is None:
-            option = _option(element, xml[inner:close])
-            if end - at <= _SHORT_OPTION:
+            option = _option(element, xml[inner:close], outer)
+            if end - at <= _SHORT_OPTION and not outer:
                 if len(_OPTIONS_READ) >= _OPTIONS_READ_LIMIT:
                     _OPTIONS_READ.clear()
                 _OPTIONS_READ[raw] = option
@@ -605,7 +637,7 @@ def _only_options(element: Element, xml: bytes, spans: _Spans) -> list[Option]:
     for child in element:
         if child.tag != "option":
             raise APEXError(501, f"unexpected {child.tag[:32]} element in {element.tag}")
-    return _options(list(element), xml, spans, element.tag)
+    return _options(list(element), xml, spans, element.tag, _in_scope(element))
 
 
 def _data(
@@ -1205,6 +1237,9 @@ def _check_option(option: Option) -> None:
         raise ValueError(f"targetHop {option.target_hop!r} is not this|final|all")
     if not 0 <= option.trans_id <= MAX_TRANS_ID:
         raise ValueError(f"option transID {option.trans_id} is out of range")
+    for name, _value in option.in_scope:
+        if not _INHERITED.match(name):
+            raise ValueError(f"{name!r} is neither a namespace declaration nor an xml: attribute")
     if option.body:
         _check_option_body(option.body)
 
@@ -1230,6 +1265,8 @@ def _options_xml(options: list[Option]) -> str:
             attrs += f" transID='{option.trans_id}'"
         if option.localize is not None:
             attrs += f" localize={_attr(option.localize)}"
+        for name, value in option.in_scope:
+            attrs += f" {name}={_attr(value)}"
         if option.body:
             out.append(f"<option {attrs}>{option.body}</option>")
         else:
