@@ -184,6 +184,24 @@ def test_part_without_content_type_is_text_plain() -> None:
     assert data.content.media_type == "text/plain"
 
 
+def test_a_part_without_a_body_may_end_with_its_headers() -> None:
+    """RFC 2046 §5.1.1: body-part := MIME-part-headers [CRLF *OCTET] - empty content
+    may be written without the blank line, its last header's CRLF then straight before
+    the delimiter's. It is carried as it came (§4.4.4.1)."""
+    part = b"Content-Type: text/plain\r\nContent-ID: <1@example.com>\r\n"
+    data = decode(multipart(DATA_CID, part))
+    assert isinstance(data, Data) and data.content is not None
+    assert data.content.raw == part
+    assert data.content.body == b""
+    assert data.content.media_type == "text/plain"
+    assert data.content.headers == [
+        ("Content-Type", "text/plain"),
+        ("Content-ID", "<1@example.com>"),
+    ]
+    again = decode(encode(dataclasses.replace(data, options=[Option("o")])))
+    assert isinstance(again, Data) and again.content == data.content
+
+
 RFC_4_1_INLINE = """\
 <data content='#Content'>
     <originator identity='fred@example.com' />

@@ -354,7 +354,7 @@ class Content:
         """A part's MIME headers; inline content has none."""
         if self.kind == "inline":
             return []
-        return Message.from_payload(self.raw).headers
+        return _body_part(self.raw).headers
 
     @property
     def media_type(self) -> str:
@@ -366,7 +366,7 @@ class Content:
         """
         if self.kind == "inline":
             return BEEP_XML
-        part = Message.from_payload(self.raw)
+        part = _body_part(self.raw)
         return part.content_type if part.header("Content-Type") is not None else "text/plain"
 
     @property
@@ -374,7 +374,7 @@ class Content:
         """What the application reads: a part's body after its headers (not transfer-decoded),
         or the octets inside the ``data-content`` element."""
         if self.kind == "part":
-            return Message.from_payload(self.raw).body
+            return _body_part(self.raw).body
         start_tag = xmlsafe.TAG.match(self.raw)
         assert start_tag is not None  # raw was parsed when the Content was made
         if start_tag.end() == len(self.raw):  # <data-content Name='x' />
@@ -770,6 +770,29 @@ def _element(xml: bytes, parts: _Parts, where: list[int] | None = None) -> APEXE
 # --------------------------------------------------------------------------- multipart
 
 
+def _bodiless(part: bytes) -> bool:
+    """Whether ``part`` is a body part of headers alone, written without the blank line
+    that only a body needs: RFC 2046 §5.1.1, body-part := MIME-part-headers [CRLF
+    *OCTET]. The CRLF ending its last header stands just before the delimiter's."""
+    return part.endswith(b"\r\n") and b"\r\n\r\n" not in part
+
+
+def _part_headers(part: bytes) -> tuple[dict[str, str], int]:
+    """:func:`entity_headers` of a body part, which may have no body (:func:`_bodiless`)."""
+    try:
+        return entity_headers(part)
+    except MessageError:
+        if not _bodiless(part):
+            raise
+        headers, _ = entity_headers(part + b"\r\n")
+        return headers, len(part)
+
+
+def _body_part(part: bytes) -> Message:
+    """A body part as a :class:`Message`; it may have no body (:func:`_bodiless`)."""
+    return Message.from_payload(part + b"\r\n" if _bodiless(part) else part)
+
+
 def _content_id(value: str | None) -> str | None:
     if value is None:
         return None
@@ -887,7 +910,7 @@ def _multipart(body: bytes, content_type: str, where: list[int] | None = None) -
     delimiting = boundary.encode("ascii")
     places = _split(body, delimiting)
     try:
-        heads = [entity_headers(raw) for _, raw in places]
+        heads = [_part_headers(raw) for _, raw in places]
     except MessageError as e:
         raise APEXError(500, f"body part: {e}") from None
     by_id: dict[str, int] = {}
