@@ -470,7 +470,11 @@ _NO_PARTS = _Parts({}, None)
 
 def _parse(xml: bytes) -> tuple[Element, _Spans]:
     """Parse a control document with :func:`imxp.beep.xmlsafe.parse`, noting where
-    each ``option`` and ``data-content`` element lies in ``xml``. §4.1: the XML is UTF-8.
+    each ``option`` and ``data-content`` element lies in ``xml``.
+
+    Only UTF-8, the default of ``application/beep+xml`` (RFC 3080 §6.4): those places
+    are octets a relay splices the payload it received at, and a control document in
+    another charset would be carried by them as the octets of another text.
     """
     spans: _Spans = {}
     try:
