@@ -36,11 +36,12 @@ from test_relay_mesh import (
     meshes,
     named,
 )
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.logger import LogEvent
 
 from imxp.apex import options as apex_options
 from imxp.apex import wire
+from imxp.apex.address import Endpoint
 from imxp.apex.relay import APEXChannel
 from imxp.beep import mgmt
 from imxp.beep.message import Message
@@ -1027,6 +1028,15 @@ async def test_a_refusal_does_not_hold_back_the_reports_on_what_one_sent(
     assert fred.data == []
 
 
+async def soon(condition: Callable[[], bool]) -> None:
+    """Until ``condition`` holds, or 5 s have passed: what the test asserts next says
+    which."""
+    for _ in range(500):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
 async def linked(mesh_of: MeshBuilder) -> tuple[Mesh, App, APEXChannel]:
     """A mesh with fred and barney attached, and one data from fred to barney reported:
     the mesh, fred, and the APEX channel on which b.test's relay took a.test's bind."""
@@ -1107,3 +1117,30 @@ async def test_a_next_hop_binding_with_the_transid_of_our_binding_is_refused(
 
     assert refused.value.code == 555
     assert reported(fred, 2) == {BARNEY: [250]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_report_for_an_originator_away_for_a_moment_waits_for_it(
+    mesh_of: MeshBuilder, events: list[LogEvent]
+) -> None:
+    """A report from another relay for an endpoint of ours that is not attached is
+    refused for now (450), and its relay tries again: taken, it would end in the verdict
+    450 and be lost, as no report is made of a report (§6.2). So the originator still gets
+    its one final report (§5.1) when its application was away a moment - its relay
+    restarting, or its connection lost and made again - as the reports of what it sent
+    just before came back."""
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    a_relay = mesh.relay("a.test").service.relay
+    fred.session.disconnect()
+    await soon(lambda: Endpoint.parse(FRED) not in a_relay.attached)
+
+    mesh.relay("b.test").service.relay.reports.report(Endpoint.parse(FRED), 77, [(BARNEY, 250, "")])
+    await soon(lambda: bool(named(events, "apex.refused")))
+    again = await mesh.attach(FRED)
+    await again.wait("reports", 1)
+    await mesh.settle()
+
+    assert again.outcomes() == {(77, BARNEY): [(250, "")]}
+    [refused] = {(e["code"], e["text"]) for e in named(events, "apex.refused")}
+    assert refused == (450, "endpoint not attached; try again later")

@@ -343,6 +343,8 @@ class Relay:
                 return self._refuse(channel, 537, f"not attached as {originator}")
         elif not self.policy.may_relay(list(channel.bindings.values()), originator):
             return self._refuse(channel, 537, f"peer may not relay for {originator}")
+        elif originator.is_report_service and self._none_attached(data.recipients):
+            return self._refuse(channel, 450, "endpoint not attached; try again later")
         unknown = apex_options.check_must_understand(data.options, final=False)
         if unknown is not None:
             return self._refuse(channel, 504, f"option {unknown.name} not implemented")
@@ -369,6 +371,29 @@ class Relay:
         journey = _Journey(data, originator, status, self._hop_limit(hopping), received)
         self._start(journey)
         return wire.OK()
+
+    def _none_attached(self, recipients: list[wire.Recipient]) -> bool:
+        """Whether a report from another relay is for endpoints of this domain, none of
+        them attached now: refused for now (450) rather than taken and given the verdict
+        450, so that the relay that wrote it tries again until its delivery deadline.
+
+        Taken, it would be lost: no report is made of a report (§6.2), and the promise of
+        one final report per recipient to whoever asked for it (§5.1) would fail whenever
+        the originator's application was away for a moment - its own relay restarting
+        (the reports of what it sent just before come back while it attaches again), or
+        its connection lost and made again."""
+        for recipient in recipients:
+            try:
+                endpoint = Endpoint.parse(recipient.identity)
+            except AddressError:
+                return False
+            if endpoint.domain != self.domain or endpoint.is_service:
+                return False
+            if endpoint in self.attached or endpoint.base in self.attached:
+                return False
+            if not self.policy.exists(endpoint):
+                return False  # 550 at once: no attempt later would find it
+        return bool(recipients)
 
     def _hop_limit(self, hopping: tuple[wire.Option, apex_options.DataHopping] | None) -> _HopLimit:
         """The hop limit in force for a data with ``hopping``: its own, or this relay's
