@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -1949,3 +1950,25 @@ async def test_an_endpoint_detached_while_reconnecting_stays_detached(
     assert barney.endpoints == (BARNEY,)
     assert codes(await fred.send([sub], b"after detach", timeout=10)) == {sub: 450}
     assert got.items == []
+
+
+# -- packaging ------------------------------------------------------------------------------
+
+
+def test_an_installed_imxp_carries_its_type_hints(tmp_path: Path) -> None:
+    """Applications built on the library run their type checker over their calls to
+    connect() and Client: PEP 561 has a checker read an installed package's hints only
+    when the package holds a ``py.typed`` marker, and otherwise treat every name of it
+    as Any (mypy: "missing library stubs or py.typed marker"). What setuptools builds
+    from the checkout, as pip installs it, must hold one."""
+    root = Path(__file__).resolve().parent.parent
+    setup = "from setuptools import setup; setup()"
+    build = subprocess.run(
+        [sys.executable, "-c", setup, "-q", "build_py", "--build-lib", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    assert (tmp_path / "imxp" / "client" / "edge.py").is_file()
+    assert (tmp_path / "imxp" / "py.typed").is_file()
