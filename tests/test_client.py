@@ -779,6 +779,41 @@ async def test_data_for_an_iterator_no_longer_read_is_refused_past_a_bound(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_gateway_reading_slower_than_data_comes_is_told_why_data_is_refused(
+    net: Net, events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway's loop forwards each data into a slow sink. Past the bound of data
+    unread, more is refused with 450, and the log names that cause - the loop is behind
+    - rather than "neither incoming() nor on_data took it", which sends whoever reads the
+    log looking for a missing reader."""
+    monkeypatch.setattr(edge, "_UNCLAIMED_LIMIT", 3)
+    fred = await net.connect(FRED)
+    gateway = await net.connect(BARNEY)
+    sink: defer.Deferred[None] = defer.Deferred()  # the sink takes nothing until it fires
+    forwarded: list[bytes] = []
+
+    async def forward() -> None:
+        async for incoming in gateway.incoming():
+            await sink
+            forwarded.append(incoming.body)
+
+    forwarding = defer.ensureDeferred(forward())
+    taken = [codes(await fred.send([BARNEY], b"data %d" % n)) for n in range(4)]
+    behind = await fred.send([BARNEY], b"one too many")
+
+    assert taken == [{BARNEY: 250}] * 4  # one in the loop's hands, three waiting
+    assert codes(behind) == {BARNEY: 450}
+    [refused] = [e for e in events if e["event"] == "client.data-unclaimed"]
+    assert refused["originator"] == FRED
+    assert refused["why"] == "the incoming() iterators have 3 data unread"
+    sink.callback(None)
+    await until(lambda: len(forwarded) == 4)
+    assert forwarded == [b"data %d" % n for n in range(4)]
+    await gateway.close()
+    await forwarding
+
+
+@pytest_twisted.ensureDeferred
 async def test_data_a_loop_left_unread_goes_to_the_next_iterator(net: Net, events) -> None:
     """A bot's loop takes its time over each data and then breaks (its "quit"): what came
     meanwhile was answered 250, so the next loop gets it, in order, rather than nobody."""

@@ -1602,7 +1602,11 @@ class Client:
                 self._took(inbox)
                 taken = True
         if not taken:
-            self._unclaimed_refused(incoming)
+            # Iterators exist and are read, only not as fast as data comes: not a
+            # missing reader, which is what an operator would otherwise go looking for.
+            self._unclaimed_refused(
+                incoming, f"the incoming() iterators have {_UNCLAIMED_LIMIT} data unread"
+            )
             raise BEEPError(450, f"the application is behind: {_UNCLAIMED_LIMIT} data wait unread")
         return wire.OK()
 
@@ -1668,7 +1672,9 @@ class Client:
         §4.4.4.2: the application's answer is the recipient's verdict), not that it was
         delivered."""
         if len(self._unclaimed) >= _UNCLAIMED_LIMIT:
-            self._unclaimed_refused(incoming)
+            self._unclaimed_refused(
+                incoming, f"{_UNCLAIMED_LIMIT} data already wait for a first incoming() iterator"
+            )
             raise BEEPError(450, "the application is not taking data")
         answer: defer.Deferred[wire.OK] = defer.Deferred()
         waiting = _Unclaimed(arrival, incoming, answer)
@@ -1687,14 +1693,17 @@ class Client:
 
     def _unclaimed_expired(self, waiting: _Unclaimed) -> None:
         self._unclaimed.remove(waiting)
-        self._unclaimed_refused(waiting.incoming)
         wait = self._settings.unclaimed_wait
+        self._unclaimed_refused(
+            waiting.incoming, f"neither incoming() nor on_data took it within {wait:g} s"
+        )
         waiting.answer.errback(BEEPError(450, f"no application took it within {wait:g} s"))
 
-    def _unclaimed_refused(self, incoming: Incoming) -> None:
+    def _unclaimed_refused(self, incoming: Incoming, why: str) -> None:
         log.warn(
-            "data from {originator} refused: neither incoming() nor on_data took it",
+            "data from {originator} refused: {why}",
             originator=incoming.originator,
+            why=why,
             event="client.data-unclaimed",
         )
 
