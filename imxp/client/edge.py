@@ -370,7 +370,10 @@ class Protection:
 
 @dataclass(frozen=True)
 class Termination:
-    """The relay ended attachments (RFC 3340 §4.4.3), or refused one when re-attaching."""
+    """The relay ended attachments (RFC 3340 §4.4.3), or refused one when re-attaching.
+
+    ``code`` 421 is a relay shutting down: those endpoints are attached again on the next
+    connection, so it is not the end of the application's attachment; any other code is."""
 
     endpoints: tuple[str, ...]
     code: int
