@@ -1222,6 +1222,28 @@ async def test_instant_message_as_message_cpim(net: Net) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_gateway_sends_a_message_as_the_subaddress_it_speaks_for(net: Net) -> None:
+    """A gateway attached as several subaddresses sends each message as the one it
+    speaks for, From and originator alike, and has the reports for it; it could only
+    build the message/cpim itself and send() it."""
+    inbox = Inbox()
+    await net.connect(FRED, on_data=inbox)
+    gateway = await net.connect(BARNEY)
+    irc = "barney/irc@b.test"
+    await gateway.attach(irc)
+
+    outcomes = await gateway.send_message([FRED], "from irc", originator=irc)
+    with pytest.raises(ValueError, match=r"barney/xmpp@b\.test is not attached"):
+        await gateway.send_message([FRED], "not this way", originator="barney/xmpp@b.test")
+
+    assert codes(outcomes) == {FRED: 250}
+    [incoming] = await inbox.wait(1)
+    message = incoming.message()
+    assert message is not None
+    assert (incoming.originator, message.sender, message.text()) == (irc, irc, "from irc")
+
+
+@pytest_twisted.ensureDeferred
 async def test_plain_text_is_received_as_a_message_too(net: Net) -> None:
     inbox = Inbox()
     fred = await net.connect(FRED)

@@ -942,12 +942,15 @@ class Client:
         *,
         cc: Sequence[str] = (),
         subject: str | None = None,
+        originator: str | None = None,
         timeout: float = REPORT_TIMEOUT,
         protect: Protection | None = None,
     ) -> dict[str, Outcome]:
         """Send ``text`` as an instant message: ``message/cpim`` (RFC 3862) from
-        :attr:`endpoint` to ``to`` and ``cc`` as ``im:`` URIs, dated now
-        (draft-klyne §2.2, §3). Every ``to`` and ``cc`` endpoint receives it.
+        ``originator`` (as for :meth:`send`, by default :attr:`endpoint`) to ``to`` and
+        ``cc`` as ``im:`` URIs, dated now (draft-klyne §2.2, §3). Every ``to`` and ``cc``
+        endpoint receives it. A gateway attached as several subaddresses sends as the
+        one it speaks for: the message's From is the originator the relays check.
 
         With ``protect``, the CPIM message is signed and/or encrypted whole (RFC 3923
         §3.1) before it is sent, as ``multipart/signed``, ``multipart/encrypted`` (RFC
@@ -967,11 +970,17 @@ class Client:
                 " (content as bytes goes with send(), with its media type)"
             )
         check_timeout(timeout)
-        message = cpim.text_message(self.endpoint, to, text, cc=cc, subject=subject)
+        sender = _key(originator) if originator is not None else self.endpoint
+        if sender not in self._wanted:
+            # Said before any protecting is done, as send() would say it after.
+            raise ValueError(f"{sender} is not attached: its status reports could not reach it")
+        message = cpim.text_message(sender, to, text, cc=cc, subject=subject)
         content, content_type = cpim.build(message), cpim.MEDIA_TYPE
         if protect is not None:
             content_type, content = await self._protect(content, [*to, *cc], protect)
-        return await self.send([*to, *cc], content, content_type, timeout=timeout)
+        return await self.send(
+            [*to, *cc], content, content_type, originator=sender, timeout=timeout
+        )
 
     async def _protect(
         self, content: bytes, recipients: Sequence[str], protect: Protection
