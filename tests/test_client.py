@@ -1563,6 +1563,36 @@ async def test_reconnecting_tries_again_past_something_that_speaks_no_beep(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_connect_cancelled_while_the_relay_has_not_greeted_lets_go_of_it(
+    net: Net,
+) -> None:
+    """A program that gives up on connect() (its own timeout, a user's Ctrl-C) while the
+    relay has not yet greeted ends the connection then, not at connect_timeout."""
+    accepted: list[protocol.Protocol] = []
+    lost: list[object] = []
+
+    class Silent(protocol.Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+
+        def connectionLost(self, reason: object = None) -> None:
+            lost.append(reason)
+
+    where = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    silent = await where.listen(protocol.Factory.forProtocol(Silent))
+    try:
+        relay = f"127.0.0.1:{silent.getHost().port}"
+        connecting = defer.ensureDeferred(net.connect(FRED, relay=relay, connect_timeout=600))
+        await until(lambda: bool(accepted))
+        connecting.cancel()
+        with pytest.raises(defer.CancelledError):
+            await connecting
+        await until(lambda: bool(lost))
+    finally:
+        await silent.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_ended_tells_an_on_data_bot_that_the_client_gave_up(net: Net) -> None:
     """A bot that takes its data with on_data reads no iterator that could raise: ended()
     is what it awaits, and it fails with the reason once the client gives up."""

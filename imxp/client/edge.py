@@ -1253,6 +1253,12 @@ class Client:
                 f"the relay at {where} refused a session ({e.code}): {e.text}",
                 e.code,
             ) from None
+        except BaseException:
+            # Given up on (cancelled) before the greeting: the connection goes now, not
+            # when the greeting's connect_timeout ends it.
+            if session is not None:
+                session.disconnect()
+            raise
         connection.session = session
         # A relay that stalls after its greeting must not hold the client for ever
         # (on reconnecting, nothing else would end the wait): connect_timeout for each
