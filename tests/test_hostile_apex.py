@@ -40,6 +40,7 @@ from twisted.internet import defer, endpoints, reactor, task
 from twisted.logger import LogEvent
 
 from imxp.apex import options as apex_options
+from imxp.apex import relay as apex_relay
 from imxp.apex import wire
 from imxp.apex.address import Endpoint
 from imxp.apex.relay import APEXChannel
@@ -787,6 +788,41 @@ async def test_attaching_as_an_endpoint_already_attached_is_554(
     await mesh.settle()
     assert reported(wilma, 82) == {FRED: [250]}
     assert len(fred.data) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_session_holds_no_more_than_max_attachments(
+    mesh_of: MeshBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application may attach as any subaddress of its endpoint (§2.2, §4.5.1), and the
+    relay holds each attachment until it is terminated or the session ends. A session
+    attaching as ever more subaddresses, on one APEX channel or several, is refused (550)
+    past MAX_ATTACHMENTS, so that the relay holds no more than that for it however long
+    it stays; a terminate makes room for another."""
+    monkeypatch.setattr(apex_relay, "MAX_ATTACHMENTS", 8, raising=False)
+    mesh = await mesh_of()
+    fred = await mesh.attach(FRED)
+    relay = mesh.relay("a.test").service.relay
+    refused = []
+    for n in range(2, 20):
+        try:
+            await fred.channel.send(wire.encode(wire.Attach(f"fred/appl={n}@a.test", n)))
+        except BEEPError as e:
+            refused.append(e.code)
+    second = await fred.session.start_channel(
+        [mgmt.ProfileElement(wire.APEX_URI, wire.encode(wire.Attach("fred/x@a.test", 1)).body)],
+        handler=_AppChannel({}),
+    )
+    answer = wire.decode(Message(second.start_reply or b"", mgmt.BEEP_XML))
+
+    assert refused == [550] * 11
+    assert isinstance(answer, wire.Error) and answer.code == 550
+    assert len(relay.attached) == 8
+
+    await fred.channel.send(wire.encode(wire.Terminate(2)))
+    await fred.channel.send(wire.encode(wire.Attach("fred/appl=y@a.test", 30)))
+    assert "fred/appl=y@a.test" in {str(e) for e in relay.attached}
+    assert len(relay.attached) == 8
 
 
 @pytest_twisted.ensureDeferred

@@ -53,6 +53,12 @@ __all__ = ["APEXChannel", "APEXProfile", "Mode", "Relay"]
 _Party = TypeVar("_Party", wire.Originator, wire.Recipient)
 # Characters of a diagnostic kept in a verdict (see Relay._verdict).
 _MAX_DIAGNOSTIC = 200
+#: Attachments one BEEP session may hold at once, over all its APEX channels. An
+#: application may attach as any number of subaddresses of its endpoint (§2.2, §4.5.1),
+#: and each is held until it is terminated or the session ends: without a bound, one
+#: login (an anonymous one too) could have the relay hold ever more of them for as long
+#: as it stays connected, which for an attached application may be months.
+MAX_ATTACHMENTS = 1024
 #: A hop limit in force (RFC 3342 §4): noMoreThan, the transID its option has or will
 #: have, and reportErrors.
 _HopLimit = tuple[int, int, bool]
@@ -249,6 +255,11 @@ class Relay:
             return self._refuse(channel, 504, f"option {unknown.name} not implemented")
         if endpoint in self.attached:
             return self._refuse(channel, 554, f"{endpoint} is already attached")
+        if _attachments_of(channel.session) >= MAX_ATTACHMENTS:
+            # §10: 550, requested action not taken; room is made by a terminate (§4.4.3).
+            return self._refuse(
+                channel, 550, f"no more than {MAX_ATTACHMENTS} attachments on one session"
+            )
         self.attached[endpoint] = channel
         channel.attachments[attach.trans_id] = endpoint
         self.log.info(
@@ -982,6 +993,15 @@ class Relay:
                 sends.append(channel.channel.send(message).addErrback(lambda f: None))
             self._release(channel, list(channel.attachments))
         return defer.gatherResults(sends).addCallback(lambda _: None)
+
+
+def _attachments_of(session: Session) -> int:
+    """The attachments held on every APEX channel of ``session``."""
+    return sum(
+        len(c.handler.attachments)
+        for c in session.channels.values()
+        if isinstance(c.handler, APEXChannel)
+    )
 
 
 def _guarded(step: Callable[..., defer.Deferred[Any] | None], *args: Any) -> Any:
