@@ -681,7 +681,7 @@ def _data(
         options=_options(options, xml, spans, "data"),
         content_ref=ref,
         content=_content(ref, contents[0] if contents else None, xml, spans, parts),
-        in_scope=tuple((name, value) for name, value in root.items() if _INHERITED.match(name)),
+        in_scope=_in_scope(root),
     )
     if where is not None:
         where.extend(_options_place(options, contents, xml, spans))
@@ -1264,9 +1264,6 @@ def _check_option(option: Option) -> None:
         raise ValueError(f"targetHop {option.target_hop!r} is not this|final|all")
     if not 0 <= option.trans_id <= MAX_TRANS_ID:
         raise ValueError(f"option transID {option.trans_id} is out of range")
-    for name, _value in option.in_scope:
-        if not _INHERITED.match(name):
-            raise ValueError(f"{name!r} is neither a namespace declaration nor an xml: attribute")
     if option.body:
         _check_option_body(option.body)
 
@@ -1292,13 +1289,22 @@ def _options_xml(options: list[Option]) -> str:
             attrs += f" transID='{option.trans_id}'"
         if option.localize is not None:
             attrs += f" localize={_attr(option.localize)}"
-        for name, value in option.in_scope:
-            attrs += f" {name}={_attr(value)}"
+        if option.in_scope:
+            attrs += _inherited_attributes(option.in_scope)
         if option.body:
             out.append(f"<option {attrs}>{option.body}</option>")
         else:
             out.append(f"<option {attrs} />")
     return "".join(out)
+
+
+def _inherited_attributes(in_scope: tuple[tuple[str, str], ...]) -> str:
+    """``in_scope`` (:attr:`Data.in_scope`, :attr:`Option.in_scope`) written as the
+    attributes of an element; ValueError for one that children do not inherit."""
+    for name, _value in in_scope:
+        if not _INHERITED.match(name):
+            raise ValueError(f"{name!r} is neither a namespace declaration nor an xml: attribute")
+    return "".join(f" {name}={_attr(value)}" for name, value in in_scope)
 
 
 def _check_trans_id(value: int, *, zero: bool = False) -> None:
@@ -1374,10 +1380,7 @@ def _encode_data(data: Data) -> Message:
             raise ValueError(f"content {ref!r} does not reference the inline content")
     elif ref[:4].lower() != "cid:" or unquote(ref[4:].partition("#")[0]) != content.name:
         raise ValueError(f"content {ref!r} does not reference body part <{content.name}>")
-    for name, _value in data.in_scope:
-        if not _INHERITED.match(name):
-            raise ValueError(f"{name!r} is neither a namespace declaration nor an xml: attribute")
-    inherited = "".join(f" {name}={_attr(value)}" for name, value in data.in_scope)
+    inherited = _inherited_attributes(data.in_scope)
     head = (
         f"<data content={_attr(ref)}{inherited}>"
         + _party("originator", data.originator)
