@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 from twisted.internet import defer
@@ -296,9 +296,8 @@ class Relay:
         """§4.4.3: transID 0 ends every association made over the BEEP session."""
         if terminate.trans_id == 0:
             # Step 1: the application's, on whichever APEX channel of the session.
-            others = (c.handler for c in channel.session.channels.values())
             unbound = []
-            for handler in {channel, *(h for h in others if isinstance(h, APEXChannel))}:
+            for handler in {channel, *_apex_channels(channel.session)}:
                 if handler.relay is self:
                     self._release(handler, list(handler.attachments))
                     handler.bindings.clear()
@@ -400,11 +399,20 @@ class Relay:
                 return False
             if endpoint.domain != self.domain or endpoint.is_service:
                 return False
-            if endpoint in self.attached or endpoint.base in self.attached:
+            if self._application(endpoint, report=True) is not None:
                 return False
             if not self.policy.exists(endpoint):
                 return False  # 550 at once: no attempt later would find it
         return bool(recipients)
+
+    def _application(self, endpoint: Endpoint, *, report: bool) -> APEXChannel | None:
+        """The channel of the application attached as ``endpoint``; for a ``report``, of
+        the one attached as its endpoint if nobody is attached as the subaddress (see
+        :meth:`_deliver`)."""
+        channel = self.attached.get(endpoint)
+        if channel is None and report and endpoint.subaddress:
+            channel = self.attached.get(endpoint.base)
+        return channel
 
     def _hop_limit(self, hopping: tuple[wire.Option, apex_options.DataHopping] | None) -> _HopLimit:
         """The hop limit in force for a data with ``hopping``: its own, or this relay's
@@ -523,9 +531,7 @@ class Relay:
             code, text = self._to_service(journey, endpoint)
             self._verdict(journey, identity, code, text, final=True)
             return None
-        channel = self.attached.get(endpoint)
-        if channel is None and endpoint.subaddress and journey.originator.is_report_service:
-            channel = self.attached.get(endpoint.base)
+        channel = self._application(endpoint, report=journey.originator.is_report_service)
         if channel is None and not self.policy.exists(endpoint):
             self._verdict(journey, identity, 550, "unknown endpoint identity", final=True)
             return None
@@ -995,13 +1001,16 @@ class Relay:
         return defer.gatherResults(sends).addCallback(lambda _: None)
 
 
+def _apex_channels(session: Session) -> Iterator[APEXChannel]:
+    """The APEX channels of ``session``."""
+    for channel in session.channels.values():
+        if isinstance(channel.handler, APEXChannel):
+            yield channel.handler
+
+
 def _attachments_of(session: Session) -> int:
     """The attachments held on every APEX channel of ``session``."""
-    return sum(
-        len(c.handler.attachments)
-        for c in session.channels.values()
-        if isinstance(c.handler, APEXChannel)
-    )
+    return sum(len(handler.attachments) for handler in _apex_channels(session))
 
 
 def _guarded(step: Callable[..., defer.Deferred[Any] | None], *args: Any) -> Any:
