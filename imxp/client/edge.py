@@ -798,9 +798,7 @@ class Client:
         unique = list(by_key.values())
         if not unique:
             raise ValueError("no recipients")
-        sender = _key(originator) if originator is not None else self.endpoint
-        if sender not in self._wanted:
-            raise ValueError(f"{sender} is not attached: its status reports could not reach it")
+        sender = self._sender(originator)
         content = wire.Content.from_bytes(body, media_type, headers)
         # A relay takes at most so many recipients in one data: more go in several.
         sending = [
@@ -818,6 +816,14 @@ class Client:
                     result.value.outcomes = outcomes
                 result.raiseException()
         return outcomes
+
+    def _sender(self, originator: str | None) -> str:
+        """The endpoint that sends as ``originator`` (by default :attr:`endpoint`);
+        ValueError unless the client is attached as it."""
+        sender = _key(originator) if originator is not None else self.endpoint
+        if sender not in self._wanted:
+            raise ValueError(f"{sender} is not attached: its status reports could not reach it")
+        return sender
 
     async def _send(
         self, sender: str, unique: list[str], content: wire.Content, timeout: float
@@ -970,10 +976,7 @@ class Client:
                 " (content as bytes goes with send(), with its media type)"
             )
         check_timeout(timeout)
-        sender = _key(originator) if originator is not None else self.endpoint
-        if sender not in self._wanted:
-            # Said before any protecting is done, as send() would say it after.
-            raise ValueError(f"{sender} is not attached: its status reports could not reach it")
+        sender = self._sender(originator)  # before any protecting is done
         message = cpim.text_message(sender, to, text, cc=cc, subject=subject)
         content, content_type = cpim.build(message), cpim.MEDIA_TYPE
         if protect is not None:
