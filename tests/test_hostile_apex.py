@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from apexnet import PASSWORD, App, _AppChannel
+from clinet import until
 from dnsserver import srv
 from test_relay_mesh import (
     BARNEY,
@@ -36,7 +37,7 @@ from test_relay_mesh import (
     meshes,
     named,
 )
-from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import defer, endpoints, reactor
 from twisted.logger import LogEvent
 
 from imxp.apex import options as apex_options
@@ -1064,15 +1065,6 @@ async def test_a_refusal_does_not_hold_back_the_reports_on_what_one_sent(
     assert fred.data == []
 
 
-async def soon(condition: Callable[[], bool]) -> None:
-    """Until ``condition`` holds, or 5 s have passed: what the test asserts next says
-    which."""
-    for _ in range(500):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-
-
 async def linked(mesh_of: MeshBuilder) -> tuple[Mesh, App, APEXChannel]:
     """A mesh with fred and barney attached, and one data from fred to barney reported:
     the mesh, fred, and the APEX channel on which b.test's relay took a.test's bind."""
@@ -1169,10 +1161,10 @@ async def test_a_report_for_an_originator_away_for_a_moment_waits_for_it(
     fred = await mesh.attach(FRED)
     a_relay = mesh.relay("a.test").service.relay
     fred.session.disconnect()
-    await soon(lambda: Endpoint.parse(FRED) not in a_relay.attached)
+    await until(lambda: Endpoint.parse(FRED) not in a_relay.attached, "fred detached")
 
     mesh.relay("b.test").service.relay.reports.report(Endpoint.parse(FRED), 77, [(BARNEY, 250, "")])
-    await soon(lambda: bool(named(events, "apex.refused")))
+    await until(lambda: bool(named(events, "apex.refused")), "the report refused")
     again = await mesh.attach(FRED)
     await again.wait("reports", 1)
     await mesh.settle()
