@@ -691,6 +691,108 @@ async def test_a_slow_async_on_data_is_refused_450_past_its_limit(net: Net, even
     assert bodies == [b"slow 0", b"slow 1", b"room again"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_answering_when_done_tells_its_sender_how_the_handler_ended(
+    net: Net, events
+) -> None:
+    """With ``answer_when_done``, the sender hears of a data once the gateway's handler
+    has ended: 250 once it has handed the data on, 451 if it failed after awaiting,
+    which answered early would have been 250 and the data lost with only a log line."""
+    gates: list[defer.Deferred[None]] = []
+
+    async def gateway(incoming: Incoming) -> None:
+        gate: defer.Deferred[None] = defer.Deferred()
+        gates.append(gate)
+        await gate
+        if incoming.body == b"cannot go on":
+            raise RuntimeError("the other network is down")
+
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=gateway, answer_when_done=True)
+
+    handed_on = defer.ensureDeferred(fred.send([BARNEY], b"hello"))
+    await until(lambda: len(gates) == 1)
+    await _sleep(0.2)
+    assert not handed_on.called  # the handler has not ended: no answer yet
+    gates[0].callback(None)
+    assert codes(await handed_on) == {BARNEY: 250}
+
+    lost = defer.ensureDeferred(fred.send([BARNEY], b"cannot go on"))
+    await until(lambda: len(gates) == 2)
+    gates[1].callback(None)
+    outcomes = await lost
+    assert codes(outcomes) == {BARNEY: 451}
+    assert outcomes[BARNEY].text == "the application failed to process the data"
+    [failed] = [e for e in events if e["event"] == "client.on-data-failed"]
+    assert failed["log_failure"].check(RuntimeError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bot_answering_when_done_may_await_its_own_sends_reports(net: Net) -> None:
+    """The report of the bot's own send comes on the channel whose answer its handler
+    holds: it is taken as it comes, so the handler ends, and then its data is answered."""
+    answered: list[dict[str, int | None]] = []
+
+    async def echo(incoming: Incoming) -> None:
+        answered.append(codes(await bot.send([incoming.originator], b"echo: " + incoming.body)))
+
+    fred_inbox = Inbox()
+    fred = await net.connect(FRED, on_data=fred_inbox)
+    bot = await net.connect(BARNEY, on_data=echo, answer_when_done=True)
+
+    assert codes(await fred.send([BARNEY], b"hi", timeout=10.0)) == {BARNEY: 250}
+    assert answered == [{FRED: 250}]
+    assert [i.body for i in fred_inbox.items] == [b"echo: hi"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_refuses_the_data_of_a_handler_it_cancels_when_answering_when_done(
+    net: Net, events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler close() gives up on did not process its data: its sender hears 451,
+    where a handler answered early would have had its data told 250 and dropped."""
+    monkeypatch.setattr(edge, "_CLOSE_TIMEOUT", 0.3)
+    started: list[Incoming] = []
+
+    async def stuck(incoming: Incoming) -> None:
+        started.append(incoming)
+        await defer.Deferred()  # never fires
+
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY, on_data=stuck, answer_when_done=True)
+    sent = defer.ensureDeferred(fred.send([BARNEY], b"hello"))
+    await until(lambda: started)
+
+    await defer.ensureDeferred(barney.close()).addTimeout(5, reactor)
+
+    assert codes(await sent) == {BARNEY: 451}
+    [cancelled] = [e for e in events if e["event"] == "client.handlers-cancelled"]
+    assert cancelled["count"] == 1
+    assert not any(e["event"] == "client.on-data-failed" for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bot_answering_when_done_that_closes_from_its_handler_took_its_data(
+    net: Net, events
+) -> None:
+    """A bot's "quit" handler that closes the client has its data answered 250 as it
+    closes, rather than held by close(), which would wait for that answer and the
+    handler for close()."""
+    steps: list[str] = []
+
+    async def bot(incoming: Incoming) -> None:
+        await bot_client.close()
+        steps.append("closed")
+
+    fred = await net.connect(FRED)
+    bot_client = await net.connect(BARNEY, on_data=bot, answer_when_done=True)
+    quitting = defer.ensureDeferred(fred.send([BARNEY], b"quit"))
+
+    assert codes(await quitting) == {BARNEY: 250}
+    await until(lambda: steps == ["closed"])
+    assert not any(e["event"] == "client.handlers-cancelled" for e in events)
+
+
 def _sleep(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
 

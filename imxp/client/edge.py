@@ -164,9 +164,21 @@ _SERVICE_NOT_AVAILABLE = 421
 #: the relay's answers before it just disconnects (the session then cuts a connection the
 #: relay does not close within its close_timeout).
 _CLOSE_TIMEOUT = 5.0
-# In an ``async def`` on_data handler, the Deferred of the handler itself (a list, filled
-# once the handler has one): close() called from it does not wait for it to end.
-_HANDLER: contextvars.ContextVar[list[defer.Deferred[None]]] = contextvars.ContextVar("handler")
+
+
+class _Run:
+    """An ``async def`` handler's run, as close() called from within it sees it: close()
+    does not wait for the handler that called it to end."""
+
+    def __init__(self) -> None:
+        #: The Deferred of the run, once the handler has reached its first ``await``.
+        self.going: defer.Deferred[None] | None = None
+        #: Whether it called close().
+        self.closed = False
+
+
+# In an ``async def`` on_data handler, its run.
+_HANDLER: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("handler", default=None)
 #: Why data is refused (450) once the client is closing.
 _ENDED = "the application ended before taking it"
 #: Seconds data waits, unanswered, for an ``incoming()`` iterator when neither one nor
@@ -396,6 +408,7 @@ class _Settings:
     connect_timeout: float
     unclaimed_wait: float
     on_data_limit: int
+    answer_when_done: bool
 
 
 def _key(identity: str) -> str:
@@ -619,6 +632,8 @@ class Client:
         # The on_data handlers answered and still running (an async def past its first
         # await), at most on_data_limit of them.
         self._handling: set[defer.Deferred[None]] = set()
+        # The answers of the data whose handlers run (answer_when_done), by handler.
+        self._answers: dict[defer.Deferred[None], defer.Deferred[wire.OK]] = {}
         self._on_terminated = on_terminated
         self._router = (
             Router(
@@ -1143,8 +1158,15 @@ class Client:
         """Wait up to :data:`_CLOSE_TIMEOUT` for the ``on_data`` handlers still running to
         end: those still running then. A handler that called close() is not among them:
         it cannot end while it waits for close(), which would wait for it in vain."""
-        caller = _HANDLER.get([])
-        others = [going for going in self._handling if going not in caller]
+        caller = _HANDLER.get()
+        if caller is not None:
+            caller.closed = True
+            # A handler that closes the client is done with its data, which would
+            # otherwise wait for close(), and close() for the relay's ending the channel.
+            answer = self._answers.pop(caller.going, None) if caller.going else None
+            if answer is not None:
+                answer.callback(wire.OK())
+        others = [going for going in self._handling if caller is None or going is not caller.going]
         if not others:
             return []
         ended: defer.Deferred[None] = defer.Deferred()
@@ -1155,7 +1177,7 @@ class Client:
             await ended.addTimeout(_CLOSE_TIMEOUT, self._clock)
         except defer.TimeoutError:
             pass
-        return [going for going in self._handling if going not in caller]
+        return [going for going in self._handling if caller is None or going is not caller.going]
 
     # -- connecting ------------------------------------------------------------------
 
@@ -1602,7 +1624,10 @@ class Client:
         self._arrivals += 1
         if not self._inboxes and self._on_data is None:
             return self._hold(arrival, incoming)
-        if self._on_data is not None and not self._call(
+        answer: wire.OK | defer.Deferred[wire.OK] = wire.OK()
+        if self._on_data is not None and self._settings.answer_when_done:
+            answer = self._handled(incoming)
+        elif self._on_data is not None and not self._call(
             self._on_data,
             incoming,
             "on_data failed for data from {originator}",
@@ -1629,7 +1654,48 @@ class Client:
                 incoming, f"the incoming() iterators have {_UNCLAIMED_LIMIT} data unread"
             )
             raise BEEPError(450, f"the application is behind: {_UNCLAIMED_LIMIT} data wait unread")
-        return wire.OK()
+        return answer
+
+    def _handled(self, incoming: Incoming) -> wire.OK | defer.Deferred[wire.OK]:
+        """``on_data`` run to its end before its data is answered (``answer_when_done``):
+        250 once it returns; 451 if it fails, early or late, or is still running when
+        :meth:`close` gives up on it, so that its sender learns it was not processed
+        (RFC 3340 §4.4.4.2: the application's answer is the recipient's verdict)."""
+        assert self._on_data is not None
+        message = "on_data failed for data from {originator}"
+        fields: dict[str, object] = {
+            "originator": incoming.originator,
+            "event": "client.on-data-failed",
+        }
+        failed = BEEPError(451, "the application failed to process the data")
+        try:
+            run = self._start(self._on_data, incoming)
+        except Exception:
+            log.failure(message, **fields)
+            raise failed from None
+        if run is None or run.going is None:
+            return wire.OK()
+        going = run.going
+        self._handling.add(going)
+        answer: defer.Deferred[wire.OK] = defer.Deferred()
+        if run.closed:
+            # It closed the client before its first await: see _handlers_ended.
+            answer.callback(wire.OK())
+        else:
+            self._answers[going] = answer
+
+        def ended(result: object) -> None:
+            self._handling.discard(going)
+            self._answers.pop(going, None)
+            if isinstance(result, Failure):
+                self._failed_later(result, message, fields, cancellable=True)
+                if not answer.called:
+                    answer.errback(failed)
+            elif not answer.called:
+                answer.callback(wire.OK())
+
+        going.addBoth(ended)
+        return answer
 
     def _call(
         self,
@@ -1651,32 +1717,39 @@ class Client:
         the cancellation of one :meth:`close` gave up waiting for, which it logs itself.
         """
         try:
-            result = callback(argument)
-            if inspect.isawaitable(result):
-                handler: list[defer.Deferred[None]] = []
-                # The coroutine runs in a copy of the context as it is now.
-                token = _HANDLER.set(handler)
-                try:
-                    going = defer.ensureDeferred(result)  # type: ignore[arg-type]
-                finally:
-                    _HANDLER.reset(token)
-                handler.append(going)
-                if not going.called:
-                    going.addErrback(
-                        self._failed_later, message, fields, cancellable=running is not None
-                    )
-                    if running is not None:
-                        running.add(going)
-                        going.addBoth(lambda _: running.discard(going))
-                    return True
-                early: list[Failure] = []
-                going.addErrback(early.append)
-                if early:
-                    early[0].raiseException()
+            run = self._start(callback, argument)
         except Exception:
             log.failure(message, **fields)
             return False
+        if run is not None and run.going is not None:
+            going = run.going
+            going.addErrback(self._failed_later, message, fields, cancellable=running is not None)
+            if running is not None:
+                running.add(going)
+                going.addBoth(lambda _: running.discard(going))
         return True
+
+    @staticmethod
+    def _start(callback: Callable[[Any], Awaitable[None] | None], argument: object) -> _Run | None:
+        """Call ``callback``, an ``async def`` up to its first ``await``: its run, if it
+        goes on; None if it has ended; what it raised, if it failed so far."""
+        result = callback(argument)
+        if not inspect.isawaitable(result):
+            return None
+        run = _Run()
+        # The coroutine runs in a copy of the context as it is now.
+        token = _HANDLER.set(run)
+        try:
+            going = run.going = defer.ensureDeferred(result)  # type: ignore[arg-type]
+        finally:
+            _HANDLER.reset(token)
+        if going.called:
+            early: list[Failure] = []
+            going.addErrback(early.append)
+            if early:
+                early[0].raiseException()
+            return None
+        return run
 
     def _failed_later(
         self, failure: Failure, message: str, fields: dict[str, object], *, cancellable: bool
@@ -2001,6 +2074,7 @@ async def connect(
     connect_timeout: float = 30.0,
     unclaimed_wait: float = UNCLAIMED_WAIT,
     on_data_limit: int = ON_DATA_LIMIT,
+    answer_when_done: bool = False,
 ) -> Client:
     """Attach to the relay of ``endpoint``'s domain as ``endpoint`` (RFC 3340 §2.1).
 
@@ -2028,8 +2102,9 @@ async def connect(
         ``await`` before the data is answered (raising there is the same 451), then
         goes on by itself, so that a bot may await its own sends in it; a failure after
         that is logged (``client.on-data-failed``), and its sender, told 250, does not
-        learn of it. At most ``on_data_limit`` run so at once; :meth:`Client.close`
-        gives those still running a few seconds to end, then cancels them.
+        learn of it, unless ``answer_when_done``. At most ``on_data_limit`` run so at
+        once; :meth:`Client.close` gives those still running a few seconds to end, then
+        cancels them.
     :param on_terminated: called with a :class:`Termination` when the relay ends
         attachments (§4.4.3) or refuses to re-attach one after a reconnection; it may be
         an ``async def`` too.
@@ -2046,6 +2121,17 @@ async def connect(
         relay would drop the session once it waited its ``delivery_timeout`` (60 s by
         default), and every later answer on the channel, status reports for the
         handlers' own sends among them, would wait behind it (RFC 3080 §2.6.1).
+    :param answer_when_done: answer each data once its ``async def`` ``on_data`` has
+        ended, not at its first ``await``: 250 once it returns, 451 if it fails or
+        :meth:`Client.close` cancels it (one that calls close() itself has taken its
+        data: 250). What a gateway that hands data on, or a bot that must not lose a
+        message it was told it has, wants: its sender learns whether the data was
+        processed. The cost: answers go in order (RFC 3080 §2.6.1), so every later data's
+        answer waits for the slowest handler before it; a handler that runs past the
+        relay's ``delivery_timeout`` (60 s by default) has the relay report its data, and
+        those after it, failed (451) and drop the session, which the client makes again.
+        Status reports of the handler's own sends are taken as they come, so it may
+        await them.
     :raises ClientError: with the ``kind`` of failure (see the module documentation).
     :raises ValueError: for an ``endpoint`` or ``relay`` that is malformed, an
         ``on_data_limit`` less than 1, or a delay of ``backoff``, a ``connect_timeout``
@@ -2086,6 +2172,7 @@ async def connect(
         connect_timeout=connect_timeout,
         unclaimed_wait=unclaimed_wait,
         on_data_limit=on_data_limit,
+        answer_when_done=answer_when_done,
     )
     client = Client(str(parsed), settings, on_data, on_terminated)
     await client._establish(initial=True)
