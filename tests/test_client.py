@@ -50,6 +50,7 @@ from imxp.client import (
     Incoming,
     Outcome,
     Protection,
+    Refusal,
     Termination,
     connect,
     edge,
@@ -725,6 +726,36 @@ async def test_a_gateway_answering_when_done_tells_its_sender_how_the_handler_en
     assert outcomes[BARNEY].text == "the application failed to process the data"
     [failed] = [e for e in events if e["event"] == "client.on-data-failed"]
     assert failed["log_failure"].check(RuntimeError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_refuses_data_with_the_code_that_says_why(net: Net, events) -> None:
+    """A gateway that cannot hand a data on says why in the code its sender gets: 550 for
+    a user the other network does not know (sending again will not help), 450 for one it
+    cannot reach now; before its first await, or when it ends with answer_when_done.
+    Logged as a refusal, not as a failure of the application."""
+
+    def plain(incoming: Incoming) -> None:
+        raise Refusal(550, "no such user on the other network")
+
+    async def when_done(incoming: Incoming) -> None:
+        await _sleep(0.01)
+        raise Refusal(450, "the other network is down; try again later")
+
+    with pytest.raises(ValueError, match="4xx or 5xx"):
+        Refusal(250, "fine")
+    fred = await net.connect(FRED)
+    await net.connect(BARNEY, on_data=plain)
+    await net.connect(WILMA, on_data=when_done, answer_when_done=True)
+
+    outcomes = await fred.send([BARNEY, WILMA], b"hello")
+
+    assert codes(outcomes) == {BARNEY: 550, WILMA: 450}
+    assert outcomes[BARNEY].text == "no such user on the other network"
+    assert outcomes[WILMA].text == "the other network is down; try again later"
+    refused = [e for e in events if e["event"] == "client.data-refused"]
+    assert sorted(e["code"] for e in refused) == [450, 550]
+    assert not any(e["event"] == "client.on-data-failed" for e in events)
 
 
 @pytest_twisted.ensureDeferred

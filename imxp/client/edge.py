@@ -221,6 +221,21 @@ class ClientError(Exception):
         return ClientError(self.kind, self.message, self.code)
 
 
+class Refusal(Exception):
+    """Raised by ``on_data`` while its data's answer is not yet given (before its first
+    ``await``, or all along with ``answer_when_done``): the data is refused with ``code``
+    and ``text``, which reach its sender (RFC 3340 §4.4.4.2). A 4xx says the sender may
+    try again later (450: busy), a 5xx that it would fail again (550: no such user
+    beyond a gateway). Logged as ``client.data-refused``, not as a failure."""
+
+    def __init__(self, code: int, text: str) -> None:
+        if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 599:
+            raise ValueError(f"a refusal's code is a 4xx or 5xx reply code, not {code!r}")
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
 class _NotBEEP(ClientError):
     """``protocol``: what answers at a relay's address does not speak BEEP (RFC 3080
     §2.2), or, of several relays that all failed so, one did not. Unlike a relay that
@@ -1632,6 +1647,7 @@ class Client:
             incoming,
             "on_data failed for data from {originator}",
             running=self._handling,
+            refusable=True,
             originator=incoming.originator,
             event="client.on-data-failed",
         ):
@@ -1670,6 +1686,8 @@ class Client:
         failed = BEEPError(451, "the application failed to process the data")
         try:
             run = self._start(self._on_data, incoming)
+        except Refusal as e:
+            raise self._data_refused(e, fields) from None
         except Exception:
             log.failure(message, **fields)
             raise failed from None
@@ -1687,7 +1705,11 @@ class Client:
         def ended(result: object) -> None:
             self._handling.discard(going)
             self._answers.pop(going, None)
-            if isinstance(result, Failure):
+            if isinstance(result, Failure) and isinstance(result.value, Refusal):
+                refusal = self._data_refused(result.value, fields)
+                if not answer.called:
+                    answer.errback(refusal)
+            elif isinstance(result, Failure):
                 self._failed_later(result, message, fields, cancellable=True)
                 if not answer.called:
                     answer.errback(failed)
@@ -1704,6 +1726,7 @@ class Client:
         message: str,
         *,
         running: set[defer.Deferred[None]] | None = None,
+        refusable: bool = False,
         **fields: object,
     ) -> bool:
         """Call the application's ``callback`` with ``argument``: False if it failed.
@@ -1715,9 +1738,16 @@ class Client:
         replies go in order) for as long as it waits, e.g. for the status report of a
         data it sends. Every failure, early or late, is logged with ``message``, but for
         the cancellation of one :meth:`close` gave up waiting for, which it logs itself.
+        If ``refusable``, a :class:`Refusal` before then is raised as the BEEPError that
+        answers the data.
         """
         try:
             run = self._start(callback, argument)
+        except Refusal as e:
+            if not refusable:
+                log.failure(message, **fields)
+                return False
+            raise self._data_refused(e, fields) from None
         except Exception:
             log.failure(message, **fields)
             return False
@@ -1728,6 +1758,18 @@ class Client:
                 running.add(going)
                 going.addBoth(lambda _: running.discard(going))
         return True
+
+    @staticmethod
+    def _data_refused(refusal: Refusal, fields: dict[str, object]) -> BEEPError:
+        """What ``on_data`` refused with, as the answer to its data."""
+        log.info(
+            "data from {originator} refused by on_data: {code} {text}",
+            originator=fields["originator"],
+            code=refusal.code,
+            text=refusal.text,
+            event="client.data-refused",
+        )
+        return BEEPError(refusal.code, refusal.text)
 
     @staticmethod
     def _start(callback: Callable[[Any], Awaitable[None] | None], argument: object) -> _Run | None:
@@ -2098,13 +2140,13 @@ async def connect(
         fails. An endpoint the relay then refuses to attach is no longer attached (see
         ``on_terminated``); the others are.
     :param on_data: called with each :class:`Incoming` data; raising makes the relay
-        report 451 to its sender. It may be an ``async def``: it runs up to its first
-        ``await`` before the data is answered (raising there is the same 451), then
-        goes on by itself, so that a bot may await its own sends in it; a failure after
-        that is logged (``client.on-data-failed``), and its sender, told 250, does not
-        learn of it, unless ``answer_when_done``. At most ``on_data_limit`` run so at
-        once; :meth:`Client.close` gives those still running a few seconds to end, then
-        cancels them.
+        report 451 to its sender, and raising :class:`Refusal` its code. It may be an
+        ``async def``: it runs up to its first ``await`` before the data is answered
+        (raising there is the same), then goes on by itself, so that a bot may await its
+        own sends in it; a failure after that is logged (``client.on-data-failed``), and
+        its sender, told 250, does not learn of it, unless ``answer_when_done``. At most
+        ``on_data_limit`` run so at once; :meth:`Client.close` gives those still running
+        a few seconds to end, then cancels them.
     :param on_terminated: called with a :class:`Termination` when the relay ends
         attachments (§4.4.3) or refuses to re-attach one after a reconnection; it may be
         an ``async def`` too.
