@@ -140,6 +140,7 @@ from imxp.client import (
     Incoming,
     Outcome,
     Protection,
+    Refusal,
     Termination,
     check_timeout,
     connect,
@@ -945,9 +946,15 @@ def _described_protection(protection: Protection) -> str:
 
 @asynccontextmanager
 async def _connected(
-    reactor: Any, args: argparse.Namespace, endpoint: str, *, reconnect: bool
+    reactor: Any,
+    args: argparse.Namespace,
+    endpoint: str,
+    *,
+    reconnect: bool,
+    on_data: Callable[[Incoming], Awaitable[None]] | None = None,
 ) -> AsyncIterator[Client]:
-    """A client attached as ``endpoint`` with the connection options of ``args``.
+    """A client attached as ``endpoint`` with the connection options of ``args``; with
+    ``on_data``, each data is answered once it has ended (``answer_when_done``).
 
     The client is closed at the end of the block, and also when SIGINT or SIGTERM stops
     the reactor, so that the relay sees the endpoint leave. A ClientError anywhere in the
@@ -1011,6 +1018,8 @@ async def _connected(
             reactor=reactor,
             reconnect=reconnect,
             on_terminated=terminated if reconnect else None,
+            on_data=on_data,
+            answer_when_done=on_data is not None,
         )
         made.append(client)
 
@@ -1207,20 +1216,55 @@ def _outcome_text(outcome: Outcome, timeout: float) -> str:
 
 
 async def _listen(reactor: Any, args: argparse.Namespace) -> int:
-    """``imxp listen``: print each message, flushing, until interrupted or --count."""
+    """``imxp listen``: print each message, flushing, until interrupted or --count.
+
+    Each data is answered once its line is printed: 250 then, 451 if printing failed (the
+    reader of a pipe, ``imxp listen | head -n 1``, has gone), so that no sender is told
+    delivered of a message nobody saw. What comes once --count are printed, or printing
+    failed, is refused with 450."""
     keys = _keys(args, pgp_needed=False)
     # RFC 3923 §6.9: a signed message received twice is a replay, not a second message.
     replays = ReplayCache()
-    async with _connected(reactor, args, args.endpoint, reconnect=True) as client:
-        # With --count, the iterator takes no more than it yields: what comes after the
-        # last is refused (450) as the client closes, not answered 250 and dropped.
-        async for incoming in client.incoming(count=args.count):
+    # One message at a time, in the order they came.
+    turn = defer.DeferredLock()
+    # Fires once listen is done: --count printed, printing failed, or the client ended.
+    done: defer.Deferred[None] = defer.Deferred()
+    printed = 0
+
+    async def show(incoming: Incoming) -> None:
+        nonlocal printed
+        await turn.acquire()
+        try:
+            if done.called:
+                raise Refusal(450, "the listener has stopped taking messages")
             report = await open_incoming(incoming, keys, replays=replays, reactor=reactor)
             if args.json:
                 line = _json_line(incoming, report)
             else:
                 line = _terminal_safe(_human_line(incoming, report))
-            print(line, flush=True)
+            try:
+                print(line, flush=True)
+            except OSError as e:
+                if not done.called:
+                    done.errback(e)
+                raise
+            printed += 1
+            if printed == args.count and not done.called:
+                done.callback(None)
+        finally:
+            turn.release()
+
+    def ended(result: object) -> None:
+        if done.called:
+            return
+        if isinstance(result, Failure):
+            done.errback(result)
+        else:
+            done.callback(None)
+
+    async with _connected(reactor, args, args.endpoint, reconnect=True, on_data=show) as client:
+        client.ended().addBoth(ended)
+        await done
     return Exit.OK
 
 

@@ -32,7 +32,7 @@ from twisted.internet.protocol import Factory, Protocol
 from imxp.apex import wire
 from imxp.beep.users import UserStore
 from imxp.certs import Issued, client_identity, create_ca, issue_server, load_issued
-from imxp.cli import _ConnectionNotices, _outcome_text, build_parser, main
+from imxp.cli import Exit, _ConnectionNotices, _outcome_text, build_parser, main
 from imxp.client import Outcome, connect
 
 FRED, WILMA, BARNEY = "fred@a.test", "wilma@a.test", "barney@b.test"
@@ -269,6 +269,30 @@ async def test_listen_count_prints_every_message_its_senders_were_told_was_deliv
     codes = [outcome[BARNEY].code for outcome in outcomes]
     assert sorted(codes) == [250, 450, 450], outcomes
     assert printed.endswith(f": {bodies[codes.index(250)].decode()}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listener_whose_reader_has_gone_tells_the_sender_it_was_not_read(
+    net: Net,
+) -> None:
+    """`imxp listen | head -n 1`: once head has gone, the next message cannot be printed.
+    Its sender hears 451, not 250 for a message nobody saw, and listen ends saying why."""
+    barney = net.spawn("listen", "--as", BARNEY)
+    await net.attached(BARNEY)
+    fred = await connect(
+        FRED, password=PASSWORD, trust=[net.ca.certificate], resolver=net.dns.resolver()
+    )
+    try:
+        seen = await fred.send([BARNEY], b"seen")
+        await barney.output("seen")
+        barney.transport.closeStdout()  # the reader of the pipe has gone
+        unseen = await fred.send([BARNEY], b"nobody reads this")
+    finally:
+        await fred.close()
+    assert seen[BARNEY].code == 250
+    assert unseen[BARNEY].code == 451, unseen
+    assert await barney.ended() == Exit.CONFIG, barney
+    assert "Broken pipe" in barney.err, barney
 
 
 @pytest_twisted.ensureDeferred
