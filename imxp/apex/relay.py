@@ -354,7 +354,17 @@ class Relay:
         elif not self.policy.may_relay(list(channel.bindings.values()), originator):
             return self._refuse(channel, 537, f"peer may not relay for {originator}")
         elif originator.is_report_service and self._none_attached(data.recipients):
-            return self._refuse(channel, 450, "endpoint not attached; try again later")
+            # Not the peer's fault but the way reports wait for an application that is
+            # away a moment (a restart): one line per attempt, not a warning for each.
+            text = "endpoint not attached; try again later"
+            self.log.info(
+                "report from {peer} for {recipients} held back: {text}",
+                peer=channel.peer,
+                recipients=[recipient.identity for recipient in data.recipients],
+                text=text,
+                event="apex.report-held-back",
+            )
+            raise BEEPError(450, text)
         unknown = apex_options.check_must_understand(data.options, final=False)
         if unknown is not None:
             return self._refuse(channel, 504, f"option {unknown.name} not implemented")
