@@ -824,6 +824,32 @@ async def test_a_bot_answering_when_done_that_closes_from_its_handler_took_its_d
     assert not any(e["event"] == "client.handlers-cancelled" for e in events)
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_iterator_behind_on_data_is_told_what_it_missed(
+    net: Net, events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An iterator beside on_data that has as many data unread as it may hold misses
+    what on_data takes meanwhile: said once as it begins, and how many as it gets data
+    again, rather than a silent gap in what it reads."""
+    monkeypatch.setattr(edge, "_UNCLAIMED_LIMIT", 2)
+    taken = Inbox()
+    fred = await net.connect(FRED)
+    barney = await net.connect(BARNEY, on_data=taken)
+    behind = barney.incoming()
+
+    for n in range(5):
+        assert codes(await fred.send([BARNEY], b"%d" % n)) == {BARNEY: 250}
+    missed = [e for e in events if e["event"] == "client.data-missed"]
+    assert len(missed) == 1
+    assert [(await defer.ensureDeferred(anext(behind))).body for _ in range(2)] == [b"0", b"1"]
+    assert codes(await fred.send([BARNEY], b"5")) == {BARNEY: 250}
+
+    assert (await defer.ensureDeferred(anext(behind))).body == b"5"
+    [ended] = [e for e in events if e["event"] == "client.data-missed-ended"]
+    assert ended["count"] == 3
+    assert len(taken.items) == 6
+
+
 def _sleep(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
 

@@ -558,6 +558,8 @@ class _Inbox:
         self.error: ClientError | None = None
         #: How many more data it takes; None: no end.
         self.room = count
+        #: Data it did not get, being full, since it last got one.
+        self.missed = 0
 
     @property
     def full(self) -> bool:
@@ -1660,9 +1662,13 @@ class Client:
             # An iterator kept but no longer read (as after one anext()) would hold
             # what arrives, answered 250, until the process ends.
             if len(inbox.items) < _UNCLAIMED_LIMIT:
+                if inbox.missed:
+                    self._caught_up(inbox)
                 inbox.put(arrival, incoming)
                 self._took(inbox)
                 taken = True
+            else:
+                self._missing(inbox)
         if not taken:
             # Iterators exist and are read, only not as fast as data comes: not a
             # missing reader, which is what an operator would otherwise go looking for.
@@ -1834,6 +1840,28 @@ class Client:
             waiting.incoming, f"neither incoming() nor on_data took it within {wait:g} s"
         )
         waiting.answer.errback(BEEPError(450, f"no application took it within {wait:g} s"))
+
+    @staticmethod
+    def _missing(inbox: _Inbox) -> None:
+        """An iterator behind by as many data as it may hold does not get the data that
+        others (on_data, another iterator) take: said as it begins, not for each."""
+        if not inbox.missed:
+            log.warn(
+                "an incoming() iterator has {limit} data unread: it misses what on_data "
+                "or other iterators take until it is read",
+                limit=_UNCLAIMED_LIMIT,
+                event="client.data-missed",
+            )
+        inbox.missed += 1
+
+    @staticmethod
+    def _caught_up(inbox: _Inbox) -> None:
+        log.info(
+            "an incoming() iterator gets data again, having missed {count}",
+            count=inbox.missed,
+            event="client.data-missed-ended",
+        )
+        inbox.missed = 0
 
     def _unclaimed_refused(self, incoming: Incoming, why: str) -> None:
         log.warn(
