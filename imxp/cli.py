@@ -1247,7 +1247,8 @@ async def _listen(reactor: Any, args: argparse.Namespace) -> int:
             except OSError as e:
                 if not done.called:
                     done.errback(e)
-                raise
+                # A refusal, not a failure of the handler: the listen's end says why.
+                raise Refusal(451, f"the listener could not print it: {e.strerror}") from None
             printed += 1
             if printed == args.count and not done.called:
                 done.callback(None)
