@@ -181,6 +181,9 @@ class _Run:
 _HANDLER: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("handler", default=None)
 #: Why data is refused (450) once the client is closing.
 _ENDED = "the application ended before taking it"
+#: Why data whose on_data failed is refused (451), and how the failure is logged.
+_NOT_PROCESSED = "the application failed to process the data"
+_ON_DATA_FAILED = "on_data failed for data from {originator}"
 #: Seconds data waits, unanswered, for an ``incoming()`` iterator when neither one nor
 #: ``on_data`` takes it: well within a relay's ``delivery_timeout``, so that its sender
 #: hears 450 rather than "did not answer in time".
@@ -1647,7 +1650,7 @@ class Client:
         elif self._on_data is not None and not self._call(
             self._on_data,
             incoming,
-            "on_data failed for data from {originator}",
+            _ON_DATA_FAILED,
             running=self._handling,
             refusable=True,
             originator=incoming.originator,
@@ -1655,7 +1658,7 @@ class Client:
         ):
             # The sender learns it was not processed, rather than a false 250; and as for
             # any refusal, before an iterator gets it: refused, it may well come again.
-            raise BEEPError(451, "the application failed to process the data")
+            raise BEEPError(451, _NOT_PROCESSED)
         taken = self._on_data is not None
         # A copy: a consumer that stops as it takes this leaves the list meanwhile.
         for inbox in list(self._inboxes):
@@ -1684,18 +1687,17 @@ class Client:
         :meth:`close` gives up on it, so that its sender learns it was not processed
         (RFC 3340 §4.4.4.2: the application's answer is the recipient's verdict)."""
         assert self._on_data is not None
-        message = "on_data failed for data from {originator}"
         fields: dict[str, object] = {
             "originator": incoming.originator,
             "event": "client.on-data-failed",
         }
-        failed = BEEPError(451, "the application failed to process the data")
+        failed = BEEPError(451, _NOT_PROCESSED)
         try:
             run = self._start(self._on_data, incoming)
         except Refusal as e:
             raise self._data_refused(e, fields) from None
         except Exception:
-            log.failure(message, **fields)
+            log.failure(_ON_DATA_FAILED, **fields)
             raise failed from None
         if run is None or run.going is None:
             return wire.OK()
@@ -1716,7 +1718,7 @@ class Client:
                 if not answer.called:
                     answer.errback(refusal)
             elif isinstance(result, Failure):
-                self._failed_later(result, message, fields, cancellable=True)
+                self._failed_later(result, _ON_DATA_FAILED, fields, cancellable=True)
                 if not answer.called:
                     answer.errback(failed)
             elif not answer.called:
